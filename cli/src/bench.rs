@@ -1,0 +1,141 @@
+//! `tern bench`: load time, cold start, steady-state latency percentiles and peak RSS.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use tern::{DType, Dim, Model, Session, SessionOptions, Tensor, TensorInfo};
+
+/// What `tern bench` measured.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Model file.
+    pub model: String,
+    /// Backend used.
+    pub backend: String,
+    /// Threads.
+    pub threads: usize,
+    /// Timed runs.
+    pub runs: usize,
+    /// Model::load time.
+    pub load_ms: f64,
+    /// Session::new time (typing, optimisation, planning).
+    pub prepare_ms: f64,
+    /// Load + prepare + first run: what an app waits for its first result.
+    pub cold_start_ms: f64,
+    /// Steady-state latency, after warm-up.
+    pub median_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Fastest run.
+    pub min_ms: f64,
+    /// Mean.
+    pub mean_ms: f64,
+    /// Peak resident set size of the process (VmHWM), in MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// Input shapes used.
+    pub input_shapes: BTreeMap<String, Vec<usize>>,
+}
+
+/// Benchmark settings.
+pub struct BenchConfig {
+    /// Session options (threads, backend).
+    pub options: SessionOptions,
+    /// Timed runs.
+    pub runs: usize,
+    /// Untimed warm-up runs.
+    pub warmup: usize,
+    /// Given inputs; the rest are random.
+    pub inputs: Vec<(String, Tensor)>,
+    /// Sizes for symbolic dimensions of random inputs (default 1).
+    pub dims: BTreeMap<String, usize>,
+}
+
+/// Runs the benchmark.
+pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
+    let t0 = Instant::now();
+    let model = Model::load(path)?;
+    let load = t0.elapsed();
+    let t1 = Instant::now();
+    let session = Session::new(&model, cfg.options.clone())?;
+    let prepare = t1.elapsed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut inputs = cfg.inputs.clone();
+    for info in model.inputs() {
+        if !inputs.iter().any(|(n, _)| n == &info.name) {
+            inputs.push((info.name.clone(), random_input(info, &cfg.dims, &mut rng)?));
+        }
+    }
+    let t2 = Instant::now();
+    session.run(inputs.clone())?;
+    let cold = t0.elapsed();
+    let _ = t2;
+    for _ in 0..cfg.warmup {
+        session.run(inputs.clone())?;
+    }
+    let mut times: Vec<Duration> = Vec::with_capacity(cfg.runs);
+    for _ in 0..cfg.runs.max(1) {
+        let t = Instant::now();
+        session.run(inputs.clone())?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let pct = |p: f64| ms(times[((times.len() - 1) as f64 * p).round() as usize]);
+    Ok(BenchReport {
+        model: path.display().to_string(),
+        backend: session.backend().to_string(),
+        threads: session.options().threads,
+        runs: times.len(),
+        load_ms: ms(load),
+        prepare_ms: ms(prepare),
+        cold_start_ms: ms(cold),
+        median_ms: pct(0.5),
+        p95_ms: pct(0.95),
+        p99_ms: pct(0.99),
+        min_ms: ms(times[0]),
+        mean_ms: times.iter().map(|d| ms(*d)).sum::<f64>() / times.len() as f64,
+        peak_rss_mib: peak_rss_mib(),
+        input_shapes: inputs.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
+    })
+}
+
+/// A random tensor fitting `info`, symbolic dimensions sized from `dims` (default 1).
+fn random_input(info: &TensorInfo, dims: &BTreeMap<String, usize>, rng: &mut impl rand::Rng) -> Result<Tensor> {
+    let shape: Vec<usize> = info
+        .shape
+        .as_ref()
+        .with_context(|| format!("input {:?} has no declared shape; pass --input", info.name))?
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Symbolic(s) => dims.get(s).copied().unwrap_or(1),
+        })
+        .collect();
+    let n: usize = shape.iter().product();
+    let dtype = info.dtype.unwrap_or(DType::F32);
+    Ok(match dtype {
+        DType::F32 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<f32>()).collect())?,
+        DType::F16 => Tensor::from_vec(&shape, (0..n).map(|_| half::f16::from_f32(rng.random())).collect())?,
+        DType::F64 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<f64>()).collect())?,
+        DType::I64 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random_range(0..100i64)).collect())?,
+        DType::I32 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random_range(0..256i32)).collect())?,
+        DType::U8 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<u8>()).collect())?,
+        DType::I8 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<i8>()).collect())?,
+        DType::Bool => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<bool>()).collect())?,
+        other => anyhow::bail!("cannot make random {other} input for {:?}; pass --input", info.name),
+    })
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

@@ -1,0 +1,273 @@
+//! `tern`: the command-line face of the tern SDK for Linux and IoT devices.
+//!
+//! - `tern identify FILE…` — the main job on the embedded default model (content type).
+//! - `tern inspect MODEL` — inputs, outputs, opsets, op histogram, parameters.
+//! - `tern run MODEL --input name=file.npy|json …` — one inference, outputs as JSON.
+//! - `tern bench MODEL` — load time, cold start, latency percentiles, peak RSS.
+//!
+//! Every command takes `--json` for machine-readable output.
+
+mod bench;
+mod identify;
+mod tensor_io;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tern::{Backend, Model, NanPolicy, Session, SessionOptions};
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "On-device ONNX inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Name the content type of files with the embedded default model (magika).
+    Identify {
+        /// Files to identify.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Use the magika model in this folder (model.onnx + config.min.json) instead of
+        /// the embedded one.
+        #[arg(long)]
+        model_dir: Option<PathBuf>,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Describe a model: inputs, outputs, opsets, operators, parameters.
+    Inspect {
+        /// The ONNX model.
+        model: PathBuf,
+    },
+    /// Run a model once on inputs from .npy or .json files.
+    Run {
+        /// The ONNX model.
+        model: PathBuf,
+        /// An input, as NAME=FILE (or FILE alone for a single-input model). Repeatable.
+        #[arg(long, short)]
+        input: Vec<String>,
+        /// Write the outputs as JSON to this file (default: print them).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Benchmark a model: load, cold start, latency percentiles, peak RSS.
+    Bench {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Timed runs.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Untimed warm-up runs.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// An input as NAME=FILE; inputs not given are random.
+        #[arg(long, short)]
+        input: Vec<String>,
+        /// Size of a symbolic dimension for random inputs, as SYMBOL=N (default 1).
+        #[arg(long)]
+        dim: Vec<String>,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+}
+
+#[derive(Args)]
+struct SessionArgs {
+    /// Threads for the CPU kernels (0 = all cores).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Backend: cpu, gpu or auto.
+    #[arg(long, default_value = "auto")]
+    backend: Backend,
+    /// Let NaN through instead of failing on it.
+    #[arg(long)]
+    allow_nan: bool,
+    /// Pin an input's shape, as NAME=D0,D1,… (lets the backend specialise). Repeatable.
+    #[arg(long)]
+    pin: Vec<String>,
+}
+
+impl SessionArgs {
+    fn options(&self) -> Result<SessionOptions> {
+        let mut options = SessionOptions::new()
+            .threads(self.threads)
+            .backend(self.backend)
+            .nan_policy(if self.allow_nan { NanPolicy::Allow } else { NanPolicy::Reject });
+        for pin in &self.pin {
+            let (name, dims) = pin.split_once('=').context("--pin takes NAME=D0,D1,…")?;
+            let dims = dims
+                .split(',')
+                .map(|d| d.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("bad dimensions in --pin {pin}"))?;
+            options = options.pin_input_shape(name, &dims);
+        }
+        Ok(options)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let kind = e.downcast_ref::<tern::Error>().map_or("cli", tern::Error::kind);
+            if cli.json {
+                let msg = serde_json::json!({ "error": { "kind": kind, "message": format!("{e:#}") } });
+                println!("{msg}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    match &cli.command {
+        Command::Identify { files, model_dir, session } => {
+            let identifier = identify::Identifier::new(model_dir.as_deref(), session.options()?)?;
+            let found = identifier.identify(files)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                let width = found.iter().map(|f| f.path.len()).max().unwrap_or(0);
+                for f in &found {
+                    println!("{:width$}  {:<12} (model: {} {:.1}%)", f.path, f.label, f.model_label, f.score * 100.0);
+                }
+                eprintln!("[magika standard_v3_3 on {}: {}]", identifier.session().backend(), identifier.session().backend_reason());
+            }
+        }
+        Command::Inspect { model } => {
+            let model = Model::load(model)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(model.info())?);
+            } else {
+                print_info(&model);
+            }
+        }
+        Command::Run { model, input, output, session } => {
+            let model = Model::load(model)?;
+            let session = Session::new(&model, session.options()?)?;
+            let inputs = parse_inputs(&model, input)?;
+            let outputs = session.run(inputs)?;
+            let mut map = serde_json::Map::new();
+            for (name, tensor) in outputs.iter() {
+                map.insert(name.to_string(), tensor_io::tensor_to_json(tensor)?);
+            }
+            let doc = serde_json::json!({ "outputs": map });
+            match output {
+                Some(path) => std::fs::write(path, serde_json::to_string(&doc)?)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None if cli.json => println!("{doc}"),
+                None => {
+                    for (name, tensor) in outputs.iter() {
+                        let values = tensor_io::tensor_to_json(tensor)?;
+                        let data = values["data"].as_array().map(Vec::len).unwrap_or(0);
+                        let preview: Vec<String> = values["data"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .take(8)
+                            .map(|v| v.to_string())
+                            .collect();
+                        let more = if data > 8 { ", …" } else { "" };
+                        println!("{name}: {} {:?} [{}{more}]", tensor.dtype(), tensor.shape(), preview.join(", "));
+                    }
+                }
+            }
+        }
+        Command::Bench { model, runs, warmup, input, dim, session } => {
+            let loaded = Model::load(model)?;
+            let inputs = parse_inputs(&loaded, input)?;
+            drop(loaded);
+            let mut dims = BTreeMap::new();
+            for d in dim {
+                let (k, v) = d.split_once('=').context("--dim takes SYMBOL=N")?;
+                dims.insert(k.to_string(), v.parse::<usize>().with_context(|| format!("bad --dim {d}"))?);
+            }
+            let report = bench::bench(
+                model,
+                bench::BenchConfig { options: session.options()?, runs: *runs, warmup: *warmup, inputs, dims },
+            )?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("model        {}", report.model);
+                println!("backend      {} ({} thread(s))", report.backend, report.threads);
+                println!("inputs       {:?}", report.input_shapes);
+                println!("load         {:9.2} ms", report.load_ms);
+                println!("prepare      {:9.2} ms", report.prepare_ms);
+                println!("cold start   {:9.2} ms  (load + prepare + first run)", report.cold_start_ms);
+                println!("median       {:9.3} ms  over {} runs", report.median_ms, report.runs);
+                println!("p95 / p99    {:9.3} / {:.3} ms", report.p95_ms, report.p99_ms);
+                println!("min / mean   {:9.3} / {:.3} ms", report.min_ms, report.mean_ms);
+                if let Some(rss) = report.peak_rss_mib {
+                    println!("peak RSS     {rss:9.1} MiB");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses `NAME=FILE` (or a bare `FILE` for single-input models) into named tensors.
+fn parse_inputs(model: &Model, specs: &[String]) -> Result<Vec<(String, tern::Tensor)>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, file) = match spec.split_once('=') {
+                Some((n, f)) => (n.to_string(), f),
+                None if model.inputs().len() == 1 => (model.inputs()[0].name.clone(), spec.as_str()),
+                None => anyhow::bail!("--input {spec}: the model has several inputs; use NAME=FILE"),
+            };
+            Ok((name, tensor_io::read_tensor(file.as_ref())?))
+        })
+        .collect()
+}
+
+fn print_info(model: &Model) {
+    let info = model.info();
+    println!("model       {}", model.name());
+    println!("producer    {}", if info.producer.is_empty() { "-" } else { &info.producer });
+    let opsets: Vec<String> = info
+        .opsets
+        .iter()
+        .map(|o| format!("{}:{}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version))
+        .collect();
+    println!("ir / opset  {} / {}", info.ir_version, opsets.join(", "));
+    println!(
+        "parameters  {} ({:.2} MiB){}",
+        info.parameter_count,
+        info.parameter_bytes as f64 / 1048576.0,
+        if info.quantized { ", quantized" } else { "" }
+    );
+    println!("inputs");
+    for i in &info.inputs {
+        println!("  {:<24} {:<6} {}", i.name, i.dtype.map_or("?", |d| d.name()), i.shape_string());
+    }
+    println!("outputs");
+    for o in &info.outputs {
+        println!("  {:<24} {:<6} {}", o.name, o.dtype.map_or("?", |d| d.name()), o.shape_string());
+    }
+    println!("operators   {} nodes", info.node_count);
+    let mut ops: Vec<_> = info.op_histogram.iter().collect();
+    ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (op, n) in ops {
+        println!("  {op:<24} {n}");
+    }
+    for (k, v) in &info.metadata {
+        println!("meta        {k} = {v}");
+    }
+}

@@ -1,0 +1,209 @@
+//! CPU backend: tract's pipeline — inference graph → typed → decluttered → optimized →
+//! runnable plan.
+//!
+//! tract plans are best built once for symbolic shapes (`batch`, `sequence`…) and reused
+//! for every run. Some real models do shape arithmetic tract cannot prove symbolically
+//! (e.g. a `Concat` of feature maps whose sizes are `ceil(h / 32) * 8` and
+//! `2 * ceil(h / 16) * 4`); onnxruntime users expect those to run anyway. So when the
+//! symbolic plan fails, the executor specialises: it builds a plan per concrete input shape
+//! on first use and keeps the most recent [`SHAPE_CACHE`] of them.
+//!
+//! Each plan is shared; a concurrent run takes a [`TypedSimpleState`] from the plan's pool
+//! (so buffers and op states are reused between runs) and returns it afterwards. With more
+//! than one thread the session owns a rayon pool handed to tract's matmul executor.
+
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
+use tract_onnx::tract_hir::infer::InferenceModelExt;
+
+use super::{Backend, Executor, Prepared};
+use crate::error::{chain, Error};
+use crate::model::{Dim, Model};
+use crate::session::{OptLevel, SessionOptions};
+use crate::tensor::{DType, Tensor};
+use crate::Result;
+
+const NAME: &str = "tract";
+
+/// How many per-shape plans a specialising executor keeps.
+pub(crate) const SHAPE_CACHE: usize = 8;
+
+fn compile_err(e: anyhow::Error) -> Error {
+    Error::Compile { backend: NAME, reason: chain(&e) }
+}
+
+fn inference_err(e: &anyhow::Error) -> Error {
+    Error::Inference { backend: NAME, reason: chain(e) }
+}
+
+/// A runnable plan and its pool of reusable run states.
+struct Plan {
+    plan: Arc<TypedSimplePlan>,
+    states: Mutex<Vec<TypedSimpleState>>,
+}
+
+impl Plan {
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let pooled = self.states.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut state = match pooled {
+            Some(s) => s,
+            None => self.plan.spawn().map_err(|e| inference_err(&e))?,
+        };
+        let inputs: TVec<TValue> = inputs.iter().map(|t| t.tract().clone().into_tvalue()).collect();
+        let outputs = state.run(inputs).map_err(|e| inference_err(&e))?;
+        self.states.lock().unwrap_or_else(|p| p.into_inner()).push(state);
+        outputs.into_iter().map(|v| Tensor::from_tract(v.into_arc_tensor())).collect()
+    }
+}
+
+/// Plans for one shape signature at a time, most recently used last.
+type ShapeCache = Mutex<Vec<(Vec<Vec<usize>>, Arc<Plan>)>>;
+
+enum Plans {
+    /// One plan for every input shape (symbolic or pinned).
+    Shared(Plan),
+    /// A plan per concrete input shape, built on first use.
+    PerShape { graph: InferenceModel, cache: ShapeCache },
+}
+
+/// Runs tract plans.
+pub(crate) struct TractExecutor {
+    plans: Plans,
+    optimization: OptLevel,
+    run_options: RunOptions,
+}
+
+/// Builds the CPU executor: names or pins every input dimension, then types, optimizes and
+/// plans — or prepares to specialise per shape when the symbolic plan cannot be built.
+pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -> Result<Prepared> {
+    let mut graph = model.graph().clone();
+    let mut all_fixed = true;
+    for (ix, info) in model.inputs().iter().enumerate() {
+        let dims: Option<Vec<TDim>> = match (options.input_shapes.get(&info.name), &info.shape) {
+            (Some(p), _) => Some(p.iter().map(|d| TDim::from(*d)).collect()),
+            (None, Some(shape)) => Some(
+                shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => TDim::from(*n),
+                        Dim::Symbolic(s) => {
+                            all_fixed = false;
+                            graph.symbols.sym(s).into()
+                        }
+                    })
+                    .collect(),
+            ),
+            (None, None) => {
+                all_fixed = false;
+                None
+            }
+        };
+        let mut fact = graph.input_fact(ix).map_err(compile_err)?.clone();
+        if let Some(dims) = dims {
+            fact = fact.with_shape(dims);
+        }
+        if let Some(dt) = info.dtype {
+            fact = fact.with_datum_type(dt.to_tract());
+        }
+        graph.set_input_fact(ix, fact).map_err(compile_err)?;
+    }
+    let run_options = RunOptions {
+        executor: (options.threads > 1).then(|| {
+            tract_linalg::multithread::Executor::multithread_with_name(options.threads, "tern")
+        }),
+        ..RunOptions::default()
+    };
+    let mut executor = TractExecutor {
+        plans: Plans::PerShape { graph: InferenceModel::default(), cache: Mutex::new(Vec::new()) },
+        optimization: options.optimization,
+        run_options,
+    };
+    let (plans, input_dtypes, reason) = match executor.compile(graph.clone()) {
+        Ok(plan) => {
+            let dtypes = input_dtypes(plan.plan.model())?;
+            (Plans::Shared(plan), dtypes, reason)
+        }
+        // Fixed shapes that fail will fail at every run: report it now.
+        Err(e) if all_fixed => return Err(e),
+        Err(e) => {
+            tracing::info!("tract cannot plan symbolic shapes, specialising per shape: {e}");
+            let dtypes = model
+                .inputs()
+                .iter()
+                .map(|i| {
+                    i.dtype.ok_or_else(|| Error::Compile {
+                        backend: NAME,
+                        reason: format!("input {:?} declares no supported element type", i.name),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let reason = format!("{reason}; plans specialised per input shape");
+            (Plans::PerShape { graph, cache: Mutex::new(Vec::new()) }, dtypes, reason)
+        }
+    };
+    executor.plans = plans;
+    Ok(Prepared { executor: Box::new(executor), backend: Backend::Cpu, reason, input_dtypes })
+}
+
+fn input_dtypes(typed: &TypedModel) -> Result<Vec<DType>> {
+    (0..typed.inputs.len())
+        .map(|ix| {
+            let dt = typed.input_fact(ix).map_err(compile_err)?.datum_type;
+            DType::from_tract(dt).ok_or_else(|| Error::Compile {
+                backend: NAME,
+                reason: format!("input {ix} has unsupported type {dt:?}"),
+            })
+        })
+        .collect()
+}
+
+impl TractExecutor {
+    /// inference graph → typed → decluttered/optimized → plan.
+    fn compile(&self, graph: InferenceModel) -> Result<Plan> {
+        let typed = graph.into_typed().map_err(compile_err)?;
+        let typed = match self.optimization {
+            OptLevel::Full => typed.into_optimized(),
+            OptLevel::Declutter => typed.into_decluttered(),
+        }
+        .map_err(compile_err)?;
+        let plan = typed.into_runnable_with_options(&self.run_options).map_err(compile_err)?;
+        Ok(Plan { plan, states: Mutex::new(Vec::new()) })
+    }
+
+    /// The plan for these concrete input shapes, built and cached on first use.
+    fn plan_for(&self, graph: &InferenceModel, cache: &ShapeCache, inputs: &[Tensor]) -> Result<Arc<Plan>> {
+        let key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pos) = cache.iter().position(|(k, _)| *k == key) {
+                let entry = cache.remove(pos);
+                let plan = entry.1.clone();
+                cache.push(entry);
+                return Ok(plan);
+            }
+        }
+        let mut concrete = graph.clone();
+        for (ix, shape) in key.iter().enumerate() {
+            let fact = concrete.input_fact(ix).map_err(compile_err)?.clone().with_shape(shape.clone());
+            concrete.set_input_fact(ix, fact).map_err(compile_err)?;
+        }
+        let plan = Arc::new(self.compile(concrete)?);
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= SHAPE_CACHE {
+            cache.remove(0);
+        }
+        cache.push((key, plan.clone()));
+        Ok(plan)
+    }
+}
+
+impl Executor for TractExecutor {
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        match &self.plans {
+            Plans::Shared(plan) => plan.run(&inputs),
+            Plans::PerShape { graph, cache } => self.plan_for(graph, cache, &inputs)?.run(&inputs),
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! # tern — on-device ONNX inference
+//!
+//! Load an ONNX model, build a [`Session`], run it with named [`Tensor`]s:
+//!
+//! ```no_run
+//! use tern::{Model, Session, SessionOptions, Tensor};
+//! # fn main() -> tern::Result<()> {
+//! let model = Model::load("model.onnx")?;
+//! let session = Session::new(&model, SessionOptions::default().threads(2))?;
+//! let x = Tensor::from_vec(&[1, 4], vec![0.1f32, 0.2, 0.3, 0.4])?;
+//! let outputs = session.run([("x", x)])?;
+//! println!("{:?}", outputs[0].to_f32_vec()?);
+//! # Ok(()) }
+//! ```
+//!
+//! The pipeline is a chain of small stages, following tract: [`model`] decodes the protobuf
+//! and describes the model, [`session`] validates options and inputs, and a backend in
+//! [`backend`] turns the graph into something runnable (tract's optimized plan on CPU).
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod error;
+pub mod model;
+pub mod session;
+pub mod tensor;
+
+pub use backend::Backend;
+pub use error::Error;
+pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
+pub use session::{NanPolicy, OptLevel, Outputs, Session, SessionOptions};
+pub use tensor::{DType, Element, Tensor};
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

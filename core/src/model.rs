@@ -1,0 +1,343 @@
+//! Loading ONNX models and describing them.
+//!
+//! Loading is the first stage of the pipeline: bytes → ONNX protobuf (decoded with
+//! tract-onnx's prost types) → [`ModelInfo`] (metadata read straight from the protobuf) →
+//! tract's inference graph, checked for operators no backend implements. A [`Model`] is
+//! immutable and cheap to clone; build any number of [`Session`](crate::Session)s from it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prost::Message;
+use tract_onnx::pb;
+use tract_onnx::prelude::InferenceModel;
+
+use crate::error::{chain, catch_panic, Error};
+use crate::tensor::DType;
+use crate::Result;
+
+/// One dimension of a declared tensor shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(usize),
+    /// A named symbolic size such as `batch` or `sequence`, bound when the model runs.
+    Symbolic(String),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Name, element type and shape of a model input or output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorInfo {
+    /// The tensor's name in the graph.
+    pub name: String,
+    /// Element type, when the model declares a supported one.
+    pub dtype: Option<DType>,
+    /// Declared shape; `None` when the model does not declare the rank. Dimensions the
+    /// model leaves unnamed get a generated name (`<input>_d<axis>`).
+    pub shape: Option<Vec<Dim>>,
+}
+
+impl TensorInfo {
+    /// The shape as text, e.g. `[batch, 3, 224, 224]`, or `?` when unknown.
+    pub fn shape_string(&self) -> String {
+        match &self.shape {
+            None => "?".to_string(),
+            Some(dims) => {
+                let dims: Vec<String> = dims.iter().map(Dim::to_string).collect();
+                format!("[{}]", dims.join(", "))
+            }
+        }
+    }
+}
+
+/// An operator set the model imports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Opset {
+    /// Domain; `""` is the default `ai.onnx` domain.
+    pub domain: String,
+    /// Version of that domain's operator set.
+    pub version: i64,
+}
+
+/// What a model is: its interface, provenance, operators and size.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    /// Graph inputs that are not initializers, in graph order.
+    pub inputs: Vec<TensorInfo>,
+    /// Graph outputs, in graph order.
+    pub outputs: Vec<TensorInfo>,
+    /// Imported operator sets.
+    pub opsets: Vec<Opset>,
+    /// ONNX IR version.
+    pub ir_version: i64,
+    /// Producer name and version, e.g. `pytorch 2.1`.
+    pub producer: String,
+    /// Graph name.
+    pub graph_name: String,
+    /// `metadata_props` key/value pairs.
+    pub metadata: BTreeMap<String, String>,
+    /// Number of nodes per op type (nested subgraphs included); non-default domains are
+    /// prefixed, e.g. `com.microsoft.QGemm`.
+    pub op_histogram: BTreeMap<String, usize>,
+    /// Total node count (nested subgraphs included).
+    pub node_count: usize,
+    /// Number of weight elements (initializers and `Constant` tensors).
+    pub parameter_count: u64,
+    /// Bytes of weight data.
+    pub parameter_bytes: u64,
+    /// Whether the model is quantized (QDQ or QOperator int8 ops present).
+    pub quantized: bool,
+    /// Size of the serialized model in bytes.
+    pub file_bytes: u64,
+}
+
+impl ModelInfo {
+    /// The default-domain opset version (0 when not declared).
+    pub fn default_opset(&self) -> i64 {
+        self.opsets
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map_or(0, |o| o.version)
+    }
+
+    fn from_proto(proto: &pb::ModelProto, file_bytes: u64) -> Result<ModelInfo> {
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| Error::InvalidModel { reason: "the model has no graph".into() })?;
+        let initializers: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs = graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()))
+            .map(tensor_info)
+            .collect();
+        let outputs = graph.output.iter().map(tensor_info).collect();
+        let mut stats = GraphStats::default();
+        stats.visit(graph);
+        let producer = [proto.producer_name.as_str(), proto.producer_version.as_str()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let quantized = stats.ops.keys().any(|op| QUANTIZED_OPS.contains(&op.as_str()));
+        Ok(ModelInfo {
+            inputs,
+            outputs,
+            opsets: proto
+                .opset_import
+                .iter()
+                .map(|o| Opset { domain: o.domain.clone(), version: o.version })
+                .collect(),
+            ir_version: proto.ir_version,
+            producer,
+            graph_name: graph.name.clone(),
+            metadata: proto
+                .metadata_props
+                .iter()
+                .map(|p| (p.key.clone(), p.value.clone()))
+                .collect(),
+            node_count: stats.ops.values().sum(),
+            op_histogram: stats.ops,
+            parameter_count: stats.params,
+            parameter_bytes: stats.param_bytes,
+            quantized,
+            file_bytes,
+        })
+    }
+}
+
+const QUANTIZED_OPS: &[&str] = &[
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "com.microsoft.QLinearAdd",
+    "com.microsoft.QGemm",
+];
+
+#[derive(Default)]
+struct GraphStats {
+    ops: BTreeMap<String, usize>,
+    params: u64,
+    param_bytes: u64,
+}
+
+impl GraphStats {
+    fn visit(&mut self, graph: &pb::GraphProto) {
+        for t in &graph.initializer {
+            self.count_tensor(t);
+        }
+        for node in &graph.node {
+            let key = if node.domain.is_empty() || node.domain == "ai.onnx" {
+                node.op_type.clone()
+            } else {
+                format!("{}.{}", node.domain, node.op_type)
+            };
+            *self.ops.entry(key).or_default() += 1;
+            for attr in &node.attribute {
+                if node.op_type == "Constant" {
+                    if let Some(t) = &attr.t {
+                        self.count_tensor(t);
+                    }
+                }
+                if let Some(g) = &attr.g {
+                    self.visit(g);
+                }
+                for g in &attr.graphs {
+                    self.visit(g);
+                }
+            }
+        }
+    }
+
+    fn count_tensor(&mut self, t: &pb::TensorProto) {
+        let n: u64 = t.dims.iter().map(|d| (*d).max(0) as u64).product();
+        self.params += n;
+        let size = DType::from_onnx(t.data_type).and_then(DType::size_of).unwrap_or(0) as u64;
+        self.param_bytes += n * size;
+    }
+}
+
+fn tensor_info(v: &pb::ValueInfoProto) -> TensorInfo {
+    let tensor_type = v.r#type.as_ref().and_then(|t| match &t.value {
+        Some(pb::type_proto::Value::TensorType(tt)) => Some(tt),
+        _ => None,
+    });
+    let dtype = tensor_type.and_then(|t| DType::from_onnx(t.elem_type));
+    let shape = tensor_type.and_then(|t| t.shape.as_ref()).map(|s| {
+        s.dim
+            .iter()
+            .enumerate()
+            .map(|(axis, d)| match &d.value {
+                Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if *n >= 0 => {
+                    Dim::Fixed(*n as usize)
+                }
+                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => {
+                    Dim::Symbolic(p.clone())
+                }
+                _ => Dim::Symbolic(format!("{}_d{axis}", v.name)),
+            })
+            .collect()
+    });
+    TensorInfo { name: v.name.clone(), dtype, shape }
+}
+
+/// A loaded ONNX model: its [`ModelInfo`] and its parsed graph, ready to make sessions.
+///
+/// Cheap to clone (shared, immutable).
+#[derive(Clone)]
+pub struct Model {
+    info: Arc<ModelInfo>,
+    graph: Arc<InferenceModel>,
+    name: String,
+}
+
+impl Model {
+    /// Loads an ONNX model file. External tensor data is resolved next to the file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Model::parse(&bytes, path.parent().map(Path::to_path_buf), name)
+    }
+
+    /// Loads an ONNX model from memory (e.g. bytes embedded in the app). Models with external
+    /// tensor data must use [`Model::load`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Model> {
+        Model::parse(bytes, None, String::new())
+    }
+
+    fn parse(bytes: &[u8], dir: Option<PathBuf>, name: String) -> Result<Model> {
+        catch_panic("model loading", || {
+            let proto = pb::ModelProto::decode(bytes)
+                .map_err(|e| Error::InvalidModel { reason: format!("not an ONNX protobuf: {e}") })?;
+            if proto.ir_version <= 0 {
+                return Err(Error::InvalidModel {
+                    reason: "no IR version: the bytes are not an ONNX model".into(),
+                });
+            }
+            let info = ModelInfo::from_proto(&proto, bytes.len() as u64)?;
+            let dir = dir.as_ref().and_then(|d| d.to_str());
+            let parsed = tract_onnx::onnx()
+                .parse(&proto, dir)
+                .map_err(|e| Error::Compile { backend: "tract", reason: chain(&e) })?;
+            if !parsed.unresolved_inputs.is_empty() {
+                return Err(Error::InvalidModel {
+                    reason: format!("nodes read undefined tensors: {:?}", parsed.unresolved_inputs),
+                });
+            }
+            check_supported(&proto, &parsed.model)?;
+            let name = if name.is_empty() { info.graph_name.clone() } else { name };
+            Ok(Model { info: Arc::new(info), graph: Arc::new(parsed.model), name })
+        })
+    }
+
+    /// The model's metadata.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// A short name: the file stem for a loaded file, else the graph name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model inputs (initializers excluded).
+    pub fn inputs(&self) -> &[TensorInfo] {
+        &self.info.inputs
+    }
+
+    /// The model outputs.
+    pub fn outputs(&self) -> &[TensorInfo] {
+        &self.info.outputs
+    }
+
+    pub(crate) fn graph(&self) -> &InferenceModel {
+        &self.graph
+    }
+}
+
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("inputs", &self.info.inputs)
+            .field("outputs", &self.info.outputs)
+            .finish()
+    }
+}
+
+/// Fails with [`Error::UnsupportedOp`] naming the first node tract has no implementation for.
+fn check_supported(proto: &pb::ModelProto, graph: &InferenceModel) -> Result<()> {
+    let Some(node) = graph.nodes().iter().find(|n| n.op.name().starts_with("Unimplemented(")) else {
+        return Ok(());
+    };
+    let pb_node = proto.graph.iter().flat_map(|g| g.node.iter()).find(|p| {
+        p.name == node.name || p.output.first().is_some_and(|o| *o == node.name)
+    });
+    let op_name = node.op.name();
+    let fallback = op_name.trim_start_matches("Unimplemented(").trim_end_matches(')').to_string();
+    Err(Error::UnsupportedOp {
+        op_type: pb_node.map_or(fallback, |p| p.op_type.clone()),
+        domain: pb_node.map(|p| p.domain.clone()).unwrap_or_default(),
+        node: node.name.clone(),
+    })
+}

@@ -1,0 +1,387 @@
+//! Sessions: a model prepared for one backend, run from any number of threads.
+//!
+//! [`Session::run`] validates named inputs against the model (names, element types,
+//! shapes with symbolic dimensions bound consistently, the NaN policy) before the backend
+//! sees them, so a bad input is a typed [`Error`] and never a crash deep in a kernel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Index;
+use std::sync::Arc;
+
+use crate::backend::{self, Backend, Executor};
+use crate::error::{catch_panic, Error};
+use crate::model::{Dim, Model};
+use crate::tensor::{DType, Tensor};
+use crate::Result;
+
+/// How much graph optimisation to do when the session is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptLevel {
+    /// Simplify the graph only (faster to build, slower to run; useful for debugging).
+    Declutter,
+    /// Full optimisation to the backend's kernels (the default).
+    #[default]
+    Full,
+}
+
+/// What to do with NaN values (infinities are always allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NanPolicy {
+    /// Let NaN through, in and out, as onnxruntime does.
+    Allow,
+    /// Reject inputs containing NaN with [`Error::NanValues`]; let outputs through.
+    RejectInputs,
+    /// Reject NaN in inputs and in outputs (the default: a NaN score is never silently used).
+    #[default]
+    Reject,
+}
+
+/// How to build a [`Session`].
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// The device to run on.
+    pub backend: Backend,
+    /// Threads for the CPU backend's matrix kernels (1 = run on the calling thread).
+    pub threads: usize,
+    /// Graph optimisation level.
+    pub optimization: OptLevel,
+    /// NaN handling.
+    pub nan_policy: NanPolicy,
+    /// Input shapes pinned to fixed sizes, by input name. Pinning symbolic dimensions lets
+    /// the backend specialise its kernels; runs must then use exactly these shapes.
+    pub input_shapes: BTreeMap<String, Vec<usize>>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            backend: Backend::Auto,
+            threads: 1,
+            optimization: OptLevel::Full,
+            nan_policy: NanPolicy::default(),
+            input_shapes: BTreeMap::new(),
+        }
+    }
+}
+
+impl SessionOptions {
+    /// The defaults: `Auto` backend, 1 thread, full optimisation, reject NaN.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the backend.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Sets the thread count (0 means all available cores).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Sets the optimisation level.
+    pub fn optimization(mut self, level: OptLevel) -> Self {
+        self.optimization = level;
+        self
+    }
+
+    /// Sets the NaN policy.
+    pub fn nan_policy(mut self, policy: NanPolicy) -> Self {
+        self.nan_policy = policy;
+        self
+    }
+
+    /// Pins an input to a fixed shape.
+    pub fn pin_input_shape(mut self, input: impl Into<String>, shape: &[usize]) -> Self {
+        self.input_shapes.insert(input.into(), shape.to_vec());
+        self
+    }
+
+    /// Checks the options against the model and resolves `threads == 0`.
+    fn resolved(&self, model: &Model) -> Result<SessionOptions> {
+        for (name, shape) in &self.input_shapes {
+            let info = model.inputs().iter().find(|i| &i.name == name).ok_or_else(|| {
+                Error::InvalidOption { reason: format!("pinned shape for unknown input {name:?}") }
+            })?;
+            if let Some(dims) = &info.shape {
+                let fits = dims.len() == shape.len()
+                    && dims.iter().zip(shape).all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s));
+                if !fits {
+                    return Err(Error::InvalidOption {
+                        reason: format!(
+                            "pinned shape {shape:?} does not fit input {name:?} {}",
+                            info.shape_string()
+                        ),
+                    });
+                }
+            }
+        }
+        let mut resolved = self.clone();
+        if resolved.threads == 0 {
+            resolved.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        Ok(resolved)
+    }
+}
+
+/// The declared signature of one input, as the session validates it.
+#[derive(Debug, Clone)]
+struct InputSpec {
+    name: String,
+    dtype: DType,
+    shape: Option<Vec<Dim>>,
+}
+
+/// A model prepared for one backend. `Send + Sync`: share it (e.g. in an `Arc`) and call
+/// [`Session::run`] from many threads at once.
+pub struct Session {
+    executor: Box<dyn Executor>,
+    inputs: Vec<InputSpec>,
+    output_names: Arc<[String]>,
+    backend: Backend,
+    backend_reason: String,
+    options: SessionOptions,
+    model_name: String,
+}
+
+impl Session {
+    /// Prepares `model` for the backend the options ask for.
+    pub fn new(model: &Model, options: SessionOptions) -> Result<Session> {
+        catch_panic("session creation", || {
+            let options = options.resolved(model)?;
+            let prepared = backend::prepare(model, &options)?;
+            let inputs = model
+                .inputs()
+                .iter()
+                .zip(&prepared.input_dtypes)
+                .map(|(info, dtype)| InputSpec {
+                    name: info.name.clone(),
+                    dtype: *dtype,
+                    shape: match options.input_shapes.get(&info.name) {
+                        Some(p) => Some(p.iter().copied().map(Dim::Fixed).collect()),
+                        None => info.shape.clone(),
+                    },
+                })
+                .collect();
+            Ok(Session {
+                executor: prepared.executor,
+                inputs,
+                output_names: model.outputs().iter().map(|o| o.name.clone()).collect(),
+                backend: prepared.backend,
+                backend_reason: prepared.reason,
+                options,
+                model_name: model.name().to_string(),
+            })
+        })
+    }
+
+    /// Runs the model. `inputs` are `(name, tensor)` pairs, one per model input.
+    pub fn run<I, S>(&self, inputs: I) -> Result<Outputs>
+    where
+        I: IntoIterator<Item = (S, Tensor)>,
+        S: AsRef<str>,
+    {
+        let ordered = self.order_inputs(inputs)?;
+        for (spec, tensor) in self.inputs.iter().zip(&ordered) {
+            if self.options.nan_policy != NanPolicy::Allow {
+                check_nan("input", &spec.name, tensor, self.options.nan_policy)?;
+            }
+        }
+        let outputs = catch_panic("inference", || self.executor.run(ordered))?;
+        if self.options.nan_policy == NanPolicy::Reject {
+            for (name, tensor) in self.output_names.iter().zip(&outputs) {
+                check_nan("output", name, tensor, self.options.nan_policy)?;
+            }
+        }
+        Ok(Outputs { names: self.output_names.clone(), tensors: outputs })
+    }
+
+    /// Puts named inputs in model order and checks names, element types and shapes.
+    fn order_inputs<I, S>(&self, inputs: I) -> Result<Vec<Tensor>>
+    where
+        I: IntoIterator<Item = (S, Tensor)>,
+        S: AsRef<str>,
+    {
+        let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
+        for (name, tensor) in inputs {
+            let name = name.as_ref();
+            let ix = self.inputs.iter().position(|s| s.name == name).ok_or_else(|| {
+                Error::UnknownInput {
+                    name: name.to_string(),
+                    expected: self.inputs.iter().map(|s| s.name.clone()).collect(),
+                }
+            })?;
+            if slots[ix].replace(tensor).is_some() {
+                return Err(Error::DuplicateInput { name: name.to_string() });
+            }
+        }
+        let mut bound: HashMap<&str, usize> = HashMap::new();
+        self.inputs
+            .iter()
+            .zip(slots)
+            .map(|(spec, slot)| {
+                let tensor = slot.ok_or_else(|| Error::MissingInput { name: spec.name.clone() })?;
+                if tensor.dtype() != spec.dtype {
+                    return Err(Error::DTypeMismatch {
+                        name: spec.name.clone(),
+                        expected: spec.dtype,
+                        actual: tensor.dtype(),
+                    });
+                }
+                if let Some(dims) = &spec.shape {
+                    check_shape(spec, dims, tensor.shape(), &mut bound)?;
+                }
+                Ok(tensor)
+            })
+            .collect()
+    }
+
+    /// The backend the session runs on (never `Auto`).
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Why that backend was chosen (e.g. why `Auto` fell back to the CPU).
+    pub fn backend_reason(&self) -> &str {
+        &self.backend_reason
+    }
+
+    /// The options in force (with `threads == 0` resolved).
+    pub fn options(&self) -> &SessionOptions {
+        &self.options
+    }
+
+    /// Input names, in model order.
+    pub fn input_names(&self) -> impl Iterator<Item = &str> {
+        self.inputs.iter().map(|s| s.name.as_str())
+    }
+
+    /// Output names, in model order.
+    pub fn output_names(&self) -> &[String] {
+        &self.output_names
+    }
+
+    /// The name of the model this session runs.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("model", &self.model_name)
+            .field("backend", &self.backend)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+fn check_shape<'a>(
+    spec: &'a InputSpec,
+    dims: &'a [Dim],
+    actual: &[usize],
+    bound: &mut HashMap<&'a str, usize>,
+) -> Result<()> {
+    let mismatch = || Error::ShapeMismatch {
+        name: spec.name.clone(),
+        expected: format!(
+            "[{}]",
+            dims.iter().map(Dim::to_string).collect::<Vec<_>>().join(", ")
+        ),
+        actual: actual.to_vec(),
+    };
+    if dims.len() != actual.len() {
+        return Err(mismatch());
+    }
+    for (dim, &size) in dims.iter().zip(actual) {
+        match dim {
+            Dim::Fixed(n) if *n != size => return Err(mismatch()),
+            Dim::Fixed(_) => {}
+            Dim::Symbolic(sym) => {
+                if *bound.entry(sym.as_str()).or_insert(size) != size {
+                    return Err(mismatch());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_nan(which: &'static str, name: &str, tensor: &Tensor, policy: NanPolicy) -> Result<()> {
+    if !tensor.dtype().is_float() {
+        return Ok(());
+    }
+    match tensor.count_nan() {
+        0 => Ok(()),
+        count => Err(Error::NanValues { which, name: name.to_string(), count, policy }),
+    }
+}
+
+/// The named outputs of one run, in model output order.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    names: Arc<[String]>,
+    tensors: Vec<Tensor>,
+}
+
+impl Outputs {
+    /// The output called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.names.iter().position(|n| n == name).map(|i| &self.tensors[i])
+    }
+
+    /// `(name, tensor)` pairs in model order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.names.iter().map(String::as_str).zip(&self.tensors)
+    }
+
+    /// Number of outputs.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no outputs.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The tensors in model order, without their names.
+    pub fn into_tensors(self) -> Vec<Tensor> {
+        self.tensors
+    }
+}
+
+impl Index<usize> for Outputs {
+    type Output = Tensor;
+    fn index(&self, ix: usize) -> &Tensor {
+        &self.tensors[ix]
+    }
+}
+
+impl IntoIterator for Outputs {
+    type Item = (String, Tensor);
+    type IntoIter = std::iter::Zip<std::vec::IntoIter<String>, std::vec::IntoIter<Tensor>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.names.to_vec().into_iter().zip(self.tensors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn session_is_send_and_sync() {
+        assert_send_sync::<Session>();
+        assert_send_sync::<crate::Model>();
+        assert_send_sync::<Tensor>();
+    }
+}

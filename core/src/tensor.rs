@@ -1,0 +1,534 @@
+//! Typed, shaped tensors: what goes into a session and what comes out.
+//!
+//! A [`Tensor`] owns its data behind an `Arc`, in the SIMD-aligned storage the CPU kernels
+//! need, so cloning is cheap and handing it to the CPU backend copies nothing.
+//!
+//! - Zero-copy input: allocate with [`Tensor::zeros`] and fill [`Tensor::as_mut_slice`]
+//!   in place (e.g. decode an image straight into it).
+//! - One copy: [`Tensor::from_vec`] / [`Tensor::from_slice`] copy the data once into aligned
+//!   storage (a `Vec` from the allocator is not aligned for the kernels).
+//! - Zero-copy output: [`Tensor::as_slice`] borrows the backend's buffer.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tract_onnx::prelude::{DatumType, Tensor as TractTensor};
+use tract_onnx::tract_core::ndarray::{ArrayD, IxDyn};
+
+use crate::error::Error;
+use crate::Result;
+
+/// Element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// 64-bit float.
+    F64,
+    /// 64-bit signed integer.
+    I64,
+    /// 32-bit signed integer.
+    I32,
+    /// 16-bit signed integer.
+    I16,
+    /// 8-bit signed integer.
+    I8,
+    /// 64-bit unsigned integer.
+    U64,
+    /// 32-bit unsigned integer.
+    U32,
+    /// 16-bit unsigned integer.
+    U16,
+    /// 8-bit unsigned integer.
+    U8,
+    /// Boolean.
+    Bool,
+    /// UTF-8 string.
+    String,
+}
+
+impl DType {
+    /// Every dtype, in declaration order.
+    pub const ALL: [DType; 13] = [
+        DType::F32,
+        DType::F16,
+        DType::F64,
+        DType::I64,
+        DType::I32,
+        DType::I16,
+        DType::I8,
+        DType::U64,
+        DType::U32,
+        DType::U16,
+        DType::U8,
+        DType::Bool,
+        DType::String,
+    ];
+
+    /// Short lowercase name: `f32`, `i64`, `bool`, `string`…
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::F64 => "f64",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::I16 => "i16",
+            DType::I8 => "i8",
+            DType::U64 => "u64",
+            DType::U32 => "u32",
+            DType::U16 => "u16",
+            DType::U8 => "u8",
+            DType::Bool => "bool",
+            DType::String => "string",
+        }
+    }
+
+    /// Size of one element in bytes (`None` for strings).
+    pub fn size_of(self) -> Option<usize> {
+        match self {
+            DType::F64 | DType::I64 | DType::U64 => Some(8),
+            DType::F32 | DType::I32 | DType::U32 => Some(4),
+            DType::F16 | DType::I16 | DType::U16 => Some(2),
+            DType::I8 | DType::U8 | DType::Bool => Some(1),
+            DType::String => None,
+        }
+    }
+
+    /// Whether this is a floating-point type (the ones that can hold NaN).
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::F64)
+    }
+
+    /// The dtype of an ONNX `TensorProto.DataType` code, if tern supports it.
+    pub fn from_onnx(code: i32) -> Option<DType> {
+        Some(match code {
+            1 => DType::F32,
+            2 => DType::U8,
+            3 => DType::I8,
+            4 => DType::U16,
+            5 => DType::I16,
+            6 => DType::I32,
+            7 => DType::I64,
+            8 => DType::String,
+            9 => DType::Bool,
+            10 => DType::F16,
+            11 => DType::F64,
+            12 => DType::U32,
+            13 => DType::U64,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn from_tract(dt: DatumType) -> Option<DType> {
+        Some(match dt.unquantized() {
+            DatumType::F32 => DType::F32,
+            DatumType::F16 => DType::F16,
+            DatumType::F64 => DType::F64,
+            DatumType::I64 => DType::I64,
+            DatumType::I32 => DType::I32,
+            DatumType::I16 => DType::I16,
+            DatumType::I8 => DType::I8,
+            DatumType::U64 => DType::U64,
+            DatumType::U32 => DType::U32,
+            DatumType::U16 => DType::U16,
+            DatumType::U8 => DType::U8,
+            DatumType::Bool => DType::Bool,
+            DatumType::String => DType::String,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn to_tract(self) -> DatumType {
+        match self {
+            DType::F32 => DatumType::F32,
+            DType::F16 => DatumType::F16,
+            DType::F64 => DatumType::F64,
+            DType::I64 => DatumType::I64,
+            DType::I32 => DatumType::I32,
+            DType::I16 => DatumType::I16,
+            DType::I8 => DatumType::I8,
+            DType::U64 => DatumType::U64,
+            DType::U32 => DatumType::U32,
+            DType::U16 => DatumType::U16,
+            DType::U8 => DatumType::U8,
+            DType::Bool => DatumType::Bool,
+            DType::String => DatumType::String,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DType> {
+        let s = s.to_ascii_lowercase();
+        let alias = match s.as_str() {
+            "float" | "float32" => "f32",
+            "float16" | "half" => "f16",
+            "double" | "float64" => "f64",
+            "int64" => "i64",
+            "int32" => "i32",
+            "int16" => "i16",
+            "int8" => "i8",
+            "uint64" => "u64",
+            "uint32" => "u32",
+            "uint16" => "u16",
+            "uint8" => "u8",
+            "str" => "string",
+            other => other,
+        };
+        DType::ALL
+            .into_iter()
+            .find(|d| d.name() == alias)
+            .ok_or_else(|| Error::tensor(format!("unknown dtype {s:?}")))
+    }
+}
+
+mod sealed {
+    /// Ties a Rust element type to tract's datum machinery; private so the set stays closed.
+    pub trait Sealed: tract_onnx::prelude::Datum {}
+}
+
+/// A Rust type that can be the element of a [`Tensor`]: `f32`, `half::f16`, `f64`, the
+/// integer types, `bool` and `String`.
+pub trait Element: sealed::Sealed {
+    /// The matching [`DType`].
+    const DTYPE: DType;
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),* $(,)?) => {$(
+        impl sealed::Sealed for $t {}
+        impl Element for $t { const DTYPE: DType = DType::$d; }
+    )*};
+}
+element!(
+    f32 => F32, half::f16 => F16, f64 => F64,
+    i64 => I64, i32 => I32, i16 => I16, i8 => I8,
+    u64 => U64, u32 => U32, u16 => U16, u8 => U8,
+    bool => Bool, String => String,
+);
+
+/// An n-dimensional array with a [`DType`] and a shape. Cheap to clone (shared data).
+#[derive(Clone)]
+pub struct Tensor {
+    inner: Arc<TractTensor>,
+    dtype: DType,
+}
+
+impl Tensor {
+    /// Builds a tensor from a `Vec` (one copy into aligned storage). Fails if `data.len()`
+    /// is not the product of `shape`.
+    pub fn from_vec<T: Element>(shape: &[usize], data: Vec<T>) -> Result<Tensor> {
+        let expected: usize = shape.iter().product();
+        if expected != data.len() {
+            return Err(Error::tensor(format!(
+                "shape {shape:?} holds {expected} elements but {} were given",
+                data.len()
+            )));
+        }
+        let array = ArrayD::from_shape_vec(IxDyn(shape), data)
+            .map_err(|e| Error::tensor(format!("cannot shape data as {shape:?}: {e}")))?;
+        Ok(Tensor { inner: Arc::new(TractTensor::from(array)), dtype: T::DTYPE })
+    }
+
+    /// Builds a tensor by copying a slice once into aligned storage.
+    pub fn from_slice<T: Element + Copy>(shape: &[usize], data: &[T]) -> Result<Tensor> {
+        let expected: usize = shape.iter().product();
+        if expected != data.len() {
+            return Err(Error::tensor(format!(
+                "shape {shape:?} holds {expected} elements but {} were given",
+                data.len()
+            )));
+        }
+        let t = TractTensor::from_shape(shape, data).map_err(|e| Error::tensor(format!("{e:#}")))?;
+        Ok(Tensor { inner: Arc::new(t), dtype: T::DTYPE })
+    }
+
+    /// A zero-filled (false, empty-string) tensor, to be filled in place through
+    /// [`Tensor::as_mut_slice`] with no further copy.
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let t = TractTensor::zero_dt(dtype.to_tract(), shape).map_err(|e| Error::tensor(format!("{e:#}")))?;
+        Ok(Tensor { inner: Arc::new(t), dtype })
+    }
+
+    /// A rank-0 tensor holding one value.
+    pub fn scalar<T: Element>(value: T) -> Tensor {
+        let array = ArrayD::from_elem(IxDyn(&[]), value);
+        Tensor { inner: Arc::new(TractTensor::from(array)), dtype: T::DTYPE }
+    }
+
+    /// Builds a tensor of `dtype` from raw little-endian bytes (as found in `.npy` files or
+    /// ONNX `raw_data`). Not for strings.
+    pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Tensor> {
+        let size = dtype
+            .size_of()
+            .ok_or_else(|| Error::tensor("string tensors cannot be built from raw bytes"))?;
+        let count: usize = shape.iter().product();
+        if count * size != bytes.len() {
+            return Err(Error::tensor(format!(
+                "{dtype} tensor of shape {shape:?} needs {} bytes, got {}",
+                count * size,
+                bytes.len()
+            )));
+        }
+        if dtype == DType::Bool && bytes.iter().any(|b| *b > 1) {
+            return Err(Error::tensor("bool tensor bytes must be 0 or 1"));
+        }
+        // SAFETY: the byte length matches shape × element size (checked above), every bit
+        // pattern is valid for the numeric types, and bools were checked to be 0 or 1.
+        let t = unsafe { TractTensor::from_raw_dt(dtype.to_tract(), shape, bytes) }
+            .map_err(|e| Error::tensor(e.to_string()))?;
+        Ok(Tensor { inner: Arc::new(t), dtype })
+    }
+
+    /// Reads a NumPy `.npy` file's bytes (little-endian, C order, numeric or bool dtypes).
+    pub fn from_npy(bytes: &[u8]) -> Result<Tensor> {
+        let npy = npyz::NpyFile::new(bytes).map_err(|e| Error::tensor(format!("not a .npy file: {e}")))?;
+        if npy.order() == npyz::Order::Fortran {
+            return Err(Error::tensor("Fortran-ordered .npy arrays are not supported"));
+        }
+        let shape: Vec<usize> = npy.shape().iter().map(|d| *d as usize).collect();
+        let npyz::DType::Plain(ts) = npy.dtype() else {
+            return Err(Error::tensor("structured .npy dtypes are not supported"));
+        };
+        if ts.endianness() == npyz::Endianness::Big && ts.size_field() > 1 {
+            return Err(Error::tensor("big-endian .npy arrays are not supported"));
+        }
+        use npyz::TypeChar::{Bool, Float, Int, Uint};
+        let dtype = match (ts.type_char(), ts.size_field()) {
+            (Float, 4) => DType::F32,
+            (Float, 2) => DType::F16,
+            (Float, 8) => DType::F64,
+            (Int, 8) => DType::I64,
+            (Int, 4) => DType::I32,
+            (Int, 2) => DType::I16,
+            (Int, 1) => DType::I8,
+            (Uint, 8) => DType::U64,
+            (Uint, 4) => DType::U32,
+            (Uint, 2) => DType::U16,
+            (Uint, 1) => DType::U8,
+            (Bool, 1) => DType::Bool,
+            _ => return Err(Error::tensor(format!("unsupported .npy dtype {ts}"))),
+        };
+        Tensor::from_bytes(dtype, &shape, npy.into_inner())
+    }
+
+    /// Decodes a serialized ONNX `TensorProto` (e.g. the `input_0.pb` files of the ONNX
+    /// test suites). External data is not supported here.
+    pub fn from_onnx_proto(bytes: &[u8]) -> Result<Tensor> {
+        use prost::Message;
+        let proto = tract_onnx::pb::TensorProto::decode(bytes)
+            .map_err(|e| Error::tensor(format!("not an ONNX TensorProto: {e}")))?;
+        let tensor = tract_onnx::tensor::load_tensor(&*tract_onnx::data_resolver::default(), &proto, None)
+            .map_err(|e| Error::tensor(format!("{e:#}")))?;
+        Tensor::from_tract(Arc::new(tensor))
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The shape (empty for a scalar).
+    pub fn shape(&self) -> &[usize] {
+        self.inner.shape()
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements in row-major order, without copying. Fails if `T` is not the dtype.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::tensor(format!(
+                "tensor is {}, read as {}",
+                self.dtype,
+                T::DTYPE
+            )));
+        }
+        let view = self
+            .inner
+            .to_plain_array_view::<T>()
+            .map_err(|e| Error::tensor(format!("{e:#}")))?;
+        view.to_slice().ok_or_else(|| Error::tensor("tensor is not contiguous"))
+    }
+
+    /// The elements, mutably, in row-major order. Copies the data first only if this tensor
+    /// shares it with a clone.
+    pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::tensor(format!("tensor is {}, written as {}", self.dtype, T::DTYPE)));
+        }
+        let view = Arc::make_mut(&mut self.inner)
+            .to_plain_array_view_mut::<T>()
+            .map_err(|e| Error::tensor(format!("{e:#}")))?;
+        view.into_slice().ok_or_else(|| Error::tensor("tensor is not contiguous"))
+    }
+
+    /// The elements copied into a `Vec`.
+    pub fn to_vec<T: Element + Clone>(&self) -> Result<Vec<T>> {
+        self.as_slice::<T>().map(<[T]>::to_vec)
+    }
+
+    /// The elements converted to `f32` (any numeric or bool dtype); handy for printing
+    /// and comparing.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        if self.dtype == DType::String {
+            return Err(Error::tensor("string tensors have no numeric value"));
+        }
+        let cast = self
+            .inner
+            .cast_to::<f32>()
+            .map_err(|e| Error::tensor(format!("{e:#}")))?;
+        let view = cast.to_plain_array_view::<f32>().map_err(|e| Error::tensor(format!("{e:#}")))?;
+        Ok(view.iter().copied().collect())
+    }
+
+    /// The raw little-endian bytes of a numeric tensor.
+    pub fn as_bytes(&self) -> Result<&[u8]> {
+        if self.dtype == DType::String {
+            return Err(Error::tensor("string tensors have no raw bytes"));
+        }
+        Ok(self.inner.as_bytes())
+    }
+
+    /// How many elements are NaN (0 for non-float dtypes). Infinities are not counted:
+    /// they are legitimate values (attention masks, log-probabilities).
+    pub fn count_nan(&self) -> usize {
+        fn count<T: Element + Copy>(t: &Tensor, is_nan: impl Fn(T) -> bool) -> usize {
+            t.as_slice::<T>().map(|s| s.iter().filter(|v| is_nan(**v)).count()).unwrap_or(0)
+        }
+        match self.dtype {
+            DType::F32 => count::<f32>(self, f32::is_nan),
+            DType::F64 => count::<f64>(self, f64::is_nan),
+            DType::F16 => count::<half::f16>(self, half::f16::is_nan),
+            _ => 0,
+        }
+    }
+
+    /// Wraps a tensor that came out of tract. Fails for dtypes tern does not expose.
+    pub(crate) fn from_tract(inner: Arc<TractTensor>) -> Result<Tensor> {
+        let dt = inner.datum_type();
+        let dtype = DType::from_tract(dt)
+            .ok_or_else(|| Error::tensor(format!("backend produced unsupported type {dt:?}")))?;
+        if dt.is_quantized() {
+            // Quantized outputs are exposed as their storage type.
+            let mut t = (*inner).clone();
+            // SAFETY: same storage, only the quantization parameters are dropped.
+            unsafe { t.set_datum_type(dt.unquantized()) };
+            return Ok(Tensor { inner: Arc::new(t), dtype });
+        }
+        Ok(Tensor { inner, dtype })
+    }
+
+    pub(crate) fn tract(&self) -> &Arc<TractTensor> {
+        &self.inner
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor<{}>{:?}", self.dtype, self.shape())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_vec_checks_length() {
+        let err = Tensor::from_vec(&[2, 3], vec![1.0f32; 5]).unwrap_err();
+        assert_eq!(err.kind(), "tensor");
+        let t = Tensor::from_vec(&[2, 3], vec![1.0f32; 6]).unwrap();
+        assert_eq!(t.shape(), &[2, 3]);
+        assert_eq!(t.dtype(), DType::F32);
+    }
+
+    #[test]
+    fn as_slice_does_not_copy_and_checks_type() {
+        let t = Tensor::from_vec(&[3, 2], (0..6).collect::<Vec<i64>>()).unwrap();
+        let clone = t.clone();
+        assert_eq!(t.as_slice::<i64>().unwrap().as_ptr(), clone.as_slice::<i64>().unwrap().as_ptr());
+        assert_eq!(t.as_slice::<i64>().unwrap(), &[0, 1, 2, 3, 4, 5]);
+        assert_eq!(t.as_slice::<f32>().unwrap_err().kind(), "tensor");
+    }
+
+    #[test]
+    fn zeros_filled_in_place_and_copy_on_write() {
+        let mut t = Tensor::zeros(DType::F32, &[2, 2]).unwrap();
+        let ptr = t.as_slice::<f32>().unwrap().as_ptr();
+        t.as_mut_slice::<f32>().unwrap().copy_from_slice(&[1., 2., 3., 4.]);
+        assert_eq!(t.as_slice::<f32>().unwrap().as_ptr(), ptr, "unshared tensor written in place");
+        let shared = t.clone();
+        t.as_mut_slice::<f32>().unwrap()[0] = 9.;
+        assert_eq!(shared.as_slice::<f32>().unwrap(), &[1., 2., 3., 4.], "clone unaffected");
+        assert_eq!(t.as_slice::<f32>().unwrap(), &[9., 2., 3., 4.]);
+        assert!(t.as_mut_slice::<i32>().is_err());
+        let s = Tensor::from_slice(&[3], &[1u8, 2, 3]).unwrap();
+        assert_eq!(s.as_slice::<u8>().unwrap(), &[1, 2, 3]);
+        assert!(Tensor::from_slice(&[2], &[1u8, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn from_bytes_round_trips_and_validates() {
+        let t = Tensor::from_bytes(DType::F32, &[2], &[0, 0, 128, 63, 0, 0, 0, 64]).unwrap();
+        assert_eq!(t.as_slice::<f32>().unwrap(), &[1.0, 2.0]);
+        assert!(Tensor::from_bytes(DType::F32, &[3], &[0; 8]).is_err());
+        assert!(Tensor::from_bytes(DType::Bool, &[1], &[7]).is_err());
+    }
+
+    #[test]
+    fn counts_nan_but_not_infinity() {
+        let t = Tensor::from_vec(&[4], vec![1.0f32, f32::NAN, f32::INFINITY, 0.0]).unwrap();
+        assert_eq!(t.count_nan(), 1);
+        assert_eq!(Tensor::from_vec(&[1], vec![1i32]).unwrap().count_nan(), 0);
+    }
+
+    #[test]
+    fn npy_files_are_read_without_reinterpretation() {
+        // np.save of np.arange(3, dtype='<i4').reshape(1, 3), header padded to 64 bytes.
+        let mut bytes = b"\x93NUMPY\x01\x00v\x00".to_vec();
+        let mut header = "{'descr': '<i4', 'fortran_order': False, 'shape': (1, 3), }".to_string();
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        bytes[8] = header.len() as u8;
+        bytes.extend_from_slice(header.as_bytes());
+        for v in [0i32, 1, 2] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        let t = Tensor::from_npy(&bytes).unwrap();
+        assert_eq!(t.shape(), &[1, 3]);
+        assert_eq!(t.as_slice::<i32>().unwrap(), &[0, 1, 2]);
+    }
+
+    #[test]
+    fn dtype_names_parse() {
+        for d in DType::ALL {
+            assert_eq!(d.name().parse::<DType>().unwrap(), d);
+        }
+        assert_eq!("float32".parse::<DType>().unwrap(), DType::F32);
+        assert!("complex".parse::<DType>().is_err());
+    }
+}

