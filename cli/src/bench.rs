@@ -101,12 +101,19 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
         min_ms: ms(times[0]),
         mean_ms: times.iter().map(|d| ms(*d)).sum::<f64>() / times.len() as f64,
         peak_rss_mib: peak_rss_mib(),
-        input_shapes: inputs.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect(),
+        input_shapes: inputs
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+            .collect(),
     })
 }
 
 /// A random tensor fitting `info`, symbolic dimensions sized from `dims` (default 1).
-fn random_input(info: &TensorInfo, dims: &BTreeMap<String, usize>, rng: &mut impl rand::Rng) -> Result<Tensor> {
+fn random_input(
+    info: &TensorInfo,
+    dims: &BTreeMap<String, usize>,
+    rng: &mut impl rand::Rng,
+) -> Result<Tensor> {
     let shape: Vec<usize> = info
         .shape
         .as_ref()
@@ -121,14 +128,26 @@ fn random_input(info: &TensorInfo, dims: &BTreeMap<String, usize>, rng: &mut imp
     let dtype = info.dtype.unwrap_or(DType::F32);
     Ok(match dtype {
         DType::F32 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<f32>()).collect())?,
-        DType::F16 => Tensor::from_vec(&shape, (0..n).map(|_| half::f16::from_f32(rng.random())).collect())?,
+        DType::F16 => Tensor::from_vec(
+            &shape,
+            (0..n).map(|_| half::f16::from_f32(rng.random())).collect(),
+        )?,
         DType::F64 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<f64>()).collect())?,
-        DType::I64 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random_range(0..100i64)).collect())?,
-        DType::I32 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random_range(0..256i32)).collect())?,
+        DType::I64 => Tensor::from_vec(
+            &shape,
+            (0..n).map(|_| rng.random_range(0..100i64)).collect(),
+        )?,
+        DType::I32 => Tensor::from_vec(
+            &shape,
+            (0..n).map(|_| rng.random_range(0..256i32)).collect(),
+        )?,
         DType::U8 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<u8>()).collect())?,
         DType::I8 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<i8>()).collect())?,
         DType::Bool => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<bool>()).collect())?,
-        other => anyhow::bail!("cannot make random {other} input for {:?}; pass --input", info.name),
+        other => anyhow::bail!(
+            "cannot make random {other} input for {:?}; pass --input",
+            info.name
+        ),
     })
 }
 

@@ -67,9 +67,19 @@ impl Identifier {
             ),
             None => embedded()?,
         };
-        let config: MagikaConfig = serde_json::from_str(&config).context("parsing magika config")?;
-        let input = model.inputs().first().context("model has no input")?.name.clone();
-        Ok(Identifier { session: Session::new(&model, options)?, input, config })
+        let config: MagikaConfig =
+            serde_json::from_str(&config).context("parsing magika config")?;
+        let input = model
+            .inputs()
+            .first()
+            .context("model has no input")?
+            .name
+            .clone();
+        Ok(Identifier {
+            session: Session::new(&model, options)?,
+            input,
+            config,
+        })
     }
 
     /// The session, for reporting.
@@ -85,7 +95,8 @@ impl Identifier {
         let mut contents = Vec::with_capacity(paths.len());
         for path in paths {
             let path = path.as_ref();
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             features.extend(self.features(&bytes));
             contents.push(bytes);
         }
@@ -98,13 +109,21 @@ impl Identifier {
             .zip(&contents)
             .zip(scores.chunks(labels.len()))
             .map(|((path, bytes), probs)| {
-                let (best, score) = probs
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |acc, (i, p)| if *p > acc.1 { (i, *p) } else { acc });
+                let (best, score) = probs.iter().enumerate().fold((0, f32::MIN), |acc, (i, p)| {
+                    if *p > acc.1 {
+                        (i, *p)
+                    } else {
+                        acc
+                    }
+                });
                 let model_label = labels[best].clone();
                 let label = self.decide(&model_label, score, bytes);
-                Identification { path: path.as_ref().display().to_string(), label, model_label, score }
+                Identification {
+                    path: path.as_ref().display().to_string(),
+                    label,
+                    model_label,
+                    score,
+                }
             })
             .collect())
     }
@@ -133,9 +152,17 @@ impl Identifier {
             return "empty".into();
         }
         if bytes.len() < cfg.min_file_size_for_dl {
-            return if is_text { "txt".into() } else { "unknown".into() };
+            return if is_text {
+                "txt".into()
+            } else {
+                "unknown".into()
+            };
         }
-        let threshold = cfg.thresholds.get(model_label).copied().unwrap_or(cfg.medium_confidence_threshold);
+        let threshold = cfg
+            .thresholds
+            .get(model_label)
+            .copied()
+            .unwrap_or(cfg.medium_confidence_threshold);
         let label = if score >= threshold {
             model_label.to_string()
         } else if is_text {

@@ -103,7 +103,11 @@ impl SessionArgs {
         let mut options = SessionOptions::new()
             .threads(self.threads)
             .backend(self.backend)
-            .nan_policy(if self.allow_nan { NanPolicy::Allow } else { NanPolicy::Reject });
+            .nan_policy(if self.allow_nan {
+                NanPolicy::Allow
+            } else {
+                NanPolicy::Reject
+            });
         for pin in &self.pin {
             let (name, dims) = pin.split_once('=').context("--pin takes NAME=D0,D1,…")?;
             let dims = dims
@@ -122,9 +126,12 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let kind = e.downcast_ref::<tern::Error>().map_or("cli", tern::Error::kind);
+            let kind = e
+                .downcast_ref::<tern::Error>()
+                .map_or("cli", tern::Error::kind);
             if cli.json {
-                let msg = serde_json::json!({ "error": { "kind": kind, "message": format!("{e:#}") } });
+                let msg =
+                    serde_json::json!({ "error": { "kind": kind, "message": format!("{e:#}") } });
                 println!("{msg}");
             } else {
                 eprintln!("error: {e:#}");
@@ -136,7 +143,11 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Command::Identify { files, model_dir, session } => {
+        Command::Identify {
+            files,
+            model_dir,
+            session,
+        } => {
             let identifier = identify::Identifier::new(model_dir.as_deref(), session.options()?)?;
             let found = identifier.identify(files)?;
             if cli.json {
@@ -144,9 +155,19 @@ fn run(cli: &Cli) -> Result<()> {
             } else {
                 let width = found.iter().map(|f| f.path.len()).max().unwrap_or(0);
                 for f in &found {
-                    println!("{:width$}  {:<12} (model: {} {:.1}%)", f.path, f.label, f.model_label, f.score * 100.0);
+                    println!(
+                        "{:width$}  {:<12} (model: {} {:.1}%)",
+                        f.path,
+                        f.label,
+                        f.model_label,
+                        f.score * 100.0
+                    );
                 }
-                eprintln!("[magika standard_v3_3 on {}: {}]", identifier.session().backend(), identifier.session().backend_reason());
+                eprintln!(
+                    "[magika standard_v3_3 on {}: {}]",
+                    identifier.session().backend(),
+                    identifier.session().backend_reason()
+                );
             }
         }
         Command::Inspect { model } => {
@@ -157,7 +178,12 @@ fn run(cli: &Cli) -> Result<()> {
                 print_info(&model);
             }
         }
-        Command::Run { model, input, output, session } => {
+        Command::Run {
+            model,
+            input,
+            output,
+            session,
+        } => {
             let model = Model::load(model)?;
             let session = Session::new(&model, session.options()?)?;
             let inputs = parse_inputs(&model, input)?;
@@ -183,36 +209,73 @@ fn run(cli: &Cli) -> Result<()> {
                             .map(|v| v.to_string())
                             .collect();
                         let more = if data > 8 { ", …" } else { "" };
-                        println!("{name}: {} {:?} [{}{more}]", tensor.dtype(), tensor.shape(), preview.join(", "));
+                        println!(
+                            "{name}: {} {:?} [{}{more}]",
+                            tensor.dtype(),
+                            tensor.shape(),
+                            preview.join(", ")
+                        );
                     }
                 }
             }
         }
-        Command::Bench { model, runs, warmup, input, dim, session } => {
+        Command::Bench {
+            model,
+            runs,
+            warmup,
+            input,
+            dim,
+            session,
+        } => {
             let loaded = Model::load(model)?;
             let inputs = parse_inputs(&loaded, input)?;
             drop(loaded);
             let mut dims = BTreeMap::new();
             for d in dim {
                 let (k, v) = d.split_once('=').context("--dim takes SYMBOL=N")?;
-                dims.insert(k.to_string(), v.parse::<usize>().with_context(|| format!("bad --dim {d}"))?);
+                dims.insert(
+                    k.to_string(),
+                    v.parse::<usize>()
+                        .with_context(|| format!("bad --dim {d}"))?,
+                );
             }
             let report = bench::bench(
                 model,
-                bench::BenchConfig { options: session.options()?, runs: *runs, warmup: *warmup, inputs, dims },
+                bench::BenchConfig {
+                    options: session.options()?,
+                    runs: *runs,
+                    warmup: *warmup,
+                    inputs,
+                    dims,
+                },
             )?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("model        {}", report.model);
-                println!("backend      {} ({} thread(s))", report.backend, report.threads);
+                println!(
+                    "backend      {} ({} thread(s))",
+                    report.backend, report.threads
+                );
                 println!("inputs       {:?}", report.input_shapes);
                 println!("load         {:9.2} ms", report.load_ms);
                 println!("prepare      {:9.2} ms", report.prepare_ms);
-                println!("cold start   {:9.2} ms  (load + prepare + first run)", report.cold_start_ms);
-                println!("median       {:9.3} ms  over {} runs", report.median_ms, report.runs);
-                println!("p95 / p99    {:9.3} / {:.3} ms", report.p95_ms, report.p99_ms);
-                println!("min / mean   {:9.3} / {:.3} ms", report.min_ms, report.mean_ms);
+                println!(
+                    "cold start   {:9.2} ms  (load + prepare + first run)",
+                    report.cold_start_ms
+                );
+                println!(
+                    "median       {:9.3} ms  over {} runs",
+                    report.median_ms, report.runs
+                );
+                println!(
+                    "p95 / p99    {:9.3} / {:.3} ms",
+                    report.p95_ms, report.p99_ms
+                );
+                println!(
+                    "min / mean   {:9.3} / {:.3} ms",
+                    report.min_ms, report.mean_ms
+                );
                 if let Some(rss) = report.peak_rss_mib {
                     println!("peak RSS     {rss:9.1} MiB");
                 }
@@ -229,8 +292,12 @@ fn parse_inputs(model: &Model, specs: &[String]) -> Result<Vec<(String, tern::Te
         .map(|spec| {
             let (name, file) = match spec.split_once('=') {
                 Some((n, f)) => (n.to_string(), f),
-                None if model.inputs().len() == 1 => (model.inputs()[0].name.clone(), spec.as_str()),
-                None => anyhow::bail!("--input {spec}: the model has several inputs; use NAME=FILE"),
+                None if model.inputs().len() == 1 => {
+                    (model.inputs()[0].name.clone(), spec.as_str())
+                }
+                None => {
+                    anyhow::bail!("--input {spec}: the model has several inputs; use NAME=FILE")
+                }
             };
             Ok((name, tensor_io::read_tensor(file.as_ref())?))
         })
@@ -240,11 +307,28 @@ fn parse_inputs(model: &Model, specs: &[String]) -> Result<Vec<(String, tern::Te
 fn print_info(model: &Model) {
     let info = model.info();
     println!("model       {}", model.name());
-    println!("producer    {}", if info.producer.is_empty() { "-" } else { &info.producer });
+    println!(
+        "producer    {}",
+        if info.producer.is_empty() {
+            "-"
+        } else {
+            &info.producer
+        }
+    );
     let opsets: Vec<String> = info
         .opsets
         .iter()
-        .map(|o| format!("{}:{}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version))
+        .map(|o| {
+            format!(
+                "{}:{}",
+                if o.domain.is_empty() {
+                    "ai.onnx"
+                } else {
+                    &o.domain
+                },
+                o.version
+            )
+        })
         .collect();
     println!("ir / opset  {} / {}", info.ir_version, opsets.join(", "));
     println!(
@@ -255,11 +339,21 @@ fn print_info(model: &Model) {
     );
     println!("inputs");
     for i in &info.inputs {
-        println!("  {:<24} {:<6} {}", i.name, i.dtype.map_or("?", |d| d.name()), i.shape_string());
+        println!(
+            "  {:<24} {:<6} {}",
+            i.name,
+            i.dtype.map_or("?", |d| d.name()),
+            i.shape_string()
+        );
     }
     println!("outputs");
     for o in &info.outputs {
-        println!("  {:<24} {:<6} {}", o.name, o.dtype.map_or("?", |d| d.name()), o.shape_string());
+        println!(
+            "  {:<24} {:<6} {}",
+            o.name,
+            o.dtype.map_or("?", |d| d.name()),
+            o.shape_string()
+        );
     }
     println!("operators   {} nodes", info.node_count);
     let mut ops: Vec<_> = info.op_histogram.iter().collect();

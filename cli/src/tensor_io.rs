@@ -28,7 +28,11 @@ fn default_dtype() -> DType {
 pub fn read_tensor(path: &Path) -> Result<Tensor> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let is_npy = bytes.starts_with(b"\x93NUMPY");
-    let tensor = if is_npy { Ok(Tensor::from_npy(&bytes)?) } else { read_json(&bytes) };
+    let tensor = if is_npy {
+        Ok(Tensor::from_npy(&bytes)?)
+    } else {
+        read_json(&bytes)
+    };
     tensor.with_context(|| format!("parsing tensor file {}", path.display()))
 }
 
@@ -38,24 +42,44 @@ fn read_json(bytes: &[u8]) -> Result<Tensor> {
         let mut shape = Vec::new();
         let mut data = Vec::new();
         flatten(&value, 0, &mut shape, &mut data)?;
-        JsonTensor { dtype: DType::F32, shape: Some(shape), data }
+        JsonTensor {
+            dtype: DType::F32,
+            shape: Some(shape),
+            data,
+        }
     } else {
         serde_json::from_value(value)?
     };
     let shape = jt.shape.unwrap_or_else(|| vec![jt.data.len()]);
-    let floats = || jt.data.iter().map(|v| v.as_f64().context("expected a number")).collect::<Result<Vec<f64>>>();
-    let ints = || jt.data.iter().map(|v| v.as_i64().context("expected an integer")).collect::<Result<Vec<i64>>>();
+    let floats = || {
+        jt.data
+            .iter()
+            .map(|v| v.as_f64().context("expected a number"))
+            .collect::<Result<Vec<f64>>>()
+    };
+    let ints = || {
+        jt.data
+            .iter()
+            .map(|v| v.as_i64().context("expected an integer"))
+            .collect::<Result<Vec<i64>>>()
+    };
     let t = match jt.dtype {
         DType::F32 => Tensor::from_vec(&shape, floats()?.into_iter().map(|v| v as f32).collect())?,
         DType::F64 => Tensor::from_vec(&shape, floats()?)?,
-        DType::F16 => Tensor::from_vec(&shape, floats()?.into_iter().map(half::f16::from_f64).collect())?,
+        DType::F16 => Tensor::from_vec(
+            &shape,
+            floats()?.into_iter().map(half::f16::from_f64).collect(),
+        )?,
         DType::I64 => Tensor::from_vec(&shape, ints()?)?,
         DType::I32 => Tensor::from_vec(&shape, narrow::<i32>(ints()?)?)?,
         DType::I8 => Tensor::from_vec(&shape, narrow::<i8>(ints()?)?)?,
         DType::U8 => Tensor::from_vec(&shape, narrow::<u8>(ints()?)?)?,
         DType::Bool => Tensor::from_vec(
             &shape,
-            jt.data.iter().map(|v| v.as_bool().context("expected a bool")).collect::<Result<Vec<_>>>()?,
+            jt.data
+                .iter()
+                .map(|v| v.as_bool().context("expected a bool"))
+                .collect::<Result<Vec<_>>>()?,
         )?,
         DType::String => Tensor::from_vec(
             &shape,
@@ -88,7 +112,9 @@ fn flatten(
             } else if shape[depth] != items.len() {
                 bail!("ragged nested array at depth {depth}");
             }
-            items.iter().try_for_each(|item| flatten(item, depth + 1, shape, out))
+            items
+                .iter()
+                .try_for_each(|item| flatten(item, depth + 1, shape, out))
         }
         other => {
             if depth != shape.len() {
@@ -103,16 +129,27 @@ fn flatten(
 /// A tensor converted to JSON.
 pub fn tensor_to_json(t: &Tensor) -> Result<serde_json::Value> {
     let data: Vec<serde_json::Value> = if t.dtype() == DType::String {
-        t.as_slice::<String>()?.iter().map(|s| serde_json::Value::from(s.as_str())).collect()
+        t.as_slice::<String>()?
+            .iter()
+            .map(|s| serde_json::Value::from(s.as_str()))
+            .collect()
     } else if t.dtype().is_float() {
         t.to_f32_vec()?
             .into_iter()
-            .map(|v| serde_json::Number::from_f64(v as f64).map_or(serde_json::Value::Null, Into::into))
+            .map(|v| {
+                serde_json::Number::from_f64(v as f64).map_or(serde_json::Value::Null, Into::into)
+            })
             .collect()
     } else if t.dtype() == DType::Bool {
-        t.as_slice::<bool>()?.iter().map(|b| serde_json::Value::from(*b)).collect()
+        t.as_slice::<bool>()?
+            .iter()
+            .map(|b| serde_json::Value::from(*b))
+            .collect()
     } else {
-        t.to_f32_vec()?.into_iter().map(|v| serde_json::Value::from(v as i64)).collect()
+        t.to_f32_vec()?
+            .into_iter()
+            .map(|v| serde_json::Value::from(v as i64))
+            .collect()
     };
     Ok(serde_json::json!({ "dtype": t.dtype(), "shape": t.shape(), "data": data }))
 }

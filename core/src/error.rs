@@ -172,7 +172,9 @@ impl Error {
     }
 
     pub(crate) fn tensor(reason: impl Into<String>) -> Self {
-        Error::Tensor { reason: reason.into() }
+        Error::Tensor {
+            reason: reason.into(),
+        }
     }
 }
 
@@ -182,7 +184,10 @@ pub(crate) fn chain(e: &anyhow::Error) -> String {
 }
 
 /// Runs `f`, turning a panic into [`Error::Panic`] so that it never reaches the caller.
-pub(crate) fn catch_panic<T>(context: &'static str, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+pub(crate) fn catch_panic<T>(
+    context: &'static str,
+    f: impl FnOnce() -> crate::Result<T>,
+) -> crate::Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {

@@ -14,7 +14,7 @@ use prost::Message;
 use tract_onnx::pb;
 use tract_onnx::prelude::InferenceModel;
 
-use crate::error::{chain, catch_panic, Error};
+use crate::error::{catch_panic, chain, Error};
 use crate::tensor::DType;
 use crate::Result;
 
@@ -45,7 +45,7 @@ pub struct TensorInfo {
     /// Element type, when the model declares a supported one.
     pub dtype: Option<DType>,
     /// Declared shape; `None` when the model does not declare the rank. Dimensions the
-    /// model leaves unnamed get a generated name (`<input>_d<axis>`).
+    /// model leaves unnamed (or names `?`) get a generated name (`<input>_d<axis>`).
     pub shape: Option<Vec<Dim>>,
 }
 
@@ -113,10 +113,9 @@ impl ModelInfo {
     }
 
     fn from_proto(proto: &pb::ModelProto, file_bytes: u64) -> Result<ModelInfo> {
-        let graph = proto
-            .graph
-            .as_ref()
-            .ok_or_else(|| Error::InvalidModel { reason: "the model has no graph".into() })?;
+        let graph = proto.graph.as_ref().ok_or_else(|| Error::InvalidModel {
+            reason: "the model has no graph".into(),
+        })?;
         let initializers: std::collections::HashSet<&str> =
             graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let inputs = graph
@@ -128,20 +127,29 @@ impl ModelInfo {
         let outputs = graph.output.iter().map(tensor_info).collect();
         let mut stats = GraphStats::default();
         stats.visit(graph);
-        let producer = [proto.producer_name.as_str(), proto.producer_version.as_str()]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ");
-        let quantized = stats.ops.keys().any(|op| QUANTIZED_OPS.contains(&op.as_str()));
+        let producer = [
+            proto.producer_name.as_str(),
+            proto.producer_version.as_str(),
+        ]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+        let quantized = stats
+            .ops
+            .keys()
+            .any(|op| QUANTIZED_OPS.contains(&op.as_str()));
         Ok(ModelInfo {
             inputs,
             outputs,
             opsets: proto
                 .opset_import
                 .iter()
-                .map(|o| Opset { domain: o.domain.clone(), version: o.version })
+                .map(|o| Opset {
+                    domain: o.domain.clone(),
+                    version: o.version,
+                })
                 .collect(),
             ir_version: proto.ir_version,
             producer,
@@ -211,7 +219,9 @@ impl GraphStats {
     fn count_tensor(&mut self, t: &pb::TensorProto) {
         let n: u64 = t.dims.iter().map(|d| (*d).max(0) as u64).product();
         self.params += n;
-        let size = DType::from_onnx(t.data_type).and_then(DType::size_of).unwrap_or(0) as u64;
+        let size = DType::from_onnx(t.data_type)
+            .and_then(DType::size_of)
+            .unwrap_or(0) as u64;
         self.param_bytes += n * size;
     }
 }
@@ -230,14 +240,22 @@ fn tensor_info(v: &pb::ValueInfoProto) -> TensorInfo {
                 Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if *n >= 0 => {
                     Dim::Fixed(*n as usize)
                 }
-                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => {
+                // "?" is what some exporters (paddle2onnx) write for every unknown dimension:
+                // it names nothing, so each one gets its own name like an unnamed dimension.
+                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p))
+                    if !p.is_empty() && p != "?" =>
+                {
                     Dim::Symbolic(p.clone())
                 }
                 _ => Dim::Symbolic(format!("{}_d{axis}", v.name)),
             })
             .collect()
     });
-    TensorInfo { name: v.name.clone(), dtype, shape }
+    TensorInfo {
+        name: v.name.clone(),
+        dtype,
+        shape,
+    }
 }
 
 /// A loaded ONNX model: its [`ModelInfo`] and its parsed graph, ready to make sessions.
@@ -254,8 +272,14 @@ impl Model {
     /// Loads an ONNX model file. External tensor data is resolved next to the file.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Model::parse(&bytes, path.parent().map(Path::to_path_buf), name)
     }
 
@@ -267,8 +291,9 @@ impl Model {
 
     fn parse(bytes: &[u8], dir: Option<PathBuf>, name: String) -> Result<Model> {
         catch_panic("model loading", || {
-            let proto = pb::ModelProto::decode(bytes)
-                .map_err(|e| Error::InvalidModel { reason: format!("not an ONNX protobuf: {e}") })?;
+            let proto = pb::ModelProto::decode(bytes).map_err(|e| Error::InvalidModel {
+                reason: format!("not an ONNX protobuf: {e}"),
+            })?;
             if proto.ir_version <= 0 {
                 return Err(Error::InvalidModel {
                     reason: "no IR version: the bytes are not an ONNX model".into(),
@@ -276,17 +301,34 @@ impl Model {
             }
             let info = ModelInfo::from_proto(&proto, bytes.len() as u64)?;
             let dir = dir.as_ref().and_then(|d| d.to_str());
+            // value_info shapes are hints in ONNX (onnxruntime re-infers them), and some
+            // tools write wrong ones; tract would take them as facts, so they are ignored.
             let parsed = tract_onnx::onnx()
+                .with_ignore_value_info(true)
                 .parse(&proto, dir)
-                .map_err(|e| Error::Compile { backend: "tract", reason: chain(&e) })?;
+                .map_err(|e| Error::Compile {
+                    backend: "tract",
+                    reason: chain(&e),
+                })?;
             if !parsed.unresolved_inputs.is_empty() {
                 return Err(Error::InvalidModel {
-                    reason: format!("nodes read undefined tensors: {:?}", parsed.unresolved_inputs),
+                    reason: format!(
+                        "nodes read undefined tensors: {:?}",
+                        parsed.unresolved_inputs
+                    ),
                 });
             }
             check_supported(&proto, &parsed.model)?;
-            let name = if name.is_empty() { info.graph_name.clone() } else { name };
-            Ok(Model { info: Arc::new(info), graph: Arc::new(parsed.model), name })
+            let name = if name.is_empty() {
+                info.graph_name.clone()
+            } else {
+                name
+            };
+            Ok(Model {
+                info: Arc::new(info),
+                graph: Arc::new(parsed.model),
+                name,
+            })
         })
     }
 
@@ -327,14 +369,23 @@ impl fmt::Debug for Model {
 
 /// Fails with [`Error::UnsupportedOp`] naming the first node tract has no implementation for.
 fn check_supported(proto: &pb::ModelProto, graph: &InferenceModel) -> Result<()> {
-    let Some(node) = graph.nodes().iter().find(|n| n.op.name().starts_with("Unimplemented(")) else {
+    let Some(node) = graph
+        .nodes()
+        .iter()
+        .find(|n| n.op.name().starts_with("Unimplemented("))
+    else {
         return Ok(());
     };
-    let pb_node = proto.graph.iter().flat_map(|g| g.node.iter()).find(|p| {
-        p.name == node.name || p.output.first().is_some_and(|o| *o == node.name)
-    });
+    let pb_node = proto
+        .graph
+        .iter()
+        .flat_map(|g| g.node.iter())
+        .find(|p| p.name == node.name || p.output.first().is_some_and(|o| *o == node.name));
     let op_name = node.op.name();
-    let fallback = op_name.trim_start_matches("Unimplemented(").trim_end_matches(')').to_string();
+    let fallback = op_name
+        .trim_start_matches("Unimplemented(")
+        .trim_end_matches(')')
+        .to_string();
     Err(Error::UnsupportedOp {
         op_type: pb_node.map_or(fallback, |p| p.op_type.clone()),
         domain: pb_node.map(|p| p.domain.clone()).unwrap_or_default(),

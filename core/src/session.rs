@@ -105,12 +105,19 @@ impl SessionOptions {
     /// Checks the options against the model and resolves `threads == 0`.
     fn resolved(&self, model: &Model) -> Result<SessionOptions> {
         for (name, shape) in &self.input_shapes {
-            let info = model.inputs().iter().find(|i| &i.name == name).ok_or_else(|| {
-                Error::InvalidOption { reason: format!("pinned shape for unknown input {name:?}") }
-            })?;
+            let info = model
+                .inputs()
+                .iter()
+                .find(|i| &i.name == name)
+                .ok_or_else(|| Error::InvalidOption {
+                    reason: format!("pinned shape for unknown input {name:?}"),
+                })?;
             if let Some(dims) = &info.shape {
                 let fits = dims.len() == shape.len()
-                    && dims.iter().zip(shape).all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s));
+                    && dims
+                        .iter()
+                        .zip(shape)
+                        .all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s));
                 if !fits {
                     return Err(Error::InvalidOption {
                         reason: format!(
@@ -198,7 +205,10 @@ impl Session {
                 check_nan("output", name, tensor, self.options.nan_policy)?;
             }
         }
-        Ok(Outputs { names: self.output_names.clone(), tensors: outputs })
+        Ok(Outputs {
+            names: self.output_names.clone(),
+            tensors: outputs,
+        })
     }
 
     /// Puts named inputs in model order and checks names, element types and shapes.
@@ -210,14 +220,18 @@ impl Session {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
         for (name, tensor) in inputs {
             let name = name.as_ref();
-            let ix = self.inputs.iter().position(|s| s.name == name).ok_or_else(|| {
-                Error::UnknownInput {
+            let ix = self
+                .inputs
+                .iter()
+                .position(|s| s.name == name)
+                .ok_or_else(|| Error::UnknownInput {
                     name: name.to_string(),
                     expected: self.inputs.iter().map(|s| s.name.clone()).collect(),
-                }
-            })?;
+                })?;
             if slots[ix].replace(tensor).is_some() {
-                return Err(Error::DuplicateInput { name: name.to_string() });
+                return Err(Error::DuplicateInput {
+                    name: name.to_string(),
+                });
             }
         }
         let mut bound: HashMap<&str, usize> = HashMap::new();
@@ -225,7 +239,9 @@ impl Session {
             .iter()
             .zip(slots)
             .map(|(spec, slot)| {
-                let tensor = slot.ok_or_else(|| Error::MissingInput { name: spec.name.clone() })?;
+                let tensor = slot.ok_or_else(|| Error::MissingInput {
+                    name: spec.name.clone(),
+                })?;
                 if tensor.dtype() != spec.dtype {
                     return Err(Error::DTypeMismatch {
                         name: spec.name.clone(),
@@ -292,7 +308,10 @@ fn check_shape<'a>(
         name: spec.name.clone(),
         expected: format!(
             "[{}]",
-            dims.iter().map(Dim::to_string).collect::<Vec<_>>().join(", ")
+            dims.iter()
+                .map(Dim::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         actual: actual.to_vec(),
     };
@@ -319,7 +338,12 @@ fn check_nan(which: &'static str, name: &str, tensor: &Tensor, policy: NanPolicy
     }
     match tensor.count_nan() {
         0 => Ok(()),
-        count => Err(Error::NanValues { which, name: name.to_string(), count, policy }),
+        count => Err(Error::NanValues {
+            which,
+            name: name.to_string(),
+            count,
+            policy,
+        }),
     }
 }
 
@@ -333,7 +357,10 @@ pub struct Outputs {
 impl Outputs {
     /// The output called `name`.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.names.iter().position(|n| n == name).map(|i| &self.tensors[i])
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| &self.tensors[i])
     }
 
     /// `(name, tensor)` pairs in model order.
@@ -366,9 +393,10 @@ impl Index<usize> for Outputs {
 
 impl IntoIterator for Outputs {
     type Item = (String, Tensor);
-    type IntoIter = std::iter::Zip<std::vec::IntoIter<String>, std::vec::IntoIter<Tensor>>;
+    type IntoIter = std::vec::IntoIter<(String, Tensor)>;
     fn into_iter(self) -> Self::IntoIter {
-        self.names.to_vec().into_iter().zip(self.tensors)
+        let pairs: Vec<_> = self.names.iter().cloned().zip(self.tensors).collect();
+        pairs.into_iter()
     }
 }
 

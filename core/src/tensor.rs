@@ -240,7 +240,10 @@ impl Tensor {
         }
         let array = ArrayD::from_shape_vec(IxDyn(shape), data)
             .map_err(|e| Error::tensor(format!("cannot shape data as {shape:?}: {e}")))?;
-        Ok(Tensor { inner: Arc::new(TractTensor::from(array)), dtype: T::DTYPE })
+        Ok(Tensor {
+            inner: Arc::new(TractTensor::from(array)),
+            dtype: T::DTYPE,
+        })
     }
 
     /// Builds a tensor by copying a slice once into aligned storage.
@@ -252,21 +255,32 @@ impl Tensor {
                 data.len()
             )));
         }
-        let t = TractTensor::from_shape(shape, data).map_err(|e| Error::tensor(format!("{e:#}")))?;
-        Ok(Tensor { inner: Arc::new(t), dtype: T::DTYPE })
+        let t =
+            TractTensor::from_shape(shape, data).map_err(|e| Error::tensor(format!("{e:#}")))?;
+        Ok(Tensor {
+            inner: Arc::new(t),
+            dtype: T::DTYPE,
+        })
     }
 
     /// A zero-filled (false, empty-string) tensor, to be filled in place through
     /// [`Tensor::as_mut_slice`] with no further copy.
     pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Tensor> {
-        let t = TractTensor::zero_dt(dtype.to_tract(), shape).map_err(|e| Error::tensor(format!("{e:#}")))?;
-        Ok(Tensor { inner: Arc::new(t), dtype })
+        let t = TractTensor::zero_dt(dtype.to_tract(), shape)
+            .map_err(|e| Error::tensor(format!("{e:#}")))?;
+        Ok(Tensor {
+            inner: Arc::new(t),
+            dtype,
+        })
     }
 
     /// A rank-0 tensor holding one value.
     pub fn scalar<T: Element>(value: T) -> Tensor {
         let array = ArrayD::from_elem(IxDyn(&[]), value);
-        Tensor { inner: Arc::new(TractTensor::from(array)), dtype: T::DTYPE }
+        Tensor {
+            inner: Arc::new(TractTensor::from(array)),
+            dtype: T::DTYPE,
+        }
     }
 
     /// Builds a tensor of `dtype` from raw little-endian bytes (as found in `.npy` files or
@@ -290,14 +304,20 @@ impl Tensor {
         // pattern is valid for the numeric types, and bools were checked to be 0 or 1.
         let t = unsafe { TractTensor::from_raw_dt(dtype.to_tract(), shape, bytes) }
             .map_err(|e| Error::tensor(e.to_string()))?;
-        Ok(Tensor { inner: Arc::new(t), dtype })
+        Ok(Tensor {
+            inner: Arc::new(t),
+            dtype,
+        })
     }
 
     /// Reads a NumPy `.npy` file's bytes (little-endian, C order, numeric or bool dtypes).
     pub fn from_npy(bytes: &[u8]) -> Result<Tensor> {
-        let npy = npyz::NpyFile::new(bytes).map_err(|e| Error::tensor(format!("not a .npy file: {e}")))?;
+        let npy = npyz::NpyFile::new(bytes)
+            .map_err(|e| Error::tensor(format!("not a .npy file: {e}")))?;
         if npy.order() == npyz::Order::Fortran {
-            return Err(Error::tensor("Fortran-ordered .npy arrays are not supported"));
+            return Err(Error::tensor(
+                "Fortran-ordered .npy arrays are not supported",
+            ));
         }
         let shape: Vec<usize> = npy.shape().iter().map(|d| *d as usize).collect();
         let npyz::DType::Plain(ts) = npy.dtype() else {
@@ -331,8 +351,9 @@ impl Tensor {
         use prost::Message;
         let proto = tract_onnx::pb::TensorProto::decode(bytes)
             .map_err(|e| Error::tensor(format!("not an ONNX TensorProto: {e}")))?;
-        let tensor = tract_onnx::tensor::load_tensor(&*tract_onnx::data_resolver::default(), &proto, None)
-            .map_err(|e| Error::tensor(format!("{e:#}")))?;
+        let tensor =
+            tract_onnx::tensor::load_tensor(&*tract_onnx::data_resolver::default(), &proto, None)
+                .map_err(|e| Error::tensor(format!("{e:#}")))?;
         Tensor::from_tract(Arc::new(tensor))
     }
 
@@ -369,19 +390,25 @@ impl Tensor {
             .inner
             .to_plain_array_view::<T>()
             .map_err(|e| Error::tensor(format!("{e:#}")))?;
-        view.to_slice().ok_or_else(|| Error::tensor("tensor is not contiguous"))
+        view.to_slice()
+            .ok_or_else(|| Error::tensor("tensor is not contiguous"))
     }
 
     /// The elements, mutably, in row-major order. Copies the data first only if this tensor
     /// shares it with a clone.
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         if T::DTYPE != self.dtype {
-            return Err(Error::tensor(format!("tensor is {}, written as {}", self.dtype, T::DTYPE)));
+            return Err(Error::tensor(format!(
+                "tensor is {}, written as {}",
+                self.dtype,
+                T::DTYPE
+            )));
         }
         let view = Arc::make_mut(&mut self.inner)
             .to_plain_array_view_mut::<T>()
             .map_err(|e| Error::tensor(format!("{e:#}")))?;
-        view.into_slice().ok_or_else(|| Error::tensor("tensor is not contiguous"))
+        view.into_slice()
+            .ok_or_else(|| Error::tensor("tensor is not contiguous"))
     }
 
     /// The elements copied into a `Vec`.
@@ -399,7 +426,9 @@ impl Tensor {
             .inner
             .cast_to::<f32>()
             .map_err(|e| Error::tensor(format!("{e:#}")))?;
-        let view = cast.to_plain_array_view::<f32>().map_err(|e| Error::tensor(format!("{e:#}")))?;
+        let view = cast
+            .to_plain_array_view::<f32>()
+            .map_err(|e| Error::tensor(format!("{e:#}")))?;
         Ok(view.iter().copied().collect())
     }
 
@@ -415,7 +444,9 @@ impl Tensor {
     /// they are legitimate values (attention masks, log-probabilities).
     pub fn count_nan(&self) -> usize {
         fn count<T: Element + Copy>(t: &Tensor, is_nan: impl Fn(T) -> bool) -> usize {
-            t.as_slice::<T>().map(|s| s.iter().filter(|v| is_nan(**v)).count()).unwrap_or(0)
+            t.as_slice::<T>()
+                .map(|s| s.iter().filter(|v| is_nan(**v)).count())
+                .unwrap_or(0)
         }
         match self.dtype {
             DType::F32 => count::<f32>(self, f32::is_nan),
@@ -428,6 +459,16 @@ impl Tensor {
     /// Wraps a tensor that came out of tract. Fails for dtypes tern does not expose.
     pub(crate) fn from_tract(inner: Arc<TractTensor>) -> Result<Tensor> {
         let dt = inner.datum_type();
+        if dt == DatumType::TDim {
+            // tract's symbolic-integer type (e.g. the output of `Shape`): concrete by now.
+            let ints = inner
+                .cast_to::<i64>()
+                .map_err(|e| Error::tensor(format!("{e:#}")))?;
+            return Ok(Tensor {
+                inner: Arc::new(ints.into_owned()),
+                dtype: DType::I64,
+            });
+        }
         let dtype = DType::from_tract(dt)
             .ok_or_else(|| Error::tensor(format!("backend produced unsupported type {dt:?}")))?;
         if dt.is_quantized() {
@@ -435,7 +476,10 @@ impl Tensor {
             let mut t = (*inner).clone();
             // SAFETY: same storage, only the quantization parameters are dropped.
             unsafe { t.set_datum_type(dt.unquantized()) };
-            return Ok(Tensor { inner: Arc::new(t), dtype });
+            return Ok(Tensor {
+                inner: Arc::new(t),
+                dtype,
+            });
         }
         Ok(Tensor { inner, dtype })
     }
@@ -468,7 +512,10 @@ mod tests {
     fn as_slice_does_not_copy_and_checks_type() {
         let t = Tensor::from_vec(&[3, 2], (0..6).collect::<Vec<i64>>()).unwrap();
         let clone = t.clone();
-        assert_eq!(t.as_slice::<i64>().unwrap().as_ptr(), clone.as_slice::<i64>().unwrap().as_ptr());
+        assert_eq!(
+            t.as_slice::<i64>().unwrap().as_ptr(),
+            clone.as_slice::<i64>().unwrap().as_ptr()
+        );
         assert_eq!(t.as_slice::<i64>().unwrap(), &[0, 1, 2, 3, 4, 5]);
         assert_eq!(t.as_slice::<f32>().unwrap_err().kind(), "tensor");
     }
@@ -477,11 +524,21 @@ mod tests {
     fn zeros_filled_in_place_and_copy_on_write() {
         let mut t = Tensor::zeros(DType::F32, &[2, 2]).unwrap();
         let ptr = t.as_slice::<f32>().unwrap().as_ptr();
-        t.as_mut_slice::<f32>().unwrap().copy_from_slice(&[1., 2., 3., 4.]);
-        assert_eq!(t.as_slice::<f32>().unwrap().as_ptr(), ptr, "unshared tensor written in place");
+        t.as_mut_slice::<f32>()
+            .unwrap()
+            .copy_from_slice(&[1., 2., 3., 4.]);
+        assert_eq!(
+            t.as_slice::<f32>().unwrap().as_ptr(),
+            ptr,
+            "unshared tensor written in place"
+        );
         let shared = t.clone();
         t.as_mut_slice::<f32>().unwrap()[0] = 9.;
-        assert_eq!(shared.as_slice::<f32>().unwrap(), &[1., 2., 3., 4.], "clone unaffected");
+        assert_eq!(
+            shared.as_slice::<f32>().unwrap(),
+            &[1., 2., 3., 4.],
+            "clone unaffected"
+        );
         assert_eq!(t.as_slice::<f32>().unwrap(), &[9., 2., 3., 4.]);
         assert!(t.as_mut_slice::<i32>().is_err());
         let s = Tensor::from_slice(&[3], &[1u8, 2, 3]).unwrap();
@@ -509,7 +566,7 @@ mod tests {
         // np.save of np.arange(3, dtype='<i4').reshape(1, 3), header padded to 64 bytes.
         let mut bytes = b"\x93NUMPY\x01\x00v\x00".to_vec();
         let mut header = "{'descr': '<i4', 'fortran_order': False, 'shape': (1, 3), }".to_string();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(' ');
         }
         header.push('\n');

@@ -13,7 +13,9 @@ use crate::tensor::{DType, Tensor};
 use crate::Result;
 
 /// Which device a session runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The CPU, through tract's optimized plan.

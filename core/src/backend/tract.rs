@@ -31,11 +31,17 @@ const NAME: &str = "tract";
 pub(crate) const SHAPE_CACHE: usize = 8;
 
 fn compile_err(e: anyhow::Error) -> Error {
-    Error::Compile { backend: NAME, reason: chain(&e) }
+    Error::Compile {
+        backend: NAME,
+        reason: chain(&e),
+    }
 }
 
 fn inference_err(e: &anyhow::Error) -> Error {
-    Error::Inference { backend: NAME, reason: chain(e) }
+    Error::Inference {
+        backend: NAME,
+        reason: chain(e),
+    }
 }
 
 /// A runnable plan and its pool of reusable run states.
@@ -51,10 +57,19 @@ impl Plan {
             Some(s) => s,
             None => self.plan.spawn().map_err(|e| inference_err(&e))?,
         };
-        let inputs: TVec<TValue> = inputs.iter().map(|t| t.tract().clone().into_tvalue()).collect();
+        let inputs: TVec<TValue> = inputs
+            .iter()
+            .map(|t| t.tract().clone().into_tvalue())
+            .collect();
         let outputs = state.run(inputs).map_err(|e| inference_err(&e))?;
-        self.states.lock().unwrap_or_else(|p| p.into_inner()).push(state);
-        outputs.into_iter().map(|v| Tensor::from_tract(v.into_arc_tensor())).collect()
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(state);
+        outputs
+            .into_iter()
+            .map(|v| Tensor::from_tract(v.into_arc_tensor()))
+            .collect()
     }
 }
 
@@ -65,7 +80,10 @@ enum Plans {
     /// One plan for every input shape (symbolic or pinned).
     Shared(Plan),
     /// A plan per concrete input shape, built on first use.
-    PerShape { graph: InferenceModel, cache: ShapeCache },
+    PerShape {
+        graph: InferenceModel,
+        cache: ShapeCache,
+    },
 }
 
 /// Runs tract plans.
@@ -116,7 +134,10 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
         ..RunOptions::default()
     };
     let mut executor = TractExecutor {
-        plans: Plans::PerShape { graph: InferenceModel::default(), cache: Mutex::new(Vec::new()) },
+        plans: Plans::PerShape {
+            graph: InferenceModel::default(),
+            cache: Mutex::new(Vec::new()),
+        },
         optimization: options.optimization,
         run_options,
     };
@@ -140,11 +161,23 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
                 })
                 .collect::<Result<Vec<_>>>()?;
             let reason = format!("{reason}; plans specialised per input shape");
-            (Plans::PerShape { graph, cache: Mutex::new(Vec::new()) }, dtypes, reason)
+            (
+                Plans::PerShape {
+                    graph,
+                    cache: Mutex::new(Vec::new()),
+                },
+                dtypes,
+                reason,
+            )
         }
     };
     executor.plans = plans;
-    Ok(Prepared { executor: Box::new(executor), backend: Backend::Cpu, reason, input_dtypes })
+    Ok(Prepared {
+        executor: Box::new(executor),
+        backend: Backend::Cpu,
+        reason,
+        input_dtypes,
+    })
 }
 
 fn input_dtypes(typed: &TypedModel) -> Result<Vec<DType>> {
@@ -168,12 +201,22 @@ impl TractExecutor {
             OptLevel::Declutter => typed.into_decluttered(),
         }
         .map_err(compile_err)?;
-        let plan = typed.into_runnable_with_options(&self.run_options).map_err(compile_err)?;
-        Ok(Plan { plan, states: Mutex::new(Vec::new()) })
+        let plan = typed
+            .into_runnable_with_options(&self.run_options)
+            .map_err(compile_err)?;
+        Ok(Plan {
+            plan,
+            states: Mutex::new(Vec::new()),
+        })
     }
 
     /// The plan for these concrete input shapes, built and cached on first use.
-    fn plan_for(&self, graph: &InferenceModel, cache: &ShapeCache, inputs: &[Tensor]) -> Result<Arc<Plan>> {
+    fn plan_for(
+        &self,
+        graph: &InferenceModel,
+        cache: &ShapeCache,
+        inputs: &[Tensor],
+    ) -> Result<Arc<Plan>> {
         let key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,7 +229,11 @@ impl TractExecutor {
         }
         let mut concrete = graph.clone();
         for (ix, shape) in key.iter().enumerate() {
-            let fact = concrete.input_fact(ix).map_err(compile_err)?.clone().with_shape(shape.clone());
+            let fact = concrete
+                .input_fact(ix)
+                .map_err(compile_err)?
+                .clone()
+                .with_shape(shape.clone());
             concrete.set_input_fact(ix, fact).map_err(compile_err)?;
         }
         let plan = Arc::new(self.compile(concrete)?);

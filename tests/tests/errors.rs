@@ -1,0 +1,339 @@
+//! Bad input gets a typed error, never a panic: one test per error kind.
+
+use std::sync::Arc;
+
+use tern::{Backend, Error, Model, NanPolicy, Session, SessionOptions, Tensor};
+use tern_tests::fixtures::{div_model, model, node, value, FLOAT, INT64};
+use tern_tests::workspace;
+
+fn magika_bytes() -> Vec<u8> {
+    std::fs::read(workspace().join("models/magika/model.onnx")).unwrap()
+}
+
+fn div_session(policy: NanPolicy) -> Session {
+    let model = Model::from_bytes(&div_model()).unwrap();
+    Session::new(&model, SessionOptions::new().nan_policy(policy)).unwrap()
+}
+
+fn f32s(shape: &[usize], v: &[f32]) -> Tensor {
+    Tensor::from_slice(shape, v).unwrap()
+}
+
+#[test]
+fn missing_file_is_an_io_error_naming_the_path() {
+    let err = Model::load("/nonexistent/model.onnx").unwrap_err();
+    assert!(
+        matches!(&err, Error::Io { path, .. } if path.ends_with("model.onnx")),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), "io");
+}
+
+#[test]
+fn garbage_and_empty_bytes_are_invalid_models() {
+    for bytes in [
+        &b""[..],
+        b"this is not a protobuf at all \xff\xff\xff\xff",
+        &[0x08; 64],
+    ] {
+        let err = Model::from_bytes(bytes).unwrap_err();
+        assert_eq!(err.kind(), "invalid_model", "{err}");
+    }
+}
+
+#[test]
+fn truncated_real_model_is_invalid_at_every_cut() {
+    let bytes = magika_bytes();
+    for cut in [10, 1000, bytes.len() / 3, bytes.len() / 2, bytes.len() - 7] {
+        let err = Model::from_bytes(&bytes[..cut]).unwrap_err();
+        assert!(
+            matches!(err.kind(), "invalid_model" | "compile"),
+            "cut at {cut}: {err}"
+        );
+    }
+}
+
+#[test]
+fn flipped_bytes_never_panic() {
+    let original = magika_bytes();
+    // Deterministic corruption at 200 spread positions: any outcome but a panic is fine.
+    for i in 0..200usize {
+        let mut bytes = original.clone();
+        let pos = (i * 7919 * 104729) % bytes.len();
+        bytes[pos] ^= 0x5a;
+        match Model::from_bytes(&bytes) {
+            Ok(m) => {
+                if let Ok(s) = Session::new(&m, SessionOptions::default()) {
+                    let input = Tensor::from_vec(&[1, 2048], vec![7i32; 2048]).unwrap();
+                    let _ = s.run([("bytes", input)]);
+                }
+            }
+            Err(e) => assert_ne!(e.kind(), "panic", "{e}"),
+        }
+    }
+}
+
+#[test]
+fn unsupported_op_names_op_domain_and_node() {
+    let bytes = model(
+        vec![node("my_node", "FancyOp", "com.example", &["x"], &["y"])],
+        vec![value("x", FLOAT, &["2"])],
+        vec![value("y", FLOAT, &["2"])],
+    );
+    match Model::from_bytes(&bytes).unwrap_err() {
+        Error::UnsupportedOp {
+            op_type,
+            domain,
+            node,
+        } => {
+            assert_eq!(
+                (op_type.as_str(), domain.as_str(), node.as_str()),
+                ("FancyOp", "com.example", "my_node")
+            );
+        }
+        other => panic!("expected UnsupportedOp, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_input_names_are_reported() {
+    let s = div_session(NanPolicy::Reject);
+    let x = f32s(&[1, 3], &[1., 2., 3.]);
+    let err = s.run([("x", x.clone()), ("nope", x.clone())]).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownInput { name, expected } if name == "nope" && expected == &["x", "y"])
+    );
+    let err = s.run([("x", x.clone())]).unwrap_err();
+    assert!(
+        matches!(&err, Error::MissingInput { name } if name == "y"),
+        "{err:?}"
+    );
+    let err = s.run([("x", x.clone()), ("x", x.clone())]).unwrap_err();
+    assert!(
+        matches!(&err, Error::DuplicateInput { name } if name == "x"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn wrong_dtype_is_reported() {
+    let s = div_session(NanPolicy::Reject);
+    let x = Tensor::from_vec(&[1, 3], vec![1i64, 2, 3]).unwrap();
+    let err = s
+        .run([("x", x), ("y", f32s(&[1, 3], &[1., 1., 1.]))])
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::DTypeMismatch { name, expected: tern::DType::F32, actual: tern::DType::I64 } if name == "x"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn wrong_shapes_are_reported_with_symbolic_names() {
+    let s = div_session(NanPolicy::Reject);
+    let ok = f32s(&[2, 3], &[1.; 6]);
+    // wrong rank
+    let err = s
+        .run([("x", f32s(&[6], &[1.; 6])), ("y", ok.clone())])
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::ShapeMismatch { expected, .. } if expected == "[batch, 3]"),
+        "{err:?}"
+    );
+    // wrong fixed dimension
+    let err = s
+        .run([("x", f32s(&[3, 2], &[1.; 6])), ("y", ok.clone())])
+        .unwrap_err();
+    assert_eq!(err.kind(), "shape_mismatch");
+    // `batch` bound to 2 by x, then 1 by y
+    let err = s
+        .run([("x", ok.clone()), ("y", f32s(&[1, 3], &[1.; 3]))])
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::ShapeMismatch { name, actual, .. } if name == "y" && actual == &[1, 3]),
+        "{err:?}"
+    );
+    // and a consistent batch works, for two different batch sizes on one session
+    for batch in [2, 5] {
+        let x = f32s(&[batch, 3], &vec![6.; batch * 3]);
+        let y = f32s(&[batch, 3], &vec![3.; batch * 3]);
+        let out = s.run([("x", x), ("y", y)]).unwrap();
+        assert_eq!(
+            out.get("z").unwrap().as_slice::<f32>().unwrap(),
+            vec![2.; batch * 3].as_slice()
+        );
+    }
+}
+
+#[test]
+fn nan_policy_is_enforced_on_inputs_and_outputs() {
+    let nan_in = || {
+        [
+            ("x", f32s(&[1, 3], &[f32::NAN, 1., 1.])),
+            ("y", f32s(&[1, 3], &[1.; 3])),
+        ]
+    };
+    let nan_out = || {
+        [
+            ("x", f32s(&[1, 3], &[0., 1., 1.])),
+            ("y", f32s(&[1, 3], &[0., 1., 1.])),
+        ]
+    };
+
+    let reject = div_session(NanPolicy::Reject);
+    let err = reject.run(nan_in()).unwrap_err();
+    assert!(
+        matches!(&err, Error::NanValues { which: "input", name, count: 1, .. } if name == "x"),
+        "{err:?}"
+    );
+    let err = reject.run(nan_out()).unwrap_err();
+    assert!(
+        matches!(&err, Error::NanValues { which: "output", name, count: 1, .. } if name == "z"),
+        "{err:?}"
+    );
+
+    let inputs_only = div_session(NanPolicy::RejectInputs);
+    assert_eq!(inputs_only.run(nan_in()).unwrap_err().kind(), "nan");
+    assert!(inputs_only.run(nan_out()).unwrap()[0]
+        .as_slice::<f32>()
+        .unwrap()[0]
+        .is_nan());
+
+    let allow = div_session(NanPolicy::Allow);
+    assert!(allow.run(nan_in()).unwrap()[0].as_slice::<f32>().unwrap()[0].is_nan());
+    // Infinity is a value, not an error.
+    let inf = [
+        ("x", f32s(&[1, 3], &[1., 1., 1.])),
+        ("y", f32s(&[1, 3], &[0., 1., 1.])),
+    ];
+    assert_eq!(
+        reject.run(inf).unwrap()[0].as_slice::<f32>().unwrap()[0],
+        f32::INFINITY
+    );
+}
+
+#[test]
+fn invalid_options_are_reported() {
+    let model = Model::from_bytes(&div_model()).unwrap();
+    let err = Session::new(
+        &model,
+        SessionOptions::new().pin_input_shape("nope", &[1, 3]),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), "invalid_option");
+    let err =
+        Session::new(&model, SessionOptions::new().pin_input_shape("x", &[1, 4])).unwrap_err();
+    assert_eq!(err.kind(), "invalid_option", "{err}");
+    assert_eq!(
+        "tpu".parse::<Backend>().unwrap_err().kind(),
+        "invalid_option"
+    );
+}
+
+#[test]
+fn pinned_shapes_are_enforced() {
+    let model = Model::from_bytes(&div_model()).unwrap();
+    let options = SessionOptions::new()
+        .pin_input_shape("x", &[2, 3])
+        .pin_input_shape("y", &[2, 3]);
+    let s = Session::new(&model, options).unwrap();
+    let err = s
+        .run([
+            ("x", f32s(&[1, 3], &[1.; 3])),
+            ("y", f32s(&[1, 3], &[1.; 3])),
+        ])
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::ShapeMismatch { expected, .. } if expected == "[2, 3]"),
+        "{err:?}"
+    );
+    let out = s
+        .run([
+            ("x", f32s(&[2, 3], &[4.; 6])),
+            ("y", f32s(&[2, 3], &[2.; 6])),
+        ])
+        .unwrap();
+    assert_eq!(out[0].as_slice::<f32>().unwrap(), &[2.; 6]);
+}
+
+#[cfg(not(feature = "gpu"))]
+#[test]
+fn gpu_backend_unavailable_without_the_feature_and_auto_falls_back() {
+    let model = Model::from_bytes(&div_model()).unwrap();
+    let err = Session::new(&model, SessionOptions::new().backend(Backend::Gpu)).unwrap_err();
+    assert_eq!(err.kind(), "backend_unavailable");
+    let s = Session::new(&model, SessionOptions::new().backend(Backend::Auto)).unwrap();
+    assert_eq!(s.backend(), Backend::Cpu);
+    assert!(s.backend_reason().contains("gpu"), "{}", s.backend_reason());
+}
+
+#[test]
+fn integer_models_validate_dtypes_too() {
+    let bytes = model(
+        vec![node("add", "Add", "", &["a", "b"], &["c"])],
+        vec![value("a", INT64, &["n"]), value("b", INT64, &["n"])],
+        vec![value("c", INT64, &["n"])],
+    );
+    let s = Session::new(
+        &Model::from_bytes(&bytes).unwrap(),
+        SessionOptions::default(),
+    )
+    .unwrap();
+    let a = Tensor::from_vec(&[3], vec![1i64, 2, 3]).unwrap();
+    let out = s.run([("a", a.clone()), ("b", a.clone())]).unwrap();
+    assert_eq!(out[0].as_slice::<i64>().unwrap(), &[2, 4, 6]);
+    let f = f32s(&[3], &[1.; 3]);
+    assert_eq!(
+        s.run([("a", a), ("b", f)]).unwrap_err().kind(),
+        "dtype_mismatch"
+    );
+}
+
+#[test]
+fn one_session_serves_many_threads_with_identical_results() {
+    let model = Model::from_bytes(&magika_bytes()).unwrap();
+    for threads in [1, 2] {
+        let session =
+            Arc::new(Session::new(&model, SessionOptions::new().threads(threads)).unwrap());
+        let input = |seed: i32| {
+            Tensor::from_vec(&[1, 2048], (0..2048).map(|i| (i * seed) % 257).collect()).unwrap()
+        };
+        let expected: Vec<Vec<f32>> = (1..=4)
+            .map(|seed| {
+                session.run([("bytes", input(seed))]).unwrap()[0]
+                    .to_f32_vec()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let session = session.clone();
+                let expected = &expected;
+                s.spawn(move || {
+                    for round in 0..5 {
+                        let seed = (t + round) % 4 + 1;
+                        let out = session.run([("bytes", input(seed as i32))]).unwrap();
+                        assert_eq!(out[0].to_f32_vec().unwrap(), expected[seed - 1]);
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[test]
+fn metadata_describes_the_model() {
+    let model = Model::from_bytes(&magika_bytes()).unwrap();
+    let info = model.info();
+    assert_eq!(info.inputs[0].name, "bytes");
+    assert_eq!(info.inputs[0].dtype, Some(tern::DType::I32));
+    assert_eq!(info.inputs[0].shape_string(), "[unk__214, 2048]");
+    assert_eq!(info.outputs[0].shape_string(), "[unk__215, 214]");
+    assert_eq!(info.default_opset(), 15);
+    assert_eq!(info.op_histogram.get("Conv"), Some(&1));
+    assert_eq!(info.node_count, info.op_histogram.values().sum::<usize>());
+    assert!(
+        info.parameter_count > 100_000 && info.parameter_bytes >= info.parameter_count * 4 - 16
+    );
+    assert!(!info.quantized);
+}
