@@ -22,12 +22,14 @@ pub mod backend;
 pub mod error;
 pub mod model;
 pub mod session;
+pub mod telemetry;
 pub mod tensor;
 
 pub use backend::Backend;
 pub use error::Error;
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
-pub use session::{NanPolicy, OptLevel, Outputs, Session, SessionOptions};
+pub use session::{NanPolicy, OptLevel, Outputs, Session, SessionOptions, TelemetryChoice, Trace};
+pub use telemetry::Telemetry;
 pub use tensor::{DType, Element, Tensor};
 
 /// Result alias used throughout the crate.

@@ -84,6 +84,9 @@ pub struct ModelInfo {
     pub ir_version: i64,
     /// Producer name and version, e.g. `pytorch 2.1`.
     pub producer: String,
+    /// The model's version: `metadata_props["version"]`, else the protobuf `model_version`
+    /// when set, else empty. Telemetry groups by it.
+    pub version: String,
     /// Graph name.
     pub graph_name: String,
     /// `metadata_props` key/value pairs.
@@ -153,6 +156,13 @@ impl ModelInfo {
                 .collect(),
             ir_version: proto.ir_version,
             producer,
+            version: proto
+                .metadata_props
+                .iter()
+                .find(|p| p.key == "version")
+                .map(|p| p.value.clone())
+                .or_else(|| (proto.model_version != 0).then(|| proto.model_version.to_string()))
+                .unwrap_or_default(),
             graph_name: graph.name.clone(),
             metadata: proto
                 .metadata_props

@@ -8,9 +8,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Index;
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use crate::backend::{self, Backend, Executor};
 use crate::error::{catch_panic, Error};
 use crate::model::{Dim, Model};
+use crate::telemetry::record::{now_ns, random_trace_id};
+use crate::telemetry::{HealthRecord, Outcome, Record, SpanRecord, Telemetry, TensorStats};
 use crate::tensor::{DType, Tensor};
 use crate::Result;
 
@@ -52,6 +56,20 @@ pub struct SessionOptions {
     /// Input shapes pinned to fixed sizes, by input name. Pinning symbolic dimensions lets
     /// the backend specialise its kernels; runs must then use exactly these shapes.
     pub input_shapes: BTreeMap<String, Vec<usize>>,
+    /// Where runs are recorded.
+    pub telemetry: TelemetryChoice,
+}
+
+/// Which telemetry buffer a session records into.
+#[derive(Debug, Clone, Default)]
+pub enum TelemetryChoice {
+    /// The process-wide buffer set by [`crate::telemetry::init`], if any (the default).
+    #[default]
+    Global,
+    /// This buffer.
+    To(Telemetry),
+    /// Record nothing.
+    Off,
 }
 
 impl Default for SessionOptions {
@@ -62,6 +80,7 @@ impl Default for SessionOptions {
             optimization: OptLevel::Full,
             nan_policy: NanPolicy::default(),
             input_shapes: BTreeMap::new(),
+            telemetry: TelemetryChoice::Global,
         }
     }
 }
@@ -99,6 +118,18 @@ impl SessionOptions {
     /// Pins an input to a fixed shape.
     pub fn pin_input_shape(mut self, input: impl Into<String>, shape: &[usize]) -> Self {
         self.input_shapes.insert(input.into(), shape.to_vec());
+        self
+    }
+
+    /// Records runs into this telemetry buffer instead of the global one.
+    pub fn telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = TelemetryChoice::To(telemetry);
+        self
+    }
+
+    /// Records nothing for this session.
+    pub fn without_telemetry(mut self) -> Self {
+        self.telemetry = TelemetryChoice::Off;
         self
     }
 
@@ -154,6 +185,8 @@ pub struct Session {
     backend_reason: String,
     options: SessionOptions,
     model_name: String,
+    model_version: String,
+    telemetry: Option<Telemetry>,
 }
 
 impl Session {
@@ -181,14 +214,42 @@ impl Session {
                 output_names: model.outputs().iter().map(|o| o.name.clone()).collect(),
                 backend: prepared.backend,
                 backend_reason: prepared.reason,
+                telemetry: match &options.telemetry {
+                    TelemetryChoice::Global => crate::telemetry::global(),
+                    TelemetryChoice::To(t) => Some(t.clone()),
+                    TelemetryChoice::Off => None,
+                },
                 options,
                 model_name: model.name().to_string(),
+                model_version: model.info().version.clone(),
             })
         })
     }
 
     /// Runs the model. `inputs` are `(name, tensor)` pairs, one per model input.
+    ///
+    /// The run is recorded in the session's telemetry buffer as a span with one `model`
+    /// stage; use [`Session::trace`] to add the app's own stages.
     pub fn run<I, S>(&self, inputs: I) -> Result<Outputs>
+    where
+        I: IntoIterator<Item = (S, Tensor)>,
+        S: AsRef<str>,
+    {
+        self.trace().run(inputs)
+    }
+
+    /// Starts a traced inference: time the app's own stages with [`Trace::stage`] around
+    /// [`Trace::run`]; the span is recorded when the trace is dropped.
+    pub fn trace(&self) -> Trace<'_> {
+        Trace {
+            session: self,
+            start_ns: now_ns(),
+            stages: Vec::new(),
+            outcome: Outcome::Ok,
+        }
+    }
+
+    fn run_untraced<I, S>(&self, inputs: I) -> Result<Outputs>
     where
         I: IntoIterator<Item = (S, Tensor)>,
         S: AsRef<str>,
@@ -199,7 +260,15 @@ impl Session {
                 check_nan("input", &spec.name, tensor, self.options.nan_policy)?;
             }
         }
+        let sampled = self
+            .telemetry
+            .as_ref()
+            .filter(|t| t.sample_health())
+            .map(|t| (t, ordered.clone()));
         let outputs = catch_panic("inference", || self.executor.run(ordered))?;
+        if let Some((telemetry, inputs)) = sampled {
+            telemetry.record(Record::Health(self.health(&inputs, &outputs)));
+        }
         if self.options.nan_policy == NanPolicy::Reject {
             for (name, tensor) in self.output_names.iter().zip(&outputs) {
                 check_nan("output", name, tensor, self.options.nan_policy)?;
@@ -209,6 +278,57 @@ impl Session {
             names: self.output_names.clone(),
             tensors: outputs,
         })
+    }
+
+    /// Aggregate statistics of a run's tensors (never the values themselves).
+    fn health(&self, inputs: &[Tensor], outputs: &[Tensor]) -> HealthRecord {
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|s| s.name.as_str())
+            .zip(inputs)
+            .map(|(n, t)| ("input", n, t));
+        let outputs = self
+            .output_names
+            .iter()
+            .map(String::as_str)
+            .zip(outputs)
+            .map(|(n, t)| ("output", n, t));
+        let tensors = inputs
+            .chain(outputs)
+            .filter_map(|(io, name, t)| {
+                let values = t.to_f32_vec().ok()?;
+                let finite: Vec<f64> = values
+                    .iter()
+                    .filter(|v| v.is_finite())
+                    .map(|v| f64::from(*v))
+                    .collect();
+                let n = finite.len().max(1) as f64;
+                // With no finite value at all, the statistics are 0 (count and nan say why).
+                let fold =
+                    |init: f64, f: fn(f64, f64) -> f64| match finite.iter().copied().reduce(f) {
+                        Some(v) => v,
+                        None => init,
+                    };
+                let max = fold(0.0, f64::max);
+                Some(TensorStats {
+                    name: name.to_string(),
+                    io: io.to_string(),
+                    count: values.len() as u64,
+                    nan: values.iter().filter(|v| v.is_nan()).count() as u64,
+                    mean: finite.iter().sum::<f64>() / n,
+                    min: fold(0.0, f64::min),
+                    max,
+                    top: max,
+                })
+            })
+            .collect();
+        HealthRecord {
+            at_ns: now_ns(),
+            model: self.model_name.clone(),
+            version: self.model_version.clone(),
+            tensors,
+        }
     }
 
     /// Puts named inputs in model order and checks names, element types and shapes.
@@ -285,6 +405,69 @@ impl Session {
     /// The name of the model this session runs.
     pub fn model_name(&self) -> &str {
         &self.model_name
+    }
+
+    /// The telemetry buffer runs are recorded in, if any.
+    pub fn telemetry_buffer(&self) -> Option<&Telemetry> {
+        self.telemetry.as_ref()
+    }
+}
+
+/// One traced inference: the app's stages around the model run, recorded as one span (with
+/// a child per stage) when dropped. From [`Session::trace`].
+pub struct Trace<'s> {
+    session: &'s Session,
+    start_ns: u64,
+    stages: Vec<(String, u64)>,
+    outcome: Outcome,
+}
+
+impl Trace<'_> {
+    /// Runs `f` and records its duration as the stage `name` (e.g. `preprocess`).
+    pub fn stage<R>(&mut self, name: &str, f: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = f();
+        self.stages
+            .push((name.to_string(), t.elapsed().as_nanos() as u64));
+        r
+    }
+
+    /// Runs the model as the `model` stage; an error sets the span's outcome.
+    pub fn run<I, S>(&mut self, inputs: I) -> Result<Outputs>
+    where
+        I: IntoIterator<Item = (S, Tensor)>,
+        S: AsRef<str>,
+    {
+        let t = Instant::now();
+        let result = self.session.run_untraced(inputs);
+        self.stages
+            .push(("model".to_string(), t.elapsed().as_nanos() as u64));
+        if let Err(e) = &result {
+            self.outcome = Outcome::Error(e.kind().to_string());
+        }
+        result
+    }
+
+    /// Overrides the outcome (e.g. [`Outcome::Timeout`] when the app gave up waiting).
+    pub fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for Trace<'_> {
+    fn drop(&mut self) {
+        let Some(telemetry) = &self.session.telemetry else {
+            return;
+        };
+        telemetry.record(Record::Span(SpanRecord {
+            trace_id: random_trace_id(),
+            start_ns: self.start_ns,
+            model: self.session.model_name.clone(),
+            version: self.session.model_version.clone(),
+            backend: self.session.backend.name().to_string(),
+            stages: std::mem::take(&mut self.stages),
+            outcome: std::mem::replace(&mut self.outcome, Outcome::Ok),
+        }));
     }
 }
 

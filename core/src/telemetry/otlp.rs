@@ -1,0 +1,327 @@
+//! Batches in OpenTelemetry's OTLP/JSON encoding (the protobuf JSON mapping with hex trace
+//! ids and decimal-string 64-bit integers), ready for any OTel collector's `/v1/traces`,
+//! `/v1/metrics` and `/v1/logs` endpoints.
+//!
+//! - Spans → one span per inference (`tern.run`), with a child span per stage.
+//! - Metrics → per model/version/backend: `tern.inference.duration` as an exponential
+//!   histogram (mergeable in the collector) and as a summary with p50/p95/p99, call counts by
+//!   outcome, error counts by kind; `tern.telemetry.dropped` by reason; app counters; model
+//!   health gauges (NaN rate, mean, top score per tensor).
+//! - Logs → app events.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::record::{AttrValue, Record};
+use super::sketch::{ExpHistogram, SCALE};
+use super::TelemetryConfig;
+
+/// One OTLP request body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payload {
+    /// `traces`, `metrics` or `logs`.
+    pub signal: &'static str,
+    /// The collector path: `/v1/traces`, `/v1/metrics` or `/v1/logs`.
+    pub path: &'static str,
+    /// The JSON body.
+    pub json: String,
+}
+
+/// A batch handed to the [`Uploader`](super::Uploader): one stored segment as OTLP requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadBatch {
+    /// Stable id of the batch (the segment number): the same batch retried keeps its id, so
+    /// a collector can de-duplicate.
+    pub id: u64,
+    /// Records in the batch.
+    pub records: u64,
+    /// One request per signal present.
+    pub payloads: Vec<Payload>,
+}
+
+fn kv(key: &str, value: Value) -> Value {
+    json!({ "key": key, "value": value })
+}
+
+fn s(v: &str) -> Value {
+    json!({ "stringValue": v })
+}
+
+fn attr(v: &AttrValue) -> Value {
+    match v {
+        AttrValue::Bool(b) => json!({ "boolValue": b }),
+        AttrValue::Int(i) => json!({ "intValue": i.to_string() }),
+        AttrValue::Float(f) => json!({ "doubleValue": f }),
+        AttrValue::Str(x) => s(x),
+    }
+}
+
+fn resource(config: &TelemetryConfig) -> Value {
+    let mut attrs = vec![
+        kv("service.name", s(&config.service_name)),
+        kv("telemetry.sdk.name", s("tern")),
+        kv("telemetry.sdk.version", s(env!("CARGO_PKG_VERSION"))),
+        kv("os.type", s(std::env::consts::OS)),
+        kv("host.arch", s(std::env::consts::ARCH)),
+    ];
+    attrs.extend(config.resource.iter().map(|(k, v)| kv(k, s(v))));
+    json!({ "attributes": attrs })
+}
+
+fn scope() -> Value {
+    json!({ "name": "tern", "version": env!("CARGO_PKG_VERSION") })
+}
+
+/// Derives an 8-byte span id (16 hex digits) from a trace id and an index.
+fn span_id(trace_id: &str, ix: usize) -> String {
+    let base = u64::from_str_radix(trace_id.get(..16).unwrap_or("0"), 16).unwrap_or(0);
+    format!("{:016x}", base.wrapping_add(ix as u64).max(1))
+}
+
+type Key = (String, String, String);
+/// Counter name and its attributes (as text, for grouping) → total and OTLP attributes.
+type Counters = BTreeMap<(String, Vec<(String, String)>), (u64, Vec<Value>)>;
+/// (model, version, tensor, io) → (elements, NaNs, sum of means, sum of top scores, samples).
+type Health = BTreeMap<(String, String, String, String), (u64, u64, f64, f64, u64)>;
+
+#[derive(Default)]
+struct ModelAgg {
+    latency: Option<ExpHistogram>,
+    calls: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+/// Builds the OTLP requests for one stored segment.
+pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBatch {
+    let (mut start, mut end) = (u64::MAX, 0u64);
+    let mut spans = Vec::new();
+    let mut logs = Vec::new();
+    let mut per_model: BTreeMap<Key, ModelAgg> = BTreeMap::new();
+    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut counters: Counters = BTreeMap::new();
+    let mut health: Health = BTreeMap::new();
+
+    for r in records {
+        match r {
+            Record::Span(sp) => {
+                let dur = sp.duration_ns();
+                start = start.min(sp.start_ns);
+                end = end.max(sp.start_ns + dur);
+                let root = span_id(&sp.trace_id, 0);
+                let mut attrs = vec![
+                    kv("tern.model", s(&sp.model)),
+                    kv("tern.model.version", s(&sp.version)),
+                    kv("tern.backend", s(&sp.backend)),
+                    kv("tern.outcome", s(sp.outcome.label())),
+                ];
+                let status = match &sp.outcome {
+                    super::Outcome::Error(kind) => {
+                        attrs.push(kv("tern.error.kind", s(kind)));
+                        json!({ "code": 2, "message": kind })
+                    }
+                    _ => json!({ "code": 1 }),
+                };
+                spans.push(json!({
+                    "traceId": sp.trace_id, "spanId": root, "name": "tern.run", "kind": 1,
+                    "startTimeUnixNano": sp.start_ns.to_string(),
+                    "endTimeUnixNano": (sp.start_ns + dur).to_string(),
+                    "attributes": attrs, "status": status,
+                }));
+                let mut t = sp.start_ns;
+                for (i, (stage, d)) in sp.stages.iter().enumerate() {
+                    spans.push(json!({
+                        "traceId": sp.trace_id, "spanId": span_id(&sp.trace_id, i + 1), "parentSpanId": root,
+                        "name": format!("tern.{stage}"), "kind": 1,
+                        "startTimeUnixNano": t.to_string(), "endTimeUnixNano": (t + d).to_string(),
+                    }));
+                    t += d;
+                }
+                let agg = per_model
+                    .entry((sp.model.clone(), sp.version.clone(), sp.backend.clone()))
+                    .or_default();
+                agg.latency
+                    .get_or_insert_with(ExpHistogram::new)
+                    .record(dur as f64 / 1e6);
+                *agg.calls.entry(sp.outcome.label().to_string()).or_default() += 1;
+                if let super::Outcome::Error(kind) = &sp.outcome {
+                    *agg.errors.entry(kind.clone()).or_default() += 1;
+                }
+            }
+            Record::Event(ev) => {
+                start = start.min(ev.at_ns);
+                end = end.max(ev.at_ns);
+                match ev.increment {
+                    Some(n) => {
+                        let key_attrs = ev.attributes.iter().map(|(k, v)| (k.clone(), format!("{v:?}"))).collect();
+                        let entry = counters.entry((ev.name.clone(), key_attrs)).or_insert_with(|| {
+                            (0, ev.attributes.iter().map(|(k, v)| kv(k, attr(v))).collect())
+                        });
+                        entry.0 += n;
+                    }
+                    None => logs.push(json!({
+                        "timeUnixNano": ev.at_ns.to_string(),
+                        "observedTimeUnixNano": ev.at_ns.to_string(),
+                        "severityNumber": 9, "severityText": "INFO",
+                        "body": s(&ev.name),
+                        "attributes": ev.attributes.iter().map(|(k, v)| kv(k, attr(v))).collect::<Vec<_>>(),
+                    })),
+                }
+            }
+            Record::Health(h) => {
+                start = start.min(h.at_ns);
+                end = end.max(h.at_ns);
+                for t in &h.tensors {
+                    let e = health
+                        .entry((
+                            h.model.clone(),
+                            h.version.clone(),
+                            t.name.clone(),
+                            t.io.clone(),
+                        ))
+                        .or_insert((0, 0, 0.0, 0.0, 0));
+                    e.0 += t.count;
+                    e.1 += t.nan;
+                    e.2 += t.mean;
+                    e.3 += t.top;
+                    e.4 += 1;
+                }
+            }
+            Record::Dropped {
+                at_ns,
+                count,
+                reason,
+            } => {
+                start = start.min(*at_ns);
+                end = end.max(*at_ns);
+                *dropped.entry(reason.clone()).or_default() += count;
+            }
+        }
+    }
+    if start == u64::MAX {
+        start = super::record::now_ns();
+        end = start;
+    }
+    let (t0, t1) = (start.to_string(), end.max(start).to_string());
+    let sum_metric = |name: &str, unit: &str, points: Vec<Value>| {
+        json!({ "name": name, "unit": unit, "sum": {
+            "aggregationTemporality": 1, "isMonotonic": true, "dataPoints": points } })
+    };
+    let gauge_metric = |name: &str, unit: &str, points: Vec<Value>| json!({ "name": name, "unit": unit, "gauge": { "dataPoints": points } });
+    let point = |attrs: Vec<Value>, value: u64| json!({ "attributes": attrs, "startTimeUnixNano": t0, "timeUnixNano": t1, "asInt": value.to_string() });
+
+    let mut metrics = Vec::new();
+    let (mut hist_points, mut summary_points, mut call_points, mut error_points) =
+        (vec![], vec![], vec![], vec![]);
+    for ((model, version, backend), agg) in &per_model {
+        let base = vec![
+            kv("tern.model", s(model)),
+            kv("tern.model.version", s(version)),
+            kv("tern.backend", s(backend)),
+        ];
+        if let Some(h) = &agg.latency {
+            let (offset, counts) = h.dense_buckets();
+            hist_points.push(json!({
+                "attributes": base, "startTimeUnixNano": t0, "timeUnixNano": t1,
+                "count": h.count.to_string(), "sum": h.sum, "scale": SCALE,
+                "zeroCount": h.zero_count.to_string(),
+                "positive": { "offset": offset, "bucketCounts": counts.iter().map(u64::to_string).collect::<Vec<_>>() },
+                "min": h.min, "max": h.max,
+            }));
+            let quantiles: Vec<Value> = [0.5, 0.95, 0.99]
+                .iter()
+                .map(|q| json!({ "quantile": q, "value": h.quantile(*q).unwrap_or(0.0) }))
+                .collect();
+            summary_points.push(json!({
+                "attributes": base, "startTimeUnixNano": t0, "timeUnixNano": t1,
+                "count": h.count.to_string(), "sum": h.sum, "quantileValues": quantiles,
+            }));
+        }
+        for (outcome, n) in &agg.calls {
+            let mut a = base.clone();
+            a.push(kv("tern.outcome", s(outcome)));
+            call_points.push(point(a, *n));
+        }
+        for (kind, n) in &agg.errors {
+            let mut a = base.clone();
+            a.push(kv("tern.error.kind", s(kind)));
+            error_points.push(point(a, *n));
+        }
+    }
+    if !hist_points.is_empty() {
+        metrics.push(json!({ "name": "tern.inference.duration", "unit": "ms",
+            "exponentialHistogram": { "aggregationTemporality": 1, "dataPoints": hist_points } }));
+        metrics.push(
+            json!({ "name": "tern.inference.duration.quantiles", "unit": "ms",
+            "summary": { "dataPoints": summary_points } }),
+        );
+        metrics.push(sum_metric("tern.inference.calls", "{call}", call_points));
+    }
+    if !error_points.is_empty() {
+        metrics.push(sum_metric("tern.inference.errors", "{error}", error_points));
+    }
+    if !dropped.is_empty() {
+        let points = dropped
+            .iter()
+            .map(|(r, n)| point(vec![kv("reason", s(r))], *n))
+            .collect();
+        metrics.push(sum_metric("tern.telemetry.dropped", "{record}", points));
+    }
+    for ((name, _), (n, attrs)) in counters {
+        metrics.push(sum_metric(&name, "1", vec![point(attrs, n)]));
+    }
+    if !health.is_empty() {
+        let (mut nan_rate, mut mean, mut top) = (vec![], vec![], vec![]);
+        for ((model, version, tensor, io), (count, nan, mean_sum, top_sum, samples)) in &health {
+            let a = vec![
+                kv("tern.model", s(model)),
+                kv("tern.model.version", s(version)),
+                kv("tern.tensor", s(tensor)),
+                kv("tern.io", s(io)),
+            ];
+            let g = |v: f64| json!({ "attributes": a, "timeUnixNano": t1, "asDouble": v });
+            nan_rate.push(g(*nan as f64 / (*count).max(1) as f64));
+            mean.push(g(mean_sum / *samples as f64));
+            if io == "output" {
+                top.push(g(top_sum / *samples as f64));
+            }
+        }
+        metrics.push(gauge_metric("tern.health.nan_rate", "1", nan_rate));
+        metrics.push(gauge_metric("tern.health.mean", "1", mean));
+        if !top.is_empty() {
+            metrics.push(gauge_metric("tern.health.top_score", "1", top));
+        }
+    }
+
+    let mut payloads = Vec::new();
+    let res = resource(config);
+    if !spans.is_empty() {
+        let body = json!({ "resourceSpans": [{ "resource": res, "scopeSpans": [{ "scope": scope(), "spans": spans }] }] });
+        payloads.push(Payload {
+            signal: "traces",
+            path: "/v1/traces",
+            json: body.to_string(),
+        });
+    }
+    if !metrics.is_empty() {
+        let body = json!({ "resourceMetrics": [{ "resource": res, "scopeMetrics": [{ "scope": scope(), "metrics": metrics }] }] });
+        payloads.push(Payload {
+            signal: "metrics",
+            path: "/v1/metrics",
+            json: body.to_string(),
+        });
+    }
+    if !logs.is_empty() {
+        let body = json!({ "resourceLogs": [{ "resource": res, "scopeLogs": [{ "scope": scope(), "logRecords": logs }] }] });
+        payloads.push(Payload {
+            signal: "logs",
+            path: "/v1/logs",
+            json: body.to_string(),
+        });
+    }
+    UploadBatch {
+        id,
+        records: records.len() as u64,
+        payloads,
+    }
+}

@@ -1,0 +1,189 @@
+//! What the buffer stores: one [`Record`] per inference span, app event, health sample or
+//! drop notice, serialized as JSON inside a checksummed frame (see [`super::store`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// An attribute value on an app event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttrValue {
+    /// A boolean.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A string.
+    Str(String),
+}
+
+impl From<&str> for AttrValue {
+    fn from(s: &str) -> Self {
+        AttrValue::Str(s.to_string())
+    }
+}
+impl From<String> for AttrValue {
+    fn from(s: String) -> Self {
+        AttrValue::Str(s)
+    }
+}
+impl From<i64> for AttrValue {
+    fn from(v: i64) -> Self {
+        AttrValue::Int(v)
+    }
+}
+impl From<f64> for AttrValue {
+    fn from(v: f64) -> Self {
+        AttrValue::Float(v)
+    }
+}
+impl From<bool> for AttrValue {
+    fn from(v: bool) -> Self {
+        AttrValue::Bool(v)
+    }
+}
+
+/// How an inference ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It returned outputs.
+    Ok,
+    /// It failed with this [`crate::Error::kind`].
+    Error(String),
+    /// The app gave up waiting.
+    Timeout,
+    /// The preferred backend failed and another one produced the result.
+    Fallback,
+}
+
+impl Outcome {
+    /// Short label: `ok`, `error`, `timeout`, `fallback`.
+    pub fn label(&self) -> &str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error(_) => "error",
+            Outcome::Timeout => "timeout",
+            Outcome::Fallback => "fallback",
+        }
+    }
+}
+
+/// One inference: its stages and their durations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpanRecord {
+    /// Random 128-bit trace id, hex.
+    pub trace_id: String,
+    /// Start, Unix nanoseconds.
+    pub start_ns: u64,
+    /// Model name.
+    pub model: String,
+    /// Model version (from the model's metadata, or the app).
+    pub version: String,
+    /// Backend that ran it (`cpu`, `gpu`).
+    pub backend: String,
+    /// `(stage, duration in ns)` in order: e.g. `preprocess`, `model`, `postprocess`.
+    pub stages: Vec<(String, u64)>,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl SpanRecord {
+    /// Total duration in nanoseconds.
+    pub fn duration_ns(&self) -> u64 {
+        self.stages.iter().map(|(_, d)| d).sum()
+    }
+}
+
+/// A named app event or counter increment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Unix nanoseconds.
+    pub at_ns: u64,
+    /// Event or counter name.
+    pub name: String,
+    /// `Some(n)`: a counter increment by `n`; `None`: an event.
+    pub increment: Option<u64>,
+    /// Attributes.
+    pub attributes: BTreeMap<String, AttrValue>,
+}
+
+/// Summary statistics of one input or output tensor in one sampled inference. No raw
+/// values leave the device: only these aggregates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorStats {
+    /// Tensor name.
+    pub name: String,
+    /// `input` or `output`.
+    pub io: String,
+    /// Elements.
+    pub count: u64,
+    /// NaN elements.
+    pub nan: u64,
+    /// Mean of the finite elements.
+    pub mean: f64,
+    /// Minimum finite element.
+    pub min: f64,
+    /// Maximum finite element.
+    pub max: f64,
+    /// For outputs: the largest value (the top score of a classifier).
+    pub top: f64,
+}
+
+/// A sampled model-health observation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    /// Unix nanoseconds.
+    pub at_ns: u64,
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// Per-tensor statistics.
+    pub tensors: Vec<TensorStats>,
+}
+
+/// One entry of the buffer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    /// An inference span.
+    Span(SpanRecord),
+    /// An app event or counter.
+    Event(EventRecord),
+    /// A model-health sample.
+    Health(HealthRecord),
+    /// Records lost before they could be stored or uploaded, and why.
+    Dropped {
+        /// Unix nanoseconds.
+        at_ns: u64,
+        /// How many.
+        count: u64,
+        /// `queue_full`, `byte_cap`, `age_cap`, `io_error`, `rejected_by_uploader`.
+        reason: String,
+    },
+}
+
+/// Now, in Unix nanoseconds.
+pub(crate) fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A random 128-bit id as 32 hex digits (std's randomly keyed SipHash; not cryptographic,
+/// unique enough for trace ids).
+pub(crate) fn random_trace_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let state = std::collections::hash_map::RandomState::new();
+    let mut a = state.build_hasher();
+    a.write_u64(n);
+    let mut b = state.build_hasher();
+    b.write_u64(!n);
+    format!("{:016x}{:016x}", a.finish(), b.finish())
+}

@@ -1,0 +1,318 @@
+//! Append-only segment files with checksummed frames.
+//!
+//! A segment is `seg-<20-digit number>.log`; the highest-numbered one is active (appended
+//! to), the others are sealed (immutable, uploadable, evictable). Each record is a frame:
+//!
+//! ```text
+//! MAGIC (4 bytes "TRN1") | payload length (u32 LE) | CRC-32 of payload (u32 LE) | payload (JSON)
+//! ```
+//!
+//! Reading never trusts a frame it cannot verify: on a bad magic, length or checksum it
+//! moves one byte on and looks for the next magic. A torn tail (a write cut short by a
+//! kill or power loss) or a corrupted region costs only the records it touches; every
+//! intact frame around it is recovered.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::record::Record;
+
+const MAGIC: &[u8; 4] = b"TRN1";
+const HEADER: usize = 12;
+/// Frames larger than this are treated as corruption.
+pub(crate) const MAX_RECORD: usize = 1 << 20;
+
+/// Encodes one record as a frame (a record serde cannot encode becomes a drop notice).
+pub(crate) fn encode(record: &Record) -> Vec<u8> {
+    let payload = serde_json::to_vec(record).unwrap_or_else(|_| {
+        let dropped = Record::Dropped {
+            at_ns: super::record::now_ns(),
+            count: 1,
+            reason: "unencodable".into(),
+        };
+        serde_json::to_vec(&dropped).unwrap_or_default()
+    });
+    let mut frame = Vec::with_capacity(HEADER + payload.len());
+    frame.extend_from_slice(MAGIC);
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Decodes every intact frame in `bytes`, skipping damaged regions. Returns the records
+/// and the end offset of the last intact frame (where a torn tail begins).
+pub(crate) fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
+    let mut records = Vec::new();
+    let mut pos = 0;
+    let mut good_end = 0;
+    while pos + HEADER <= bytes.len() {
+        if &bytes[pos..pos + 4] != MAGIC {
+            pos += 1;
+            continue;
+        }
+        let len = u32::from_le_bytes([
+            bytes[pos + 4],
+            bytes[pos + 5],
+            bytes[pos + 6],
+            bytes[pos + 7],
+        ]) as usize;
+        let crc = u32::from_le_bytes([
+            bytes[pos + 8],
+            bytes[pos + 9],
+            bytes[pos + 10],
+            bytes[pos + 11],
+        ]);
+        let end = pos + HEADER + len;
+        if len > MAX_RECORD || end > bytes.len() {
+            pos += 1;
+            continue;
+        }
+        let payload = &bytes[pos + HEADER..end];
+        if crc32fast::hash(payload) != crc {
+            pos += 1;
+            continue;
+        }
+        // An intact frame that is not a record we can read (e.g. a NaN attribute, which
+        // JSON writes as null) is kept visible as a loss rather than skipped silently.
+        records.push(
+            serde_json::from_slice::<Record>(payload).unwrap_or_else(|_| Record::Dropped {
+                at_ns: 0,
+                count: 1,
+                reason: "undecodable".into(),
+            }),
+        );
+        pos = end;
+        good_end = end;
+    }
+    (records, good_end)
+}
+
+/// One segment file.
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
+    pub id: u64,
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// Modification time of the file (its newest record), Unix ns.
+    pub modified_ns: u64,
+}
+
+/// The segment directory.
+pub(crate) struct Store {
+    dir: PathBuf,
+    /// Sealed segments, oldest first.
+    pub sealed: Vec<Segment>,
+    /// The active segment, opened lazily on first write.
+    active_id: u64,
+    active: Option<File>,
+    pub active_bytes: u64,
+    pub active_records: u64,
+}
+
+fn segment_id(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_prefix("seg-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+fn modified_ns(meta: &fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Store {
+    /// Opens (creating) the directory, recovers existing segments (dropping torn tails) and
+    /// starts a fresh active segment after the last one. Returns the store and how many
+    /// damaged bytes recovery skipped.
+    pub fn open(dir: &Path) -> io::Result<(Store, u64)> {
+        fs::create_dir_all(dir)?;
+        let mut segments = Vec::new();
+        let mut skipped = 0;
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            let Some(id) = segment_id(&path) else {
+                continue;
+            };
+            let meta = fs::symlink_metadata(&path)?;
+            if !meta.file_type().is_file() {
+                // Not ours (a link or device): never read it, never write through it.
+                fs::remove_file(&path)?;
+                continue;
+            }
+            let bytes = fs::read(&path)?;
+            let (records, good_end) = decode_all(&bytes);
+            let damaged = bytes.len() as u64 - good_end as u64;
+            if records.is_empty() {
+                fs::remove_file(&path)?;
+                skipped += bytes.len() as u64;
+                continue;
+            }
+            if damaged > 0 {
+                // Cut the torn tail so later appends start on a frame boundary.
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(good_end as u64)?;
+                skipped += damaged;
+            }
+            segments.push(Segment {
+                id,
+                path,
+                bytes: good_end as u64,
+                modified_ns: modified_ns(&meta),
+            });
+        }
+        segments.sort_by_key(|s| s.id);
+        let active_id = segments.last().map_or(1, |s| s.id + 1);
+        Ok((
+            Store {
+                dir: dir.to_path_buf(),
+                sealed: segments,
+                active_id,
+                active: None,
+                active_bytes: 0,
+                active_records: 0,
+            },
+            skipped,
+        ))
+    }
+
+    fn active_path(&self) -> PathBuf {
+        self.dir.join(format!("seg-{:020}.log", self.active_id))
+    }
+
+    /// Appends frames to the active segment (not yet synced).
+    pub fn append(&mut self, frames: &[u8], records: u64) -> io::Result<()> {
+        if self.active.is_none() {
+            self.active = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.active_path())?,
+            );
+        }
+        let file = self
+            .active
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no active segment"))?;
+        if let Err(e) = file.write_all(frames) {
+            // Do not leave a half frame behind, and reopen next time (the disk may have room
+            // again by then).
+            let _ = file.set_len(self.active_bytes);
+            self.active = None;
+            return Err(e);
+        }
+        self.active_bytes += frames.len() as u64;
+        self.active_records += records;
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable (fsync).
+    pub fn sync(&mut self) -> io::Result<()> {
+        match self.active.as_mut() {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// Seals the active segment (if it has data) and starts a new one.
+    pub fn roll(&mut self) -> io::Result<()> {
+        if self.active_bytes == 0 {
+            return Ok(());
+        }
+        self.sync()?;
+        self.active = None;
+        let path = self.active_path();
+        self.sealed.push(Segment {
+            id: self.active_id,
+            path,
+            bytes: self.active_bytes,
+            modified_ns: super::record::now_ns(),
+        });
+        self.active_id += 1;
+        self.active_bytes = 0;
+        self.active_records = 0;
+        Ok(())
+    }
+
+    /// Bytes on disk, sealed and active.
+    pub fn total_bytes(&self) -> u64 {
+        self.sealed.iter().map(|s| s.bytes).sum::<u64>() + self.active_bytes
+    }
+
+    /// Removes a sealed segment, returning how many records it held.
+    pub fn remove(&mut self, id: u64) -> io::Result<u64> {
+        let Some(pos) = self.sealed.iter().position(|s| s.id == id) else {
+            return Ok(0);
+        };
+        let seg = self.sealed.remove(pos);
+        let records = fs::read(&seg.path)
+            .map(|b| decode_all(&b).0.len() as u64)
+            .unwrap_or(0);
+        match fs::remove_file(&seg.path) {
+            Ok(()) => Ok(records),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(records),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a sealed segment's records.
+    pub fn read(&self, id: u64) -> io::Result<Vec<Record>> {
+        let seg = self
+            .sealed
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| io::Error::other("no such segment"))?;
+        Ok(decode_all(&fs::read(&seg.path)?).0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::record::Record;
+
+    fn dropped(n: u64) -> Record {
+        Record::Dropped {
+            at_ns: n,
+            count: n,
+            reason: "test".into(),
+        }
+    }
+
+    #[test]
+    fn unreadable_records_become_drop_notices() {
+        let bad = Record::Event(crate::telemetry::EventRecord {
+            at_ns: 1,
+            name: "e".into(),
+            increment: None,
+            attributes: [(
+                "x".to_string(),
+                crate::telemetry::AttrValue::Float(f64::NAN),
+            )]
+            .into(),
+        });
+        let (records, _) = decode_all(&encode(&bad));
+        assert!(
+            matches!(&records[..], [Record::Dropped { reason, count: 1, .. }] if reason == "undecodable")
+        );
+    }
+
+    #[test]
+    fn frames_round_trip_and_survive_garbage_between_them() {
+        let mut bytes = encode(&dropped(1));
+        bytes.extend_from_slice(b"garbage TRN1 \xff\xff\xff\xff more");
+        bytes.extend(encode(&dropped(2)));
+        let torn = encode(&dropped(3));
+        bytes.extend_from_slice(&torn[..torn.len() - 3]);
+        let (records, good_end) = decode_all(&bytes);
+        assert_eq!(records, vec![dropped(1), dropped(2)]);
+        assert_eq!(good_end, bytes.len() - (torn.len() - 3));
+    }
+}
