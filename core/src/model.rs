@@ -15,6 +15,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::InferenceModel;
 
 use crate::error::{catch_panic, chain, Error};
+use crate::telemetry::drift::{self, Baseline};
 use crate::tensor::DType;
 use crate::Result;
 
@@ -276,6 +277,7 @@ pub struct Model {
     info: Arc<ModelInfo>,
     graph: Arc<InferenceModel>,
     name: String,
+    baseline: Option<Arc<Baseline>>,
 }
 
 impl Model {
@@ -334,10 +336,19 @@ impl Model {
             } else {
                 name
             };
+            let baseline = match info.metadata.get(drift::METADATA_KEY) {
+                Some(json) => Some(Arc::new(Baseline::from_json(json).map_err(|e| {
+                    Error::InvalidModel {
+                        reason: format!("metadata {:?}: {e}", drift::METADATA_KEY),
+                    }
+                })?)),
+                None => None,
+            };
             Ok(Model {
                 info: Arc::new(info),
                 graph: Arc::new(parsed.model),
                 name,
+                baseline,
             })
         })
     }
@@ -350,6 +361,11 @@ impl Model {
     /// A short name: the file stem for a loaded file, else the graph name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The drift baseline the model ships (`metadata_props["tern.baseline"]`), if any.
+    pub fn baseline(&self) -> Option<&Baseline> {
+        self.baseline.as_deref()
     }
 
     /// The model inputs (initializers excluded).

@@ -14,7 +14,9 @@ use crate::backend::{self, Backend, Executor};
 use crate::error::{catch_panic, Error};
 use crate::model::{Dim, Model};
 use crate::telemetry::record::{now_ns, random_trace_id};
-use crate::telemetry::{HealthRecord, Outcome, Record, SpanRecord, Telemetry, TensorStats};
+use crate::telemetry::{
+    Baseline, DriftCounts, HealthRecord, Outcome, Record, SpanRecord, Telemetry, TensorStats,
+};
 use crate::tensor::{DType, Tensor};
 use crate::Result;
 
@@ -58,6 +60,8 @@ pub struct SessionOptions {
     pub input_shapes: BTreeMap<String, Vec<usize>>,
     /// Where runs are recorded.
     pub telemetry: TelemetryChoice,
+    /// Drift baseline for health samples; `None` uses the one the model ships, if any.
+    pub baseline: Option<Baseline>,
 }
 
 /// Which telemetry buffer a session records into.
@@ -81,6 +85,7 @@ impl Default for SessionOptions {
             nan_policy: NanPolicy::default(),
             input_shapes: BTreeMap::new(),
             telemetry: TelemetryChoice::Global,
+            baseline: None,
         }
     }
 }
@@ -124,6 +129,12 @@ impl SessionOptions {
     /// Records runs into this telemetry buffer instead of the global one.
     pub fn telemetry(mut self, telemetry: Telemetry) -> Self {
         self.telemetry = TelemetryChoice::To(telemetry);
+        self
+    }
+
+    /// Measures drift of sampled runs against this baseline (instead of the model's own).
+    pub fn baseline(mut self, baseline: Baseline) -> Self {
+        self.baseline = Some(baseline);
         self
     }
 
@@ -187,6 +198,7 @@ pub struct Session {
     model_name: String,
     model_version: String,
     telemetry: Option<Telemetry>,
+    baseline: Option<Arc<Baseline>>,
 }
 
 impl Session {
@@ -218,6 +230,10 @@ impl Session {
                     TelemetryChoice::Global => crate::telemetry::global(),
                     TelemetryChoice::To(t) => Some(t.clone()),
                     TelemetryChoice::Off => None,
+                },
+                baseline: match &options.baseline {
+                    Some(b) => Some(Arc::new(b.clone())),
+                    None => model.baseline().map(|b| Arc::new(b.clone())),
                 },
                 options,
                 model_name: model.name().to_string(),
@@ -311,6 +327,16 @@ impl Session {
                         None => init,
                     };
                 let max = fold(0.0, f64::max);
+                let drift = self
+                    .baseline
+                    .as_ref()
+                    .and_then(|b| b.tensors.iter().find(|tb| tb.name == name))
+                    .and_then(|tb| {
+                        Some(DriftCounts {
+                            counts: tb.count(t)?,
+                            expected: tb.proportions.clone(),
+                        })
+                    });
                 Some(TensorStats {
                     name: name.to_string(),
                     io: io.to_string(),
@@ -320,6 +346,7 @@ impl Session {
                     min: fold(0.0, f64::min),
                     max,
                     top: max,
+                    drift,
                 })
             })
             .collect();

@@ -88,3 +88,13 @@ pub fn div_model() -> Vec<u8> {
         vec![value("z", FLOAT, &["batch", "3"])],
     )
 }
+
+/// `bytes` with one more `metadata_props` entry.
+pub fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
+    let mut proto = pb::ModelProto::decode(bytes).expect("fixture model");
+    proto.metadata_props.push(pb::StringStringEntryProto {
+        key: key.into(),
+        value: value.into(),
+    });
+    proto.encode_to_vec()
+}

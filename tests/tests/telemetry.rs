@@ -729,3 +729,121 @@ fn sigkill_never_loses_a_durable_record_nor_yields_a_corrupt_one() {
     }
     assert!(durable_max > 50, "the child made progress ({durable_max})");
 }
+
+/// Values of `x` for the drift tests: three features, uniform in [0, 1), feature 0 shifted.
+fn x_batch(seed: usize, shift0: f32) -> Tensor {
+    let v: Vec<f32> = (0..8 * 3)
+        .map(|i| {
+            let u = ((i * 7919 + seed * 104_729) % 1000) as f32 / 1000.0;
+            if i % 3 == 0 {
+                u + shift0
+            } else {
+                u
+            }
+        })
+        .collect();
+    Tensor::from_vec(&[8, 3], v).unwrap()
+}
+
+fn psi_points(batches: &[UploadBatch]) -> Vec<(String, i64, f64)> {
+    let mut out = Vec::new();
+    for p in batches
+        .iter()
+        .flat_map(|b| &b.payloads)
+        .filter(|p| p.signal == "metrics")
+    {
+        let v: serde_json::Value = serde_json::from_str(&p.json).unwrap();
+        for m in v["resourceMetrics"][0]["scopeMetrics"][0]["metrics"]
+            .as_array()
+            .unwrap()
+        {
+            if m["name"] != "tern.health.drift.psi" {
+                continue;
+            }
+            for dp in m["gauge"]["dataPoints"].as_array().unwrap() {
+                let attr = |k: &str| {
+                    dp["attributes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|a| a["key"] == k)
+                        .unwrap()["value"]
+                        .clone()
+                };
+                let feature = attr("tern.feature")["intValue"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                out.push((
+                    attr("tern.tensor")["stringValue"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                    feature,
+                    dp["asDouble"].as_f64().unwrap(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn drift_against_the_baseline_the_model_ships() {
+    use tern::telemetry::{Baseline, TensorBaseline};
+    let samples: Vec<Tensor> = (0..50).map(|s| x_batch(s, 0.0)).collect();
+    let baseline = Baseline {
+        tensors: vec![TensorBaseline::from_samples("x", Some(-1), &samples, 10).unwrap()],
+    };
+    let bytes =
+        tern_tests::fixtures::with_metadata(&div_model(), "tern.baseline", &baseline.to_json());
+    let model = Model::from_bytes(&bytes).unwrap();
+    assert_eq!(model.baseline(), Some(&baseline));
+
+    let measure = |shift0: f32| {
+        let t = Telemetry::open(
+            temp_dir("drift"),
+            TelemetryConfig {
+                health_sample_rate: 1.0,
+                ..config()
+            },
+        )
+        .unwrap();
+        let session = Session::new(&model, SessionOptions::new().telemetry(t.clone())).unwrap();
+        for seed in 100..140 {
+            let y = Tensor::from_vec(&[8, 3], vec![1.0f32; 24]).unwrap();
+            session
+                .run([("x", x_batch(seed, shift0)), ("y", y)])
+                .unwrap();
+        }
+        let ok = Scripted::new(vec![UploadResult::Accepted]);
+        t.upload_pending(ok.as_ref()).unwrap();
+        let seen = ok.seen.lock().unwrap().clone();
+        psi_points(&seen)
+    };
+    let stable = measure(0.0);
+    assert_eq!(
+        stable.iter().filter(|(t, _, _)| t == "x").count(),
+        3,
+        "{stable:?}"
+    );
+    assert!(stable.iter().all(|(_, _, psi)| *psi < 0.1), "{stable:?}");
+    let shifted = measure(0.6);
+    for (tensor, feature, psi) in &shifted {
+        if tensor == "x" && *feature == 0 {
+            assert!(*psi > 0.25, "shifted feature: {psi}");
+        } else {
+            assert!(*psi < 0.1, "{tensor}[{feature}] did not move: {psi}");
+        }
+    }
+}
+
+#[test]
+fn an_invalid_baseline_in_the_model_is_a_clear_error() {
+    let bytes =
+        tern_tests::fixtures::with_metadata(&div_model(), "tern.baseline", "{\"tensors\": 3}");
+    let err = Model::from_bytes(&bytes).unwrap_err();
+    assert_eq!(err.kind(), "invalid_model");
+    assert!(err.to_string().contains("tern.baseline"), "{err}");
+}

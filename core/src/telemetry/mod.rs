@@ -27,6 +27,7 @@
 //!   (traces, metrics, logs), oldest first, and a batch is deleted only once the uploader
 //!   confirms it. Failures back off exponentially; uploads are rate limited.
 
+pub mod drift;
 pub mod otlp;
 pub mod record;
 pub mod sketch;
@@ -40,8 +41,11 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use drift::{Baseline, TensorBaseline};
 pub use otlp::{Payload, UploadBatch};
-pub use record::{AttrValue, EventRecord, HealthRecord, Outcome, Record, SpanRecord, TensorStats};
+pub use record::{
+    AttrValue, DriftCounts, EventRecord, HealthRecord, Outcome, Record, SpanRecord, TensorStats,
+};
 
 use crate::error::Error;
 use crate::Result;

@@ -84,6 +84,8 @@ type Key = (String, String, String);
 type Counters = BTreeMap<(String, Vec<(String, String)>), (u64, Vec<Value>)>;
 /// (model, version, tensor, io) → (elements, NaNs, sum of means, sum of top scores, samples).
 type Health = BTreeMap<(String, String, String, String), (u64, u64, f64, f64, u64)>;
+/// (model, version, tensor, io) → summed bin counts and the baseline's shares.
+type Drift = BTreeMap<(String, String, String, String), (Vec<Vec<u64>>, Vec<Vec<f64>>)>;
 
 #[derive(Default)]
 struct ModelAgg {
@@ -101,6 +103,7 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
     let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
     let mut counters: Counters = BTreeMap::new();
     let mut health: Health = BTreeMap::new();
+    let mut drift: Drift = BTreeMap::new();
 
     for r in records {
         match r {
@@ -172,14 +175,26 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
                 start = start.min(h.at_ns);
                 end = end.max(h.at_ns);
                 for t in &h.tensors {
-                    let e = health
-                        .entry((
-                            h.model.clone(),
-                            h.version.clone(),
-                            t.name.clone(),
-                            t.io.clone(),
-                        ))
-                        .or_insert((0, 0, 0.0, 0.0, 0));
+                    let key = (
+                        h.model.clone(),
+                        h.version.clone(),
+                        t.name.clone(),
+                        t.io.clone(),
+                    );
+                    if let Some(d) = &t.drift {
+                        let e = drift.entry(key.clone()).or_insert_with(|| {
+                            (
+                                d.counts.iter().map(|r| vec![0; r.len()]).collect(),
+                                d.expected.clone(),
+                            )
+                        });
+                        if e.0.len() == d.counts.len() && e.1 == d.expected {
+                            for (acc, row) in e.0.iter_mut().zip(&d.counts) {
+                                acc.iter_mut().zip(row).for_each(|(a, c)| *a += c);
+                            }
+                        }
+                    }
+                    let e = health.entry(key).or_insert((0, 0, 0.0, 0.0, 0));
                     e.0 += t.count;
                     e.1 += t.nan;
                     e.2 += t.mean;
@@ -291,6 +306,22 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
         if !top.is_empty() {
             metrics.push(gauge_metric("tern.health.top_score", "1", top));
         }
+    }
+    if !drift.is_empty() {
+        let mut points = Vec::new();
+        for ((model, version, tensor, io), (counts, expected)) in &drift {
+            for (feature, (c, e)) in counts.iter().zip(expected).enumerate() {
+                let a = vec![
+                    kv("tern.model", s(model)),
+                    kv("tern.model.version", s(version)),
+                    kv("tern.tensor", s(tensor)),
+                    kv("tern.io", s(io)),
+                    kv("tern.feature", json!({ "intValue": feature.to_string() })),
+                ];
+                points.push(json!({ "attributes": a, "timeUnixNano": t1, "asDouble": super::drift::psi(c, e) }));
+            }
+        }
+        metrics.push(gauge_metric("tern.health.drift.psi", "1", points));
     }
 
     let mut payloads = Vec::new();

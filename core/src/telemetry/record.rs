@@ -130,6 +130,19 @@ pub struct TensorStats {
     pub max: f64,
     /// For outputs: the largest value (the top score of a classifier).
     pub top: f64,
+    /// Bin counts against the model's baseline, when it has one for this tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftCounts>,
+}
+
+/// Values of one sampled tensor counted in its baseline's bins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftCounts {
+    /// Counts per feature and bin.
+    pub counts: Vec<Vec<u64>>,
+    /// The baseline's expected shares per feature and bin (carried so that drift can be
+    /// computed at upload even in a later process).
+    pub expected: Vec<Vec<f64>>,
 }
 
 /// A sampled model-health observation.
