@@ -38,6 +38,8 @@ pub struct BenchReport {
     pub mean_ms: f64,
     /// Peak resident set size of the process (VmHWM), in MiB.
     pub peak_rss_mib: Option<f64>,
+    /// Peak RSS minus the RSS before the model was loaded: what the model and runs cost.
+    pub rss_growth_mib: Option<f64>,
     /// Input shapes used.
     pub input_shapes: BTreeMap<String, Vec<usize>>,
 }
@@ -58,6 +60,7 @@ pub struct BenchConfig {
 
 /// Runs the benchmark.
 pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
+    let base_rss = proc_status_mib("VmRSS:");
     let t0 = Instant::now();
     let model = Model::load(path)?;
     let load = t0.elapsed();
@@ -71,10 +74,8 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
             inputs.push((info.name.clone(), random_input(info, &cfg.dims, &mut rng)?));
         }
     }
-    let t2 = Instant::now();
     session.run(inputs.clone())?;
     let cold = t0.elapsed();
-    let _ = t2;
     for _ in 0..cfg.warmup {
         session.run(inputs.clone())?;
     }
@@ -100,7 +101,8 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
         p99_ms: pct(0.99),
         min_ms: ms(times[0]),
         mean_ms: times.iter().map(|d| ms(*d)).sum::<f64>() / times.len() as f64,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: proc_status_mib("VmHWM:"),
+        rss_growth_mib: proc_status_mib("VmHWM:").zip(base_rss).map(|(p, b)| p - b),
         input_shapes: inputs
             .iter()
             .map(|(n, t)| (n.clone(), t.shape().to_vec()))
@@ -151,10 +153,11 @@ fn random_input(
     })
 }
 
-/// Peak resident set size of this process in MiB (Linux `VmHWM`).
-pub fn peak_rss_mib() -> Option<f64> {
+/// A memory figure of this process from `/proc/self/status` (Linux), in MiB: `VmHWM:` is
+/// the peak RSS, `VmRSS:` the current one.
+fn proc_status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }

@@ -276,8 +276,10 @@ fn run(cli: &Cli) -> Result<()> {
                     "min / mean   {:9.3} / {:.3} ms",
                     report.min_ms, report.mean_ms
                 );
-                if let Some(rss) = report.peak_rss_mib {
-                    println!("peak RSS     {rss:9.1} MiB");
+                if let (Some(rss), Some(growth)) = (report.peak_rss_mib, report.rss_growth_mib) {
+                    println!(
+                        "peak RSS     {rss:9.1} MiB  ({growth:.1} MiB for the model and its runs)"
+                    );
                 }
             }
         }
