@@ -1,0 +1,612 @@
+//! # tern-ffi: the tern SDK for Kotlin, Swift and Python
+//!
+//! A thin UniFFI skin over the `tern` crate, in the style of Glean: all logic stays in Rust;
+//! the platform supplies only what it must (the telemetry [`TelemetryUploader`]).
+//!
+//! - [`TernModel`] loads a model (path or bytes) and describes it; [`TernSession`] runs it,
+//!   with [`TernSession::run`] (blocking) and [`TernSession::run_async`] (a `suspend fun` in
+//!   Kotlin, `async` in Swift, run on a tern thread so the UI thread never blocks).
+//! - Tensors cross as [`TensorData`]: dtype, shape and little-endian bytes (a `ByteArray` in
+//!   Kotlin, `Data` in Swift: one copy, no boxing), with helpers for f32/i64/i32 data.
+//! - Every entry point returns `Result<_, TernError>`: an exception of a sealed hierarchy on
+//!   the foreign side. tern itself catches backend panics; UniFFI catches any other.
+//! - Telemetry: [`init_telemetry`] opens the on-device buffer that every session feeds;
+//!   [`TernTelemetry`] records app events and uploads through the platform's uploader.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tern::telemetry as tel;
+
+uniffi::setup_scaffolding!();
+
+/// Everything that can go wrong, as one exception hierarchy on the foreign side.
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+pub enum TernError {
+    /// A file could not be read or written.
+    #[error("{detail}")]
+    Io {
+        /// Description.
+        detail: String,
+    },
+    /// The bytes are not a valid ONNX model.
+    #[error("{detail}")]
+    InvalidModel {
+        /// Description.
+        detail: String,
+    },
+    /// The model uses an operator no backend implements.
+    #[error("{detail}")]
+    UnsupportedOp {
+        /// The ONNX op type.
+        op_type: String,
+        /// The node using it.
+        node: String,
+        /// Description.
+        detail: String,
+    },
+    /// An input is wrong: unknown, missing or duplicate name, dtype, shape, NaN, or a tensor
+    /// whose bytes do not match its shape.
+    #[error("{detail}")]
+    InvalidInput {
+        /// tern's error kind (`shape_mismatch`, `dtype_mismatch`, `nan`, …).
+        kind: String,
+        /// Description.
+        detail: String,
+    },
+    /// A session option is invalid, or the asked-for backend is unavailable.
+    #[error("{detail}")]
+    InvalidOption {
+        /// tern's error kind.
+        kind: String,
+        /// Description.
+        detail: String,
+    },
+    /// The backend failed to prepare or run the model.
+    #[error("{detail}")]
+    Inference {
+        /// tern's error kind (`compile`, `inference`, `panic`).
+        kind: String,
+        /// Description.
+        detail: String,
+    },
+}
+
+impl From<tern::Error> for TernError {
+    fn from(e: tern::Error) -> Self {
+        let detail = e.to_string();
+        let kind = e.kind().to_string();
+        match e {
+            tern::Error::Io { .. } => TernError::Io { detail },
+            tern::Error::InvalidModel { .. } => TernError::InvalidModel { detail },
+            tern::Error::UnsupportedOp { op_type, node, .. } => TernError::UnsupportedOp {
+                op_type,
+                node,
+                detail,
+            },
+            tern::Error::UnknownInput { .. }
+            | tern::Error::MissingInput { .. }
+            | tern::Error::DuplicateInput { .. }
+            | tern::Error::DTypeMismatch { .. }
+            | tern::Error::ShapeMismatch { .. }
+            | tern::Error::NanValues { .. }
+            | tern::Error::Tensor { .. } => TernError::InvalidInput { kind, detail },
+            tern::Error::InvalidOption { .. } | tern::Error::BackendUnavailable { .. } => {
+                TernError::InvalidOption { kind, detail }
+            }
+            _ => TernError::Inference { kind, detail },
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, TernError>;
+
+/// Element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// 64-bit float.
+    F64,
+    /// 64-bit signed integer.
+    I64,
+    /// 32-bit signed integer.
+    I32,
+    /// 16-bit signed integer.
+    I16,
+    /// 8-bit signed integer.
+    I8,
+    /// 64-bit unsigned integer.
+    U64,
+    /// 32-bit unsigned integer.
+    U32,
+    /// 16-bit unsigned integer.
+    U16,
+    /// 8-bit unsigned integer.
+    U8,
+    /// Boolean (one byte, 0 or 1).
+    Bool,
+}
+
+impl DType {
+    fn to_tern(self) -> tern::DType {
+        match self {
+            DType::F32 => tern::DType::F32,
+            DType::F16 => tern::DType::F16,
+            DType::F64 => tern::DType::F64,
+            DType::I64 => tern::DType::I64,
+            DType::I32 => tern::DType::I32,
+            DType::I16 => tern::DType::I16,
+            DType::I8 => tern::DType::I8,
+            DType::U64 => tern::DType::U64,
+            DType::U32 => tern::DType::U32,
+            DType::U16 => tern::DType::U16,
+            DType::U8 => tern::DType::U8,
+            DType::Bool => tern::DType::Bool,
+        }
+    }
+
+    fn from_tern(d: tern::DType) -> Option<DType> {
+        Some(match d {
+            tern::DType::F32 => DType::F32,
+            tern::DType::F16 => DType::F16,
+            tern::DType::F64 => DType::F64,
+            tern::DType::I64 => DType::I64,
+            tern::DType::I32 => DType::I32,
+            tern::DType::I16 => DType::I16,
+            tern::DType::I8 => DType::I8,
+            tern::DType::U64 => DType::U64,
+            tern::DType::U32 => DType::U32,
+            tern::DType::U16 => DType::U16,
+            tern::DType::U8 => DType::U8,
+            tern::DType::Bool => DType::Bool,
+            _ => return None,
+        })
+    }
+}
+
+/// A named tensor: dtype, shape and the elements as little-endian bytes, row-major.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct TensorData {
+    /// Input or output name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Elements, little-endian.
+    pub data: Vec<u8>,
+}
+
+impl TensorData {
+    fn to_tern(&self) -> Result<tern::Tensor> {
+        let shape: Vec<usize> = self.shape.iter().map(|d| *d as usize).collect();
+        Ok(tern::Tensor::from_bytes(
+            self.dtype.to_tern(),
+            &shape,
+            &self.data,
+        )?)
+    }
+
+    fn from_tern(name: &str, t: &tern::Tensor) -> Result<TensorData> {
+        let dtype = DType::from_tern(t.dtype()).ok_or_else(|| TernError::Inference {
+            kind: "tensor".into(),
+            detail: format!(
+                "output {name:?} has type {}, which the bindings do not carry",
+                t.dtype()
+            ),
+        })?;
+        Ok(TensorData {
+            name: name.to_string(),
+            dtype,
+            shape: t.shape().iter().map(|d| *d as u64).collect(),
+            data: t.as_bytes()?.to_vec(),
+        })
+    }
+}
+
+/// A tensor from f32 values (convenience; for large data pass bytes directly).
+#[uniffi::export]
+pub fn tensor_f32(name: String, shape: Vec<u64>, values: Vec<f32>) -> TensorData {
+    TensorData {
+        name,
+        dtype: DType::F32,
+        shape,
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// A tensor from i64 values.
+#[uniffi::export]
+pub fn tensor_i64(name: String, shape: Vec<u64>, values: Vec<i64>) -> TensorData {
+    TensorData {
+        name,
+        dtype: DType::I64,
+        shape,
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// A tensor from i32 values.
+#[uniffi::export]
+pub fn tensor_i32(name: String, shape: Vec<u64>, values: Vec<i32>) -> TensorData {
+    TensorData {
+        name,
+        dtype: DType::I32,
+        shape,
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// The elements of an f32 tensor.
+#[uniffi::export]
+pub fn tensor_to_f32(tensor: TensorData) -> Result<Vec<f32>> {
+    Ok(tensor.to_tern()?.to_f32_vec()?)
+}
+
+/// Name, dtype and shape of a model input or output (symbolic dimensions by name).
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct TensorInfo {
+    /// Name.
+    pub name: String,
+    /// Element type name (`f32`, `i64`…), or `?`.
+    pub dtype: String,
+    /// Dimensions: a number, or a symbol such as `batch`.
+    pub shape: Vec<String>,
+}
+
+/// What a model is.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct ModelInfo {
+    /// Model name.
+    pub name: String,
+    /// Model version (metadata `version`), or empty.
+    pub version: String,
+    /// Inputs.
+    pub inputs: Vec<TensorInfo>,
+    /// Outputs.
+    pub outputs: Vec<TensorInfo>,
+    /// Default-domain opset.
+    pub opset: i64,
+    /// Producer.
+    pub producer: String,
+    /// Weight elements.
+    pub parameter_count: u64,
+    /// Whether the model is quantized.
+    pub quantized: bool,
+}
+
+fn info_of(t: &tern::TensorInfo) -> TensorInfo {
+    TensorInfo {
+        name: t.name.clone(),
+        dtype: t.dtype.map_or("?".into(), |d| d.to_string()),
+        shape: t.shape.iter().flatten().map(|d| d.to_string()).collect(),
+    }
+}
+
+/// A loaded ONNX model.
+#[derive(uniffi::Object)]
+pub struct TernModel {
+    inner: tern::Model,
+}
+
+#[uniffi::export]
+impl TernModel {
+    /// Loads a model file.
+    #[uniffi::constructor]
+    pub fn from_path(path: String) -> Result<Arc<Self>> {
+        Ok(Arc::new(TernModel {
+            inner: tern::Model::load(path)?,
+        }))
+    }
+
+    /// Loads a model from bytes (e.g. an app asset).
+    #[uniffi::constructor]
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Arc<Self>> {
+        Ok(Arc::new(TernModel {
+            inner: tern::Model::from_bytes(&bytes)?,
+        }))
+    }
+
+    /// The model's interface and provenance.
+    pub fn info(&self) -> ModelInfo {
+        let i = self.inner.info();
+        ModelInfo {
+            name: self.inner.name().to_string(),
+            version: i.version.clone(),
+            inputs: i.inputs.iter().map(info_of).collect(),
+            outputs: i.outputs.iter().map(info_of).collect(),
+            opset: i.default_opset(),
+            producer: i.producer.clone(),
+            parameter_count: i.parameter_count,
+            quantized: i.quantized,
+        }
+    }
+}
+
+/// Which device to run on.
+#[derive(Debug, Clone, Copy, uniffi::Enum)]
+pub enum Backend {
+    /// The CPU.
+    Cpu,
+    /// The GPU (fails when unavailable).
+    Gpu,
+    /// The GPU when it works, else the CPU.
+    Auto,
+}
+
+/// Session options.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct SessionConfig {
+    /// Device.
+    pub backend: Backend,
+    /// CPU threads (0 = all cores).
+    #[uniffi(default = 1)]
+    pub threads: u32,
+    /// Let NaN through instead of failing.
+    #[uniffi(default = false)]
+    pub allow_nan: bool,
+    /// Record runs in the process-wide telemetry buffer (when one was initialised).
+    #[uniffi(default = true)]
+    pub telemetry: bool,
+}
+
+/// A model prepared to run; share it across threads.
+#[derive(uniffi::Object)]
+pub struct TernSession {
+    inner: Arc<tern::Session>,
+}
+
+fn run_session(session: &tern::Session, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
+    let inputs = inputs
+        .iter()
+        .map(|t| Ok((t.name.clone(), t.to_tern()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = session.run(inputs)?;
+    outputs
+        .iter()
+        .map(|(name, t)| TensorData::from_tern(name, t))
+        .collect()
+}
+
+#[uniffi::export]
+impl TernSession {
+    /// Prepares `model` with `config`.
+    #[uniffi::constructor]
+    pub fn new(model: Arc<TernModel>, config: SessionConfig) -> Result<Arc<Self>> {
+        let mut options = tern::SessionOptions::new()
+            .threads(config.threads as usize)
+            .backend(match config.backend {
+                Backend::Cpu => tern::Backend::Cpu,
+                Backend::Gpu => tern::Backend::Gpu,
+                Backend::Auto => tern::Backend::Auto,
+            })
+            .nan_policy(if config.allow_nan {
+                tern::NanPolicy::Allow
+            } else {
+                tern::NanPolicy::Reject
+            });
+        if !config.telemetry {
+            options = options.without_telemetry();
+        }
+        Ok(Arc::new(TernSession {
+            inner: Arc::new(tern::Session::new(&model.inner, options)?),
+        }))
+    }
+
+    /// Runs the model on named inputs; returns the named outputs.
+    pub fn run(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
+        run_session(&self.inner, inputs)
+    }
+
+    /// Like `run`, on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+    pub async fn run_async(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let session = self.inner.clone();
+        std::thread::Builder::new()
+            .name("tern-run".into())
+            .spawn(move || {
+                let _ = tx.send(run_session(&session, inputs));
+            })
+            .map_err(|e| TernError::Inference {
+                kind: "thread".into(),
+                detail: e.to_string(),
+            })?;
+        rx.await.unwrap_or_else(|_| {
+            Err(TernError::Inference {
+                kind: "panic".into(),
+                detail: "run thread died".into(),
+            })
+        })
+    }
+
+    /// The backend in use (`cpu`, `gpu`) and why it was chosen.
+    pub fn backend(&self) -> String {
+        format!("{}: {}", self.inner.backend(), self.inner.backend_reason())
+    }
+}
+
+/// One OTLP request of an upload batch.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct UploadPayload {
+    /// `traces`, `metrics` or `logs`.
+    pub signal: String,
+    /// Collector path, e.g. `/v1/metrics`.
+    pub path: String,
+    /// OTLP/JSON body.
+    pub json: String,
+}
+
+/// A batch to upload.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct UploadBatch {
+    /// Stable id (kept across retries).
+    pub id: u64,
+    /// Records in the batch.
+    pub records: u64,
+    /// The requests to send.
+    pub payloads: Vec<UploadPayload>,
+}
+
+/// What the platform's uploader did with a batch.
+#[derive(Debug, Clone, uniffi::Enum)]
+pub enum UploadResult {
+    /// Accepted by the collector: delete it.
+    Accepted,
+    /// Keep it and retry later.
+    Retry {
+        /// Why.
+        reason: String,
+    },
+    /// The collector will never take it: delete it and count it as dropped.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Implemented by the app (Kotlin/Swift): sends one batch, e.g. with OkHttp or URLSession.
+#[uniffi::export(foreign)]
+pub trait TelemetryUploader: Send + Sync {
+    /// Sends `batch`; see [`UploadResult`].
+    fn upload(&self, batch: UploadBatch) -> UploadResult;
+}
+
+struct ForeignUploader(Arc<dyn TelemetryUploader>);
+
+impl tel::Uploader for ForeignUploader {
+    fn upload(&self, batch: &tel::UploadBatch) -> tel::UploadResult {
+        let batch = UploadBatch {
+            id: batch.id,
+            records: batch.records,
+            payloads: batch
+                .payloads
+                .iter()
+                .map(|p| UploadPayload {
+                    signal: p.signal.into(),
+                    path: p.path.into(),
+                    json: p.json.clone(),
+                })
+                .collect(),
+        };
+        match self.0.upload(batch) {
+            UploadResult::Accepted => tel::UploadResult::Accepted,
+            UploadResult::Retry { reason } => tel::UploadResult::Retry(reason),
+            UploadResult::Rejected { reason } => tel::UploadResult::Rejected(reason),
+        }
+    }
+}
+
+/// Telemetry buffer settings.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct TelemetryConfig {
+    /// Most bytes on disk.
+    #[uniffi(default = 8388608)]
+    pub max_bytes: u64,
+    /// Oldest record kept, in seconds.
+    #[uniffi(default = 604800)]
+    pub max_age_seconds: u64,
+    /// Fraction of runs sampled for model-health statistics.
+    #[uniffi(default = 0.01)]
+    pub health_sample_rate: f64,
+    /// Least seconds between uploads.
+    #[uniffi(default = 10)]
+    pub min_upload_interval_seconds: u64,
+    /// OTLP `service.name`.
+    #[uniffi(default = "tern")]
+    pub service_name: String,
+}
+
+/// What an upload pass did.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct UploadReport {
+    /// Batches accepted.
+    pub batches_accepted: u64,
+    /// Records in them.
+    pub records_accepted: u64,
+    /// Batches rejected.
+    pub batches_rejected: u64,
+    /// Whether to try again later.
+    pub retry_later: bool,
+}
+
+/// The on-device telemetry buffer.
+#[derive(uniffi::Object)]
+pub struct TernTelemetry {
+    inner: tel::Telemetry,
+}
+
+/// Opens the telemetry buffer in `dir` (an app-private folder) and makes it the one every
+/// session created afterwards records into.
+#[uniffi::export]
+pub fn init_telemetry(dir: String, config: TelemetryConfig) -> Result<Arc<TernTelemetry>> {
+    let config = tel::TelemetryConfig {
+        max_bytes: config.max_bytes,
+        max_age: std::time::Duration::from_secs(config.max_age_seconds),
+        health_sample_rate: config.health_sample_rate,
+        min_upload_interval: std::time::Duration::from_secs(config.min_upload_interval_seconds),
+        service_name: config.service_name,
+        ..Default::default()
+    };
+    Ok(Arc::new(TernTelemetry {
+        inner: tel::init(dir, config)?,
+    }))
+}
+
+fn attrs(a: &HashMap<String, String>) -> Vec<(&str, tel::AttrValue)> {
+    a.iter()
+        .map(|(k, v)| (k.as_str(), tel::AttrValue::from(v.as_str())))
+        .collect()
+}
+
+#[uniffi::export]
+impl TernTelemetry {
+    /// Records an app event.
+    pub fn event(&self, name: String, attributes: HashMap<String, String>) {
+        self.inner.event(&name, &attrs(&attributes));
+    }
+
+    /// Adds `n` to an app counter.
+    pub fn counter(&self, name: String, n: u64, attributes: HashMap<String, String>) {
+        self.inner.counter(&name, n, &attrs(&attributes));
+    }
+
+    /// Makes every record so far durable.
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.inner.flush()?)
+    }
+
+    /// Uploads pending batches now through `uploader`.
+    pub fn upload_pending(&self, uploader: Arc<dyn TelemetryUploader>) -> Result<UploadReport> {
+        let r = self.inner.upload_pending(&ForeignUploader(uploader))?;
+        Ok(UploadReport {
+            batches_accepted: r.batches_accepted,
+            records_accepted: r.records_accepted,
+            batches_rejected: r.batches_rejected,
+            retry_later: r.retry_later,
+        })
+    }
+
+    /// Sets the uploader used in the background when the network is available.
+    pub fn set_uploader(&self, uploader: Arc<dyn TelemetryUploader>) {
+        self.inner.set_uploader(Arc::new(ForeignUploader(uploader)));
+    }
+
+    /// Tells the buffer whether the network is there (from the platform's connectivity
+    /// callback).
+    pub fn set_network_available(&self, available: bool) {
+        self.inner.set_network_available(available);
+    }
+
+    /// Bytes on disk and records dropped so far.
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let s = self.inner.stats();
+        HashMap::from([
+            ("bytesOnDisk".to_string(), s.bytes_on_disk),
+            ("pendingBatches".to_string(), s.pending_batches),
+            ("dropped".to_string(), s.dropped),
+        ])
+    }
+}

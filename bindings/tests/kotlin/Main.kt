@@ -1,0 +1,128 @@
+// End-to-end test of the generated Kotlin bindings on the JVM, against the real Rust library
+// (loaded through JNA): the same scenario as test_python.py. Prints
+// "bindings-kotlin: N passed, N failed" and exits non-zero on failure.
+//
+// usage: MainKt CASE_DIR MODEL_PATH
+
+import java.io.File
+import java.nio.ByteBuffer
+import java.nio.ByteOrder
+import kotlinx.coroutines.runBlocking
+import uniffi.tern_ffi.*
+
+var passed = 0
+var failed = 0
+
+fun check(name: String, body: () -> Unit) {
+    try {
+        body()
+        passed++
+        println("ok   $name")
+    } catch (e: Throwable) {
+        failed++
+        println("FAIL $name: $e")
+    }
+}
+
+fun expect(condition: Boolean, message: () -> String) {
+    if (!condition) throw AssertionError(message())
+}
+
+inline fun <reified E : Throwable> assertThrows(body: () -> Unit): E {
+    try {
+        body()
+    } catch (e: Throwable) {
+        if (e is E) return e
+        throw AssertionError("expected ${E::class.simpleName}, got $e")
+    }
+    throw AssertionError("expected ${E::class.simpleName}, nothing thrown")
+}
+
+fun floats(bytes: ByteArray): FloatArray {
+    val buf = ByteBuffer.wrap(bytes).order(ByteOrder.LITTLE_ENDIAN).asFloatBuffer()
+    return FloatArray(buf.remaining()).also { buf.get(it) }
+}
+
+fun main(args: Array<String>) {
+    val case = File(args[0])
+    val modelPath = args[1]
+    val (n, width, classes) = File(case, "shape.txt").readText().trim().split(" ").map { it.toInt() }
+    val input = File(case, "input.bin").readBytes()
+    val expected = floats(File(case, "expected.bin").readBytes())
+    val cpu = SessionConfig(backend = Backend.CPU, threads = 1u, allowNan = false, telemetry = false)
+    fun bytesInput() = TensorData("bytes", DType.I32, listOf(n.toULong(), width.toULong()), input)
+
+    check("real model matches onnxruntime") {
+        TernModel.fromPath(modelPath).use { model ->
+            val info = model.info()
+            expect(info.inputs.map { it.name } == listOf("bytes")) { "inputs ${info.inputs}" }
+            TernSession(model, cpu).use { session ->
+                val out = session.run(listOf(bytesInput()))
+                expect(out[0].shape == listOf(n.toULong(), classes.toULong())) { "shape ${out[0].shape}" }
+                val got = floats(out[0].data)
+                val worst = got.indices.maxOf { kotlin.math.abs(got[it] - expected[it]) }
+                expect(worst < 1e-4f) { "max abs diff $worst" }
+            }
+        }
+    }
+
+    check("suspend runAsync") {
+        TernModel.fromPath(modelPath).use { model ->
+            TernSession(model, cpu).use { session ->
+                val out = runBlocking { session.runAsync(listOf(bytesInput())) }
+                val got = floats(out[0].data)
+                expect(got.indices.all { kotlin.math.abs(got[it] - expected[it]) < 1e-4f }) { "async outputs differ" }
+            }
+        }
+    }
+
+    check("errors are exceptions of a sealed hierarchy") {
+        TernModel.fromPath(modelPath).use { model ->
+            TernSession(model, cpu).use { session ->
+                val shape = assertThrows<TernException.InvalidInput> {
+                    session.run(listOf(tensorI32("bytes", listOf(1uL, 7uL), List(7) { 0 })))
+                }
+                expect(shape.kind == "shape_mismatch") { shape.kind }
+                val dtype = assertThrows<TernException.InvalidInput> {
+                    session.run(listOf(tensorF32("bytes", listOf(1uL, 2048uL), List(2048) { 0f })))
+                }
+                expect(dtype.kind == "dtype_mismatch") { dtype.kind }
+            }
+        }
+        assertThrows<TernException.InvalidModel> { TernModel.fromBytes("not a model".toByteArray()) }
+        assertThrows<TernException.Io> { TernModel.fromPath("/nonexistent/model.onnx") }
+        val err: TernException = assertThrows<TernException.InvalidOption> {
+            TernSession(TernModel.fromPath(modelPath), cpu.copy(backend = Backend.GPU))
+        }
+        expect(when (err) { is TernException.InvalidOption -> true; else -> false }) { "exhaustive when" }
+    }
+
+    check("telemetry uploads through a Kotlin uploader") {
+        val dir = kotlin.io.path.createTempDirectory("tern-kotlin-telemetry").toFile()
+        val telemetry = initTelemetry(dir.path, TelemetryConfig(healthSampleRate = 1.0, serviceName = "kotlin-test"))
+        val batches = mutableListOf<UploadBatch>()
+        val uploader = object : TelemetryUploader {
+            override fun upload(batch: UploadBatch): UploadResult {
+                batches.add(batch)
+                return UploadResult.Accepted
+            }
+        }
+        TernModel.fromPath(modelPath).use { model ->
+            TernSession(model, cpu.copy(telemetry = true)).use { session ->
+                repeat(3) { session.run(listOf(bytesInput())) }
+            }
+        }
+        telemetry.event("app.opened", mapOf("screen" to "main"))
+        telemetry.flush()
+        val report = telemetry.uploadPending(uploader)
+        expect(report.batchesAccepted >= 1uL) { "report $report" }
+        val traces = batches.flatMap { it.payloads }.first { it.signal == "traces" }.json
+        expect(Regex("\"name\":\"tern.run\"").findAll(traces).count() == 3) { "spans in $traces" }
+        expect(batches.flatMap { it.payloads }.any { it.signal == "logs" && it.json.contains("app.opened") }) { "event" }
+        expect(telemetry.stats()["pendingBatches"] == 0uL) { "stats ${telemetry.stats()}" }
+        dir.deleteRecursively()
+    }
+
+    println("bindings-kotlin: $passed passed, $failed failed")
+    if (failed > 0) kotlin.system.exitProcess(1)
+}

@@ -1,0 +1,18 @@
+"""Writes the binding tests' shared case: magika's seeded input (int32) and onnxruntime's
+output (float32) from scripts/fetch-models, as raw little-endian files both languages read
+without a parser: input.bin, expected.bin, shape.txt ("2 2048 214")."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+cache = Path(os.environ.get("TERN_CACHE", Path.home() / ".cache" / "tern"))
+ref = cache / "models" / "magika" / "ref"
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+x = np.load(ref / "input.bytes.npy").astype("<i4")
+y = np.load(ref / "output.target_label.npy").astype("<f4")
+(out / "input.bin").write_bytes(x.tobytes())
+(out / "expected.bin").write_bytes(y.tobytes())
+(out / "shape.txt").write_text(f"{x.shape[0]} {x.shape[1]} {y.shape[1]}")
