@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tern::telemetry as tel;
+use tern::DType;
 
 uniffi::setup_scaffolding!();
 
@@ -101,70 +102,23 @@ impl From<tern::Error> for TernError {
 
 type Result<T> = std::result::Result<T, TernError>;
 
-/// Element type of a tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+// tern's own element type, exposed as is (UniFFI mirrors it from this definition).
+#[uniffi::remote(Enum)]
+#[non_exhaustive]
 pub enum DType {
-    /// 32-bit float.
     F32,
-    /// 16-bit float.
     F16,
-    /// 64-bit float.
     F64,
-    /// 64-bit signed integer.
     I64,
-    /// 32-bit signed integer.
     I32,
-    /// 16-bit signed integer.
     I16,
-    /// 8-bit signed integer.
     I8,
-    /// 64-bit unsigned integer.
     U64,
-    /// 32-bit unsigned integer.
     U32,
-    /// 16-bit unsigned integer.
     U16,
-    /// 8-bit unsigned integer.
     U8,
-    /// Boolean (one byte, 0 or 1).
     Bool,
-}
-
-impl DType {
-    fn to_tern(self) -> tern::DType {
-        match self {
-            DType::F32 => tern::DType::F32,
-            DType::F16 => tern::DType::F16,
-            DType::F64 => tern::DType::F64,
-            DType::I64 => tern::DType::I64,
-            DType::I32 => tern::DType::I32,
-            DType::I16 => tern::DType::I16,
-            DType::I8 => tern::DType::I8,
-            DType::U64 => tern::DType::U64,
-            DType::U32 => tern::DType::U32,
-            DType::U16 => tern::DType::U16,
-            DType::U8 => tern::DType::U8,
-            DType::Bool => tern::DType::Bool,
-        }
-    }
-
-    fn from_tern(d: tern::DType) -> Option<DType> {
-        Some(match d {
-            tern::DType::F32 => DType::F32,
-            tern::DType::F16 => DType::F16,
-            tern::DType::F64 => DType::F64,
-            tern::DType::I64 => DType::I64,
-            tern::DType::I32 => DType::I32,
-            tern::DType::I16 => DType::I16,
-            tern::DType::I8 => DType::I8,
-            tern::DType::U64 => DType::U64,
-            tern::DType::U32 => DType::U32,
-            tern::DType::U16 => DType::U16,
-            tern::DType::U8 => DType::U8,
-            tern::DType::Bool => DType::Bool,
-            _ => return None,
-        })
-    }
+    String,
 }
 
 /// A named tensor: dtype, shape and the elements as little-endian bytes, row-major.
@@ -183,25 +137,15 @@ pub struct TensorData {
 impl TensorData {
     fn to_tern(&self) -> Result<tern::Tensor> {
         let shape: Vec<usize> = self.shape.iter().map(|d| *d as usize).collect();
-        Ok(tern::Tensor::from_bytes(
-            self.dtype.to_tern(),
-            &shape,
-            &self.data,
-        )?)
+        Ok(tern::Tensor::from_bytes(self.dtype, &shape, &self.data)?)
     }
 
     fn from_tern(name: &str, t: &tern::Tensor) -> Result<TensorData> {
-        let dtype = DType::from_tern(t.dtype()).ok_or_else(|| TernError::Inference {
-            kind: "tensor".into(),
-            detail: format!(
-                "output {name:?} has type {}, which the bindings do not carry",
-                t.dtype()
-            ),
-        })?;
         Ok(TensorData {
             name: name.to_string(),
-            dtype,
+            dtype: t.dtype(),
             shape: t.shape().iter().map(|d| *d as u64).collect(),
+            // String outputs have no raw bytes: a typed `InvalidInput { kind: "tensor" }`.
             data: t.as_bytes()?.to_vec(),
         })
     }

@@ -339,23 +339,16 @@ fn print_info(model: &Model) {
         info.parameter_bytes as f64 / 1048576.0,
         if info.quantized { ", quantized" } else { "" }
     );
-    println!("inputs");
-    for i in &info.inputs {
-        println!(
-            "  {:<24} {:<6} {}",
-            i.name,
-            i.dtype.map_or("?", |d| d.name()),
-            i.shape_string()
-        );
-    }
-    println!("outputs");
-    for o in &info.outputs {
-        println!(
-            "  {:<24} {:<6} {}",
-            o.name,
-            o.dtype.map_or("?", |d| d.name()),
-            o.shape_string()
-        );
+    for (label, tensors) in [("inputs", &info.inputs), ("outputs", &info.outputs)] {
+        println!("{label}");
+        for t in tensors {
+            println!(
+                "  {:<24} {:<6} {}",
+                t.name,
+                t.dtype.map_or("?", |d| d.name()),
+                t.shape_string()
+            );
+        }
     }
     println!("operators   {} nodes", info.node_count);
     let mut ops: Vec<_> = info.op_histogram.iter().collect();

@@ -2254,60 +2254,22 @@ public func FfiConverterTypeBackend_lower(_ value: Backend) -> RustBuffer {
 
 
 
-/**
- * Element type of a tensor.
- */
 
 public enum DType: Equatable, Hashable {
     
-    /**
-     * 32-bit float.
-     */
     case f32
-    /**
-     * 16-bit float.
-     */
     case f16
-    /**
-     * 64-bit float.
-     */
     case f64
-    /**
-     * 64-bit signed integer.
-     */
     case i64
-    /**
-     * 32-bit signed integer.
-     */
     case i32
-    /**
-     * 16-bit signed integer.
-     */
     case i16
-    /**
-     * 8-bit signed integer.
-     */
     case i8
-    /**
-     * 64-bit unsigned integer.
-     */
     case u64
-    /**
-     * 32-bit unsigned integer.
-     */
     case u32
-    /**
-     * 16-bit unsigned integer.
-     */
     case u16
-    /**
-     * 8-bit unsigned integer.
-     */
     case u8
-    /**
-     * Boolean (one byte, 0 or 1).
-     */
     case bool
+    case string
 
 
 
@@ -2352,6 +2314,8 @@ public struct FfiConverterTypeDType: FfiConverterRustBuffer {
         case 11: return .u8
         
         case 12: return .bool
+        
+        case 13: return .string
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -2407,6 +2371,10 @@ public struct FfiConverterTypeDType: FfiConverterRustBuffer {
         
         case .bool:
             writeInt(&buf, Int32(12))
+        
+        
+        case .string:
+            writeInt(&buf, Int32(13))
         
         }
     }

@@ -3390,60 +3390,22 @@ public object FfiConverterTypeBackend: FfiConverterRustBuffer<Backend> {
 
 
 
-/**
- * Element type of a tensor.
- */
 
 enum class DType {
     
-    /**
-     * 32-bit float.
-     */
     F32,
-    /**
-     * 16-bit float.
-     */
     F16,
-    /**
-     * 64-bit float.
-     */
     F64,
-    /**
-     * 64-bit signed integer.
-     */
     I64,
-    /**
-     * 32-bit signed integer.
-     */
     I32,
-    /**
-     * 16-bit signed integer.
-     */
     I16,
-    /**
-     * 8-bit signed integer.
-     */
     I8,
-    /**
-     * 64-bit unsigned integer.
-     */
     U64,
-    /**
-     * 32-bit unsigned integer.
-     */
     U32,
-    /**
-     * 16-bit unsigned integer.
-     */
     U16,
-    /**
-     * 8-bit unsigned integer.
-     */
     U8,
-    /**
-     * Boolean (one byte, 0 or 1).
-     */
-    BOOL;
+    BOOL,
+    STRING;
 
     
 
