@@ -4,10 +4,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use rand::{RngExt, SeedableRng};
+use anyhow::Result;
 use serde::Serialize;
-use tern::{DType, Dim, Model, Session, SessionOptions, Tensor, TensorInfo};
+use tern::{Model, Session, SessionOptions, Tensor};
 
 /// What `tern bench` measured.
 #[derive(Debug, Serialize)]
@@ -67,11 +66,10 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
     let t1 = Instant::now();
     let session = Session::new(&model, cfg.options.clone())?;
     let prepare = t1.elapsed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut inputs = cfg.inputs.clone();
-    for info in model.inputs() {
-        if !inputs.iter().any(|(n, _)| n == &info.name) {
-            inputs.push((info.name.clone(), random_input(info, &cfg.dims, &mut rng)?));
+    for (name, tensor) in model.random_inputs(7, &cfg.dims)? {
+        if !inputs.iter().any(|(n, _)| *n == name) {
+            inputs.push((name, tensor));
         }
     }
     session.run(inputs.clone())?;
@@ -107,49 +105,6 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
             .iter()
             .map(|(n, t)| (n.clone(), t.shape().to_vec()))
             .collect(),
-    })
-}
-
-/// A random tensor fitting `info`, symbolic dimensions sized from `dims` (default 1).
-fn random_input(
-    info: &TensorInfo,
-    dims: &BTreeMap<String, usize>,
-    rng: &mut impl rand::Rng,
-) -> Result<Tensor> {
-    let shape: Vec<usize> = info
-        .shape
-        .as_ref()
-        .with_context(|| format!("input {:?} has no declared shape; pass --input", info.name))?
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n,
-            Dim::Symbolic(s) => dims.get(s).copied().unwrap_or(1),
-        })
-        .collect();
-    let n: usize = shape.iter().product();
-    let dtype = info.dtype.unwrap_or(DType::F32);
-    Ok(match dtype {
-        DType::F32 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<f32>()).collect())?,
-        DType::F16 => Tensor::from_vec(
-            &shape,
-            (0..n).map(|_| half::f16::from_f32(rng.random())).collect(),
-        )?,
-        DType::F64 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<f64>()).collect())?,
-        DType::I64 => Tensor::from_vec(
-            &shape,
-            (0..n).map(|_| rng.random_range(0..100i64)).collect(),
-        )?,
-        DType::I32 => Tensor::from_vec(
-            &shape,
-            (0..n).map(|_| rng.random_range(0..256i32)).collect(),
-        )?,
-        DType::U8 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<u8>()).collect())?,
-        DType::I8 => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<i8>()).collect())?,
-        DType::Bool => Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<bool>()).collect())?,
-        other => anyhow::bail!(
-            "cannot make random {other} input for {:?}; pass --input",
-            info.name
-        ),
     })
 }
 

@@ -16,7 +16,7 @@ use tract_onnx::prelude::InferenceModel;
 
 use crate::error::{catch_panic, chain, Error};
 use crate::telemetry::drift::{self, Baseline};
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
 use crate::Result;
 
 /// One dimension of a declared tensor shape.
@@ -366,6 +366,74 @@ impl Model {
     /// The drift baseline the model ships (`metadata_props["tern.baseline"]`), if any.
     pub fn baseline(&self) -> Option<&Baseline> {
         self.baseline.as_deref()
+    }
+
+    /// Seeded random inputs for every model input (for benchmarks, smoke tests and
+    /// quantization evaluation): floats uniform in [0, 1), integers in [0, 100) (i64) or
+    /// [0, 256) (i32), symbolic dimensions sized from `dims` (default 1).
+    pub fn random_inputs(
+        &self,
+        seed: u64,
+        dims: &BTreeMap<String, usize>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        self.inputs()
+            .iter()
+            .map(|info| {
+                let shape: Vec<usize> = info
+                    .shape
+                    .as_ref()
+                    .ok_or_else(|| Error::InvalidOption {
+                        reason: format!("input {:?} declares no shape", info.name),
+                    })?
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => *n,
+                        Dim::Symbolic(s) => dims.get(s).copied().unwrap_or(1),
+                    })
+                    .collect();
+                let n: usize = shape.iter().product();
+                let t = match info.dtype.unwrap_or(DType::F32) {
+                    DType::F32 => {
+                        Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<f32>()).collect())?
+                    }
+                    DType::F16 => Tensor::from_vec(
+                        &shape,
+                        (0..n).map(|_| half::f16::from_f32(rng.random())).collect(),
+                    )?,
+                    DType::F64 => {
+                        Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<f64>()).collect())?
+                    }
+                    DType::I64 => Tensor::from_vec(
+                        &shape,
+                        (0..n).map(|_| rng.random_range(0..100i64)).collect(),
+                    )?,
+                    DType::I32 => Tensor::from_vec(
+                        &shape,
+                        (0..n).map(|_| rng.random_range(0..256i32)).collect(),
+                    )?,
+                    DType::U8 => {
+                        Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<u8>()).collect())?
+                    }
+                    DType::I8 => {
+                        Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<i8>()).collect())?
+                    }
+                    DType::Bool => {
+                        Tensor::from_vec(&shape, (0..n).map(|_| rng.random::<bool>()).collect())?
+                    }
+                    other => {
+                        return Err(Error::InvalidOption {
+                            reason: format!(
+                                "cannot make random {other} values for input {:?}",
+                                info.name
+                            ),
+                        })
+                    }
+                };
+                Ok((info.name.clone(), t))
+            })
+            .collect()
     }
 
     /// The model inputs (initializers excluded).

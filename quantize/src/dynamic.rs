@@ -1,0 +1,221 @@
+//! Dynamic int8 quantization of `MatMul` and `Gemm` with constant weights: weights stored as
+//! symmetric int8 (per output column by default), activations quantized at run time.
+//!
+//! ```text
+//! A ─ DynamicQuantizeLinear ─ A_q, A_scale, A_zp ─┐
+//!                         W_q (int8, [K, N]), 0 ──┴─ MatMulInteger ─ Cast(f32) ─ Mul ─ (+ bias) ─ Y
+//!                              A_scale × W_scale[N] ─────────────────────────────┘
+//! ```
+//! Only standard ONNX operators (opset ≥ 11), so the result also runs in onnxruntime.
+
+use std::collections::HashSet;
+
+use tract_onnx::pb;
+
+use crate::error::{QuantizeError, Result};
+use crate::graph::{self, attr_i, f32_tensor, int_attr, node, tensor, FLOAT, INT8};
+
+/// Options for [`quantize_dynamic`].
+#[derive(Debug, Clone)]
+pub struct DynamicOptions {
+    /// One scale per output column (true, default) or one per tensor.
+    pub per_channel: bool,
+    /// Node names to leave in float.
+    pub exclude_nodes: HashSet<String>,
+    /// Op types to leave in float (`MatMul`, `Gemm`).
+    pub exclude_ops: HashSet<String>,
+}
+
+impl Default for DynamicOptions {
+    fn default() -> Self {
+        DynamicOptions {
+            per_channel: true,
+            exclude_nodes: HashSet::new(),
+            exclude_ops: HashSet::new(),
+        }
+    }
+}
+
+/// Symmetric int8 quantization of a `[K, N]` row-major matrix: `(values, scale per column)`.
+pub fn quantize_weights(w: &[f32], k: usize, n: usize, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
+    let mut maxes = vec![0f32; n];
+    for (i, v) in w.iter().enumerate() {
+        let c = i % n;
+        maxes[c] = maxes[c].max(v.abs());
+    }
+    if !per_channel {
+        let m = maxes.iter().copied().fold(0f32, f32::max);
+        maxes.iter_mut().for_each(|x| *x = m);
+    }
+    let scales: Vec<f32> = maxes
+        .iter()
+        .map(|m| if *m > 0.0 { m / 127.0 } else { 1.0 })
+        .collect();
+    let q = w
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / scales[i % n]).round().clamp(-127.0, 127.0) as i8)
+        .collect();
+    debug_assert_eq!(w.len(), k * n);
+    (q, if per_channel { scales } else { vec![scales[0]] })
+}
+
+/// Quantizes every eligible `MatMul`/`Gemm`; returns how many were converted.
+pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) -> Result<usize> {
+    graph::ensure_not_quantized(model)?;
+    if graph::opset(model) < 11 {
+        return Err(QuantizeError::InvalidModel(
+            "dynamic quantization needs opset ≥ 11 (DynamicQuantizeLinear); upgrade the model first".into(),
+        ));
+    }
+    let g = graph::graph_mut(model);
+    graph::constants_to_initializers(g);
+    let inits = graph::initializers(g);
+    let mut nodes = Vec::with_capacity(g.node.len());
+    let mut new_inits = Vec::new();
+    let mut converted = 0;
+    for (ix, n) in std::mem::take(&mut g.node).into_iter().enumerate() {
+        let eligible = matches!(n.op_type.as_str(), "MatMul" | "Gemm")
+            && !options.exclude_nodes.contains(&n.name)
+            && !options.exclude_ops.contains(&n.op_type)
+            && (n.op_type == "MatMul"
+                || (attr_i(&n, "transA", 0) == 0
+                    && n.attribute
+                        .iter()
+                        .all(|a| !matches!(a.name.as_str(), "alpha" | "beta") || a.f == 1.0)));
+        let weight = n
+            .input
+            .get(1)
+            .and_then(|w| inits.get(w))
+            .filter(|t| t.dims.len() == 2);
+        let (Some(w), true) = (weight, eligible) else {
+            nodes.push(n);
+            continue;
+        };
+        let Some(values) = graph::f32_values(w) else {
+            nodes.push(n);
+            continue;
+        };
+        let (mut k, mut cols) = (w.dims[0] as usize, w.dims[1] as usize);
+        let values = if n.op_type == "Gemm" && attr_i(&n, "transB", 0) == 1 {
+            // Stored [N, K]: transpose to [K, N].
+            let (rows, c) = (k, cols);
+            (k, cols) = (c, rows);
+            (0..k * cols)
+                .map(|i| values[(i % cols) * c + i / cols])
+                .collect()
+        } else {
+            values
+        };
+        let (q, scales) = quantize_weights(&values, k, cols, options.per_channel);
+        let p = format!(
+            "{}_dq{ix}",
+            if n.name.is_empty() { "node" } else { &n.name }
+        );
+        let (a, y) = (n.input[0].clone(), n.output[0].clone());
+        new_inits.push(tensor(
+            &format!("{p}_W_q"),
+            INT8,
+            &[k as i64, cols as i64],
+            q.iter().map(|v| *v as u8).collect(),
+        ));
+        new_inits.push(tensor(&format!("{p}_W_zp"), INT8, &[], vec![0]));
+        new_inits.push(f32_tensor(
+            &format!("{p}_W_scale"),
+            &[scales.len() as i64],
+            &scales,
+        ));
+        let names = |s: &str| format!("{p}_{s}");
+        nodes.push(node(
+            "DynamicQuantizeLinear",
+            &names("dql"),
+            &[&a],
+            &[&names("A_q"), &names("A_scale"), &names("A_zp")],
+            vec![],
+        ));
+        nodes.push(node(
+            "MatMulInteger",
+            &names("mmi"),
+            &[
+                &names("A_q"),
+                &format!("{p}_W_q"),
+                &names("A_zp"),
+                &format!("{p}_W_zp"),
+            ],
+            &[&names("Y_i32")],
+            vec![],
+        ));
+        nodes.push(node(
+            "Cast",
+            &names("cast"),
+            &[&names("Y_i32")],
+            &[&names("Y_f")],
+            vec![int_attr("to", FLOAT as i64)],
+        ));
+        nodes.push(node(
+            "Mul",
+            &names("scale"),
+            &[&names("A_scale"), &format!("{p}_W_scale")],
+            &[&names("S")],
+            vec![],
+        ));
+        let bias = (n.op_type == "Gemm")
+            .then(|| n.input.get(2).filter(|b| !b.is_empty()).cloned())
+            .flatten();
+        match bias {
+            Some(b) => {
+                nodes.push(node(
+                    "Mul",
+                    &names("rescale"),
+                    &[&names("Y_f"), &names("S")],
+                    &[&names("Y_nb")],
+                    vec![],
+                ));
+                nodes.push(node(
+                    "Add",
+                    &names("bias"),
+                    &[&names("Y_nb"), &b],
+                    &[&y],
+                    vec![],
+                ));
+            }
+            None => nodes.push(node(
+                "Mul",
+                &names("rescale"),
+                &[&names("Y_f"), &names("S")],
+                &[&y],
+                vec![],
+            )),
+        }
+        converted += 1;
+    }
+    g.node = nodes;
+    g.initializer.extend(new_inits);
+    graph::prune_initializers(g);
+    if converted == 0 {
+        return Err(QuantizeError::NothingToDo(
+            "no MatMul/Gemm with a constant 2-D weight".into(),
+        ));
+    }
+    Ok(converted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_round_trip_within_half_a_step() {
+        let w: Vec<f32> = (0..12)
+            .map(|i| (i as f32 - 5.5) * [0.1, 1.0, 10.0][i % 3])
+            .collect();
+        let (q, s) = quantize_weights(&w, 4, 3, true);
+        assert_eq!(s.len(), 3);
+        for (i, v) in w.iter().enumerate() {
+            let back = f32::from(q[i]) * s[i % 3];
+            assert!((back - v).abs() <= s[i % 3] / 2.0 + 1e-6, "{v} -> {back}");
+        }
+        let (_, s) = quantize_weights(&w, 4, 3, false);
+        assert_eq!(s.len(), 1);
+    }
+}

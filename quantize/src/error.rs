@@ -1,0 +1,30 @@
+//! Errors of `tern-quantize`.
+
+/// What can go wrong while transforming or evaluating a model.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantizeError {
+    /// Reading or writing a file failed.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The input is not an ONNX model.
+    #[error("invalid ONNX model: {0}")]
+    InvalidModel(String),
+    /// The model is already quantized: quantizing twice loses accuracy for nothing.
+    #[error("the model is already quantized ({0} found)")]
+    AlreadyQuantized(String),
+    /// Nothing in the model could be transformed.
+    #[error("nothing to do: {0}")]
+    NothingToDo(String),
+    /// Running a model through tern for evaluation failed.
+    #[error("evaluation through tern failed: {0}")]
+    Tern(#[from] tern::Error),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, QuantizeError>;

@@ -1,0 +1,209 @@
+//! Reading, editing and writing ONNX graphs with tract-onnx's protobuf types.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use prost::Message;
+use tract_onnx::pb;
+
+use crate::error::{QuantizeError, Result};
+
+/// ONNX element type codes used here.
+pub const FLOAT: i32 = 1;
+/// uint8
+pub const UINT8: i32 = 2;
+/// int8
+pub const INT8: i32 = 3;
+/// float16
+pub const FLOAT16: i32 = 10;
+
+/// Reads a model file.
+pub fn load(path: &Path) -> Result<pb::ModelProto> {
+    let bytes = std::fs::read(path).map_err(|source| QuantizeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let model = pb::ModelProto::decode(&bytes[..])
+        .map_err(|e| QuantizeError::InvalidModel(e.to_string()))?;
+    if model.graph.is_none() || model.ir_version <= 0 {
+        return Err(QuantizeError::InvalidModel("no graph".into()));
+    }
+    Ok(model)
+}
+
+/// Writes a model file.
+pub fn save(model: &pb::ModelProto, path: &Path) -> Result<()> {
+    std::fs::write(path, model.encode_to_vec()).map_err(|source| QuantizeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The graph (checked present by [`load`]).
+pub fn graph_mut(model: &mut pb::ModelProto) -> &mut pb::GraphProto {
+    model.graph.get_or_insert_with(Default::default)
+}
+
+/// Ops whose presence means the model is already quantized.
+pub const QUANTIZED_OPS: &[&str] = &[
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+];
+
+/// Fails if the model already contains quantized ops.
+pub fn ensure_not_quantized(model: &pb::ModelProto) -> Result<()> {
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| QuantizeError::InvalidModel("no graph".into()))?;
+    match graph
+        .node
+        .iter()
+        .find(|n| QUANTIZED_OPS.contains(&n.op_type.as_str()))
+    {
+        Some(n) => Err(QuantizeError::AlreadyQuantized(n.op_type.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Turns single-tensor `Constant` nodes into initializers (exporters such as paddle2onnx
+/// keep weights in them; transformations look for initializers).
+pub fn constants_to_initializers(graph: &mut pb::GraphProto) {
+    let mut kept = Vec::with_capacity(graph.node.len());
+    for node in std::mem::take(&mut graph.node) {
+        let tensor = (node.op_type == "Constant"
+            && node.attribute.len() == 1
+            && node.attribute[0].name == "value")
+            .then(|| node.attribute[0].t.clone())
+            .flatten();
+        match (tensor, node.output.first()) {
+            (Some(mut t), Some(out)) => {
+                t.name = out.clone();
+                graph.initializer.push(t);
+            }
+            _ => kept.push(node),
+        }
+    }
+    graph.node = kept;
+}
+
+/// The f32 values of an initializer (raw or typed storage).
+pub fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != FLOAT || t.data_location == Some(1) {
+        return None;
+    }
+    if !t.raw_data.is_empty() {
+        return Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        );
+    }
+    Some(t.float_data.clone())
+}
+
+/// An initializer from raw little-endian bytes.
+pub fn tensor(name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        data_type,
+        dims: dims.to_vec(),
+        raw_data: raw,
+        ..Default::default()
+    }
+}
+
+/// An f32 initializer.
+pub fn f32_tensor(name: &str, dims: &[i64], values: &[f32]) -> pb::TensorProto {
+    tensor(
+        name,
+        FLOAT,
+        dims,
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+}
+
+/// A node.
+pub fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: Vec<pb::AttributeProto>,
+) -> pb::NodeProto {
+    pb::NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+/// An integer attribute.
+pub fn int_attr(name: &str, i: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: 2,
+        i,
+        ..Default::default()
+    }
+}
+
+/// The integer attribute `name` of a node, or `default`.
+pub fn attr_i(node: &pb::NodeProto, name: &str, default: i64) -> i64 {
+    node.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map_or(default, |a| a.i)
+}
+
+/// Initializers by name.
+pub fn initializers(graph: &pb::GraphProto) -> HashMap<String, pb::TensorProto> {
+    graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.clone()))
+        .collect()
+}
+
+/// How many nodes read each tensor name.
+pub fn consumers(graph: &pb::GraphProto) -> HashMap<String, usize> {
+    let mut c = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            *c.entry(i.clone()).or_default() += 1;
+        }
+    }
+    for o in &graph.output {
+        *c.entry(o.name.clone()).or_default() += 1;
+    }
+    c
+}
+
+/// Removes initializers no node or output reads.
+pub fn prune_initializers(graph: &mut pb::GraphProto) {
+    let used: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(graph.output.iter().map(|o| o.name.clone()))
+        .collect();
+    graph.initializer.retain(|t| used.contains(&t.name));
+}
+
+/// The default-domain opset version.
+pub fn opset(model: &pb::ModelProto) -> i64 {
+    model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(0, |o| o.version)
+}

@@ -1,0 +1,16 @@
+//! # tern-quantize
+//!
+//! Shrinks fp32 ONNX models for devices and says what it cost: every transformation writes a
+//! standard ONNX model that tern (and onnxruntime) runs, and [`report::evaluate`] measures
+//! size, latency through tern and accuracy against the original.
+//!
+//! - [`dynamic`]: int8 weights for `MatMul`/`Gemm`, activations quantized at run time.
+//! - [`fp16`]: fp16 weight storage with fp32 compute.
+
+pub mod dynamic;
+pub mod error;
+pub mod fp16;
+pub mod graph;
+pub mod report;
+
+pub use error::{QuantizeError, Result};

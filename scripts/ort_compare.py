@@ -1,0 +1,23 @@
+"""Runs two models in onnxruntime on the same seeded random inputs and prints the cosine
+similarity of their first outputs: proof that a tern-quantize output is valid ONNX that
+onnxruntime runs, and how close it stays to the original there.
+
+usage: ort_compare.py ORIGINAL TRANSFORMED SYMBOL=N ...
+"""
+import json
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+ort.set_default_logger_severity(3)
+a = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+b = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
+dims = dict(kv.split("=") for kv in sys.argv[3:])
+rng = np.random.default_rng(0)
+feeds = {}
+for i in a.get_inputs():
+    shape = [d if isinstance(d, int) else int(dims.get(str(d), 1)) for d in i.shape]
+    feeds[i.name] = rng.random(shape, dtype=np.float32)
+x, y = a.run(None, feeds)[0].ravel(), b.run(None, feeds)[0].ravel()
+print(json.dumps({"cosine": float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))}))
