@@ -180,7 +180,8 @@ impl ModelInfo {
     }
 }
 
-const QUANTIZED_OPS: &[&str] = &[
+/// Op types (domain-prefixed outside `ai.onnx`) whose presence makes a model quantized.
+pub const QUANTIZED_OPS: &[&str] = &[
     "QuantizeLinear",
     "DequantizeLinear",
     "DynamicQuantizeLinear",

@@ -44,27 +44,21 @@ pub fn graph_mut(model: &mut pb::ModelProto) -> &mut pb::GraphProto {
     model.graph.get_or_insert_with(Default::default)
 }
 
-/// Ops whose presence means the model is already quantized.
-pub const QUANTIZED_OPS: &[&str] = &[
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "DynamicQuantizeLinear",
-    "QLinearConv",
-    "QLinearMatMul",
-    "MatMulInteger",
-    "ConvInteger",
-];
-
 /// Fails if the model already contains quantized ops.
 pub fn ensure_not_quantized(model: &pb::ModelProto) -> Result<()> {
     let graph = model
         .graph
         .as_ref()
         .ok_or_else(|| QuantizeError::InvalidModel("no graph".into()))?;
+    // Same op list as tern's `ModelInfo::quantized`, keyed the same way (domain-prefixed).
+    let key = |n: &pb::NodeProto| match n.domain.as_str() {
+        "" | "ai.onnx" => n.op_type.clone(),
+        domain => format!("{domain}.{}", n.op_type),
+    };
     match graph
         .node
         .iter()
-        .find(|n| QUANTIZED_OPS.contains(&n.op_type.as_str()))
+        .find(|n| tern::model::QUANTIZED_OPS.contains(&key(n).as_str()))
     {
         Some(n) => Err(QuantizeError::AlreadyQuantized(n.op_type.clone())),
         None => Ok(()),

@@ -46,6 +46,20 @@ pub fn reports_dir() -> PathBuf {
     dir
 }
 
+/// The project's Python (a venv with onnx, onnxruntime, opentelemetry-proto), created on
+/// first use by `scripts/python-env`.
+pub fn python() -> PathBuf {
+    let out = std::process::Command::new(workspace().join("scripts/python-env"))
+        .output()
+        .expect("run scripts/python-env");
+    assert!(
+        out.status.success(),
+        "scripts/python-env failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// Whether to rewrite checked-in expectations (`TERN_BLESS=1`).
 pub fn bless() -> bool {
     std::env::var("TERN_BLESS").is_ok_and(|v| v == "1")

@@ -662,12 +662,7 @@ fn otlp_batches_are_valid_against_the_opentelemetry_protos() {
     }
     assert!(files.iter().any(|f| f.to_string_lossy().contains("traces")));
     assert!(files.iter().any(|f| f.to_string_lossy().contains("logs")));
-    let python = std::process::Command::new(tern_tests::workspace().join("scripts/python-env"))
-        .output()
-        .unwrap();
-    assert!(python.status.success(), "scripts/python-env failed");
-    let python = String::from_utf8(python.stdout).unwrap();
-    let validated = std::process::Command::new(python.trim())
+    let validated = std::process::Command::new(tern_tests::python())
         .arg(tern_tests::workspace().join("scripts/validate_otlp.py"))
         .args(&files)
         .output()
