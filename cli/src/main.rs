@@ -4,6 +4,7 @@
 //! - `tern inspect MODEL` — inputs, outputs, opsets, op histogram, parameters.
 //! - `tern run MODEL --input name=file.npy|json …` — one inference, outputs as JSON.
 //! - `tern bench MODEL` — load time, cold start, latency percentiles, peak RSS.
+//! - `tern baseline MODEL --input … -o OUT` — store a drift baseline in the model.
 //!
 //! Every command takes `--json` for machine-readable output.
 
@@ -60,6 +61,25 @@ enum Command {
         output: Option<PathBuf>,
         #[command(flatten)]
         session: SessionArgs,
+    },
+    /// Store a drift baseline in a model: the distribution of chosen tensors over sample
+    /// inputs, which telemetry later compares live inputs and outputs against (PSI).
+    Baseline {
+        /// The ONNX model.
+        model: PathBuf,
+        /// A sample input as NAME=FILE; give each input once per sample. Repeatable.
+        #[arg(long, short, required = true)]
+        input: Vec<String>,
+        /// A tensor to watch as NAME or NAME:AXIS (per feature along AXIS); default: every
+        /// input and output.
+        #[arg(long)]
+        watch: Vec<String>,
+        /// Bins per feature.
+        #[arg(long, default_value_t = 10)]
+        bins: usize,
+        /// Where to write the model with its baseline.
+        #[arg(long, short)]
+        output: PathBuf,
     },
     /// Benchmark a model: load, cold start, latency percentiles, peak RSS.
     Bench {
@@ -217,6 +237,87 @@ fn run(cli: &Cli) -> Result<()> {
                         );
                     }
                 }
+            }
+        }
+        Command::Baseline {
+            model,
+            input,
+            watch,
+            bins,
+            output,
+        } => {
+            let loaded = Model::load(model)?;
+            let session = Session::new(
+                &loaded,
+                SessionOptions::new()
+                    .without_telemetry()
+                    .nan_policy(NanPolicy::Allow),
+            )?;
+            // The k-th file given for each input makes sample k.
+            let mut samples: Vec<Vec<(String, tern::Tensor)>> = Vec::new();
+            for (name, tensor) in parse_inputs(&loaded, input)? {
+                match samples
+                    .iter_mut()
+                    .find(|s| !s.iter().any(|(n, _)| *n == name))
+                {
+                    Some(sample) => sample.push((name, tensor)),
+                    None => samples.push(vec![(name, tensor)]),
+                }
+            }
+            let mut seen: BTreeMap<String, Vec<tern::Tensor>> = BTreeMap::new();
+            for sample in &samples {
+                for (name, t) in sample {
+                    seen.entry(name.clone()).or_default().push(t.clone());
+                }
+                for (name, t) in session.run(sample.clone())?.iter() {
+                    seen.entry(name.to_string()).or_default().push(t.clone());
+                }
+            }
+            let watched: Vec<(String, Option<i64>)> = if watch.is_empty() {
+                seen.keys().map(|k| (k.clone(), None)).collect()
+            } else {
+                watch
+                    .iter()
+                    .map(|w| match w.rsplit_once(':') {
+                        Some((n, a)) => Ok((
+                            n.to_string(),
+                            Some(
+                                a.parse::<i64>()
+                                    .with_context(|| format!("bad axis in {w}"))?,
+                            ),
+                        )),
+                        None => Ok((w.clone(), None)),
+                    })
+                    .collect::<Result<_>>()?
+            };
+            let mut baseline = tern::telemetry::Baseline::default();
+            for (name, axis) in watched {
+                let tensors = seen
+                    .get(&name)
+                    .with_context(|| format!("no input or output named {name:?}"))?;
+                baseline
+                    .tensors
+                    .push(tern::telemetry::TensorBaseline::from_samples(
+                        &name, axis, tensors, *bins,
+                    )?);
+            }
+            let bytes =
+                std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+            std::fs::write(output, tern::telemetry::embed_baseline(&bytes, &baseline)?)
+                .with_context(|| format!("writing {}", output.display()))?;
+            let names: Vec<&str> = baseline.tensors.iter().map(|t| t.name.as_str()).collect();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "output": output, "samples": samples.len(), "tensors": names })
+                );
+            } else {
+                println!(
+                    "baseline of {} over {} sample(s) written to {}",
+                    names.join(", "),
+                    samples.len(),
+                    output.display()
+                );
             }
         }
         Command::Bench {

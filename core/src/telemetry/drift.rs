@@ -15,6 +15,23 @@ use crate::error::Error;
 use crate::tensor::Tensor;
 use crate::Result;
 
+/// Returns the ONNX model `model` (serialized bytes) with `baseline` stored in its
+/// `metadata_props["tern.baseline"]` (replacing any previous one), so it ships with the model.
+pub fn embed_baseline(model: &[u8], baseline: &Baseline) -> Result<Vec<u8>> {
+    use prost::Message;
+    let mut proto = tract_onnx::pb::ModelProto::decode(model).map_err(|e| Error::InvalidModel {
+        reason: format!("not an ONNX protobuf: {e}"),
+    })?;
+    proto.metadata_props.retain(|p| p.key != METADATA_KEY);
+    proto
+        .metadata_props
+        .push(tract_onnx::pb::StringStringEntryProto {
+            key: METADATA_KEY.into(),
+            value: baseline.to_json(),
+        });
+    Ok(proto.encode_to_vec())
+}
+
 /// The `metadata_props` key a model carries its baseline under.
 pub const METADATA_KEY: &str = "tern.baseline";
 
@@ -211,6 +228,23 @@ mod tests {
             psi(&shifted[1], &base.proportions[1]) < 0.1,
             "feature 1 did not"
         );
+    }
+
+    #[test]
+    fn a_baseline_embedded_in_a_model_comes_back_on_load() {
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/magika/model.onnx"
+        ))
+        .unwrap();
+        let base = Baseline {
+            tensors: vec![TensorBaseline::from_samples("bytes", None, &samples(0.0), 4).unwrap()],
+        };
+        let twice = embed_baseline(&embed_baseline(&bytes, &base).unwrap(), &base).unwrap();
+        let model = crate::Model::from_bytes(&twice).unwrap();
+        assert_eq!(model.baseline(), Some(&base));
+        assert_eq!(model.info().metadata.len(), 1, "replaced, not duplicated");
+        assert!(embed_baseline(b"junk", &base).is_err());
     }
 
     #[test]

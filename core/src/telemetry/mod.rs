@@ -41,7 +41,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use drift::{Baseline, TensorBaseline};
+pub use drift::{embed_baseline, Baseline, TensorBaseline};
 pub use otlp::{Payload, UploadBatch};
 pub use record::{
     AttrValue, DriftCounts, EventRecord, HealthRecord, Outcome, Record, SpanRecord, TensorStats,

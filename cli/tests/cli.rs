@@ -1,0 +1,218 @@
+//! The `tern` binary end to end: each command's output, `--json`, and failing cleanly (exit
+//! code 1, a typed error kind) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tern(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .expect("run tern")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn magika() -> String {
+    root()
+        .join("models/magika/model.onnx")
+        .display()
+        .to_string()
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tern-cli-{}-{name}", std::process::id()))
+}
+
+/// A `.npy` file of int32 values, shape [1, 2048].
+fn npy_i32(path: &Path, values: &[i32]) {
+    let mut header = format!(
+        "{{'descr': '<i4', 'fortran_order': False, 'shape': (1, {}), }}",
+        values.len()
+    );
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    values
+        .iter()
+        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn identify_names_content_types() {
+    let rs = root().join("core/src/lib.rs");
+    let toml = root().join("Cargo.toml");
+    let out = tern(&[
+        "identify",
+        "--json",
+        rs.to_str().unwrap(),
+        toml.to_str().unwrap(),
+        &magika(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let labels: Vec<String> = json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["label"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(labels, ["rust", "toml", "onnx"]);
+}
+
+#[test]
+fn inspect_reports_interface_and_operators() {
+    let out = tern(&["inspect", "--json", &magika()]);
+    assert!(out.status.success());
+    let info = json(&out);
+    assert_eq!(info["inputs"][0]["name"], "bytes");
+    assert_eq!(info["inputs"][0]["shape"][1], 2048);
+    assert_eq!(info["op_histogram"]["Conv"], 1);
+    let human = String::from_utf8(tern(&["inspect", &magika()]).stdout).unwrap();
+    assert!(
+        human.contains("unk__214, 2048") && human.contains("tf2onnx"),
+        "{human}"
+    );
+}
+
+#[test]
+fn run_reads_npy_and_writes_json_outputs() {
+    let input = temp("run-input.npy");
+    npy_i32(&input, &(0..2048).map(|i| i % 256).collect::<Vec<_>>());
+    let output = temp("run-output.json");
+    let out = tern(&[
+        "run",
+        &magika(),
+        "--input",
+        &format!("bytes={}", input.display()),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    let probs: Vec<f64> = doc["outputs"]["target_label"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(probs.len(), 214);
+    assert!(
+        (probs.iter().sum::<f64>() - 1.0).abs() < 1e-3,
+        "softmax sums to 1"
+    );
+}
+
+#[test]
+fn bench_reports_latency_and_memory() {
+    let out = tern(&["bench", "--json", &magika(), "--runs", "3", "--warmup", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out);
+    assert_eq!(r["runs"], 3);
+    for key in [
+        "load_ms",
+        "cold_start_ms",
+        "median_ms",
+        "p95_ms",
+        "p99_ms",
+        "peak_rss_mib",
+    ] {
+        assert!(r[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert!(r["cold_start_ms"].as_f64().unwrap() >= r["load_ms"].as_f64().unwrap());
+}
+
+#[test]
+fn baseline_is_written_into_the_model() {
+    let (a, b) = (temp("base-a.npy"), temp("base-b.npy"));
+    npy_i32(&a, &(0..2048).map(|i| i % 97).collect::<Vec<_>>());
+    npy_i32(&b, &(0..2048).map(|i| (i * 7) % 256).collect::<Vec<_>>());
+    let output = temp("with-baseline.onnx");
+    let out = tern(&[
+        "baseline",
+        "--json",
+        &magika(),
+        "--input",
+        &format!("bytes={}", a.display()),
+        "--input",
+        &format!("bytes={}", b.display()),
+        "--watch",
+        "bytes",
+        "--watch",
+        "target_label:-1",
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&out)["samples"], 2);
+    let model = tern::Model::load(&output).unwrap();
+    let baseline = model.baseline().expect("baseline stored");
+    assert_eq!(baseline.tensors.len(), 2);
+    assert_eq!(
+        baseline.tensors[1].proportions.len(),
+        214,
+        "per-feature rows for the output"
+    );
+}
+
+#[test]
+fn errors_exit_nonzero_with_a_typed_kind() {
+    let missing = tern(&["inspect", "--json", "/nonexistent/model.onnx"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(json(&missing)["error"]["kind"], "io");
+    let junk = temp("junk.onnx");
+    std::fs::write(&junk, b"junk").unwrap();
+    assert_eq!(
+        json(&tern(&["inspect", "--json", junk.to_str().unwrap()]))["error"]["kind"],
+        "invalid_model"
+    );
+    let input = temp("short.npy");
+    npy_i32(&input, &[1, 2, 3]);
+    let bad = tern(&[
+        "run",
+        "--json",
+        &magika(),
+        "--input",
+        &format!("bytes={}", input.display()),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(json(&bad)["error"]["kind"], "shape_mismatch");
+    let human = tern(&[
+        "run",
+        &magika(),
+        "--input",
+        &format!("bytes={}", input.display()),
+    ]);
+    assert!(String::from_utf8_lossy(&human.stderr)
+        .starts_with("error: input \"bytes\" must have shape"));
+}
