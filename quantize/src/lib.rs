@@ -6,11 +6,13 @@
 //!
 //! - [`dynamic`]: int8 weights for `MatMul`/`Gemm`, activations quantized at run time.
 //! - [`fp16`]: fp16 weight storage with fp32 compute.
+//! - [`static_qdq`]: static int8 (QDQ form) calibrated through tern.
 
 pub mod dynamic;
 pub mod error;
 pub mod fp16;
 pub mod graph;
 pub mod report;
+pub mod static_qdq;
 
 pub use error::{QuantizeError, Result};

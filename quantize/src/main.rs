@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tern_quantize::{dynamic, fp16, graph, report, QuantizeError};
+use tern_quantize::{dynamic, fp16, graph, report, static_qdq, QuantizeError};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +45,23 @@ enum Command {
         #[arg(long)]
         exclude: Vec<String>,
     },
+    /// Static int8 (QDQ): Conv/MatMul weights int8, activations uint8 with ranges calibrated
+    /// by running the fp32 model through tern.
+    Static {
+        /// fp32 model.
+        input: PathBuf,
+        /// Where to write the quantized model.
+        output: PathBuf,
+        /// Calibration input as NAME=FILE.npy; the k-th file per input is sample k. Repeatable.
+        #[arg(long)]
+        calib: Vec<String>,
+        /// Without --calib: this many seeded random calibration samples (smoke tests only).
+        #[arg(long, default_value_t = 16)]
+        calib_random: usize,
+        /// Leave these nodes (by name) or op types in float. Repeatable.
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
     /// fp16 weight storage, fp32 inputs, outputs and compute.
     Fp16 {
         /// fp32 model.
@@ -69,7 +86,42 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), QuantizeError> {
+    let mut dims = BTreeMap::new();
+    for d in &cli.dim {
+        if let Some((k, v)) = d.split_once('=') {
+            dims.insert(k.to_string(), v.parse().unwrap_or(1));
+        }
+    }
     let (input, output, converted) = match &cli.command {
+        Command::Static {
+            input,
+            output,
+            calib,
+            calib_random,
+            exclude,
+        } => {
+            let mut model = graph::load(input)?;
+            let samples = if calib.is_empty() {
+                report::random_eval_inputs(input, *calib_random, 0, &dims)?
+            } else {
+                calibration_samples(calib)?
+            };
+            let options = static_qdq::StaticOptions {
+                exclude_nodes: exclude.iter().cloned().collect(),
+                exclude_ops: exclude.iter().cloned().collect(),
+            };
+            let ranges = static_qdq::calibrate(&model, &samples, &options)?;
+            let n = static_qdq::quantize_static(&mut model, &ranges, &options)?;
+            graph::save(&model, output)?;
+            (
+                input,
+                output,
+                format!(
+                    "{n} Conv/MatMul node(s) quantized to int8 (QDQ, {} calibration samples)",
+                    samples.len()
+                ),
+            )
+        }
         Command::Dynamic {
             input,
             output,
@@ -108,12 +160,6 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
             )
         }
     };
-    let mut dims = BTreeMap::new();
-    for d in &cli.dim {
-        if let Some((k, v)) = d.split_once('=') {
-            dims.insert(k.to_string(), v.parse().unwrap_or(1));
-        }
-    }
     let eval = report::random_eval_inputs(input, cli.eval, 1000, &dims)?;
     let r = report::evaluate(input, output, &eval, cli.threads, 20)?;
     if cli.json {
@@ -138,4 +184,29 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
         );
     }
     Ok(())
+}
+
+/// `NAME=FILE.npy` arguments grouped into samples: the k-th file given per name is sample k.
+fn calibration_samples(
+    specs: &[String],
+) -> Result<Vec<Vec<(String, tern::Tensor)>>, QuantizeError> {
+    let mut samples: Vec<Vec<(String, tern::Tensor)>> = Vec::new();
+    for spec in specs {
+        let (name, path) = spec.split_once('=').ok_or_else(|| {
+            QuantizeError::NothingToDo(format!("--calib {spec}: expected NAME=FILE.npy"))
+        })?;
+        let bytes = std::fs::read(path).map_err(|source| QuantizeError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let tensor = tern::Tensor::from_npy(&bytes)?;
+        match samples
+            .iter_mut()
+            .find(|s| !s.iter().any(|(n, _)| n == name))
+        {
+            Some(sample) => sample.push((name.to_string(), tensor)),
+            None => samples.push(vec![(name.to_string(), tensor)]),
+        }
+    }
+    Ok(samples)
 }

@@ -155,3 +155,58 @@ fn bad_inputs_are_clear_errors() {
         dynamic::quantize_dynamic(&mut graph::load(&q).unwrap(), &Default::default()).unwrap_err();
     assert!(matches!(err, QuantizeError::AlreadyQuantized(_)), "{err}");
 }
+
+#[test]
+fn static_qdq_calibrated_through_tern_shrinks_a_transformer_and_a_cnn() {
+    use tern_quantize::static_qdq;
+    for (name, d, max_ratio, min_cosine) in [
+        (
+            "ppocr_rec",
+            &[("x_d2", 48usize), ("p2o.DynamicDimension.1", 160)][..],
+            0.3,
+            0.97,
+        ),
+        ("ppocr_cls", &[("x_d2", 48), ("x_d3", 192)][..], 0.45, 0.99),
+    ] {
+        let src = fetched(&format!("models/{name}/model.onnx"));
+        let dst = out(&format!("{name}-qdq.onnx"));
+        let d = dims(d);
+        let calib = report::random_eval_inputs(&src, 8, 0, &d).unwrap();
+        let mut model = graph::load(&src).unwrap();
+        let options = static_qdq::StaticOptions::default();
+        let ranges = static_qdq::calibrate(&model, &calib, &options).unwrap();
+        assert!(ranges.values().all(|(lo, hi)| lo <= hi), "{name}: ranges");
+        assert!(static_qdq::quantize_static(&mut model, &ranges, &options).unwrap() > 10);
+        graph::save(&model, &dst).unwrap();
+        let eval = report::random_eval_inputs(&src, 8, 500, &d).unwrap();
+        let r = report::evaluate(&src, &dst, &eval, 1, 2).unwrap();
+        assert!(
+            r.size_ratio <= max_ratio,
+            "{name}: size ratio {}",
+            r.size_ratio
+        );
+        assert!(
+            r.outputs[0].cosine >= min_cosine,
+            "{name}: cosine {}",
+            r.outputs[0].cosine
+        );
+        let pairs: Vec<(&str, usize)> = d.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert!(
+            ort_cosine(&src, &dst, &pairs) >= 0.9,
+            "{name}: onnxruntime disagrees"
+        );
+    }
+}
+
+#[test]
+fn static_qdq_needs_calibration_data() {
+    use tern_quantize::static_qdq;
+    let model = graph::load(&fetched("models/ppocr_cls/model.onnx")).unwrap();
+    let err = static_qdq::calibrate(&model, &[], &Default::default()).unwrap_err();
+    assert!(matches!(err, QuantizeError::NothingToDo(_)), "{err}");
+    let (scale, zp) = static_qdq::activation_params(-1.0, 3.0);
+    assert!(
+        (scale - 4.0 / 255.0).abs() < 1e-7 && zp == 64,
+        "{scale} {zp}"
+    );
+}
