@@ -36,30 +36,6 @@ impl Default for DynamicOptions {
     }
 }
 
-/// Symmetric int8 quantization of a `[K, N]` row-major matrix: `(values, scale per column)`.
-pub fn quantize_weights(w: &[f32], k: usize, n: usize, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
-    let mut maxes = vec![0f32; n];
-    for (i, v) in w.iter().enumerate() {
-        let c = i % n;
-        maxes[c] = maxes[c].max(v.abs());
-    }
-    if !per_channel {
-        let m = maxes.iter().copied().fold(0f32, f32::max);
-        maxes.iter_mut().for_each(|x| *x = m);
-    }
-    let scales: Vec<f32> = maxes
-        .iter()
-        .map(|m| if *m > 0.0 { m / 127.0 } else { 1.0 })
-        .collect();
-    let q = w
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v / scales[i % n]).round().clamp(-127.0, 127.0) as i8)
-        .collect();
-    debug_assert_eq!(w.len(), k * n);
-    (q, if per_channel { scales } else { vec![scales[0]] })
-}
-
 /// Quantizes every eligible `MatMul`/`Gemm`; returns how many were converted.
 pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) -> Result<usize> {
     graph::ensure_not_quantized(model)?;
@@ -107,7 +83,12 @@ pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) ->
         } else {
             values
         };
-        let (q, scales) = quantize_weights(&values, k, cols, options.per_channel);
+        let (q, scales) = graph::quantize_symmetric_int8(
+            &values,
+            &[k as i64, cols as i64],
+            1,
+            options.per_channel,
+        );
         let p = format!(
             "{}_dq{ix}",
             if n.name.is_empty() { "node" } else { &n.name }
@@ -202,20 +183,20 @@ pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) ->
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::graph;
 
     #[test]
     fn weights_round_trip_within_half_a_step() {
         let w: Vec<f32> = (0..12)
             .map(|i| (i as f32 - 5.5) * [0.1, 1.0, 10.0][i % 3])
             .collect();
-        let (q, s) = quantize_weights(&w, 4, 3, true);
+        let (q, s) = graph::quantize_symmetric_int8(&w, &[4, 3], 1, true);
         assert_eq!(s.len(), 3);
         for (i, v) in w.iter().enumerate() {
             let back = f32::from(q[i]) * s[i % 3];
             assert!((back - v).abs() <= s[i % 3] / 2.0 + 1e-6, "{v} -> {back}");
         }
-        let (_, s) = quantize_weights(&w, 4, 3, false);
+        let (_, s) = graph::quantize_symmetric_int8(&w, &[4, 3], 1, false);
         assert_eq!(s.len(), 1);
     }
 }

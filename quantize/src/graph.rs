@@ -201,3 +201,37 @@ pub fn opset(model: &pb::ModelProto) -> i64 {
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map_or(0, |o| o.version)
 }
+
+/// Symmetric int8 quantization of weights whose channels lie on `axis` of `dims` (one scale
+/// per channel, or one for the whole tensor when `per_channel` is false): `(values, scales)`.
+/// Each value rounds to within half a step of its scale.
+pub fn quantize_symmetric_int8(
+    w: &[f32],
+    dims: &[i64],
+    axis: usize,
+    per_channel: bool,
+) -> (Vec<i8>, Vec<f32>) {
+    let channels = if per_channel { dims[axis] as usize } else { 1 };
+    let inner: usize = dims[axis + 1..].iter().product::<i64>() as usize;
+    let channel_of = |i: usize| {
+        if per_channel {
+            (i / inner) % channels
+        } else {
+            0
+        }
+    };
+    let mut maxes = vec![0f32; channels];
+    for (i, v) in w.iter().enumerate() {
+        maxes[channel_of(i)] = maxes[channel_of(i)].max(v.abs());
+    }
+    let scales: Vec<f32> = maxes
+        .iter()
+        .map(|m| if *m > 0.0 { m / 127.0 } else { 1.0 })
+        .collect();
+    let q = w
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / scales[channel_of(i)]).round().clamp(-127.0, 127.0) as i8)
+        .collect();
+    (q, scales)
+}

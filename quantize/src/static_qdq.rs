@@ -121,34 +121,6 @@ pub fn activation_params(min: f32, max: f32) -> (f32, u8) {
     (scale, (-lo / scale).round().clamp(0.0, 255.0) as u8)
 }
 
-/// Symmetric int8 of weights laid out with channels on `axis` of `dims` (per tensor when
-/// `per_channel` is false): `(values, scales)`.
-fn quantize_axis(w: &[f32], dims: &[i64], axis: usize, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
-    let channels = if per_channel { dims[axis] as usize } else { 1 };
-    let inner: usize = dims[axis + 1..].iter().product::<i64>() as usize;
-    let channel_of = |i: usize| {
-        if per_channel {
-            (i / inner) % channels
-        } else {
-            0
-        }
-    };
-    let mut maxes = vec![0f32; channels];
-    for (i, v) in w.iter().enumerate() {
-        maxes[channel_of(i)] = maxes[channel_of(i)].max(v.abs());
-    }
-    let scales: Vec<f32> = maxes
-        .iter()
-        .map(|m| if *m > 0.0 { m / 127.0 } else { 1.0 })
-        .collect();
-    let q = w
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v / scales[channel_of(i)]).round().clamp(-127.0, 127.0) as i8)
-        .collect();
-    (q, scales)
-}
-
 /// Rewrites `model` to QDQ int8 using calibrated `ranges`; returns how many nodes changed.
 pub fn quantize_static(
     model: &mut pb::ModelProto,
@@ -212,7 +184,7 @@ pub fn quantize_static(
             ));
             dq
         });
-        let (q, scales) = quantize_axis(&values, &w.dims, axis, per_channel);
+        let (q, scales) = graph::quantize_symmetric_int8(&values, &w.dims, axis, per_channel);
         let p = format!("{weight}_qdq{ix}");
         let zp_dims: &[i64] = if per_channel {
             &[scales.len() as i64]
