@@ -206,12 +206,7 @@ impl GraphStats {
             self.count_tensor(t);
         }
         for node in &graph.node {
-            let key = if node.domain.is_empty() || node.domain == "ai.onnx" {
-                node.op_type.clone()
-            } else {
-                format!("{}.{}", node.domain, node.op_type)
-            };
-            *self.ops.entry(key).or_default() += 1;
+            *self.ops.entry(op_key(node)).or_default() += 1;
             for attr in &node.attribute {
                 if node.op_type == "Constant" {
                     if let Some(t) = &attr.t {
@@ -235,6 +230,15 @@ impl GraphStats {
             .and_then(DType::size_of)
             .unwrap_or(0) as u64;
         self.param_bytes += n * size;
+    }
+}
+
+/// A node's op type, prefixed by its domain outside `ai.onnx` (the op histogram's keys).
+fn op_key(node: &pb::NodeProto) -> String {
+    if node.domain.is_empty() || node.domain == "ai.onnx" {
+        node.op_type.clone()
+    } else {
+        format!("{}.{}", node.domain, node.op_type)
     }
 }
 
@@ -279,6 +283,8 @@ pub struct Model {
     graph: Arc<InferenceModel>,
     name: String,
     baseline: Option<Arc<Baseline>>,
+    /// The first node of each op type (keys as in [`ModelInfo::op_histogram`]).
+    first_nodes: Arc<BTreeMap<String, String>>,
 }
 
 impl Model {
@@ -345,11 +351,22 @@ impl Model {
                 })?)),
                 None => None,
             };
+            let mut first_nodes = BTreeMap::new();
+            if let Some(graph) = &proto.graph {
+                for node in &graph.node {
+                    let name = match (node.name.is_empty(), node.output.first()) {
+                        (true, Some(output)) => output.clone(),
+                        _ => node.name.clone(),
+                    };
+                    first_nodes.entry(op_key(node)).or_insert(name);
+                }
+            }
             Ok(Model {
                 info: Arc::new(info),
                 graph: Arc::new(parsed.model),
                 name,
                 baseline,
+                first_nodes: Arc::new(first_nodes),
             })
         })
     }
@@ -449,6 +466,12 @@ impl Model {
 
     pub(crate) fn graph(&self) -> &InferenceModel {
         &self.graph
+    }
+
+    /// The name of the first top-level node with this op type (a key of
+    /// [`ModelInfo::op_histogram`]).
+    pub fn first_node_of(&self, op: &str) -> Option<&str> {
+        self.first_nodes.get(op).map(String::as_str)
     }
 }
 

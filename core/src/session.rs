@@ -62,6 +62,10 @@ pub struct SessionOptions {
     pub telemetry: TelemetryChoice,
     /// Drift baseline for health samples; `None` uses the one the model ships, if any.
     pub baseline: Option<Baseline>,
+    /// Let [`Backend::Auto`] pick a software GPU adapter (e.g. Mesa's llvmpipe/lavapipe).
+    /// Off by default: on the CPU, tract is faster than a software rasteriser.
+    /// [`Backend::Gpu`] always accepts one.
+    pub allow_software_gpu: bool,
 }
 
 /// Which telemetry buffer a session records into.
@@ -86,6 +90,7 @@ impl Default for SessionOptions {
             input_shapes: BTreeMap::new(),
             telemetry: TelemetryChoice::Global,
             baseline: None,
+            allow_software_gpu: false,
         }
     }
 }
@@ -135,6 +140,13 @@ impl SessionOptions {
     /// Measures drift of sampled runs against this baseline (instead of the model's own).
     pub fn baseline(mut self, baseline: Baseline) -> Self {
         self.baseline = Some(baseline);
+        self
+    }
+
+    /// Lets [`Backend::Auto`] choose a software GPU adapter (for testing the GPU path on
+    /// machines without one).
+    pub fn allow_software_gpu(mut self, allow: bool) -> Self {
+        self.allow_software_gpu = allow;
         self
     }
 
@@ -265,7 +277,8 @@ impl Session {
         }
     }
 
-    fn run_untraced<I, S>(&self, inputs: I) -> Result<Outputs>
+    /// Validates, runs and checks; also says whether a fallback backend produced the outputs.
+    fn run_untraced<I, S>(&self, inputs: I) -> Result<(Outputs, bool)>
     where
         I: IntoIterator<Item = (S, Tensor)>,
         S: AsRef<str>,
@@ -281,7 +294,8 @@ impl Session {
             .as_ref()
             .filter(|t| t.sample_health())
             .map(|t| (t, ordered.clone()));
-        let outputs = catch_panic("inference", || self.executor.run(ordered))?;
+        let ran = catch_panic("inference", || self.executor.run(ordered))?;
+        let outputs = ran.outputs;
         if let Some((telemetry, inputs)) = sampled {
             telemetry.record(Record::Health(self.health(&inputs, &outputs)));
         }
@@ -290,10 +304,13 @@ impl Session {
                 check_nan("output", name, tensor, self.options.nan_policy)?;
             }
         }
-        Ok(Outputs {
-            names: self.output_names.clone(),
-            tensors: outputs,
-        })
+        Ok((
+            Outputs {
+                names: self.output_names.clone(),
+                tensors: outputs,
+            },
+            ran.fallback,
+        ))
     }
 
     /// Aggregate statistics of a run's tensors (never the values themselves).
@@ -469,10 +486,18 @@ impl Trace<'_> {
         let result = self.session.run_untraced(inputs);
         self.stages
             .push(("model".to_string(), t.elapsed().as_nanos() as u64));
-        if let Err(e) = &result {
-            self.outcome = Outcome::Error(e.kind().to_string());
+        match result {
+            Ok((outputs, fallback)) => {
+                if fallback {
+                    self.outcome = Outcome::Fallback;
+                }
+                Ok(outputs)
+            }
+            Err(e) => {
+                self.outcome = Outcome::Error(e.kind().to_string());
+                Err(e)
+            }
         }
-        result
     }
 
     /// Overrides the outcome (e.g. [`Outcome::Timeout`] when the app gave up waiting).

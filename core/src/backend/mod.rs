@@ -5,7 +5,12 @@
 //! the backend's own module ([`tract`] for the CPU), and [`crate::session`] stays
 //! device-agnostic.
 
+#[cfg(feature = "gpu")]
+pub(crate) mod burn;
 pub(crate) mod tract;
+
+#[cfg(feature = "gpu")]
+pub use self::burn::{gpu_adapter, SUPPORTED_OPS as GPU_SUPPORTED_OPS};
 
 use crate::model::Model;
 use crate::session::SessionOptions;
@@ -62,8 +67,15 @@ impl std::str::FromStr for Backend {
 /// Runs a prepared model on one device.
 pub(crate) trait Executor: Send + Sync {
     /// Runs with inputs in model input order (already validated); returns outputs in model
-    /// output order.
-    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
+    /// output order, and whether a fallback backend produced them.
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Ran>;
+}
+
+/// What an [`Executor`] run produced.
+pub(crate) struct Ran {
+    pub outputs: Vec<Tensor>,
+    /// The preferred backend failed (now or in an earlier run) and another one ran.
+    pub fallback: bool,
 }
 
 /// A backend ready to run, with what it learned about the model's inputs.
@@ -81,14 +93,89 @@ pub(crate) struct Prepared {
 pub(crate) fn prepare(model: &Model, options: &SessionOptions) -> Result<Prepared> {
     match options.backend {
         Backend::Cpu => tract::prepare(model, options, "requested".into()),
-        Backend::Gpu => Err(crate::Error::BackendUnavailable {
-            backend: "gpu",
-            reason: "this build of tern has no GPU backend (cargo feature `gpu`)".into(),
+        Backend::Gpu => prepare_gpu(model, options, "requested".into(), false),
+        Backend::Auto => match prepare_gpu(model, options, "auto: the GPU runs it".into(), true) {
+            Ok(gpu) => Ok(with_cpu_fallback(gpu, model, options)),
+            Err(e) => {
+                let reason = format!("auto: GPU not used ({}: {e})", e.kind());
+                tracing::info!("{reason}");
+                tract::prepare(model, options, reason)
+            }
+        },
+    }
+}
+
+#[cfg(feature = "gpu")]
+fn prepare_gpu(
+    model: &Model,
+    options: &SessionOptions,
+    reason: String,
+    auto: bool,
+) -> Result<Prepared> {
+    burn::prepare(model, options, reason, auto)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn prepare_gpu(_: &Model, _: &SessionOptions, _: String, _: bool) -> Result<Prepared> {
+    Err(crate::Error::BackendUnavailable {
+        backend: "gpu",
+        reason: "this build of tern has no GPU backend (cargo feature `gpu`)".into(),
+    })
+}
+
+/// Wraps a GPU executor so that a failure at run time moves the session to the CPU: the
+/// failing run is retried there (and reported as a fallback), later runs go straight to it.
+fn with_cpu_fallback(gpu: Prepared, model: &Model, options: &SessionOptions) -> Prepared {
+    Prepared {
+        executor: Box::new(Fallback {
+            preferred: gpu.executor,
+            model: model.clone(),
+            options: SessionOptions {
+                backend: Backend::Cpu,
+                ..options.clone()
+            },
+            fallback: std::sync::OnceLock::new(),
         }),
-        Backend::Auto => tract::prepare(
-            model,
-            options,
-            "auto: this build has no GPU backend (cargo feature `gpu`)".into(),
-        ),
+        ..gpu
+    }
+}
+
+/// A preferred executor with a CPU executor prepared the first time the preferred one fails.
+struct Fallback {
+    preferred: Box<dyn Executor>,
+    model: Model,
+    options: SessionOptions,
+    fallback: std::sync::OnceLock<Box<dyn Executor>>,
+}
+
+impl Executor for Fallback {
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Ran> {
+        if let Some(cpu) = self.fallback.get() {
+            return cpu.run(inputs).map(|r| Ran {
+                fallback: true,
+                ..r
+            });
+        }
+        let kept = inputs.clone();
+        let error = match crate::error::catch_panic("inference", || self.preferred.run(inputs)) {
+            Ok(ran) => return Ok(ran),
+            Err(e) => e,
+        };
+        tracing::warn!("GPU run failed, falling back to the CPU for this session: {error}");
+        let cpu = match self.fallback.get() {
+            Some(cpu) => cpu,
+            None => {
+                let prepared = tract::prepare(
+                    &self.model,
+                    &self.options,
+                    format!("fallback after a GPU failure: {error}"),
+                )?;
+                self.fallback.get_or_init(|| prepared.executor)
+            }
+        };
+        cpu.run(kept).map(|r| Ran {
+            fallback: true,
+            ..r
+        })
     }
 }

@@ -18,7 +18,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_hir::infer::InferenceModelExt;
 
-use super::{Backend, Executor, Prepared};
+use super::{Backend, Executor, Prepared, Ran};
 use crate::error::{chain, Error};
 use crate::model::{Dim, Model};
 use crate::session::{OptLevel, SessionOptions};
@@ -247,10 +247,14 @@ impl TractExecutor {
 }
 
 impl Executor for TractExecutor {
-    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        match &self.plans {
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Ran> {
+        let outputs = match &self.plans {
             Plans::Shared(plan) => plan.run(&inputs),
             Plans::PerShape { graph, cache } => self.plan_for(graph, cache, &inputs)?.run(&inputs),
-        }
+        }?;
+        Ok(Ran {
+            outputs,
+            fallback: false,
+        })
     }
 }

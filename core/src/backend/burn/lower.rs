@@ -1,0 +1,485 @@
+//! Lowering: a decluttered tract graph with concrete shapes → a [`Program`] of device steps.
+//!
+//! tract has already done the front-end work by the time a graph gets here: ONNX parsing,
+//! typing, constant folding (every `Shape`/`Gather`/`Concat` chain that only computes sizes
+//! is gone) and decluttering into a small set of core ops (`Conv`, `EinSum` for every
+//! `MatMul`/`Gemm`, `TypedBinOp`, `ElementWiseOp`, `Reduce`, `Softmax`, `AxisOp`…). This
+//! module maps each of those to one [`Op`], resolves its attributes for the concrete shapes
+//! (padding, permutations, matmul layouts), and uploads constant tensors to the device once.
+//! A node it has no mapping for is an [`Error::UnsupportedOp`] naming the node.
+
+use std::collections::HashMap;
+
+use burn_backend::ops::ConvOptions;
+use burn_backend::tensor::{Device, FloatTensor, IntTensor};
+use burn_backend::{Backend, TensorData};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::cnn::{KernelFormat, PoolSpec};
+use tract_onnx::tract_core::ops::nn::{DataFormat, Reducer};
+
+use super::program::{BinKind, MatMulPlan, Op, Program, Step, UnaryKind};
+use crate::error::Error;
+use crate::Result;
+
+pub(crate) const NAME: &str = "gpu";
+
+fn unsupported(node: &TypedNode, why: impl std::fmt::Display) -> Error {
+    Error::UnsupportedOp {
+        op_type: format!("{} ({why})", node.op.name()),
+        domain: String::new(),
+        node: node.name.clone(),
+    }
+}
+
+fn compile_err(e: impl std::fmt::Display) -> Error {
+    Error::Compile {
+        backend: NAME,
+        reason: e.to_string(),
+    }
+}
+
+/// A tract tensor's elements cast to `T`, in row-major order.
+fn values<T: Datum + Copy>(t: &Tensor) -> Result<Vec<T>> {
+    let cast = t.cast_to::<T>().map_err(compile_err)?;
+    let view = cast.to_plain_array_view::<T>().map_err(compile_err)?;
+    Ok(view.iter().copied().collect())
+}
+
+fn concrete(shape: &ShapeFact) -> Result<Vec<usize>> {
+    shape
+        .as_concrete()
+        .map(|s| s.to_vec())
+        .ok_or_else(|| compile_err(format!("shape {shape:?} is not concrete")))
+}
+
+/// Turns a tract typed graph (concrete shapes, decluttered) into a device program.
+pub(crate) fn lower<B: Backend>(model: &TypedModel, device: &Device<B>) -> Result<Program<B>> {
+    let mut lowering = Lowering::<B> {
+        model,
+        device: device.clone(),
+        slots: HashMap::new(),
+        consts: Vec::new(),
+        steps: Vec::new(),
+        n_slots: 0,
+    };
+    let mut inputs = Vec::new();
+    for outlet in model.input_outlets().map_err(compile_err)? {
+        let fact = model.outlet_fact(*outlet).map_err(compile_err)?;
+        if fact.datum_type != f32::datum_type() {
+            return Err(Error::BackendUnavailable {
+                backend: NAME,
+                reason: format!(
+                    "the GPU backend computes f32; input {:?} is {:?}",
+                    model.node(outlet.node).name,
+                    fact.datum_type
+                ),
+            });
+        }
+        inputs.push(lowering.new_slot(*outlet));
+    }
+    let order = model.eval_order().map_err(compile_err)?;
+    for id in order {
+        let node = model.node(id);
+        if model
+            .input_outlets()
+            .map_err(compile_err)?
+            .contains(&id.into())
+        {
+            continue;
+        }
+        // Folded values (constants, shape arithmetic) are uploaded when a step reads them.
+        if node.outputs.iter().all(|o| o.fact.konst.is_some()) {
+            continue;
+        }
+        lowering.node(node)?;
+    }
+    let mut outputs = Vec::new();
+    for outlet in model.output_outlets().map_err(compile_err)? {
+        let fact = model.outlet_fact(*outlet).map_err(compile_err)?;
+        if fact.datum_type != f32::datum_type() {
+            return Err(unsupported(
+                model.node(outlet.node),
+                format!(
+                    "output is {:?}; the GPU backend computes f32",
+                    fact.datum_type
+                ),
+            ));
+        }
+        outputs.push((lowering.float(*outlet)?, concrete(&fact.shape)?));
+    }
+    Ok(Program::new(
+        device.clone(),
+        lowering.consts,
+        lowering.steps,
+        lowering.n_slots,
+        inputs,
+        outputs,
+    ))
+}
+
+struct Lowering<'m, B: Backend> {
+    model: &'m TypedModel,
+    device: Device<B>,
+    /// The slot that holds each float value computed or uploaded so far.
+    slots: HashMap<OutletId, usize>,
+    consts: Vec<(usize, FloatTensor<B>)>,
+    steps: Vec<Step<B>>,
+    n_slots: usize,
+}
+
+impl<B: Backend> Lowering<'_, B> {
+    fn new_slot(&mut self, outlet: OutletId) -> usize {
+        let slot = self.n_slots;
+        self.n_slots += 1;
+        self.slots.insert(outlet, slot);
+        slot
+    }
+
+    fn fact(&self, outlet: OutletId) -> Result<&TypedFact> {
+        self.model.outlet_fact(outlet).map_err(compile_err)
+    }
+
+    fn shape(&self, outlet: OutletId) -> Result<Vec<usize>> {
+        concrete(&self.fact(outlet)?.shape)
+    }
+
+    /// The slot of a float value; a constant is uploaded (once) on first use.
+    fn float(&mut self, outlet: OutletId) -> Result<usize> {
+        if let Some(slot) = self.slots.get(&outlet) {
+            return Ok(*slot);
+        }
+        let fact = self.fact(outlet)?;
+        let Some(konst) = fact.konst.clone() else {
+            return Err(compile_err(format!(
+                "value {outlet:?} is read before it is computed"
+            )));
+        };
+        let data = TensorData::new(values::<f32>(&konst)?, konst.shape().to_vec());
+        let tensor = B::float_from_data(data, &self.device);
+        let slot = self.new_slot(outlet);
+        self.consts.push((slot, tensor));
+        Ok(slot)
+    }
+
+    /// A folded constant's value, if the value is one.
+    fn konst(&self, outlet: OutletId) -> Option<Arc<Tensor>> {
+        self.fact(outlet).ok().and_then(|f| f.konst.clone())
+    }
+
+    /// The single value of a constant with one element, as f32.
+    fn scalar(&self, outlet: OutletId) -> Option<f32> {
+        let k = self.konst(outlet)?;
+        if k.len() != 1 {
+            return None;
+        }
+        k.cast_to_scalar::<f32>().ok()
+    }
+
+    fn push(&mut self, node: &TypedNode, op: Op<B>, inputs: Vec<usize>) {
+        let output = self.new_slot(OutletId::new(node.id, 0));
+        self.steps.push(Step {
+            op,
+            inputs,
+            output,
+            node: node.name.clone(),
+        });
+    }
+
+    fn node(&mut self, node: &TypedNode) -> Result<()> {
+        if node.outputs.len() != 1 {
+            return Err(unsupported(node, "more than one output"));
+        }
+        let out_fact = &node.outputs[0].fact;
+        if out_fact.datum_type != f32::datum_type() {
+            return Err(unsupported(
+                node,
+                format!(
+                    "produces {:?}; the GPU backend computes f32",
+                    out_fact.datum_type
+                ),
+            ));
+        }
+        let out_shape = concrete(&out_fact.shape)?;
+        let op: &dyn TypedOp = node.op.as_ref();
+        let input = |ix: usize| node.inputs[ix];
+
+        if let Some(bin) = op.downcast_ref::<ops::binary::TypedBinOp>() {
+            let kind =
+                BinKind::from_name(bin.0.name()).ok_or_else(|| unsupported(node, "binary"))?;
+            let (a, b) = (input(0), input(1));
+            if let Some(v) = self.scalar(b) {
+                if self.shape(a)? == out_shape {
+                    let x = self.float(a)?;
+                    self.push(node, Op::BinScalar { kind, value: v }, vec![x]);
+                    return Ok(());
+                }
+            }
+            if let Some(v) = self.scalar(a) {
+                if kind.commutes() && self.shape(b)? == out_shape {
+                    let x = self.float(b)?;
+                    self.push(node, Op::BinScalar { kind, value: v }, vec![x]);
+                    return Ok(());
+                }
+            }
+            let (x, y) = (self.float(a)?, self.float(b)?);
+            let expand = [
+                (self.shape(a)? != out_shape).then(|| out_shape.clone()),
+                (self.shape(b)? != out_shape).then(|| out_shape.clone()),
+            ];
+            self.push(node, Op::Bin { kind, expand }, vec![x, y]);
+        } else if let Some(ew) = op.downcast_ref::<ops::element_wise::ElementWiseOp>() {
+            let kind = UnaryKind::from_name(&ew.0.name())
+                .ok_or_else(|| unsupported(node, "element-wise"))?;
+            let x = self.float(input(0))?;
+            self.push(node, Op::Unary(kind), vec![x]);
+        } else if let Some(conv) = op.downcast_ref::<ops::cnn::Conv>() {
+            self.conv(node, conv)?;
+        } else if let Some(einsum) = op.downcast_ref::<ops::einsum::EinSum>() {
+            if einsum.q_params.is_some() || node.inputs.len() != 2 {
+                return Err(unsupported(node, "quantized or n-ary einsum"));
+            }
+            let plan = MatMulPlan::new(
+                &einsum.axes,
+                &self.shape(input(0))?,
+                &self.shape(input(1))?,
+                &out_shape,
+            )
+            .map_err(|e| unsupported(node, e))?;
+            let (a, b) = (self.float(input(0))?, self.float(input(1))?);
+            self.push(node, Op::MatMul(Box::new(plan)), vec![a, b]);
+        } else if let Some(reduce) = op.downcast_ref::<ops::nn::Reduce>() {
+            let op = match reduce.reducer {
+                Reducer::Sum => Op::ReduceSum(reduce.axes.to_vec()),
+                Reducer::Max => Op::ReduceMax(reduce.axes.to_vec()),
+                Reducer::Min => Op::ReduceMin(reduce.axes.to_vec()),
+                Reducer::MeanOfSquares => Op::ReduceMeanOfSquares(reduce.axes.to_vec()),
+                _ => return Err(unsupported(node, format!("{:?}", reduce.reducer))),
+            };
+            let x = self.float(input(0))?;
+            self.push(node, op, vec![x]);
+        } else if let Some(rms) = op.downcast_ref::<ops::nn::RmsNorm>() {
+            let eps = rms.eps.cast_to_scalar::<f32>().map_err(compile_err)?;
+            let x = self.float(input(0))?;
+            self.push(
+                node,
+                Op::RmsNorm {
+                    axis: rms.axis,
+                    eps,
+                },
+                vec![x],
+            );
+        } else if let Some(softmax) = op.downcast_ref::<ops::nn::Softmax>() {
+            if softmax.axes.len() != 1 || softmax.quant_output_dt.is_some() {
+                return Err(unsupported(node, "multi-axis or quantized softmax"));
+            }
+            let log = matches!(softmax.kind, ops::nn::SoftmaxKind::LogSoftmax);
+            let x = self.float(input(0))?;
+            self.push(
+                node,
+                Op::Softmax {
+                    axis: softmax.axes[0],
+                    log,
+                },
+                vec![x],
+            );
+        } else if let Some(axis_op) = op.downcast_ref::<AxisOp>() {
+            let x = self.float(input(0))?;
+            let op = match axis_op {
+                AxisOp::Move(from, to) => {
+                    let rank = out_shape.len();
+                    let mut perm: Vec<usize> = (0..rank).collect();
+                    let axis = perm.remove(*from);
+                    perm.insert(*to, axis);
+                    Op::Permute(perm)
+                }
+                _ => Op::Reshape(out_shape),
+            };
+            self.push(node, op, vec![x]);
+        } else if let Some(concat) = op.downcast_ref::<ops::array::TypedConcat>() {
+            let xs = (0..node.inputs.len())
+                .map(|ix| self.float(input(ix)))
+                .collect::<Result<Vec<_>>>()?;
+            self.push(node, Op::Concat(concat.axis), xs);
+        } else if let Some(slice) = op.downcast_ref::<ops::array::Slice>() {
+            let start = slice
+                .start
+                .to_i64()
+                .map(|v| v as usize)
+                .map_err(compile_err)?;
+            let end = slice
+                .end
+                .to_i64()
+                .map(|v| v as usize)
+                .map_err(compile_err)?;
+            let x = self.float(input(0))?;
+            self.push(
+                node,
+                Op::Slice {
+                    axis: slice.axis,
+                    start,
+                    end,
+                },
+                vec![x],
+            );
+        } else if let Some(gather) = op.downcast_ref::<ops::array::Gather>() {
+            let indices = self
+                .konst(input(1))
+                .ok_or_else(|| unsupported(node, "indices computed at run time"))?;
+            let size = self.shape(input(0))?[gather.axis] as i64;
+            let flat: Vec<i32> = values::<i64>(&indices)?
+                .iter()
+                .map(|&i| (if i < 0 { i + size } else { i }) as i32)
+                .collect();
+            let n = flat.len();
+            let indices: IntTensor<B> =
+                B::int_from_data(TensorData::new(flat, vec![n]), &self.device);
+            let x = self.float(input(0))?;
+            self.push(
+                node,
+                Op::Gather {
+                    axis: gather.axis,
+                    indices,
+                    out_shape,
+                },
+                vec![x],
+            );
+        } else if op.downcast_ref::<ops::array::MultiBroadcastTo>().is_some() {
+            let x = self.float(input(0))?;
+            self.push(node, Op::Expand(out_shape), vec![x]);
+        } else if let Some(pad) = op.downcast_ref::<ops::array::Pad>() {
+            let ops::array::PadMode::Constant(value) = &pad.mode else {
+                return Err(unsupported(node, "non-constant padding"));
+            };
+            let value = value.cast_to_scalar::<f32>().map_err(compile_err)?;
+            let x = self.float(input(0))?;
+            self.push(
+                node,
+                Op::Pad {
+                    pads: pad.pads.clone(),
+                    value,
+                },
+                vec![x],
+            );
+        } else if let Some(pool) = op.downcast_ref::<ops::cnn::MaxPool>() {
+            if pool.with_index_outputs.is_some() {
+                return Err(unsupported(node, "max pool with indices"));
+            }
+            let window = self.window(node, &pool.pool_spec)?;
+            let x = self.float(input(0))?;
+            self.push(node, Op::MaxPool(window), vec![x]);
+        } else if let Some(pool) = op.downcast_ref::<ops::cnn::SumPool>() {
+            let window = self.window(node, &pool.pool_spec)?;
+            if window.padding.iter().any(|(b, a)| b != a) {
+                return Err(unsupported(node, "asymmetric average pool padding"));
+            }
+            let x = self.float(input(0))?;
+            self.push(
+                node,
+                Op::AvgPool {
+                    window,
+                    count_include_pad: pool.count_include_pad,
+                    normalize: pool.normalize,
+                },
+                vec![x],
+            );
+        } else if let Some(cast) = op.downcast_ref::<ops::cast::Cast>() {
+            let from = self.fact(input(0))?.datum_type;
+            if cast.to != f32::datum_type() || from != f32::datum_type() {
+                return Err(unsupported(node, format!("cast {from:?} to {:?}", cast.to)));
+            }
+            let x = self.float(input(0))?;
+            self.slots.insert(OutletId::new(node.id, 0), x);
+        } else {
+            return Err(unsupported(node, "no GPU kernel"));
+        }
+        Ok(())
+    }
+
+    fn conv(&mut self, node: &TypedNode, conv: &ops::cnn::Conv) -> Result<()> {
+        if conv.q_params.is_some() {
+            return Err(unsupported(node, "quantized convolution"));
+        }
+        if conv.kernel_fmt != KernelFormat::OIHW {
+            return Err(unsupported(node, "kernel layout other than OIHW"));
+        }
+        let window = self.window(node, &conv.pool_spec)?;
+        let x = self.float(node.inputs[0])?;
+        let w = self.float(node.inputs[1])?;
+        let mut inputs = vec![x, w];
+        let out_channels = conv.pool_spec.output_channels;
+        if let Some(bias) = node.inputs.get(2) {
+            let is_zero = self
+                .konst(*bias)
+                .and_then(|k| values::<f32>(&k).ok())
+                .is_some_and(|v| v.iter().all(|x| *x == 0.0));
+            if !is_zero {
+                let bias_shape = self.shape(*bias)?;
+                if bias_shape.iter().product::<usize>() != out_channels {
+                    return Err(unsupported(node, format!("bias of shape {bias_shape:?}")));
+                }
+                inputs.push(self.float(*bias)?);
+            }
+        }
+        self.push(
+            node,
+            Op::Conv {
+                window,
+                groups: conv.group,
+                out_channels,
+            },
+            inputs,
+        );
+        Ok(())
+    }
+
+    /// Kernel, strides, dilations and explicit padding of a 1-D or 2-D NCHW/CHW window op.
+    fn window(&self, node: &TypedNode, spec: &PoolSpec) -> Result<super::program::Window> {
+        let batched = match spec.data_format {
+            DataFormat::NCHW => true,
+            DataFormat::CHW => false,
+            other => return Err(unsupported(node, format!("{other:?} layout"))),
+        };
+        let rank = spec.kernel_shape.len();
+        if !(1..=2).contains(&rank) {
+            return Err(unsupported(node, format!("{rank}-D window")));
+        }
+        let input = self.shape(node.inputs[0])?;
+        let spatial = &input[if batched { 2 } else { 1 }..];
+        let padding = spec
+            .computed_padding(spatial)
+            .iter()
+            .map(|p| (p.pad_before, p.pad_after))
+            .collect::<Vec<_>>();
+        Ok(super::program::Window {
+            kernel: spec.kernel_shape.to_vec(),
+            strides: spec.strides().to_vec(),
+            dilations: spec.dilations().to_vec(),
+            padding,
+            batched,
+        })
+    }
+}
+
+/// 2-D convolution options from a window (1-D windows are lifted to 2-D by the caller).
+pub(crate) fn conv_options(w: &super::program::Window, groups: usize) -> ConvOptions<2> {
+    let two = |v: &[usize], fill: usize| -> [usize; 2] {
+        match v {
+            [a] => [fill, *a],
+            [a, b] => [*a, *b],
+            _ => [fill, fill],
+        }
+    };
+    let padding = match w.padding.as_slice() {
+        [p] => [(0, 0), *p],
+        [p, q] => [*p, *q],
+        _ => [(0, 0), (0, 0)],
+    };
+    ConvOptions {
+        stride: two(&w.strides, 1),
+        padding,
+        dilation: two(&w.dilations, 1),
+        groups,
+    }
+}

@@ -1,0 +1,322 @@
+//! GPU backend: tract's front end, burn's tensor ops on the device (cargo feature `gpu`).
+//!
+//! burn imports ONNX only as Rust code generated at build time; an SDK must run models that
+//! ship after the app. So this backend interprets the graph at run time, in three stages:
+//!
+//! 1. **Front end** (tract): the ONNX graph is typed for the concrete input shapes of a run,
+//!    constants and shape arithmetic are folded, and the graph is decluttered into tract's
+//!    small set of core ops.
+//! 2. **Lowering** ([`lower`]): each core op becomes one [`program::Op`] with its attributes
+//!    resolved; weights are uploaded to the device once per program.
+//! 3. **Execution** ([`program`]): the steps run with burn's backend ops, generic over
+//!    burn's `Backend`, so the same code drives wgpu (Vulkan, Metal, DX12, WebGPU) in apps
+//!    and burn's pure-Rust CPU backend (burn-flex) in the unit tests.
+//!
+//! Programs are built per input-shape signature: once at session creation when every input
+//! dimension is fixed or pinned (and warmed up there, so shader compilation is not paid by
+//! the first real run), otherwise on first use of each shape, keeping the most recent
+//! [`SHAPE_CACHE`](super::tract::SHAPE_CACHE).
+
+mod lower;
+mod program;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn_backend::tensor::Device;
+use burn_backend::Backend as BurnBackend;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::InferenceModelExt;
+
+use super::{Backend, Executor, Prepared, Ran};
+use crate::error::{catch_panic, chain, Error};
+use crate::model::{Dim, Model};
+use crate::session::SessionOptions;
+use crate::tensor::{DType, Tensor};
+use crate::Result;
+use lower::NAME;
+use program::Program;
+
+/// ONNX op types the GPU backend runs (after tract's folding and decluttering). A model with
+/// any other op is refused up front, so `Auto` can pick the CPU without trying.
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Abs",
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Ceil",
+    "Clip",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Conv",
+    "Cos",
+    "Div",
+    "Dropout",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Floor",
+    "Gather",
+    "Gelu",
+    "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "LayerNormalization",
+    "LeakyRelu",
+    "Log",
+    "LogSoftmax",
+    "MatMul",
+    "Max",
+    "MaxPool",
+    "Mean",
+    "Min",
+    "Mul",
+    "Neg",
+    "Pad",
+    "Pow",
+    "Range",
+    "Reciprocal",
+    "ReduceL2",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "Relu",
+    "Reshape",
+    "Round",
+    "Shape",
+    "Sigmoid",
+    "Sin",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Sum",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+];
+
+/// The wgpu adapter found for this process.
+#[derive(Clone)]
+struct Adapter {
+    device: burn_wgpu::WgpuDevice,
+    /// Name and graphics API, for the session's backend reason.
+    name: String,
+    /// A CPU rasteriser (llvmpipe/lavapipe, WARP…), not a GPU.
+    software: bool,
+}
+
+/// The wgpu device, initialised once per process: `Err` says why no adapter could be used.
+fn wgpu_adapter() -> std::result::Result<Adapter, String> {
+    type Found = std::result::Result<Adapter, String>;
+    static DEVICE: OnceLock<Found> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            if std::env::var_os("TERN_DISABLE_GPU").is_some() {
+                return Err("disabled by TERN_DISABLE_GPU".into());
+            }
+            let device = burn_wgpu::WgpuDevice::default();
+            let setup = catch_panic("gpu adapter", || {
+                burn_wgpu::try_init_setup::<burn_wgpu::graphics::AutoGraphicsApi>(
+                    &device,
+                    burn_wgpu::RuntimeOptions::default(),
+                )
+                .map_err(|e| Error::BackendUnavailable {
+                    backend: NAME,
+                    reason: e.to_string(),
+                })
+            });
+            match setup {
+                Ok(setup) => {
+                    let info = setup.adapter.get_info();
+                    let name = format!("{} ({:?})", info.name, info.backend);
+                    tracing::info!("gpu adapter: {name}");
+                    Ok(Adapter {
+                        device,
+                        name,
+                        software: info.device_type == burn_wgpu::wgpu::DeviceType::Cpu,
+                    })
+                }
+                Err(e) => Err(format!("no usable GPU adapter: {e}")),
+            }
+        })
+        .clone()
+}
+
+/// The name of the adapter the GPU backend uses, or why there is none.
+pub fn gpu_adapter() -> std::result::Result<String, String> {
+    wgpu_adapter().map(|a| a.name)
+}
+
+/// Fails with [`Error::UnsupportedOp`] naming the first node the GPU backend cannot run.
+fn check_supported(model: &Model) -> Result<()> {
+    match model
+        .info()
+        .op_histogram
+        .keys()
+        .find(|op| !SUPPORTED_OPS.contains(&op.as_str()))
+    {
+        Some(op) => Err(Error::UnsupportedOp {
+            op_type: op.clone(),
+            domain: String::new(),
+            node: model.first_node_of(op).unwrap_or_default().to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Prepares the GPU backend on the process's wgpu adapter. `auto` declines a software
+/// adapter unless the options allow one.
+pub(crate) fn prepare(
+    model: &Model,
+    options: &SessionOptions,
+    reason: String,
+    auto: bool,
+) -> Result<Prepared> {
+    let adapter = wgpu_adapter().map_err(|reason| Error::BackendUnavailable {
+        backend: NAME,
+        reason,
+    })?;
+    if auto && adapter.software && !options.allow_software_gpu {
+        return Err(Error::BackendUnavailable {
+            backend: NAME,
+            reason: format!(
+                "the only adapter, {}, is a software rasteriser (slower than the CPU backend)",
+                adapter.name
+            ),
+        });
+    }
+    let device = adapter.device.into();
+    prepare_on::<burn_wgpu::Wgpu>(
+        model,
+        options,
+        device,
+        format!("{reason} on {}", adapter.name),
+    )
+}
+
+/// Prepares the GPU executor on any burn backend (wgpu in apps, burn-flex in tests).
+pub(crate) fn prepare_on<B: BurnBackend>(
+    model: &Model,
+    options: &SessionOptions,
+    device: Device<B>,
+    reason: String,
+) -> Result<Prepared> {
+    check_supported(model)?;
+    let mut fixed = Some(Vec::new());
+    for info in model.inputs() {
+        if info.dtype != Some(DType::F32) {
+            return Err(Error::BackendUnavailable {
+                backend: NAME,
+                reason: format!(
+                    "the GPU backend computes f32; input {:?} is {}",
+                    info.name,
+                    info.dtype.map_or("undeclared".into(), |d| d.to_string())
+                ),
+            });
+        }
+        let shape = match (options.input_shapes.get(&info.name), &info.shape) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(dims)) => dims
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => Some(*n),
+                    Dim::Symbolic(_) => None,
+                })
+                .collect(),
+            (None, None) => None,
+        };
+        fixed = fixed.zip(shape).map(|(mut all, s)| {
+            all.push(s);
+            all
+        });
+    }
+    let executor = BurnExecutor::<B> {
+        graph: model.graph().clone(),
+        device,
+        cache: Mutex::new(Vec::new()),
+    };
+    let reason = match fixed {
+        Some(shapes) => {
+            let program = executor.program(&shapes)?;
+            // Warm-up: compiles the device kernels now rather than in the first real run.
+            let zeros = shapes
+                .iter()
+                .map(|s| Tensor::zeros(DType::F32, s))
+                .collect::<Result<Vec<_>>>()?;
+            program.run(&zeros)?;
+            format!("{reason}; {} device steps, warmed up", program.len())
+        }
+        None => format!("{reason}; programs built per input shape on first use"),
+    };
+    Ok(Prepared {
+        executor: Box::new(executor),
+        backend: Backend::Gpu,
+        reason,
+        input_dtypes: vec![DType::F32; model.inputs().len()],
+    })
+}
+
+/// Programs for the most recent input-shape signatures, most recently used last.
+type ProgramCache<B> = Mutex<Vec<(Vec<Vec<usize>>, Arc<Program<B>>)>>;
+
+/// Runs lowered programs on one burn device.
+struct BurnExecutor<B: BurnBackend> {
+    graph: InferenceModel,
+    device: Device<B>,
+    cache: ProgramCache<B>,
+}
+
+impl<B: BurnBackend> BurnExecutor<B> {
+    /// The program for these input shapes: cached, or typed, folded, decluttered and lowered.
+    fn program(&self, shapes: &[Vec<usize>]) -> Result<Arc<Program<B>>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ix) = cache.iter().position(|(s, _)| s == shapes) {
+            let entry = cache.remove(ix);
+            let program = entry.1.clone();
+            cache.push(entry);
+            return Ok(program);
+        }
+        let compile = |e: anyhow::Error| Error::Compile {
+            backend: NAME,
+            reason: chain(&e),
+        };
+        let mut graph = self.graph.clone();
+        for (ix, shape) in shapes.iter().enumerate() {
+            let fact = f32::fact(shape).into();
+            graph.set_input_fact(ix, fact).map_err(compile)?;
+        }
+        let typed = graph
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(compile)?;
+        let program = Arc::new(lower::lower::<B>(&typed, &self.device)?);
+        if cache.len() >= super::tract::SHAPE_CACHE {
+            cache.remove(0);
+        }
+        cache.push((shapes.to_vec(), program.clone()));
+        Ok(program)
+    }
+}
+
+impl<B: BurnBackend> Executor for BurnExecutor<B> {
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Ran> {
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        Ok(Ran {
+            outputs: self.program(&shapes)?.run(&inputs)?,
+            fallback: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,169 @@
+//! The GPU executor on burn's pure-Rust CPU backend (burn-flex, no adapter needed) against
+//! tract, and the matmul layout planner against tract's own einsum.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn_flex::{Flex, FlexDevice};
+use tract_onnx::prelude::{tract_ndarray, tvec, Datum, IntoTValue, IntoTensor};
+use tract_onnx::tract_core::axes::AxesMapping;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_hir::internal::EvalOp;
+
+use super::program::MatMulPlan;
+use super::*;
+use crate::session::SessionOptions;
+
+fn cached_model(name: &str) -> PathBuf {
+    let cache = std::env::var_os("TERN_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tern")))
+        .expect("HOME or TERN_CACHE");
+    let path = cache.join("models").join(name).join("model.onnx");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models",
+        path.display()
+    );
+    path
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Runs `model` on Flex through the GPU executor and on tract, same seeded inputs.
+fn compare_with_tract(name: &str, dims: &[(&str, usize)], tol: f32) {
+    let model = Model::load(cached_model(name)).unwrap();
+    let dims: BTreeMap<String, usize> = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let inputs = model.random_inputs(7, &dims).unwrap();
+    let mut options = SessionOptions::new().without_telemetry();
+    for (input, t) in &inputs {
+        options = options.pin_input_shape(input.clone(), t.shape());
+    }
+    let tensors: Vec<crate::Tensor> = inputs.iter().map(|(_, t)| t.clone()).collect();
+    let gpu = prepare_on::<Flex>(&model, &options, FlexDevice, "test".into()).unwrap();
+    assert!(gpu.reason.contains("warmed up"), "{}", gpu.reason);
+    let cpu = super::super::tract::prepare(&model, &options, "test".into()).unwrap();
+    let got = gpu.executor.run(tensors.clone()).unwrap().outputs;
+    let want = cpu.executor.run(tensors).unwrap().outputs;
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.shape(), w.shape());
+        let d = max_abs_diff(&g.to_f32_vec().unwrap(), &w.to_f32_vec().unwrap());
+        assert!(d <= tol, "{name}: max abs diff {d} > {tol}");
+    }
+}
+
+#[test]
+fn cnn_matches_tract_on_burn_cpu() {
+    compare_with_tract(
+        "ppocr_cls",
+        &[("x_d0", 1), ("x_d2", 48), ("x_d3", 192)],
+        1e-4,
+    );
+}
+
+#[test]
+fn transformer_matches_tract_on_burn_cpu() {
+    compare_with_tract(
+        "ppocr_rec",
+        &[
+            ("p2o.DynamicDimension.0", 1),
+            ("x_d2", 48),
+            ("p2o.DynamicDimension.1", 320),
+        ],
+        1e-3,
+    );
+}
+
+#[test]
+fn unsupported_op_is_named_before_any_work() {
+    let model = Model::load(cached_model("silero_vad_lstm")).unwrap();
+    let options = SessionOptions::new().without_telemetry();
+    let err = prepare_on::<Flex>(&model, &options, FlexDevice, "test".into())
+        .err()
+        .expect("LSTM is not a GPU op");
+    match err {
+        Error::UnsupportedOp { op_type, node, .. } => {
+            assert!(SUPPORTED_OPS.binary_search(&op_type.as_str()).is_err());
+            assert_eq!(model.first_node_of(&op_type), Some(node.as_str()));
+        }
+        other => panic!("expected unsupported_op, got {other}"),
+    }
+}
+
+#[test]
+fn supported_op_list_is_sorted() {
+    assert!(SUPPORTED_OPS.windows(2).all(|w| w[0] < w[1]));
+}
+
+/// Every einsum layout the planner accepts computes what tract's einsum computes.
+#[test]
+fn matmul_plans_match_tract_einsum() {
+    let cases: &[(&str, &[usize], &[usize])] = &[
+        ("mk,kn->mn", &[3, 4], &[4, 5]),
+        ("bmk,kn->bmn", &[2, 3, 4], &[4, 5]),
+        ("bmk,bnk->bmn", &[2, 3, 4], &[2, 5, 4]),
+        ("bhmk,bhkn->bhmn", &[1, 2, 3, 4], &[1, 2, 4, 5]),
+        ("bmk,bkn->bnm", &[2, 3, 4], &[1, 4, 5]),
+        ("km,kn->nm", &[4, 3], &[4, 5]),
+        ("amk,kn->amn", &[1, 3, 4], &[4, 2]),
+    ];
+    let device = FlexDevice;
+    for (expr, sa, sb) in cases {
+        let axes: AxesMapping = expr.parse().unwrap();
+        let n = |s: &[usize]| s.iter().product::<usize>();
+        let a = tract_ndarray::ArrayD::from_shape_vec(
+            sa.to_vec(),
+            (0..n(sa)).map(|i| (i as f32 * 0.37).sin()).collect(),
+        )
+        .unwrap()
+        .into_tensor();
+        let b = tract_ndarray::ArrayD::from_shape_vec(
+            sb.to_vec(),
+            (0..n(sb)).map(|i| (i as f32 * 0.11).cos()).collect(),
+        )
+        .unwrap()
+        .into_tensor();
+        let op = EinSum::new(axes.clone(), f32::datum_type());
+        let want = op
+            .eval_out_of_plan(tvec!(a.clone().into_tvalue(), b.clone().into_tvalue()))
+            .unwrap()
+            .expect("einsum evaluates out of a plan")
+            .remove(0);
+        let plan = MatMulPlan::new(&axes, sa, sb, want.shape()).unwrap();
+        let upload = |t: &tract_onnx::prelude::Tensor| {
+            <Flex as burn_backend::ops::FloatTensorOps<Flex>>::float_from_data(
+                burn_backend::TensorData::new(
+                    t.to_plain_array_view::<f32>()
+                        .unwrap()
+                        .iter()
+                        .copied()
+                        .collect::<Vec<_>>(),
+                    t.shape().to_vec(),
+                ),
+                &device,
+            )
+        };
+        let got = plan.run::<Flex>(upload(&a), upload(&b));
+        let got = burn_backend::read_sync(
+            <Flex as burn_backend::ops::FloatTensorOps<Flex>>::float_into_data(got),
+        )
+        .unwrap()
+        .try_into_vec::<f32>()
+        .unwrap();
+        let want: Vec<f32> = want
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-5, "{expr}: max abs diff {d}");
+    }
+}

@@ -1,0 +1,311 @@
+//! The GPU backend through wgpu — on CI, Mesa's lavapipe (a software Vulkan) — against
+//! onnxruntime's references and tern's CPU backend; `Auto` selection and the run-time
+//! fallback to the CPU. Built only with `--features gpu`.
+#![cfg(feature = "gpu")]
+
+use std::path::Path;
+use std::time::Instant;
+
+use prost::Message;
+use tern::telemetry::{Outcome, Record, Telemetry, TelemetryConfig};
+use tern::{Backend, Model, Session, SessionOptions, Tensor};
+use tern_tests::fixtures::{node, value, FLOAT};
+use tern_tests::{compare, fetched, reports_dir, Diff};
+use tract_onnx::pb;
+
+#[derive(serde::Deserialize)]
+struct Entry {
+    name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    output_files: Vec<String>,
+    atol: f64,
+    rtol: f64,
+    expect: String,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    model: String,
+    status: String,
+    vs_onnxruntime: Option<Diff>,
+    vs_cpu: Option<Diff>,
+    gpu_ms: Option<f64>,
+}
+
+fn npy(path: &Path) -> Tensor {
+    Tensor::from_npy(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap()
+}
+
+fn worst(a: Diff, b: Diff) -> Diff {
+    Diff {
+        max_abs: a.max_abs.max(b.max_abs),
+        max_rel: a.max_rel.max(b.max_rel),
+    }
+}
+
+fn gpu_options() -> SessionOptions {
+    SessionOptions::new()
+        .backend(Backend::Gpu)
+        .without_telemetry()
+}
+
+/// Whether every op of the model is one the GPU backend runs.
+fn gpu_supported(model: &Model) -> bool {
+    model
+        .info()
+        .op_histogram
+        .keys()
+        .all(|op| tern::backend::GPU_SUPPORTED_OPS.contains(&op.as_str()))
+}
+
+/// Every fetched model on the GPU: a fully supported one must match onnxruntime within its
+/// tolerance and the CPU backend closely; any other must be refused with `unsupported_op`
+/// or `backend_unavailable` at session creation, never a panic or wrong numbers.
+#[test]
+fn real_models_on_gpu_match_onnxruntime_and_cpu() {
+    let adapter = tern::backend::gpu_adapter().expect("a wgpu adapter (CI installs lavapipe)");
+    let manifest: Vec<Entry> =
+        serde_json::from_slice(&std::fs::read(fetched("models/manifest.json")).unwrap()).unwrap();
+    let mut rows = Vec::new();
+    let mut ran = Vec::new();
+    for entry in manifest.iter().filter(|e| e.expect == "pass") {
+        let dir = fetched(&format!("models/{}", entry.name));
+        let model = Model::load(dir.join("model.onnx")).unwrap();
+        let inputs: Vec<(String, Tensor)> = entry
+            .inputs
+            .iter()
+            .map(|n| (n.clone(), npy(&dir.join(format!("ref/input.{n}.npy")))))
+            .collect();
+        let mut options = gpu_options();
+        for (name, t) in &inputs {
+            options = options.pin_input_shape(name.clone(), t.shape());
+        }
+        let session = match Session::new(&model, options) {
+            Ok(s) => s,
+            Err(e) => {
+                assert!(
+                    !gpu_supported(&model) || e.kind() == "backend_unavailable",
+                    "{}: all ops are GPU ops but the session failed: {e}",
+                    entry.name
+                );
+                assert!(
+                    ["unsupported_op", "backend_unavailable"].contains(&e.kind()),
+                    "{}: {e}",
+                    entry.name
+                );
+                rows.push(Row {
+                    model: entry.name.clone(),
+                    status: format!("not on GPU: {e}"),
+                    vs_onnxruntime: None,
+                    vs_cpu: None,
+                    gpu_ms: None,
+                });
+                continue;
+            }
+        };
+        assert_eq!(session.backend(), Backend::Gpu);
+        let cpu = Session::new(
+            &model,
+            SessionOptions::new()
+                .backend(Backend::Cpu)
+                .without_telemetry(),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let outputs = session.run(inputs.clone()).unwrap();
+        let gpu_ms = start.elapsed().as_secs_f64() * 1e3;
+        let cpu_outputs = cpu.run(inputs).unwrap();
+        let mut vs_ort = Diff::default();
+        let mut vs_cpu = Diff::default();
+        for (name, file) in entry.outputs.iter().zip(&entry.output_files) {
+            let got = outputs.get(name).unwrap();
+            let want = npy(&dir.join(file));
+            let d = compare(got, &want, entry.atol, entry.rtol)
+                .unwrap_or_else(|e| panic!("{} output {name} vs onnxruntime: {e}", entry.name));
+            vs_ort = worst(vs_ort, d);
+            let d = compare(got, cpu_outputs.get(name).unwrap(), entry.atol, entry.rtol)
+                .unwrap_or_else(|e| panic!("{} output {name} vs CPU: {e}", entry.name));
+            vs_cpu = worst(vs_cpu, d);
+        }
+        ran.push(entry.name.clone());
+        rows.push(Row {
+            model: entry.name.clone(),
+            status: "pass".into(),
+            vs_onnxruntime: Some(vs_ort),
+            vs_cpu: Some(vs_cpu),
+            gpu_ms: Some(gpu_ms),
+        });
+    }
+    std::fs::write(
+        reports_dir().join("gpu.json"),
+        serde_json::to_vec_pretty(&rows).unwrap(),
+    )
+    .unwrap();
+    println!(
+        "GPU parity on {adapter}: {} models run on the GPU: {ran:?}",
+        ran.len()
+    );
+    for name in ["ppocr_cls", "ppocr_rec"] {
+        assert!(ran.iter().any(|r| r == name), "{name} must run on the GPU");
+    }
+}
+
+/// Symbolic input shapes: the GPU builds a program per shape on first use.
+#[test]
+fn symbolic_shapes_get_a_program_per_shape() {
+    let model = Model::load(fetched("models/ppocr_cls/model.onnx")).unwrap();
+    let gpu = Session::new(&model, gpu_options()).unwrap();
+    assert!(
+        gpu.backend_reason().contains("per input shape"),
+        "{}",
+        gpu.backend_reason()
+    );
+    let cpu = Session::new(&model, SessionOptions::new().backend(Backend::Cpu)).unwrap();
+    for (batch, width) in [(1, 96), (2, 192), (1, 96)] {
+        let dims = [("x_d0", batch), ("x_d2", 48), ("x_d3", width)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        let inputs = model.random_inputs(batch as u64, &dims).unwrap();
+        let got = gpu.run(inputs.clone()).unwrap();
+        let want = cpu.run(inputs).unwrap();
+        compare(&got[0], &want[0], 1e-4, 1e-3).unwrap();
+    }
+}
+
+/// `Auto` never picks a software rasteriser on its own, and picks it when allowed.
+#[test]
+fn auto_declines_a_software_adapter_unless_allowed() {
+    let model = Model::load(fetched("models/ppocr_cls/model.onnx")).unwrap();
+    let auto = Session::new(&model, SessionOptions::new().without_telemetry()).unwrap();
+    let adapter = tern::backend::gpu_adapter().unwrap();
+    if adapter.contains("llvmpipe") || adapter.contains("lavapipe") {
+        assert_eq!(auto.backend(), Backend::Cpu);
+        assert!(
+            auto.backend_reason().contains("software rasteriser"),
+            "{}",
+            auto.backend_reason()
+        );
+    }
+    let allowed = Session::new(
+        &model,
+        SessionOptions::new()
+            .allow_software_gpu(true)
+            .without_telemetry(),
+    )
+    .unwrap();
+    assert_eq!(
+        allowed.backend(),
+        Backend::Gpu,
+        "{}",
+        allowed.backend_reason()
+    );
+    // A model with an op the GPU lacks goes to the CPU, and the reason names the op.
+    let lstm = Model::load(fetched("models/silero_vad_lstm/model.onnx")).unwrap();
+    let auto = Session::new(
+        &lstm,
+        SessionOptions::new()
+            .allow_software_gpu(true)
+            .without_telemetry(),
+    )
+    .unwrap();
+    assert_eq!(auto.backend(), Backend::Cpu);
+    assert!(
+        auto.backend_reason().contains("LSTM"),
+        "{}",
+        auto.backend_reason()
+    );
+    // Asked for explicitly, the same model is a typed error.
+    let err = Session::new(&lstm, gpu_options()).unwrap_err();
+    assert_eq!(err.kind(), "unsupported_op");
+    assert!(err.to_string().contains("LSTM"), "{err}");
+}
+
+/// `y = data[int(x)]`: every op is on the GPU list, but the index is computed at run time,
+/// which the GPU cannot lower; the shape is symbolic, so that shows only at the first run.
+fn runtime_index_model() -> Model {
+    let mut cast = node("cast", "Cast", "", &["x"], &["ix"]);
+    cast.attribute.push(pb::AttributeProto {
+        name: "to".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: 7,
+        ..Default::default()
+    });
+    let mut konst = node("data", "Constant", "", &[], &["data"]);
+    konst.attribute.push(pb::AttributeProto {
+        name: "value".into(),
+        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(pb::TensorProto {
+            dims: vec![4],
+            data_type: FLOAT,
+            float_data: vec![10.0, 20.0, 30.0, 40.0],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let gather = node("gather", "Gather", "", &["data", "ix"], &["y"]);
+    let bytes = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "runtime_index".into(),
+            node: vec![konst, cast, gather],
+            input: vec![value("x", FLOAT, &["n"])],
+            output: vec![value("y", FLOAT, &["n"])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    Model::from_bytes(&bytes).unwrap()
+}
+
+/// A GPU failure at run time under `Auto` moves the session to the CPU: the run still
+/// returns the right values and its span records the fallback.
+#[test]
+fn auto_falls_back_to_cpu_once_and_records_it() {
+    let dir = std::env::temp_dir().join(format!("tern-gpu-fallback-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let telemetry = Telemetry::open(&dir, TelemetryConfig::default()).unwrap();
+    let model = runtime_index_model();
+    let session = Session::new(
+        &model,
+        SessionOptions::new()
+            .allow_software_gpu(true)
+            .telemetry(telemetry.clone()),
+    )
+    .unwrap();
+    assert_eq!(
+        session.backend(),
+        Backend::Gpu,
+        "{}",
+        session.backend_reason()
+    );
+    let x = Tensor::from_vec(&[3], vec![2.0f32, 0.0, 3.0]).unwrap();
+    for _ in 0..2 {
+        let out = session.run([("x", x.clone())]).unwrap();
+        assert_eq!(out[0].to_f32_vec().unwrap(), vec![30.0, 10.0, 40.0]);
+    }
+    // Explicitly on the GPU, the same failure is a typed error naming the node.
+    let gpu = Session::new(&model, gpu_options()).unwrap();
+    let err = gpu.run([("x", x)]).unwrap_err();
+    assert_eq!(err.kind(), "unsupported_op", "{err}");
+    assert!(err.to_string().contains("cast"), "{err}");
+    telemetry.flush().unwrap();
+    let outcomes: Vec<Outcome> = telemetry
+        .stored_records()
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Span(s) => Some(s.outcome),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outcomes, vec![Outcome::Fallback, Outcome::Fallback]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
