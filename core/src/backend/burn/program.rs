@@ -329,6 +329,34 @@ pub(crate) enum Op<B: Backend> {
     },
 }
 
+impl<B: Backend> Op<B> {
+    /// A short description for errors and traces.
+    pub(crate) fn name(&self) -> String {
+        match self {
+            Op::Bin { kind, expand } => format!("{kind:?} expand={expand:?}"),
+            Op::BinScalar { kind, value } => format!("{kind:?} scalar {value}"),
+            Op::Unary(kind) => format!("{kind:?}"),
+            Op::Conv { window, groups, .. } => format!("Conv {window:?} groups {groups}"),
+            Op::MatMul(plan) => format!("MatMul {plan:?}"),
+            Op::ReduceSum(a) => format!("ReduceSum {a:?}"),
+            Op::ReduceMax(a) => format!("ReduceMax {a:?}"),
+            Op::ReduceMin(a) => format!("ReduceMin {a:?}"),
+            Op::ReduceMeanOfSquares(a) => format!("ReduceMeanOfSquares {a:?}"),
+            Op::RmsNorm { axis, .. } => format!("RmsNorm {axis}"),
+            Op::Softmax { axis, log } => format!("Softmax {axis} log={log}"),
+            Op::Permute(p) => format!("Permute {p:?}"),
+            Op::Reshape(s) => format!("Reshape {s:?}"),
+            Op::Concat(a) => format!("Concat {a}"),
+            Op::Slice { axis, start, end } => format!("Slice {axis} {start}..{end}"),
+            Op::Gather { axis, .. } => format!("Gather {axis}"),
+            Op::Expand(s) => format!("Expand {s:?}"),
+            Op::Pad { pads, value } => format!("Pad {pads:?} {value}"),
+            Op::MaxPool(w) => format!("MaxPool {w:?}"),
+            Op::AvgPool { window, .. } => format!("AvgPool {window:?}"),
+        }
+    }
+}
+
 /// One step: an op reading slots and writing one.
 pub(crate) struct Step<B: Backend> {
     pub op: Op<B>,
@@ -450,6 +478,38 @@ impl<B: Backend> Program<B> {
             .collect()
     }
 
+    /// Runs like [`Program::run`] but reads every step's output back: `(node, values)`.
+    #[cfg(test)]
+    pub(crate) fn run_steps(&self, inputs: &[Tensor]) -> Vec<(String, String, Vec<f32>)> {
+        let mut slots: Vec<Option<FloatTensor<B>>> = vec![None; self.n_slots];
+        for (slot, tensor) in &self.consts {
+            slots[*slot] = Some(tensor.clone());
+        }
+        for (slot, tensor) in self.inputs.iter().zip(inputs) {
+            let data = TensorData::new(
+                tensor.as_slice::<f32>().unwrap().to_vec(),
+                tensor.shape().to_vec(),
+            );
+            slots[*slot] = Some(B::float_from_data(data, &self.device));
+        }
+        let mut trace = Vec::new();
+        for step in &self.steps {
+            let args = step
+                .inputs
+                .iter()
+                .map(|&s| slots[s].clone().unwrap())
+                .collect();
+            let y = self.eval(&step.op, args);
+            let values = read_sync(B::float_into_data(y.clone()))
+                .unwrap()
+                .try_into_vec::<f32>()
+                .unwrap();
+            trace.push((step.node.clone(), step.op.name(), values));
+            slots[step.output] = Some(y);
+        }
+        trace
+    }
+
     fn eval(&self, op: &Op<B>, mut args: Vec<FloatTensor<B>>) -> FloatTensor<B> {
         let mut arg = || args.remove(0);
         match op {
@@ -501,13 +561,13 @@ impl<B: Backend> Program<B> {
                 let a = arg();
                 plan.run::<B>(a, arg())
             }
-            Op::ReduceSum(axes) => axes.iter().fold(arg(), |x, &a| B::float_sum_dim(x, a)),
-            Op::ReduceMax(axes) => axes.iter().fold(arg(), |x, &a| B::float_max_dim(x, a)),
-            Op::ReduceMin(axes) => axes.iter().fold(arg(), |x, &a| B::float_min_dim(x, a)),
+            Op::ReduceSum(axes) => reduce::<B>(arg(), axes, B::float_sum_dim),
+            Op::ReduceMax(axes) => reduce::<B>(arg(), axes, B::float_max_dim),
+            Op::ReduceMin(axes) => reduce::<B>(arg(), axes, B::float_min_dim),
             Op::ReduceMeanOfSquares(axes) => {
                 let x = arg();
                 let sq = B::float_mul(x.clone(), x);
-                axes.iter().fold(sq, |x, &a| B::float_mean_dim(x, a))
+                reduce::<B>(sq, axes, B::float_mean_dim)
             }
             Op::RmsNorm { axis, eps } => {
                 let x = arg();
@@ -602,6 +662,32 @@ impl<B: Backend> Program<B> {
                 B::float_mask_where(a, mask, b)
             }
         }
+    }
+}
+
+/// Reduces `axes` (sorted), keeping them as size 1. Consecutive axes are merged into one
+/// and reduced in a single pass: fewer kernels, and chained per-axis reductions on wgpu gave
+/// wrong sums for batch > 1 (seen on lavapipe with burn 0.22's `sum_dim`).
+fn reduce<B: Backend>(
+    x: FloatTensor<B>,
+    axes: &[usize],
+    f: fn(FloatTensor<B>, usize) -> FloatTensor<B>,
+) -> FloatTensor<B> {
+    let shape = x.shape().to_vec();
+    let consecutive = axes.windows(2).all(|w| w[1] == w[0] + 1);
+    match (axes.first(), axes.last()) {
+        (Some(&first), Some(&last)) if consecutive && last > first => {
+            let mut merged: Vec<usize> = shape[..first].to_vec();
+            merged.push(shape[first..=last].iter().product());
+            merged.extend_from_slice(&shape[last + 1..]);
+            let y = f(B::float_reshape(x, Shape::from(merged)), first);
+            let mut out = shape;
+            for &a in axes {
+                out[a] = 1;
+            }
+            B::float_reshape(y, Shape::from(out))
+        }
+        _ => axes.iter().fold(x, |x, &a| f(x, a)),
     }
 }
 

@@ -167,3 +167,60 @@ fn matmul_plans_match_tract_einsum() {
         assert!(d < 1e-5, "{expr}: max abs diff {d}");
     }
 }
+
+/// Every step of a wgpu program computes what the same step computes on burn's CPU
+/// backend, at batch 2 (needs a Vulkan/Metal/DX12 adapter; CI installs lavapipe). This is
+/// the test that localises a wrong device kernel to one node.
+#[test]
+fn wgpu_steps_match_burn_cpu_steps() {
+    let adapter = wgpu_adapter().expect("a wgpu adapter (scripts/gpu-env installs lavapipe)");
+    for (name, dims) in [
+        ("ppocr_cls", vec![("x_d0", 2), ("x_d2", 48), ("x_d3", 96)]),
+        (
+            "ppocr_rec",
+            vec![
+                ("p2o.DynamicDimension.0", 1),
+                ("x_d2", 48),
+                ("p2o.DynamicDimension.1", 64),
+            ],
+        ),
+    ] {
+        let model = Model::load(cached_model(name)).unwrap();
+        let dims: BTreeMap<String, usize> = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let inputs: Vec<crate::Tensor> = model
+            .random_inputs(3, &dims)
+            .unwrap()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let cpu = BurnExecutor::<Flex> {
+            graph: model.graph().clone(),
+            device: FlexDevice,
+            cache: Default::default(),
+        };
+        let gpu = BurnExecutor::<burn_wgpu::Wgpu> {
+            graph: model.graph().clone(),
+            device: adapter.device.clone().into(),
+            cache: Default::default(),
+        };
+        let (cpu, gpu) = (cpu.program(&shapes).unwrap(), gpu.program(&shapes).unwrap());
+        let want = cpu.run(&inputs).unwrap();
+        let got = gpu.run(&inputs).unwrap();
+        let d = max_abs_diff(
+            &got[0].to_f32_vec().unwrap(),
+            &want[0].to_f32_vec().unwrap(),
+        );
+        assert!(d < 1e-4, "{name}: wgpu vs burn CPU outputs differ by {d}");
+        let want = cpu.run_steps(&inputs);
+        let got = gpu.run_steps(&inputs);
+        for ((node, op, w), (_, _, g)) in want.iter().zip(&got) {
+            let scale = w.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let d = max_abs_diff(g, w);
+            assert!(
+                d <= 1e-3 * scale,
+                "{name}: step {node} ({op}) differs by {d} (scale {scale})"
+            );
+        }
+    }
+}
