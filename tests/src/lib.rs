@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use tern::{DType, Tensor};
 
 pub mod fixtures;
+pub mod node_suite;
 
 /// The cache `scripts/fetch-models` fills (`$TERN_CACHE`, default `~/.cache/tern`).
 pub fn cache_dir() -> PathBuf {

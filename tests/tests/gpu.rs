@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use prost::Message;
 use tern::telemetry::{Outcome, Record, Telemetry, TelemetryConfig};
-use tern::{Backend, Model, Session, SessionOptions, Tensor};
+use tern::{Backend, Model, NanPolicy, Session, SessionOptions, Tensor};
 use tern_tests::fixtures::{node, value, FLOAT};
-use tern_tests::{compare, fetched, reports_dir, Diff};
+use tern_tests::node_suite::{check_expected_failures, listed, manifest, per_op, run_cases};
+use tern_tests::{compare, fetched, reports_dir, workspace, Diff};
 use tract_onnx::pb;
 
 #[derive(serde::Deserialize)]
@@ -203,39 +204,33 @@ fn wgpu_auto_declines_a_software_adapter_unless_allowed() {
     .unwrap();
     assert_eq!(auto.backend(), Backend::Cpu);
     assert!(
-        auto.backend_reason().contains("LSTM"),
+        auto.backend_reason().contains("unsupported_op"),
         "{}",
         auto.backend_reason()
     );
-    // Asked for explicitly, the same model is a typed error.
+    // Asked for explicitly, the same model is a typed error naming an op the GPU lacks.
     let err = Session::new(&lstm, gpu_options()).unwrap_err();
     assert_eq!(err.kind(), "unsupported_op");
-    assert!(err.to_string().contains("LSTM"), "{err}");
+    let tern::Error::UnsupportedOp { op_type, node, .. } = &err else {
+        unreachable!()
+    };
+    assert!(!tern::backend::GPU_SUPPORTED_OPS.contains(&op_type.as_str()));
+    assert_eq!(lstm.first_node_of(op_type), Some(node.as_str()), "{err}");
 }
 
-/// `y = data[int(x)]`: every op is on the GPU list, but the index is computed at run time,
-/// which the GPU cannot lower; the shape is symbolic, so that shows only at the first run.
-fn runtime_index_model() -> Model {
-    let mut cast = node("cast", "Cast", "", &["x"], &["ix"]);
-    cast.attribute.push(pb::AttributeProto {
-        name: "to".into(),
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        i: 7,
-        ..Default::default()
-    });
-    let mut konst = node("data", "Constant", "", &[], &["data"]);
-    konst.attribute.push(pb::AttributeProto {
-        name: "value".into(),
-        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
-        t: Some(pb::TensorProto {
-            dims: vec![4],
-            data_type: FLOAT,
-            float_data: vec![10.0, 20.0, 30.0, 40.0],
+/// `y = float(int(x))`: both ops are on the GPU list, but the integer in between is not
+/// something the GPU computes; the shape is symbolic, so that shows only at the first run.
+fn runtime_int_model() -> Model {
+    let cast = |name: &str, from: &str, to: &str, dtype: i64| {
+        let mut n = node(name, "Cast", "", &[from], &[to]);
+        n.attribute.push(pb::AttributeProto {
+            name: "to".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: dtype,
             ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let gather = node("gather", "Gather", "", &["data", "ix"], &["y"]);
+        });
+        n
+    };
     let bytes = pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto {
@@ -243,8 +238,8 @@ fn runtime_index_model() -> Model {
             version: 17,
         }],
         graph: Some(pb::GraphProto {
-            name: "runtime_index".into(),
-            node: vec![konst, cast, gather],
+            name: "runtime_int".into(),
+            node: vec![cast("to_int", "x", "ix", 7), cast("to_float", "ix", "y", 1)],
             input: vec![value("x", FLOAT, &["n"])],
             output: vec![value("y", FLOAT, &["n"])],
             ..Default::default()
@@ -262,7 +257,7 @@ fn wgpu_auto_falls_back_to_cpu_once_and_records_it() {
     let dir = std::env::temp_dir().join(format!("tern-gpu-fallback-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let telemetry = Telemetry::open(&dir, TelemetryConfig::default()).unwrap();
-    let model = runtime_index_model();
+    let model = runtime_int_model();
     let session = Session::new(
         &model,
         SessionOptions::new()
@@ -276,16 +271,16 @@ fn wgpu_auto_falls_back_to_cpu_once_and_records_it() {
         "{}",
         session.backend_reason()
     );
-    let x = Tensor::from_vec(&[3], vec![2.0f32, 0.0, 3.0]).unwrap();
+    let x = Tensor::from_vec(&[3], vec![2.7f32, -0.5, 3.0]).unwrap();
     for _ in 0..2 {
         let out = session.run([("x", x.clone())]).unwrap();
-        assert_eq!(out[0].to_f32_vec().unwrap(), vec![30.0, 10.0, 40.0]);
+        assert_eq!(out[0].to_f32_vec().unwrap(), vec![2.0, 0.0, 3.0]);
     }
     // Explicitly on the GPU, the same failure is a typed error naming the node.
     let gpu = Session::new(&model, gpu_options()).unwrap();
     let err = gpu.run([("x", x)]).unwrap_err();
     assert_eq!(err.kind(), "unsupported_op", "{err}");
-    assert!(err.to_string().contains("cast"), "{err}");
+    assert!(err.to_string().contains("to_int"), "{err}");
     telemetry.flush().unwrap();
     let outcomes: Vec<Outcome> = telemetry
         .stored_records()
@@ -298,4 +293,57 @@ fn wgpu_auto_falls_back_to_cpu_once_and_records_it() {
         .collect();
     assert_eq!(outcomes, vec![Outcome::Fallback, Outcome::Fallback]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The ONNX node tests of the GPU's ops (cases that pass on the CPU) through the GPU,
+/// held to `tests/conformance/expected_failures_gpu.txt` the way the CPU suite is held to
+/// its list: a new failure or a newly passing case fails the test.
+#[test]
+fn wgpu_onnx_node_suite_for_gpu_ops() {
+    let manifest = manifest();
+    let cpu_failing = listed(&workspace().join("tests/conformance/expected_failures.txt"));
+    let names: Vec<&String> = manifest
+        .iter()
+        .filter(|(name, case)| {
+            tern::backend::GPU_SUPPORTED_OPS.contains(&case.op.as_str())
+                && !cpu_failing.contains(*name)
+        })
+        .map(|(name, _)| name)
+        .collect();
+    let options = SessionOptions::new()
+        .backend(Backend::Gpu)
+        .nan_policy(NanPolicy::Allow)
+        .without_telemetry();
+    let results = run_cases(&manifest, &names, &options);
+    let per_op = per_op(&results);
+    let passed = results.iter().filter(|r| r.passed).count();
+    println!(
+        "GPU node conformance: {passed}/{} cases of the GPU's ops pass (the rest are typed refusals listed in tests/conformance/expected_failures_gpu.txt)",
+        results.len()
+    );
+    for (op, (p, t)) in &per_op {
+        println!("  {op:<24} {p}/{t}");
+    }
+    std::fs::write(
+        reports_dir().join("gpu-conformance.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "per_op": per_op, "cases": results }))
+            .unwrap(),
+    )
+    .unwrap();
+    // A failure must be a typed refusal, never wrong numbers.
+    for r in results.iter().filter(|r| !r.passed) {
+        assert!(
+            r.reason.starts_with("[unsupported_op]")
+                || r.reason.starts_with("[backend_unavailable]"),
+            "{}: {}",
+            r.name,
+            r.reason
+        );
+    }
+    check_expected_failures(
+        &results,
+        &workspace().join("tests/conformance/expected_failures_gpu.txt"),
+        "# ONNX node tests of the GPU's ops that the GPU backend refuses (typed errors), with the\n\
+         # reason. Regenerate with: TERN_BLESS=1 cargo test -p tern-tests --features gpu --test gpu\n",
+    );
 }

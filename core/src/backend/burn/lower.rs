@@ -77,6 +77,13 @@ pub(crate) fn lower<B: Backend>(model: &TypedModel, device: &Device<B>) -> Resul
                 ),
             });
         }
+        let shape = concrete(&fact.shape)?;
+        if shape.is_empty() || shape.contains(&0) {
+            return Err(unsupported(
+                model.node(outlet.node),
+                format!("input of shape {shape:?}: scalar and empty tensors stay on the CPU"),
+            ));
+        }
         inputs.push(lowering.new_slot(*outlet));
     }
     let order = model.eval_order().map_err(compile_err)?;
@@ -141,6 +148,10 @@ impl<B: Backend> Lowering<'_, B> {
         self.model.outlet_fact(outlet).map_err(compile_err)
     }
 
+    fn rank(&self, outlet: OutletId) -> Option<usize> {
+        self.fact(outlet).ok().map(|f| f.rank())
+    }
+
     fn shape(&self, outlet: OutletId) -> Result<Vec<usize>> {
         concrete(&self.fact(outlet)?.shape)
     }
@@ -156,6 +167,12 @@ impl<B: Backend> Lowering<'_, B> {
                 "value {outlet:?} is read before it is computed"
             )));
         };
+        if konst.rank() == 0 || konst.len() == 0 {
+            return Err(unsupported(
+                self.model.node(outlet.node),
+                "scalar or empty constant used as a tensor",
+            ));
+        }
         let data = TensorData::new(values::<f32>(&konst)?, konst.shape().to_vec());
         let tensor = B::float_from_data(data, &self.device);
         let slot = self.new_slot(outlet);
@@ -201,7 +218,20 @@ impl<B: Backend> Lowering<'_, B> {
                 ),
             ));
         }
-        let out_shape = concrete(&out_fact.shape)?;
+        let out_shape = out_fact
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec())
+            .ok_or_else(|| unsupported(node, "output shape known only at run time"))?;
+        if out_shape.is_empty()
+            || out_shape.contains(&0)
+            || node
+                .inputs
+                .iter()
+                .any(|i| self.rank(*i) == Some(0) && self.konst(*i).is_none())
+        {
+            return Err(unsupported(node, "scalar or empty tensors"));
+        }
         let op: &dyn TypedOp = node.op.as_ref();
         let input = |ix: usize| node.inputs[ix];
 
@@ -230,8 +260,12 @@ impl<B: Backend> Lowering<'_, B> {
             ];
             self.push(node, Op::Bin { kind, expand }, vec![x, y]);
         } else if let Some(ew) = op.downcast_ref::<ops::element_wise::ElementWiseOp>() {
-            let kind = UnaryKind::from_name(&ew.0.name())
-                .ok_or_else(|| unsupported(node, "element-wise"))?;
+            let kind = if let Some(leaky) = ew.0.downcast_ref::<ops::nn::LeakyRelu>() {
+                UnaryKind::LeakyRelu(leaky.alpha)
+            } else {
+                UnaryKind::from_name(&ew.0.name())
+                    .ok_or_else(|| unsupported(node, "element-wise"))?
+            };
             let x = self.float(input(0))?;
             self.push(node, Op::Unary(kind), vec![x]);
         } else if let Some(conv) = op.downcast_ref::<ops::cnn::Conv>() {
@@ -254,6 +288,7 @@ impl<B: Backend> Lowering<'_, B> {
                 Reducer::Sum => Op::ReduceSum(reduce.axes.to_vec()),
                 Reducer::Max => Op::ReduceMax(reduce.axes.to_vec()),
                 Reducer::Min => Op::ReduceMin(reduce.axes.to_vec()),
+                Reducer::Prod => Op::ReduceProd(reduce.axes.to_vec()),
                 Reducer::MeanOfSquares => Op::ReduceMeanOfSquares(reduce.axes.to_vec()),
                 _ => return Err(unsupported(node, format!("{:?}", reduce.reducer))),
             };
@@ -374,6 +409,9 @@ impl<B: Backend> Lowering<'_, B> {
             if window.padding.iter().any(|(b, a)| b != a) {
                 return Err(unsupported(node, "asymmetric average pool padding"));
             }
+            if window.dilations.iter().any(|d| *d != 1) {
+                return Err(unsupported(node, "dilated average pool"));
+            }
             let x = self.float(input(0))?;
             self.push(
                 node,
@@ -452,13 +490,27 @@ impl<B: Backend> Lowering<'_, B> {
             .iter()
             .map(|p| (p.pad_before, p.pad_after))
             .collect::<Vec<_>>();
-        Ok(super::program::Window {
+        let window = super::program::Window {
             kernel: spec.kernel_shape.to_vec(),
             strides: spec.strides().to_vec(),
             dilations: spec.dilations().to_vec(),
             padding,
             batched,
-        })
+        };
+        // burn's kernels floor the output size; ceil-mode pooling needs more than padding.
+        let out = concrete(&node.outputs[0].fact.shape)?;
+        let out_spatial = &out[out.len() - rank..];
+        let floored: Vec<usize> = (0..rank)
+            .map(|i| {
+                let (before, after) = window.padding[i];
+                let span = window.dilations[i] * (window.kernel[i] - 1) + 1;
+                (spatial[i] + before + after).saturating_sub(span) / window.strides[i] + 1
+            })
+            .collect();
+        if floored != out_spatial {
+            return Err(unsupported(node, "ceil-mode output size"));
+        }
+        Ok(window)
     }
 }
 

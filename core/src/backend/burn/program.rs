@@ -12,7 +12,7 @@ use burn_backend::{read_sync, TensorMetadata};
 use tract_onnx::tract_core::axes::AxesMapping;
 
 use super::lower::{conv_options, NAME};
-use crate::error::Error;
+use crate::error::{catch_panic, Error};
 use crate::tensor::Tensor;
 use crate::Result;
 
@@ -53,8 +53,12 @@ impl BinKind {
 }
 
 /// An element-wise unary operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum UnaryKind {
+    /// `x` where positive, `alpha * x` elsewhere.
+    LeakyRelu(f32),
+    /// The tanh approximation of GELU.
+    GeluTanh,
     Sigmoid,
     Tanh,
     Exp,
@@ -95,9 +99,11 @@ impl UnaryKind {
             "HardSwish" => HardSwish,
             "Silu" => Silu,
             "GeluExact" => Gelu,
+            "GeluApproximate" => GeluTanh,
             "Floor" => Floor,
             "Ceil" => Ceil,
-            "Round" => Round,
+            // burn rounds half to even, like ONNX's Round.
+            "RoundHalfToEven" => Round,
             "Sin" => Sin,
             "Cos" => Cos,
             _ => return None,
@@ -293,6 +299,7 @@ pub(crate) enum Op<B: Backend> {
     ReduceSum(Vec<usize>),
     ReduceMax(Vec<usize>),
     ReduceMin(Vec<usize>),
+    ReduceProd(Vec<usize>),
     ReduceMeanOfSquares(Vec<usize>),
     /// `x / sqrt(mean(x², axis) + eps)`.
     RmsNorm {
@@ -341,6 +348,7 @@ impl<B: Backend> Op<B> {
             Op::ReduceSum(a) => format!("ReduceSum {a:?}"),
             Op::ReduceMax(a) => format!("ReduceMax {a:?}"),
             Op::ReduceMin(a) => format!("ReduceMin {a:?}"),
+            Op::ReduceProd(a) => format!("ReduceProd {a:?}"),
             Op::ReduceMeanOfSquares(a) => format!("ReduceMeanOfSquares {a:?}"),
             Op::RmsNorm { axis, .. } => format!("RmsNorm {axis}"),
             Op::Softmax { axis, log } => format!("Softmax {axis} log={log}"),
@@ -456,7 +464,14 @@ impl<B: Backend> Program<B> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            slots[step.output] = Some(self.eval(&step.op, args));
+            // A burn kernel that panics is reported with the node it ran for.
+            let y = catch_panic("gpu step", || Ok(self.eval(&step.op, args))).map_err(|e| {
+                Error::Inference {
+                    backend: NAME,
+                    reason: format!("node {:?} ({}): {e}", step.node, step.op.name()),
+                }
+            })?;
+            slots[step.output] = Some(y);
         }
         self.outputs
             .iter()
@@ -564,6 +579,7 @@ impl<B: Backend> Program<B> {
             Op::ReduceSum(axes) => reduce::<B>(arg(), axes, B::float_sum_dim),
             Op::ReduceMax(axes) => reduce::<B>(arg(), axes, B::float_max_dim),
             Op::ReduceMin(axes) => reduce::<B>(arg(), axes, B::float_min_dim),
+            Op::ReduceProd(axes) => reduce::<B>(arg(), axes, B::float_prod_dim),
             Op::ReduceMeanOfSquares(axes) => {
                 let x = arg();
                 let sq = B::float_mul(x.clone(), x);
@@ -716,6 +732,20 @@ fn unary<B: Backend>(kind: UnaryKind, x: FloatTensor<B>) -> FloatTensor<B> {
         }
         Silu => B::float_mul(x.clone(), B::sigmoid(x)),
         Gelu => B::gelu(x),
+        GeluTanh => {
+            // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            let cube = B::float_mul(B::float_mul(x.clone(), x.clone()), x.clone());
+            let inner = B::float_add(
+                x.clone(),
+                B::float_mul_scalar(cube, Scalar::from(0.044715f32)),
+            );
+            let t = B::float_tanh(B::float_mul_scalar(inner, Scalar::from(0.797_884_6_f32)));
+            B::float_mul(
+                B::float_mul_scalar(x, Scalar::from(0.5f32)),
+                B::float_add_scalar(t, Scalar::from(1.0f32)),
+            )
+        }
+        LeakyRelu(alpha) => B::leaky_relu(x, Scalar::from(alpha)),
         Floor => B::float_floor(x),
         Ceil => B::float_ceil(x),
         Round => B::float_round(x),
