@@ -11,5 +11,5 @@ fi
 command -v cargo-ndk >/dev/null || cargo install cargo-ndk
 rustup target add aarch64-linux-android armv7-linux-androideabi x86_64-linux-android
 cd "$here/../.."
-cargo ndk -t arm64-v8a -t armeabi-v7a -t x86_64 -o "$here/tern/src/main/jniLibs" build --release -p tern-ffi
+cargo ndk -t arm64-v8a -t armeabi-v7a -t x86_64 -o "$here/tern/src/main/jniLibs" build --release -p tern-ffi ${TERN_FEATURES:+--features "$TERN_FEATURES"}
 echo "built: $(find "$here/tern/src/main/jniLibs" -name '*.so' | tr '\n' ' ')"

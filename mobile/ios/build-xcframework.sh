@@ -11,7 +11,7 @@ fi
 cd "$here/../.."
 targets="aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios"
 rustup target add $targets
-for t in $targets; do cargo build --release -p tern-ffi --target "$t"; done
+for t in $targets; do cargo build --release -p tern-ffi --target "$t" ${TERN_FEATURES:+--features "$TERN_FEATURES"}; done
 mkdir -p target/ios-sim
 lipo -create target/aarch64-apple-ios-sim/release/libtern_ffi.a target/x86_64-apple-ios/release/libtern_ffi.a \
   -output target/ios-sim/libtern_ffi.a
