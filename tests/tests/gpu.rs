@@ -347,3 +347,119 @@ fn wgpu_onnx_node_suite_for_gpu_ops() {
          # reason. Regenerate with: TERN_BLESS=1 cargo test -p tern-tests --features gpu --test gpu\n",
     );
 }
+
+/// A `Constant` node holding an int64 tensor.
+fn int_constant(name: &str, dims: &[i64], values: &[i64]) -> pb::NodeProto {
+    let mut n = node(name, "Constant", "", &[], &[name]);
+    n.attribute.push(pb::AttributeProto {
+        name: "value".into(),
+        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(pb::TensorProto {
+            dims: dims.to_vec(),
+            data_type: tern_tests::fixtures::INT64,
+            int64_data: values.to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    n
+}
+
+/// An op under test: its name, its nodes, and the input and output dims.
+type OpCase = (
+    &'static str,
+    Vec<pb::NodeProto>,
+    Vec<&'static str>,
+    Vec<&'static str>,
+);
+
+/// Ops whose operands come from constants (indices, pads, target shapes) — the form
+/// exporters write — on the GPU against the CPU backend, values checked exactly.
+#[test]
+fn wgpu_constant_operand_ops_match_cpu() {
+    let mut pad = node("pad", "Pad", "", &["x", "pads"], &["y"]);
+    pad.attribute.push(pb::AttributeProto {
+        name: "mode".into(),
+        r#type: pb::attribute_proto::AttributeType::String as i32,
+        s: b"constant".to_vec(),
+        ..Default::default()
+    });
+    let mut fill = node("fill", "ConstantOfShape", "", &["shape"], &["ones"]);
+    fill.attribute.push(pb::AttributeProto {
+        name: "value".into(),
+        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(pb::TensorProto {
+            dims: vec![1],
+            data_type: FLOAT,
+            float_data: vec![1.5],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let cases: Vec<OpCase> = vec![
+        (
+            "Gather",
+            vec![
+                int_constant("ix", &[2, 2], &[0, 2, 3, -1]),
+                node("gather", "Gather", "", &["x", "ix"], &["y"]),
+            ],
+            vec!["4", "3"],
+            vec!["2", "2", "3"],
+        ),
+        (
+            "Pad",
+            vec![int_constant("pads", &[4], &[0, 1, 2, 0]), pad],
+            vec!["4", "3"],
+            vec!["6", "4"],
+        ),
+        (
+            "Expand",
+            vec![
+                int_constant("shape", &[3], &[2, 4, 3]),
+                node("expand", "Expand", "", &["x", "shape"], &["y"]),
+            ],
+            vec!["4", "1"],
+            vec!["2", "4", "3"],
+        ),
+        (
+            "ConstantOfShape",
+            vec![
+                node("shape_of", "Shape", "", &["x"], &["shape"]),
+                fill,
+                node("add", "Add", "", &["x", "ones"], &["y"]),
+            ],
+            vec!["4", "3"],
+            vec!["4", "3"],
+        ),
+    ];
+    for (op, nodes, x_dims, y_dims) in cases {
+        let bytes = pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(pb::GraphProto {
+                name: op.into(),
+                node: nodes,
+                input: vec![value("x", FLOAT, &x_dims)],
+                output: vec![value("y", FLOAT, &y_dims)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let model = Model::from_bytes(&bytes).unwrap();
+        let n: usize = x_dims.iter().map(|d| d.parse::<usize>().unwrap()).product();
+        let shape: Vec<usize> = x_dims.iter().map(|d| d.parse().unwrap()).collect();
+        let x = Tensor::from_vec(&shape, (0..n).map(|i| i as f32 * 0.5 - 1.0).collect()).unwrap();
+        let gpu = Session::new(&model, gpu_options()).unwrap_or_else(|e| panic!("{op}: {e}"));
+        let cpu = Session::new(&model, SessionOptions::new().backend(Backend::Cpu)).unwrap();
+        let got = gpu
+            .run([("x", x.clone())])
+            .unwrap_or_else(|e| panic!("{op}: {e}"));
+        let want = cpu.run([("x", x)]).unwrap();
+        assert_eq!(got[0].shape(), want[0].shape(), "{op}");
+        compare(&got[0], &want[0], 0.0, 0.0).unwrap_or_else(|e| panic!("{op}: {e}"));
+    }
+}

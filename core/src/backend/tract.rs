@@ -15,7 +15,9 @@
 use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
 use tract_onnx::tract_core::runtime::RunOptions;
+use tract_onnx::tract_core::transform::ModelTransform;
 use tract_onnx::tract_hir::infer::InferenceModelExt;
 
 use super::{Backend, Executor, Prepared, Ran};
@@ -180,6 +182,24 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
     })
 }
 
+/// Whether the graph computes in f16 between inputs and outputs of other types (a model
+/// converted to fp16 with its I/O kept in f32, the common form). Models with f16 inputs or
+/// outputs are left alone so their declared types stay what the app passes and gets.
+fn computes_in_f16(typed: &TypedModel) -> bool {
+    let f16 = f16::datum_type();
+    let io_is_f16 = |outlets: &[OutletId]| {
+        outlets
+            .iter()
+            .any(|o| typed.outlet_fact(*o).is_ok_and(|f| f.datum_type == f16))
+    };
+    !io_is_f16(&typed.inputs)
+        && !io_is_f16(&typed.outputs)
+        && typed
+            .nodes()
+            .iter()
+            .any(|n| n.outputs.iter().any(|o| o.fact.datum_type == f16))
+}
+
 fn input_dtypes(typed: &TypedModel) -> Result<Vec<DType>> {
     (0..typed.inputs.len())
         .map(|ix| {
@@ -195,7 +215,15 @@ fn input_dtypes(typed: &TypedModel) -> Result<Vec<DType>> {
 impl TractExecutor {
     /// inference graph → typed → decluttered/optimized → plan.
     fn compile(&self, graph: InferenceModel) -> Result<Plan> {
-        let typed = graph.into_typed().map_err(compile_err)?;
+        let mut typed = graph.into_typed().map_err(compile_err)?;
+        if !tract_linalg::has_fp16() && computes_in_f16(&typed) {
+            // tract computes f16 in software where the CPU has no f16 arithmetic (x86, older
+            // ARM): 80x slower than f32. Compute such models in f32 instead, the way
+            // onnxruntime's CPU kernels do; the model's inputs and outputs keep their types.
+            FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type())
+                .transform(&mut typed)
+                .map_err(compile_err)?;
+        }
         let typed = match self.optimization {
             OptLevel::Full => typed.into_optimized(),
             OptLevel::Declutter => typed.into_decluttered(),
