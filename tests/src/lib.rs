@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tern::{DType, Tensor};
+use tern::{DType, Model, Outputs, Tensor};
 
 pub mod fixtures;
 pub mod node_suite;
@@ -61,6 +61,80 @@ pub fn python() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// One real model fetched by `scripts/fetch-models`, as `models/manifest.json` lists it,
+/// with seeded inputs and onnxruntime's outputs saved under its `ref/` folder.
+#[derive(Debug, serde::Deserialize)]
+pub struct ModelEntry {
+    /// Folder name under `models/`.
+    pub name: String,
+    /// What the model is.
+    pub kind: String,
+    /// Its licence and origin.
+    pub licence: String,
+    /// File size.
+    pub bytes: u64,
+    /// Input names (each saved as `ref/input.NAME.npy`).
+    pub inputs: Vec<String>,
+    /// Output names.
+    pub outputs: Vec<String>,
+    /// onnxruntime's output for each, under `ref/`.
+    pub output_files: Vec<String>,
+    /// Absolute tolerance against onnxruntime.
+    pub atol: f64,
+    /// Relative tolerance against onnxruntime.
+    pub rtol: f64,
+    /// `pass`, or the expected failure.
+    pub expect: String,
+}
+
+/// Every fetched real model.
+pub fn model_manifest() -> Vec<ModelEntry> {
+    serde_json::from_slice(&std::fs::read(fetched("models/manifest.json")).expect("manifest"))
+        .expect("models/manifest.json")
+}
+
+/// Reads a `.npy` file that must exist.
+pub fn read_npy(path: &Path) -> Tensor {
+    Tensor::from_npy(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+impl ModelEntry {
+    /// The model's folder in the cache.
+    pub fn dir(&self) -> PathBuf {
+        fetched(&format!("models/{}", self.name))
+    }
+
+    /// Loads the model.
+    pub fn load(&self) -> tern::Result<Model> {
+        Model::load(self.dir().join("model.onnx"))
+    }
+
+    /// The seeded inputs the reference outputs were computed from.
+    pub fn reference_inputs(&self) -> Vec<(String, Tensor)> {
+        let dir = self.dir();
+        self.inputs
+            .iter()
+            .map(|n| (n.clone(), read_npy(&dir.join(format!("ref/input.{n}.npy")))))
+            .collect()
+    }
+
+    /// Compares each output with onnxruntime's at the model's tolerance; the worst difference.
+    pub fn compare_with_reference(&self, outputs: &Outputs) -> Result<Diff, String> {
+        let dir = self.dir().join("ref");
+        let mut worst = Diff::default();
+        for (name, file) in self.outputs.iter().zip(&self.output_files) {
+            let actual = outputs
+                .get(name)
+                .ok_or_else(|| format!("no output {name}"))?;
+            let d = compare(actual, &read_npy(&dir.join(file)), self.atol, self.rtol)
+                .map_err(|e| format!("output {name}: {e}"))?;
+            worst = worst.worst(d);
+        }
+        Ok(worst)
+    }
+}
+
 /// Whether to rewrite checked-in expectations (`TERN_BLESS=1`).
 pub fn bless() -> bool {
     std::env::var("TERN_BLESS").is_ok_and(|v| v == "1")
@@ -73,6 +147,16 @@ pub struct Diff {
     pub max_abs: f64,
     /// max |actual - expected| / |expected| over elements with |expected| > 1e-6
     pub max_rel: f64,
+}
+
+impl Diff {
+    /// The larger of each figure.
+    pub fn worst(self, other: Diff) -> Diff {
+        Diff {
+            max_abs: self.max_abs.max(other.max_abs),
+            max_rel: self.max_rel.max(other.max_rel),
+        }
+    }
 }
 
 /// Compares like `numpy.testing.assert_allclose`: each element must satisfy

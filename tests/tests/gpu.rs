@@ -4,27 +4,14 @@
 //! `wgpu_` so scripts/test can select them alongside the executor's unit tests.
 #![cfg(feature = "gpu")]
 
-use std::path::Path;
 use std::time::Instant;
 
-use prost::Message;
 use tern::telemetry::{Outcome, Record, Telemetry, TelemetryConfig};
 use tern::{Backend, Model, NanPolicy, Session, SessionOptions, Tensor};
-use tern_tests::fixtures::{node, value, FLOAT};
+use tern_tests::fixtures::{model, node, value, FLOAT};
 use tern_tests::node_suite::{check_expected_failures, listed, manifest, per_op, run_cases};
-use tern_tests::{compare, fetched, reports_dir, workspace, Diff};
+use tern_tests::{compare, fetched, model_manifest, reports_dir, workspace, Diff};
 use tract_onnx::pb;
-
-#[derive(serde::Deserialize)]
-struct Entry {
-    name: String,
-    inputs: Vec<String>,
-    outputs: Vec<String>,
-    output_files: Vec<String>,
-    atol: f64,
-    rtol: f64,
-    expect: String,
-}
 
 #[derive(serde::Serialize)]
 struct Row {
@@ -33,18 +20,6 @@ struct Row {
     vs_onnxruntime: Option<Diff>,
     vs_cpu: Option<Diff>,
     gpu_ms: Option<f64>,
-}
-
-fn npy(path: &Path) -> Tensor {
-    Tensor::from_npy(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .unwrap()
-}
-
-fn worst(a: Diff, b: Diff) -> Diff {
-    Diff {
-        max_abs: a.max_abs.max(b.max_abs),
-        max_rel: a.max_rel.max(b.max_rel),
-    }
 }
 
 fn gpu_options() -> SessionOptions {
@@ -60,18 +35,11 @@ fn gpu_options() -> SessionOptions {
 #[test]
 fn wgpu_real_models_on_gpu_match_onnxruntime_and_cpu() {
     let adapter = tern::backend::gpu_adapter().expect("a wgpu adapter (CI installs lavapipe)");
-    let manifest: Vec<Entry> =
-        serde_json::from_slice(&std::fs::read(fetched("models/manifest.json")).unwrap()).unwrap();
     let mut rows = Vec::new();
     let mut ran = Vec::new();
-    for entry in manifest.iter().filter(|e| e.expect == "pass") {
-        let dir = fetched(&format!("models/{}", entry.name));
-        let model = Model::load(dir.join("model.onnx")).unwrap();
-        let inputs: Vec<(String, Tensor)> = entry
-            .inputs
-            .iter()
-            .map(|n| (n.clone(), npy(&dir.join(format!("ref/input.{n}.npy")))))
-            .collect();
+    for entry in model_manifest().iter().filter(|e| e.expect == "pass") {
+        let model = entry.load().unwrap();
+        let inputs = entry.reference_inputs();
         let mut options = gpu_options();
         for (name, t) in &inputs {
             options = options.pin_input_shape(name.clone(), t.shape());
@@ -108,17 +76,19 @@ fn wgpu_real_models_on_gpu_match_onnxruntime_and_cpu() {
         let outputs = session.run(inputs.clone()).unwrap();
         let gpu_ms = start.elapsed().as_secs_f64() * 1e3;
         let cpu_outputs = cpu.run(inputs).unwrap();
-        let mut vs_ort = Diff::default();
+        let vs_ort = entry
+            .compare_with_reference(&outputs)
+            .unwrap_or_else(|e| panic!("{} vs onnxruntime: {e}", entry.name));
         let mut vs_cpu = Diff::default();
-        for (name, file) in entry.outputs.iter().zip(&entry.output_files) {
-            let got = outputs.get(name).unwrap();
-            let want = npy(&dir.join("ref").join(file));
-            let d = compare(got, &want, entry.atol, entry.rtol)
-                .unwrap_or_else(|e| panic!("{} output {name} vs onnxruntime: {e}", entry.name));
-            vs_ort = worst(vs_ort, d);
-            let d = compare(got, cpu_outputs.get(name).unwrap(), entry.atol, entry.rtol)
-                .unwrap_or_else(|e| panic!("{} output {name} vs CPU: {e}", entry.name));
-            vs_cpu = worst(vs_cpu, d);
+        for name in &entry.outputs {
+            let d = compare(
+                outputs.get(name).unwrap(),
+                cpu_outputs.get(name).unwrap(),
+                entry.atol,
+                entry.rtol,
+            )
+            .unwrap_or_else(|e| panic!("{} output {name} vs CPU: {e}", entry.name));
+            vs_cpu = vs_cpu.worst(d);
         }
         ran.push(entry.name.clone());
         rows.push(Row {
@@ -231,22 +201,11 @@ fn runtime_int_model() -> Model {
         });
         n
     };
-    let bytes = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "runtime_int".into(),
-            node: vec![cast("to_int", "x", "ix", 7), cast("to_float", "ix", "y", 1)],
-            input: vec![value("x", FLOAT, &["n"])],
-            output: vec![value("y", FLOAT, &["n"])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let bytes = model(
+        vec![cast("to_int", "x", "ix", 7), cast("to_float", "ix", "y", 1)],
+        vec![value("x", FLOAT, &["n"])],
+        vec![value("y", FLOAT, &["n"])],
+    );
     Model::from_bytes(&bytes).unwrap()
 }
 
@@ -433,22 +392,11 @@ fn wgpu_constant_operand_ops_match_cpu() {
         ),
     ];
     for (op, nodes, x_dims, y_dims) in cases {
-        let bytes = pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(pb::GraphProto {
-                name: op.into(),
-                node: nodes,
-                input: vec![value("x", FLOAT, &x_dims)],
-                output: vec![value("y", FLOAT, &y_dims)],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-        .encode_to_vec();
+        let bytes = model(
+            nodes,
+            vec![value("x", FLOAT, &x_dims)],
+            vec![value("y", FLOAT, &y_dims)],
+        );
         let model = Model::from_bytes(&bytes).unwrap();
         let n: usize = x_dims.iter().map(|d| d.parse::<usize>().unwrap()).product();
         let shape: Vec<usize> = x_dims.iter().map(|d| d.parse().unwrap()).collect();

@@ -4,24 +4,8 @@
 //! `models/manifest.json`, with the tolerance each model is held to. Models whose expected
 //! result is a failure must fail with a typed error (not a panic, not wrong numbers).
 
-use std::path::Path;
-
-use tern::{Backend, Model, NanPolicy, Session, SessionOptions, Tensor};
-use tern_tests::{compare, fetched, reports_dir, workspace, Diff};
-
-#[derive(serde::Deserialize)]
-struct Entry {
-    name: String,
-    kind: String,
-    licence: String,
-    bytes: u64,
-    inputs: Vec<String>,
-    outputs: Vec<String>,
-    output_files: Vec<String>,
-    atol: f64,
-    rtol: f64,
-    expect: String,
-}
+use tern::{Backend, NanPolicy, Session, SessionOptions};
+use tern_tests::{model_manifest, reports_dir, workspace, Diff, ModelEntry};
 
 #[derive(serde::Serialize)]
 struct Row {
@@ -31,59 +15,31 @@ struct Row {
     diff: Option<Diff>,
 }
 
-fn npy(path: &Path) -> Tensor {
-    Tensor::from_npy(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .unwrap()
-}
-
-fn check(entry: &Entry, dir: &Path, threads: usize) -> Result<Diff, String> {
-    let model = Model::load(dir.join("model.onnx")).map_err(|e| format!("[{}] {e}", e.kind()))?;
+fn check(entry: &ModelEntry, threads: usize) -> Result<Diff, String> {
+    let model = entry.load().map_err(|e| format!("[{}] {e}", e.kind()))?;
     let options = SessionOptions::new()
         .backend(Backend::Cpu)
         .threads(threads)
         .nan_policy(NanPolicy::Reject);
     let session = Session::new(&model, options).map_err(|e| format!("[{}] {e}", e.kind()))?;
-    let inputs: Vec<(String, Tensor)> = entry
-        .inputs
-        .iter()
-        .map(|n| (n.clone(), npy(&dir.join(format!("ref/input.{n}.npy")))))
-        .collect();
     let outputs = session
-        .run(inputs)
+        .run(entry.reference_inputs())
         .map_err(|e| format!("[{}] {e}", e.kind()))?;
-    let mut worst = Diff::default();
-    for (name, file) in entry.outputs.iter().zip(&entry.output_files) {
-        let actual = outputs
-            .get(name)
-            .ok_or_else(|| format!("no output {name}"))?;
-        let d = compare(
-            actual,
-            &npy(&dir.join("ref").join(file)),
-            entry.atol,
-            entry.rtol,
-        )
-        .map_err(|e| format!("output {name}: {e}"))?;
-        worst.max_abs = worst.max_abs.max(d.max_abs);
-        worst.max_rel = worst.max_rel.max(d.max_rel);
-    }
-    Ok(worst)
+    entry.compare_with_reference(&outputs)
 }
 
 #[test]
 fn real_models_match_onnxruntime() {
-    let root = fetched("models");
-    let manifest: Vec<Entry> =
-        serde_json::from_slice(&std::fs::read(root.join("manifest.json")).unwrap()).unwrap();
+    let manifest = model_manifest();
     let mut rows = Vec::new();
     let mut problems = Vec::new();
     let mut table = String::from(
         "| model | what it is | licence | size | tolerance (atol / rtol) | tern vs onnxruntime, 1 thread | 2 threads |\n|---|---|---|---|---|---|---|\n",
     );
     for entry in &manifest {
-        let dir = root.join(&entry.name);
         let mut cells = Vec::new();
         for threads in [1, 2] {
-            let result = check(entry, &dir, threads);
+            let result = check(entry, threads);
             let status = match (&result, entry.expect.as_str()) {
                 (Ok(d), "pass") => format!(
                     "pass (max abs {:.1e}, max rel {:.1e})",
