@@ -295,6 +295,18 @@ impl Telemetry {
             path: "telemetry".into(),
             source: std::io::Error::other(reason.to_string()),
         };
+        // Queue losses not noted yet go in first (a blocking send, like the request itself),
+        // so after a flush every loss is on disk too, not only those a later record noted.
+        let lost = self.inner.queue_dropped.swap(0, Ordering::AcqRel);
+        if lost > 0
+            && self
+                .inner
+                .tx
+                .send(Msg::Record(dropped_record(lost, "queue_full")))
+                .is_err()
+        {
+            self.inner.queue_dropped.fetch_add(lost, Ordering::AcqRel);
+        }
         // A blocking send: flush waits for room in the queue, like the records before it.
         self.inner
             .tx
