@@ -260,16 +260,16 @@ impl Telemetry {
         // Report queue losses once room frees up. `swap` hands each lost record to exactly
         // one reporter; if the notice cannot be queued either, the count goes back.
         if self.inner.queue_dropped.load(Ordering::Relaxed) > 0 {
-            let lost = self.inner.queue_dropped.swap(0, Ordering::AcqRel);
-            if lost > 0
-                && self
-                    .inner
-                    .tx
-                    .try_send(Msg::Record(dropped_record(lost, "queue_full")))
-                    .is_err()
-            {
-                self.inner.queue_dropped.fetch_add(lost, Ordering::AcqRel);
-            }
+            self.note_queue_losses(|m| self.inner.tx.try_send(m).is_ok());
+        }
+    }
+
+    /// Sends a `queue_full` notice for the losses not noted yet; if `send` fails, the count
+    /// goes back for the next attempt.
+    fn note_queue_losses(&self, send: impl FnOnce(Msg) -> bool) {
+        let lost = self.inner.queue_dropped.swap(0, Ordering::AcqRel);
+        if lost > 0 && !send(Msg::Record(dropped_record(lost, "queue_full"))) {
+            self.inner.queue_dropped.fetch_add(lost, Ordering::AcqRel);
         }
     }
 
@@ -297,16 +297,7 @@ impl Telemetry {
         };
         // Queue losses not noted yet go in first (a blocking send, like the request itself),
         // so after a flush every loss is on disk too, not only those a later record noted.
-        let lost = self.inner.queue_dropped.swap(0, Ordering::AcqRel);
-        if lost > 0
-            && self
-                .inner
-                .tx
-                .send(Msg::Record(dropped_record(lost, "queue_full")))
-                .is_err()
-        {
-            self.inner.queue_dropped.fetch_add(lost, Ordering::AcqRel);
-        }
+        self.note_queue_losses(|m| self.inner.tx.send(m).is_ok());
         // A blocking send: flush waits for room in the queue, like the records before it.
         self.inner
             .tx
