@@ -66,17 +66,8 @@ pub(crate) fn lower<B: Backend>(model: &TypedModel, device: &Device<B>) -> Resul
     };
     let mut inputs = Vec::new();
     for outlet in model.input_outlets().map_err(compile_err)? {
+        // Input types were checked by `prepare_on`, and programs type every input as f32.
         let fact = model.outlet_fact(*outlet).map_err(compile_err)?;
-        if fact.datum_type != f32::datum_type() {
-            return Err(Error::BackendUnavailable {
-                backend: NAME,
-                reason: format!(
-                    "the GPU backend computes f32; input {:?} is {:?}",
-                    model.node(outlet.node).name,
-                    fact.datum_type
-                ),
-            });
-        }
         let shape = concrete(&fact.shape)?;
         if shape.is_empty() || shape.contains(&0) {
             return Err(unsupported(
