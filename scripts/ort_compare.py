@@ -17,7 +17,12 @@ dims = dict(kv.split("=") for kv in sys.argv[3:])
 rng = np.random.default_rng(0)
 feeds = {}
 for i in a.get_inputs():
-    shape = [d if isinstance(d, int) else int(dims.get(str(d), 1)) for d in i.shape]
+    # A dimension without a name is known to tern as <input>_d<axis>; onnxruntime shows it
+    # as None or "?".
+    shape = [
+        d if isinstance(d, int) else int(dims.get(str(d), dims.get(f"{i.name}_d{axis}", 1)))
+        for axis, d in enumerate(i.shape)
+    ]
     feeds[i.name] = rng.random(shape, dtype=np.float32)
 x, y = a.run(None, feeds)[0].ravel(), b.run(None, feeds)[0].ravel()
 print(json.dumps({"cosine": float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))}))

@@ -18,6 +18,12 @@ pub enum QuantizeError {
     /// The model is already quantized: quantizing twice loses accuracy for nothing.
     #[error("the model is already quantized ({0} found)")]
     AlreadyQuantized(String),
+    /// A command-line argument or option value is malformed.
+    #[error("bad argument: {0}")]
+    BadArgument(String),
+    /// The calibration data cannot be used (none given, wrong inputs, no finite values).
+    #[error("bad calibration data: {0}")]
+    BadCalibration(String),
     /// Nothing in the model could be transformed.
     #[error("nothing to do: {0}")]
     NothingToDo(String),

@@ -102,6 +102,23 @@ pub fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
     Some(t.float_data.clone())
 }
 
+/// The values of an int64 initializer (raw or typed storage).
+pub fn i64_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
+    const INT64: i32 = 7;
+    if t.data_type != INT64 || t.data_location == Some(1) {
+        return None;
+    }
+    if !t.raw_data.is_empty() {
+        return Some(
+            t.raw_data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        );
+    }
+    Some(t.int64_data.clone())
+}
+
 /// An initializer from raw little-endian bytes.
 pub fn tensor(name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto {
     pb::TensorProto {

@@ -6,13 +6,19 @@
 //!
 //! - [`dynamic`]: int8 weights for `MatMul`/`Gemm`, activations quantized at run time.
 //! - [`fp16`]: fp16 weight storage with fp32 compute.
-//! - [`static_qdq`]: static int8 (QDQ form) calibrated through tern.
+//! - [`prune`]: magnitude (unstructured) and channel (structured) pruning.
+//! - [`sensitivity`]: which layers lose most accuracy when quantized.
+//! - [`static_qdq`]: static int8 (QDQ form) calibrated through tern ([`calibration`]:
+//!   MinMax, Percentile, Entropy).
 
+pub mod calibration;
 pub mod dynamic;
 pub mod error;
 pub mod fp16;
 pub mod graph;
+pub mod prune;
 pub mod report;
+pub mod sensitivity;
 pub mod static_qdq;
 
 pub use error::{QuantizeError, Result};

@@ -1,11 +1,14 @@
-//! `tern-quantize`: fp32 ONNX → dynamic int8 or fp16-weight ONNX, with a report.
+//! `tern-quantize`: fp32 ONNX → dynamic or static int8, fp16 weights or a pruned model, with
+//! a report of size, speed and accuracy against the original.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tern_quantize::{dynamic, fp16, graph, report, static_qdq, QuantizeError};
+use serde::Serialize;
+use tern_quantize::sensitivity::{self, NodeSensitivity};
+use tern_quantize::{dynamic, fp16, graph, prune, report, static_qdq, QuantizeError};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +64,45 @@ enum Command {
         /// Leave these nodes (by name) or op types in float. Repeatable.
         #[arg(long)]
         exclude: Vec<String>,
+        /// How activation ranges are chosen: minmax, percentile[=P] (default P 99.99), or
+        /// entropy (KL divergence).
+        #[arg(long, default_value = "minmax")]
+        method: static_qdq::Calibration,
+        /// Keep the N layers that lose most accuracy when quantized alone in fp32 (runs the
+        /// sensitivity analysis).
+        #[arg(long, default_value_t = 0)]
+        keep_fp32: usize,
+        /// Print the layer-wise sensitivity table (each layer quantized alone, SQNR vs fp32).
+        #[arg(long)]
+        sensitivity: bool,
+    },
+    /// Pruning: zero the smallest weights (--sparsity) or remove whole conv channels
+    /// (--channels).
+    Prune {
+        /// fp32 model.
+        input: PathBuf,
+        /// Where to write the pruned model.
+        output: PathBuf,
+        /// Unstructured: share of each Conv/MatMul/Gemm weight set to zero (0..1).
+        #[arg(
+            long,
+            conflicts_with = "channels",
+            required_unless_present = "channels"
+        )]
+        sparsity: Option<f32>,
+        /// Structured: share of the channels of each prunable conv channel space removed (0..1).
+        #[arg(long)]
+        channels: Option<f32>,
+        /// Leave these nodes (by name) or op types alone. Repeatable.
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
+    /// Only the report: any candidate model (another quantizer's, say) against the original.
+    Compare {
+        /// The reference model.
+        original: PathBuf,
+        /// The model to judge.
+        candidate: PathBuf,
     },
     /// fp16 weight storage, fp32 inputs, outputs and compute.
     Fp16 {
@@ -85,20 +127,49 @@ fn main() -> ExitCode {
     }
 }
 
+/// What one run did, as printed with `--json`.
+#[derive(Serialize)]
+struct Outcome {
+    /// What changed, in words.
+    transformation: String,
+    /// The written model.
+    output: PathBuf,
+    /// Size, speed and accuracy against the original.
+    report: report::Report,
+    /// Layer-wise sensitivity, most sensitive first (static, when asked for).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sensitivity: Vec<NodeSensitivity>,
+    /// Nodes kept in fp32 because they were the most sensitive.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    kept_fp32: Vec<String>,
+}
+
+fn parse_dims(specs: &[String]) -> Result<BTreeMap<String, usize>, QuantizeError> {
+    specs
+        .iter()
+        .map(|d| {
+            d.split_once('=')
+                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                .ok_or_else(|| QuantizeError::BadArgument(format!("--dim {d}: expected SYMBOL=N")))
+        })
+        .collect()
+}
+
 fn run(cli: &Cli) -> Result<(), QuantizeError> {
-    let mut dims = BTreeMap::new();
-    for d in &cli.dim {
-        if let Some((k, v)) = d.split_once('=') {
-            dims.insert(k.to_string(), v.parse().unwrap_or(1));
-        }
-    }
-    let (input, output, converted) = match &cli.command {
+    let dims = parse_dims(&cli.dim)?;
+    let eval_inputs = |input: &PathBuf| report::random_eval_inputs(input, cli.eval, 1000, &dims);
+    let mut sensitivity = Vec::new();
+    let mut kept_fp32 = Vec::new();
+    let (input, output, transformation) = match &cli.command {
         Command::Static {
             input,
             output,
             calib,
             calib_random,
             exclude,
+            method,
+            keep_fp32: keep,
+            sensitivity: show,
         } => {
             let mut model = graph::load(input)?;
             let samples = if calib.is_empty() {
@@ -106,22 +177,75 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
             } else {
                 calibration_samples(calib)?
             };
-            let options = static_qdq::StaticOptions {
+            let mut options = static_qdq::StaticOptions {
                 exclude_nodes: exclude.iter().cloned().collect(),
                 exclude_ops: exclude.iter().cloned().collect(),
+                calibration: *method,
+                ..Default::default()
             };
             let ranges = static_qdq::calibrate(&model, &samples, &options)?;
+            if *keep > 0 || *show {
+                sensitivity =
+                    sensitivity::analyze(&model, &ranges, &options, &eval_inputs(input)?)?;
+                kept_fp32 = sensitivity
+                    .iter()
+                    .take(*keep)
+                    .map(|s| s.node.clone())
+                    .collect();
+                options.exclude_nodes.extend(kept_fp32.iter().cloned());
+            }
             let n = static_qdq::quantize_static(&mut model, &ranges, &options)?;
             graph::save(&model, output)?;
             (
                 input,
                 output,
                 format!(
-                    "{n} Conv/MatMul node(s) quantized to int8 (QDQ, {} calibration samples)",
-                    samples.len()
+                    "{n} Conv/MatMul node(s) quantized to int8 (QDQ, {method:?} calibration on {} samples{})",
+                    samples.len(),
+                    if kept_fp32.is_empty() { String::new() } else { format!(", {} kept fp32", kept_fp32.len()) }
                 ),
             )
         }
+        Command::Prune {
+            input,
+            output,
+            sparsity,
+            channels,
+            exclude,
+        } => {
+            let mut model = graph::load(input)?;
+            let options = prune::PruneOptions {
+                exclude_nodes: exclude.iter().cloned().collect(),
+                exclude_ops: exclude.iter().cloned().collect(),
+            };
+            let summary = match (sparsity, channels) {
+                (Some(s), _) => {
+                    let m = prune::prune_magnitude(&mut model, *s, &options)?;
+                    format!(
+                        "{} of {} weights zeroed in {} tensor(s) (magnitude pruning)",
+                        m.zeroed, m.total, m.tensors
+                    )
+                }
+                (None, Some(r)) => {
+                    let c = prune::prune_channels(&mut model, *r, &options)?;
+                    format!(
+                        "{} of {} channels removed in {} channel space(s), {} left whole (structured pruning)",
+                        c.removed, c.total, c.spaces, c.locked
+                    )
+                }
+                (None, None) => {
+                    return Err(QuantizeError::BadArgument(
+                        "prune needs --sparsity or --channels".into(),
+                    ))
+                }
+            };
+            graph::save(&model, output)?;
+            (input, output, summary)
+        }
+        Command::Compare {
+            original,
+            candidate,
+        } => (original, candidate, "compared".to_string()),
         Command::Dynamic {
             input,
             output,
@@ -160,13 +284,28 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
             )
         }
     };
-    let eval = report::random_eval_inputs(input, cli.eval, 1000, &dims)?;
-    let r = report::evaluate(input, output, &eval, cli.threads, 20)?;
+    let r = report::evaluate(input, output, &eval_inputs(input)?, cli.threads, 20)?;
+    let outcome = Outcome {
+        transformation,
+        output: output.clone(),
+        report: r,
+        sensitivity,
+        kept_fp32,
+    };
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome).unwrap_or_default()
+        );
         return Ok(());
     }
-    println!("{converted} → {}", output.display());
+    print_outcome(&outcome);
+    Ok(())
+}
+
+fn print_outcome(outcome: &Outcome) {
+    let r = &outcome.report;
+    println!("{} → {}", outcome.transformation, outcome.output.display());
     println!(
         "size      {:.2} MB → {:.2} MB ({:.2}×)",
         r.size_before as f64 / 1e6,
@@ -177,13 +316,32 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
         "latency   {:.3} ms → {:.3} ms ({:.2}× faster, {} thread(s), through tern)",
         r.latency_before_ms, r.latency_after_ms, r.speedup, r.threads
     );
+    println!(
+        "gzipped   {:.2} MB → {:.2} MB ({:.2}×)",
+        r.compressed_before as f64 / 1e6,
+        r.compressed_after as f64 / 1e6,
+        r.compressed_after as f64 / r.compressed_before.max(1) as f64
+    );
     for o in &r.outputs {
         println!(
             "output {}: cosine {:.5}, SQNR {:.1} dB, max abs {:.2e}, top-1 agreement {:.1}% ({} inputs)",
             o.name, o.cosine, o.sqnr_db, o.max_abs, o.top1_agreement * 100.0, r.eval_inputs
         );
     }
-    Ok(())
+    if !outcome.sensitivity.is_empty() {
+        println!("sensitivity (each layer quantized alone, most sensitive first):");
+        for s in &outcome.sensitivity {
+            let kept = if outcome.kept_fp32.contains(&s.node) {
+                "  kept fp32"
+            } else {
+                ""
+            };
+            println!(
+                "  {:<40} {:<8} SQNR {:>6.1} dB  cosine {:.5}{kept}",
+                s.node, s.op, s.sqnr_db, s.cosine
+            );
+        }
+    }
 }
 
 /// `NAME=FILE.npy` arguments grouped into samples: the k-th file given per name is sample k.
@@ -193,7 +351,7 @@ fn calibration_samples(
     let mut samples: Vec<Vec<(String, tern::Tensor)>> = Vec::new();
     for spec in specs {
         let (name, path) = spec.split_once('=').ok_or_else(|| {
-            QuantizeError::NothingToDo(format!("--calib {spec}: expected NAME=FILE.npy"))
+            QuantizeError::BadArgument(format!("--calib {spec}: expected NAME=FILE.npy"))
         })?;
         let bytes = std::fs::read(path).map_err(|source| QuantizeError::Io {
             path: path.into(),

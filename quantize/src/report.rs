@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
-use tern::{Model, Session, SessionOptions, Tensor};
+use tern::{Model, Outputs, Session, SessionOptions, Tensor};
 
 use crate::error::Result;
 
@@ -34,6 +34,10 @@ pub struct Report {
     pub size_after: u64,
     /// `size_after / size_before`.
     pub size_ratio: f64,
+    /// Bytes of the original model gzip-compressed (what a download ships).
+    pub compressed_before: u64,
+    /// Bytes of the transformed model gzip-compressed.
+    pub compressed_after: u64,
     /// Median latency of the original through tern, ms.
     pub latency_before_ms: f64,
     /// Median latency of the transformed model, ms.
@@ -50,7 +54,7 @@ pub struct Report {
 
 /// Running sums for one output's accuracy figures.
 #[derive(Default)]
-struct Accumulator {
+struct Sums {
     dot: f64,
     ref_sq: f64,
     new_sq: f64,
@@ -58,6 +62,70 @@ struct Accumulator {
     max_abs: f64,
     agree: usize,
     rows: usize,
+}
+
+/// Accumulates the accuracy of a candidate model's outputs against reference outputs over
+/// many input sets.
+#[derive(Default)]
+pub struct AccuracyMeter {
+    sums: BTreeMap<String, Sums>,
+}
+
+impl AccuracyMeter {
+    /// Adds one input set's outputs: `reference` from the original, `candidate` from the
+    /// transformed model (matched by name).
+    pub fn add(&mut self, reference: &Outputs, candidate: &Outputs) -> Result<()> {
+        for (name, r) in reference.iter() {
+            let Some(c) = candidate.get(name) else {
+                continue;
+            };
+            let (a, b) = (r.to_f32_vec()?, c.to_f32_vec()?);
+            let e = self.sums.entry(name.to_string()).or_default();
+            let width = r.shape().last().copied().unwrap_or(a.len()).max(1);
+            for (x, y) in a.iter().zip(&b) {
+                let (x, y) = (f64::from(*x), f64::from(*y));
+                e.dot += x * y;
+                e.ref_sq += x * x;
+                e.new_sq += y * y;
+                e.err_sq += (x - y) * (x - y);
+                e.max_abs = e.max_abs.max((x - y).abs());
+            }
+            let argmax = |r: &[f32]| {
+                r.iter()
+                    .enumerate()
+                    .max_by(|p, q| p.1.total_cmp(q.1))
+                    .map(|(i, _)| i)
+            };
+            for (ra, rb) in a.chunks(width).zip(b.chunks(width)) {
+                e.agree += usize::from(argmax(ra) == argmax(rb));
+                e.rows += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The figures per output, by name.
+    pub fn finish(self) -> Vec<OutputAccuracy> {
+        self.sums
+            .into_iter()
+            .map(|(name, a)| OutputAccuracy {
+                name,
+                cosine: a.dot / (a.ref_sq.sqrt() * a.new_sq.sqrt()).max(f64::MIN_POSITIVE),
+                sqnr_db: 10.0 * (a.ref_sq / a.err_sq.max(f64::MIN_POSITIVE)).log10(),
+                max_abs: a.max_abs,
+                top1_agreement: a.agree as f64 / a.rows.max(1) as f64,
+            })
+            .collect()
+    }
+}
+
+/// Session options for comparisons: no telemetry, NaN allowed through (a broken candidate
+/// should show as bad accuracy, not as an error).
+pub fn session_options(threads: usize) -> SessionOptions {
+    SessionOptions::new()
+        .threads(threads)
+        .without_telemetry()
+        .nan_policy(tern::NanPolicy::Allow)
 }
 
 fn median_ms(session: &Session, inputs: &[(String, Tensor)], runs: usize) -> Result<f64> {
@@ -80,45 +148,13 @@ pub fn evaluate(
     threads: usize,
     runs: usize,
 ) -> Result<Report> {
-    let options = || {
-        SessionOptions::new()
-            .threads(threads)
-            .without_telemetry()
-            .nan_policy(tern::NanPolicy::Allow)
-    };
     let (m0, m1) = (Model::load(before)?, Model::load(after)?);
-    let (s0, s1) = (Session::new(&m0, options())?, Session::new(&m1, options())?);
-    let mut acc: BTreeMap<String, Accumulator> = BTreeMap::new();
+    let s0 = Session::new(&m0, session_options(threads))?;
+    let s1 = Session::new(&m1, session_options(threads))?;
+    let mut meter = AccuracyMeter::default();
     let progress = indicatif::ProgressBar::new(eval.len() as u64);
     for inputs in eval {
-        let (o0, o1) = (s0.run(inputs.clone())?, s1.run(inputs.clone())?);
-        for ((name, a), (_, b)) in o0.iter().zip(o1.iter()) {
-            let (a, b) = (a.to_f32_vec()?, b.to_f32_vec()?);
-            let e = acc.entry(name.to_string()).or_default();
-            let width = o0
-                .get(name)
-                .and_then(|t| t.shape().last().copied())
-                .unwrap_or(a.len())
-                .max(1);
-            for (x, y) in a.iter().zip(&b) {
-                let (x, y) = (f64::from(*x), f64::from(*y));
-                e.dot += x * y;
-                e.ref_sq += x * x;
-                e.new_sq += y * y;
-                e.err_sq += (x - y) * (x - y);
-                e.max_abs = e.max_abs.max((x - y).abs());
-            }
-            for (ra, rb) in a.chunks(width).zip(b.chunks(width)) {
-                let argmax = |r: &[f32]| {
-                    r.iter()
-                        .enumerate()
-                        .max_by(|p, q| p.1.total_cmp(q.1))
-                        .map(|(i, _)| i)
-                };
-                e.agree += usize::from(argmax(ra) == argmax(rb));
-                e.rows += 1;
-            }
-        }
+        meter.add(&s0.run(inputs.clone())?, &s1.run(inputs.clone())?)?;
         progress.inc(1);
     }
     progress.finish_and_clear();
@@ -126,26 +162,33 @@ pub fn evaluate(
     let (l0, l1) = (median_ms(&s0, &first, runs)?, median_ms(&s1, &first, runs)?);
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let (b, a) = (size(before), size(after));
+    let (cb, ca) = (compressed_size(before)?, compressed_size(after)?);
     Ok(Report {
         size_before: b,
         size_after: a,
         size_ratio: a as f64 / b.max(1) as f64,
+        compressed_before: cb,
+        compressed_after: ca,
         latency_before_ms: l0,
         latency_after_ms: l1,
         speedup: l0 / l1,
         threads,
         eval_inputs: eval.len(),
-        outputs: acc
-            .into_iter()
-            .map(|(name, a)| OutputAccuracy {
-                name,
-                cosine: a.dot / (a.ref_sq.sqrt() * a.new_sq.sqrt()).max(f64::MIN_POSITIVE),
-                sqnr_db: 10.0 * (a.ref_sq / a.err_sq.max(f64::MIN_POSITIVE)).log10(),
-                max_abs: a.max_abs,
-                top1_agreement: a.agree as f64 / a.rows.max(1) as f64,
-            })
-            .collect(),
+        outputs: meter.finish(),
     })
+}
+
+/// Bytes of the file at `path` once gzip-compressed (default level).
+pub fn compressed_size(path: &Path) -> Result<u64> {
+    use std::io::Write;
+    let io = |source| crate::QuantizeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = std::fs::read(path).map_err(io)?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&bytes).map_err(io)?;
+    Ok(gz.finish().map_err(io)?.len() as u64)
 }
 
 /// `n` seeded random input sets for `model` (seeds `seed..seed + n`).

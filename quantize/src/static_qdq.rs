@@ -5,18 +5,20 @@
 //!   (`DequantizeLinear`'s `axis` needs opset ≥ 13), else per tensor — behind a
 //!   `DequantizeLinear`;
 //! - its activation input gets a `QuantizeLinear → DequantizeLinear` pair with an asymmetric
-//!   uint8 scale from the range seen on the calibration inputs (MinMax).
+//!   uint8 scale from the range chosen on the calibration inputs (MinMax, Percentile or
+//!   Entropy: see [`crate::calibration`]).
 //!
 //! Softmax and everything else stay in float (tract mis-runs a quantized Softmax; see
 //! docs/MODELS.md). The result is standard ONNX that onnxruntime runs too.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
-use prost::Message;
 use tract_onnx::pb;
 
+use crate::calibration;
+pub use crate::calibration::{Calibration, Ranges};
 use crate::error::{QuantizeError, Result};
-use crate::graph::{self, f32_tensor, int_attr, node, tensor, FLOAT, INT8, UINT8};
+use crate::graph::{self, f32_tensor, int_attr, node, tensor, INT8, UINT8};
 
 /// Options for [`quantize_static`].
 #[derive(Debug, Clone, Default)]
@@ -25,10 +27,21 @@ pub struct StaticOptions {
     pub exclude_nodes: HashSet<String>,
     /// Op types to leave in float (`Conv`, `MatMul`).
     pub exclude_ops: HashSet<String>,
+    /// When set, quantize only these nodes (the sensitivity analysis quantizes one at a time).
+    pub only_nodes: Option<HashSet<String>>,
+    /// How activation ranges are chosen from the calibration data.
+    pub calibration: Calibration,
 }
 
-/// Per-tensor activation ranges observed on calibration data.
-pub type Ranges = BTreeMap<String, (f32, f32)>;
+/// The names of the nodes `options` lets through, in graph order, with their op types.
+pub fn quantizable_nodes(model: &pb::ModelProto, options: &StaticOptions) -> Vec<(String, String)> {
+    let mut g = model.graph.clone().unwrap_or_default();
+    graph::constants_to_initializers(&mut g);
+    targets(&g, options)
+        .into_iter()
+        .map(|(ix, _, _)| (g.node[ix].name.clone(), g.node[ix].op_type.clone()))
+        .collect()
+}
 
 /// The nodes to quantize: `(node index, activation input, weight initializer)`.
 fn targets(g: &pb::GraphProto, options: &StaticOptions) -> Vec<(usize, String, String)> {
@@ -38,7 +51,12 @@ fn targets(g: &pb::GraphProto, options: &StaticOptions) -> Vec<(usize, String, S
         .enumerate()
         .filter(|(_, n)| matches!(n.op_type.as_str(), "Conv" | "MatMul"))
         .filter(|(_, n)| {
-            !options.exclude_nodes.contains(&n.name) && !options.exclude_ops.contains(&n.op_type)
+            !options.exclude_nodes.contains(&n.name)
+                && !options.exclude_ops.contains(&n.op_type)
+                && options
+                    .only_nodes
+                    .as_ref()
+                    .is_none_or(|o| o.contains(&n.name))
         })
         .filter(|(_, n)| {
             n.input.len() >= 2
@@ -49,69 +67,27 @@ fn targets(g: &pb::GraphProto, options: &StaticOptions) -> Vec<(usize, String, S
         .collect()
 }
 
-/// Runs the fp32 model through tern on `samples` with every activation to quantize exposed
-/// as an extra output, and returns each one's min and max.
+/// Runs the fp32 model through tern on `samples` and returns, for the input activation of
+/// every node to quantize, the range that `options.calibration` chooses.
 pub fn calibrate(
     model: &pb::ModelProto,
     samples: &[Vec<(String, tern::Tensor)>],
     options: &StaticOptions,
 ) -> Result<Ranges> {
-    let mut probe = model.clone();
-    let g = graph::graph_mut(&mut probe);
-    graph::constants_to_initializers(g);
-    let wanted: Vec<String> = {
-        let mut seen = HashSet::new();
-        targets(g, options)
-            .into_iter()
-            .map(|(_, a, _)| a)
-            .filter(|a| seen.insert(a.clone()))
-            .collect()
-    };
-    let existing: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
-    for name in wanted.iter().filter(|n| !existing.contains(*n)) {
-        g.output.push(pb::ValueInfoProto {
-            name: name.clone(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: FLOAT,
-                    shape: None,
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+    let mut g = model.graph.clone().unwrap_or_default();
+    graph::constants_to_initializers(&mut g);
+    let mut seen = HashSet::new();
+    let wanted: Vec<String> = targets(&g, options)
+        .into_iter()
+        .map(|(_, a, _)| a)
+        .filter(|a| seen.insert(a.clone()))
+        .collect();
+    if wanted.is_empty() {
+        return Err(QuantizeError::NothingToDo(
+            "no Conv/MatMul with a constant weight to calibrate".into(),
+        ));
     }
-    let tern_model = tern::Model::from_bytes(&probe.encode_to_vec())?;
-    let session = tern::Session::new(
-        &tern_model,
-        tern::SessionOptions::new()
-            .without_telemetry()
-            .nan_policy(tern::NanPolicy::Allow),
-    )?;
-    let mut ranges = Ranges::new();
-    let progress = indicatif::ProgressBar::new(samples.len() as u64);
-    for sample in samples {
-        let outputs = session.run(sample.clone())?;
-        for name in &wanted {
-            let values = outputs
-                .get(name)
-                .map(|t| t.to_f32_vec())
-                .transpose()?
-                .unwrap_or_default();
-            let (lo, hi) = values
-                .iter()
-                .filter(|v| v.is_finite())
-                .fold((f32::MAX, f32::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
-            let r = ranges.entry(name.clone()).or_insert((f32::MAX, f32::MIN));
-            *r = (r.0.min(lo), r.1.max(hi));
-        }
-        progress.inc(1);
-    }
-    progress.finish_and_clear();
-    if samples.is_empty() {
-        return Err(QuantizeError::NothingToDo("no calibration inputs".into()));
-    }
-    Ok(ranges)
+    calibration::calibrate(model, &wanted, samples, options.calibration)
 }
 
 /// uint8 asymmetric scale and zero point covering `[min, max]` (and 0).

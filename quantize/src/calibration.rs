@@ -1,0 +1,360 @@
+//! Choosing activation ranges for static quantization from calibration data.
+//!
+//! The fp32 model runs through tern on the calibration samples with every activation to
+//! quantize exposed as an extra output. What happens to the values depends on the
+//! [`Calibration`] method:
+//! - **MinMax** keeps the smallest and largest value seen: nothing is clipped, but one
+//!   outlier stretches the step for every other value.
+//! - **Percentile** and **Entropy** make a second pass that builds a histogram of `|x|` over
+//!   `[0, max|x|]` per activation, choose a clipping threshold `T` from it, and clip the
+//!   MinMax range to `[-T, T]`. Percentile keeps the given share of values unclipped;
+//!   Entropy (KL divergence, as TensorRT calibrates) picks the `T` whose quantized histogram
+//!   loses the least information against the original.
+
+use std::collections::{BTreeMap, HashSet};
+
+use prost::Message;
+use tract_onnx::pb;
+
+use crate::error::{QuantizeError, Result};
+use crate::graph::{self, FLOAT};
+
+/// Per-tensor activation ranges `(min, max)` observed on calibration data.
+pub type Ranges = BTreeMap<String, (f32, f32)>;
+
+/// Histogram bins of `|x|` for Percentile and Entropy.
+const BINS: usize = 2048;
+
+/// How activation ranges are chosen from the calibration data.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Calibration {
+    /// The full range seen.
+    #[default]
+    MinMax,
+    /// Clip `|x|` at this percentile (e.g. 99.99) of the values seen.
+    Percentile(f64),
+    /// Clip `|x|` where the KL divergence between the original and the quantized histogram
+    /// is least.
+    Entropy,
+}
+
+impl std::str::FromStr for Calibration {
+    type Err = QuantizeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            QuantizeError::BadArgument(format!(
+                "calibration method {s:?}: expected minmax, entropy, or percentile[=P] with 0 < P ≤ 100"
+            ))
+        };
+        match s.to_ascii_lowercase().as_str() {
+            "minmax" => Ok(Self::MinMax),
+            "entropy" | "kl" => Ok(Self::Entropy),
+            "percentile" => Ok(Self::Percentile(99.99)),
+            other => {
+                let p: f64 = other
+                    .strip_prefix("percentile=")
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(bad)?;
+                if p > 0.0 && p <= 100.0 {
+                    Ok(Self::Percentile(p))
+                } else {
+                    Err(bad())
+                }
+            }
+        }
+    }
+}
+
+/// A histogram of `|x|` over `[0, limit]`.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    /// Upper edge of the last bin.
+    pub limit: f32,
+    /// Counts per bin.
+    pub counts: Vec<u64>,
+}
+
+impl Histogram {
+    /// An empty histogram of `bins` bins over `[0, limit]`.
+    pub fn new(limit: f32, bins: usize) -> Self {
+        Self {
+            limit,
+            counts: vec![0; bins.max(1)],
+        }
+    }
+
+    /// Counts the finite values of `values`.
+    pub fn add(&mut self, values: &[f32]) {
+        let bins = self.counts.len();
+        let scale = if self.limit > 0.0 {
+            bins as f32 / self.limit
+        } else {
+            0.0
+        };
+        for v in values.iter().filter(|v| v.is_finite()) {
+            let bin = ((v.abs() * scale) as usize).min(bins - 1);
+            self.counts[bin] += 1;
+        }
+    }
+
+    fn width(&self) -> f32 {
+        self.limit / self.counts.len() as f32
+    }
+
+    /// The smallest bin edge below which `percent` % of the values lie.
+    pub fn percentile(&self, percent: f64) -> f32 {
+        let total: u64 = self.counts.iter().sum();
+        let wanted = (total as f64 * percent / 100.0).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= wanted {
+                return (i + 1) as f32 * self.width();
+            }
+        }
+        self.limit
+    }
+
+    /// The threshold `T` (a bin edge) minimising KL(P‖Q), where P is the histogram clipped
+    /// at `T` (values above folded into the last bin) and Q is P quantized to `levels` levels
+    /// and expanded back.
+    pub fn entropy_threshold(&self, levels: usize) -> f32 {
+        let bins = self.counts.len();
+        let levels = levels.max(1);
+        if bins <= levels {
+            return self.limit;
+        }
+        let mut best = (f64::INFINITY, bins);
+        let mut p = vec![0f64; bins];
+        let mut q = vec![0f64; bins];
+        for i in levels..=bins {
+            let outliers: u64 = self.counts[i..].iter().sum();
+            for (pj, c) in p.iter_mut().zip(&self.counts[..i]) {
+                *pj = *c as f64;
+            }
+            p[i - 1] += outliers as f64;
+            // Merge the i bins into `levels` groups, then spread each group's total evenly
+            // over its non-empty bins (empty bins stay empty: the quantizer cannot put mass
+            // where the data had none).
+            for level in 0..levels {
+                let start = level * i / levels;
+                let end = ((level + 1) * i / levels).max(start + 1);
+                let group = &self.counts[start..end];
+                let nonzero = group.iter().filter(|c| **c > 0).count();
+                let sum: u64 = group.iter().sum();
+                for (k, c) in group.iter().enumerate() {
+                    q[start + k] = if *c > 0 {
+                        sum as f64 / nonzero as f64
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            let kl = kl_divergence(&p[..i], &q[..i]);
+            if kl < best.0 {
+                best = (kl, i);
+            }
+        }
+        best.1 as f32 * self.width()
+    }
+}
+
+/// KL(P‖Q) of two unnormalised histograms; bins where P has mass and Q none get a small
+/// floor so the sum stays finite.
+fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
+    let (sp, sq) = (p.iter().sum::<f64>(), q.iter().sum::<f64>());
+    if sp <= 0.0 || sq <= 0.0 {
+        return f64::INFINITY;
+    }
+    p.iter()
+        .zip(q)
+        .filter(|(p, _)| **p > 0.0)
+        .map(|(p, q)| {
+            let (p, q) = (p / sp, (q / sq).max(1e-12));
+            p * (p / q).ln()
+        })
+        .sum()
+}
+
+/// Runs `model` through tern on each sample with `activations` exposed as extra outputs and
+/// hands each activation's values to `observe`.
+fn observe_activations(
+    model: &pb::ModelProto,
+    activations: &[String],
+    samples: &[Vec<(String, tern::Tensor)>],
+    mut observe: impl FnMut(&str, &[f32]),
+) -> Result<()> {
+    let mut probe = model.clone();
+    let g = graph::graph_mut(&mut probe);
+    graph::constants_to_initializers(g);
+    let existing: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    for name in activations.iter().filter(|n| !existing.contains(*n)) {
+        g.output.push(pb::ValueInfoProto {
+            name: name.clone(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: FLOAT,
+                    shape: None,
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let tern_model = tern::Model::from_bytes(&probe.encode_to_vec())?;
+    let session = tern::Session::new(
+        &tern_model,
+        tern::SessionOptions::new()
+            .without_telemetry()
+            .nan_policy(tern::NanPolicy::Allow),
+    )?;
+    let progress = indicatif::ProgressBar::new(samples.len() as u64);
+    for sample in samples {
+        let outputs = session.run(sample.clone())?;
+        for name in activations {
+            if let Some(t) = outputs.get(name) {
+                observe(name, &t.to_f32_vec()?);
+            }
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    Ok(())
+}
+
+/// Runs the fp32 model through tern on `samples` and returns the range chosen by `method`
+/// for each of `activations`.
+pub fn calibrate(
+    model: &pb::ModelProto,
+    activations: &[String],
+    samples: &[Vec<(String, tern::Tensor)>],
+    method: Calibration,
+) -> Result<Ranges> {
+    if samples.is_empty() {
+        return Err(QuantizeError::BadCalibration(
+            "no calibration inputs".into(),
+        ));
+    }
+    let mut ranges = Ranges::new();
+    observe_activations(model, activations, samples, |name, values| {
+        let (lo, hi) = values
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold((f32::MAX, f32::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
+        let r = ranges
+            .entry(name.to_string())
+            .or_insert((f32::MAX, f32::MIN));
+        *r = (r.0.min(lo), r.1.max(hi));
+    })?;
+    if let Some(name) = activations
+        .iter()
+        .find(|a| ranges.get(*a).is_none_or(|(lo, hi)| lo > hi))
+    {
+        return Err(QuantizeError::BadCalibration(format!(
+            "activation {name} had no finite value on the calibration inputs"
+        )));
+    }
+    if method == Calibration::MinMax {
+        return Ok(ranges);
+    }
+    let mut histograms: BTreeMap<String, Histogram> = ranges
+        .iter()
+        .map(|(name, (lo, hi))| (name.clone(), Histogram::new(lo.abs().max(hi.abs()), BINS)))
+        .collect();
+    observe_activations(model, activations, samples, |name, values| {
+        if let Some(h) = histograms.get_mut(name) {
+            h.add(values);
+        }
+    })?;
+    for (name, (lo, hi)) in ranges.iter_mut() {
+        let Some(h) = histograms.get(name) else {
+            continue;
+        };
+        let threshold = match method {
+            Calibration::MinMax => continue,
+            Calibration::Percentile(p) => h.percentile(p),
+            // A non-negative activation (after ReLU, say) has all 255 uint8 levels for
+            // [0, T]; a signed one has about half of them on each side.
+            Calibration::Entropy => h.entropy_threshold(if *lo >= 0.0 { 255 } else { 128 }),
+        };
+        (*lo, *hi) = (lo.max(-threshold), hi.min(threshold));
+    }
+    Ok(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic, roughly normal sample: sums of 12 uniform values (Irwin–Hall).
+    fn normalish(n: usize) -> Vec<f32> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f32 / (1u64 << 53) as f32
+        };
+        (0..n)
+            .map(|_| (0..12).map(|_| uniform()).sum::<f32>() - 6.0)
+            .collect()
+    }
+
+    #[test]
+    fn methods_parse_and_bad_ones_are_refused() {
+        assert_eq!(
+            "minmax".parse::<Calibration>().unwrap(),
+            Calibration::MinMax
+        );
+        assert_eq!(
+            "Entropy".parse::<Calibration>().unwrap(),
+            Calibration::Entropy
+        );
+        assert_eq!(
+            "percentile=99.9".parse::<Calibration>().unwrap(),
+            Calibration::Percentile(99.9)
+        );
+        for bad in ["percentile=0", "percentile=101", "median", "percentile=x"] {
+            assert!(bad.parse::<Calibration>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn percentile_cuts_off_the_outliers_only() {
+        let mut values = normalish(100_000);
+        values.extend([80.0, -95.0]);
+        let mut h = Histogram::new(95.0, BINS);
+        h.add(&values);
+        let t = h.percentile(99.99);
+        // |N(0,1)| has 99.99 % of its mass below ~3.9; the bin width is 95/2048 ≈ 0.046.
+        assert!((3.0..4.5).contains(&t), "threshold {t}");
+        assert_eq!(h.percentile(100.0), 95.0);
+    }
+
+    #[test]
+    fn entropy_clips_a_long_tail_and_keeps_a_uniform_range() {
+        let mut values = normalish(200_000);
+        values.extend([60.0; 3]);
+        let mut h = Histogram::new(60.0, BINS);
+        h.add(&values);
+        let t = h.entropy_threshold(128);
+        assert!(t > 2.0 && t < 10.0, "normal with outliers: threshold {t}");
+
+        let uniform: Vec<f32> = (0..100_000).map(|i| i as f32 / 100_000.0 * 5.0).collect();
+        let mut h = Histogram::new(5.0, BINS);
+        h.add(&uniform);
+        let t = h.entropy_threshold(255);
+        assert!(
+            t > 4.5,
+            "uniform: threshold {t} should keep nearly all of [0, 5]"
+        );
+    }
+
+    #[test]
+    fn kl_is_zero_for_equal_histograms_and_positive_otherwise() {
+        assert!(kl_divergence(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]).abs() < 1e-12);
+        assert!(kl_divergence(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) > 0.1);
+        assert!(kl_divergence(&[0.0, 0.0], &[1.0, 1.0]).is_infinite());
+    }
+}
