@@ -14,6 +14,8 @@ pub const FLOAT: i32 = 1;
 pub const UINT8: i32 = 2;
 /// int8
 pub const INT8: i32 = 3;
+/// int32
+pub const INT32: i32 = 6;
 /// float16
 pub const FLOAT16: i32 = 10;
 
@@ -197,6 +199,56 @@ pub fn consumers(graph: &pb::GraphProto) -> HashMap<String, usize> {
         *c.entry(o.name.clone()).or_default() += 1;
     }
     c
+}
+
+/// Orders the nodes so each comes after the producers of its inputs (Kahn's algorithm,
+/// taking the earliest ready node first, so an already sorted graph keeps its order and new
+/// nodes appended at the end move up to where they are needed).
+pub fn topological_sort(graph: &mut pb::GraphProto) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let producer: HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let n = graph.node.len();
+    let mut waiting = vec![0usize; n];
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, node) in graph.node.iter().enumerate() {
+        let deps: HashSet<usize> = node
+            .input
+            .iter()
+            .filter_map(|x| producer.get(x.as_str()).copied())
+            .filter(|p| *p != i)
+            .collect();
+        waiting[i] = deps.len();
+        for d in deps {
+            readers[d].push(i);
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> =
+        (0..n).filter(|i| waiting[*i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for &r in &readers[i] {
+            waiting[r] -= 1;
+            if waiting[r] == 0 {
+                ready.push(Reverse(r));
+            }
+        }
+    }
+    if order.len() < n {
+        // A cycle (not valid ONNX): leave the graph as it was.
+        return;
+    }
+    let mut nodes: Vec<Option<pb::NodeProto>> = std::mem::take(&mut graph.node)
+        .into_iter()
+        .map(Some)
+        .collect();
+    graph.node = order.into_iter().filter_map(|i| nodes[i].take()).collect();
 }
 
 /// Removes initializers no node or output reads.

@@ -68,6 +68,10 @@ enum Command {
         /// entropy (KL divergence).
         #[arg(long, default_value = "minmax")]
         method: static_qdq::Calibration,
+        /// Graph form: qdq (QuantizeLinear/DequantizeLinear around float ops; faster on tract)
+        /// or qoperator (QLinearConv/QLinearMatMul).
+        #[arg(long, default_value = "qdq")]
+        format: static_qdq::Format,
         /// Keep the N layers that lose most accuracy when quantized alone in fp32 (runs the
         /// sensitivity analysis).
         #[arg(long, default_value_t = 0)]
@@ -168,6 +172,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
             calib_random,
             exclude,
             method,
+            format,
             keep_fp32: keep,
             sensitivity: show,
         } => {
@@ -181,6 +186,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
                 exclude_nodes: exclude.iter().cloned().collect(),
                 exclude_ops: exclude.iter().cloned().collect(),
                 calibration: *method,
+                format: *format,
                 ..Default::default()
             };
             let ranges = static_qdq::calibrate(&model, &samples, &options)?;
@@ -200,7 +206,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
                 input,
                 output,
                 format!(
-                    "{n} Conv/MatMul node(s) quantized to int8 (QDQ, {method:?} calibration on {} samples{})",
+                    "{n} Conv/MatMul node(s) quantized to int8 ({format:?}, {method:?} calibration on {} samples{})",
                     samples.len(),
                     if kept_fp32.is_empty() { String::new() } else { format!(", {} kept fp32", kept_fp32.len()) }
                 ),

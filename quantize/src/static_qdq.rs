@@ -1,12 +1,18 @@
-//! Static int8 quantization in QDQ form, calibrated by running the fp32 model through tern.
+//! Static int8 quantization, calibrated by running the fp32 model through tern, in QDQ form
+//! (the default) or QOperator form ([`Format`]).
 //!
-//! For every `Conv` and `MatMul` with a constant weight:
+//! QDQ — for every `Conv` and `MatMul` with a constant weight:
 //! - the weight is stored as symmetric int8 — per output channel when the opset allows
 //!   (`DequantizeLinear`'s `axis` needs opset ≥ 13), else per tensor — behind a
 //!   `DequantizeLinear`;
 //! - its activation input gets a `QuantizeLinear → DequantizeLinear` pair with an asymmetric
 //!   uint8 scale from the range chosen on the calibration inputs (MinMax, Percentile or
 //!   Entropy: see [`crate::calibration`]).
+//!
+//! QOperator — each such node becomes `QLinearConv`/`QLinearMatMul` reading the uint8
+//! activation and int8 weights (per channel for `QLinearConv`), with its output quantized by
+//! its own calibrated range and dequantized for the float ops after it; a `Conv` bias becomes
+//! int32 at scale `x_scale × w_scale`.
 //!
 //! Softmax and everything else stay in float (tract mis-runs a quantized Softmax; see
 //! docs/MODELS.md). The result is standard ONNX that onnxruntime runs too.
@@ -18,7 +24,7 @@ use tract_onnx::pb;
 use crate::calibration;
 pub use crate::calibration::{Calibration, Ranges};
 use crate::error::{QuantizeError, Result};
-use crate::graph::{self, f32_tensor, int_attr, node, tensor, INT8, UINT8};
+use crate::graph::{self, f32_tensor, int_attr, node, tensor, INT32, INT8, UINT8};
 
 /// Options for [`quantize_static`].
 #[derive(Debug, Clone, Default)]
@@ -31,6 +37,33 @@ pub struct StaticOptions {
     pub only_nodes: Option<HashSet<String>>,
     /// How activation ranges are chosen from the calibration data.
     pub calibration: Calibration,
+    /// The form of the quantized graph.
+    pub format: Format,
+}
+
+/// The form of a statically quantized graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// `QuantizeLinear → DequantizeLinear` pairs around float ops: portable, what
+    /// onnxruntime prefers, and what tract runs faster (QUANTIZATION.md).
+    #[default]
+    Qdq,
+    /// `QLinearConv` / `QLinearMatMul` with quantized inputs and outputs.
+    QOperator,
+}
+
+impl std::str::FromStr for Format {
+    type Err = QuantizeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "qdq" => Ok(Self::Qdq),
+            "qoperator" | "qop" => Ok(Self::QOperator),
+            _ => Err(QuantizeError::BadArgument(format!(
+                "format {s:?}: expected qdq or qoperator"
+            ))),
+        }
+    }
 }
 
 /// The names of the nodes `options` lets through, in graph order, with their op types.
@@ -77,9 +110,13 @@ pub fn calibrate(
     let mut g = model.graph.clone().unwrap_or_default();
     graph::constants_to_initializers(&mut g);
     let mut seen = HashSet::new();
+    // QOperator nodes quantize their outputs too.
     let wanted: Vec<String> = targets(&g, options)
         .into_iter()
-        .map(|(_, a, _)| a)
+        .flat_map(|(ix, a, _)| {
+            let out = g.node[ix].output.first().cloned();
+            std::iter::once(a).chain(out.filter(|_| options.format == Format::QOperator))
+        })
         .filter(|a| seen.insert(a.clone()))
         .collect();
     if wanted.is_empty() {
@@ -97,7 +134,16 @@ pub fn activation_params(min: f32, max: f32) -> (f32, u8) {
     (scale, (-lo / scale).round().clamp(0.0, 255.0) as u8)
 }
 
-/// Rewrites `model` to QDQ int8 using calibrated `ranges`; returns how many nodes changed.
+/// The names a node's quantized activation input, scale and zero point go by.
+struct QuantizedActivation {
+    q: String,
+    scale: String,
+    zp: String,
+    dq: String,
+}
+
+/// Rewrites `model` to int8 using calibrated `ranges`, in `options.format`; returns how many
+/// nodes changed.
 pub fn quantize_static(
     model: &mut pb::ModelProto,
     ranges: &Ranges,
@@ -107,138 +153,172 @@ pub fn quantize_static(
     let opset = graph::opset(model);
     if opset < 10 {
         return Err(QuantizeError::InvalidModel(
-            "QDQ quantization needs opset ≥ 10".into(),
+            "static int8 quantization needs opset ≥ 10 (QuantizeLinear, QLinearConv)".into(),
         ));
     }
-    let per_channel = opset >= 13;
+    let qoperator = options.format == Format::QOperator;
     let g = graph::graph_mut(model);
     graph::constants_to_initializers(g);
     let inits = graph::initializers(g);
     let todo = targets(g, options);
     let mut new_nodes: Vec<pb::NodeProto> = Vec::new();
     let mut new_inits = Vec::new();
-    let mut activation_dq: HashMap<String, String> = HashMap::new();
-    let mut rewired: Vec<(usize, String, String)> = Vec::new();
+    let mut activations: HashMap<String, QuantizedActivation> = HashMap::new();
+    let mut changed = 0;
     for (ix, act, weight) in &todo {
         let Some(&(lo, hi)) = ranges.get(act) else {
             continue;
         };
+        let out_name = g.node[*ix].output.first().cloned().unwrap_or_default();
+        let out_range = ranges.get(&out_name).copied();
+        if qoperator && out_range.is_none() {
+            continue;
+        }
         let w = &inits[weight];
         let Some(values) = graph::f32_values(w) else {
             continue;
         };
-        let op = g.node[*ix].op_type.clone();
-        let axis = if op == "Conv" {
+        let is_conv = g.node[*ix].op_type == "Conv";
+        let axis = if is_conv {
             0
         } else {
             w.dims.len().saturating_sub(1)
         };
-        let act_dq = activation_dq.entry(act.clone()).or_insert_with(|| {
+        // Per-channel scales: DequantizeLinear's `axis` needs opset 13; QLinearConv takes a
+        // 1-D weight scale at any opset; QLinearMatMul stays per tensor.
+        let per_channel = if qoperator { is_conv } else { opset >= 13 };
+        let a = activations.entry(act.clone()).or_insert_with(|| {
             let (scale, zp) = activation_params(lo, hi);
             let p = format!("{act}_qdq");
-            new_inits.push(f32_tensor(&format!("{p}_scale"), &[], &[scale]));
-            new_inits.push(tensor(&format!("{p}_zp"), UINT8, &[], vec![zp]));
-            let (s, z, q, dq) = (
-                format!("{p}_scale"),
-                format!("{p}_zp"),
-                format!("{p}_q"),
-                format!("{p}_dq"),
-            );
+            let a = QuantizedActivation {
+                q: format!("{p}_q"),
+                scale: format!("{p}_scale"),
+                zp: format!("{p}_zp"),
+                dq: format!("{p}_dq"),
+            };
+            new_inits.push(f32_tensor(&a.scale, &[], &[scale]));
+            new_inits.push(tensor(&a.zp, UINT8, &[], vec![zp]));
+            let qdq = [&act[..], &a.scale, &a.zp];
             new_nodes.push(node(
                 "QuantizeLinear",
                 &format!("{p}_Q"),
-                &[act, &s, &z],
-                &[&q],
+                &qdq,
+                &[&a.q],
                 vec![],
             ));
-            new_nodes.push(node(
-                "DequantizeLinear",
-                &format!("{p}_DQ"),
-                &[&q, &s, &z],
-                &[&dq],
-                vec![],
-            ));
-            dq
+            if !qoperator {
+                let dq = [&a.q[..], &a.scale, &a.zp];
+                new_nodes.push(node(
+                    "DequantizeLinear",
+                    &format!("{p}_DQ"),
+                    &dq,
+                    &[&a.dq],
+                    vec![],
+                ));
+            }
+            a
         });
         let (q, scales) = graph::quantize_symmetric_int8(&values, &w.dims, axis, per_channel);
         let p = format!("{weight}_qdq{ix}");
+        let (wq, ws, wz) = (format!("{p}_q"), format!("{p}_scale"), format!("{p}_zp"));
         let zp_dims: &[i64] = if per_channel {
             &[scales.len() as i64]
         } else {
             &[]
         };
         new_inits.push(tensor(
-            &format!("{p}_q"),
+            &wq,
             INT8,
             &w.dims,
             q.iter().map(|v| *v as u8).collect(),
         ));
-        new_inits.push(f32_tensor(&format!("{p}_scale"), zp_dims, &scales));
-        new_inits.push(tensor(
-            &format!("{p}_zp"),
-            INT8,
-            zp_dims,
-            vec![0; scales.len()],
-        ));
-        let attrs = if per_channel {
-            vec![int_attr("axis", axis as i64)]
-        } else {
-            vec![]
-        };
-        let dq = format!("{p}_dq");
-        new_nodes.push(node(
-            "DequantizeLinear",
-            &format!("{p}_DQ"),
-            &[&format!("{p}_q"), &format!("{p}_scale"), &format!("{p}_zp")],
-            &[&dq],
-            attrs,
-        ));
-        rewired.push((*ix, act_dq.clone(), dq));
+        new_inits.push(f32_tensor(&ws, zp_dims, &scales));
+        new_inits.push(tensor(&wz, INT8, zp_dims, vec![0; scales.len()]));
+        let n = &mut g.node[*ix];
+        match out_range.filter(|_| qoperator) {
+            None => {
+                let dq = format!("{p}_dq");
+                let attrs = if per_channel {
+                    vec![int_attr("axis", axis as i64)]
+                } else {
+                    vec![]
+                };
+                new_nodes.push(node(
+                    "DequantizeLinear",
+                    &format!("{p}_DQ"),
+                    &[&wq, &ws, &wz],
+                    &[&dq],
+                    attrs,
+                ));
+                n.input[0] = a.dq.clone();
+                n.input[1] = dq;
+            }
+            Some((olo, ohi)) => {
+                // QLinearConv / QLinearMatMul: int8 in, uint8 out, then back to float for
+                // whatever reads the output.
+                let (oscale, ozp) = activation_params(olo, ohi);
+                let o = format!("{out_name}_qop");
+                let (oq, os, oz) = (format!("{o}_q"), format!("{o}_scale"), format!("{o}_zp"));
+                new_inits.push(f32_tensor(&os, &[], &[oscale]));
+                new_inits.push(tensor(&oz, UINT8, &[], vec![ozp]));
+                let mut inputs = vec![
+                    a.q.clone(),
+                    a.scale.clone(),
+                    a.zp.clone(),
+                    wq,
+                    ws,
+                    wz,
+                    os.clone(),
+                    oz.clone(),
+                ];
+                if let Some(bias) = n.input.get(2).filter(|b| !b.is_empty()) {
+                    // The bias joins the int32 accumulator: scale x_scale × w_scale[c], zero 0.
+                    let b = inits.get(bias).and_then(graph::f32_values).ok_or_else(|| {
+                        QuantizeError::InvalidModel(format!(
+                            "{}: bias {bias} is not a constant",
+                            n.name
+                        ))
+                    })?;
+                    let x_scale = activation_params(lo, hi).0;
+                    let q: Vec<u8> = b
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(c, v)| {
+                            let s = x_scale * scales[if per_channel { c } else { 0 }];
+                            ((v / s).round() as i32).to_le_bytes()
+                        })
+                        .collect();
+                    let name = format!("{p}_bias_q");
+                    new_inits.push(tensor(&name, INT32, &[b.len() as i64], q));
+                    inputs.push(name);
+                }
+                n.op_type = if is_conv {
+                    "QLinearConv"
+                } else {
+                    "QLinearMatMul"
+                }
+                .into();
+                n.input = inputs;
+                n.output = vec![oq.clone()];
+                new_nodes.push(node(
+                    "DequantizeLinear",
+                    &format!("{o}_DQ"),
+                    &[&oq, &os, &oz],
+                    &[&out_name],
+                    vec![],
+                ));
+            }
+        }
+        changed += 1;
     }
-    if rewired.is_empty() {
+    if changed == 0 {
         return Err(QuantizeError::NothingToDo(
             "no Conv/MatMul with a constant weight and a calibrated input".into(),
         ));
     }
-    for (ix, act, w) in &rewired {
-        g.node[*ix].input[0] = act.clone();
-        g.node[*ix].input[1] = w.clone();
-    }
-    // Q/DQ nodes only read graph inputs, initializers and the activations they follow, so
-    // placing each right before its first consumer keeps the graph topologically sorted.
-    let mut placed: Vec<pb::NodeProto> = Vec::with_capacity(g.node.len() + new_nodes.len());
-    let mut pending = new_nodes;
-    for n in std::mem::take(&mut g.node) {
-        let needed: Vec<usize> = (0..pending.len())
-            .filter(|i| pending[*i].output.iter().any(|o| n.input.contains(o)))
-            .collect();
-        // A DQ consumer needs its Q too: pull in producers of what the needed nodes read.
-        let mut take: Vec<usize> = needed.clone();
-        for i in &needed {
-            for j in 0..pending.len() {
-                if pending[j]
-                    .output
-                    .iter()
-                    .any(|o| pending[*i].input.contains(o))
-                    && !take.contains(&j)
-                {
-                    take.push(j);
-                }
-            }
-        }
-        take.sort_unstable();
-        let mut taken: Vec<pb::NodeProto> = Vec::new();
-        for i in take.into_iter().rev() {
-            taken.push(pending.remove(i));
-        }
-        // Producers (Q) before consumers (DQ): Q nodes sort first by op type.
-        taken.sort_by_key(|x| x.op_type != "QuantizeLinear");
-        placed.extend(taken);
-        placed.push(n);
-    }
-    placed.extend(pending);
-    g.node = placed;
+    g.node.extend(new_nodes);
     g.initializer.extend(new_inits);
+    graph::topological_sort(g);
     graph::prune_initializers(g);
-    Ok(rewired.len())
+    Ok(changed)
 }
