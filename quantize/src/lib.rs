@@ -6,6 +6,7 @@
 //!
 //! - [`dynamic`]: int8 weights for `MatMul`/`Gemm`, activations quantized at run time.
 //! - [`fp16`]: fp16 weight storage with fp32 compute.
+//! - [`images`]: calibration inputs from a folder of images and a preprocessing spec.
 //! - [`prune`]: magnitude (unstructured) and channel (structured) pruning.
 //! - [`sensitivity`]: which layers lose most accuracy when quantized.
 //! - [`static_qdq`]: static int8 (QDQ form) calibrated through tern ([`calibration`]:
@@ -16,6 +17,7 @@ pub mod dynamic;
 pub mod error;
 pub mod fp16;
 pub mod graph;
+pub mod images;
 pub mod prune;
 pub mod report;
 pub mod sensitivity;

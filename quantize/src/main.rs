@@ -31,6 +31,13 @@ struct Cli {
     /// Size of a symbolic dimension for evaluation inputs, as SYMBOL=N.
     #[arg(long, global = true)]
     dim: Vec<String>,
+    /// Evaluate on the images in this folder (through --preprocess) instead of random inputs.
+    #[arg(long, global = true, requires = "preprocess")]
+    eval_images: Option<PathBuf>,
+    /// How images become inputs, e.g. "size=48x192,order=bgr,mean=0.5,std=0.5" (keys:
+    /// size=HxW, layout=nchw|nhwc, order=rgb|bgr|gray, scale, mean, std, input).
+    #[arg(long, global = true)]
+    preprocess: Option<tern_quantize::images::Preprocess>,
 }
 
 #[derive(Subcommand)]
@@ -58,7 +65,12 @@ enum Command {
         /// Calibration input as NAME=FILE.npy; the k-th file per input is sample k. Repeatable.
         #[arg(long)]
         calib: Vec<String>,
-        /// Without --calib: this many seeded random calibration samples (smoke tests only).
+        /// Calibration images (PNG/JPEG): one sample per file in this folder, turned into
+        /// tensors by --preprocess.
+        #[arg(long, requires = "preprocess", conflicts_with = "calib")]
+        calib_images: Option<PathBuf>,
+        /// Without --calib or --calib-images: this many seeded random calibration samples
+        /// (smoke tests only).
         #[arg(long, default_value_t = 16)]
         calib_random: usize,
         /// Leave these nodes (by name) or op types in float. Repeatable.
@@ -159,9 +171,27 @@ fn parse_dims(specs: &[String]) -> Result<BTreeMap<String, usize>, QuantizeError
         .collect()
 }
 
+/// One sample per image in `dir`, feeding `model`'s first input unless the spec names one.
+fn image_samples(
+    model: &std::path::Path,
+    dir: &std::path::Path,
+    spec: &tern_quantize::images::Preprocess,
+) -> Result<Vec<Vec<(String, tern::Tensor)>>, QuantizeError> {
+    let first = tern::Model::load(model)?
+        .info()
+        .inputs
+        .first()
+        .map(|i| i.name.clone())
+        .unwrap_or_default();
+    tern_quantize::images::samples_from_folder(dir, spec, &first)
+}
+
 fn run(cli: &Cli) -> Result<(), QuantizeError> {
     let dims = parse_dims(&cli.dim)?;
-    let eval_inputs = |input: &PathBuf| report::random_eval_inputs(input, cli.eval, 1000, &dims);
+    let eval_inputs = |input: &PathBuf| match (&cli.eval_images, &cli.preprocess) {
+        (Some(dir), Some(spec)) => image_samples(input, dir, spec),
+        _ => report::random_eval_inputs(input, cli.eval, 1000, &dims),
+    };
     let mut sensitivity = Vec::new();
     let mut kept_fp32 = Vec::new();
     let (input, output, transformation) = match &cli.command {
@@ -170,6 +200,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
             output,
             calib,
             calib_random,
+            calib_images,
             exclude,
             method,
             format,
@@ -177,10 +208,12 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
             sensitivity: show,
         } => {
             let mut model = graph::load(input)?;
-            let samples = if calib.is_empty() {
-                report::random_eval_inputs(input, *calib_random, 0, &dims)?
-            } else {
-                calibration_samples(calib)?
+            let samples = match (calib_images, &cli.preprocess) {
+                (Some(dir), Some(spec)) => image_samples(input, dir, spec)?,
+                _ if calib.is_empty() => {
+                    report::random_eval_inputs(input, *calib_random, 0, &dims)?
+                }
+                _ => calibration_samples(calib)?,
             };
             let mut options = static_qdq::StaticOptions {
                 exclude_nodes: exclude.iter().cloned().collect(),

@@ -522,3 +522,63 @@ fn qoperator_output_runs_in_onnxruntime_and_in_tern_where_tract_can() {
         }
     }
 }
+
+/// The class (argmax of the first output) `model` gives each of `samples`, through tern.
+fn classify(model: &Path, samples: &[Vec<(String, tern::Tensor)>]) -> Vec<usize> {
+    let model = tern::Model::load(model).unwrap();
+    let session = tern::Session::new(&model, report::session_options(1)).unwrap();
+    samples
+        .iter()
+        .map(|s| {
+            let out = session.run(s.clone()).unwrap();
+            let v = out.iter().next().unwrap().1.to_f32_vec().unwrap();
+            (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn static_int8_calibrated_on_text_images_keeps_the_direction_classifier_right() {
+    use tern_quantize::images::{samples_from_folder, Preprocess};
+    use tern_quantize::static_qdq::{self, StaticOptions};
+    let src = fetched("models/ppocr_cls/model.onnx");
+    // Rendered text lines, half of them upside down: calibration and held-out sets.
+    let (calib_dir, eval_dir) = (out("text-calib"), out("text-eval"));
+    for (dir, n, seed) in [(&calib_dir, "16", "1"), (&eval_dir, "48", "0")] {
+        python_json("make_text_images.py", &[dir, &n, &seed]);
+    }
+    // PP-OCR's classifier preprocessing: BGR, 48×192, (x/255 − 0.5) / 0.5.
+    let spec: Preprocess = "size=48x192,order=bgr,mean=0.5,std=0.5".parse().unwrap();
+    let labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eval_dir.join("labels.json")).unwrap()).unwrap();
+    let mut names: Vec<&String> = labels.as_object().unwrap().keys().collect();
+    names.sort();
+    let truth: Vec<usize> = names
+        .iter()
+        .map(|n| usize::from(labels[n.as_str()]["angle"] == 180))
+        .collect();
+    let eval = samples_from_folder(&eval_dir, &spec, "x").unwrap();
+    assert_eq!(eval.len(), truth.len());
+    let accuracy = |pred: &[usize]| {
+        pred.iter().zip(&truth).filter(|(p, t)| p == t).count() as f64 / truth.len() as f64
+    };
+    let fp32 = classify(&src, &eval);
+    // The images and the preprocessing are right when the fp32 model reads them.
+    assert!(accuracy(&fp32) >= 0.85, "fp32 accuracy {}", accuracy(&fp32));
+
+    let calib = samples_from_folder(&calib_dir, &spec, "x").unwrap();
+    let mut model = graph::load(&src).unwrap();
+    let options = StaticOptions::default();
+    let ranges = static_qdq::calibrate(&model, &calib, &options).unwrap();
+    static_qdq::quantize_static(&mut model, &ranges, &options).unwrap();
+    let dst = out("cls-text-qdq.onnx");
+    graph::save(&model, &dst).unwrap();
+    let int8 = classify(&dst, &eval);
+    let agree = fp32.iter().zip(&int8).filter(|(a, b)| a == b).count() as f64 / fp32.len() as f64;
+    assert!(
+        agree >= 0.95 && accuracy(&int8) >= accuracy(&fp32) - 0.05,
+        "int8: agreement with fp32 {agree}, accuracy {} (fp32 {})",
+        accuracy(&int8),
+        accuracy(&fp32)
+    );
+}
