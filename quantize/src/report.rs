@@ -199,6 +199,23 @@ pub fn random_eval_inputs(
     dims: &BTreeMap<String, usize>,
 ) -> Result<Vec<Vec<(String, Tensor)>>> {
     let m = Model::load(model)?;
+    let symbols: Vec<&str> = m
+        .info()
+        .inputs
+        .iter()
+        .flat_map(|i| i.shape.iter().flatten())
+        .filter_map(|d| match d {
+            tern::Dim::Symbolic(s) => Some(s.as_str()),
+            tern::Dim::Fixed(_) => None,
+        })
+        .collect();
+    // A misspelt symbol would silently leave its dimension at 1.
+    if let Some(unknown) = dims.keys().find(|k| !symbols.contains(&k.as_str())) {
+        return Err(crate::QuantizeError::BadArgument(format!(
+            "--dim {unknown}: the model's inputs have no such symbol (they have: {})",
+            symbols.join(", ")
+        )));
+    }
     (0..n as u64)
         .map(|i| Ok(m.random_inputs(seed + i, dims)?))
         .collect()
