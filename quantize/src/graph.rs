@@ -16,6 +16,8 @@ pub const UINT8: i32 = 2;
 pub const INT8: i32 = 3;
 /// int32
 pub const INT32: i32 = 6;
+/// int64
+pub const INT64: i32 = 7;
 /// float16
 pub const FLOAT16: i32 = 10;
 
@@ -106,7 +108,6 @@ pub fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
 
 /// The values of an int64 initializer (raw or typed storage).
 pub fn i64_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
-    const INT64: i32 = 7;
     if t.data_type != INT64 || t.data_location == Some(1) {
         return None;
     }
@@ -303,4 +304,120 @@ pub fn quantize_symmetric_int8(
         .map(|(i, v)| (v / scales[channel_of(i)]).round().clamp(-127.0, 127.0) as i8)
         .collect();
     (q, scales)
+}
+
+/// Rewrites a model of opset 11 or 12 to opset 13, the first that lets `DequantizeLinear`
+/// take per-channel scales. Ops whose meaning changed are rewritten to keep it: `axes` and
+/// `split` attributes of `Squeeze`, `Unsqueeze`, `ReduceSum` and `Split` become inputs, and
+/// `Softmax`/`LogSoftmax`/`Hardmax` (which coerced their input to 2-D before 13) become
+/// `Flatten → op(axis = 1) → Reshape` unless they already work on the last axis. Returns
+/// whether anything changed; models with control flow (subgraphs) are refused.
+pub fn upgrade_to_opset13(model: &mut pb::ModelProto) -> Result<bool> {
+    let version = opset(model);
+    if version >= 13 {
+        return Ok(false);
+    }
+    if version < 11 {
+        return Err(QuantizeError::InvalidModel(format!(
+            "opset {version}: only opsets 11 and 12 can be upgraded to 13"
+        )));
+    }
+    let g = graph_mut(model);
+    let default_domain = |n: &pb::NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+    if let Some(n) = g.node.iter().find(|n| {
+        n.attribute
+            .iter()
+            .any(|a| a.g.is_some() || !a.graphs.is_empty())
+    }) {
+        return Err(QuantizeError::InvalidModel(format!(
+            "{} ({}) has a subgraph: opset upgrade not supported",
+            n.name, n.op_type
+        )));
+    }
+    let mut nodes = Vec::with_capacity(g.node.len());
+    let mut new_inits = Vec::new();
+    for (ix, mut n) in std::mem::take(&mut g.node).into_iter().enumerate() {
+        if !default_domain(&n) {
+            nodes.push(n);
+            continue;
+        }
+        let tag = format!("{}_op13_{ix}", n.name);
+        match n.op_type.as_str() {
+            "Squeeze" | "Unsqueeze" | "ReduceSum" | "Split" => {
+                let key = if n.op_type == "Split" {
+                    "split"
+                } else {
+                    "axes"
+                };
+                if let Some(pos) = n.attribute.iter().position(|a| a.name == key) {
+                    let values = n.attribute.remove(pos).ints;
+                    let name = format!("{tag}_{key}");
+                    new_inits.push(tensor(
+                        &name,
+                        INT64,
+                        &[values.len() as i64],
+                        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    ));
+                    n.input.truncate(1);
+                    n.input.push(name);
+                }
+                nodes.push(n);
+            }
+            "Softmax" | "LogSoftmax" | "Hardmax" => {
+                let axis = attr_i(&n, "axis", 1);
+                n.attribute.retain(|a| a.name != "axis");
+                if axis == -1 {
+                    n.attribute.push(int_attr("axis", -1));
+                    nodes.push(n);
+                    continue;
+                }
+                // Opset < 13: flatten to [d0⋯d(axis-1), d(axis)⋯], normalise the second
+                // dimension, restore the shape.
+                let (x, y) = (n.input[0].clone(), n.output[0].clone());
+                let (flat, soft, shape) = (
+                    format!("{tag}_flat"),
+                    format!("{tag}_soft"),
+                    format!("{tag}_shape"),
+                );
+                nodes.push(node(
+                    "Flatten",
+                    &format!("{tag}_Flatten"),
+                    &[&x],
+                    &[&flat],
+                    vec![int_attr("axis", axis)],
+                ));
+                nodes.push(node(
+                    "Shape",
+                    &format!("{tag}_Shape"),
+                    &[&x],
+                    &[&shape],
+                    vec![],
+                ));
+                n.input = vec![flat];
+                n.output = vec![soft.clone()];
+                n.attribute.push(int_attr("axis", 1));
+                nodes.push(n);
+                nodes.push(node(
+                    "Reshape",
+                    &format!("{tag}_Reshape"),
+                    &[&soft, &shape],
+                    &[&y],
+                    vec![],
+                ));
+            }
+            _ => nodes.push(n),
+        }
+    }
+    g.node = nodes;
+    g.initializer.extend(new_inits);
+    for o in model
+        .opset_import
+        .iter_mut()
+        .filter(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+    {
+        o.version = 13;
+    }
+    // Opset 13 needs IR version 7.
+    model.ir_version = model.ir_version.max(7);
+    Ok(true)
 }

@@ -84,6 +84,10 @@ enum Command {
         /// or qoperator (QLinearConv/QLinearMatMul).
         #[arg(long, default_value = "qdq")]
         format: static_qdq::Format,
+        /// One weight scale per tensor (default: per output channel, upgrading models below
+        /// opset 13 to 13).
+        #[arg(long)]
+        per_tensor: bool,
         /// Keep the N layers that lose most accuracy when quantized alone in fp32 (runs the
         /// sensitivity analysis).
         #[arg(long, default_value_t = 0)]
@@ -204,6 +208,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
             exclude,
             method,
             format,
+            per_tensor,
             keep_fp32: keep,
             sensitivity: show,
         } => {
@@ -220,6 +225,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
                 exclude_ops: exclude.iter().cloned().collect(),
                 calibration: *method,
                 format: *format,
+                per_tensor: *per_tensor,
                 ..Default::default()
             };
             let ranges = static_qdq::calibrate(&model, &samples, &options)?;

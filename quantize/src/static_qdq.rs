@@ -2,9 +2,9 @@
 //! (the default) or QOperator form ([`Format`]).
 //!
 //! QDQ — for every `Conv` and `MatMul` with a constant weight:
-//! - the weight is stored as symmetric int8 — per output channel when the opset allows
-//!   (`DequantizeLinear`'s `axis` needs opset ≥ 13), else per tensor — behind a
-//!   `DequantizeLinear`;
+//! - the weight is stored as symmetric int8 — per output channel (`DequantizeLinear`'s
+//!   `axis` needs opset 13, so older models are upgraded to it first), or per tensor on
+//!   request — behind a `DequantizeLinear`;
 //! - its activation input gets a `QuantizeLinear → DequantizeLinear` pair with an asymmetric
 //!   uint8 scale from the range chosen on the calibration inputs (MinMax, Percentile or
 //!   Entropy: see [`crate::calibration`]).
@@ -39,6 +39,9 @@ pub struct StaticOptions {
     pub calibration: Calibration,
     /// The form of the quantized graph.
     pub format: Format,
+    /// One weight scale per tensor. By default QDQ weights get one per output channel, and a
+    /// model below opset 13 is upgraded to 13 for it ([`graph::upgrade_to_opset13`]).
+    pub per_tensor: bool,
 }
 
 /// The form of a statically quantized graph.
@@ -150,13 +153,16 @@ pub fn quantize_static(
     options: &StaticOptions,
 ) -> Result<usize> {
     graph::ensure_not_quantized(model)?;
-    let opset = graph::opset(model);
+    let mut opset = graph::opset(model);
+    let qoperator = options.format == Format::QOperator;
+    if !options.per_tensor && !qoperator && opset < 13 && graph::upgrade_to_opset13(model).is_ok() {
+        opset = 13;
+    }
     if opset < 10 {
         return Err(QuantizeError::InvalidModel(
             "static int8 quantization needs opset ≥ 10 (QuantizeLinear, QLinearConv)".into(),
         ));
     }
-    let qoperator = options.format == Format::QOperator;
     let g = graph::graph_mut(model);
     graph::constants_to_initializers(g);
     let inits = graph::initializers(g);
@@ -186,7 +192,7 @@ pub fn quantize_static(
         };
         // Per-channel scales: DequantizeLinear's `axis` needs opset 13; QLinearConv takes a
         // 1-D weight scale at any opset; QLinearMatMul stays per tensor.
-        let per_channel = if qoperator { is_conv } else { opset >= 13 };
+        let per_channel = !options.per_tensor && if qoperator { is_conv } else { opset >= 13 };
         let a = activations.entry(act.clone()).or_insert_with(|| {
             let (scale, zp) = activation_params(lo, hi);
             let p = format!("{act}_qdq");

@@ -278,14 +278,27 @@ fn percentile_and_entropy_calibration_clip_within_minmax_and_keep_accuracy() {
     }
 }
 
+/// `n` rendered text-line images (seeded) as ppocr_cls inputs, with the folder they are in.
+fn text_line_samples(n: usize, seed: u64) -> (PathBuf, Vec<Vec<(String, tern::Tensor)>>) {
+    use tern_quantize::images::{samples_from_folder, Preprocess};
+    let dir = out(&format!("text-{n}-{seed}"));
+    python_json(
+        "make_text_images.py",
+        &[&dir, &n.to_string(), &seed.to_string()],
+    );
+    // PP-OCR's classifier preprocessing: BGR, 48×192, (x/255 − 0.5) / 0.5.
+    let spec: Preprocess = "size=48x192,order=bgr,mean=0.5,std=0.5".parse().unwrap();
+    let samples = samples_from_folder(&dir, &spec, "x").unwrap();
+    (dir, samples)
+}
+
 #[test]
 fn sensitivity_ranks_layers_and_keeping_the_worst_in_fp32_helps() {
     use tern_quantize::sensitivity;
     use tern_quantize::static_qdq::{self, StaticOptions};
     let src = fetched("models/ppocr_cls/model.onnx");
-    let d = cls_dims();
-    let calib = report::random_eval_inputs(&src, 4, 0, &d).unwrap();
-    let eval = report::random_eval_inputs(&src, 3, 500, &d).unwrap();
+    let (_, calib) = text_line_samples(8, 1);
+    let (_, eval) = text_line_samples(12, 0);
     let model = graph::load(&src).unwrap();
     let options = StaticOptions::default();
     let ranges = static_qdq::calibrate(&model, &calib, &options).unwrap();
@@ -312,10 +325,10 @@ fn sensitivity_ranks_layers_and_keeping_the_worst_in_fp32_helps() {
         graph::save(&q, &dst).unwrap();
         report::evaluate(&src, &dst, &eval, 1, 1).unwrap().outputs[0].sqnr_db
     };
-    let (all, kept) = (sqnr_keeping(0), sqnr_keeping(5));
+    let (all, kept) = (sqnr_keeping(0), sqnr_keeping(10));
     assert!(
-        kept > all,
-        "keeping the 5 most sensitive layers in fp32: SQNR {kept:.1} dB vs {all:.1} dB"
+        kept > all + 2.0,
+        "keeping the 10 most sensitive layers in fp32: SQNR {kept:.1} dB vs {all:.1} dB"
     );
 }
 
@@ -529,16 +542,11 @@ fn classify(model: &Path, samples: &[Vec<(String, tern::Tensor)>]) -> Vec<usize>
 
 #[test]
 fn static_int8_calibrated_on_text_images_keeps_the_direction_classifier_right() {
-    use tern_quantize::images::{samples_from_folder, Preprocess};
     use tern_quantize::static_qdq::{self, StaticOptions};
     let src = fetched("models/ppocr_cls/model.onnx");
     // Rendered text lines, half of them upside down: calibration and held-out sets.
-    let (calib_dir, eval_dir) = (out("text-calib"), out("text-eval"));
-    for (dir, n, seed) in [(&calib_dir, "16", "1"), (&eval_dir, "48", "0")] {
-        python_json("make_text_images.py", &[dir, &n, &seed]);
-    }
-    // PP-OCR's classifier preprocessing: BGR, 48×192, (x/255 − 0.5) / 0.5.
-    let spec: Preprocess = "size=48x192,order=bgr,mean=0.5,std=0.5".parse().unwrap();
+    let (_, calib) = text_line_samples(16, 1);
+    let (eval_dir, eval) = text_line_samples(48, 0);
     let labels: serde_json::Value =
         serde_json::from_slice(&std::fs::read(eval_dir.join("labels.json")).unwrap()).unwrap();
     let mut names: Vec<&String> = labels.as_object().unwrap().keys().collect();
@@ -547,7 +555,6 @@ fn static_int8_calibrated_on_text_images_keeps_the_direction_classifier_right() 
         .iter()
         .map(|n| usize::from(labels[n.as_str()]["angle"] == 180))
         .collect();
-    let eval = samples_from_folder(&eval_dir, &spec, "x").unwrap();
     assert_eq!(eval.len(), truth.len());
     let accuracy = |pred: &[usize]| {
         pred.iter().zip(&truth).filter(|(p, t)| p == t).count() as f64 / truth.len() as f64
@@ -556,7 +563,6 @@ fn static_int8_calibrated_on_text_images_keeps_the_direction_classifier_right() 
     // The images and the preprocessing are right when the fp32 model reads them.
     assert!(accuracy(&fp32) >= 0.85, "fp32 accuracy {}", accuracy(&fp32));
 
-    let calib = samples_from_folder(&calib_dir, &spec, "x").unwrap();
     let mut model = graph::load(&src).unwrap();
     let options = StaticOptions::default();
     let ranges = static_qdq::calibrate(&model, &calib, &options).unwrap();
@@ -571,4 +577,31 @@ fn static_int8_calibrated_on_text_images_keeps_the_direction_classifier_right() 
         accuracy(&int8),
         accuracy(&fp32)
     );
+}
+
+#[test]
+fn opset_upgrade_to_13_keeps_what_the_models_compute() {
+    for (name, d) in [
+        ("ppocr_cls", &[("x_d2", 48usize), ("x_d3", 192)][..]),
+        (
+            "ppocr_rec",
+            &[("x_d2", 48usize), ("p2o.DynamicDimension.1", 160)][..],
+        ),
+    ] {
+        let src = fetched(&format!("models/{name}/model.onnx"));
+        let dst = out(&format!("{name}-op13.onnx"));
+        let mut model = graph::load(&src).unwrap();
+        assert!(graph::opset(&model) < 13);
+        assert!(graph::upgrade_to_opset13(&mut model).unwrap(), "{name}");
+        assert_eq!(graph::opset(&model), 13);
+        graph::save(&model, &dst).unwrap();
+        let eval = report::random_eval_inputs(&src, 3, 7, &dims(d)).unwrap();
+        let r = report::evaluate(&src, &dst, &eval, 1, 1).unwrap();
+        assert!(r.outputs[0].max_abs < 1e-5, "{name}: {:?}", r.outputs[0]);
+        // onnxruntime checks the opset-13 semantics strictly.
+        let ort = ort_cosine(&src, &dst, d);
+        assert!(ort > 0.999_999, "{name}: cosine {ort} in onnxruntime");
+    }
+    let mut newer = graph::load(&fetched("models/magika/model.onnx")).unwrap();
+    assert!(!graph::upgrade_to_opset13(&mut newer).unwrap());
 }
