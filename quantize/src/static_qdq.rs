@@ -239,7 +239,11 @@ pub fn quantize_static(
             q.iter().map(|v| *v as u8).collect(),
         ));
         new_inits.push(f32_tensor(&ws, zp_dims, &scales));
-        new_inits.push(tensor(&wz, INT8, zp_dims, vec![0; scales.len()]));
+        // DequantizeLinear's zero point is optional (0 of the input's type); QLinearConv and
+        // QLinearMatMul need it.
+        if qoperator {
+            new_inits.push(tensor(&wz, INT8, zp_dims, vec![0; scales.len()]));
+        }
         let n = &mut g.node[*ix];
         match out_range.filter(|_| qoperator) {
             None => {
@@ -252,7 +256,7 @@ pub fn quantize_static(
                 new_nodes.push(node(
                     "DequantizeLinear",
                     &format!("{p}_DQ"),
-                    &[&wq, &ws, &wz],
+                    &[&wq, &ws],
                     &[&dq],
                     attrs,
                 ));
