@@ -5,7 +5,7 @@ calibration data.
       DIR/calib/<k>/<input>.npy, and onnxruntime's static QDQ model in DIR/ort_qdq.onnx made
       the way its documentation says: quant_pre_process (constant folding, BatchNormalization
       folded into Conv), then quantize_static (MinMax, uint8 activations, int8 weights, its
-      default per-tensor weights)
+      default per-tensor weights; and again with per_channel=True in DIR/ort_pc_qdq.onnx)
   compare_quantize.py evaluate MODEL DIR SYMBOL=N ...   runs the fp32 model, DIR/ort_qdq.onnx
       and DIR/tern_qdq.onnx (written in between by tern-quantize from the same samples) in
       onnxruntime on held-out inputs and prints, per quantizer, size and accuracy against
@@ -19,7 +19,9 @@ import pathlib
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import version_converter
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -74,17 +76,25 @@ def prepare(model, out, dims):
     # Symbolic shape inference needs sympy, which tern's environment does not carry; the
     # models here have concrete shapes after ONNX's own inference.
     quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
-    quantize_static(
-        str(pre),
-        str(out / "ort_qdq.onnx"),
-        Reader(feeds),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        # The same ops tern-quantize quantizes; the rest stays float in both.
-        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-    )
+    # Its defaults (per-tensor weights), and per-channel weights as tern-quantize makes them.
+    # Per-channel DequantizeLinear needs opset 13: onnxruntime.quantization writes it into an
+    # opset-11/12 model anyway (an invalid model), so the model goes through ONNX's own
+    # version converter first, as tern-quantize upgrades it too.
+    pre13 = out / "ort_preprocessed_opset13.onnx"
+    onnx.save(version_converter.convert_version(onnx.load(str(pre)), 13), str(pre13))
+    for name, source, per_channel in [("ort_qdq", pre, False), ("ort_pc_qdq", pre13, True)]:
+        quantize_static(
+            str(source),
+            str(out / f"{name}.onnx"),
+            Reader(feeds),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            per_channel=per_channel,
+            # The same ops tern-quantize quantizes; the rest stays float in both.
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+        )
 
 
 def accuracy(reference, candidate):
@@ -112,7 +122,7 @@ def evaluate(model, out, dims):
     reference = first_outputs(model)
     size = model.stat().st_size
     result = {"model": str(model), "size_fp32": size, "eval_inputs": EVAL_SAMPLES}
-    for who in ["ort", "tern"]:
+    for who in ["ort", "ort_pc", "tern"]:
         path = out / f"{who}_qdq.onnx"
         result[who] = {
             "size": path.stat().st_size,
