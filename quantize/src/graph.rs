@@ -90,36 +90,36 @@ pub fn constants_to_initializers(graph: &mut pb::GraphProto) {
     graph.node = kept;
 }
 
-/// The f32 values of an initializer (raw or typed storage).
-pub fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
-    if t.data_type != FLOAT || t.data_location == Some(1) {
+/// The values of an initializer of ONNX type `data_type`, from its raw little-endian bytes
+/// or its typed field.
+fn values<T: Copy, const N: usize>(
+    t: &pb::TensorProto,
+    data_type: i32,
+    from_le: fn([u8; N]) -> T,
+    typed: &[T],
+) -> Option<Vec<T>> {
+    if t.data_type != data_type || t.data_location == Some(1) {
         return None;
     }
-    if !t.raw_data.is_empty() {
-        return Some(
-            t.raw_data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        );
+    if t.raw_data.is_empty() {
+        return Some(typed.to_vec());
     }
-    Some(t.float_data.clone())
+    Some(
+        t.raw_data
+            .chunks_exact(N)
+            .map(|c| from_le(c.try_into().unwrap_or([0; N])))
+            .collect(),
+    )
+}
+
+/// The f32 values of an initializer (raw or typed storage).
+pub fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
+    values(t, FLOAT, f32::from_le_bytes, &t.float_data)
 }
 
 /// The values of an int64 initializer (raw or typed storage).
 pub fn i64_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
-    if t.data_type != INT64 || t.data_location == Some(1) {
-        return None;
-    }
-    if !t.raw_data.is_empty() {
-        return Some(
-            t.raw_data
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-        );
-    }
-    Some(t.int64_data.clone())
+    values(t, INT64, i64::from_le_bytes, &t.int64_data)
 }
 
 /// An initializer from raw little-endian bytes.

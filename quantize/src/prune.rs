@@ -303,6 +303,15 @@ const CHANNEL_WISE: &[&str] = &[
     "AveragePool",
 ];
 
+/// The cuts that follow a `Conv`'s output channels: its weight's first axis and its bias.
+fn own_channel_cuts(ix: usize, n: &pb::NodeProto) -> impl Iterator<Item = Cut> {
+    (1..n.input.len().min(3)).map(move |slot| Cut {
+        node: ix,
+        slot,
+        axis: 0,
+    })
+}
+
 /// Builds the channel spaces of `g`.
 fn channel_spaces(g: &pb::GraphProto, options: &PruneOptions) -> Spaces {
     let inits = graph::initializers(g);
@@ -343,34 +352,12 @@ fn channel_spaces(g: &pb::GraphProto, options: &PruneOptions) -> Spaces {
                     let s = spaces.space(out);
                     s.producers.push(ix);
                     s.channels = Some(cout);
-                    s.cuts.push(Cut {
-                        node: ix,
-                        slot: 1,
-                        axis: 0,
-                    });
-                    if n.input.len() > 2 {
-                        s.cuts.push(Cut {
-                            node: ix,
-                            slot: 2,
-                            axis: 0,
-                        });
-                    }
+                    s.cuts.extend(own_channel_cuts(ix, n));
                 } else if group as usize == cout && w.dims[1] == 1 && bias_ok && options.allows(n) {
                     spaces.union(&n.input[0], out);
                     let s = spaces.space(out);
                     s.depthwise.push(ix);
-                    s.cuts.push(Cut {
-                        node: ix,
-                        slot: 1,
-                        axis: 0,
-                    });
-                    if n.input.len() > 2 {
-                        s.cuts.push(Cut {
-                            node: ix,
-                            slot: 2,
-                            axis: 0,
-                        });
-                    }
+                    s.cuts.extend(own_channel_cuts(ix, n));
                 } else {
                     lock_all(&mut spaces);
                 }

@@ -227,6 +227,15 @@ fn static_qdq_needs_calibration_data() {
     );
 }
 
+/// The CNN and the transformer, with sizes for their symbolic input dimensions.
+const CLS_AND_REC: [(&str, &[(&str, usize)]); 2] = [
+    ("ppocr_cls", &[("x_d2", 48), ("x_d3", 192)]),
+    (
+        "ppocr_rec",
+        &[("x_d2", 48), ("p2o.DynamicDimension.1", 160)],
+    ),
+];
+
 fn cls_dims() -> BTreeMap<String, usize> {
     dims(&[("x_d2", 48), ("x_d3", 192)])
 }
@@ -486,13 +495,7 @@ fn static_qdq_stands_comparison_with_onnxruntime_quantization() {
 #[test]
 fn qoperator_output_runs_in_onnxruntime_and_in_tern_where_tract_can() {
     use tern_quantize::static_qdq::{self, Format, StaticOptions};
-    for (name, d) in [
-        ("ppocr_cls", &[("x_d2", 48usize), ("x_d3", 192)][..]),
-        (
-            "ppocr_rec",
-            &[("x_d2", 48usize), ("p2o.DynamicDimension.1", 160)][..],
-        ),
-    ] {
+    for (name, d) in CLS_AND_REC {
         let src = fetched(&format!("models/{name}/model.onnx"));
         let dst = out(&format!("{name}-qop.onnx"));
         let d = dims(d);
@@ -582,13 +585,7 @@ fn static_int8_calibrated_on_text_images_keeps_the_direction_classifier_right() 
 
 #[test]
 fn opset_upgrade_to_13_keeps_what_the_models_compute() {
-    for (name, d) in [
-        ("ppocr_cls", &[("x_d2", 48usize), ("x_d3", 192)][..]),
-        (
-            "ppocr_rec",
-            &[("x_d2", 48usize), ("p2o.DynamicDimension.1", 160)][..],
-        ),
-    ] {
+    for (name, d) in CLS_AND_REC {
         let src = fetched(&format!("models/{name}/model.onnx"));
         let dst = out(&format!("{name}-op13.onnx"));
         let mut model = graph::load(&src).unwrap();
