@@ -177,50 +177,64 @@ fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
         .sum()
 }
 
-/// Runs `model` through tern on each sample with `activations` exposed as extra outputs and
-/// hands each activation's values to `observe`.
-fn observe_activations(
-    model: &pb::ModelProto,
-    activations: &[String],
-    samples: &[Vec<(String, tern::Tensor)>],
-    mut observe: impl FnMut(&str, &[f32]),
-) -> Result<()> {
-    let mut probe = model.clone();
-    let g = graph::graph_mut(&mut probe);
-    graph::constants_to_initializers(g);
-    let existing: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
-    for name in activations.iter().filter(|n| !existing.contains(*n)) {
-        g.output.push(pb::ValueInfoProto {
-            name: name.clone(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: FLOAT,
-                    shape: None,
-                })),
+/// The fp32 model loaded in a tern session with the activations to observe exposed as extra
+/// outputs: built once, run once per calibration pass.
+struct Probe<'a> {
+    session: tern::Session,
+    activations: &'a [String],
+}
+
+impl<'a> Probe<'a> {
+    fn new(model: &pb::ModelProto, activations: &'a [String]) -> Result<Self> {
+        let mut probe = model.clone();
+        let g = graph::graph_mut(&mut probe);
+        graph::constants_to_initializers(g);
+        let existing: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+        for name in activations.iter().filter(|n| !existing.contains(*n)) {
+            g.output.push(pb::ValueInfoProto {
+                name: name.clone(),
+                r#type: Some(pb::TypeProto {
+                    value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                        elem_type: FLOAT,
+                        shape: None,
+                    })),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-    let tern_model = tern::Model::from_bytes(&probe.encode_to_vec())?;
-    let session = tern::Session::new(
-        &tern_model,
-        tern::SessionOptions::new()
-            .without_telemetry()
-            .nan_policy(tern::NanPolicy::Allow),
-    )?;
-    let progress = indicatif::ProgressBar::new(samples.len() as u64);
-    for sample in samples {
-        let outputs = session.run(sample.clone())?;
-        for name in activations {
-            if let Some(t) = outputs.get(name) {
-                observe(name, &t.to_f32_vec()?);
-            }
+            });
         }
-        progress.inc(1);
+        let tern_model = tern::Model::from_bytes(&probe.encode_to_vec())?;
+        let session = tern::Session::new(
+            &tern_model,
+            tern::SessionOptions::new()
+                .without_telemetry()
+                .nan_policy(tern::NanPolicy::Allow),
+        )?;
+        Ok(Self {
+            session,
+            activations,
+        })
     }
-    progress.finish_and_clear();
-    Ok(())
+
+    /// Runs every sample and hands each activation's values to `observe`.
+    fn observe(
+        &self,
+        samples: &[Vec<(String, tern::Tensor)>],
+        mut observe: impl FnMut(&str, &[f32]),
+    ) -> Result<()> {
+        let progress = indicatif::ProgressBar::new(samples.len() as u64);
+        for sample in samples {
+            let outputs = self.session.run(sample.clone())?;
+            for name in self.activations {
+                if let Some(t) = outputs.get(name) {
+                    observe(name, &t.to_f32_vec()?);
+                }
+            }
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        Ok(())
+    }
 }
 
 /// Runs the fp32 model through tern on `samples` and returns the range chosen by `method`
@@ -236,8 +250,9 @@ pub fn calibrate(
             "no calibration inputs".into(),
         ));
     }
+    let probe = Probe::new(model, activations)?;
     let mut ranges = Ranges::new();
-    observe_activations(model, activations, samples, |name, values| {
+    probe.observe(samples, |name, values| {
         let (lo, hi) = values
             .iter()
             .filter(|v| v.is_finite())
@@ -262,7 +277,7 @@ pub fn calibrate(
         .iter()
         .map(|(name, (lo, hi))| (name.clone(), Histogram::new(lo.abs().max(hi.abs()), BINS)))
         .collect();
-    observe_activations(model, activations, samples, |name, values| {
+    probe.observe(samples, |name, values| {
         if let Some(h) = histograms.get_mut(name) {
             h.add(values);
         }
