@@ -5,11 +5,11 @@
 //! [`Calibration`] method:
 //! - **MinMax** keeps the smallest and largest value seen: nothing is clipped, but one
 //!   outlier stretches the step for every other value.
-//! - **Percentile** and **Entropy** make a second pass that builds a histogram of `|x|` over
-//!   `[0, max|x|]` per activation, choose a clipping threshold `T` from it, and clip the
-//!   MinMax range to `[-T, T]`. Percentile keeps the given share of values unclipped;
-//!   Entropy (KL divergence, as TensorRT calibrates) picks the `T` whose quantized histogram
-//!   loses the least information against the original.
+//! - **Percentile** and **Entropy** make a second pass that builds a 2048-bin histogram over
+//!   `[-max|x|, max|x|]` per activation and clip the MinMax range with it. Percentile clips
+//!   `|x|` where the given share of values lies below; Entropy (KL divergence, TensorRT's
+//!   method as onnxruntime implements it) picks the window around zero whose 128-bin
+//!   quantized histogram loses the least information against the original.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -66,21 +66,25 @@ impl std::str::FromStr for Calibration {
     }
 }
 
-/// A histogram of `|x|` over `[0, limit]`.
+/// A histogram of values over `[-limit, limit]` (an even number of bins, so bin `k` and bin
+/// `bins - 1 - k` hold the same magnitudes).
 #[derive(Debug, Clone)]
 pub struct Histogram {
-    /// Upper edge of the last bin.
+    /// Upper edge of the last bin; the first bin starts at `-limit`.
     pub limit: f32,
     /// Counts per bin.
     pub counts: Vec<u64>,
 }
 
+/// Quantized bins the entropy search compares against (onnxruntime's and TensorRT's 128).
+const ENTROPY_QUANTIZED_BINS: usize = 128;
+
 impl Histogram {
-    /// An empty histogram of `bins` bins over `[0, limit]`.
+    /// An empty histogram of `bins` bins (rounded up to even) over `[-limit, limit]`.
     pub fn new(limit: f32, bins: usize) -> Self {
         Self {
             limit,
-            counts: vec![0; bins.max(1)],
+            counts: vec![0; bins.max(2).next_multiple_of(2)],
         }
     }
 
@@ -88,80 +92,108 @@ impl Histogram {
     pub fn add(&mut self, values: &[f32]) {
         let bins = self.counts.len();
         let scale = if self.limit > 0.0 {
-            bins as f32 / self.limit
+            bins as f32 / (2.0 * self.limit)
         } else {
             0.0
         };
         for v in values.iter().filter(|v| v.is_finite()) {
-            let bin = ((v.abs() * scale) as usize).min(bins - 1);
+            let bin = (((v + self.limit) * scale).max(0.0) as usize).min(bins - 1);
             self.counts[bin] += 1;
         }
     }
 
     fn width(&self) -> f32 {
-        self.limit / self.counts.len() as f32
+        2.0 * self.limit / self.counts.len() as f32
     }
 
-    /// The smallest bin edge below which `percent` % of the values lie.
+    /// The lower edge of bin `i`.
+    fn edge(&self, i: usize) -> f32 {
+        -self.limit + i as f32 * self.width()
+    }
+
+    /// The smallest magnitude (a bin edge) below which `percent` % of the `|x|` lie.
     pub fn percentile(&self, percent: f64) -> f32 {
+        let half = self.counts.len() / 2;
         let total: u64 = self.counts.iter().sum();
         let wanted = (total as f64 * percent / 100.0).ceil() as u64;
         let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
+        for j in 0..half {
+            seen += self.counts[half + j] + self.counts[half - 1 - j];
             if seen >= wanted {
-                return (i + 1) as f32 * self.width();
+                return (j + 1) as f32 * self.width();
             }
         }
         self.limit
     }
 
-    /// The threshold `T` (a bin edge) minimising KL(P‖Q), where P is the histogram clipped
-    /// at `T` (values above folded into the last bin) and Q is P quantized to `levels` levels
-    /// and expanded back.
-    pub fn entropy_threshold(&self, levels: usize) -> f32 {
+    /// The window `[lo, hi]` around zero minimising KL(P‖Q), as onnxruntime's entropy
+    /// calibrator (after TensorRT) chooses it: P is the histogram inside the window with the
+    /// values outside folded into its end bins, Q is the window merged into 128 bins and
+    /// spread back over the non-empty bins of P; both are smoothed before comparing.
+    pub fn entropy_range(&self) -> (f32, f32) {
         let bins = self.counts.len();
-        let levels = levels.max(1);
-        if bins <= levels {
-            return self.limit;
+        let zero = bins / 2;
+        let half = ENTROPY_QUANTIZED_BINS / 2;
+        if zero <= half {
+            return (-self.limit, self.limit);
         }
-        let mut best = (f64::INFINITY, bins);
-        let mut p = vec![0f64; bins];
-        let mut q = vec![0f64; bins];
-        for i in levels..=bins {
-            let outliers: u64 = self.counts[i..].iter().sum();
-            for (pj, c) in p.iter_mut().zip(&self.counts[..i]) {
-                *pj = *c as f64;
-            }
-            p[i - 1] += outliers as f64;
-            // Merge the i bins into `levels` groups, then spread each group's total evenly
-            // over its non-empty bins (empty bins stay empty: the quantizer cannot put mass
-            // where the data had none).
-            for level in 0..levels {
-                let start = level * i / levels;
-                let end = ((level + 1) * i / levels).max(start + 1);
-                let group = &self.counts[start..end];
-                let nonzero = group.iter().filter(|c| **c > 0).count();
-                let sum: u64 = group.iter().sum();
-                for (k, c) in group.iter().enumerate() {
-                    q[start + k] = if *c > 0 {
-                        sum as f64 / nonzero as f64
-                    } else {
-                        0.0
-                    };
+        let mut best = (f64::INFINITY, (-self.limit, self.limit));
+        for i in half..=zero {
+            let (start, end) = (zero - i, (zero + i + 1).min(bins));
+            let sliced = &self.counts[start..end];
+            let mut p: Vec<f64> = sliced.iter().map(|c| *c as f64).collect();
+            let last = p.len() - 1;
+            p[0] += self.counts[..start].iter().sum::<u64>() as f64;
+            p[last] += self.counts[end..].iter().sum::<u64>() as f64;
+            let merged = sliced.len() / ENTROPY_QUANTIZED_BINS;
+            let mut q = vec![0f64; p.len()];
+            for k in 0..ENTROPY_QUANTIZED_BINS {
+                let (a, b) = (k * merged, (k + 1) * merged);
+                let mut sum: u64 = sliced[a..b].iter().sum();
+                if k == ENTROPY_QUANTIZED_BINS - 1 {
+                    sum += sliced[b..].iter().sum::<u64>();
+                }
+                let nonzero = p[a..b].iter().filter(|v| **v != 0.0).count();
+                if nonzero > 0 {
+                    for (qj, pj) in q[a..b].iter_mut().zip(&p[a..b]) {
+                        *qj = if *pj != 0.0 {
+                            sum as f64 / nonzero as f64
+                        } else {
+                            0.0
+                        };
+                    }
                 }
             }
-            let kl = kl_divergence(&p[..i], &q[..i]);
+            let kl = match (smooth(&p), smooth(&q)) {
+                (Some(p), Some(q)) => kl_divergence(&p, &q),
+                _ => f64::INFINITY,
+            };
             if kl < best.0 {
-                best = (kl, i);
+                best = (kl, (self.edge(start), self.edge(end)));
             }
         }
-        best.1 as f32 * self.width()
+        best.1
     }
 }
 
-/// KL(P‖Q) of two unnormalised histograms; bins where P has mass and Q none get a small
-/// floor so the sum stays finite.
+/// Moves a little mass (1e-4 per bin) into the empty bins of a histogram, taken evenly from
+/// the others, so that KL divergence stays finite (onnxruntime's `smooth_distribution`).
+fn smooth(p: &[f64]) -> Option<Vec<f64>> {
+    const EPS: f64 = 1e-4;
+    let zeros = p.iter().filter(|v| **v == 0.0).count();
+    let nonzeros = p.len() - zeros;
+    if nonzeros == 0 {
+        return None;
+    }
+    let eps1 = EPS * zeros as f64 / nonzeros as f64;
+    let out: Vec<f64> = p
+        .iter()
+        .map(|v| if *v == 0.0 { EPS } else { v - eps1 })
+        .collect();
+    out.iter().all(|v| *v > 0.0).then_some(out)
+}
+
+/// KL(P‖Q) of two unnormalised histograms of positive values.
 fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
     let (sp, sq) = (p.iter().sum::<f64>(), q.iter().sum::<f64>());
     if sp <= 0.0 || sq <= 0.0 {
@@ -286,14 +318,19 @@ pub fn calibrate(
         let Some(h) = histograms.get(name) else {
             continue;
         };
-        let threshold = match method {
+        let (clip_lo, clip_hi) = match method {
             Calibration::MinMax => continue,
-            Calibration::Percentile(p) => h.percentile(p),
-            // A non-negative activation (after ReLU, say) has all 255 uint8 levels for
-            // [0, T]; a signed one has about half of them on each side.
-            Calibration::Entropy => h.entropy_threshold(if *lo >= 0.0 { 255 } else { 128 }),
+            Calibration::Percentile(p) => {
+                let t = h.percentile(p);
+                (-t, t)
+            }
+            Calibration::Entropy => h.entropy_range(),
         };
-        (*lo, *hi) = (lo.max(-threshold), hi.min(threshold));
+        // A window that misses the values altogether leaves the MinMax range.
+        let (new_lo, new_hi) = (lo.max(clip_lo), hi.min(clip_hi));
+        if new_lo <= new_hi {
+            (*lo, *hi) = (new_lo, new_hi);
+        }
     }
     Ok(ranges)
 }
@@ -342,9 +379,9 @@ mod tests {
         let mut h = Histogram::new(95.0, BINS);
         h.add(&values);
         let t = h.percentile(99.99);
-        // |N(0,1)| has 99.99 % of its mass below ~3.9; the bin width is 95/2048 ≈ 0.046.
-        assert!((3.0..4.5).contains(&t), "threshold {t}");
-        assert_eq!(h.percentile(100.0), 95.0);
+        // |N(0,1)| has 99.99 % of its mass below ~3.9; the bin width is 190/2048 ≈ 0.09.
+        assert!((3.0..4.6).contains(&t), "threshold {t}");
+        assert!((h.percentile(100.0) - 95.0).abs() < 1e-3);
     }
 
     #[test]
@@ -353,17 +390,25 @@ mod tests {
         values.extend([60.0; 3]);
         let mut h = Histogram::new(60.0, BINS);
         h.add(&values);
-        let t = h.entropy_threshold(128);
-        assert!(t > 2.0 && t < 10.0, "normal with outliers: threshold {t}");
+        let (lo, hi) = h.entropy_range();
+        assert!(
+            lo < -2.0 && hi > 2.0 && hi < 10.0,
+            "normal with outliers: [{lo}, {hi}]"
+        );
 
         let uniform: Vec<f32> = (0..100_000).map(|i| i as f32 / 100_000.0 * 5.0).collect();
         let mut h = Histogram::new(5.0, BINS);
         h.add(&uniform);
-        let t = h.entropy_threshold(255);
-        assert!(
-            t > 4.5,
-            "uniform: threshold {t} should keep nearly all of [0, 5]"
-        );
+        let (_, hi) = h.entropy_range();
+        assert!(hi > 4.5, "uniform: {hi} should keep nearly all of [0, 5]");
+    }
+
+    #[test]
+    fn smoothing_fills_empty_bins_and_keeps_the_total() {
+        let s = smooth(&[0.0, 2.0, 0.0, 2.0]).unwrap();
+        assert!(s.iter().all(|v| *v > 0.0));
+        assert!((s.iter().sum::<f64>() - 4.0).abs() < 1e-12);
+        assert!(smooth(&[0.0, 0.0]).is_none());
     }
 
     #[test]
