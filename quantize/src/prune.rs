@@ -53,14 +53,21 @@ pub struct MagnitudeSummary {
     pub total: usize,
 }
 
-fn check_ratio(ratio: f32, what: &str) -> Result<()> {
-    if (0.0..1.0).contains(&ratio) {
-        Ok(())
-    } else {
-        Err(QuantizeError::BadArgument(format!(
+/// Checks the ratio and the model, and returns its graph with constants as initializers.
+fn prepare<'m>(
+    model: &'m mut pb::ModelProto,
+    ratio: f32,
+    what: &str,
+) -> Result<&'m mut pb::GraphProto> {
+    if !(0.0..1.0).contains(&ratio) {
+        return Err(QuantizeError::BadArgument(format!(
             "{what} {ratio}: expected a value in [0, 1)"
-        )))
+        )));
     }
+    graph::ensure_not_quantized(model)?;
+    let g = graph::graph_mut(model);
+    graph::constants_to_initializers(g);
+    Ok(g)
 }
 
 /// Zeroes the `sparsity` share of smallest-magnitude values of each constant weight of
@@ -70,10 +77,7 @@ pub fn prune_magnitude(
     sparsity: f32,
     options: &PruneOptions,
 ) -> Result<MagnitudeSummary> {
-    check_ratio(sparsity, "sparsity")?;
-    graph::ensure_not_quantized(model)?;
-    let g = graph::graph_mut(model);
-    graph::constants_to_initializers(g);
+    let g = prepare(model, sparsity, "sparsity")?;
     let weights: HashSet<String> = g
         .node
         .iter()
@@ -437,10 +441,7 @@ pub fn prune_channels(
     ratio: f32,
     options: &PruneOptions,
 ) -> Result<ChannelSummary> {
-    check_ratio(ratio, "channel ratio")?;
-    graph::ensure_not_quantized(model)?;
-    let g = graph::graph_mut(model);
-    graph::constants_to_initializers(g);
+    let g = prepare(model, ratio, "channel ratio")?;
     fold_constant_reshapes(g);
     let mut spaces = channel_spaces(g, options);
     let inits = graph::initializers(g);
