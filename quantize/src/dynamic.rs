@@ -8,8 +8,6 @@
 //! ```
 //! Only standard ONNX operators (opset ≥ 11), so the result also runs in onnxruntime.
 
-use std::collections::HashSet;
-
 use tract_onnx::pb;
 
 use crate::error::{QuantizeError, Result};
@@ -20,18 +18,15 @@ use crate::graph::{self, attr_i, f32_tensor, int_attr, node, tensor, FLOAT, INT8
 pub struct DynamicOptions {
     /// One scale per output column (true, default) or one per tensor.
     pub per_channel: bool,
-    /// Node names to leave in float.
-    pub exclude_nodes: HashSet<String>,
-    /// Op types to leave in float (`MatMul`, `Gemm`).
-    pub exclude_ops: HashSet<String>,
+    /// Nodes (by name or op type) to leave in float.
+    pub exclude: graph::Exclusions,
 }
 
 impl Default for DynamicOptions {
     fn default() -> Self {
         DynamicOptions {
             per_channel: true,
-            exclude_nodes: HashSet::new(),
-            exclude_ops: HashSet::new(),
+            exclude: Default::default(),
         }
     }
 }
@@ -52,8 +47,7 @@ pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) ->
     let mut converted = 0;
     for (ix, n) in std::mem::take(&mut g.node).into_iter().enumerate() {
         let eligible = matches!(n.op_type.as_str(), "MatMul" | "Gemm")
-            && !options.exclude_nodes.contains(&n.name)
-            && !options.exclude_ops.contains(&n.op_type)
+            && options.exclude.allows(&n)
             && (n.op_type == "MatMul"
                 || (attr_i(&n, "transA", 0) == 0
                     && n.attribute

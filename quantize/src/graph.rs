@@ -21,6 +21,32 @@ pub const INT64: i32 = 7;
 /// float16
 pub const FLOAT16: i32 = 10;
 
+/// Nodes a transformation must leave alone, by node name or by op type.
+#[derive(Debug, Clone, Default)]
+pub struct Exclusions {
+    /// Node names.
+    pub nodes: HashSet<String>,
+    /// Op types.
+    pub ops: HashSet<String>,
+}
+
+impl Exclusions {
+    /// Each of `names` excludes the node so named and every node of that op type (what the
+    /// CLI's `--exclude NODE|OP` means).
+    pub fn by_name_or_op(names: &[String]) -> Self {
+        let set: HashSet<String> = names.iter().cloned().collect();
+        Self {
+            nodes: set.clone(),
+            ops: set,
+        }
+    }
+
+    /// Whether `n` may be transformed.
+    pub fn allows(&self, n: &pb::NodeProto) -> bool {
+        !self.nodes.contains(&n.name) && !self.ops.contains(&n.op_type)
+    }
+}
+
 /// Reads a model file.
 pub fn load(path: &Path) -> Result<pb::ModelProto> {
     let bytes = std::fs::read(path).map_err(|source| QuantizeError::Io {

@@ -221,8 +221,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
                 _ => calibration_samples(calib)?,
             };
             let mut options = static_qdq::StaticOptions {
-                exclude_nodes: exclude.iter().cloned().collect(),
-                exclude_ops: exclude.iter().cloned().collect(),
+                exclude: graph::Exclusions::by_name_or_op(exclude),
                 calibration: *method,
                 format: *format,
                 per_tensor: *per_tensor,
@@ -237,7 +236,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
                     .take(*keep)
                     .map(|s| s.node.clone())
                     .collect();
-                options.exclude_nodes.extend(kept_fp32.iter().cloned());
+                options.exclude.nodes.extend(kept_fp32.iter().cloned());
             }
             let n = static_qdq::quantize_static(&mut model, &ranges, &options)?;
             graph::save(&model, output)?;
@@ -260,8 +259,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
         } => {
             let mut model = graph::load(input)?;
             let options = prune::PruneOptions {
-                exclude_nodes: exclude.iter().cloned().collect(),
-                exclude_ops: exclude.iter().cloned().collect(),
+                exclude: graph::Exclusions::by_name_or_op(exclude),
             };
             let summary = match (sparsity, channels) {
                 (Some(s), _) => {
@@ -300,8 +298,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
             let mut model = graph::load(input)?;
             let options = dynamic::DynamicOptions {
                 per_channel: !per_tensor,
-                exclude_nodes: exclude.iter().cloned().collect(),
-                exclude_ops: exclude.iter().cloned().collect(),
+                exclude: graph::Exclusions::by_name_or_op(exclude),
             };
             let n = dynamic::quantize_dynamic(&mut model, &options)?;
             graph::save(&model, output)?;

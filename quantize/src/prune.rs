@@ -30,15 +30,13 @@ use crate::graph::{self, attr_i, f32_tensor, int_attr};
 /// Which weights pruning may touch.
 #[derive(Debug, Clone, Default)]
 pub struct PruneOptions {
-    /// Node names to leave alone.
-    pub exclude_nodes: HashSet<String>,
-    /// Op types to leave alone.
-    pub exclude_ops: HashSet<String>,
+    /// Nodes (by name or op type) to leave alone.
+    pub exclude: graph::Exclusions,
 }
 
 impl PruneOptions {
     fn allows(&self, n: &pb::NodeProto) -> bool {
-        !self.exclude_nodes.contains(&n.name) && !self.exclude_ops.contains(&n.op_type)
+        self.exclude.allows(n)
     }
 }
 

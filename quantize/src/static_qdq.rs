@@ -29,10 +29,8 @@ use crate::graph::{self, f32_tensor, int_attr, node, tensor, INT32, INT8, UINT8}
 /// Options for [`quantize_static`].
 #[derive(Debug, Clone, Default)]
 pub struct StaticOptions {
-    /// Node names to leave in float.
-    pub exclude_nodes: HashSet<String>,
-    /// Op types to leave in float (`Conv`, `MatMul`).
-    pub exclude_ops: HashSet<String>,
+    /// Nodes (by name or op type) to leave in float.
+    pub exclude: graph::Exclusions,
     /// When set, quantize only these nodes (the sensitivity analysis quantizes one at a time).
     pub only_nodes: Option<HashSet<String>>,
     /// How activation ranges are chosen from the calibration data.
@@ -87,8 +85,7 @@ fn targets(g: &pb::GraphProto, options: &StaticOptions) -> Vec<(usize, String, S
         .enumerate()
         .filter(|(_, n)| matches!(n.op_type.as_str(), "Conv" | "MatMul"))
         .filter(|(_, n)| {
-            !options.exclude_nodes.contains(&n.name)
-                && !options.exclude_ops.contains(&n.op_type)
+            options.exclude.allows(n)
                 && options
                     .only_nodes
                     .as_ref()

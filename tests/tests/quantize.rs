@@ -94,7 +94,10 @@ fn excluded_nodes_stay_in_float() {
         .clone();
     let victim = victim.rsplit_once("_dq").unwrap().0.to_string();
     let options = dynamic::DynamicOptions {
-        exclude_nodes: HashSet::from([victim.clone()]),
+        exclude: graph::Exclusions {
+            nodes: HashSet::from([victim.clone()]),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut some = graph::load(&src).unwrap();
@@ -116,7 +119,10 @@ fn excluded_nodes_stay_in_float() {
         kept.op_type
     );
     let options = dynamic::DynamicOptions {
-        exclude_ops: HashSet::from(["MatMul".into(), "Gemm".into()]),
+        exclude: graph::Exclusions {
+            ops: HashSet::from(["MatMul".into(), "Gemm".into()]),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let err = dynamic::quantize_dynamic(&mut graph::load(&src).unwrap(), &options).unwrap_err();
@@ -325,7 +331,10 @@ fn sensitivity_ranks_layers_and_keeping_the_worst_in_fp32_helps() {
     );
     let sqnr_keeping = |keep: usize| {
         let options = StaticOptions {
-            exclude_nodes: table.iter().take(keep).map(|s| s.node.clone()).collect(),
+            exclude: graph::Exclusions {
+                nodes: table.iter().take(keep).map(|s| s.node.clone()).collect(),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut q = model.clone();
