@@ -281,6 +281,17 @@ pub enum Backend {
     Auto,
 }
 
+/// The float precision of the GPU backend.
+#[derive(Debug, Clone, Copy, uniffi::Enum)]
+pub enum GpuPrecision {
+    /// f16 on a hardware GPU with shader-f16, f32 elsewhere.
+    Auto,
+    /// Always f32.
+    F32,
+    /// Always f16 (the GPU is unavailable without shader-f16).
+    F16,
+}
+
 /// Session options.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct SessionConfig {
@@ -295,6 +306,9 @@ pub struct SessionConfig {
     /// Record runs in the process-wide telemetry buffer (when one was initialised).
     #[uniffi(default = true)]
     pub telemetry: bool,
+    /// The GPU backend's float precision (`None`: auto).
+    #[uniffi(default = None)]
+    pub gpu_precision: Option<GpuPrecision>,
 }
 
 /// A model prepared to run; share it across threads.
@@ -326,6 +340,11 @@ impl TernSession {
                 Backend::Cpu => tern::Backend::Cpu,
                 Backend::Gpu => tern::Backend::Gpu,
                 Backend::Auto => tern::Backend::Auto,
+            })
+            .gpu_precision(match config.gpu_precision {
+                None | Some(GpuPrecision::Auto) => tern::GpuPrecision::Auto,
+                Some(GpuPrecision::F32) => tern::GpuPrecision::F32,
+                Some(GpuPrecision::F16) => tern::GpuPrecision::F16,
             })
             .nan_policy(if config.allow_nan {
                 tern::NanPolicy::Allow

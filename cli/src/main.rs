@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tern::{Backend, Model, NanPolicy, Session, SessionOptions};
+use tern::{Backend, GpuPrecision, Model, NanPolicy, Session, SessionOptions};
 
 #[derive(Parser)]
 #[command(name = "tern", version, about = "On-device ONNX inference")]
@@ -110,6 +110,9 @@ struct SessionArgs {
     /// Backend: cpu, gpu or auto.
     #[arg(long, default_value = "auto")]
     backend: Backend,
+    /// GPU float precision: auto (f16 on a hardware GPU with shader-f16), f32 or f16.
+    #[arg(long, default_value = "auto")]
+    gpu_precision: GpuPrecision,
     /// Let NaN through instead of failing on it.
     #[arg(long)]
     allow_nan: bool,
@@ -123,6 +126,7 @@ impl SessionArgs {
         let mut options = SessionOptions::new()
             .threads(self.threads)
             .backend(self.backend)
+            .gpu_precision(self.gpu_precision)
             .nan_policy(if self.allow_nan {
                 NanPolicy::Allow
             } else {

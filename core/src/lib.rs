@@ -28,7 +28,9 @@ pub mod tensor;
 pub use backend::Backend;
 pub use error::Error;
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
-pub use session::{NanPolicy, OptLevel, Outputs, Session, SessionOptions, TelemetryChoice, Trace};
+pub use session::{
+    GpuPrecision, NanPolicy, OptLevel, Outputs, Session, SessionOptions, TelemetryChoice, Trace,
+};
 pub use telemetry::Telemetry;
 pub use tensor::{DType, Element, Tensor};
 

@@ -44,6 +44,36 @@ pub enum NanPolicy {
     Reject,
 }
 
+/// The float precision the GPU backend computes in. The CPU backend always computes a
+/// model in its own types (f16 models in f32 on CPUs without f16 arithmetic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuPrecision {
+    /// f16 on a hardware adapter with shader-f16 (half the memory traffic, about 3 decimal
+    /// digits), f32 elsewhere (the default).
+    #[default]
+    Auto,
+    /// Always f32: outputs match the CPU backend to rounding.
+    F32,
+    /// f16 storage and arithmetic, with reductions, softmax, `exp` and `pow` kept in f32.
+    /// An adapter without shader-f16 makes the GPU backend unavailable.
+    F16,
+}
+
+impl std::str::FromStr for GpuPrecision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<GpuPrecision> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(GpuPrecision::Auto),
+            "f32" | "fp32" => Ok(GpuPrecision::F32),
+            "f16" | "fp16" => Ok(GpuPrecision::F16),
+            other => Err(Error::InvalidOption {
+                reason: format!("unknown GPU precision {other:?} (auto, f32, f16)"),
+            }),
+        }
+    }
+}
+
 /// How to build a [`Session`].
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -66,6 +96,8 @@ pub struct SessionOptions {
     /// Off by default: on the CPU, tract is faster than a software rasteriser.
     /// [`Backend::Gpu`] always accepts one.
     pub allow_software_gpu: bool,
+    /// The GPU backend's float precision.
+    pub gpu_precision: GpuPrecision,
 }
 
 /// Which telemetry buffer a session records into.
@@ -91,6 +123,7 @@ impl Default for SessionOptions {
             telemetry: TelemetryChoice::Global,
             baseline: None,
             allow_software_gpu: false,
+            gpu_precision: GpuPrecision::Auto,
         }
     }
 }
@@ -147,6 +180,12 @@ impl SessionOptions {
     /// machines without one).
     pub fn allow_software_gpu(mut self, allow: bool) -> Self {
         self.allow_software_gpu = allow;
+        self
+    }
+
+    /// Sets the GPU backend's float precision.
+    pub fn gpu_precision(mut self, precision: GpuPrecision) -> Self {
+        self.gpu_precision = precision;
         self
     }
 

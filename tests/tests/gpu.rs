@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use tern::telemetry::{Outcome, Record, Telemetry, TelemetryConfig};
-use tern::{Backend, Model, NanPolicy, Session, SessionOptions, Tensor};
+use tern::{Backend, GpuPrecision, Model, NanPolicy, Session, SessionOptions, Tensor};
 use tern_tests::fixtures::{model, node, value, FLOAT};
 use tern_tests::node_suite::{check_expected_failures, listed, manifest, per_op, run_cases};
 use tern_tests::{compare, fetched, model_manifest, reports_dir, workspace, Diff};
@@ -48,7 +48,7 @@ fn wgpu_real_models_on_gpu_match_onnxruntime_and_cpu() {
             Ok(s) => s,
             Err(e) => {
                 // Ops outside the list are refused up front; a listed op the GPU cannot
-                // lower here (fp16 or int8 data) is refused when the program is built.
+                // lower here (int8 data, say) is refused when the program is built.
                 assert!(
                     ["unsupported_op", "backend_unavailable"].contains(&e.kind()),
                     "{}: {e}",
@@ -110,6 +110,67 @@ fn wgpu_real_models_on_gpu_match_onnxruntime_and_cpu() {
     );
     for name in ["ppocr_cls", "ppocr_rec"] {
         assert!(ran.iter().any(|r| r == name), "{name} must run on the GPU");
+    }
+}
+
+/// f16 compute on the adapter (lavapipe has shader-f16): the CNN and the transformer stay
+/// within f16's ~3 digits of onnxruntime's f32 outputs and pick the same classes. On a
+/// software adapter `Auto` keeps f32, and the session says so.
+#[test]
+fn wgpu_f16_programs_match_onnxruntime_within_half_precision() {
+    for entry in model_manifest()
+        .into_iter()
+        .filter(|e| ["ppocr_cls", "ppocr_rec"].contains(&e.name.as_str()))
+    {
+        let model = entry.load().unwrap();
+        let inputs = entry.reference_inputs();
+        let pinned = |mut options: SessionOptions| {
+            for (name, t) in &inputs {
+                options = options.pin_input_shape(name.clone(), t.shape());
+            }
+            options
+        };
+        let auto = Session::new(&model, pinned(gpu_options())).unwrap();
+        assert!(
+            auto.backend_reason().contains("computes in f32"),
+            "{}",
+            auto.backend_reason()
+        );
+        let f16 = match Session::new(
+            &model,
+            pinned(gpu_options().gpu_precision(GpuPrecision::F16)),
+        ) {
+            Ok(s) => s,
+            Err(e) => panic!("{}: f16 on this adapter: {e}", entry.name),
+        };
+        assert!(
+            f16.backend_reason().contains("computes in f16"),
+            "{}",
+            f16.backend_reason()
+        );
+        let outputs = f16.run(inputs.clone()).unwrap();
+        let reference = tern_tests::read_npy(&entry.dir().join("ref").join(&entry.output_files[0]));
+        let got = outputs.get(&entry.outputs[0]).unwrap();
+        let d = compare(got, &reference, 2e-2, 0.0)
+            .unwrap_or_else(|e| panic!("{} in f16 vs onnxruntime: {e}", entry.name));
+        let classes = |t: &Tensor| -> Vec<usize> {
+            let row = *t.shape().last().unwrap();
+            t.to_f32_vec()
+                .unwrap()
+                .chunks(row)
+                .map(|r| (0..row).fold(0, |b, i| if r[i] > r[b] { i } else { b }))
+                .collect()
+        };
+        assert_eq!(
+            classes(got),
+            classes(&reference),
+            "{}: f16 picks other classes",
+            entry.name
+        );
+        println!(
+            "{} in f16 on the GPU: max abs {:.2e} vs onnxruntime",
+            entry.name, d.max_abs
+        );
     }
 }
 

@@ -185,7 +185,8 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
 /// Whether the graph computes in f16 between inputs and outputs of other types (a model
 /// converted to fp16 with its I/O kept in f32, the common form). Models with f16 inputs or
 /// outputs are left alone so their declared types stay what the app passes and gets.
-fn computes_in_f16(typed: &TypedModel) -> bool {
+/// Such a graph is widened to f32 by [`widen_f16`] where f16 arithmetic is not wanted.
+pub(crate) fn computes_in_f16(typed: &TypedModel) -> bool {
     let f16 = f16::datum_type();
     let io_is_f16 = |outlets: &[OutletId]| {
         outlets
@@ -198,6 +199,11 @@ fn computes_in_f16(typed: &TypedModel) -> bool {
             .nodes()
             .iter()
             .any(|n| n.outputs.iter().any(|o| o.fact.datum_type == f16))
+}
+
+/// Rewrites an f16-computing graph (see [`computes_in_f16`]) to compute in f32.
+pub(crate) fn widen_f16(typed: &mut TypedModel) -> TractResult<()> {
+    FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type()).transform(typed)
 }
 
 fn input_dtypes(typed: &TypedModel) -> Result<Vec<DType>> {
@@ -220,9 +226,7 @@ impl TractExecutor {
             // tract computes f16 in software where the CPU has no f16 arithmetic (x86, older
             // ARM): 80x slower than f32. Compute such models in f32 instead, the way
             // onnxruntime's CPU kernels do; the model's inputs and outputs keep their types.
-            FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type())
-                .transform(&mut typed)
-                .map_err(compile_err)?;
+            widen_f16(&mut typed).map_err(compile_err)?;
         }
         let typed = match self.optimization {
             OptLevel::Full => typed.into_optimized(),

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use burn_backend::ops::ConvOptions;
 use burn_backend::tensor::{Device, FloatTensor, IntTensor};
-use burn_backend::{Backend, TensorData};
+use burn_backend::{Backend, FloatDType, TensorData};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
@@ -54,11 +54,17 @@ fn concrete(shape: &ShapeFact) -> Result<Vec<usize>> {
         .ok_or_else(|| compile_err(format!("shape {shape:?} is not concrete")))
 }
 
-/// Turns a tract typed graph (concrete shapes, decluttered) into a device program.
-pub(crate) fn lower<B: Backend>(model: &TypedModel, device: &Device<B>) -> Result<Program<B>> {
+/// Turns a tract typed graph (concrete shapes, decluttered) into a device program that
+/// computes in `precision` (f32 or f16).
+pub(crate) fn lower<B: Backend>(
+    model: &TypedModel,
+    device: &Device<B>,
+    precision: FloatDType,
+) -> Result<Program<B>> {
     let mut lowering = Lowering::<B> {
         model,
         device: device.clone(),
+        precision,
         slots: HashMap::new(),
         consts: Vec::new(),
         steps: Vec::new(),
@@ -109,6 +115,7 @@ pub(crate) fn lower<B: Backend>(model: &TypedModel, device: &Device<B>) -> Resul
     }
     Ok(Program::new(
         device.clone(),
+        precision,
         lowering.consts,
         lowering.steps,
         lowering.n_slots,
@@ -120,6 +127,8 @@ pub(crate) fn lower<B: Backend>(model: &TypedModel, device: &Device<B>) -> Resul
 struct Lowering<'m, B: Backend> {
     model: &'m TypedModel,
     device: Device<B>,
+    /// What float constants are stored as on the device.
+    precision: FloatDType,
     /// The slot that holds each float value computed or uploaded so far.
     slots: HashMap<OutletId, usize>,
     consts: Vec<(usize, FloatTensor<B>)>,
@@ -165,7 +174,10 @@ impl<B: Backend> Lowering<'_, B> {
             ));
         }
         let data = TensorData::new(values::<f32>(&konst)?, konst.shape().to_vec());
-        let tensor = B::float_from_data(data, &self.device);
+        let mut tensor = B::float_from_data(data, &self.device);
+        if self.precision != FloatDType::F32 {
+            tensor = B::float_cast(tensor, self.precision);
+        }
         let slot = self.new_slot(outlet);
         self.consts.push((slot, tensor));
         Ok(slot)

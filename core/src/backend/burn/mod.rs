@@ -24,13 +24,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use burn_backend::tensor::Device;
 use burn_backend::Backend as BurnBackend;
+use burn_backend::{DType as BurnDType, FloatDType};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::InferenceModelExt;
 
 use super::{Backend, Executor, Prepared, Ran};
 use crate::error::{catch_panic, chain, Error};
 use crate::model::{Dim, Model};
-use crate::session::SessionOptions;
+use crate::session::{GpuPrecision, SessionOptions};
 use crate::tensor::{DType, Tensor};
 use crate::Result;
 use lower::NAME;
@@ -198,18 +199,48 @@ pub(crate) fn prepare(
         model,
         options,
         device,
+        !adapter.software,
         format!("{reason} on {}", adapter.name),
     )
 }
 
+/// The float type a program computes in on `device`, and why. `hardware` says whether
+/// [`GpuPrecision::Auto`] may choose f16 there.
+fn precision<B: BurnBackend>(
+    requested: GpuPrecision,
+    device: &Device<B>,
+    hardware: bool,
+) -> Result<(FloatDType, &'static str)> {
+    let has_f16 = B::supports_dtype(device, BurnDType::F16);
+    match requested {
+        GpuPrecision::F32 => Ok((FloatDType::F32, "f32 as requested")),
+        GpuPrecision::F16 if has_f16 => Ok((FloatDType::F16, "f16 as requested")),
+        GpuPrecision::F16 => Err(Error::BackendUnavailable {
+            backend: NAME,
+            reason: "f16 was requested and the adapter has no shader-f16".into(),
+        }),
+        GpuPrecision::Auto if has_f16 && hardware => {
+            Ok((FloatDType::F16, "f16 (the adapter has shader-f16)"))
+        }
+        GpuPrecision::Auto if has_f16 => Ok((
+            FloatDType::F32,
+            "f32 (f16 is emulated on a software adapter)",
+        )),
+        GpuPrecision::Auto => Ok((FloatDType::F32, "f32 (the adapter has no shader-f16)")),
+    }
+}
+
 /// Prepares the GPU executor on any burn backend (wgpu in apps, burn-flex in tests).
+/// `hardware`: the device is a real GPU, on which [`GpuPrecision::Auto`] may pick f16.
 pub(crate) fn prepare_on<B: BurnBackend>(
     model: &Model,
     options: &SessionOptions,
     device: Device<B>,
+    hardware: bool,
     reason: String,
 ) -> Result<Prepared> {
     check_supported(model)?;
+    let (precision, why_precision) = precision::<B>(options.gpu_precision, &device, hardware)?;
     let mut fixed = Some(Vec::new());
     for info in model.inputs() {
         if info.dtype != Some(DType::F32) {
@@ -241,8 +272,10 @@ pub(crate) fn prepare_on<B: BurnBackend>(
     let executor = BurnExecutor::<B> {
         graph: model.graph().clone(),
         device,
+        precision,
         cache: Mutex::new(Vec::new()),
     };
+    let reason = format!("{reason}; computes in {why_precision}");
     let reason = match fixed {
         Some(shapes) => {
             let program = executor.program(&shapes)?;
@@ -271,6 +304,8 @@ type ProgramCache<B> = Mutex<Vec<(Vec<Vec<usize>>, Arc<Program<B>>)>>;
 struct BurnExecutor<B: BurnBackend> {
     graph: InferenceModel,
     device: Device<B>,
+    /// The float type programs compute in.
+    precision: FloatDType,
     cache: ProgramCache<B>,
 }
 
@@ -293,11 +328,14 @@ impl<B: BurnBackend> BurnExecutor<B> {
             let fact = f32::fact(shape).into();
             graph.set_input_fact(ix, fact).map_err(compile)?;
         }
-        let typed = graph
-            .into_typed()
-            .and_then(|m| m.into_decluttered())
-            .map_err(compile)?;
-        let program = Arc::new(lower::lower::<B>(&typed, &self.device)?);
+        let mut typed = graph.into_typed().map_err(compile)?;
+        if super::tract::computes_in_f16(&typed) {
+            // An fp16 model with f32 inputs and outputs: lowered as f32, then computed in
+            // the session's precision (f16 on hardware that has it).
+            super::tract::widen_f16(&mut typed).map_err(compile)?;
+        }
+        let typed = typed.into_decluttered().map_err(compile)?;
+        let program = Arc::new(lower::lower::<B>(&typed, &self.device, self.precision)?);
         if cache.len() >= super::tract::SHAPE_CACHE {
             cache.remove(0);
         }

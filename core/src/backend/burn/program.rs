@@ -7,7 +7,9 @@
 
 use burn_backend::ops::PadMode;
 use burn_backend::tensor::{Device, FloatTensor, IntTensor};
-use burn_backend::{get_or_init_device_settings, Backend, Scalar, Shape, Slice, TensorData};
+use burn_backend::{
+    get_or_init_device_settings, Backend, FloatDType, Scalar, Shape, Slice, TensorData,
+};
 use burn_backend::{read_sync, TensorMetadata};
 use tract_onnx::tract_core::axes::AxesMapping;
 
@@ -337,6 +339,28 @@ pub(crate) enum Op<B: Backend> {
 }
 
 impl<B: Backend> Op<B> {
+    /// Ops that run in f32 inside an f16 program: sums and products accumulate past f16's
+    /// range (65504) and precision, and `exp` overflows it above 11.
+    fn keeps_f32(&self) -> bool {
+        matches!(
+            self,
+            Op::ReduceSum(_)
+                | Op::ReduceProd(_)
+                | Op::ReduceMeanOfSquares(_)
+                | Op::RmsNorm { .. }
+                | Op::Softmax { .. }
+                | Op::Unary(UnaryKind::Exp)
+                | Op::Bin {
+                    kind: BinKind::Pow,
+                    ..
+                }
+                | Op::BinScalar {
+                    kind: BinKind::Pow,
+                    ..
+                }
+        )
+    }
+
     /// A short description for errors and traces.
     pub(crate) fn name(&self) -> String {
         match self {
@@ -377,6 +401,8 @@ pub(crate) struct Step<B: Backend> {
 /// A model lowered for one device and one set of input shapes.
 pub(crate) struct Program<B: Backend> {
     device: Device<B>,
+    /// The float type values are kept in between steps (f32 or f16).
+    precision: FloatDType,
     /// Constants, uploaded once, with the slot each fills.
     consts: Vec<(usize, FloatTensor<B>)>,
     steps: Vec<Step<B>>,
@@ -390,6 +416,7 @@ pub(crate) struct Program<B: Backend> {
 impl<B: Backend> Program<B> {
     pub(crate) fn new(
         device: Device<B>,
+        precision: FloatDType,
         consts: Vec<(usize, FloatTensor<B>)>,
         steps: Vec<Step<B>>,
         n_slots: usize,
@@ -423,6 +450,7 @@ impl<B: Backend> Program<B> {
             .collect();
         Program {
             device,
+            precision,
             consts,
             steps,
             last_use,
@@ -444,8 +472,7 @@ impl<B: Backend> Program<B> {
             slots[*slot] = Some(tensor.clone());
         }
         for (slot, tensor) in self.inputs.iter().zip(inputs) {
-            let data = TensorData::new(tensor.as_slice::<f32>()?.to_vec(), tensor.shape().to_vec());
-            slots[*slot] = Some(B::float_from_data(data, &self.device));
+            slots[*slot] = Some(self.upload(tensor.as_slice::<f32>()?, tensor.shape()));
         }
         for (step, last) in self.steps.iter().zip(&self.last_use) {
             let args = step
@@ -465,7 +492,7 @@ impl<B: Backend> Program<B> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             // A burn kernel that panics is reported with the node it ran for.
-            let y = catch_panic("gpu step", || Ok(self.eval(&step.op, args))).map_err(|e| {
+            let y = catch_panic("gpu step", || Ok(self.step(&step.op, args))).map_err(|e| {
                 Error::Inference {
                     backend: NAME,
                     reason: format!("node {:?} ({}): {e}", step.node, step.op.name()),
@@ -480,9 +507,11 @@ impl<B: Backend> Program<B> {
                     backend: NAME,
                     reason: format!("output slot {slot} was never written"),
                 })?;
-                let data = read_sync(B::float_into_data(t)).map_err(|e| Error::Inference {
-                    backend: NAME,
-                    reason: format!("reading an output back from the device: {e:?}"),
+                let data = read_sync(B::float_into_data(self.to_f32(t))).map_err(|e| {
+                    Error::Inference {
+                        backend: NAME,
+                        reason: format!("reading an output back from the device: {e:?}"),
+                    }
                 })?;
                 let values = data.try_into_vec::<f32>().map_err(|e| Error::Inference {
                     backend: NAME,
@@ -501,11 +530,7 @@ impl<B: Backend> Program<B> {
             slots[*slot] = Some(tensor.clone());
         }
         for (slot, tensor) in self.inputs.iter().zip(inputs) {
-            let data = TensorData::new(
-                tensor.as_slice::<f32>().unwrap().to_vec(),
-                tensor.shape().to_vec(),
-            );
-            slots[*slot] = Some(B::float_from_data(data, &self.device));
+            slots[*slot] = Some(self.upload(tensor.as_slice::<f32>().unwrap(), tensor.shape()));
         }
         let mut trace = Vec::new();
         for step in &self.steps {
@@ -514,8 +539,8 @@ impl<B: Backend> Program<B> {
                 .iter()
                 .map(|&s| slots[s].clone().unwrap())
                 .collect();
-            let y = self.eval(&step.op, args);
-            let values = read_sync(B::float_into_data(y.clone()))
+            let y = self.step(&step.op, args);
+            let values = read_sync(B::float_into_data(self.to_f32(y.clone())))
                 .unwrap()
                 .try_into_vec::<f32>()
                 .unwrap();
@@ -523,6 +548,38 @@ impl<B: Backend> Program<B> {
             slots[step.output] = Some(y);
         }
         trace
+    }
+
+    /// An f32 input uploaded and stored in the program's precision.
+    fn upload(&self, values: &[f32], shape: &[usize]) -> FloatTensor<B> {
+        let t = B::float_from_data(
+            TensorData::new(values.to_vec(), shape.to_vec()),
+            &self.device,
+        );
+        self.cast(t, self.precision)
+    }
+
+    /// A value in f32 (for reading back).
+    fn to_f32(&self, t: FloatTensor<B>) -> FloatTensor<B> {
+        self.cast(t, FloatDType::F32)
+    }
+
+    fn cast(&self, t: FloatTensor<B>, to: FloatDType) -> FloatTensor<B> {
+        if self.precision == FloatDType::F32 {
+            t
+        } else {
+            B::float_cast(t, to)
+        }
+    }
+
+    /// Runs one op; in an f16 program, ops that need f32 get their inputs widened and
+    /// their output narrowed back.
+    fn step(&self, op: &Op<B>, args: Vec<FloatTensor<B>>) -> FloatTensor<B> {
+        if self.precision == FloatDType::F32 || !op.keeps_f32() {
+            return self.eval(op, args);
+        }
+        let args = args.into_iter().map(|a| self.to_f32(a)).collect();
+        self.cast(self.eval(op, args), self.precision)
     }
 
     fn eval(&self, op: &Op<B>, mut args: Vec<FloatTensor<B>>) -> FloatTensor<B> {

@@ -36,56 +36,126 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Runs `model` on Flex through the GPU executor and on tract, same seeded inputs.
-fn compare_with_tract(name: &str, dims: &[(&str, usize)], tol: f32) {
+/// How far apart two outputs are: the largest absolute difference, and whether the
+/// largest element of every row of the last axis is at the same place (the class picked).
+struct Gap {
+    max_abs: f32,
+    same_argmax: bool,
+}
+
+fn gap(got: &crate::Tensor, want: &crate::Tensor) -> Gap {
+    assert_eq!(got.shape(), want.shape());
+    let (g, w) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
+    let row = *want.shape().last().unwrap_or(&1);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .0
+    };
+    Gap {
+        max_abs: max_abs_diff(&g, &w),
+        same_argmax: g
+            .chunks(row)
+            .zip(w.chunks(row))
+            .all(|(a, b)| argmax(a) == argmax(b)),
+    }
+}
+
+/// Runs `model` on Flex through the GPU executor in `precision` and on tract, same seeded
+/// inputs; returns each output's gap and the GPU session's reason.
+fn run_against_tract(
+    name: &str,
+    dims: &[(&str, usize)],
+    precision: GpuPrecision,
+) -> (Vec<Gap>, String) {
     let model = Model::load(cached_model(name)).unwrap();
     let dims: BTreeMap<String, usize> = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     let inputs = model.random_inputs(7, &dims).unwrap();
-    let mut options = SessionOptions::new().without_telemetry();
+    let mut options = SessionOptions::new()
+        .without_telemetry()
+        .gpu_precision(precision);
     for (input, t) in &inputs {
         options = options.pin_input_shape(input.clone(), t.shape());
     }
     let tensors: Vec<crate::Tensor> = inputs.iter().map(|(_, t)| t.clone()).collect();
-    let gpu = prepare_on::<Flex>(&model, &options, FlexDevice, "test".into()).unwrap();
+    let gpu = prepare_on::<Flex>(&model, &options, FlexDevice, true, "test".into()).unwrap();
     assert!(gpu.reason.contains("warmed up"), "{}", gpu.reason);
     let cpu = super::super::tract::prepare(&model, &options, "test".into()).unwrap();
     let got = gpu.executor.run(tensors.clone()).unwrap().outputs;
     let want = cpu.executor.run(tensors).unwrap().outputs;
     assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g.shape(), w.shape());
-        let d = max_abs_diff(&g.to_f32_vec().unwrap(), &w.to_f32_vec().unwrap());
-        assert!(d <= tol, "{name}: max abs diff {d} > {tol}");
+    let gaps = got.iter().zip(&want).map(|(g, w)| gap(g, w)).collect();
+    (gaps, gpu.reason)
+}
+
+fn compare_with_tract(name: &str, dims: &[(&str, usize)], tol: f32) {
+    let (gaps, reason) = run_against_tract(name, dims, GpuPrecision::F32);
+    assert!(reason.contains("computes in f32"), "{reason}");
+    for g in gaps {
+        assert!(
+            g.max_abs <= tol,
+            "{name}: max abs diff {} > {tol}",
+            g.max_abs
+        );
     }
 }
 
+const CLS_DIMS: &[(&str, usize)] = &[("x_d0", 2), ("x_d2", 48), ("x_d3", 192)];
+const REC_DIMS: &[(&str, usize)] = &[
+    ("p2o.DynamicDimension.0", 1),
+    ("x_d2", 48),
+    ("p2o.DynamicDimension.1", 320),
+];
+
 #[test]
 fn cnn_matches_tract_on_burn_cpu() {
-    compare_with_tract(
-        "ppocr_cls",
-        &[("x_d0", 1), ("x_d2", 48), ("x_d3", 192)],
-        1e-4,
-    );
+    compare_with_tract("ppocr_cls", CLS_DIMS, 1e-4);
 }
 
 #[test]
 fn transformer_matches_tract_on_burn_cpu() {
-    compare_with_tract(
-        "ppocr_rec",
-        &[
-            ("p2o.DynamicDimension.0", 1),
-            ("x_d2", 48),
-            ("p2o.DynamicDimension.1", 320),
-        ],
-        1e-3,
-    );
+    compare_with_tract("ppocr_rec", REC_DIMS, 1e-3);
+}
+
+/// In f16 (weights and activations stored as f16, reductions, softmax and exp in f32) the
+/// real models still pick the same classes as tract in f32, within f16's ~3 digits.
+#[test]
+fn f16_programs_match_tract_within_half_precision() {
+    for (name, dims, tol) in [("ppocr_cls", CLS_DIMS, 2e-2), ("ppocr_rec", REC_DIMS, 2e-2)] {
+        let (gaps, reason) = run_against_tract(name, dims, GpuPrecision::F16);
+        assert!(reason.contains("computes in f16"), "{reason}");
+        for g in gaps {
+            eprintln!("{name} f16: max abs {}", g.max_abs);
+            assert!(
+                g.max_abs <= tol,
+                "{name}: f16 max abs diff {} > {tol}",
+                g.max_abs
+            );
+            assert!(g.same_argmax, "{name}: f16 picks other classes than f32");
+        }
+    }
+}
+
+/// `Auto` computes in f16 only on hardware with f16; `F32` always in f32.
+#[test]
+fn precision_follows_the_request_and_the_adapter() {
+    let f16 = |requested, hardware| {
+        precision::<Flex>(requested, &FlexDevice, hardware)
+            .unwrap()
+            .0
+    };
+    assert_eq!(f16(GpuPrecision::Auto, true), FloatDType::F16);
+    assert_eq!(f16(GpuPrecision::Auto, false), FloatDType::F32);
+    assert_eq!(f16(GpuPrecision::F32, true), FloatDType::F32);
+    assert_eq!(f16(GpuPrecision::F16, false), FloatDType::F16);
 }
 
 #[test]
 fn unsupported_op_is_named_before_any_work() {
     let model = Model::load(cached_model("silero_vad_lstm")).unwrap();
     let options = SessionOptions::new().without_telemetry();
-    let err = prepare_on::<Flex>(&model, &options, FlexDevice, "test".into())
+    let err = prepare_on::<Flex>(&model, &options, FlexDevice, false, "test".into())
         .err()
         .expect("LSTM is not a GPU op");
     match err {
@@ -197,11 +267,13 @@ fn wgpu_steps_match_burn_cpu_steps() {
         let cpu = BurnExecutor::<Flex> {
             graph: model.graph().clone(),
             device: FlexDevice,
+            precision: FloatDType::F32,
             cache: Default::default(),
         };
         let gpu = BurnExecutor::<burn_wgpu::Wgpu> {
             graph: model.graph().clone(),
             device: adapter.device.clone().into(),
+            precision: FloatDType::F32,
             cache: Default::default(),
         };
         let (cpu, gpu) = (cpu.program(&shapes).unwrap(), gpu.program(&shapes).unwrap());

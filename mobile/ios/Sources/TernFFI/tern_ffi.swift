@@ -1586,6 +1586,10 @@ public struct SessionConfig: Equatable, Hashable {
      * Record runs in the process-wide telemetry buffer (when one was initialised).
      */
     public var telemetry: Bool
+    /**
+     * The GPU backend's float precision (`None`: auto).
+     */
+    public var gpuPrecision: GpuPrecision?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1601,11 +1605,15 @@ public struct SessionConfig: Equatable, Hashable {
          */allowNan: Bool = false, 
         /**
          * Record runs in the process-wide telemetry buffer (when one was initialised).
-         */telemetry: Bool = true) {
+         */telemetry: Bool = true, 
+        /**
+         * The GPU backend's float precision (`None`: auto).
+         */gpuPrecision: GpuPrecision? = nil) {
         self.backend = backend
         self.threads = threads
         self.allowNan = allowNan
         self.telemetry = telemetry
+        self.gpuPrecision = gpuPrecision
     }
 
     
@@ -1627,7 +1635,8 @@ public struct FfiConverterTypeSessionConfig: FfiConverterRustBuffer {
                 backend: FfiConverterTypeBackend.read(from: &buf), 
                 threads: FfiConverterUInt32.read(from: &buf), 
                 allowNan: FfiConverterBool.read(from: &buf), 
-                telemetry: FfiConverterBool.read(from: &buf)
+                telemetry: FfiConverterBool.read(from: &buf), 
+                gpuPrecision: FfiConverterOptionTypeGpuPrecision.read(from: &buf)
         )
     }
 
@@ -1636,6 +1645,7 @@ public struct FfiConverterTypeSessionConfig: FfiConverterRustBuffer {
         FfiConverterUInt32.write(value.threads, into: &buf)
         FfiConverterBool.write(value.allowNan, into: &buf)
         FfiConverterBool.write(value.telemetry, into: &buf)
+        FfiConverterOptionTypeGpuPrecision.write(value.gpuPrecision, into: &buf)
     }
 }
 
@@ -2398,6 +2408,91 @@ public func FfiConverterTypeDType_lower(_ value: DType) -> RustBuffer {
 
 
 /**
+ * The float precision of the GPU backend.
+ */
+
+public enum GpuPrecision: Equatable, Hashable {
+    
+    /**
+     * f16 on a hardware GPU with shader-f16, f32 elsewhere.
+     */
+    case auto
+    /**
+     * Always f32.
+     */
+    case f32
+    /**
+     * Always f16 (the GPU is unavailable without shader-f16).
+     */
+    case f16
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension GpuPrecision: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeGpuPrecision: FfiConverterRustBuffer {
+    typealias SwiftType = GpuPrecision
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> GpuPrecision {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .auto
+        
+        case 2: return .f32
+        
+        case 3: return .f16
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: GpuPrecision, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .auto:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .f32:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .f16:
+            writeInt(&buf, Int32(3))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeGpuPrecision_lift(_ buf: RustBuffer) throws -> GpuPrecision {
+    return try FfiConverterTypeGpuPrecision.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeGpuPrecision_lower(_ value: GpuPrecision) -> RustBuffer {
+    return FfiConverterTypeGpuPrecision.lower(value)
+}
+
+
+
+/**
  * Everything that can go wrong, as one exception hierarchy on the foreign side.
  */
 public 
@@ -2682,6 +2777,30 @@ public func FfiConverterTypeUploadResult_lower(_ value: UploadResult) -> RustBuf
     return FfiConverterTypeUploadResult.lower(value)
 }
 
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeGpuPrecision: FfiConverterRustBuffer {
+    typealias SwiftType = GpuPrecision?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeGpuPrecision.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeGpuPrecision.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
 
 #if swift(>=5.8)
 @_documentation(visibility: private)

@@ -2941,6 +2941,11 @@ data class SessionConfig (
      * Record runs in the process-wide telemetry buffer (when one was initialised).
      */
     var `telemetry`: kotlin.Boolean = true 
+    , 
+    /**
+     * The GPU backend's float precision (`None`: auto).
+     */
+    var `gpuPrecision`: GpuPrecision? = null 
     
 ){
     
@@ -2961,6 +2966,7 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
             FfiConverterUInt.read(buf),
             FfiConverterBoolean.read(buf),
             FfiConverterBoolean.read(buf),
+            FfiConverterOptionalTypeGpuPrecision.read(buf),
         )
     }
 
@@ -2968,7 +2974,8 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
             FfiConverterTypeBackend.allocationSize(value.`backend`) +
             FfiConverterUInt.allocationSize(value.`threads`) +
             FfiConverterBoolean.allocationSize(value.`allowNan`) +
-            FfiConverterBoolean.allocationSize(value.`telemetry`)
+            FfiConverterBoolean.allocationSize(value.`telemetry`) +
+            FfiConverterOptionalTypeGpuPrecision.allocationSize(value.`gpuPrecision`)
     )
 
     override fun write(value: SessionConfig, buf: ByteBuffer) {
@@ -2976,6 +2983,7 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
             FfiConverterUInt.write(value.`threads`, buf)
             FfiConverterBoolean.write(value.`allowNan`, buf)
             FfiConverterBoolean.write(value.`telemetry`, buf)
+            FfiConverterOptionalTypeGpuPrecision.write(value.`gpuPrecision`, buf)
     }
 }
 
@@ -3435,6 +3443,53 @@ public object FfiConverterTypeDType: FfiConverterRustBuffer<DType> {
 
 
 
+/**
+ * The float precision of the GPU backend.
+ */
+
+enum class GpuPrecision {
+    
+    /**
+     * f16 on a hardware GPU with shader-f16, f32 elsewhere.
+     */
+    AUTO,
+    /**
+     * Always f32.
+     */
+    F32,
+    /**
+     * Always f16 (the GPU is unavailable without shader-f16).
+     */
+    F16;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeGpuPrecision: FfiConverterRustBuffer<GpuPrecision> {
+    override fun read(buf: ByteBuffer) = try {
+        GpuPrecision.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: GpuPrecision) = 4UL
+
+    override fun write(value: GpuPrecision, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
 
 
 /**
@@ -3794,6 +3849,38 @@ public object FfiConverterTypeUploadResult : FfiConverterRustBuffer<UploadResult
 }
 
 
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeGpuPrecision: FfiConverterRustBuffer<GpuPrecision?> {
+    override fun read(buf: ByteBuffer): GpuPrecision? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeGpuPrecision.read(buf)
+    }
+
+    override fun allocationSize(value: GpuPrecision?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeGpuPrecision.allocationSize(value)
+        }
+    }
+
+    override fun write(value: GpuPrecision?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeGpuPrecision.write(value, buf)
+        }
+    }
+}
 
 
 
