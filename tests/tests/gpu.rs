@@ -108,7 +108,7 @@ fn wgpu_real_models_on_gpu_match_onnxruntime_and_cpu() {
         "GPU parity on {adapter}: {} models run on the GPU: {ran:?}",
         ran.len()
     );
-    for name in ["ppocr_cls", "ppocr_rec"] {
+    for name in ["ppocr_cls", "ppocr_rec", "ppocr_det", "ppocr_cls_fp16"] {
         assert!(ran.iter().any(|r| r == name), "{name} must run on the GPU");
     }
 }
@@ -385,6 +385,43 @@ fn int_constant(name: &str, dims: &[i64], values: &[i64]) -> pb::NodeProto {
     n
 }
 
+fn float_constant(name: &str, dims: &[i64], values: &[f32]) -> pb::NodeProto {
+    let mut n = node(name, "Constant", "", &[], &[name]);
+    n.attribute.push(pb::AttributeProto {
+        name: "value".into(),
+        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(pb::TensorProto {
+            dims: dims.to_vec(),
+            data_type: FLOAT,
+            float_data: values.to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    n
+}
+
+fn string_attribute(node: &mut pb::NodeProto, name: &str, value: &str) {
+    node.attribute.push(pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::String as i32,
+        s: value.as_bytes().to_vec(),
+        ..Default::default()
+    });
+}
+
+/// A Resize by constant scales `[1, 1, 2, 3]` of a `[1, 2, 2, 3]` input, in `mode`.
+fn resize(mode: &str) -> Vec<pb::NodeProto> {
+    let mut resize = node("resize", "Resize", "", &["x", "", "scales"], &["y"]);
+    string_attribute(&mut resize, "mode", mode);
+    string_attribute(&mut resize, "coordinate_transformation_mode", "asymmetric");
+    string_attribute(&mut resize, "nearest_mode", "floor");
+    vec![
+        float_constant("scales", &[4], &[1.0, 1.0, 2.0, 3.0]),
+        resize,
+    ]
+}
+
 /// An op under test: its name, its nodes, and the input and output dims.
 type OpCase = (
     &'static str,
@@ -442,6 +479,12 @@ fn wgpu_constant_operand_ops_match_cpu() {
             vec!["2", "4", "3"],
         ),
         (
+            "Resize",
+            resize("nearest"),
+            vec!["1", "2", "2", "3"],
+            vec!["1", "2", "4", "9"],
+        ),
+        (
             "ConstantOfShape",
             vec![
                 node("shape_of", "Shape", "", &["x"], &["shape"]),
@@ -471,4 +514,29 @@ fn wgpu_constant_operand_ops_match_cpu() {
         assert_eq!(got[0].shape(), want[0].shape(), "{op}");
         compare(&got[0], &want[0], 0.0, 0.0).unwrap_or_else(|e| panic!("{op}: {e}"));
     }
+}
+
+/// A Resize the GPU has no kernel for (linear here; integer nearest upsampling is what it
+/// runs) is refused at session creation with the node named, and `Auto` runs it on the CPU.
+#[test]
+fn wgpu_unsupported_resize_is_refused_and_auto_uses_the_cpu() {
+    let bytes = model(
+        resize("linear"),
+        vec![value("x", FLOAT, &["1", "2", "2", "3"])],
+        vec![value("y", FLOAT, &["1", "2", "4", "9"])],
+    );
+    let model = Model::from_bytes(&bytes).unwrap();
+    let Err(err) = Session::new(&model, gpu_options()) else {
+        panic!("linear Resize must not run on the GPU");
+    };
+    assert_eq!(err.kind(), "unsupported_op", "{err}");
+    assert!(err.to_string().contains("resize"), "{err}");
+    let auto = Session::new(
+        &model,
+        SessionOptions::new()
+            .allow_software_gpu(true)
+            .without_telemetry(),
+    )
+    .unwrap();
+    assert_eq!(auto.backend(), Backend::Cpu, "{}", auto.backend_reason());
 }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use burn_backend::ops::ConvOptions;
+use burn_backend::ops::{ConvOptions, ConvTransposeOptions};
 use burn_backend::tensor::{Device, FloatTensor, IntTensor};
 use burn_backend::{Backend, FloatDType, TensorData};
 use tract_onnx::prelude::*;
@@ -173,12 +173,20 @@ impl<B: Backend> Lowering<'_, B> {
                 "scalar or empty constant used as a tensor",
             ));
         }
-        let data = TensorData::new(values::<f32>(&konst)?, konst.shape().to_vec());
+        let slot = self.upload(&konst)?;
+        self.slots.insert(outlet, slot);
+        Ok(slot)
+    }
+
+    /// Uploads a host tensor as a constant of the program, in a slot of its own.
+    fn upload(&mut self, konst: &Tensor) -> Result<usize> {
+        let data = TensorData::new(values::<f32>(konst)?, konst.shape().to_vec());
         let mut tensor = B::float_from_data(data, &self.device);
         if self.precision != FloatDType::F32 {
             tensor = B::float_cast(tensor, self.precision);
         }
-        let slot = self.new_slot(outlet);
+        let slot = self.n_slots;
+        self.n_slots += 1;
         self.consts.push((slot, tensor));
         Ok(slot)
     }
@@ -273,6 +281,30 @@ impl<B: Backend> Lowering<'_, B> {
             self.push(node, Op::Unary(kind), vec![x]);
         } else if let Some(conv) = op.downcast_ref::<ops::cnn::Conv>() {
             self.conv(node, conv)?;
+        } else if let Some(deconv) = op.downcast_ref::<ops::cnn::Deconv>() {
+            self.deconv(node, deconv, &out_shape)?;
+        } else if let Some(up) = op.downcast_ref::<ops::nn::resize::NearestUpsample>() {
+            // Each upsampled axis split off a size-1 axis, broadcast to its scale, merged.
+            let shape = self.shape(input(0))?;
+            let (mut split, mut expanded) = (Vec::new(), Vec::new());
+            for (&d, &scale) in shape.iter().zip(&up.scales) {
+                split.push(d);
+                expanded.push(d);
+                if scale > 1 {
+                    split.push(1);
+                    expanded.push(scale);
+                }
+            }
+            let x = self.float(input(0))?;
+            self.push(
+                node,
+                Op::Upsample {
+                    split,
+                    expanded,
+                    out: out_shape,
+                },
+                vec![x],
+            );
         } else if let Some(einsum) = op.downcast_ref::<ops::einsum::EinSum>() {
             if einsum.q_params.is_some() || node.inputs.len() != 2 {
                 return Err(unsupported(node, "quantized or n-ary einsum"));
@@ -450,18 +482,8 @@ impl<B: Backend> Lowering<'_, B> {
         let w = self.float(node.inputs[1])?;
         let mut inputs = vec![x, w];
         let out_channels = conv.pool_spec.output_channels;
-        if let Some(bias) = node.inputs.get(2) {
-            let is_zero = self
-                .konst(*bias)
-                .and_then(|k| values::<f32>(&k).ok())
-                .is_some_and(|v| v.iter().all(|x| *x == 0.0));
-            if !is_zero {
-                let bias_shape = self.shape(*bias)?;
-                if bias_shape.iter().product::<usize>() != out_channels {
-                    return Err(unsupported(node, format!("bias of shape {bias_shape:?}")));
-                }
-                inputs.push(self.float(*bias)?);
-            }
+        if let Some(bias) = self.bias(node, node.inputs.get(2), out_channels)? {
+            inputs.push(bias);
         }
         self.push(
             node,
@@ -473,6 +495,135 @@ impl<B: Backend> Lowering<'_, B> {
             inputs,
         );
         Ok(())
+    }
+
+    /// ConvTranspose: 2-D, NCHW, symmetric padding (burn's kernel pads both sides alike).
+    fn deconv(
+        &mut self,
+        node: &TypedNode,
+        deconv: &ops::cnn::Deconv,
+        out_shape: &[usize],
+    ) -> Result<()> {
+        let spec = &deconv.pool_spec;
+        let rank = spec.kernel_shape.len();
+        if spec.data_format != DataFormat::NCHW || !(1..=2).contains(&rank) {
+            return Err(unsupported(
+                node,
+                "ConvTranspose other than 1-D or 2-D NCHW",
+            ));
+        }
+        if deconv.kernel_format != KernelFormat::OIHW {
+            return Err(unsupported(node, "kernel layout other than OIHW"));
+        }
+        let input = self.shape(node.inputs[0])?;
+        let padded = spec
+            .padding
+            .compute_for_deconv(
+                &input[2..],
+                &spec.kernel_shape,
+                &spec.dilations(),
+                &spec.strides(),
+                &deconv.adjustments,
+            )
+            .map_err(compile_err)?;
+        // burn pads both sides alike; asymmetric padding (SAME_*) runs unpadded and the
+        // output is cropped.
+        let symmetric = padded.iter().all(|p| p.pad_before == p.pad_after);
+        // A 1-D op runs as 2-D with a height of 1.
+        let two = |v: &[usize], fill: usize| match v {
+            [a] => [fill, *a],
+            _ => [v[0], v[1]],
+        };
+        let before: Vec<usize> = padded.iter().map(|p| p.pad_before).collect();
+        let after: Vec<usize> = padded.iter().map(|p| p.pad_after).collect();
+        let options = ConvTransposeOptions {
+            stride: two(&spec.strides(), 1),
+            padding: if symmetric { two(&before, 0) } else { [0, 0] },
+            padding_out: two(&deconv.adjustments, 0),
+            dilation: two(&spec.dilations(), 1),
+            groups: deconv.group,
+        };
+        let (kernel2, in2, out2) = (
+            two(&spec.kernel_shape, 1),
+            two(&input[2..], 1),
+            two(&out_shape[2..], 1),
+        );
+        // burn's output size; tract's (the model's) must be the same.
+        let size = |ax: usize| {
+            ((in2[ax] - 1) * options.stride[ax]
+                + options.dilation[ax] * (kernel2[ax] - 1)
+                + 1
+                + options.padding_out[ax])
+                .checked_sub(2 * options.padding[ax])
+        };
+        let crop = (!symmetric).then(|| {
+            let (b, a) = (two(&before, 0), two(&after, 0));
+            [(b[0], a[0]), (b[1], a[1])]
+        });
+        let cropped = |ax: usize| match crop {
+            Some(c) => size(ax).and_then(|s| s.checked_sub(c[ax].0 + c[ax].1)),
+            None => size(ax),
+        };
+        if [cropped(0), cropped(1)] != [Some(out2[0]), Some(out2[1])] {
+            return Err(unsupported(node, "ConvTranspose output size"));
+        }
+        // tract holds the kernel as [O, I/g, kh, kw]; burn takes [I, O/g, kh, kw]: a
+        // constant kernel is rearranged once here, one computed at run time on the device.
+        let group = deconv.group;
+        let (kernel, regroup) = match self.konst(node.inputs[1]) {
+            Some(k) => {
+                let k = k
+                    .as_ref()
+                    .clone()
+                    .split_axis(0, group)
+                    .and_then(|k| k.move_axis(1, 2))
+                    .map(|k| k.collapse_axis_with_next(0))
+                    .map_err(compile_err)?;
+                (self.upload(&k)?, None)
+            }
+            None => (self.float(node.inputs[1])?, Some(group)),
+        };
+        let out_channels = spec.output_channels;
+        let mut inputs = vec![self.float(node.inputs[0])?, kernel];
+        if let Some(bias) = self.bias(node, node.inputs.get(2), out_channels)? {
+            inputs.push(bias);
+        }
+        self.push(
+            node,
+            Op::ConvTranspose {
+                options,
+                out_channels,
+                regroup,
+                crop,
+            },
+            inputs,
+        );
+        Ok(())
+    }
+
+    /// The slot of a convolution's bias, `None` when it is absent or all zeros; its
+    /// elements must be one per output channel.
+    fn bias(
+        &mut self,
+        node: &TypedNode,
+        bias: Option<&OutletId>,
+        out_channels: usize,
+    ) -> Result<Option<usize>> {
+        let Some(&bias) = bias else {
+            return Ok(None);
+        };
+        let is_zero = self
+            .konst(bias)
+            .and_then(|k| values::<f32>(&k).ok())
+            .is_some_and(|v| v.iter().all(|x| *x == 0.0));
+        if is_zero {
+            return Ok(None);
+        }
+        let bias_shape = self.shape(bias)?;
+        if bias_shape.iter().product::<usize>() != out_channels {
+            return Err(unsupported(node, format!("bias of shape {bias_shape:?}")));
+        }
+        self.float(bias).map(Some)
     }
 
     /// Kernel, strides, dilations and explicit padding of a 1-D or 2-D NCHW/CHW window op.

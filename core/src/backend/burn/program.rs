@@ -5,7 +5,7 @@
 //! rank-agnostic primitive API (`B::float_add`, `B::conv2d`…), which suits an interpreter
 //! whose tensor ranks are only known at run time.
 
-use burn_backend::ops::PadMode;
+use burn_backend::ops::{ConvTransposeOptions, PadMode};
 use burn_backend::tensor::{Device, FloatTensor, IntTensor};
 use burn_backend::{
     get_or_init_device_settings, Backend, FloatDType, Scalar, Shape, Slice, TensorData,
@@ -297,6 +297,24 @@ pub(crate) enum Op<B: Backend> {
         groups: usize,
         out_channels: usize,
     },
+    /// 2-D transposed convolution (NCHW); optional bias as a third input.
+    ConvTranspose {
+        options: ConvTransposeOptions<2>,
+        out_channels: usize,
+        /// `Some(groups)`: the kernel input is in tract's `[O, I/g, kh, kw]` layout and is
+        /// rearranged to burn's `[I, O/g, kh, kw]` on the device.
+        regroup: Option<usize>,
+        /// `(before, after)` cropped from each (2-D lifted) spatial axis of the output:
+        /// asymmetric padding, which burn's kernel cannot apply.
+        crop: Option<[(usize, usize); 2]>,
+    },
+    /// Integer nearest upsampling: reshape to `split` (a size-1 axis after each upsampled
+    /// one), broadcast to `expanded` (that axis to its scale), reshape to `out`.
+    Upsample {
+        split: Vec<usize>,
+        expanded: Vec<usize>,
+        out: Vec<usize>,
+    },
     MatMul(Box<MatMulPlan>),
     ReduceSum(Vec<usize>),
     ReduceMax(Vec<usize>),
@@ -368,6 +386,8 @@ impl<B: Backend> Op<B> {
             Op::BinScalar { kind, value } => format!("{kind:?} scalar {value}"),
             Op::Unary(kind) => format!("{kind:?}"),
             Op::Conv { window, groups, .. } => format!("Conv {window:?} groups {groups}"),
+            Op::ConvTranspose { options, .. } => format!("ConvTranspose {options:?}"),
+            Op::Upsample { expanded, .. } => format!("Upsample to {expanded:?}"),
             Op::MatMul(plan) => format!("MatMul {plan:?}"),
             Op::ReduceSum(a) => format!("ReduceSum {a:?}"),
             Op::ReduceMax(a) => format!("ReduceMax {a:?}"),
@@ -629,6 +649,54 @@ impl<B: Backend> Program<B> {
                 let y = B::conv2d(to_4d::<B>(x, window), w, bias, options);
                 from_4d::<B>(y, window)
             }
+            Op::ConvTranspose {
+                options,
+                out_channels,
+                regroup,
+                crop,
+            } => {
+                let (mut x, mut w) = (arg(), arg());
+                let one_d = x.shape().num_dims() == 3;
+                if one_d {
+                    x = B::float_reshape(x.clone(), Shape::from(lift_height(&x.shape())));
+                    w = B::float_reshape(w.clone(), Shape::from(lift_height(&w.shape())));
+                }
+                if let Some(g) = *regroup {
+                    let s = w.shape().to_vec();
+                    let split = vec![g, s[0] / g, s[1], s[2], s[3]];
+                    w = B::float_permute(B::float_reshape(w, Shape::from(split)), &[0, 2, 1, 3, 4]);
+                    w = B::float_reshape(w, Shape::from(vec![s[1] * g, s[0] / g, s[2], s[3]]));
+                }
+                let bias = (!args.is_empty())
+                    .then(|| B::float_reshape(args.remove(0), Shape::from(vec![*out_channels])));
+                let mut y = B::conv_transpose2d(x, w, bias, options.clone());
+                if let Some(c) = crop {
+                    let dims = y.shape().to_vec();
+                    let slices = [
+                        Slice::new(0, None, 1),
+                        Slice::new(0, None, 1),
+                        Slice::new(c[0].0 as isize, Some((dims[2] - c[0].1) as isize), 1),
+                        Slice::new(c[1].0 as isize, Some((dims[3] - c[1].1) as isize), 1),
+                    ];
+                    y = B::float_slice(y, &slices);
+                }
+                if one_d {
+                    let mut dims = y.shape().to_vec();
+                    dims.remove(2);
+                    B::float_reshape(y, Shape::from(dims))
+                } else {
+                    y
+                }
+            }
+            Op::Upsample {
+                split,
+                expanded,
+                out,
+            } => {
+                let x = B::float_reshape(arg(), Shape::from(split.clone()));
+                let x = B::float_expand(x, Shape::from(expanded.clone()));
+                B::float_reshape(x, Shape::from(out.clone()))
+            }
             Op::MatMul(plan) => {
                 let a = arg();
                 plan.run::<B>(a, arg())
@@ -809,6 +877,13 @@ fn unary<B: Backend>(kind: UnaryKind, x: FloatTensor<B>) -> FloatTensor<B> {
         Sin => B::float_sin(x),
         Cos => B::float_cos(x),
     }
+}
+
+/// A 3-D shape `[a, b, l]` as `[a, b, 1, l]` (a 1-D op's operand lifted to 2-D).
+fn lift_height(shape: &Shape) -> Vec<usize> {
+    let mut dims = shape.to_vec();
+    dims.insert(2, 1);
+    dims
 }
 
 /// A window op's input as `[N, C, H, W]`: a batch axis of 1 added to a CHW input, a height

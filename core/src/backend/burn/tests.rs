@@ -118,6 +118,20 @@ fn transformer_matches_tract_on_burn_cpu() {
     compare_with_tract("ppocr_rec", REC_DIMS, 1e-3);
 }
 
+/// The text detector (DBNet: transposed convolutions and nearest upsampling in its FPN).
+#[test]
+fn detector_matches_tract_on_burn_cpu() {
+    compare_with_tract(
+        "ppocr_det",
+        &[
+            ("p2o.DynamicDimension.0", 1),
+            ("p2o.DynamicDimension.1", 96),
+            ("p2o.DynamicDimension.2", 160),
+        ],
+        1e-4,
+    );
+}
+
 /// In f16 (weights and activations stored as f16, reductions, softmax and exp in f32) the
 /// real models still pick the same classes as tract in f32, within f16's ~3 digits.
 #[test]
