@@ -368,37 +368,44 @@ fn wgpu_onnx_node_suite_for_gpu_ops() {
     );
 }
 
+/// Adds a tensor-valued attribute to `node`.
+fn tensor_attribute(node: &mut pb::NodeProto, name: &str, t: pb::TensorProto) {
+    node.attribute.push(pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(t),
+        ..Default::default()
+    });
+}
+
+/// A `Constant` node holding `t`.
+fn constant(name: &str, t: pb::TensorProto) -> pb::NodeProto {
+    let mut n = node(name, "Constant", "", &[], &[name]);
+    tensor_attribute(&mut n, "value", t);
+    n
+}
+
 /// A `Constant` node holding an int64 tensor.
 fn int_constant(name: &str, dims: &[i64], values: &[i64]) -> pb::NodeProto {
-    let mut n = node(name, "Constant", "", &[], &[name]);
-    n.attribute.push(pb::AttributeProto {
-        name: "value".into(),
-        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
-        t: Some(pb::TensorProto {
+    constant(
+        name,
+        pb::TensorProto {
             dims: dims.to_vec(),
             data_type: tern_tests::fixtures::INT64,
             int64_data: values.to_vec(),
             ..Default::default()
-        }),
-        ..Default::default()
-    });
-    n
+        },
+    )
 }
 
-fn float_constant(name: &str, dims: &[i64], values: &[f32]) -> pb::NodeProto {
-    let mut n = node(name, "Constant", "", &[], &[name]);
-    n.attribute.push(pb::AttributeProto {
-        name: "value".into(),
-        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
-        t: Some(pb::TensorProto {
-            dims: dims.to_vec(),
-            data_type: FLOAT,
-            float_data: values.to_vec(),
-            ..Default::default()
-        }),
+/// An f32 tensor.
+fn float_tensor(dims: &[i64], values: &[f32]) -> pb::TensorProto {
+    pb::TensorProto {
+        dims: dims.to_vec(),
+        data_type: FLOAT,
+        float_data: values.to_vec(),
         ..Default::default()
-    });
-    n
+    }
 }
 
 fn string_attribute(node: &mut pb::NodeProto, name: &str, value: &str) {
@@ -417,7 +424,7 @@ fn resize(mode: &str) -> Vec<pb::NodeProto> {
     string_attribute(&mut resize, "coordinate_transformation_mode", "asymmetric");
     string_attribute(&mut resize, "nearest_mode", "floor");
     vec![
-        float_constant("scales", &[4], &[1.0, 1.0, 2.0, 3.0]),
+        constant("scales", float_tensor(&[4], &[1.0, 1.0, 2.0, 3.0])),
         resize,
     ]
 }
@@ -435,24 +442,9 @@ type OpCase = (
 #[test]
 fn wgpu_constant_operand_ops_match_cpu() {
     let mut pad = node("pad", "Pad", "", &["x", "pads"], &["y"]);
-    pad.attribute.push(pb::AttributeProto {
-        name: "mode".into(),
-        r#type: pb::attribute_proto::AttributeType::String as i32,
-        s: b"constant".to_vec(),
-        ..Default::default()
-    });
+    string_attribute(&mut pad, "mode", "constant");
     let mut fill = node("fill", "ConstantOfShape", "", &["shape"], &["ones"]);
-    fill.attribute.push(pb::AttributeProto {
-        name: "value".into(),
-        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
-        t: Some(pb::TensorProto {
-            dims: vec![1],
-            data_type: FLOAT,
-            float_data: vec![1.5],
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    tensor_attribute(&mut fill, "value", float_tensor(&[1], &[1.5]));
     let cases: Vec<OpCase> = vec![
         (
             "Gather",
