@@ -19,7 +19,7 @@ use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{KernelFormat, PoolSpec};
 use tract_onnx::tract_core::ops::nn::{DataFormat, Reducer};
 
-use super::program::{BinKind, MatMulPlan, Op, Program, Step, UnaryKind};
+use super::program::{regroup_deconv_kernel, BinKind, MatMulPlan, Op, Program, Step, UnaryKind};
 use crate::error::Error;
 use crate::Result;
 
@@ -567,19 +567,16 @@ impl<B: Backend> Lowering<'_, B> {
         if [cropped(0), cropped(1)] != [Some(out2[0]), Some(out2[1])] {
             return Err(unsupported(node, "ConvTranspose output size"));
         }
-        // tract holds the kernel as [O, I/g, kh, kw]; burn takes [I, O/g, kh, kw]: a
-        // constant kernel is rearranged once here, one computed at run time on the device.
+        // tract holds the kernel as [O, I/g, k…]; burn takes [I, O/g, k…]: a constant kernel
+        // is rearranged once here, one computed at run time in every run.
         let group = deconv.group;
         let (kernel, regroup) = match self.konst(node.inputs[1]) {
             Some(k) => {
-                let k = k
-                    .as_ref()
-                    .clone()
-                    .split_axis(0, group)
-                    .and_then(|k| k.move_axis(1, 2))
-                    .map(|k| k.collapse_axis_with_next(0))
-                    .map_err(compile_err)?;
-                (self.upload(&k)?, None)
+                let slot = self.upload(&k)?;
+                if let Some((_, t)) = self.consts.last_mut() {
+                    *t = regroup_deconv_kernel::<B>(t.clone(), group);
+                }
+                (slot, None)
             }
             None => (self.float(node.inputs[1])?, Some(group)),
         };

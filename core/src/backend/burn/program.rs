@@ -584,6 +584,7 @@ impl<B: Backend> Program<B> {
         self.cast(t, FloatDType::F32)
     }
 
+    /// `t` cast to `to` (in an f32 program every value is already f32: nothing to do).
     fn cast(&self, t: FloatTensor<B>, to: FloatDType) -> FloatTensor<B> {
         if self.precision == FloatDType::F32 {
             t
@@ -656,16 +657,14 @@ impl<B: Backend> Program<B> {
                 crop,
             } => {
                 let (mut x, mut w) = (arg(), arg());
+                if let Some(g) = *regroup {
+                    w = regroup_deconv_kernel::<B>(w, g);
+                }
                 let one_d = x.shape().num_dims() == 3;
                 if one_d {
-                    x = B::float_reshape(x.clone(), Shape::from(lift_height(&x.shape())));
-                    w = B::float_reshape(w.clone(), Shape::from(lift_height(&w.shape())));
-                }
-                if let Some(g) = *regroup {
-                    let s = w.shape().to_vec();
-                    let split = vec![g, s[0] / g, s[1], s[2], s[3]];
-                    w = B::float_permute(B::float_reshape(w, Shape::from(split)), &[0, 2, 1, 3, 4]);
-                    w = B::float_reshape(w, Shape::from(vec![s[1] * g, s[0] / g, s[2], s[3]]));
+                    let (xs, ws) = (lift_height(&x.shape()), lift_height(&w.shape()));
+                    x = B::float_reshape(x, Shape::from(xs));
+                    w = B::float_reshape(w, Shape::from(ws));
                 }
                 let bias = (!args.is_empty())
                     .then(|| B::float_reshape(args.remove(0), Shape::from(vec![*out_channels])));
@@ -877,6 +876,24 @@ fn unary<B: Backend>(kind: UnaryKind, x: FloatTensor<B>) -> FloatTensor<B> {
         Sin => B::float_sin(x),
         Cos => B::float_cos(x),
     }
+}
+
+/// A transposed convolution's kernel from tract's layout `[O, I/g, k…]` to burn's
+/// `[I, O/g, k…]`: `[g, O/g, I/g, k…]`, its axes 1 and 2 swapped, merged back.
+pub(crate) fn regroup_deconv_kernel<B: Backend>(
+    w: FloatTensor<B>,
+    groups: usize,
+) -> FloatTensor<B> {
+    let s = w.shape().to_vec();
+    let (o, i) = (s[0] / groups, s[1]);
+    let mut split = vec![groups, o, i];
+    split.extend_from_slice(&s[2..]);
+    let mut perm: Vec<usize> = (0..split.len()).collect();
+    perm.swap(1, 2);
+    let w = B::float_permute(B::float_reshape(w, Shape::from(split)), &perm);
+    let mut merged = vec![groups * i, o];
+    merged.extend_from_slice(&s[2..]);
+    B::float_reshape(w, Shape::from(merged))
 }
 
 /// A 3-D shape `[a, b, l]` as `[a, b, 1, l]` (a 1-D op's operand lifted to 2-D).
