@@ -167,6 +167,7 @@ pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) ->
     g.node = nodes;
     g.initializer.extend(new_inits);
     graph::prune_initializers(g);
+    graph::share_identical_initializers(g);
     if converted == 0 {
         return Err(QuantizeError::NothingToDo(
             "no MatMul/Gemm with a constant 2-D weight".into(),

@@ -278,15 +278,88 @@ pub fn topological_sort(graph: &mut pb::GraphProto) {
     graph.node = order.into_iter().filter_map(|i| nodes[i].take()).collect();
 }
 
-/// Removes initializers no node or output reads.
+/// Every tensor name read by the nodes of the subgraphs (`If`/`Loop`/`Scan` bodies) of
+/// `graph`'s nodes, at any depth: such bodies may read the outer graph's initializers.
+fn names_read_by_subgraphs(graph: &pb::GraphProto) -> HashSet<String> {
+    fn visit(g: &pb::GraphProto, names: &mut HashSet<String>) {
+        for n in &g.node {
+            names.extend(n.input.iter().cloned());
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(&a.graphs) {
+                    visit(sub, names);
+                }
+            }
+        }
+    }
+    let mut names = HashSet::new();
+    for n in &graph.node {
+        for a in &n.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                visit(sub, &mut names);
+            }
+        }
+    }
+    names
+}
+
+/// Removes initializers no node, subgraph or output reads.
 pub fn prune_initializers(graph: &mut pb::GraphProto) {
-    let used: HashSet<String> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().cloned())
-        .chain(graph.output.iter().map(|o| o.name.clone()))
-        .collect();
+    let mut used = names_read_by_subgraphs(graph);
+    used.extend(
+        graph
+            .node
+            .iter()
+            .flat_map(|n| n.input.iter().cloned())
+            .chain(graph.output.iter().map(|o| o.name.clone())),
+    );
     graph.initializer.retain(|t| used.contains(&t.name));
+}
+
+/// Initializers up to this many encoded bytes are compared by [`share_identical_initializers`].
+const SHARED_INITIALIZER_MAX_BYTES: usize = 1 << 16;
+
+/// Keeps one copy of initializers with the same type, shape and values, pointing the nodes
+/// that read a duplicate at the copy kept: exporters repeat small constants (an activation's
+/// `3.0` and `6.0` per layer) and quantization adds a scale per tensor. Initializers that
+/// are graph inputs or outputs, or read inside subgraphs, keep their names.
+pub fn share_identical_initializers(graph: &mut pb::GraphProto) {
+    let mut pinned = names_read_by_subgraphs(graph);
+    pinned.extend(
+        graph
+            .input
+            .iter()
+            .chain(&graph.output)
+            .map(|v| v.name.clone()),
+    );
+    let mut first_with: HashMap<Vec<u8>, String> = HashMap::new();
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    for t in &graph.initializer {
+        if pinned.contains(&t.name) || t.encoded_len() > SHARED_INITIALIZER_MAX_BYTES {
+            continue;
+        }
+        let key = pb::TensorProto {
+            name: String::new(),
+            ..t.clone()
+        }
+        .encode_to_vec();
+        match first_with.get(&key) {
+            Some(kept) => {
+                renamed.insert(t.name.clone(), kept.clone());
+            }
+            None => {
+                first_with.insert(key, t.name.clone());
+            }
+        }
+    }
+    if renamed.is_empty() {
+        return;
+    }
+    for input in graph.node.iter_mut().flat_map(|n| n.input.iter_mut()) {
+        if let Some(kept) = renamed.get(input) {
+            input.clone_from(kept);
+        }
+    }
+    graph.initializer.retain(|t| !renamed.contains_key(&t.name));
 }
 
 /// The default-domain opset version.
@@ -446,4 +519,60 @@ pub fn upgrade_to_opset13(model: &mut pb::ModelProto) -> Result<bool> {
     // Opset 13 needs IR version 7.
     model.ir_version = model.ir_version.max(7);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_initializers_are_stored_once_unless_a_subgraph_or_the_interface_reads_them() {
+        let mut g = pb::GraphProto {
+            input: vec![pb::ValueInfoProto {
+                name: "overridable".into(),
+                ..Default::default()
+            }],
+            initializer: vec![
+                f32_tensor("three_a", &[], &[3.0]),
+                f32_tensor("three_b", &[], &[3.0]),
+                f32_tensor("three_1d", &[1], &[3.0]),
+                f32_tensor("six", &[], &[6.0]),
+                f32_tensor("overridable", &[], &[3.0]),
+                f32_tensor("in_body", &[], &[3.0]),
+            ],
+            node: vec![
+                node("Add", "a", &["x", "three_a"], &["y"], vec![]),
+                node("Add", "b", &["y", "three_b"], &["z"], vec![]),
+                node("Mul", "c", &["z", "three_1d"], &["w"], vec![]),
+                node("Mul", "d", &["w", "six"], &["v"], vec![]),
+                node("Mul", "e", &["v", "overridable"], &["u"], vec![]),
+            ],
+            ..Default::default()
+        };
+        let body = pb::GraphProto {
+            node: vec![node("Identity", "i", &["in_body"], &["o"], vec![])],
+            ..Default::default()
+        };
+        let mut if_node = node("If", "f", &["cond"], &["r"], vec![]);
+        if_node.attribute.push(pb::AttributeProto {
+            name: "then_branch".into(),
+            g: Some(body),
+            ..Default::default()
+        });
+        g.node.push(if_node);
+        share_identical_initializers(&mut g);
+        let names: Vec<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["three_a", "three_1d", "six", "overridable", "in_body"]
+        );
+        assert_eq!(g.node[1].input[1], "three_a");
+        assert_eq!(
+            g.node[2].input[1], "three_1d",
+            "another shape is another tensor"
+        );
+        // The body's reference keeps its initializer through pruning as well.
+        prune_initializers(&mut g);
+        assert!(g.initializer.iter().any(|t| t.name == "in_body"));
+    }
 }

@@ -244,7 +244,7 @@ fn run(cli: &Cli) -> Result<(), QuantizeError> {
                 input,
                 output,
                 format!(
-                    "{n} Conv/MatMul node(s) quantized to int8 ({format:?}, {method:?} calibration on {} samples{})",
+                    "{n} Conv/ConvTranspose/MatMul node(s) quantized to int8 ({format:?}, {method:?} calibration on {} samples{})",
                     samples.len(),
                     if kept_fp32.is_empty() { String::new() } else { format!(", {} kept fp32", kept_fp32.len()) }
                 ),

@@ -1,7 +1,7 @@
 //! Static int8 quantization, calibrated by running the fp32 model through tern, in QDQ form
 //! (the default) or QOperator form ([`Format`]).
 //!
-//! QDQ — for every `Conv` and `MatMul` with a constant weight:
+//! QDQ — for every `Conv`, `ConvTranspose` and `MatMul` with a constant weight:
 //! - the weight is stored as symmetric int8 — per output channel (`DequantizeLinear`'s
 //!   `axis` needs opset 13, so older models are upgraded to it first), or per tensor on
 //!   request — behind a `DequantizeLinear`;
@@ -13,6 +13,9 @@
 //! activation and int8 weights (per channel for `QLinearConv`), with its output quantized by
 //! its own calibrated range and dequantized for the float ops after it; a `Conv` bias becomes
 //! int32 at scale `x_scale × w_scale`.
+//!
+//! Identical constants (exporters repeat an activation's `3.0` and `6.0` per layer) are
+//! stored once ([`graph::share_identical_initializers`]).
 //!
 //! Softmax and everything else stay in float (tract mis-runs a quantized Softmax; see
 //! docs/MODELS.md). The result is standard ONNX that onnxruntime runs too.
@@ -83,7 +86,12 @@ fn targets(g: &pb::GraphProto, options: &StaticOptions) -> Vec<(usize, String, S
     g.node
         .iter()
         .enumerate()
-        .filter(|(_, n)| matches!(n.op_type.as_str(), "Conv" | "MatMul"))
+        .filter(|(_, n)| match n.op_type.as_str() {
+            "Conv" | "MatMul" => true,
+            // No QLinearConvTranspose exists; in QDQ its weight is stored as int8 like a Conv's.
+            "ConvTranspose" => options.format == Format::Qdq,
+            _ => false,
+        })
         .filter(|(_, n)| {
             options.exclude.allows(n)
                 && options
@@ -167,6 +175,7 @@ pub fn quantize_static(
     let mut new_nodes: Vec<pb::NodeProto> = Vec::new();
     let mut new_inits = Vec::new();
     let mut activations: HashMap<String, QuantizedActivation> = HashMap::new();
+    let mut quantized_weights: HashSet<String> = HashSet::new();
     let mut changed = 0;
     for (ix, act, weight) in &todo {
         let Some(&(lo, hi)) = ranges.get(act) else {
@@ -181,30 +190,34 @@ pub fn quantize_static(
         let Some(values) = graph::f32_values(w) else {
             continue;
         };
-        let is_conv = g.node[*ix].op_type == "Conv";
-        let axis = if is_conv {
-            0
-        } else {
-            w.dims.len().saturating_sub(1)
+        let op = g.node[*ix].op_type.as_str();
+        let is_conv = op == "Conv";
+        // The output-channel axis of the weight: Conv [O, I/g, k…], ConvTranspose [I, O/g, k…]
+        // (whose output channels are only one axis without groups), MatMul [.., K, N].
+        let axis = match op {
+            "Conv" => Some(0),
+            "ConvTranspose" => (graph::attr_i(&g.node[*ix], "group", 1) == 1).then_some(1),
+            _ => Some(w.dims.len().saturating_sub(1)),
         };
         // Per-channel scales: DequantizeLinear's `axis` needs opset 13; QLinearConv takes a
         // 1-D weight scale at any opset; QLinearMatMul stays per tensor.
-        let per_channel = !options.per_tensor && if qoperator { is_conv } else { opset >= 13 };
+        let per_channel =
+            !options.per_tensor && axis.is_some() && if qoperator { is_conv } else { opset >= 13 };
+        let axis = axis.unwrap_or(0);
         let a = activations.entry(act.clone()).or_insert_with(|| {
             let (scale, zp) = activation_params(lo, hi);
-            let p = format!("{act}_qdq");
             let a = QuantizedActivation {
-                q: format!("{p}_q"),
-                scale: format!("{p}_scale"),
-                zp: format!("{p}_zp"),
-                dq: format!("{p}_dq"),
+                q: format!("{act}_q"),
+                scale: format!("{act}_s"),
+                zp: format!("{act}_z"),
+                dq: format!("{act}_f"),
             };
             new_inits.push(f32_tensor(&a.scale, &[], &[scale]));
             new_inits.push(tensor(&a.zp, UINT8, &[], vec![zp]));
             let qdq = [&act[..], &a.scale, &a.zp];
             new_nodes.push(node(
                 "QuantizeLinear",
-                &format!("{p}_Q"),
+                &format!("{act}_Q"),
                 &qdq,
                 &[&a.q],
                 vec![],
@@ -213,7 +226,7 @@ pub fn quantize_static(
                 let dq = [&a.q[..], &a.scale, &a.zp];
                 new_nodes.push(node(
                     "DequantizeLinear",
-                    &format!("{p}_DQ"),
+                    &format!("{act}_DQ"),
                     &dq,
                     &[&a.dq],
                     vec![],
@@ -222,41 +235,51 @@ pub fn quantize_static(
             a
         });
         let (q, scales) = graph::quantize_symmetric_int8(&values, &w.dims, axis, per_channel);
-        let p = format!("{weight}_qdq{ix}");
-        let (wq, ws, wz) = (format!("{p}_q"), format!("{p}_scale"), format!("{p}_zp"));
+        // Named after the weight: a weight read by several nodes of one kind is quantized
+        // once, and its tensors (and DequantizeLinear) are shared.
+        let (wq, ws, wz) = (
+            format!("{weight}_q"),
+            format!("{weight}_s"),
+            format!("{weight}_z"),
+        );
+        let first_use = quantized_weights.insert(weight.clone());
         let zp_dims: &[i64] = if per_channel {
             &[scales.len() as i64]
         } else {
             &[]
         };
-        new_inits.push(tensor(
-            &wq,
-            INT8,
-            &w.dims,
-            q.iter().map(|v| *v as u8).collect(),
-        ));
-        new_inits.push(f32_tensor(&ws, zp_dims, &scales));
-        // DequantizeLinear's zero point is optional (0 of the input's type); QLinearConv and
-        // QLinearMatMul need it.
-        if qoperator {
-            new_inits.push(tensor(&wz, INT8, zp_dims, vec![0; scales.len()]));
+        if first_use {
+            new_inits.push(tensor(
+                &wq,
+                INT8,
+                &w.dims,
+                q.iter().map(|v| *v as u8).collect(),
+            ));
+            new_inits.push(f32_tensor(&ws, zp_dims, &scales));
+            // DequantizeLinear's zero point is optional (0 of the input's type); QLinearConv
+            // and QLinearMatMul need it.
+            if qoperator {
+                new_inits.push(tensor(&wz, INT8, zp_dims, vec![0; scales.len()]));
+            }
         }
         let n = &mut g.node[*ix];
         match out_range.filter(|_| qoperator) {
             None => {
-                let dq = format!("{p}_dq");
-                let attrs = if per_channel {
-                    vec![int_attr("axis", axis as i64)]
-                } else {
-                    vec![]
-                };
-                new_nodes.push(node(
-                    "DequantizeLinear",
-                    &format!("{p}_DQ"),
-                    &[&wq, &ws],
-                    &[&dq],
-                    attrs,
-                ));
+                let dq = format!("{weight}_f");
+                if first_use {
+                    let attrs = if per_channel {
+                        vec![int_attr("axis", axis as i64)]
+                    } else {
+                        vec![]
+                    };
+                    new_nodes.push(node(
+                        "DequantizeLinear",
+                        &format!("{weight}_DQ"),
+                        &[&wq, &ws],
+                        &[&dq],
+                        attrs,
+                    ));
+                }
                 n.input[0] = a.dq.clone();
                 n.input[1] = dq;
             }
@@ -264,8 +287,11 @@ pub fn quantize_static(
                 // QLinearConv / QLinearMatMul: int8 in, uint8 out, then back to float for
                 // whatever reads the output.
                 let (oscale, ozp) = activation_params(olo, ohi);
-                let o = format!("{out_name}_qop");
-                let (oq, os, oz) = (format!("{o}_q"), format!("{o}_scale"), format!("{o}_zp"));
+                let (oq, os, oz) = (
+                    format!("{out_name}_q"),
+                    format!("{out_name}_s"),
+                    format!("{out_name}_z"),
+                );
                 new_inits.push(f32_tensor(&os, &[], &[oscale]));
                 new_inits.push(tensor(&oz, UINT8, &[], vec![ozp]));
                 let mut inputs = vec![
@@ -295,7 +321,7 @@ pub fn quantize_static(
                             ((v / s).round() as i32).to_le_bytes()
                         })
                         .collect();
-                    let name = format!("{p}_bias_q");
+                    let name = format!("{out_name}_b");
                     new_inits.push(tensor(&name, INT32, &[b.len() as i64], q));
                     inputs.push(name);
                 }
@@ -309,7 +335,7 @@ pub fn quantize_static(
                 n.output = vec![oq.clone()];
                 new_nodes.push(node(
                     "DequantizeLinear",
-                    &format!("{o}_DQ"),
+                    &format!("{out_name}_DQ"),
                     &[&oq, &os, &oz],
                     &[&out_name],
                     vec![],
@@ -327,5 +353,6 @@ pub fn quantize_static(
     g.initializer.extend(new_inits);
     graph::topological_sort(g);
     graph::prune_initializers(g);
+    graph::share_identical_initializers(g);
     Ok(changed)
 }

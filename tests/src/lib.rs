@@ -93,6 +93,28 @@ pub fn model_manifest() -> Vec<ModelEntry> {
         .expect("models/manifest.json")
 }
 
+/// Writes an f32 tensor as a `.npy` file (version 1.0, little-endian, C order), for the
+/// Python reference scripts.
+pub fn write_npy(path: &Path, tensor: &Tensor) {
+    let shape: Vec<String> = tensor.shape().iter().map(|d| format!("{d},")).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}",
+        shape.join(" ")
+    );
+    // Magic (6) + version (2) + header length (2) + header + '\n', padded to 64 bytes.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for v in tensor.to_f32_vec().expect("an f32 tensor") {
+        bytes.extend(v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 /// Reads a `.npy` file that must exist.
 pub fn read_npy(path: &Path) -> Tensor {
     Tensor::from_npy(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))

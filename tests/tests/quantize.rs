@@ -293,18 +293,74 @@ fn percentile_and_entropy_calibration_clip_within_minmax_and_keep_accuracy() {
     }
 }
 
+/// PP-OCR's classifier preprocessing: BGR, 48×192, (x/255 − 0.5) / 0.5.
+const CLS_PREPROCESS: &str = "size=48x192,order=bgr,mean=0.5,std=0.5";
+
 /// `n` rendered text-line images (seeded) as ppocr_cls inputs, with the folder they are in.
 fn text_line_samples(n: usize, seed: u64) -> (PathBuf, Vec<Vec<(String, tern::Tensor)>>) {
+    text_line_samples_as(n, seed, CLS_PREPROCESS)
+}
+
+/// `n` rendered text-line images (seeded) as inputs made by `preprocess`, with their folder.
+fn text_line_samples_as(
+    n: usize,
+    seed: u64,
+    preprocess: &str,
+) -> (PathBuf, Vec<Vec<(String, tern::Tensor)>>) {
     use tern_quantize::images::{samples_from_folder, Preprocess};
     let dir = out(&format!("text-{n}-{seed}"));
     python_json(
         "make_text_images.py",
         &[&dir, &n.to_string(), &seed.to_string()],
     );
-    // PP-OCR's classifier preprocessing: BGR, 48×192, (x/255 − 0.5) / 0.5.
-    let spec: Preprocess = "size=48x192,order=bgr,mean=0.5,std=0.5".parse().unwrap();
+    let spec: Preprocess = preprocess.parse().unwrap();
     let samples = samples_from_folder(&dir, &spec, "x").unwrap();
     (dir, samples)
+}
+
+#[test]
+fn static_qdq_on_a_detector_cnn_quantizes_transposed_convs_and_meets_the_size_target() {
+    use tern_quantize::static_qdq::{self, StaticOptions};
+    let src = fetched("models/ppocr_det/model.onnx");
+    // PP-OCR's detector preprocessing (ImageNet statistics, BGR), on text lines padded to a
+    // multiple of 32: random inputs give it a flat probability map that compares as noise.
+    let spec = "size=64x256,order=bgr,mean=0.485/0.456/0.406,std=0.229/0.224/0.225";
+    let (_, calib) = text_line_samples_as(8, 1, spec);
+    let (_, eval) = text_line_samples_as(8, 0, spec);
+    let mut model = graph::load(&src).unwrap();
+    let options = StaticOptions::default();
+    let ranges = static_qdq::calibrate(&model, &calib, &options).unwrap();
+    static_qdq::quantize_static(&mut model, &ranges, &options).unwrap();
+    // Every weight is int8: each Conv and ConvTranspose reads a DequantizeLinear.
+    let g = model.graph.as_ref().unwrap();
+    let dequantized: HashSet<&str> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .flat_map(|n| n.output.iter().map(|o| o.as_str()))
+        .collect();
+    let convs: Vec<_> = g
+        .node
+        .iter()
+        .filter(|n| matches!(n.op_type.as_str(), "Conv" | "ConvTranspose"))
+        .collect();
+    assert!(convs.iter().any(|n| n.op_type == "ConvTranspose"));
+    for n in convs {
+        assert!(dequantized.contains(n.input[1].as_str()), "{}", n.name);
+    }
+    let dst = out("det-qdq.onnx");
+    graph::save(&model, &dst).unwrap();
+    let r = report::evaluate(&src, &dst, &eval, 1, 1).unwrap();
+    assert!(r.size_ratio <= 0.275, "size ratio {}", r.size_ratio);
+    assert!(r.outputs[0].cosine >= 0.98, "{:?}", r.outputs[0]);
+    // onnxruntime runs it too, and agrees on a text image.
+    let x = out("det-x.npy");
+    tern_tests::write_npy(&x, &eval[0][0].1);
+    let feed = format!("x={}", x.display());
+    let cosine = python_json("ort_compare.py", &[&src, &dst, &feed])["cosine"]
+        .as_f64()
+        .unwrap();
+    assert!(cosine >= 0.98, "onnxruntime: cosine {cosine}");
 }
 
 #[test]
