@@ -76,7 +76,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    # 12: tern's multi-thread sessions time their first 12 runs to choose threads or not.
+    ap.add_argument("--warmup", type=int, default=12)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--models", default="")
     ap.add_argument("--batch", type=int, default=8)
@@ -109,7 +110,7 @@ def main():
                 if a.batch > 1 and entry["name"] != "silero_vad_lstm":
                     b_inputs = batched_inputs(inputs, a.batch, tmp)
                     if b_inputs:
-                        bc = measure(model, b_inputs, threads, max(a.runs // 3, 5), 2)
+                        bc = measure(model, b_inputs, threads, max(a.runs // 3, 5), a.warmup)
                         for side in ("tern", "ort"):
                             try:
                                 ms = median([run_json(bc[side])["median_ms"] for _ in range(a.rounds)])

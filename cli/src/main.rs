@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tern::{Backend, GpuPrecision, Model, NanPolicy, Session, SessionOptions};
+use tern::{Backend, GpuPrecision, Model, NanPolicy, Session, SessionOptions, ThreadPolicy};
 
 #[derive(Parser)]
 #[command(name = "tern", version, about = "On-device ONNX inference")]
@@ -88,8 +88,9 @@ enum Command {
         /// Timed runs.
         #[arg(long, default_value_t = 50)]
         runs: usize,
-        /// Untimed warm-up runs.
-        #[arg(long, default_value_t = 5)]
+        /// Untimed warm-up runs (with more than one thread the session's first 12 runs
+        /// also decide whether the thread pool pays off).
+        #[arg(long, default_value_t = 12)]
         warmup: usize,
         /// An input as NAME=FILE; inputs not given are random.
         #[arg(long, short)]
@@ -107,6 +108,10 @@ struct SessionArgs {
     /// Threads for the CPU kernels (0 = all cores).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// With more than one thread: measure (each plan keeps the pool only if its first runs
+    /// show it is faster than one thread) or always.
+    #[arg(long, default_value = "measure")]
+    thread_policy: ThreadPolicy,
     /// Backend: cpu, gpu or auto.
     #[arg(long, default_value = "auto")]
     backend: Backend,
@@ -125,6 +130,7 @@ impl SessionArgs {
     fn options(&self) -> Result<SessionOptions> {
         let mut options = SessionOptions::new()
             .threads(self.threads)
+            .thread_policy(self.thread_policy)
             .backend(self.backend)
             .gpu_precision(self.gpu_precision)
             .nan_policy(if self.allow_nan {

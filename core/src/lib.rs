@@ -29,7 +29,8 @@ pub use backend::Backend;
 pub use error::Error;
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
 pub use session::{
-    GpuPrecision, NanPolicy, OptLevel, Outputs, Session, SessionOptions, TelemetryChoice, Trace,
+    GpuPrecision, NanPolicy, OptLevel, Outputs, Session, SessionOptions, TelemetryChoice,
+    ThreadPolicy, Trace,
 };
 pub use telemetry::Telemetry;
 pub use tensor::{DType, Element, Tensor};

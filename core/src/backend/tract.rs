@@ -10,20 +10,28 @@
 //!
 //! Each plan is shared; a concurrent run takes a [`TypedSimpleState`] from the plan's pool
 //! (so buffers and op states are reused between runs) and returns it afterwards. With more
-//! than one thread the session owns a rayon pool handed to tract's matmul executor.
+//! than one thread the session owns a rayon pool handed to tract's kernels — for the runs
+//! of each plan where measuring shows it helps ([`threads`]).
+
+mod threads;
+
+use self::threads::{Mode, Threading};
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tract_linalg::multithread::{multithread_tract_scope, Executor as ThreadPool};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
-use tract_onnx::tract_core::runtime::RunOptions;
+use tract_onnx::tract_core::plan::EvalContext;
 use tract_onnx::tract_core::transform::ModelTransform;
 use tract_onnx::tract_hir::infer::InferenceModelExt;
 
 use super::{Backend, Executor, Prepared, Ran};
 use crate::error::{chain, Error};
 use crate::model::{Dim, Model};
-use crate::session::{OptLevel, SessionOptions};
+use crate::session::{OptLevel, SessionOptions, ThreadPolicy};
 use crate::tensor::{DType, Tensor};
 use crate::Result;
 
@@ -46,14 +54,20 @@ fn inference_err(e: &anyhow::Error) -> Error {
     }
 }
 
-/// A runnable plan and its pool of reusable run states.
+/// A runnable plan, its pool of reusable run states, and whether its runs use the threads.
 struct Plan {
     plan: Arc<TypedSimplePlan>,
     states: Mutex<Vec<TypedSimpleState>>,
+    /// Some op keeps state between turns (tract's `Scan` behind ONNX `LSTM`/`GRU`/`Scan`
+    /// carries its hidden state over for streaming): each run then gets a fresh state,
+    /// as an ONNX graph is a function of its inputs alone.
+    carries_state: bool,
+    threading: Threading,
 }
 
 impl Plan {
-    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    /// Runs the plan, on the calling thread or with `pool` as [`Threading`] says.
+    fn run(&self, inputs: &[Tensor], pool: Option<&ThreadPool>) -> Result<Vec<Tensor>> {
         let pooled = self.states.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut state = match pooled {
             Some(s) => s,
@@ -63,11 +77,23 @@ impl Plan {
             .iter()
             .map(|t| t.tract().clone().into_tvalue())
             .collect();
-        let outputs = state.run(inputs).map_err(|e| inference_err(&e))?;
-        self.states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(state);
+        let (mode, timed) = self.threading.next();
+        let executor = match (mode, pool) {
+            (Mode::Pool, Some(pool)) => pool.clone(),
+            _ => ThreadPool::SingleThread,
+        };
+        let started = Instant::now();
+        let outputs = multithread_tract_scope(executor, || state.run(inputs))
+            .map_err(|e| inference_err(&e))?;
+        if timed {
+            self.threading.record(mode, started.elapsed());
+        }
+        if !self.carries_state {
+            self.states
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(state);
+        }
         outputs
             .into_iter()
             .map(|v| Tensor::from_tract(v.into_arc_tensor()))
@@ -92,7 +118,10 @@ enum Plans {
 pub(crate) struct TractExecutor {
     plans: Plans,
     optimization: OptLevel,
-    run_options: RunOptions,
+    /// The session's rayon pool, when it has more than one thread.
+    pool: Option<ThreadPool>,
+    threads: usize,
+    thread_policy: ThreadPolicy,
 }
 
 /// Builds the CPU executor: names or pins every input dimension, then types, optimizes and
@@ -129,19 +158,16 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
         }
         graph.set_input_fact(ix, fact).map_err(compile_err)?;
     }
-    let run_options = RunOptions {
-        executor: (options.threads > 1).then(|| {
-            tract_linalg::multithread::Executor::multithread_with_name(options.threads, "tern")
-        }),
-        ..RunOptions::default()
-    };
     let mut executor = TractExecutor {
         plans: Plans::PerShape {
             graph: InferenceModel::default(),
             cache: Mutex::new(Vec::new()),
         },
         optimization: options.optimization,
-        run_options,
+        pool: (options.threads > 1)
+            .then(|| ThreadPool::multithread_with_name(options.threads, "tern")),
+        threads: options.threads,
+        thread_policy: options.thread_policy,
     };
     let (plans, input_dtypes, reason) = match executor.compile(graph.clone()) {
         Ok(plan) => {
@@ -285,12 +311,18 @@ impl TractExecutor {
             OptLevel::Declutter => typed.declutter(),
         }
         .map_err(compile_err)?;
-        let plan = typed
-            .into_runnable_with_options(&self.run_options)
-            .map_err(compile_err)?;
+        // No executor in the plan: each run scopes the one its Threading chooses.
+        let plan = typed.into_runnable().map_err(compile_err)?;
+        let context = EvalContext::out_of_plan();
+        let mut carries_state = false;
+        for node in plan.model().nodes() {
+            carries_state |= node.op.state(&context).map_err(compile_err)?.is_some();
+        }
         Ok(Plan {
             plan,
+            carries_state,
             states: Mutex::new(Vec::new()),
+            threading: Threading::new(self.threads, self.thread_policy),
         })
     }
 
@@ -333,8 +365,10 @@ impl TractExecutor {
 impl Executor for TractExecutor {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Ran> {
         let outputs = match &self.plans {
-            Plans::Shared(plan) => plan.run(&inputs),
-            Plans::PerShape { graph, cache } => self.plan_for(graph, cache, &inputs)?.run(&inputs),
+            Plans::Shared(plan) => plan.run(&inputs, self.pool.as_ref()),
+            Plans::PerShape { graph, cache } => self
+                .plan_for(graph, cache, &inputs)?
+                .run(&inputs, self.pool.as_ref()),
         }?;
         Ok(Ran {
             outputs,
