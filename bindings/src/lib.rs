@@ -297,9 +297,14 @@ pub enum GpuPrecision {
 pub struct SessionConfig {
     /// Device.
     pub backend: Backend,
-    /// CPU threads (0 = all cores).
+    /// CPU threads (0 = all cores): the most a run may use.
     #[uniffi(default = 1)]
     pub threads: u32,
+    /// With more than one thread, keep the thread pool only for plans whose first runs show
+    /// it is faster than one thread (small convolution nets often run slower with it);
+    /// `false` always uses it.
+    #[uniffi(default = true)]
+    pub measure_threads: bool,
     /// Let NaN through instead of failing.
     #[uniffi(default = false)]
     pub allow_nan: bool,
@@ -336,6 +341,11 @@ impl TernSession {
     pub fn new(model: Arc<TernModel>, config: SessionConfig) -> Result<Arc<Self>> {
         let mut options = tern::SessionOptions::new()
             .threads(config.threads as usize)
+            .thread_policy(if config.measure_threads {
+                tern::ThreadPolicy::Measure
+            } else {
+                tern::ThreadPolicy::Always
+            })
             .backend(match config.backend {
                 Backend::Cpu => tern::Backend::Cpu,
                 Backend::Gpu => tern::Backend::Gpu,

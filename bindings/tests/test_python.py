@@ -27,7 +27,10 @@ def case():
 
 def session(**kw):
     model = tern.TernModel.from_path(MODEL)
-    return model, tern.TernSession(model, tern.SessionConfig(backend=tern.Backend.CPU, threads=1, allow_nan=False, telemetry=kw.get("telemetry", False)))
+    config = tern.SessionConfig(backend=tern.Backend.CPU, threads=kw.get("threads", 1), allow_nan=False, telemetry=kw.get("telemetry", False))
+    if "measure_threads" in kw:
+        config.measure_threads = kw["measure_threads"]
+    return model, tern.TernSession(model, config)
 
 
 class Bindings(unittest.TestCase):
@@ -43,6 +46,16 @@ class Bindings(unittest.TestCase):
         got = tern.tensor_to_f32(out[0])
         worst = max(abs(a - b) for a, b in zip(got, y))
         self.assertLess(worst, 1e-4, f"max abs diff {worst}")
+
+    def test_two_threads_measured_or_always_give_the_same_answers(self):
+        # The first 12 runs of a measuring session time its pool against one thread.
+        n, width, _, x, y = case()
+        for measure in (True, False):
+            _, s = session(threads=2, measure_threads=measure)
+            for _ in range(13):
+                out = s.run([tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[n, width], data=x)])
+                worst = max(abs(a - b) for a, b in zip(tern.tensor_to_f32(out[0]), y))
+                self.assertLess(worst, 1e-4, f"measure_threads={measure}: max abs diff {worst}")
 
     def test_async_run(self):
         n, width, _, x, y = case()

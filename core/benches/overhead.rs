@@ -1,6 +1,7 @@
 //! tern's own per-run cost: `Session::run` vs running the same optimized tract plan
-//! directly, on the embedded magika model with the input shape pinned (so both run the
-//! same single plan). Run: `cargo bench -p tern --bench overhead`.
+//! directly (a fresh state per run, as `plan.run` does, and one state reused), on the
+//! embedded magika model with the input shape pinned (so both run the same single plan).
+//! Run: `cargo bench -p tern --bench overhead`.
 
 use std::hint::black_box;
 
@@ -24,6 +25,11 @@ fn bench(c: &mut Criterion) {
         .into();
     c.bench_function("overhead/raw_tract", |b| {
         b.iter(|| raw.run(tvec![raw_input.clone()]).expect("run"))
+    });
+    // tract at its best: one run state kept across runs, as tern's pool does.
+    let mut state = raw.spawn().expect("state");
+    c.bench_function("overhead/raw_tract_reused_state", |b| {
+        b.iter(|| state.run(tvec![raw_input.clone()]).expect("run"))
     });
 
     let model = tern::Model::load(MODEL).expect("model");

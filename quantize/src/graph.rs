@@ -302,6 +302,32 @@ fn names_read_by_subgraphs(graph: &pb::GraphProto) -> HashSet<String> {
     names
 }
 
+/// Every tensor name the graph uses: inputs, outputs, initializers and node wires.
+pub fn tensor_names(graph: &pb::GraphProto) -> HashSet<String> {
+    graph
+        .input
+        .iter()
+        .chain(&graph.output)
+        .map(|v| v.name.clone())
+        .chain(graph.initializer.iter().map(|t| t.name.clone()))
+        .chain(
+            graph
+                .node
+                .iter()
+                .flat_map(|n| n.input.iter().chain(&n.output).cloned()),
+        )
+        .collect()
+}
+
+/// `base`, or `base` with `_` appended until it is not in `taken`.
+pub fn unused_name(base: &str, taken: &HashSet<String>) -> String {
+    let mut name = base.to_string();
+    while taken.contains(&name) {
+        name.push('_');
+    }
+    name
+}
+
 /// Removes initializers no node, subgraph or output reads.
 pub fn prune_initializers(graph: &mut pb::GraphProto) {
     let mut used = names_read_by_subgraphs(graph);

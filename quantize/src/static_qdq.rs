@@ -176,6 +176,7 @@ pub fn quantize_static(
     let mut new_inits = Vec::new();
     let mut activations: HashMap<String, QuantizedActivation> = HashMap::new();
     let mut quantized_weights: HashSet<String> = HashSet::new();
+    let taken = graph::tensor_names(g);
     let mut changed = 0;
     for (ix, act, weight) in &todo {
         let Some(&(lo, hi)) = ranges.get(act) else {
@@ -204,12 +205,15 @@ pub fn quantize_static(
         let per_channel =
             !options.per_tensor && axis.is_some() && if qoperator { is_conv } else { opset >= 13 };
         let axis = axis.unwrap_or(0);
+        let number = activations.len();
         let a = activations.entry(act.clone()).or_insert_with(|| {
             let (scale, zp) = activation_params(lo, hi);
+            // Scale and zero point are read three times each (initializer, Q, DQ), so they
+            // get short numbered names; the quantized tensors keep the activation's name.
             let a = QuantizedActivation {
                 q: format!("{act}_q"),
-                scale: format!("{act}_s"),
-                zp: format!("{act}_z"),
+                scale: graph::unused_name(&format!("qs{number}"), &taken),
+                zp: graph::unused_name(&format!("qz{number}"), &taken),
                 dq: format!("{act}_f"),
             };
             new_inits.push(f32_tensor(&a.scale, &[], &[scale]));

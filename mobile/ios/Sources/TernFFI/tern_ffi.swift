@@ -1575,9 +1575,15 @@ public struct SessionConfig: Equatable, Hashable {
      */
     public var backend: Backend
     /**
-     * CPU threads (0 = all cores).
+     * CPU threads (0 = all cores): the most a run may use.
      */
     public var threads: UInt32
+    /**
+     * With more than one thread, keep the thread pool only for plans whose first runs show
+     * it is faster than one thread (small convolution nets often run slower with it);
+     * `false` always uses it.
+     */
+    public var measureThreads: Bool
     /**
      * Let NaN through instead of failing.
      */
@@ -1598,8 +1604,13 @@ public struct SessionConfig: Equatable, Hashable {
          * Device.
          */backend: Backend, 
         /**
-         * CPU threads (0 = all cores).
+         * CPU threads (0 = all cores): the most a run may use.
          */threads: UInt32 = UInt32(1), 
+        /**
+         * With more than one thread, keep the thread pool only for plans whose first runs show
+         * it is faster than one thread (small convolution nets often run slower with it);
+         * `false` always uses it.
+         */measureThreads: Bool = true, 
         /**
          * Let NaN through instead of failing.
          */allowNan: Bool = false, 
@@ -1611,6 +1622,7 @@ public struct SessionConfig: Equatable, Hashable {
          */gpuPrecision: GpuPrecision? = nil) {
         self.backend = backend
         self.threads = threads
+        self.measureThreads = measureThreads
         self.allowNan = allowNan
         self.telemetry = telemetry
         self.gpuPrecision = gpuPrecision
@@ -1634,6 +1646,7 @@ public struct FfiConverterTypeSessionConfig: FfiConverterRustBuffer {
             try SessionConfig(
                 backend: FfiConverterTypeBackend.read(from: &buf), 
                 threads: FfiConverterUInt32.read(from: &buf), 
+                measureThreads: FfiConverterBool.read(from: &buf), 
                 allowNan: FfiConverterBool.read(from: &buf), 
                 telemetry: FfiConverterBool.read(from: &buf), 
                 gpuPrecision: FfiConverterOptionTypeGpuPrecision.read(from: &buf)
@@ -1643,6 +1656,7 @@ public struct FfiConverterTypeSessionConfig: FfiConverterRustBuffer {
     public static func write(_ value: SessionConfig, into buf: inout [UInt8]) {
         FfiConverterTypeBackend.write(value.backend, into: &buf)
         FfiConverterUInt32.write(value.threads, into: &buf)
+        FfiConverterBool.write(value.measureThreads, into: &buf)
         FfiConverterBool.write(value.allowNan, into: &buf)
         FfiConverterBool.write(value.telemetry, into: &buf)
         FfiConverterOptionTypeGpuPrecision.write(value.gpuPrecision, into: &buf)

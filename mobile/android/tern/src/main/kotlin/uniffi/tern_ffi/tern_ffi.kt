@@ -2928,9 +2928,16 @@ data class SessionConfig (
     var `backend`: Backend
     , 
     /**
-     * CPU threads (0 = all cores).
+     * CPU threads (0 = all cores): the most a run may use.
      */
     var `threads`: kotlin.UInt = 1u 
+    , 
+    /**
+     * With more than one thread, keep the thread pool only for plans whose first runs show
+     * it is faster than one thread (small convolution nets often run slower with it);
+     * `false` always uses it.
+     */
+    var `measureThreads`: kotlin.Boolean = true 
     , 
     /**
      * Let NaN through instead of failing.
@@ -2966,6 +2973,7 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
             FfiConverterUInt.read(buf),
             FfiConverterBoolean.read(buf),
             FfiConverterBoolean.read(buf),
+            FfiConverterBoolean.read(buf),
             FfiConverterOptionalTypeGpuPrecision.read(buf),
         )
     }
@@ -2973,6 +2981,7 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
     override fun allocationSize(value: SessionConfig) = (
             FfiConverterTypeBackend.allocationSize(value.`backend`) +
             FfiConverterUInt.allocationSize(value.`threads`) +
+            FfiConverterBoolean.allocationSize(value.`measureThreads`) +
             FfiConverterBoolean.allocationSize(value.`allowNan`) +
             FfiConverterBoolean.allocationSize(value.`telemetry`) +
             FfiConverterOptionalTypeGpuPrecision.allocationSize(value.`gpuPrecision`)
@@ -2981,6 +2990,7 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
     override fun write(value: SessionConfig, buf: ByteBuffer) {
             FfiConverterTypeBackend.write(value.`backend`, buf)
             FfiConverterUInt.write(value.`threads`, buf)
+            FfiConverterBoolean.write(value.`measureThreads`, buf)
             FfiConverterBoolean.write(value.`allowNan`, buf)
             FfiConverterBoolean.write(value.`telemetry`, buf)
             FfiConverterOptionalTypeGpuPrecision.write(value.`gpuPrecision`, buf)
