@@ -120,7 +120,6 @@ pub(crate) struct TractExecutor {
     optimization: OptLevel,
     /// The session's rayon pool, when it has more than one thread.
     pool: Option<ThreadPool>,
-    threads: usize,
     thread_policy: ThreadPolicy,
 }
 
@@ -166,7 +165,6 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
         optimization: options.optimization,
         pool: (options.threads > 1)
             .then(|| ThreadPool::multithread_with_name(options.threads, "tern")),
-        threads: options.threads,
         thread_policy: options.thread_policy,
     };
     let (plans, input_dtypes, reason) = match executor.compile(graph.clone()) {
@@ -322,7 +320,7 @@ impl TractExecutor {
             plan,
             carries_state,
             states: Mutex::new(Vec::new()),
-            threading: Threading::new(self.threads, self.thread_policy),
+            threading: Threading::new(self.pool.is_some(), self.thread_policy),
         })
     }
 

@@ -51,9 +51,9 @@ enum State {
 }
 
 impl Threading {
-    /// The choice for a session with `threads` threads under `policy`.
-    pub(crate) fn new(threads: usize, policy: ThreadPolicy) -> Self {
-        let state = match (threads > 1, policy) {
+    /// The choice for a plan of a session with a thread pool (`has_pool`) under `policy`.
+    pub(crate) fn new(has_pool: bool, policy: ThreadPolicy) -> Self {
+        let state = match (has_pool, policy) {
             (false, _) => State::Decided(Mode::Alone),
             (true, ThreadPolicy::Always) => State::Decided(Mode::Pool),
             (true, ThreadPolicy::Measure) => State::Measuring {
@@ -130,7 +130,7 @@ mod tests {
 
     /// Runs the measuring protocol with runs taking `alone_ms` or `pool_ms`.
     fn measure(alone_ms: u64, pool_ms: u64) -> Threading {
-        let t = Threading::new(2, ThreadPolicy::Measure);
+        let t = Threading::new(true, ThreadPolicy::Measure);
         let mut modes = Vec::new();
         while t.decided().is_none() {
             let (mode, timed) = t.next();
@@ -172,9 +172,9 @@ mod tests {
 
     #[test]
     fn one_thread_or_always_skips_measuring() {
-        let t = Threading::new(1, ThreadPolicy::Measure);
+        let t = Threading::new(false, ThreadPolicy::Measure);
         assert_eq!(t.next(), (Mode::Alone, false));
-        let t = Threading::new(4, ThreadPolicy::Always);
+        let t = Threading::new(true, ThreadPolicy::Always);
         assert_eq!(t.next(), (Mode::Pool, false));
     }
 }
