@@ -30,7 +30,7 @@ pub use error::Error;
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
 pub use session::{
     GpuPrecision, NanPolicy, OptLevel, Outputs, Session, SessionOptions, TelemetryChoice,
-    ThreadPolicy, Trace,
+    ThreadPolicy, Trace, MAX_THREADS,
 };
 pub use telemetry::Telemetry;
 pub use tensor::{DType, Element, Tensor};

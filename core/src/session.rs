@@ -74,13 +74,17 @@ impl std::str::FromStr for GpuPrecision {
     }
 }
 
+/// The most threads a session may ask for: more is a typo, not a machine (creating them
+/// would take minutes and gigabytes before the first run).
+pub const MAX_THREADS: usize = 256;
+
 /// How to build a [`Session`].
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     /// The device to run on.
     pub backend: Backend,
-    /// Threads for the CPU backend's kernels (1 = run on the calling thread): the most a
-    /// run may use; see [`ThreadPolicy`].
+    /// Threads for the CPU backend's kernels (1 = run on the calling thread, 0 = one per
+    /// core, at most [`MAX_THREADS`]): the most a run may use; see [`ThreadPolicy`].
     pub threads: usize,
     /// Whether the CPU backend checks that its threads pay off.
     pub thread_policy: ThreadPolicy,
@@ -257,6 +261,11 @@ impl SessionOptions {
                     });
                 }
             }
+        }
+        if self.threads > MAX_THREADS {
+            return Err(Error::InvalidOption {
+                reason: format!("{} threads: at most {MAX_THREADS}", self.threads),
+            });
         }
         let mut resolved = self.clone();
         if resolved.threads == 0 {

@@ -224,6 +224,21 @@ fn invalid_options_are_reported() {
     let err =
         Session::new(&model, SessionOptions::new().pin_input_shape("x", &[1, 4])).unwrap_err();
     assert_eq!(err.kind(), "invalid_option", "{err}");
+    // A thread count no machine has is a typed error, not minutes spent creating threads.
+    let err = Session::new(&model, SessionOptions::new().threads(100_000)).unwrap_err();
+    assert_eq!(err.kind(), "invalid_option", "{err}");
+    assert!(err.to_string().contains("at most 256"), "{err}");
+    assert_eq!(
+        "measure".parse::<tern::ThreadPolicy>().unwrap(),
+        tern::ThreadPolicy::Measure
+    );
+    assert_eq!(
+        "sometimes"
+            .parse::<tern::ThreadPolicy>()
+            .unwrap_err()
+            .kind(),
+        "invalid_option"
+    );
     assert_eq!(
         "tpu".parse::<Backend>().unwrap_err().kind(),
         "invalid_option"
