@@ -200,3 +200,23 @@ pub(crate) fn catch_panic<T>(
         }
     }
 }
+
+/// Parses an option's value, case-insensitively, as one of `choices` (each a value and the
+/// names it goes by, the first shown in the error), or says which names `what` accepts.
+pub(crate) fn parse_choice<T: Copy>(
+    value: &str,
+    what: &str,
+    choices: &[(T, &[&str])],
+) -> crate::Result<T> {
+    let lower = value.to_ascii_lowercase();
+    choices
+        .iter()
+        .find(|(_, names)| names.contains(&lower.as_str()))
+        .map(|(choice, _)| *choice)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(_, names)| names[0]).collect();
+            Error::InvalidOption {
+                reason: format!("unknown {what} {lower:?} ({})", names.join(", ")),
+            }
+        })
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{self, Backend, Executor};
-use crate::error::{catch_panic, Error};
+use crate::error::{catch_panic, parse_choice, Error};
 use crate::model::{Dim, Model};
 use crate::telemetry::record::{now_ns, random_trace_id};
 use crate::telemetry::{
@@ -63,14 +63,15 @@ pub enum GpuPrecision {
 impl std::str::FromStr for GpuPrecision {
     type Err = Error;
     fn from_str(s: &str) -> Result<GpuPrecision> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(GpuPrecision::Auto),
-            "f32" | "fp32" => Ok(GpuPrecision::F32),
-            "f16" | "fp16" => Ok(GpuPrecision::F16),
-            other => Err(Error::InvalidOption {
-                reason: format!("unknown GPU precision {other:?} (auto, f32, f16)"),
-            }),
-        }
+        parse_choice(
+            s,
+            "GPU precision",
+            &[
+                (GpuPrecision::Auto, &["auto"]),
+                (GpuPrecision::F32, &["f32", "fp32"]),
+                (GpuPrecision::F16, &["f16", "fp16"]),
+            ],
+        )
     }
 }
 
@@ -124,13 +125,14 @@ impl std::str::FromStr for ThreadPolicy {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<ThreadPolicy> {
-        match s.to_ascii_lowercase().as_str() {
-            "measure" => Ok(ThreadPolicy::Measure),
-            "always" => Ok(ThreadPolicy::Always),
-            other => Err(Error::InvalidOption {
-                reason: format!("unknown thread policy {other:?} (measure, always)"),
-            }),
-        }
+        parse_choice(
+            s,
+            "thread policy",
+            &[
+                (ThreadPolicy::Measure, &["measure"]),
+                (ThreadPolicy::Always, &["always"]),
+            ],
+        )
     }
 }
 

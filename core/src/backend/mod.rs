@@ -53,14 +53,15 @@ impl std::fmt::Display for Backend {
 impl std::str::FromStr for Backend {
     type Err = crate::Error;
     fn from_str(s: &str) -> Result<Backend> {
-        match s.to_ascii_lowercase().as_str() {
-            "cpu" => Ok(Backend::Cpu),
-            "gpu" => Ok(Backend::Gpu),
-            "auto" => Ok(Backend::Auto),
-            other => Err(crate::Error::InvalidOption {
-                reason: format!("unknown backend {other:?} (cpu, gpu, auto)"),
-            }),
-        }
+        crate::error::parse_choice(
+            s,
+            "backend",
+            &[
+                (Backend::Cpu, &["cpu"]),
+                (Backend::Gpu, &["gpu"]),
+                (Backend::Auto, &["auto"]),
+            ],
+        )
     }
 }
 
