@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--input", action="append", default=[])
+    ap.add_argument("--vary", help="NAME:AXIS=LO..HI, as `tern bench --vary`")
     a = ap.parse_args()
     feeds = {}
     for spec in a.input:
@@ -47,11 +48,29 @@ def main():
     cold = time.perf_counter() - t0
     for _ in range(a.warmup):
         sess.run(None, feeds)
+    runs = max(a.runs, 1)
+    stream = [feeds] * runs
+    if a.vary:
+        # The same stream as tern's bench::Vary: run i stretches NAME along AXIS to
+        # LO + (37 i mod (HI - LO + 1)), tiling its values, then cropping.
+        name, rest = a.vary.split(":", 1)
+        axis, rng = rest.split("=", 1)
+        lo, hi = map(int, rng.split(".."))
+        axis = int(axis)
+        x = feeds[name]
+
+        def stretch(size):
+            reps = [1] * x.ndim
+            reps[axis] = -(-size // x.shape[axis])
+            return np.take(np.tile(x, reps), range(size), axis=axis).astype(x.dtype)
+
+        stream = [{**feeds, name: stretch(lo + (i * 37) % (hi - lo + 1))} for i in range(runs)]
     times = []
-    for _ in range(max(a.runs, 1)):
+    for run in stream:
         t = time.perf_counter()
-        sess.run(None, feeds)
+        sess.run(None, run)
         times.append(time.perf_counter() - t)
+    total = sum(times)
     times.sort()
     pct = lambda p: times[round((len(times) - 1) * p)] * 1e3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -59,7 +78,7 @@ def main():
         "runtime": f"onnxruntime {ort.__version__}", "threads": a.threads, "runs": len(times),
         "load_ms": load * 1e3, "cold_start_ms": cold * 1e3,
         "median_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "min_ms": times[0] * 1e3,
-        "peak_rss_mib": peak, "rss_growth_mib": peak - base_rss,
+        "peak_rss_mib": peak, "rss_growth_mib": peak - base_rss, "total_ms": total * 1e3,
     }))
 
 

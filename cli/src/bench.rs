@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use tern::{Model, Session, SessionOptions, Tensor};
 
@@ -39,8 +39,81 @@ pub struct BenchReport {
     pub peak_rss_mib: Option<f64>,
     /// Peak RSS minus the RSS before the model was loaded: what the model and runs cost.
     pub rss_growth_mib: Option<f64>,
-    /// Input shapes used.
+    /// Input shapes used (for `--vary`, the warm-up's).
     pub input_shapes: BTreeMap<String, Vec<usize>>,
+    /// Sum of the timed runs.
+    pub total_ms: f64,
+    /// The varied axis, as given to `--vary`, when the timed runs were a stream of shapes.
+    pub vary: Option<String>,
+    /// What the backend had planned at the end (which shapes got a plan of their own).
+    pub plans: tern::backend::PlanReport,
+}
+
+/// A stream of shapes: timed run `i` stretches `input` along `axis` to
+/// [`Vary::size`]`(i)` (tiling its values, then cropping), the same sequence
+/// `bench/ort_bench.py --vary` uses.
+#[derive(Debug, Clone)]
+pub struct Vary {
+    /// The input to vary.
+    pub input: String,
+    /// Its axis to vary.
+    pub axis: usize,
+    /// Smallest size.
+    pub lo: usize,
+    /// Largest size.
+    pub hi: usize,
+}
+
+impl Vary {
+    /// Parses `NAME:AXIS=LO..HI`.
+    pub fn parse(spec: &str) -> Result<Vary> {
+        let parsed = (|| {
+            let (name, rest) = spec.split_once(':')?;
+            let (axis, range) = rest.split_once('=')?;
+            let (lo, hi) = range.split_once("..")?;
+            let (axis, lo, hi) = (axis.parse().ok()?, lo.parse().ok()?, hi.parse().ok()?);
+            (lo >= 1 && hi >= lo).then(|| Vary {
+                input: name.to_string(),
+                axis,
+                lo,
+                hi,
+            })
+        })();
+        parsed.with_context(|| {
+            format!("--vary takes NAME:AXIS=LO..HI with 1 <= LO <= HI, not {spec}")
+        })
+    }
+
+    /// The size of timed run `i`: steps of 37 through the range, so that every size comes
+    /// once before any repeats when the range's length is not a multiple of 37.
+    pub fn size(&self, i: usize) -> usize {
+        self.lo + (i * 37) % (self.hi - self.lo + 1)
+    }
+
+    /// `tensor` (f32) stretched along the axis to `size`.
+    fn stretch(&self, tensor: &Tensor, size: usize) -> Result<Tensor> {
+        let shape = tensor.shape();
+        anyhow::ensure!(
+            self.axis < shape.len() && shape[self.axis] > 0,
+            "--vary axis {} is not an axis of {:?}",
+            self.axis,
+            shape
+        );
+        let values = tensor.to_f32_vec()?;
+        let outer: usize = shape[..self.axis].iter().product();
+        let (len, inner): (usize, usize) =
+            (shape[self.axis], shape[self.axis + 1..].iter().product());
+        let mut out = Vec::with_capacity(outer * size * inner);
+        for o in 0..outer {
+            for k in 0..size {
+                let start = (o * len + k % len) * inner;
+                out.extend_from_slice(&values[start..start + inner]);
+            }
+        }
+        let mut new_shape = shape.to_vec();
+        new_shape[self.axis] = size;
+        Ok(Tensor::from_vec(&new_shape, out)?)
+    }
 }
 
 /// Benchmark settings.
@@ -55,6 +128,8 @@ pub struct BenchConfig {
     pub inputs: Vec<(String, Tensor)>,
     /// Sizes for symbolic dimensions of random inputs (default 1).
     pub dims: BTreeMap<String, usize>,
+    /// Time a stream of shapes instead of one shape.
+    pub vary: Option<Vary>,
 }
 
 /// Runs the benchmark.
@@ -77,19 +152,39 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
     for _ in 0..cfg.warmup {
         session.run(inputs.clone())?;
     }
-    let mut times: Vec<Duration> = Vec::with_capacity(cfg.runs);
-    for _ in 0..cfg.runs.max(1) {
+    let runs = cfg.runs.max(1);
+    // Every timed run's inputs, made before the clock starts.
+    let stream: Vec<Vec<(String, Tensor)>> = match &cfg.vary {
+        None => vec![inputs.clone(); runs],
+        Some(vary) => (0..runs)
+            .map(|i| {
+                inputs
+                    .iter()
+                    .map(|(n, t)| {
+                        let t = match *n == vary.input {
+                            true => vary.stretch(t, vary.size(i))?,
+                            false => t.clone(),
+                        };
+                        Ok((n.clone(), t))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?,
+    };
+    let mut times: Vec<Duration> = Vec::with_capacity(runs);
+    for run in stream {
         let t = Instant::now();
-        session.run(inputs.clone())?;
+        session.run(run)?;
         times.push(t.elapsed());
     }
+    let total: Duration = times.iter().sum();
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let pct = |p: f64| ms(times[((times.len() - 1) as f64 * p).round() as usize]);
     Ok(BenchReport {
         model: path.display().to_string(),
         backend: session.backend().to_string(),
-        threads: session.options().threads,
+        threads: session.options().cpu.threads,
         runs: times.len(),
         load_ms: ms(load),
         prepare_ms: ms(prepare),
@@ -105,6 +200,12 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
             .iter()
             .map(|(n, t)| (n.clone(), t.shape().to_vec()))
             .collect(),
+        total_ms: ms(total),
+        vary: cfg
+            .vary
+            .as_ref()
+            .map(|v| format!("{}:{}={}..{}", v.input, v.axis, v.lo, v.hi)),
+        plans: session.plans(),
     })
 }
 

@@ -18,7 +18,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tern::{Backend, GpuPrecision, Model, NanPolicy, Session, SessionOptions, ThreadPolicy};
+use tern::{
+    Backend, GpuPrecision, Model, NanPolicy, Session, SessionOptions, ShapePolicy, ThreadPolicy,
+};
 
 #[derive(Parser)]
 #[command(name = "tern", version, about = "On-device ONNX inference")]
@@ -98,6 +100,11 @@ enum Command {
         /// Size of a symbolic dimension for random inputs, as SYMBOL=N (default 1).
         #[arg(long)]
         dim: Vec<String>,
+        /// Time a stream of shapes: after the warm-up, timed run i stretches input NAME
+        /// along AXIS to a size in LO..HI (a fixed sequence that visits every size once),
+        /// as NAME:AXIS=LO..HI.
+        #[arg(long)]
+        vary: Option<String>,
         #[command(flatten)]
         session: SessionArgs,
     },
@@ -112,6 +119,10 @@ struct SessionArgs {
     /// show it is faster than one thread) or always.
     #[arg(long, default_value = "measure")]
     thread_policy: ThreadPolicy,
+    /// Plans for inputs with symbolic dimensions: measure (a plan per concrete shape where
+    /// the first runs show it is faster and the shape recurs), symbolic or per-shape.
+    #[arg(long, default_value = "measure")]
+    shape_policy: ShapePolicy,
     /// Backend: cpu, gpu or auto.
     #[arg(long, default_value = "auto")]
     backend: Backend,
@@ -121,6 +132,9 @@ struct SessionArgs {
     /// Let NaN through instead of failing on it.
     #[arg(long)]
     allow_nan: bool,
+    /// Leave every layer to tract (no tern kernels; for comparison or as a workaround).
+    #[arg(long)]
+    no_tern_kernels: bool,
     /// Pin an input's shape, as NAME=D0,D1,… (lets the backend specialise). Repeatable.
     #[arg(long)]
     pin: Vec<String>,
@@ -131,6 +145,8 @@ impl SessionArgs {
         let mut options = SessionOptions::new()
             .threads(self.threads)
             .thread_policy(self.thread_policy)
+            .shape_policy(self.shape_policy)
+            .tern_kernels(!self.no_tern_kernels)
             .backend(self.backend)
             .gpu_precision(self.gpu_precision)
             .nan_policy(if self.allow_nan {
@@ -222,7 +238,12 @@ fn run(cli: &Cli) -> Result<()> {
             for (name, tensor) in outputs.iter() {
                 map.insert(name.to_string(), tensor_io::tensor_to_json(tensor)?);
             }
-            let doc = serde_json::json!({ "outputs": map });
+            let doc = serde_json::json!({
+                "outputs": map,
+                "backend": session.backend(),
+                "backend_reason": session.backend_reason(),
+                "plans": session.plans(),
+            });
             match output {
                 Some(path) => std::fs::write(path, serde_json::to_string(&doc)?)
                     .with_context(|| format!("writing {}", path.display()))?,
@@ -336,8 +357,10 @@ fn run(cli: &Cli) -> Result<()> {
             warmup,
             input,
             dim,
+            vary,
             session,
         } => {
+            let vary = vary.as_deref().map(bench::Vary::parse).transpose()?;
             let loaded = Model::load(model)?;
             let inputs = parse_inputs(&loaded, input)?;
             drop(loaded);
@@ -358,6 +381,7 @@ fn run(cli: &Cli) -> Result<()> {
                     warmup: *warmup,
                     inputs,
                     dims,
+                    vary,
                 },
             )?;
             if cli.json {
@@ -386,6 +410,14 @@ fn run(cli: &Cli) -> Result<()> {
                 println!(
                     "min / mean   {:9.3} / {:.3} ms",
                     report.min_ms, report.mean_ms
+                );
+                if let Some(vary) = &report.vary {
+                    println!("stream       {:9.1} ms  total, {vary}", report.total_ms);
+                }
+                println!(
+                    "plans        {:?}, {} shape(s) with a plan of their own",
+                    report.plans.specialisation,
+                    report.plans.concrete.len()
                 );
                 if let (Some(rss), Some(growth)) = (report.peak_rss_mib, report.rss_growth_mib) {
                     println!(

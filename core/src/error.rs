@@ -1,12 +1,15 @@
 //! The one error type of the `tern` crate.
 //!
-//! Every fallible public function returns [`Result<T>`](crate::Result). Each variant is a
+//! Every fallible public function returns [`Result<T>`]. Each variant is a
 //! distinct failure an app can act on; [`Error::kind`] gives a stable, machine-readable
 //! name for it (used by telemetry, the CLI's `--json` output and the FFI layer).
 
 use std::path::PathBuf;
 
 use crate::tensor::DType;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong when loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +97,7 @@ pub enum Error {
         actual: Vec<usize>,
     },
 
-    /// A tensor contains NaN and the session's [`NanPolicy`](crate::NanPolicy) rejects it.
+    /// A tensor contains NaN and the session's [`NanPolicy`](crate::options::NanPolicy) rejects it.
     #[error("{which} {name:?} contains {count} NaN value(s) (NaN policy: {policy:?})")]
     NanValues {
         /// `"input"` or `"output"`.
@@ -104,7 +107,7 @@ pub enum Error {
         /// How many elements are NaN.
         count: usize,
         /// The policy that rejected it.
-        policy: crate::NanPolicy,
+        policy: crate::options::NanPolicy,
     },
 
     /// A tensor could not be built or read as asked (data length vs shape, wrong element type).
@@ -184,10 +187,7 @@ pub(crate) fn chain(e: &anyhow::Error) -> String {
 }
 
 /// Runs `f`, turning a panic into [`Error::Panic`] so that it never reaches the caller.
-pub(crate) fn catch_panic<T>(
-    context: &'static str,
-    f: impl FnOnce() -> crate::Result<T>,
-) -> crate::Result<T> {
+pub(crate) fn catch_panic<T>(context: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {
@@ -207,7 +207,7 @@ pub(crate) fn parse_choice<T: Copy>(
     value: &str,
     what: &str,
     choices: &[(T, &[&str])],
-) -> crate::Result<T> {
+) -> Result<T> {
     let lower = value.to_ascii_lowercase();
     choices
         .iter()

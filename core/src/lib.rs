@@ -14,26 +14,27 @@
 //! ```
 //!
 //! The pipeline is a chain of small stages, following tract: [`model`] decodes the protobuf
-//! and describes the model, [`session`] validates options and inputs, and a backend in
-//! [`backend`] turns the graph into something runnable (tract's optimized plan on CPU).
+//! and describes the model, [`options`] names the choices, [`session`] validates options
+//! and inputs, and a backend in [`backend`] turns the graph into something runnable
+//! (tract's optimized plan on CPU).
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod error;
 pub mod model;
+pub mod options;
 pub mod session;
+mod sync;
 pub mod telemetry;
 pub mod tensor;
 
 pub use backend::Backend;
-pub use error::Error;
+pub use error::{Error, Result};
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
-pub use session::{
-    GpuPrecision, NanPolicy, OptLevel, Outputs, Session, SessionOptions, TelemetryChoice,
-    ThreadPolicy, Trace, MAX_THREADS,
+pub use options::{
+    CpuOptions, GpuOptions, GpuPrecision, InputOptions, NanPolicy, OptLevel, SessionOptions,
+    ShapePolicy, TelemetryChoice, TelemetryOptions, ThreadPolicy, MAX_THREADS,
 };
+pub use session::{Outputs, Session, Trace};
 pub use telemetry::Telemetry;
 pub use tensor::{DType, Element, Tensor};
-
-/// Result alias used throughout the crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;

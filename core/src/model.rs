@@ -14,10 +14,10 @@ use prost::Message;
 use tract_onnx::pb;
 use tract_onnx::prelude::InferenceModel;
 
+use crate::error::Result;
 use crate::error::{catch_panic, chain, Error};
 use crate::telemetry::drift::{self, Baseline};
 use crate::tensor::{DType, Tensor};
-use crate::Result;
 
 /// One dimension of a declared tensor shape.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

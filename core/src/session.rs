@@ -4,277 +4,61 @@
 //! shapes with symbolic dimensions bound consistently, the NaN policy) before the backend
 //! sees them, so a bad input is a typed [`Error`] and never a crash deep in a kernel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ops::Index;
 use std::sync::Arc;
 
 use std::time::Instant;
 
-use crate::backend::{self, Backend, Executor};
-use crate::error::{catch_panic, parse_choice, Error};
+use crate::backend::{self, Executor};
+use crate::error::{catch_panic, Error, Result};
 use crate::model::{Dim, Model};
+pub use crate::options::{
+    Backend, CpuOptions, GpuOptions, GpuPrecision, InputOptions, NanPolicy, OptLevel,
+    SessionOptions, ShapePolicy, TelemetryChoice, TelemetryOptions, ThreadPolicy, MAX_THREADS,
+};
 use crate::telemetry::record::{now_ns, random_trace_id};
 use crate::telemetry::{
     Baseline, DriftCounts, HealthRecord, Outcome, Record, SpanRecord, Telemetry, TensorStats,
 };
 use crate::tensor::{DType, Tensor};
-use crate::Result;
 
-/// How much graph optimisation to do when the session is built.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptLevel {
-    /// Simplify the graph only (faster to build, slower to run; useful for debugging).
-    Declutter,
-    /// Full optimisation to the backend's kernels (the default).
-    #[default]
-    Full,
-}
-
-/// What to do with NaN values (infinities are always allowed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NanPolicy {
-    /// Let NaN through, in and out, as onnxruntime does.
-    Allow,
-    /// Reject inputs containing NaN with [`Error::NanValues`]; let outputs through.
-    RejectInputs,
-    /// Reject NaN in inputs and in outputs (the default: a NaN score is never silently used).
-    #[default]
-    Reject,
-}
-
-/// The float precision the GPU backend computes in. The CPU backend always computes a
-/// model in its own types (f16 models in f32 on CPUs without f16 arithmetic).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GpuPrecision {
-    /// f16 on a hardware adapter with shader-f16 (half the memory traffic, about 3 decimal
-    /// digits), f32 elsewhere (the default).
-    #[default]
-    Auto,
-    /// Always f32: outputs match the CPU backend to rounding.
-    F32,
-    /// f16 storage and arithmetic, with reductions, softmax, `exp` and `pow` kept in f32.
-    /// An adapter without shader-f16 makes the GPU backend unavailable.
-    F16,
-}
-
-impl std::str::FromStr for GpuPrecision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<GpuPrecision> {
-        parse_choice(
-            s,
-            "GPU precision",
-            &[
-                (GpuPrecision::Auto, &["auto"]),
-                (GpuPrecision::F32, &["f32", "fp32"]),
-                (GpuPrecision::F16, &["f16", "fp16"]),
-            ],
-        )
-    }
-}
-
-/// The most threads a session may ask for: more is a typo, not a machine (creating them
-/// would take minutes and gigabytes before the first run).
-pub const MAX_THREADS: usize = 256;
-
-/// How to build a [`Session`].
-#[derive(Debug, Clone)]
-pub struct SessionOptions {
-    /// The device to run on.
-    pub backend: Backend,
-    /// Threads for the CPU backend's kernels (1 = run on the calling thread, 0 = one per
-    /// core, at most [`MAX_THREADS`]): the most a run may use; see [`ThreadPolicy`].
-    pub threads: usize,
-    /// Whether the CPU backend checks that its threads pay off.
-    pub thread_policy: ThreadPolicy,
-    /// Graph optimisation level.
-    pub optimization: OptLevel,
-    /// NaN handling.
-    pub nan_policy: NanPolicy,
-    /// Input shapes pinned to fixed sizes, by input name. Pinning symbolic dimensions lets
-    /// the backend specialise its kernels; runs must then use exactly these shapes.
-    pub input_shapes: BTreeMap<String, Vec<usize>>,
-    /// Where runs are recorded.
-    pub telemetry: TelemetryChoice,
-    /// Drift baseline for health samples; `None` uses the one the model ships, if any.
-    pub baseline: Option<Baseline>,
-    /// Let [`Backend::Auto`] pick a software GPU adapter (e.g. Mesa's llvmpipe/lavapipe).
-    /// Off by default: on the CPU, tract is faster than a software rasteriser.
-    /// [`Backend::Gpu`] always accepts one.
-    pub allow_software_gpu: bool,
-    /// The GPU backend's float precision.
-    pub gpu_precision: GpuPrecision,
-}
-
-/// How the CPU backend uses a session's threads when there are more than one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ThreadPolicy {
-    /// Each plan times its first runs with the thread pool and on the calling thread alone,
-    /// and keeps the faster (the pool only if it is clearly faster). Handing small
-    /// convolutions to other threads can cost more than it saves: PP-OCR's classifier runs
-    /// 1.5× slower on 2 threads than on 1, a transformer 1.2× faster.
-    #[default]
-    Measure,
-    /// Every run may use all the threads.
-    Always,
-}
-
-impl std::str::FromStr for ThreadPolicy {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<ThreadPolicy> {
-        parse_choice(
-            s,
-            "thread policy",
-            &[
-                (ThreadPolicy::Measure, &["measure"]),
-                (ThreadPolicy::Always, &["always"]),
-            ],
-        )
-    }
-}
-
-/// Which telemetry buffer a session records into.
-#[derive(Debug, Clone, Default)]
-pub enum TelemetryChoice {
-    /// The process-wide buffer set by [`crate::telemetry::init`], if any (the default).
-    #[default]
-    Global,
-    /// This buffer.
-    To(Telemetry),
-    /// Record nothing.
-    Off,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions {
-            backend: Backend::Auto,
-            threads: 1,
-            thread_policy: ThreadPolicy::Measure,
-            optimization: OptLevel::Full,
-            nan_policy: NanPolicy::default(),
-            input_shapes: BTreeMap::new(),
-            telemetry: TelemetryChoice::Global,
-            baseline: None,
-            allow_software_gpu: false,
-            gpu_precision: GpuPrecision::Auto,
-        }
-    }
-}
-
-impl SessionOptions {
-    /// The defaults: `Auto` backend, 1 thread, full optimisation, reject NaN.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Sets the backend.
-    pub fn backend(mut self, backend: Backend) -> Self {
-        self.backend = backend;
-        self
-    }
-
-    /// Sets the thread count (0 means all available cores).
-    pub fn threads(mut self, threads: usize) -> Self {
-        self.threads = threads;
-        self
-    }
-
-    /// Sets the thread policy.
-    pub fn thread_policy(mut self, policy: ThreadPolicy) -> Self {
-        self.thread_policy = policy;
-        self
-    }
-
-    /// Sets the optimisation level.
-    pub fn optimization(mut self, level: OptLevel) -> Self {
-        self.optimization = level;
-        self
-    }
-
-    /// Sets the NaN policy.
-    pub fn nan_policy(mut self, policy: NanPolicy) -> Self {
-        self.nan_policy = policy;
-        self
-    }
-
-    /// Pins an input to a fixed shape.
-    pub fn pin_input_shape(mut self, input: impl Into<String>, shape: &[usize]) -> Self {
-        self.input_shapes.insert(input.into(), shape.to_vec());
-        self
-    }
-
-    /// Records runs into this telemetry buffer instead of the global one.
-    pub fn telemetry(mut self, telemetry: Telemetry) -> Self {
-        self.telemetry = TelemetryChoice::To(telemetry);
-        self
-    }
-
-    /// Measures drift of sampled runs against this baseline (instead of the model's own).
-    pub fn baseline(mut self, baseline: Baseline) -> Self {
-        self.baseline = Some(baseline);
-        self
-    }
-
-    /// Lets [`Backend::Auto`] choose a software GPU adapter (for testing the GPU path on
-    /// machines without one).
-    pub fn allow_software_gpu(mut self, allow: bool) -> Self {
-        self.allow_software_gpu = allow;
-        self
-    }
-
-    /// Sets the GPU backend's float precision.
-    pub fn gpu_precision(mut self, precision: GpuPrecision) -> Self {
-        self.gpu_precision = precision;
-        self
-    }
-
-    /// Records nothing for this session.
-    pub fn without_telemetry(mut self) -> Self {
-        self.telemetry = TelemetryChoice::Off;
-        self
-    }
-
-    /// Checks the options against the model and resolves `threads == 0`.
-    fn resolved(&self, model: &Model) -> Result<SessionOptions> {
-        for (name, shape) in &self.input_shapes {
-            let info = model
-                .inputs()
-                .iter()
-                .find(|i| &i.name == name)
-                .ok_or_else(|| Error::InvalidOption {
-                    reason: format!("pinned shape for unknown input {name:?}"),
-                })?;
-            if let Some(dims) = &info.shape {
-                let fits = dims.len() == shape.len()
-                    && dims
-                        .iter()
-                        .zip(shape)
-                        .all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s));
-                if !fits {
-                    return Err(Error::InvalidOption {
-                        reason: format!(
-                            "pinned shape {shape:?} does not fit input {name:?} {}",
-                            info.shape_string()
-                        ),
-                    });
-                }
+/// Checks the options against the model and resolves `threads == 0`.
+fn resolve(options: &SessionOptions, model: &Model) -> Result<SessionOptions> {
+    for (name, shape) in &options.inputs.pinned_shapes {
+        let info = model
+            .inputs()
+            .iter()
+            .find(|i| &i.name == name)
+            .ok_or_else(|| Error::InvalidOption {
+                reason: format!("pinned shape for unknown input {name:?}"),
+            })?;
+        if let Some(dims) = &info.shape {
+            let fits = dims.len() == shape.len()
+                && dims
+                    .iter()
+                    .zip(shape)
+                    .all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s));
+            if !fits {
+                return Err(Error::InvalidOption {
+                    reason: format!(
+                        "pinned shape {shape:?} does not fit input {name:?} {}",
+                        info.shape_string()
+                    ),
+                });
             }
         }
-        if self.threads > MAX_THREADS {
-            return Err(Error::InvalidOption {
-                reason: format!("{} threads: at most {MAX_THREADS}", self.threads),
-            });
-        }
-        let mut resolved = self.clone();
-        if resolved.threads == 0 {
-            resolved.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        }
-        Ok(resolved)
     }
+    if options.cpu.threads > MAX_THREADS {
+        return Err(Error::InvalidOption {
+            reason: format!("{} threads: at most {MAX_THREADS}", options.cpu.threads),
+        });
+    }
+    let mut resolved = options.clone();
+    if resolved.cpu.threads == 0 {
+        resolved.cpu.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
+    Ok(resolved)
 }
 
 /// The declared signature of one input, as the session validates it.
@@ -304,7 +88,7 @@ impl Session {
     /// Prepares `model` for the backend the options ask for.
     pub fn new(model: &Model, options: SessionOptions) -> Result<Session> {
         catch_panic("session creation", || {
-            let options = options.resolved(model)?;
+            let options = resolve(&options, model)?;
             let prepared = backend::prepare(model, &options)?;
             let inputs = model
                 .inputs()
@@ -313,10 +97,7 @@ impl Session {
                 .map(|(info, dtype)| InputSpec {
                     name: info.name.clone(),
                     dtype: *dtype,
-                    shape: match options.input_shapes.get(&info.name) {
-                        Some(p) => Some(p.iter().copied().map(Dim::Fixed).collect()),
-                        None => info.shape.clone(),
-                    },
+                    shape: backend::frontend::planned_shape(&options, info),
                 })
                 .collect();
             Ok(Session {
@@ -325,12 +106,12 @@ impl Session {
                 output_names: model.outputs().iter().map(|o| o.name.clone()).collect(),
                 backend: prepared.backend,
                 backend_reason: prepared.reason,
-                telemetry: match &options.telemetry {
+                telemetry: match &options.telemetry.buffer {
                     TelemetryChoice::Global => crate::telemetry::global(),
                     TelemetryChoice::To(t) => Some(t.clone()),
                     TelemetryChoice::Off => None,
                 },
-                baseline: match &options.baseline {
+                baseline: match &options.telemetry.baseline {
                     Some(b) => Some(Arc::new(b.clone())),
                     None => model.baseline().map(|b| Arc::new(b.clone())),
                 },
@@ -372,8 +153,8 @@ impl Session {
     {
         let ordered = self.order_inputs(inputs)?;
         for (spec, tensor) in self.inputs.iter().zip(&ordered) {
-            if self.options.nan_policy != NanPolicy::Allow {
-                check_nan("input", &spec.name, tensor, self.options.nan_policy)?;
+            if self.options.inputs.nan_policy != NanPolicy::Allow {
+                check_nan("input", &spec.name, tensor, self.options.inputs.nan_policy)?;
             }
         }
         let sampled = self
@@ -386,9 +167,9 @@ impl Session {
         if let Some((telemetry, inputs)) = sampled {
             telemetry.record(Record::Health(self.health(&inputs, &outputs)));
         }
-        if self.options.nan_policy == NanPolicy::Reject {
+        if self.options.inputs.nan_policy == NanPolicy::Reject {
             for (name, tensor) in self.output_names.iter().zip(&outputs) {
-                check_nan("output", name, tensor, self.options.nan_policy)?;
+                check_nan("output", name, tensor, self.options.inputs.nan_policy)?;
             }
         }
         Ok((
@@ -516,6 +297,12 @@ impl Session {
     /// Why that backend was chosen (e.g. why `Auto` fell back to the CPU).
     pub fn backend_reason(&self) -> &str {
         &self.backend_reason
+    }
+
+    /// What the backend has planned so far: which input shapes have a plan of their own,
+    /// and how the next new shape will be served.
+    pub fn plans(&self) -> crate::backend::PlanReport {
+        self.executor.plans()
     }
 
     /// The options in force (with `threads == 0` resolved).

@@ -17,7 +17,7 @@ use tract_onnx::prelude::{DatumType, Tensor as TractTensor};
 use tract_onnx::tract_core::ndarray::{ArrayD, IxDyn};
 
 use crate::error::Error;
-use crate::Result;
+use crate::error::Result;
 
 /// Element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -7,69 +7,64 @@
 
 #[cfg(feature = "gpu")]
 pub(crate) mod burn;
+pub(crate) mod frontend;
+pub(crate) mod plan_cache;
+pub(crate) mod race;
 pub(crate) mod tract;
 
 #[cfg(feature = "gpu")]
 pub use self::burn::{gpu_adapter, SUPPORTED_OPS as GPU_SUPPORTED_OPS};
 
+use crate::error::Result;
 use crate::model::Model;
-use crate::session::SessionOptions;
+pub use crate::options::Backend;
+use crate::options::SessionOptions;
 use crate::tensor::{DType, Tensor};
-use crate::Result;
-
-/// Which device a session runs on.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// The CPU, through tract's optimized plan.
-    Cpu,
-    /// The device GPU, through burn on wgpu (cargo feature `gpu`).
-    Gpu,
-    /// The GPU when this build has it, an adapter works and the model is fully supported;
-    /// the CPU otherwise. The session reports the choice and the reason.
-    #[default]
-    Auto,
-}
-
-impl Backend {
-    /// Lowercase name: `cpu`, `gpu`, `auto`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-            Backend::Gpu => "gpu",
-            Backend::Auto => "auto",
-        }
-    }
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Backend {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Backend> {
-        crate::error::parse_choice(
-            s,
-            "backend",
-            &[
-                (Backend::Cpu, &["cpu"]),
-                (Backend::Gpu, &["gpu"]),
-                (Backend::Auto, &["auto"]),
-            ],
-        )
-    }
-}
 
 /// Runs a prepared model on one device.
 pub(crate) trait Executor: Send + Sync {
     /// Runs with inputs in model input order (already validated); returns outputs in model
     /// output order, and whether a fallback backend produced them.
     fn run(&self, inputs: Vec<Tensor>) -> Result<Ran>;
+
+    /// What the executor has planned so far.
+    fn plans(&self) -> PlanReport;
+}
+
+/// Which plans serve runs whose input shapes are not all fixed (see
+/// [`ShapePolicy`](crate::ShapePolicy)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Specialisation {
+    /// Every input shape is fixed or pinned: one plan for all runs.
+    Fixed,
+    /// No run yet: the first one builds a concrete plan and starts measuring.
+    Undecided,
+    /// The symbolic plan and the first shape's concrete plan are being timed.
+    Measuring,
+    /// Concrete plans are faster: shapes get one once they recur enough to repay it.
+    Concrete,
+    /// The symbolic plan serves every run.
+    Symbolic,
+    /// Every shape gets a concrete plan (the symbolic plan cannot be built, failed a run,
+    /// or the policy says so).
+    PerShape,
+}
+
+/// What a session's backend has planned so far.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct PlanReport {
+    /// How plans are chosen now.
+    pub specialisation: Specialisation,
+    /// Whether one plan for the declared (symbolic or fixed) shapes exists.
+    pub shared_plan: bool,
+    /// The input shapes that have a plan of their own, least recently used first.
+    pub concrete: Vec<Vec<Vec<usize>>>,
+    /// tern's own kernels in the most recently built plan: (rewrite, layers it took over
+    /// from the backend's generic code), e.g. `("depthwise-q8", 11)`.
+    pub tern_kernels: Vec<(String, usize)>,
 }
 
 /// What an [`Executor`] run produced.
@@ -124,17 +119,17 @@ fn prepare_gpu(_: &Model, _: &SessionOptions, _: String, _: bool) -> Result<Prep
     })
 }
 
+/// Prepares a CPU executor for the session, with the reason it stands in.
+type CpuFactory = Box<dyn Fn(String) -> Result<Prepared> + Send + Sync>;
+
 /// Wraps a GPU executor so that a failure at run time moves the session to the CPU: the
 /// failing run is retried there (and reported as a fallback), later runs go straight to it.
 fn with_cpu_fallback(gpu: Prepared, model: &Model, options: &SessionOptions) -> Prepared {
+    let (model, options) = (model.clone(), options.clone());
     Prepared {
         executor: Box::new(Fallback {
             preferred: gpu.executor,
-            model: model.clone(),
-            options: SessionOptions {
-                backend: Backend::Cpu,
-                ..options.clone()
-            },
+            cpu: Box::new(move |reason| tract::prepare(&model, &options, reason)),
             fallback: std::sync::OnceLock::new(),
         }),
         ..gpu
@@ -144,8 +139,7 @@ fn with_cpu_fallback(gpu: Prepared, model: &Model, options: &SessionOptions) -> 
 /// A preferred executor with a CPU executor prepared the first time the preferred one fails.
 struct Fallback {
     preferred: Box<dyn Executor>,
-    model: Model,
-    options: SessionOptions,
+    cpu: CpuFactory,
     fallback: std::sync::OnceLock<Box<dyn Executor>>,
 }
 
@@ -166,11 +160,7 @@ impl Executor for Fallback {
         let cpu = match self.fallback.get() {
             Some(cpu) => cpu,
             None => {
-                let prepared = tract::prepare(
-                    &self.model,
-                    &self.options,
-                    format!("fallback after a GPU failure: {error}"),
-                )?;
+                let prepared = (self.cpu)(format!("fallback after a GPU failure: {error}"))?;
                 self.fallback.get_or_init(|| prepared.executor)
             }
         };
@@ -178,5 +168,12 @@ impl Executor for Fallback {
             fallback: true,
             ..r
         })
+    }
+
+    fn plans(&self) -> PlanReport {
+        match self.fallback.get() {
+            Some(cpu) => cpu.plans(),
+            None => self.preferred.plans(),
+        }
     }
 }

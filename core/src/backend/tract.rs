@@ -1,44 +1,53 @@
 //! CPU backend: tract's pipeline — inference graph → typed → decluttered → optimized →
-//! runnable plan.
+//! runnable plan — and the choice of which plans to build.
 //!
-//! tract plans are best built once for symbolic shapes (`batch`, `sequence`…) and reused
-//! for every run. Some real models do shape arithmetic tract cannot prove symbolically
-//! (e.g. a `Concat` of feature maps whose sizes are `ceil(h / 32) * 8` and
-//! `2 * ceil(h / 16) * 4`); onnxruntime users expect those to run anyway. So when the
-//! symbolic plan fails, the executor specialises: it builds a plan per concrete input shape
-//! on first use and keeps the most recent [`SHAPE_CACHE`] of them.
+//! **Plans and shapes.** A model whose inputs have symbolic dimensions (`batch`,
+//! `height`…) can run on one plan built for the symbolic shapes, but tract's kernels are
+//! much faster when they know the sizes: a 16-channel 3×3 depthwise convolution at 112×112
+//! took 5.6 ms on a symbolic batch and 0.15 ms on a concrete one. So, under
+//! [`ShapePolicy::Measure`] (the default), the first run's shape gets a concrete plan of
+//! its own, and its next runs race it against the symbolic plan ([`race`](super::race)).
+//! If the concrete plan wins, later shapes get theirs too, each once its runs on the
+//! symbolic plan have added up to what its compilation cost (the ski-rental rule: never
+//! more than twice the better of always and never compiling, so a stream of ever-changing
+//! widths stays on the symbolic plan); if it loses, the symbolic plan serves every run.
+//! Concrete plans live in a [`PlanCache`] of the most recent [`CAPACITY`] shapes.
 //!
-//! Each plan is shared; a concurrent run takes a [`TypedSimpleState`] from the plan's pool
-//! (so buffers and op states are reused between runs) and returns it afterwards. With more
-//! than one thread the session owns a rayon pool handed to tract's kernels — for the runs
-//! of each plan where measuring shows it helps ([`threads`]).
+//! Some models compile symbolically but fail at run time (tract cannot evaluate a symbol
+//! at a `Resize`), and some real models do shape arithmetic tract cannot prove
+//! symbolically at all (a `Concat` of feature maps of sizes `ceil(h / 32) * 8` and
+//! `2 * ceil(h / 16) * 4`); onnxruntime users expect both to run. A symbolic plan that
+//! fails a run is retried on a concrete plan, and the session sticks to concrete plans;
+//! one that cannot be built makes every shape concrete from the start.
+//!
+//! **Runs.** Each plan is shared; a concurrent run takes a [`TypedSimpleState`] from the
+//! plan's pool (so buffers and op states are reused between runs) and returns it
+//! afterwards. With more than one thread the session owns a rayon pool handed to tract's
+//! kernels — for the runs of each plan where measuring shows it helps ([`threads`]).
 
+mod rewrite;
 mod threads;
 
-use self::threads::{Mode, Threading};
-
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tract_linalg::multithread::{multithread_tract_scope, Executor as ThreadPool};
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
 use tract_onnx::tract_core::plan::EvalContext;
-use tract_onnx::tract_core::transform::ModelTransform;
-use tract_onnx::tract_hir::infer::InferenceModelExt;
 
-use super::{Backend, Executor, Prepared, Ran};
-use crate::error::{chain, Error};
-use crate::model::{Dim, Model};
-use crate::session::{OptLevel, SessionOptions, ThreadPolicy};
+use super::frontend;
+use super::plan_cache::{shape_key, PlanCache, ShapeKey, CAPACITY};
+use super::race::{Arm, Outcome, Race, RaceRules};
+use super::{Backend, Executor, PlanReport, Prepared, Ran, Specialisation};
+use crate::error::{chain, Error, Result};
+use crate::model::Model;
+use crate::options::{OptLevel, SessionOptions, ShapePolicy, ThreadPolicy};
+use crate::sync::lock;
 use crate::tensor::{DType, Tensor};
-use crate::Result;
 
 const NAME: &str = "tract";
-
-/// How many per-shape plans a specialising executor keeps.
-pub(crate) const SHAPE_CACHE: usize = 8;
 
 fn compile_err(e: anyhow::Error) -> Error {
     Error::Compile {
@@ -62,13 +71,16 @@ struct Plan {
     /// carries its hidden state over for streaming): each run then gets a fresh state,
     /// as an ONNX graph is a function of its inputs alone.
     carries_state: bool,
-    threading: Threading,
+    /// Alone (incumbent) or with the session's pool (challenger).
+    threading: Race,
+    /// tern's own rewrites that replaced nodes: (pass, nodes).
+    rewrites: Vec<(&'static str, usize)>,
 }
 
 impl Plan {
-    /// Runs the plan, on the calling thread or with `pool` as [`Threading`] says.
+    /// Runs the plan, on the calling thread or with `pool` as its threading race says.
     fn run(&self, inputs: &[Tensor], pool: Option<&ThreadPool>) -> Result<Vec<Tensor>> {
-        let pooled = self.states.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = lock(&self.states).pop();
         let mut state = match pooled {
             Some(s) => s,
             None => self.plan.spawn().map_err(|e| inference_err(&e))?,
@@ -77,9 +89,9 @@ impl Plan {
             .iter()
             .map(|t| t.tract().clone().into_tvalue())
             .collect();
-        let (mode, timed) = self.threading.next();
-        let executor = match (mode, pool) {
-            (Mode::Pool, Some(pool)) => pool.clone(),
+        let (arm, timed) = self.threading.next();
+        let executor = match (arm, pool) {
+            (threads::POOL, Some(pool)) => pool.clone(),
             _ => ThreadPool::SingleThread,
         };
         // Only the measuring runs read the clock.
@@ -87,13 +99,17 @@ impl Plan {
         let outputs = multithread_tract_scope(executor, || state.run(inputs))
             .map_err(|e| inference_err(&e))?;
         if let Some(started) = started {
-            self.threading.record(mode, started.elapsed());
+            if let Some(o) = self.threading.record(arm, started.elapsed()) {
+                tracing::debug!(
+                    pool = o.winner == threads::POOL,
+                    alone_ms = o.incumbent.as_secs_f64() * 1e3,
+                    pool_ms = o.challenger.as_secs_f64() * 1e3,
+                    "tract plan threading measured"
+                );
+            }
         }
         if !self.carries_state {
-            self.states
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(state);
+            lock(&self.states).push(state);
         }
         outputs
             .into_iter()
@@ -102,79 +118,187 @@ impl Plan {
     }
 }
 
-/// Plans for one shape signature at a time, most recently used last.
-type ShapeCache = Mutex<Vec<(Vec<Vec<usize>>, Arc<Plan>)>>;
+/// Builds plans with the session's settings.
+struct Compiler {
+    optimization: OptLevel,
+    tern_kernels: bool,
+    has_pool: bool,
+    thread_policy: ThreadPolicy,
+}
 
-enum Plans {
-    /// One plan for every input shape (symbolic or pinned).
-    Shared(Plan),
-    /// A plan per concrete input shape, built on first use.
-    PerShape {
-        graph: InferenceModel,
-        cache: ShapeCache,
+impl Compiler {
+    /// inference graph → typed → decluttered/optimized → plan.
+    fn compile(&self, graph: InferenceModel) -> Result<Plan> {
+        // tract computes f16 in software where the CPU has no f16 arithmetic (x86, older
+        // ARM): 80x slower than f32. Such models compute in f32 instead, the way
+        // onnxruntime's CPU kernels do; the model's inputs and outputs keep their types.
+        let mut typed = frontend::typed(graph, !tract_linalg::has_fp16()).map_err(compile_err)?;
+        let mut rewrites = Vec::new();
+        match self.optimization {
+            OptLevel::Full => typed
+                .declutter()
+                .and_then(|_| tile_batch_constants(&mut typed))
+                .and_then(|_| match self.tern_kernels {
+                    true => rewrite::run_passes(&mut typed),
+                    false => Ok(Vec::new()),
+                })
+                .and_then(|done| {
+                    rewrites = done;
+                    typed.optimize()
+                }),
+            OptLevel::Declutter => typed.declutter(),
+        }
+        .map_err(compile_err)?;
+        // No executor in the plan: each run scopes the one its threading race chooses.
+        let plan = typed.into_runnable().map_err(compile_err)?;
+        let context = EvalContext::out_of_plan();
+        let mut carries_state = false;
+        for node in plan.model().nodes() {
+            carries_state |= node.op.state(&context).map_err(compile_err)?.is_some();
+        }
+        Ok(Plan {
+            plan,
+            carries_state,
+            states: Mutex::new(Vec::new()),
+            threading: threads::threading(self.has_pool, self.thread_policy),
+            rewrites,
+        })
+    }
+}
+
+/// The shape race: 2 untimed runs of the concrete plan, 3 timed runs of each, and concrete
+/// plans kept only when 10 % faster (each costs a compilation and memory).
+const SHAPE_RULES: RaceRules = RaceRules {
+    warmup: 2,
+    trials: 3,
+    margin: 0.9,
+};
+
+/// At most this many shapes are counted towards their rent at once.
+const RENT_LEDGER: usize = 1024;
+
+/// Which plan serves a run whose shape has no concrete plan yet.
+enum Choice {
+    /// No run yet (the first one starts the race).
+    Undecided,
+    /// The first shape's concrete plan is being built.
+    Building,
+    /// The symbolic plan (incumbent) against the concrete plan (challenger) of `key`.
+    Racing {
+        key: ShapeKey,
+        race: Arc<Race>,
+        compile: Duration,
     },
+    /// Concrete plans are faster: a shape gets one once it has paid its [`Rent`].
+    Rent(Rent),
+    /// The symbolic plan serves every run.
+    Symbolic,
+    /// Every shape gets a concrete plan on its first run.
+    PerShape,
+}
+
+/// The ski-rental rule for concrete plans: each run of a shape on the symbolic plan costs
+/// `gain` more than a concrete plan would have; once a shape's runs add up to what a
+/// concrete plan costs to compile, it gets one. Shapes that never recur never pay for a
+/// compilation; shapes that do pay at most twice the best choice in hindsight.
+struct Rent {
+    gain: Duration,
+    compile: Duration,
+    runs: HashMap<ShapeKey, u32>,
+}
+
+impl Rent {
+    fn new(gain: Duration, compile: Duration) -> Self {
+        Rent {
+            gain,
+            compile,
+            runs: HashMap::new(),
+        }
+    }
+
+    /// Counts a run of `key` on the symbolic plan; true when the shape has now paid for a
+    /// concrete plan (its count starts again, in case that plan is later evicted).
+    fn pay(&mut self, key: &ShapeKey) -> bool {
+        if self.runs.len() >= RENT_LEDGER && !self.runs.contains_key(key) {
+            self.runs.clear();
+        }
+        let paid = self.runs.entry(key.clone()).or_insert(0);
+        *paid += 1;
+        let due = self.gain.saturating_mul(*paid) >= self.compile;
+        if due {
+            self.runs.remove(key);
+        }
+        due
+    }
+}
+
+/// Where one run goes.
+enum Route {
+    Symbolic,
+    Concrete,
+    /// Build the first concrete plan and start the race.
+    StartRace,
+    Race(Arc<Race>),
 }
 
 /// Runs tract plans.
 pub(crate) struct TractExecutor {
-    plans: Plans,
-    optimization: OptLevel,
+    /// The graph with its input facts, for concrete plans.
+    graph: InferenceModel,
+    /// The plan for the planned shapes: concrete when every input is fixed or pinned,
+    /// symbolic otherwise; `None` when tract cannot plan the symbolic shapes.
+    planned: Option<Plan>,
+    /// Every input is fixed or pinned: `planned` serves every run.
+    fixed: bool,
+    concrete: PlanCache<Plan>,
+    choice: Mutex<Choice>,
+    compiler: Compiler,
     /// The session's rayon pool, when it has more than one thread.
     pool: Option<ThreadPool>,
-    thread_policy: ThreadPolicy,
 }
 
 /// Builds the CPU executor: names or pins every input dimension, then types, optimizes and
-/// plans — or prepares to specialise per shape when the symbolic plan cannot be built.
+/// plans — and prepares plans per concrete shape as the shape policy says.
 pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -> Result<Prepared> {
-    let mut graph = model.graph().clone();
-    let mut all_fixed = true;
-    for (ix, info) in model.inputs().iter().enumerate() {
-        let dims: Option<Vec<TDim>> = match (options.input_shapes.get(&info.name), &info.shape) {
-            (Some(p), _) => Some(p.iter().map(|d| TDim::from(*d)).collect()),
-            (None, Some(shape)) => Some(
-                shape
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Fixed(n) => TDim::from(*n),
-                        Dim::Symbolic(s) => {
-                            all_fixed = false;
-                            graph.symbols.sym(s).into()
-                        }
-                    })
-                    .collect(),
-            ),
-            (None, None) => {
-                all_fixed = false;
-                None
-            }
-        };
-        let mut fact = graph.input_fact(ix).map_err(compile_err)?.clone();
-        if let Some(dims) = dims {
-            fact = fact.with_shape(dims);
-        }
-        if let Some(dt) = info.dtype {
-            fact = fact.with_datum_type(dt.to_tract());
-        }
-        graph.set_input_fact(ix, fact).map_err(compile_err)?;
-    }
-    let mut executor = TractExecutor {
-        plans: Plans::PerShape {
-            graph: InferenceModel::default(),
-            cache: Mutex::new(Vec::new()),
-        },
-        optimization: options.optimization,
-        pool: (options.threads > 1)
-            .then(|| ThreadPool::multithread_with_name(options.threads, "tern")),
-        thread_policy: options.thread_policy,
+    let graph = frontend::with_input_facts(model, options).map_err(compile_err)?;
+    let fixed = frontend::fixed_shapes(model, options).is_some();
+    let cpu = &options.cpu;
+    let compiler = Compiler {
+        optimization: cpu.optimization,
+        tern_kernels: cpu.tern_kernels,
+        has_pool: cpu.threads > 1,
+        thread_policy: cpu.thread_policy,
     };
-    let (plans, input_dtypes, reason) = match executor.compile(graph.clone()) {
+    let (planned, input_dtypes, choice, reason) = match compiler.compile(graph.clone()) {
         Ok(plan) => {
             let dtypes = input_dtypes(plan.plan.model())?;
-            (Plans::Shared(plan), dtypes, reason)
+            let (choice, how) = match cpu.shape_policy {
+                _ if fixed => (Choice::Symbolic, ""),
+                ShapePolicy::Measure => (
+                    Choice::Undecided,
+                    "; concrete plans per input shape where measured faster",
+                ),
+                ShapePolicy::Symbolic => (Choice::Symbolic, "; one symbolic plan"),
+                ShapePolicy::PerShape => (Choice::PerShape, "; a plan per input shape"),
+            };
+            let kernels: Vec<String> = plan
+                .rewrites
+                .iter()
+                .map(|(pass, n)| format!("{pass} ×{n}"))
+                .collect();
+            let kernels = match kernels.is_empty() {
+                true => String::new(),
+                false => format!("; tern kernels: {}", kernels.join(", ")),
+            };
+            (
+                Some(plan),
+                dtypes,
+                choice,
+                format!("{reason}{how}{kernels}"),
+            )
         }
         // Fixed shapes that fail will fail at every run: report it now.
-        Err(e) if all_fixed => return Err(e),
+        Err(e) if fixed => return Err(e),
         Err(e) => {
             tracing::info!("tract cannot plan symbolic shapes, specialising per shape: {e}");
             let dtypes = model
@@ -188,47 +312,23 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
                 })
                 .collect::<Result<Vec<_>>>()?;
             let reason = format!("{reason}; plans specialised per input shape");
-            (
-                Plans::PerShape {
-                    graph,
-                    cache: Mutex::new(Vec::new()),
-                },
-                dtypes,
-                reason,
-            )
+            (None, dtypes, Choice::PerShape, reason)
         }
     };
-    executor.plans = plans;
     Ok(Prepared {
-        executor: Box::new(executor),
+        executor: Box::new(TractExecutor {
+            graph,
+            planned,
+            fixed,
+            concrete: PlanCache::new(CAPACITY),
+            choice: Mutex::new(choice),
+            compiler,
+            pool: (cpu.threads > 1).then(|| ThreadPool::multithread_with_name(cpu.threads, "tern")),
+        }),
         backend: Backend::Cpu,
         reason,
         input_dtypes,
     })
-}
-
-/// Whether the graph computes in f16 between inputs and outputs of other types (a model
-/// converted to fp16 with its I/O kept in f32, the common form). Models with f16 inputs or
-/// outputs are left alone so their declared types stay what the app passes and gets.
-/// Such a graph is widened to f32 by [`widen_f16`] where f16 arithmetic is not wanted.
-pub(crate) fn computes_in_f16(typed: &TypedModel) -> bool {
-    let f16 = f16::datum_type();
-    let io_is_f16 = |outlets: &[OutletId]| {
-        outlets
-            .iter()
-            .any(|o| typed.outlet_fact(*o).is_ok_and(|f| f.datum_type == f16))
-    };
-    !io_is_f16(&typed.inputs)
-        && !io_is_f16(&typed.outputs)
-        && typed
-            .nodes()
-            .iter()
-            .any(|n| n.outputs.iter().any(|o| o.fact.datum_type == f16))
-}
-
-/// Rewrites an f16-computing graph (see [`computes_in_f16`]) to compute in f32.
-pub(crate) fn widen_f16(typed: &mut TypedModel) -> TractResult<()> {
-    FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type()).transform(typed)
 }
 
 /// Constants up to this many elements are tiled along the batch by [`tile_batch_constants`].
@@ -293,86 +393,186 @@ fn input_dtypes(typed: &TypedModel) -> Result<Vec<DType>> {
 }
 
 impl TractExecutor {
-    /// inference graph → typed → decluttered/optimized → plan.
-    fn compile(&self, graph: InferenceModel) -> Result<Plan> {
-        let mut typed = graph.into_typed().map_err(compile_err)?;
-        if !tract_linalg::has_fp16() && computes_in_f16(&typed) {
-            // tract computes f16 in software where the CPU has no f16 arithmetic (x86, older
-            // ARM): 80x slower than f32. Compute such models in f32 instead, the way
-            // onnxruntime's CPU kernels do; the model's inputs and outputs keep their types.
-            widen_f16(&mut typed).map_err(compile_err)?;
-        }
-        match self.optimization {
-            OptLevel::Full => typed
-                .declutter()
-                .and_then(|_| tile_batch_constants(&mut typed))
-                .and_then(|_| typed.optimize()),
-            OptLevel::Declutter => typed.declutter(),
-        }
-        .map_err(compile_err)?;
-        // No executor in the plan: each run scopes the one its Threading chooses.
-        let plan = typed.into_runnable().map_err(compile_err)?;
-        let context = EvalContext::out_of_plan();
-        let mut carries_state = false;
-        for node in plan.model().nodes() {
-            carries_state |= node.op.state(&context).map_err(compile_err)?.is_some();
-        }
-        Ok(Plan {
-            plan,
-            carries_state,
-            states: Mutex::new(Vec::new()),
-            threading: Threading::new(self.pool.is_some(), self.thread_policy),
+    /// The concrete plan for `key`, built on first use.
+    fn concrete_plan(&self, key: &[Vec<usize>]) -> Result<Arc<Plan>> {
+        self.concrete.get_or_build(key, || {
+            let graph = frontend::concretize(&self.graph, key).map_err(compile_err)?;
+            self.compiler.compile(graph)
         })
     }
 
-    /// The plan for these concrete input shapes, built and cached on first use.
-    fn plan_for(
-        &self,
-        graph: &InferenceModel,
-        cache: &ShapeCache,
-        inputs: &[Tensor],
-    ) -> Result<Arc<Plan>> {
-        let key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+    /// Where a run of shape `key` goes, updating the choice's bookkeeping.
+    fn route(&self, key: &ShapeKey) -> Route {
+        let mut choice = lock(&self.choice);
+        if let Choice::Racing {
+            key: racing, race, ..
+        } = &*choice
         {
-            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(pos) = cache.iter().position(|(k, _)| *k == key) {
-                let entry = cache.remove(pos);
-                let plan = entry.1.clone();
-                cache.push(entry);
-                return Ok(plan);
+            return if racing == key {
+                Route::Race(race.clone())
+            } else {
+                Route::Symbolic
+            };
+        }
+        if self.concrete.get(key).is_some() {
+            return Route::Concrete;
+        }
+        match &mut *choice {
+            Choice::Undecided => {
+                *choice = Choice::Building;
+                Route::StartRace
+            }
+            Choice::Rent(rent) => {
+                if rent.pay(key) {
+                    Route::Concrete
+                } else {
+                    Route::Symbolic
+                }
+            }
+            Choice::PerShape => Route::Concrete,
+            Choice::Building | Choice::Racing { .. } | Choice::Symbolic => Route::Symbolic,
+        }
+    }
+
+    /// Acts on the outcome of the shape race.
+    fn decide(&self, outcome: Outcome) {
+        let mut choice = lock(&self.choice);
+        let Choice::Racing { compile, .. } = &*choice else {
+            return;
+        };
+        let compile = *compile;
+        tracing::debug!(
+            concrete = outcome.winner == Arm::Challenger,
+            symbolic_ms = outcome.incumbent.as_secs_f64() * 1e3,
+            concrete_ms = outcome.challenger.as_secs_f64() * 1e3,
+            compile_ms = compile.as_secs_f64() * 1e3,
+            "tract shape specialisation measured"
+        );
+        *choice = match outcome.winner {
+            Arm::Challenger => Choice::Rent(Rent::new(
+                outcome.incumbent.saturating_sub(outcome.challenger),
+                compile,
+            )),
+            Arm::Incumbent => {
+                self.concrete.clear();
+                Choice::Symbolic
+            }
+        };
+    }
+
+    /// Runs the symbolic plan; if it fails, retries on a concrete plan and, if that runs,
+    /// keeps to concrete plans from now on.
+    fn run_symbolic(
+        &self,
+        symbolic: &Plan,
+        key: &ShapeKey,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Tensor>> {
+        let error = match symbolic.run(inputs, self.pool.as_ref()) {
+            Ok(outputs) => return Ok(outputs),
+            Err(e) => e,
+        };
+        let retried = self
+            .concrete_plan(key)
+            .and_then(|plan| plan.run(inputs, self.pool.as_ref()));
+        match retried {
+            Ok(outputs) => {
+                tracing::warn!(
+                    "the symbolic plan failed a run ({error}); a concrete plan ran it: \
+                     using concrete plans from now on"
+                );
+                *lock(&self.choice) = Choice::PerShape;
+                Ok(outputs)
+            }
+            Err(_) => Err(error),
+        }
+    }
+
+    fn run_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let pool = self.pool.as_ref();
+        let Some(planned) = &self.planned else {
+            return self.concrete_plan(&shape_key(inputs))?.run(inputs, pool);
+        };
+        if self.fixed {
+            return planned.run(inputs, pool);
+        }
+        let key = shape_key(inputs);
+        match self.route(&key) {
+            Route::Symbolic => self.run_symbolic(planned, &key, inputs),
+            Route::Concrete => self.concrete_plan(&key)?.run(inputs, pool),
+            Route::StartRace => {
+                let started = Instant::now();
+                let plan = match self.concrete_plan(&key) {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        tracing::info!(
+                            "no concrete plan for {key:?}, keeping the symbolic one: {e}"
+                        );
+                        *lock(&self.choice) = Choice::Symbolic;
+                        return self.run_symbolic(planned, &key, inputs);
+                    }
+                };
+                *lock(&self.choice) = Choice::Racing {
+                    key,
+                    race: Arc::new(Race::new(SHAPE_RULES)),
+                    compile: started.elapsed(),
+                };
+                plan.run(inputs, pool)
+            }
+            Route::Race(race) => {
+                let (arm, timed) = race.next();
+                let started = timed.then(Instant::now);
+                let outputs = match arm {
+                    Arm::Incumbent => self.run_symbolic(planned, &key, inputs),
+                    Arm::Challenger => self.concrete_plan(&key)?.run(inputs, pool),
+                }?;
+                if let Some(started) = started {
+                    if let Some(outcome) = race.record(arm, started.elapsed()) {
+                        self.decide(outcome);
+                    }
+                }
+                Ok(outputs)
             }
         }
-        let mut concrete = graph.clone();
-        for (ix, shape) in key.iter().enumerate() {
-            let fact = concrete
-                .input_fact(ix)
-                .map_err(compile_err)?
-                .clone()
-                .with_shape(shape.clone());
-            concrete.set_input_fact(ix, fact).map_err(compile_err)?;
-        }
-        let plan = Arc::new(self.compile(concrete)?);
-        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= SHAPE_CACHE {
-            cache.remove(0);
-        }
-        cache.push((key, plan.clone()));
-        Ok(plan)
     }
 }
 
 impl Executor for TractExecutor {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Ran> {
-        let outputs = match &self.plans {
-            Plans::Shared(plan) => plan.run(&inputs, self.pool.as_ref()),
-            Plans::PerShape { graph, cache } => self
-                .plan_for(graph, cache, &inputs)?
-                .run(&inputs, self.pool.as_ref()),
-        }?;
         Ok(Ran {
-            outputs,
+            outputs: self.run_inputs(&inputs)?,
             fallback: false,
         })
+    }
+
+    fn plans(&self) -> PlanReport {
+        let specialisation = if self.fixed {
+            Specialisation::Fixed
+        } else {
+            match &*lock(&self.choice) {
+                Choice::Undecided => Specialisation::Undecided,
+                Choice::Building | Choice::Racing { .. } => Specialisation::Measuring,
+                Choice::Rent(_) => Specialisation::Concrete,
+                Choice::Symbolic => Specialisation::Symbolic,
+                Choice::PerShape => Specialisation::PerShape,
+            }
+        };
+        let concrete = self.concrete.shapes();
+        let newest = concrete.last().and_then(|key| self.concrete.get(key));
+        let rewrites = match (&newest, &self.planned) {
+            (Some(plan), _) => plan.rewrites.clone(),
+            (None, Some(plan)) => plan.rewrites.clone(),
+            (None, None) => Vec::new(),
+        };
+        PlanReport {
+            specialisation,
+            shared_plan: self.planned.is_some(),
+            concrete,
+            tern_kernels: rewrites
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), n))
+                .collect(),
+        }
     }
 }
 
@@ -400,6 +600,26 @@ mod tests {
         let plan = m.into_runnable().unwrap();
         let out = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
         out[0].clone().into_tensor()
+    }
+
+    #[test]
+    fn a_shape_gets_a_plan_once_its_runs_have_paid_for_it() {
+        let ms = Duration::from_millis;
+        let mut rent = Rent::new(ms(10), ms(35));
+        let wide = vec![vec![1, 3, 48, 320]];
+        // 10 ms lost per run on the symbolic plan, 35 ms to compile: the 4th run builds.
+        assert_eq!(
+            (0..4).map(|_| rent.pay(&wide)).collect::<Vec<_>>(),
+            [false, false, false, true]
+        );
+        // The count starts again (a plan evicted later must earn its way back).
+        assert!(!rent.pay(&wide));
+        // A stream of shapes that never recur never compiles.
+        assert!((0..5000).all(|w| !rent.pay(&vec![vec![1, 3, 48, w]])));
+        assert!(rent.runs.len() <= RENT_LEDGER);
+        // No gain at all: nothing ever pays.
+        let mut free = Rent::new(Duration::ZERO, ms(35));
+        assert!((0..100).all(|_| !free.pay(&wide)));
     }
 
     #[test]

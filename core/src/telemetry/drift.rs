@@ -12,8 +12,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::error::Result;
 use crate::tensor::Tensor;
-use crate::Result;
 
 /// Returns the ONNX model `model` (serialized bytes) with `baseline` stored in its
 /// `metadata_props["tern.baseline"]` (replacing any previous one), so it ships with the model.

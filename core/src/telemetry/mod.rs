@@ -48,7 +48,8 @@ pub use record::{
 };
 
 use crate::error::Error;
-use crate::Result;
+use crate::error::Result;
+use crate::sync::lock;
 use store::Store;
 
 /// Limits and schedules of the buffer.
@@ -192,10 +193,6 @@ fn io_err(dir: &Path, source: std::io::Error) -> Error {
         path: dir.to_path_buf(),
         source,
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Telemetry {
@@ -628,16 +625,23 @@ static GLOBAL: RwLock<Option<Telemetry>> = RwLock::new(None);
 /// afterwards records into it (unless its options say otherwise). Call once at app start.
 pub fn init(dir: impl AsRef<Path>, config: TelemetryConfig) -> Result<Telemetry> {
     let t = Telemetry::open(dir, config)?;
-    *GLOBAL.write().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
+    *GLOBAL
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(t.clone());
     Ok(t)
 }
 
 /// The process-wide buffer, if [`init`] was called.
 pub fn global() -> Option<Telemetry> {
-    GLOBAL.read().unwrap_or_else(|p| p.into_inner()).clone()
+    GLOBAL
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
 }
 
 /// Stops using a process-wide buffer (sessions created afterwards record nothing).
 pub fn clear_global() {
-    *GLOBAL.write().unwrap_or_else(|p| p.into_inner()) = None;
+    *GLOBAL
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
 }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use burn_backend::ops::{ConvOptions, ConvTransposeOptions};
+use burn_backend::ops::ConvTransposeOptions;
 use burn_backend::tensor::{Device, FloatTensor, IntTensor};
 use burn_backend::{Backend, FloatDType, TensorData};
 use tract_onnx::prelude::*;
@@ -19,11 +19,11 @@ use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{KernelFormat, PoolSpec};
 use tract_onnx::tract_core::ops::nn::{DataFormat, Reducer};
 
-use super::program::{regroup_deconv_kernel, BinKind, MatMulPlan, Op, Program, Step, UnaryKind};
+use super::program::{
+    regroup_deconv_kernel, BinKind, MatMulPlan, Op, Program, Step, UnaryKind, NAME,
+};
 use crate::error::Error;
-use crate::Result;
-
-pub(crate) const NAME: &str = "gpu";
+use crate::error::Result;
 
 fn unsupported(node: &TypedNode, why: impl std::fmt::Display) -> Error {
     Error::UnsupportedOp {
@@ -662,27 +662,5 @@ impl<B: Backend> Lowering<'_, B> {
             return Err(unsupported(node, "ceil-mode output size"));
         }
         Ok(window)
-    }
-}
-
-/// 2-D convolution options from a window (1-D windows are lifted to 2-D by the caller).
-pub(crate) fn conv_options(w: &super::program::Window, groups: usize) -> ConvOptions<2> {
-    let two = |v: &[usize], fill: usize| -> [usize; 2] {
-        match v {
-            [a] => [fill, *a],
-            [a, b] => [*a, *b],
-            _ => [fill, fill],
-        }
-    };
-    let padding = match w.padding.as_slice() {
-        [p] => [(0, 0), *p],
-        [p, q] => [*p, *q],
-        _ => [(0, 0), (0, 0)],
-    };
-    ConvOptions {
-        stride: two(&w.strides, 1),
-        padding,
-        dilation: two(&w.dilations, 1),
-        groups,
     }
 }

@@ -14,28 +14,28 @@
 //!
 //! Programs are built per input-shape signature: once at session creation when every input
 //! dimension is fixed or pinned (and warmed up there, so shader compilation is not paid by
-//! the first real run), otherwise on first use of each shape, keeping the most recent
-//! [`SHAPE_CACHE`](super::tract::SHAPE_CACHE).
+//! the first real run), otherwise on first use of each shape, in the backends' shared
+//! [`PlanCache`].
 
 mod lower;
 mod program;
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use burn_backend::tensor::Device;
 use burn_backend::Backend as BurnBackend;
 use burn_backend::{DType as BurnDType, FloatDType};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::InferenceModelExt;
 
-use super::{Backend, Executor, Prepared, Ran};
-use crate::error::{catch_panic, chain, Error};
-use crate::model::{Dim, Model};
-use crate::session::{GpuPrecision, SessionOptions};
+use super::frontend;
+use super::plan_cache::{shape_key, PlanCache, CAPACITY};
+use super::{Backend, Executor, PlanReport, Prepared, Ran, Specialisation};
+use crate::error::{catch_panic, chain, Error, Result};
+use crate::model::Model;
+use crate::options::{GpuPrecision, SessionOptions};
 use crate::tensor::{DType, Tensor};
-use crate::Result;
-use lower::NAME;
 use program::Program;
+use program::NAME;
 
 /// ONNX op types the GPU backend runs (after tract's folding and decluttering), each with
 /// passing cases in the ONNX node suite on wgpu or exercised by a real model. A model with
@@ -187,7 +187,7 @@ pub(crate) fn prepare(
         backend: NAME,
         reason,
     })?;
-    if auto && adapter.software && !options.allow_software_gpu {
+    if auto && adapter.software && !options.gpu.allow_software {
         return Err(Error::BackendUnavailable {
             backend: NAME,
             reason: format!(
@@ -242,8 +242,7 @@ pub(crate) fn prepare_on<B: BurnBackend>(
     reason: String,
 ) -> Result<Prepared> {
     check_supported(model)?;
-    let (precision, why_precision) = precision::<B>(options.gpu_precision, &device, hardware)?;
-    let mut fixed = Some(Vec::new());
+    let (precision, why_precision) = precision::<B>(options.gpu.precision, &device, hardware)?;
     for info in model.inputs() {
         if info.dtype != Some(DType::F32) {
             return Err(Error::BackendUnavailable {
@@ -255,27 +254,13 @@ pub(crate) fn prepare_on<B: BurnBackend>(
                 ),
             });
         }
-        let shape = match (options.input_shapes.get(&info.name), &info.shape) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Some(dims)) => dims
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => Some(*n),
-                    Dim::Symbolic(_) => None,
-                })
-                .collect(),
-            (None, None) => None,
-        };
-        fixed = fixed.zip(shape).map(|(mut all, s)| {
-            all.push(s);
-            all
-        });
     }
+    let fixed = frontend::fixed_shapes(model, options);
     let executor = BurnExecutor::<B> {
         graph: model.graph().clone(),
         device,
         precision,
-        cache: Mutex::new(Vec::new()),
+        cache: PlanCache::new(CAPACITY),
     };
     let reason = format!("{reason}; computes in {why_precision}");
     let reason = match fixed {
@@ -299,60 +284,48 @@ pub(crate) fn prepare_on<B: BurnBackend>(
     })
 }
 
-/// Programs for the most recent input-shape signatures, most recently used last.
-type ProgramCache<B> = Mutex<Vec<(Vec<Vec<usize>>, Arc<Program<B>>)>>;
-
 /// Runs lowered programs on one burn device.
 struct BurnExecutor<B: BurnBackend> {
     graph: InferenceModel,
     device: Device<B>,
     /// The float type programs compute in.
     precision: FloatDType,
-    cache: ProgramCache<B>,
+    cache: PlanCache<Program<B>>,
 }
 
 impl<B: BurnBackend> BurnExecutor<B> {
     /// The program for these input shapes: cached, or typed, folded, decluttered and lowered.
-    fn program(&self, shapes: &[Vec<usize>]) -> Result<Arc<Program<B>>> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ix) = cache.iter().position(|(s, _)| s == shapes) {
-            let entry = cache.remove(ix);
-            let program = entry.1.clone();
-            cache.push(entry);
-            return Ok(program);
-        }
-        let compile = |e: anyhow::Error| Error::Compile {
-            backend: NAME,
-            reason: chain(&e),
-        };
-        let mut graph = self.graph.clone();
-        for (ix, shape) in shapes.iter().enumerate() {
-            let fact = f32::fact(shape).into();
-            graph.set_input_fact(ix, fact).map_err(compile)?;
-        }
-        let mut typed = graph.into_typed().map_err(compile)?;
-        if super::tract::computes_in_f16(&typed) {
-            // An fp16 model with f32 inputs and outputs: lowered as f32, then computed in
+    fn program(&self, shapes: &[Vec<usize>]) -> Result<std::sync::Arc<Program<B>>> {
+        self.cache.get_or_build(shapes, || {
+            let compile = |e: anyhow::Error| Error::Compile {
+                backend: NAME,
+                reason: chain(&e),
+            };
+            let graph = frontend::concretize(&self.graph, shapes).map_err(compile)?;
+            // An fp16 model with f32 inputs and outputs is lowered as f32, then computed in
             // the session's precision (f16 on hardware that has it).
-            super::tract::widen_f16(&mut typed).map_err(compile)?;
-        }
-        let typed = typed.into_decluttered().map_err(compile)?;
-        let program = Arc::new(lower::lower::<B>(&typed, &self.device, self.precision)?);
-        if cache.len() >= super::tract::SHAPE_CACHE {
-            cache.remove(0);
-        }
-        cache.push((shapes.to_vec(), program.clone()));
-        Ok(program)
+            let typed = frontend::typed(graph, true).map_err(compile)?;
+            let typed = typed.into_decluttered().map_err(compile)?;
+            lower::lower::<B>(&typed, &self.device, self.precision)
+        })
     }
 }
 
 impl<B: BurnBackend> Executor for BurnExecutor<B> {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Ran> {
-        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         Ok(Ran {
-            outputs: self.program(&shapes)?.run(&inputs)?,
+            outputs: self.program(&shape_key(&inputs))?.run(&inputs)?,
             fallback: false,
         })
+    }
+
+    fn plans(&self) -> PlanReport {
+        PlanReport {
+            specialisation: Specialisation::PerShape,
+            shared_plan: false,
+            concrete: self.cache.shapes(),
+            tern_kernels: Vec::new(),
+        }
     }
 }
 

@@ -13,10 +13,13 @@ use burn_backend::{
 use burn_backend::{read_sync, TensorMetadata};
 use tract_onnx::tract_core::axes::AxesMapping;
 
-use super::lower::{conv_options, NAME};
+use crate::error::Result;
 use crate::error::{catch_panic, Error};
 use crate::tensor::Tensor;
-use crate::Result;
+use burn_backend::ops::ConvOptions;
+
+/// The backend's name in errors.
+pub(crate) const NAME: &str = "gpu";
 
 /// An element-wise binary operation (inputs of equal rank, size-1 dims broadcast).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -945,4 +948,26 @@ fn lift_2d<B: Backend>(x: FloatTensor<B>, w: &Window, fill: f32) -> (FloatTensor
     let mut full = vec![(0, 0), (0, 0)];
     full.extend(pads);
     (B::float_pad(x, &full, PadMode::Constant(fill)), [0, 0])
+}
+
+/// 2-D convolution options from a window (1-D windows are lifted to 2-D by the caller).
+pub(crate) fn conv_options(w: &Window, groups: usize) -> ConvOptions<2> {
+    let two = |v: &[usize], fill: usize| -> [usize; 2] {
+        match v {
+            [a] => [fill, *a],
+            [a, b] => [*a, *b],
+            _ => [fill, fill],
+        }
+    };
+    let padding = match w.padding.as_slice() {
+        [p] => [(0, 0), *p],
+        [p, q] => [*p, *q],
+        _ => [(0, 0), (0, 0)],
+    };
+    ConvOptions {
+        stride: two(&w.strides, 1),
+        padding,
+        dilation: two(&w.dilations, 1),
+        groups,
+    }
 }

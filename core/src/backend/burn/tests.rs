@@ -12,7 +12,7 @@ use tract_onnx::tract_hir::internal::EvalOp;
 
 use super::program::MatMulPlan;
 use super::*;
-use crate::session::SessionOptions;
+use crate::options::SessionOptions;
 
 fn cached_model(name: &str) -> PathBuf {
     let cache = std::env::var_os("TERN_CACHE")

@@ -1,0 +1,13 @@
+//! Locking that survives a panic elsewhere.
+//!
+//! Backend panics are caught and returned as [`Error::Panic`](crate::Error::Panic), so a
+//! thread may panic while holding one of tern's locks. Everything tern guards with a
+//! mutex (caches, pools, counters) stays valid whatever point a panic stopped at, so a
+//! poisoned lock is taken as it is rather than turning every later call into a panic.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `mutex`, ignoring poisoning (see the module docs).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,661 @@
+//! int8 depthwise convolution with requantization fused: ONNX `QLinearConv` where
+//! `group == channels` and each channel has one filter.
+//!
+//! Activations are `u8` with a zero point, weights `i8` with a zero point per channel (or
+//! one for all), the bias `i32`; the output is requantized to `u8` in the same pass:
+//!
+//! ```text
+//! acc[c, oy, ox] = bias[c] + Σ_taps (x[c, iy, ix] - x_zero) · (w[c, ky, kx] - w_zero[c])
+//! y[c, oy, ox]   = clamp(round_half_even(acc · scale[c]) + y_zero, 0, 255)
+//! scale[c]       = x_scale · w_scale[c] / y_scale
+//! ```
+//!
+//! where padded taps contribute nothing (they read `x_zero`). This is what onnxruntime's
+//! CPU provider computes (MLAS rounds half to even after a float multiply).
+//!
+//! tract runs such a layer as C one-row matrix products over a materialised im2col, with
+//! the zero points corrected by separate graph ops. Here a channel's plane is read in place:
+//! the AVX2 path computes 8 outputs of a row at once for the interior (every tap in bounds,
+//! the input's zero point folded into the bias), in f32 with FMA — exact, since every
+//! partial sum is an integer below 2²⁴, which [`DepthwiseQ8::new`] checks — and the border
+//! with the scalar reference's own code.
+
+use crate::Isa;
+
+/// Why a convolution cannot be run by this kernel (the caller keeps its generic path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported(pub String);
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "depthwise int8 kernel: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unsupported {}
+
+/// The geometry of one depthwise convolution over an NCHW image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Channels (input = output).
+    pub channels: usize,
+    /// Input height and width.
+    pub input: [usize; 2],
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Strides (height, width), at least 1.
+    pub strides: [usize; 2],
+    /// Dilations (height, width), at least 1.
+    pub dilations: [usize; 2],
+    /// Padding before (top, left) and after (bottom, right).
+    pub pads: [usize; 4],
+}
+
+impl Geometry {
+    /// Output height and width (ONNX's floor rule).
+    pub fn output(&self) -> Option<[usize; 2]> {
+        let out = |i: usize| -> Option<usize> {
+            let padded = self.input[i] + self.pads[i] + self.pads[i + 2];
+            let span = (self.kernel[i].checked_sub(1)?) * self.dilations[i] + 1;
+            Some(padded.checked_sub(span)? / self.strides[i] + 1)
+        };
+        Some([out(0)?, out(1)?])
+    }
+
+    /// Elements of one input image (C × H × W).
+    pub fn input_len(&self) -> usize {
+        self.channels * self.input[0] * self.input[1]
+    }
+
+    /// Elements of one output image.
+    pub fn output_len(&self) -> usize {
+        self.output().map_or(0, |[h, w]| self.channels * h * w)
+    }
+}
+
+/// The quantization of one depthwise convolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quant {
+    /// Activation zero point.
+    pub x_zero: u8,
+    /// Weight zero points: one, or one per channel.
+    pub w_zero: Vec<i8>,
+    /// `x_scale · w_scale[c] / y_scale`: one, or one per channel.
+    pub scale: Vec<f32>,
+    /// Output zero point.
+    pub y_zero: u8,
+}
+
+/// A depthwise convolution with its weights prepared once (at plan time), run per image.
+#[derive(Debug, Clone)]
+pub struct DepthwiseQ8 {
+    geometry: Geometry,
+    out: [usize; 2],
+    /// `w - w_zero`, per channel and tap.
+    taps: Vec<i32>,
+    /// The same as f32, for the vector path.
+    taps_f32: Vec<f32>,
+    bias: Vec<i32>,
+    /// `bias - x_zero · Σ taps`: the bias with the input's zero point folded in, for
+    /// outputs whose taps are all in bounds.
+    interior_bias: Vec<i32>,
+    scale: Vec<f32>,
+    x_zero: u8,
+    y_zero: u8,
+    /// Output rows and columns (inclusive ranges) whose taps are all in bounds.
+    interior: Option<[[usize; 2]; 2]>,
+    /// Whether f32 accumulation is exact for these weights (see the module docs).
+    exact_in_f32: bool,
+}
+
+/// Largest bias magnitude accepted: leaves room for the zero-point correction in i32.
+const BIAS_LIMIT: i64 = 1 << 30;
+
+/// Values converted to integers are kept within this range in both paths, so the scalar
+/// and vector conversions saturate alike.
+const ROUND_LIMIT: f32 = 1.0e9;
+
+impl DepthwiseQ8 {
+    /// Prepares the kernel: `weights` is `[C, 1, kh, kw]` flattened, `bias` has C values
+    /// (or none). Fails on inconsistent sizes or values outside what the kernel computes
+    /// exactly.
+    pub fn new(
+        geometry: Geometry,
+        weights: &[i8],
+        bias: &[i32],
+        quant: &Quant,
+    ) -> Result<DepthwiseQ8, Unsupported> {
+        let g = geometry;
+        let err = |m: String| Err(Unsupported(m));
+        if g.channels == 0 || g.input.contains(&0) || g.kernel.contains(&0) {
+            return err(format!("empty geometry {g:?}"));
+        }
+        if g.strides.contains(&0) || g.dilations.contains(&0) {
+            return err(format!("stride or dilation 0 in {g:?}"));
+        }
+        let Some(out) = g.output() else {
+            return err(format!("kernel larger than the padded input in {g:?}"));
+        };
+        let per_channel = g.kernel[0] * g.kernel[1];
+        if weights.len() != g.channels * per_channel {
+            return err(format!(
+                "{} weights for {} channels of {per_channel} taps",
+                weights.len(),
+                g.channels
+            ));
+        }
+        if !(bias.is_empty() || bias.len() == g.channels) {
+            return err(format!(
+                "{} bias values for {} channels",
+                bias.len(),
+                g.channels
+            ));
+        }
+        if bias.iter().any(|b| i64::from(*b).abs() > BIAS_LIMIT) {
+            return err("bias beyond ±2^30".into());
+        }
+        let per = |len: usize, what: &str| {
+            if len == 1 || len == g.channels {
+                Ok(())
+            } else {
+                Err(Unsupported(format!(
+                    "{len} {what} for {} channels",
+                    g.channels
+                )))
+            }
+        };
+        per(quant.w_zero.len(), "weight zero points")?;
+        per(quant.scale.len(), "scales")?;
+        if quant.scale.iter().any(|s| !s.is_finite() || *s < 0.0) {
+            return err("scales must be finite and non-negative".into());
+        }
+        let pick = |v: &[i8], c: usize| if v.len() == 1 { v[0] } else { v[c] };
+        let taps: Vec<i32> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| i32::from(*w) - i32::from(pick(&quant.w_zero, i / per_channel)))
+            .collect();
+        let bias: Vec<i32> = match bias.is_empty() {
+            true => vec![0; g.channels],
+            false => bias.to_vec(),
+        };
+        let interior_bias = (0..g.channels)
+            .map(|c| {
+                let sum: i32 = taps[c * per_channel..(c + 1) * per_channel].iter().sum();
+                bias[c] - i32::from(quant.x_zero) * sum
+            })
+            .collect();
+        let widest = taps.iter().map(|t| t.unsigned_abs()).max().unwrap_or(0);
+        let exact_in_f32 = per_channel as u64 * 255 * u64::from(widest) < (1 << 24);
+        let scale = (0..g.channels)
+            .map(|c| match quant.scale.len() {
+                1 => quant.scale[0],
+                _ => quant.scale[c],
+            })
+            .collect();
+        Ok(DepthwiseQ8 {
+            geometry: g,
+            out,
+            taps_f32: taps.iter().map(|t| *t as f32).collect(),
+            taps,
+            bias,
+            interior_bias,
+            scale,
+            x_zero: quant.x_zero,
+            y_zero: quant.y_zero,
+            interior: interior(&g, out),
+            exact_in_f32,
+        })
+    }
+
+    /// The convolution's geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Output height and width.
+    pub fn output_shape(&self) -> [usize; 2] {
+        self.out
+    }
+
+    /// Multiply-accumulates per image (for GOPS figures).
+    pub fn macs(&self) -> usize {
+        self.geometry.channels
+            * self.out[0]
+            * self.out[1]
+            * self.geometry.kernel[0]
+            * self.geometry.kernel[1]
+    }
+
+    /// Runs one image: `x` has [`Geometry::input_len`] values, `y` [`Geometry::output_len`].
+    /// Uses `isa` if this CPU has it, the scalar reference otherwise.
+    pub fn run(&self, isa: Isa, x: &[u8], y: &mut [u8]) -> Result<(), Unsupported> {
+        self.run_channels(isa, x, y, 0..self.geometry.channels)
+    }
+
+    /// Runs the channels in `channels` of one image (for splitting an image across
+    /// threads): `x` and `y` are whole images.
+    pub fn run_channels(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        y: &mut [u8],
+        channels: std::ops::Range<usize>,
+    ) -> Result<(), Unsupported> {
+        let g = &self.geometry;
+        if x.len() != g.input_len() || y.len() != g.output_len() {
+            return Err(Unsupported(format!(
+                "buffers of {} and {} values for an image of {} in, {} out",
+                x.len(),
+                y.len(),
+                g.input_len(),
+                g.output_len()
+            )));
+        }
+        if channels.end > g.channels {
+            return Err(Unsupported(format!(
+                "channels {channels:?} of {}",
+                g.channels
+            )));
+        }
+        let (plane_in, plane_out) = (self.plane_in(), self.plane_out());
+        for c in channels {
+            let xin = &x[c * plane_in..(c + 1) * plane_in];
+            let yout = &mut y[c * plane_out..(c + 1) * plane_out];
+            self.run_plane(isa, c, xin, yout)?;
+        }
+        Ok(())
+    }
+
+    /// Elements of one channel's input plane.
+    pub fn plane_in(&self) -> usize {
+        self.geometry.input[0] * self.geometry.input[1]
+    }
+
+    /// Elements of one channel's output plane.
+    pub fn plane_out(&self) -> usize {
+        self.out[0] * self.out[1]
+    }
+
+    /// Runs channel `c` alone: `x` is its input plane, `y` its output plane (so that
+    /// planes can be handed to different threads).
+    pub fn run_plane(&self, isa: Isa, c: usize, x: &[u8], y: &mut [u8]) -> Result<(), Unsupported> {
+        if c >= self.geometry.channels || x.len() != self.plane_in() || y.len() != self.plane_out()
+        {
+            return Err(Unsupported(format!(
+                "plane {c} of {} with {} and {} values, for {} in, {} out",
+                self.geometry.channels,
+                x.len(),
+                y.len(),
+                self.plane_in(),
+                self.plane_out()
+            )));
+        }
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if self.exact_in_f32 && isa.is_available() => {
+                // SAFETY: AVX2 and FMA are available (checked here); the slices have the
+                // plane sizes the geometry says (checked above), which is all
+                // `avx2::channel` indexes by.
+                unsafe { avx2::channel(self, c, x, y) }
+            }
+            _ => self.channel_scalar(c, x, y),
+        }
+        Ok(())
+    }
+
+    /// The reference: every output of channel `c` by the definition.
+    fn channel_scalar(&self, c: usize, x: &[u8], y: &mut [u8]) {
+        for oy in 0..self.out[0] {
+            for ox in 0..self.out[1] {
+                y[oy * self.out[1] + ox] = self.output_scalar(c, x, oy, ox);
+            }
+        }
+    }
+
+    /// One output by the definition (padded taps skipped: they read `x_zero`).
+    fn output_scalar(&self, c: usize, x: &[u8], oy: usize, ox: usize) -> u8 {
+        let g = &self.geometry;
+        let [kh, kw] = g.kernel;
+        let taps = &self.taps[c * kh * kw..(c + 1) * kh * kw];
+        let mut acc = self.bias[c];
+        for ky in 0..kh {
+            let iy = (oy * g.strides[0] + ky * g.dilations[0]).wrapping_sub(g.pads[0]);
+            if iy >= g.input[0] {
+                continue;
+            }
+            for kx in 0..kw {
+                let ix = (ox * g.strides[1] + kx * g.dilations[1]).wrapping_sub(g.pads[1]);
+                if ix >= g.input[1] {
+                    continue;
+                }
+                let v = i32::from(x[iy * g.input[1] + ix]) - i32::from(self.x_zero);
+                acc += v * taps[ky * kw + kx];
+            }
+        }
+        requantize(acc, self.scale[c], self.y_zero)
+    }
+}
+
+/// `clamp(round_half_even(acc · scale) + zero, 0, 255)`.
+fn requantize(acc: i32, scale: f32, zero: u8) -> u8 {
+    let v = (acc as f32 * scale).clamp(-ROUND_LIMIT, ROUND_LIMIT);
+    (v.round_ties_even() as i32 + i32::from(zero)).clamp(0, 255) as u8
+}
+
+/// The output rows and columns (inclusive) whose taps are all inside the input.
+fn interior(g: &Geometry, out: [usize; 2]) -> Option<[[usize; 2]; 2]> {
+    let range = |i: usize| -> Option<[usize; 2]> {
+        let (s, d, k, pad, len) = (
+            g.strides[i],
+            g.dilations[i],
+            g.kernel[i],
+            g.pads[i],
+            g.input[i],
+        );
+        let lo = pad.div_ceil(s);
+        // The last tap of output o reads o·s + (k-1)·d - pad, which must be < len.
+        let reach = (k - 1) * d;
+        let hi = (len + pad).checked_sub(reach + 1)? / s;
+        let hi = hi.min(out[i] - 1);
+        (lo <= hi).then_some([lo, hi])
+    };
+    Some([range(0)?, range(1)?])
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::DepthwiseQ8;
+    use std::arch::x86_64::*;
+
+    /// Channel `c` of one image: interior outputs 8 at a time along a row (stride 1 or 2),
+    /// the rest by the reference's own code.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `x` must hold the channel's input plane and `y`
+    /// its output plane.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn channel(k: &DepthwiseQ8, c: usize, x: &[u8], y: &mut [u8]) {
+        let g = &k.geometry;
+        let [out_h, out_w] = k.out;
+        let Some([[row_lo, row_hi], [col_lo, col_hi]]) = k.interior else {
+            k.channel_scalar(c, x, y);
+            return;
+        };
+        let (sh, sw) = (g.strides[0], g.strides[1]);
+        let (dh, dw) = (g.dilations[0], g.dilations[1]);
+        let [kh, kw] = g.kernel;
+        let in_w = g.input[1];
+        let taps = &k.taps_f32[c * kh * kw..(c + 1) * kh * kw];
+        let bias = _mm256_set1_epi32(k.interior_bias[c]);
+        let scale = _mm256_set1_ps(k.scale[c]);
+        let zero = _mm256_set1_epi32(i32::from(k.y_zero));
+        let (lo_lim, hi_lim) = (
+            _mm256_set1_ps(-super::ROUND_LIMIT),
+            _mm256_set1_ps(super::ROUND_LIMIT),
+        );
+        // Even bytes of 16, for stride 2.
+        let evens = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+        for oy in 0..out_h {
+            if oy < row_lo || oy > row_hi || sw > 2 {
+                for ox in 0..out_w {
+                    y[oy * out_w + ox] = k.output_scalar(c, x, oy, ox);
+                }
+                continue;
+            }
+            let mut ox = 0;
+            while ox < out_w {
+                // 8 outputs from ox: all interior, and (stride 2) 16 readable bytes.
+                let last = ox + 7;
+                let vector = ox >= col_lo && last <= col_hi && {
+                    let first_ix = ox * sw - g.pads[1];
+                    let read_end = first_ix + (kw - 1) * dw + if sw == 1 { 8 } else { 16 };
+                    read_end <= in_w
+                };
+                if !vector {
+                    y[oy * out_w + ox] = k.output_scalar(c, x, oy, ox);
+                    ox += 1;
+                    continue;
+                }
+                let mut acc = _mm256_setzero_ps();
+                for ky in 0..kh {
+                    let iy = oy * sh + ky * dh - g.pads[0];
+                    let row = iy * in_w;
+                    for kx in 0..kw {
+                        let ix = ox * sw + kx * dw - g.pads[1];
+                        let at = row + ix;
+                        let bytes = if sw == 1 {
+                            // SAFETY: at + 8 <= row end (read_end check above).
+                            _mm_loadl_epi64(x.as_ptr().add(at) as *const __m128i)
+                        } else {
+                            // SAFETY: at + 16 <= row end (read_end check above).
+                            let v = _mm_loadu_si128(x.as_ptr().add(at) as *const __m128i);
+                            _mm_shuffle_epi8(v, evens)
+                        };
+                        let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                        acc = _mm256_fmadd_ps(v, _mm256_set1_ps(taps[ky * kw + kx]), acc);
+                    }
+                }
+                // Exact integers (checked at construction): back to i32, bias, requantize.
+                let acc = _mm256_add_epi32(_mm256_cvtps_epi32(acc), bias);
+                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
+                let v = _mm256_min_ps(_mm256_max_ps(v, lo_lim), hi_lim);
+                // cvtps rounds half to even under the default rounding mode.
+                let q = _mm256_add_epi32(_mm256_cvtps_epi32(v), zero);
+                let q16 =
+                    _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                let q8 = _mm_packus_epi16(q16, q16);
+                // SAFETY: ox + 8 <= out_w (last <= col_hi < out_w).
+                _mm_storel_epi64(y.as_mut_ptr().add(oy * out_w + ox) as *mut __m128i, q8);
+                ox += 8;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    fn random_case(rng: &mut rand::rngs::StdRng) -> (DepthwiseQ8, Vec<u8>) {
+        let k = [rng.random_range(1..=5), rng.random_range(1..=5)];
+        let strides = [rng.random_range(1..=2), rng.random_range(1..=3)];
+        let dilations = [rng.random_range(1..=2), rng.random_range(1..=2)];
+        let pads = [0, 0, 0, 0].map(|_: usize| rng.random_range(0..=2));
+        let reach = |i: usize| (k[i] - 1) * dilations[i] + 1;
+        let input = [
+            rng.random_range(reach(0).max(1)..=reach(0) + 30),
+            rng.random_range(reach(1).max(1)..=reach(1) + 70),
+        ];
+        let g = Geometry {
+            channels: rng.random_range(1..=6),
+            input,
+            kernel: k,
+            strides,
+            dilations,
+            pads,
+        };
+        let weights: Vec<i8> = (0..g.channels * k[0] * k[1])
+            .map(|_| rng.random())
+            .collect();
+        let bias: Vec<i32> = match rng.random_bool(0.8) {
+            true => (0..g.channels)
+                .map(|_| rng.random_range(-20000..20000))
+                .collect(),
+            false => vec![],
+        };
+        let per_channel = rng.random_bool(0.5);
+        let n = if per_channel { g.channels } else { 1 };
+        let quant = Quant {
+            x_zero: rng.random(),
+            w_zero: (0..n)
+                .map(|_| {
+                    if rng.random_bool(0.7) {
+                        0
+                    } else {
+                        rng.random_range(-3..3)
+                    }
+                })
+                .collect(),
+            scale: (0..n).map(|_| rng.random_range(1e-5f32..4e-3)).collect(),
+            y_zero: rng.random(),
+        };
+        let kernel = DepthwiseQ8::new(g, &weights, &bias, &quant).unwrap();
+        let x = (0..g.input_len()).map(|_| rng.random()).collect();
+        (kernel, x)
+    }
+
+    /// The reference, written again the plainest way: padded input, then the sum.
+    fn by_definition(k: &DepthwiseQ8, x: &[u8]) -> Vec<u8> {
+        let g = k.geometry;
+        let [oh, ow] = k.out;
+        let mut y = vec![0u8; g.output_len()];
+        for c in 0..g.channels {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = k.bias[c] as i64;
+                    for ky in 0..g.kernel[0] {
+                        for kx in 0..g.kernel[1] {
+                            let iy =
+                                (oy * g.strides[0] + ky * g.dilations[0]) as i64 - g.pads[0] as i64;
+                            let ix =
+                                (ox * g.strides[1] + kx * g.dilations[1]) as i64 - g.pads[1] as i64;
+                            let inside = (0..g.input[0] as i64).contains(&iy)
+                                && (0..g.input[1] as i64).contains(&ix);
+                            let v = if inside {
+                                x[c * g.input[0] * g.input[1]
+                                    + iy as usize * g.input[1]
+                                    + ix as usize]
+                            } else {
+                                k.x_zero
+                            };
+                            let t = k.taps[c * g.kernel[0] * g.kernel[1] + ky * g.kernel[1] + kx];
+                            acc += (i64::from(v) - i64::from(k.x_zero)) * i64::from(t);
+                        }
+                    }
+                    let v =
+                        (acc as f32 * k.scale[c]).round_ties_even() as i64 + i64::from(k.y_zero);
+                    y[(c * oh + oy) * ow + ox] = v.clamp(0, 255) as u8;
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_isa_matches_the_definition_on_random_shapes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        for case in 0..400 {
+            let (kernel, x) = random_case(&mut rng);
+            let want = by_definition(&kernel, &x);
+            for isa in Isa::available() {
+                let mut y = vec![0u8; kernel.geometry().output_len()];
+                kernel.run(isa, &x, &mut y).unwrap();
+                assert_eq!(y, want, "case {case} {isa:?} {:?}", kernel.geometry());
+            }
+        }
+    }
+
+    #[test]
+    fn the_vector_path_covers_real_layer_shapes() {
+        // MobileNet-style layers: 3x3 stride 1 and 2, 5x5, with the interior wide enough
+        // for the 8-wide path.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (k, s, hw) in [
+            (3, 1, [24, 96]),
+            (3, 2, [24, 96]),
+            (5, 1, [12, 48]),
+            (5, 2, [12, 48]),
+        ] {
+            let g = Geometry {
+                channels: 16,
+                input: hw,
+                kernel: [k, k],
+                strides: [s, s],
+                dilations: [1, 1],
+                pads: [k / 2; 4],
+            };
+            let weights: Vec<i8> = (0..16 * k * k).map(|_| rng.random()).collect();
+            let bias: Vec<i32> = (0..16).map(|_| rng.random_range(-5000..5000)).collect();
+            let quant = Quant {
+                x_zero: 131,
+                w_zero: vec![0],
+                scale: (0..16).map(|_| rng.random_range(1e-4f32..1e-3)).collect(),
+                y_zero: 120,
+            };
+            let kernel = DepthwiseQ8::new(g, &weights, &bias, &quant).unwrap();
+            assert!(kernel.exact_in_f32 && kernel.interior.is_some());
+            let x: Vec<u8> = (0..g.input_len()).map(|_| rng.random()).collect();
+            let want = by_definition(&kernel, &x);
+            for isa in Isa::available() {
+                let mut y = vec![0u8; g.output_len()];
+                kernel.run(isa, &x, &mut y).unwrap();
+                assert_eq!(y, want, "{isa:?} k{k} s{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_parameters_and_buffers_are_refused_not_run() {
+        let g = Geometry {
+            channels: 2,
+            input: [4, 4],
+            kernel: [3, 3],
+            strides: [1, 1],
+            dilations: [1, 1],
+            pads: [1; 4],
+        };
+        let q = Quant {
+            x_zero: 0,
+            w_zero: vec![0],
+            scale: vec![0.1],
+            y_zero: 0,
+        };
+        let w = vec![1i8; 18];
+        assert!(DepthwiseQ8::new(g, &w[..17], &[], &q).is_err());
+        assert!(DepthwiseQ8::new(g, &w, &[1, 2, 3], &q).is_err());
+        assert!(DepthwiseQ8::new(
+            Geometry {
+                strides: [0, 1],
+                ..g
+            },
+            &w,
+            &[],
+            &q
+        )
+        .is_err());
+        assert!(DepthwiseQ8::new(
+            Geometry {
+                kernel: [9, 9],
+                pads: [0; 4],
+                ..g
+            },
+            &w,
+            &[],
+            &q
+        )
+        .is_err());
+        assert!(DepthwiseQ8::new(
+            g,
+            &w,
+            &[],
+            &Quant {
+                scale: vec![f32::NAN],
+                ..q.clone()
+            }
+        )
+        .is_err());
+        assert!(DepthwiseQ8::new(g, &w, &[i32::MAX, 0], &q).is_err());
+        let k = DepthwiseQ8::new(g, &w, &[], &q).unwrap();
+        let mut y = vec![0u8; 32];
+        for isa in Isa::available() {
+            assert!(k.run(isa, &[0u8; 31], &mut y).is_err());
+            assert!(k.run(isa, &[0u8; 32], &mut y[..31]).is_err());
+            assert!(k.run_channels(isa, &[0u8; 32], &mut y, 0..3).is_err());
+            assert!(k.run_plane(isa, 2, &[0u8; 16], &mut y[..16]).is_err());
+            assert!(k.run_plane(isa, 0, &[0u8; 15], &mut y[..16]).is_err());
+            assert!(k.run_plane(isa, 0, &[0u8; 16], &mut y[..16]).is_ok());
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! # tern-kernels — tern's own compute kernels
+//!
+//! The hot paths tern owns instead of leaving them to tract's generic code, as onnxruntime
+//! owns MLAS and XNNPACK. Every kernel here:
+//!
+//! - takes plain slices and a small parameter struct (no tract types), so the graph
+//!   rewrites that call it live in the backend and the kernel can be tested and fuzzed alone;
+//! - has a **scalar reference** that defines its result, and each vectorised path is held
+//!   bit-identical to it on random shapes (`tests` in each module), on every instruction
+//!   set this CPU has, forced through [`Isa`];
+//! - picks its instruction set at run time ([`Isa::detect`]); `TERN_KERNELS_ISA=scalar`
+//!   forces the reference everywhere (for debugging a suspected kernel bug in an app).
+//!
+//! Kernels: [`depthwise`] (int8 depthwise convolution with requantization fused, the
+//! ONNX `QLinearConv` with `group == channels`).
+
+#![warn(missing_docs)]
+
+pub mod depthwise;
+
+/// An instruction set a kernel can run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust: the reference every other path must match.
+    Scalar,
+    /// x86-64 AVX2 with FMA.
+    Avx2,
+}
+
+impl Isa {
+    /// The best instruction set this CPU has, unless `TERN_KERNELS_ISA=scalar` says
+    /// otherwise.
+    pub fn detect() -> Isa {
+        if std::env::var("TERN_KERNELS_ISA").is_ok_and(|v| v == "scalar") {
+            return Isa::Scalar;
+        }
+        Isa::available().last().copied().unwrap_or(Isa::Scalar)
+    }
+
+    /// Every instruction set this CPU can run, the reference first.
+    pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut isas = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        isas
+    }
+
+    /// Whether this CPU can run it.
+    pub fn is_available(self) -> bool {
+        Isa::available().contains(&self)
+    }
+}

@@ -1,0 +1,53 @@
+//! tern's own kernels inside real plans, held to onnxruntime: the rewrite takes over the
+//! layers it should, the outputs stay onnxruntime's, and switching the kernels off gives
+//! tract's path back.
+
+use tern::{Backend, Session, SessionOptions};
+use tern_tests::{model_manifest, ModelEntry};
+
+fn entry(name: &str) -> ModelEntry {
+    model_manifest()
+        .into_iter()
+        .find(|e| e.name == name)
+        .unwrap_or_else(|| panic!("{name} is not in the manifest: run scripts/fetch-models"))
+}
+
+fn session(entry: &ModelEntry, tern_kernels: bool) -> Session {
+    let options = SessionOptions::new()
+        .backend(Backend::Cpu)
+        .tern_kernels(tern_kernels)
+        .without_telemetry();
+    Session::new(&entry.load().unwrap(), options).unwrap()
+}
+
+fn kernels(s: &Session) -> Vec<(String, usize)> {
+    s.plans().tern_kernels
+}
+
+#[test]
+fn int8_depthwise_layers_run_on_terns_kernel_bit_exact_with_onnxruntime() {
+    // Six QLinearConv depthwise layers: strides 1 and 2, a 5x5, dilation 2, asymmetric
+    // pads, per-tensor and per-channel scales, a weight zero point.
+    let model = entry("qlinear_depthwise");
+    let s = session(&model, true);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    assert_eq!(kernels(&s), [("depthwise-q8".to_string(), 6)]);
+    let diff = model.compare_with_reference(&outputs).unwrap();
+    // Rounded as onnxruntime's MLAS rounds: not one output step apart.
+    assert_eq!(diff.max_abs, 0.0, "{diff:?}");
+
+    let s = session(&model, false);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    assert!(kernels(&s).is_empty());
+    model.compare_with_reference(&outputs).unwrap();
+}
+
+#[test]
+fn a_real_quantized_model_keeps_onnxruntimes_numbers_on_terns_kernels() {
+    // ppocr_cls in QOperator form (onnxruntime's quantizer): its 11 depthwise layers.
+    let model = entry("ppocr_cls_int8_qop");
+    let s = session(&model, true);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    assert_eq!(kernels(&s), [("depthwise-q8".to_string(), 11)]);
+    model.compare_with_reference(&outputs).unwrap();
+}
