@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tern::telemetry as tel;
-use tern::DType;
+use tern::{Backend, DType, ErrorKind, GpuPrecision, NanPolicy, ShapePolicy, ThreadPolicy};
 
 uniffi::setup_scaffolding!();
 
@@ -50,24 +50,24 @@ pub enum TernError {
     /// whose bytes do not match its shape.
     #[error("{detail}")]
     InvalidInput {
-        /// tern's error kind (`shape_mismatch`, `dtype_mismatch`, `nan`, …).
-        kind: String,
+        /// Which input failure (`ShapeMismatch`, `DtypeMismatch`, `Nan`, …).
+        kind: ErrorKind,
         /// Description.
         detail: String,
     },
     /// A session option is invalid, or the asked-for backend is unavailable.
     #[error("{detail}")]
     InvalidOption {
-        /// tern's error kind.
-        kind: String,
+        /// `InvalidOption` or `BackendUnavailable`.
+        kind: ErrorKind,
         /// Description.
         detail: String,
     },
     /// The backend failed to prepare or run the model.
     #[error("{detail}")]
     Inference {
-        /// tern's error kind (`compile`, `inference`, `panic`).
-        kind: String,
+        /// `Compile`, `Inference` or `Panic`.
+        kind: ErrorKind,
         /// Description.
         detail: String,
     },
@@ -76,7 +76,7 @@ pub enum TernError {
 impl From<tern::Error> for TernError {
     fn from(e: tern::Error) -> Self {
         let detail = e.to_string();
-        let kind = e.kind().to_string();
+        let kind = e.error_kind();
         match e {
             tern::Error::Io { .. } => TernError::Io { detail },
             tern::Error::InvalidModel { .. } => TernError::InvalidModel { detail },
@@ -102,7 +102,62 @@ impl From<tern::Error> for TernError {
 
 type Result<T> = std::result::Result<T, TernError>;
 
-// tern's own element type, exposed as is (UniFFI mirrors it from this definition).
+// tern's own types, exposed as they are (UniFFI mirrors them from these definitions; a
+// variant tern adds and these lack is a compile error here, not a silent gap).
+
+#[uniffi::remote(Enum)]
+pub enum ErrorKind {
+    Io,
+    InvalidModel,
+    UnsupportedOp,
+    Compile,
+    UnknownInput,
+    MissingInput,
+    DuplicateInput,
+    DtypeMismatch,
+    ShapeMismatch,
+    Nan,
+    Tensor,
+    BackendUnavailable,
+    InvalidOption,
+    Inference,
+    Panic,
+}
+
+#[uniffi::remote(Enum)]
+pub enum Backend {
+    Cpu,
+    Gpu,
+    Auto,
+}
+
+#[uniffi::remote(Enum)]
+pub enum GpuPrecision {
+    Auto,
+    F32,
+    F16,
+}
+
+#[uniffi::remote(Enum)]
+pub enum ThreadPolicy {
+    Measure,
+    Always,
+}
+
+#[uniffi::remote(Enum)]
+pub enum ShapePolicy {
+    Measure,
+    Symbolic,
+    PerShape,
+}
+
+#[uniffi::remote(Enum)]
+pub enum NanPolicy {
+    Allow,
+    RejectInputs,
+    Reject,
+}
+
 #[uniffi::remote(Enum)]
 #[non_exhaustive]
 pub enum DType {
@@ -145,7 +200,7 @@ impl TensorData {
             name: name.to_string(),
             dtype: t.dtype(),
             shape: t.shape().iter().map(|d| *d as u64).collect(),
-            // String outputs have no raw bytes: a typed `InvalidInput { kind: "tensor" }`.
+            // String outputs have no raw bytes: a typed `InvalidInput { kind: Tensor }`.
             data: t.as_bytes()?.to_vec(),
         })
     }
@@ -270,29 +325,8 @@ impl TernModel {
     }
 }
 
-/// Which device to run on.
-#[derive(Debug, Clone, Copy, uniffi::Enum)]
-pub enum Backend {
-    /// The CPU.
-    Cpu,
-    /// The GPU (fails when unavailable).
-    Gpu,
-    /// The GPU when it works, else the CPU.
-    Auto,
-}
-
-/// The float precision of the GPU backend.
-#[derive(Debug, Clone, Copy, uniffi::Enum)]
-pub enum GpuPrecision {
-    /// f16 on a hardware GPU with shader-f16, f32 elsewhere.
-    Auto,
-    /// Always f32.
-    F32,
-    /// Always f16 (the GPU is unavailable without shader-f16).
-    F16,
-}
-
-/// Session options.
+/// Session options; every field but `backend` has a default (the SDK's own). A `None`
+/// policy means tern's default for it.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct SessionConfig {
     /// Device.
@@ -300,20 +334,55 @@ pub struct SessionConfig {
     /// CPU threads (0 = all cores): the most a run may use.
     #[uniffi(default = 1)]
     pub threads: u32,
-    /// With more than one thread, keep the thread pool only for plans whose first runs show
-    /// it is faster than one thread (small convolution nets often run slower with it);
-    /// `false` always uses it.
-    #[uniffi(default = true)]
-    pub measure_threads: bool,
-    /// Let NaN through instead of failing.
-    #[uniffi(default = false)]
-    pub allow_nan: bool,
+    /// With more than one thread: measure (keep the pool only for plans whose first runs
+    /// show it is faster than one thread, the default) or always use it.
+    #[uniffi(default = None)]
+    pub thread_policy: Option<ThreadPolicy>,
+    /// Which plans to build for inputs with symbolic dimensions (default: measure).
+    #[uniffi(default = None)]
+    pub shape_policy: Option<ShapePolicy>,
+    /// NaN in inputs and outputs (default: reject both).
+    #[uniffi(default = None)]
+    pub nan_policy: Option<NanPolicy>,
     /// Record runs in the process-wide telemetry buffer (when one was initialised).
     #[uniffi(default = true)]
     pub telemetry: bool,
-    /// The GPU backend's float precision (`None`: auto).
+    /// The GPU backend's float precision (default: auto).
     #[uniffi(default = None)]
     pub gpu_precision: Option<GpuPrecision>,
+    /// Let tern's own kernels take over the layers they implement.
+    #[uniffi(default = true)]
+    pub tern_kernels: bool,
+}
+
+impl SessionConfig {
+    /// The session options this config asks for: tern's builders, with tern's defaults
+    /// where the config says nothing.
+    fn options(&self) -> tern::SessionOptions {
+        let defaults = tern::SessionOptions::new();
+        let options = defaults
+            .clone()
+            .backend(self.backend)
+            .threads(self.threads as usize)
+            .thread_policy(self.thread_policy.unwrap_or(defaults.cpu.thread_policy))
+            .shape_policy(self.shape_policy.unwrap_or(defaults.cpu.shape_policy))
+            .nan_policy(self.nan_policy.unwrap_or(defaults.inputs.nan_policy))
+            .gpu_precision(self.gpu_precision.unwrap_or(defaults.gpu.precision))
+            .tern_kernels(self.tern_kernels);
+        match self.telemetry {
+            true => options,
+            false => options.without_telemetry(),
+        }
+    }
+}
+
+/// The backend a session runs on, and why it was chosen.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct BackendInfo {
+    /// `Cpu` or `Gpu` (never `Auto`).
+    pub backend: Backend,
+    /// Why (e.g. why `Auto` used the CPU).
+    pub reason: String,
 }
 
 /// A model prepared to run; share it across threads.
@@ -339,31 +408,7 @@ impl TernSession {
     /// Prepares `model` with `config`.
     #[uniffi::constructor]
     pub fn new(model: Arc<TernModel>, config: SessionConfig) -> Result<Arc<Self>> {
-        let mut options = tern::SessionOptions::new()
-            .threads(config.threads as usize)
-            .thread_policy(if config.measure_threads {
-                tern::ThreadPolicy::Measure
-            } else {
-                tern::ThreadPolicy::Always
-            })
-            .backend(match config.backend {
-                Backend::Cpu => tern::Backend::Cpu,
-                Backend::Gpu => tern::Backend::Gpu,
-                Backend::Auto => tern::Backend::Auto,
-            })
-            .gpu_precision(match config.gpu_precision {
-                None | Some(GpuPrecision::Auto) => tern::GpuPrecision::Auto,
-                Some(GpuPrecision::F32) => tern::GpuPrecision::F32,
-                Some(GpuPrecision::F16) => tern::GpuPrecision::F16,
-            })
-            .nan_policy(if config.allow_nan {
-                tern::NanPolicy::Allow
-            } else {
-                tern::NanPolicy::Reject
-            });
-        if !config.telemetry {
-            options = options.without_telemetry();
-        }
+        let options = config.options();
         Ok(Arc::new(TernSession {
             inner: Arc::new(tern::Session::new(&model.inner, options)?),
         }))
@@ -374,31 +419,48 @@ impl TernSession {
         run_session(&self.inner, inputs)
     }
 
-    /// Like `run`, on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+    /// Like `run`, on tern's worker pool (as many threads as cores, shared by every
+    /// session): a `suspend fun` in Kotlin, `async` in Swift.
     pub async fn run_async(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
         let (tx, rx) = futures_channel::oneshot::channel();
         let session = self.inner.clone();
-        std::thread::Builder::new()
-            .name("tern-run".into())
-            .spawn(move || {
-                let _ = tx.send(run_session(&session, inputs));
-            })
-            .map_err(|e| TernError::Inference {
-                kind: "thread".into(),
-                detail: e.to_string(),
-            })?;
+        let pool = workers().ok_or_else(|| TernError::Inference {
+            kind: ErrorKind::Inference,
+            detail: "tern's worker threads could not be started".into(),
+        })?;
+        pool.spawn(move || {
+            let _ = tx.send(run_session(&session, inputs));
+        });
         rx.await.unwrap_or_else(|_| {
             Err(TernError::Inference {
-                kind: "panic".into(),
-                detail: "run thread died".into(),
+                kind: ErrorKind::Panic,
+                detail: "the worker running this call stopped".into(),
             })
         })
     }
 
-    /// The backend in use (`cpu`, `gpu`) and why it was chosen.
-    pub fn backend(&self) -> String {
-        format!("{}: {}", self.inner.backend(), self.inner.backend_reason())
+    /// The backend in use and why it was chosen.
+    pub fn backend(&self) -> BackendInfo {
+        BackendInfo {
+            backend: self.inner.backend(),
+            reason: self.inner.backend_reason().to_string(),
+        }
     }
+}
+
+/// The pool `run_async` calls run on: bounded, so a burst of calls queues instead of
+/// starting a thread each. `None` if the OS would not start its threads.
+fn workers() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tern-run-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
 }
 
 /// One OTLP request of an upload batch.

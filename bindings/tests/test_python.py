@@ -27,9 +27,9 @@ def case():
 
 def session(**kw):
     model = tern.TernModel.from_path(MODEL)
-    config = tern.SessionConfig(backend=tern.Backend.CPU, threads=kw.get("threads", 1), allow_nan=False, telemetry=kw.get("telemetry", False))
-    if "measure_threads" in kw:
-        config.measure_threads = kw["measure_threads"]
+    config = tern.SessionConfig(backend=tern.Backend.CPU, threads=kw.get("threads", 1), telemetry=kw.get("telemetry", False),
+                                thread_policy=kw.get("thread_policy"), shape_policy=kw.get("shape_policy"),
+                                nan_policy=tern.NanPolicy.REJECT)
     return model, tern.TernSession(model, config)
 
 
@@ -47,15 +47,19 @@ class Bindings(unittest.TestCase):
         worst = max(abs(a - b) for a, b in zip(got, y))
         self.assertLess(worst, 1e-4, f"max abs diff {worst}")
 
-    def test_two_threads_measured_or_always_give_the_same_answers(self):
-        # The first 12 runs of a measuring session time its pool against one thread.
+    def test_every_thread_and_shape_policy_gives_the_same_answers(self):
+        # The first 12 runs of a measuring session time its pool against one thread, and
+        # (magika's batch is symbolic) a concrete plan against the symbolic one.
         n, width, _, x, y = case()
-        for measure in (True, False):
-            _, s = session(threads=2, measure_threads=measure)
+        for threads, shapes in ((tern.ThreadPolicy.MEASURE, tern.ShapePolicy.MEASURE),
+                                (tern.ThreadPolicy.ALWAYS, tern.ShapePolicy.SYMBOLIC),
+                                (tern.ThreadPolicy.MEASURE, tern.ShapePolicy.PER_SHAPE)):
+            _, s = session(threads=2, thread_policy=threads, shape_policy=shapes)
+            self.assertEqual(s.backend().backend, tern.Backend.CPU)
             for _ in range(13):
                 out = s.run([tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[n, width], data=x)])
                 worst = max(abs(a - b) for a, b in zip(tern.tensor_to_f32(out[0]), y))
-                self.assertLess(worst, 1e-4, f"measure_threads={measure}: max abs diff {worst}")
+                self.assertLess(worst, 1e-4, f"{threads} {shapes}: max abs diff {worst}")
 
     def test_async_run(self):
         n, width, _, x, y = case()
@@ -67,19 +71,20 @@ class Bindings(unittest.TestCase):
         _, s = session()
         with self.assertRaises(tern.TernError.InvalidInput) as e:
             s.run([tern.tensor_i32("bytes", [1, 7], [0] * 7)])
-        self.assertEqual(e.exception.kind, "shape_mismatch")
+        self.assertEqual(e.exception.kind, tern.ErrorKind.SHAPE_MISMATCH)
         with self.assertRaises(tern.TernError.InvalidInput) as e:
             s.run([tern.tensor_f32("bytes", [1, 2048], [0.0] * 2048)])
-        self.assertEqual(e.exception.kind, "dtype_mismatch")
+        self.assertEqual(e.exception.kind, tern.ErrorKind.DTYPE_MISMATCH)
         with self.assertRaises(tern.TernError.InvalidInput) as e:
             s.run([tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[1, 2048], data=b"\x00" * 5)])
-        self.assertEqual(e.exception.kind, "tensor")
+        self.assertEqual(e.exception.kind, tern.ErrorKind.TENSOR)
         with self.assertRaises(tern.TernError.InvalidModel):
             tern.TernModel.from_bytes(b"not a model")
         with self.assertRaises(tern.TernError.Io):
             tern.TernModel.from_path("/nonexistent/model.onnx")
-        with self.assertRaises(tern.TernError.InvalidOption):
-            tern.TernSession(tern.TernModel.from_path(MODEL), tern.SessionConfig(backend=tern.Backend.GPU, threads=1, allow_nan=False, telemetry=False))
+        with self.assertRaises(tern.TernError.InvalidOption) as e:
+            tern.TernSession(tern.TernModel.from_path(MODEL), tern.SessionConfig(backend=tern.Backend.GPU, threads=1, telemetry=False))
+        self.assertEqual(e.exception.kind, tern.ErrorKind.BACKEND_UNAVAILABLE)
 
     def test_telemetry_uploads_through_a_python_uploader(self):
         class Collector(tern.TelemetryUploader):

@@ -129,9 +129,12 @@ struct SessionArgs {
     /// GPU float precision: auto (f16 on a hardware GPU with shader-f16), f32 or f16.
     #[arg(long, default_value = "auto")]
     gpu_precision: GpuPrecision,
-    /// Let NaN through instead of failing on it.
+    /// Let NaN through instead of failing on it (same as --nan-policy allow).
     #[arg(long)]
     allow_nan: bool,
+    /// NaN handling: reject (inputs and outputs, the default), reject-inputs or allow.
+    #[arg(long, conflicts_with = "allow_nan")]
+    nan_policy: Option<NanPolicy>,
     /// Leave every layer to tract (no tern kernels; for comparison or as a workaround).
     #[arg(long)]
     no_tern_kernels: bool,
@@ -149,10 +152,9 @@ impl SessionArgs {
             .tern_kernels(!self.no_tern_kernels)
             .backend(self.backend)
             .gpu_precision(self.gpu_precision)
-            .nan_policy(if self.allow_nan {
-                NanPolicy::Allow
-            } else {
-                NanPolicy::Reject
+            .nan_policy(match (self.allow_nan, self.nan_policy) {
+                (true, _) => NanPolicy::Allow,
+                (false, policy) => policy.unwrap_or_default(),
             });
         for pin in &self.pin {
             let (name, dims) = pin.split_once('=').context("--pin takes NAME=D0,D1,…")?;

@@ -152,26 +152,99 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A stable machine-readable name for the variant, e.g. `"shape_mismatch"`.
-    pub fn kind(&self) -> &'static str {
+/// What kind of failure an [`Error`] is: one value per variant, for code that branches on
+/// it (telemetry outcomes, the CLI's `--json`, the FFI's typed exceptions). Serialized as
+/// its [`ErrorKind::as_str`] name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// [`Error::Io`].
+    Io,
+    /// [`Error::InvalidModel`].
+    InvalidModel,
+    /// [`Error::UnsupportedOp`].
+    UnsupportedOp,
+    /// [`Error::Compile`].
+    Compile,
+    /// [`Error::UnknownInput`].
+    UnknownInput,
+    /// [`Error::MissingInput`].
+    MissingInput,
+    /// [`Error::DuplicateInput`].
+    DuplicateInput,
+    /// [`Error::DTypeMismatch`].
+    DtypeMismatch,
+    /// [`Error::ShapeMismatch`].
+    ShapeMismatch,
+    /// [`Error::NanValues`].
+    Nan,
+    /// [`Error::Tensor`].
+    Tensor,
+    /// [`Error::BackendUnavailable`].
+    BackendUnavailable,
+    /// [`Error::InvalidOption`].
+    InvalidOption,
+    /// [`Error::Inference`].
+    Inference,
+    /// [`Error::Panic`].
+    Panic,
+}
+
+impl ErrorKind {
+    /// The stable machine-readable name, e.g. `"shape_mismatch"`.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Error::Io { .. } => "io",
-            Error::InvalidModel { .. } => "invalid_model",
-            Error::UnsupportedOp { .. } => "unsupported_op",
-            Error::Compile { .. } => "compile",
-            Error::UnknownInput { .. } => "unknown_input",
-            Error::MissingInput { .. } => "missing_input",
-            Error::DuplicateInput { .. } => "duplicate_input",
-            Error::DTypeMismatch { .. } => "dtype_mismatch",
-            Error::ShapeMismatch { .. } => "shape_mismatch",
-            Error::NanValues { .. } => "nan",
-            Error::Tensor { .. } => "tensor",
-            Error::BackendUnavailable { .. } => "backend_unavailable",
-            Error::InvalidOption { .. } => "invalid_option",
-            Error::Inference { .. } => "inference",
-            Error::Panic { .. } => "panic",
+            ErrorKind::Io => "io",
+            ErrorKind::InvalidModel => "invalid_model",
+            ErrorKind::UnsupportedOp => "unsupported_op",
+            ErrorKind::Compile => "compile",
+            ErrorKind::UnknownInput => "unknown_input",
+            ErrorKind::MissingInput => "missing_input",
+            ErrorKind::DuplicateInput => "duplicate_input",
+            ErrorKind::DtypeMismatch => "dtype_mismatch",
+            ErrorKind::ShapeMismatch => "shape_mismatch",
+            ErrorKind::Nan => "nan",
+            ErrorKind::Tensor => "tensor",
+            ErrorKind::BackendUnavailable => "backend_unavailable",
+            ErrorKind::InvalidOption => "invalid_option",
+            ErrorKind::Inference => "inference",
+            ErrorKind::Panic => "panic",
         }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Error {
+    /// What kind of failure this is.
+    pub fn error_kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::InvalidModel { .. } => ErrorKind::InvalidModel,
+            Error::UnsupportedOp { .. } => ErrorKind::UnsupportedOp,
+            Error::Compile { .. } => ErrorKind::Compile,
+            Error::UnknownInput { .. } => ErrorKind::UnknownInput,
+            Error::MissingInput { .. } => ErrorKind::MissingInput,
+            Error::DuplicateInput { .. } => ErrorKind::DuplicateInput,
+            Error::DTypeMismatch { .. } => ErrorKind::DtypeMismatch,
+            Error::ShapeMismatch { .. } => ErrorKind::ShapeMismatch,
+            Error::NanValues { .. } => ErrorKind::Nan,
+            Error::Tensor { .. } => ErrorKind::Tensor,
+            Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
+            Error::InvalidOption { .. } => ErrorKind::InvalidOption,
+            Error::Inference { .. } => ErrorKind::Inference,
+            Error::Panic { .. } => ErrorKind::Panic,
+        }
+    }
+
+    /// A stable machine-readable name for the variant, e.g. `"shape_mismatch"`
+    /// ([`Error::error_kind`] as a string).
+    pub fn kind(&self) -> &'static str {
+        self.error_kind().as_str()
     }
 
     pub(crate) fn tensor(reason: impl Into<String>) -> Self {

@@ -28,8 +28,8 @@ mod sync;
 pub mod telemetry;
 pub mod tensor;
 
-pub use backend::Backend;
-pub use error::{Error, Result};
+pub use backend::{Backend, PlanReport, Specialisation};
+pub use error::{Error, ErrorKind, Result};
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
 pub use options::{
     CpuOptions, GpuOptions, GpuPrecision, InputOptions, NanPolicy, OptLevel, SessionOptions,

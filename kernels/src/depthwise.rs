@@ -88,6 +88,8 @@ pub struct Quant {
 
 /// A depthwise convolution with its weights prepared once (at plan time), run per image.
 #[derive(Debug, Clone)]
+// The vector path's fields are read only where there is one (x86-64 for now).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct DepthwiseQ8 {
     geometry: Geometry,
     out: [usize; 2],

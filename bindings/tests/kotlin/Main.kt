@@ -49,7 +49,7 @@ fun main(args: Array<String>) {
     val (n, width, classes) = File(case, "shape.txt").readText().trim().split(" ").map { it.toInt() }
     val input = File(case, "input.bin").readBytes()
     val expected = floats(File(case, "expected.bin").readBytes())
-    val cpu = SessionConfig(backend = Backend.CPU, threads = 1u, allowNan = false, telemetry = false)
+    val cpu = SessionConfig(backend = Backend.CPU, threads = 1u, nanPolicy = NanPolicy.REJECT, telemetry = false)
     fun bytesInput() = TensorData("bytes", DType.I32, listOf(n.toULong(), width.toULong()), input)
 
     check("real model matches onnxruntime") {
@@ -57,6 +57,7 @@ fun main(args: Array<String>) {
             val info = model.info()
             expect(info.inputs.map { it.name } == listOf("bytes")) { "inputs ${info.inputs}" }
             TernSession(model, cpu).use { session ->
+                expect(session.backend().backend == Backend.CPU) { "${session.backend()}" }
                 val out = session.run(listOf(bytesInput()))
                 expect(out[0].shape == listOf(n.toULong(), classes.toULong())) { "shape ${out[0].shape}" }
                 val got = floats(out[0].data)
@@ -82,11 +83,11 @@ fun main(args: Array<String>) {
                 val shape = assertThrows<TernException.InvalidInput> {
                     session.run(listOf(tensorI32("bytes", listOf(1uL, 7uL), List(7) { 0 })))
                 }
-                expect(shape.kind == "shape_mismatch") { shape.kind }
+                expect(shape.kind == ErrorKind.SHAPE_MISMATCH) { "${shape.kind}" }
                 val dtype = assertThrows<TernException.InvalidInput> {
                     session.run(listOf(tensorF32("bytes", listOf(1uL, 2048uL), List(2048) { 0f })))
                 }
-                expect(dtype.kind == "dtype_mismatch") { dtype.kind }
+                expect(dtype.kind == ErrorKind.DTYPE_MISMATCH) { "${dtype.kind}" }
             }
         }
         assertThrows<TernException.InvalidModel> { TernModel.fromBytes("not a model".toByteArray()) }

@@ -1025,9 +1025,9 @@ public func FfiConverterTypeTernModel_lower(_ value: TernModel) -> UInt64 {
 public protocol TernSessionProtocol: AnyObject, Sendable {
     
     /**
-     * The backend in use (`cpu`, `gpu`) and why it was chosen.
+     * The backend in use and why it was chosen.
      */
-    func backend()  -> String
+    func backend()  -> BackendInfo
     
     /**
      * Runs the model on named inputs; returns the named outputs.
@@ -1035,7 +1035,8 @@ public protocol TernSessionProtocol: AnyObject, Sendable {
     func run(inputs: [TensorData]) throws  -> [TensorData]
     
     /**
-     * Like `run`, on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     * Like `run`, on tern's worker pool (as many threads as cores, shared by every
+     * session): a `suspend fun` in Kotlin, `async` in Swift.
      */
     func runAsync(inputs: [TensorData]) async throws  -> [TensorData]
     
@@ -1110,10 +1111,10 @@ public convenience init(model: TernModel, config: SessionConfig)throws  {
 
     
     /**
-     * The backend in use (`cpu`, `gpu`) and why it was chosen.
+     * The backend in use and why it was chosen.
      */
-open func backend() -> String  {
-    return try!  FfiConverterString.lift(try! rustCall() {
+open func backend() -> BackendInfo  {
+    return try!  FfiConverterTypeBackendInfo_lift(try! rustCall() {
         uniffiCallStatus in
     uniffi_tern_ffi_fn_method_ternsession_backend(
             self.uniffiCloneHandle(),uniffiCallStatus
@@ -1135,7 +1136,8 @@ open func run(inputs: [TensorData])throws  -> [TensorData]  {
 }
     
     /**
-     * Like `run`, on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     * Like `run`, on tern's worker pool (as many threads as cores, shared by every
+     * session): a `suspend fun` in Kotlin, `async` in Swift.
      */
 open func runAsync(inputs: [TensorData])async throws  -> [TensorData]  {
     return
@@ -1438,6 +1440,75 @@ public func FfiConverterTypeTernTelemetry_lower(_ value: TernTelemetry) -> UInt6
 
 
 /**
+ * The backend a session runs on, and why it was chosen.
+ */
+public struct BackendInfo: Equatable, Hashable {
+    /**
+     * `Cpu` or `Gpu` (never `Auto`).
+     */
+    public var backend: Backend
+    /**
+     * Why (e.g. why `Auto` used the CPU).
+     */
+    public var reason: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * `Cpu` or `Gpu` (never `Auto`).
+         */backend: Backend, 
+        /**
+         * Why (e.g. why `Auto` used the CPU).
+         */reason: String) {
+        self.backend = backend
+        self.reason = reason
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension BackendInfo: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeBackendInfo: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> BackendInfo {
+        return
+            try BackendInfo(
+                backend: FfiConverterTypeBackend.read(from: &buf), 
+                reason: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: BackendInfo, into buf: inout [UInt8]) {
+        FfiConverterTypeBackend.write(value.backend, into: &buf)
+        FfiConverterString.write(value.reason, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBackendInfo_lift(_ buf: RustBuffer) throws -> BackendInfo {
+    return try FfiConverterTypeBackendInfo.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBackendInfo_lower(_ value: BackendInfo) -> RustBuffer {
+    return FfiConverterTypeBackendInfo.lower(value)
+}
+
+
+/**
  * What a model is.
  */
 public struct ModelInfo: Equatable, Hashable {
@@ -1567,7 +1638,8 @@ public func FfiConverterTypeModelInfo_lower(_ value: ModelInfo) -> RustBuffer {
 
 
 /**
- * Session options.
+ * Session options; every field but `backend` has a default (the SDK's own). A `None`
+ * policy means tern's default for it.
  */
 public struct SessionConfig: Equatable, Hashable {
     /**
@@ -1579,23 +1651,30 @@ public struct SessionConfig: Equatable, Hashable {
      */
     public var threads: UInt32
     /**
-     * With more than one thread, keep the thread pool only for plans whose first runs show
-     * it is faster than one thread (small convolution nets often run slower with it);
-     * `false` always uses it.
+     * With more than one thread: measure (keep the pool only for plans whose first runs
+     * show it is faster than one thread, the default) or always use it.
      */
-    public var measureThreads: Bool
+    public var threadPolicy: ThreadPolicy?
     /**
-     * Let NaN through instead of failing.
+     * Which plans to build for inputs with symbolic dimensions (default: measure).
      */
-    public var allowNan: Bool
+    public var shapePolicy: ShapePolicy?
+    /**
+     * NaN in inputs and outputs (default: reject both).
+     */
+    public var nanPolicy: NanPolicy?
     /**
      * Record runs in the process-wide telemetry buffer (when one was initialised).
      */
     public var telemetry: Bool
     /**
-     * The GPU backend's float precision (`None`: auto).
+     * The GPU backend's float precision (default: auto).
      */
     public var gpuPrecision: GpuPrecision?
+    /**
+     * Let tern's own kernels take over the layers they implement.
+     */
+    public var ternKernels: Bool
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1607,25 +1686,32 @@ public struct SessionConfig: Equatable, Hashable {
          * CPU threads (0 = all cores): the most a run may use.
          */threads: UInt32 = UInt32(1), 
         /**
-         * With more than one thread, keep the thread pool only for plans whose first runs show
-         * it is faster than one thread (small convolution nets often run slower with it);
-         * `false` always uses it.
-         */measureThreads: Bool = true, 
+         * With more than one thread: measure (keep the pool only for plans whose first runs
+         * show it is faster than one thread, the default) or always use it.
+         */threadPolicy: ThreadPolicy? = nil, 
         /**
-         * Let NaN through instead of failing.
-         */allowNan: Bool = false, 
+         * Which plans to build for inputs with symbolic dimensions (default: measure).
+         */shapePolicy: ShapePolicy? = nil, 
+        /**
+         * NaN in inputs and outputs (default: reject both).
+         */nanPolicy: NanPolicy? = nil, 
         /**
          * Record runs in the process-wide telemetry buffer (when one was initialised).
          */telemetry: Bool = true, 
         /**
-         * The GPU backend's float precision (`None`: auto).
-         */gpuPrecision: GpuPrecision? = nil) {
+         * The GPU backend's float precision (default: auto).
+         */gpuPrecision: GpuPrecision? = nil, 
+        /**
+         * Let tern's own kernels take over the layers they implement.
+         */ternKernels: Bool = true) {
         self.backend = backend
         self.threads = threads
-        self.measureThreads = measureThreads
-        self.allowNan = allowNan
+        self.threadPolicy = threadPolicy
+        self.shapePolicy = shapePolicy
+        self.nanPolicy = nanPolicy
         self.telemetry = telemetry
         self.gpuPrecision = gpuPrecision
+        self.ternKernels = ternKernels
     }
 
     
@@ -1646,20 +1732,24 @@ public struct FfiConverterTypeSessionConfig: FfiConverterRustBuffer {
             try SessionConfig(
                 backend: FfiConverterTypeBackend.read(from: &buf), 
                 threads: FfiConverterUInt32.read(from: &buf), 
-                measureThreads: FfiConverterBool.read(from: &buf), 
-                allowNan: FfiConverterBool.read(from: &buf), 
+                threadPolicy: FfiConverterOptionTypeThreadPolicy.read(from: &buf), 
+                shapePolicy: FfiConverterOptionTypeShapePolicy.read(from: &buf), 
+                nanPolicy: FfiConverterOptionTypeNanPolicy.read(from: &buf), 
                 telemetry: FfiConverterBool.read(from: &buf), 
-                gpuPrecision: FfiConverterOptionTypeGpuPrecision.read(from: &buf)
+                gpuPrecision: FfiConverterOptionTypeGpuPrecision.read(from: &buf), 
+                ternKernels: FfiConverterBool.read(from: &buf)
         )
     }
 
     public static func write(_ value: SessionConfig, into buf: inout [UInt8]) {
         FfiConverterTypeBackend.write(value.backend, into: &buf)
         FfiConverterUInt32.write(value.threads, into: &buf)
-        FfiConverterBool.write(value.measureThreads, into: &buf)
-        FfiConverterBool.write(value.allowNan, into: &buf)
+        FfiConverterOptionTypeThreadPolicy.write(value.threadPolicy, into: &buf)
+        FfiConverterOptionTypeShapePolicy.write(value.shapePolicy, into: &buf)
+        FfiConverterOptionTypeNanPolicy.write(value.nanPolicy, into: &buf)
         FfiConverterBool.write(value.telemetry, into: &buf)
         FfiConverterOptionTypeGpuPrecision.write(value.gpuPrecision, into: &buf)
+        FfiConverterBool.write(value.ternKernels, into: &buf)
     }
 }
 
@@ -2193,23 +2283,11 @@ public func FfiConverterTypeUploadReport_lower(_ value: UploadReport) -> RustBuf
 }
 
 
-/**
- * Which device to run on.
- */
 
 public enum Backend: Equatable, Hashable {
     
-    /**
-     * The CPU.
-     */
     case cpu
-    /**
-     * The GPU (fails when unavailable).
-     */
     case gpu
-    /**
-     * The GPU when it works, else the CPU.
-     */
     case auto
 
 
@@ -2421,23 +2499,168 @@ public func FfiConverterTypeDType_lower(_ value: DType) -> RustBuffer {
 
 
 
-/**
- * The float precision of the GPU backend.
- */
+
+public enum ErrorKind: Equatable, Hashable {
+    
+    case io
+    case invalidModel
+    case unsupportedOp
+    case compile
+    case unknownInput
+    case missingInput
+    case duplicateInput
+    case dtypeMismatch
+    case shapeMismatch
+    case nan
+    case tensor
+    case backendUnavailable
+    case invalidOption
+    case inference
+    case panic
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension ErrorKind: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeErrorKind: FfiConverterRustBuffer {
+    typealias SwiftType = ErrorKind
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ErrorKind {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .io
+        
+        case 2: return .invalidModel
+        
+        case 3: return .unsupportedOp
+        
+        case 4: return .compile
+        
+        case 5: return .unknownInput
+        
+        case 6: return .missingInput
+        
+        case 7: return .duplicateInput
+        
+        case 8: return .dtypeMismatch
+        
+        case 9: return .shapeMismatch
+        
+        case 10: return .nan
+        
+        case 11: return .tensor
+        
+        case 12: return .backendUnavailable
+        
+        case 13: return .invalidOption
+        
+        case 14: return .inference
+        
+        case 15: return .panic
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: ErrorKind, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .io:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .invalidModel:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .unsupportedOp:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .compile:
+            writeInt(&buf, Int32(4))
+        
+        
+        case .unknownInput:
+            writeInt(&buf, Int32(5))
+        
+        
+        case .missingInput:
+            writeInt(&buf, Int32(6))
+        
+        
+        case .duplicateInput:
+            writeInt(&buf, Int32(7))
+        
+        
+        case .dtypeMismatch:
+            writeInt(&buf, Int32(8))
+        
+        
+        case .shapeMismatch:
+            writeInt(&buf, Int32(9))
+        
+        
+        case .nan:
+            writeInt(&buf, Int32(10))
+        
+        
+        case .tensor:
+            writeInt(&buf, Int32(11))
+        
+        
+        case .backendUnavailable:
+            writeInt(&buf, Int32(12))
+        
+        
+        case .invalidOption:
+            writeInt(&buf, Int32(13))
+        
+        
+        case .inference:
+            writeInt(&buf, Int32(14))
+        
+        
+        case .panic:
+            writeInt(&buf, Int32(15))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeErrorKind_lift(_ buf: RustBuffer) throws -> ErrorKind {
+    return try FfiConverterTypeErrorKind.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeErrorKind_lower(_ value: ErrorKind) -> RustBuffer {
+    return FfiConverterTypeErrorKind.lower(value)
+}
+
+
+
 
 public enum GpuPrecision: Equatable, Hashable {
     
-    /**
-     * f16 on a hardware GPU with shader-f16, f32 elsewhere.
-     */
     case auto
-    /**
-     * Always f32.
-     */
     case f32
-    /**
-     * Always f16 (the GPU is unavailable without shader-f16).
-     */
     case f16
 
 
@@ -2506,6 +2729,152 @@ public func FfiConverterTypeGpuPrecision_lower(_ value: GpuPrecision) -> RustBuf
 
 
 
+
+public enum NanPolicy: Equatable, Hashable {
+    
+    case allow
+    case rejectInputs
+    case reject
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension NanPolicy: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeNanPolicy: FfiConverterRustBuffer {
+    typealias SwiftType = NanPolicy
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> NanPolicy {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .allow
+        
+        case 2: return .rejectInputs
+        
+        case 3: return .reject
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: NanPolicy, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .allow:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .rejectInputs:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .reject:
+            writeInt(&buf, Int32(3))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeNanPolicy_lift(_ buf: RustBuffer) throws -> NanPolicy {
+    return try FfiConverterTypeNanPolicy.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeNanPolicy_lower(_ value: NanPolicy) -> RustBuffer {
+    return FfiConverterTypeNanPolicy.lower(value)
+}
+
+
+
+
+public enum ShapePolicy: Equatable, Hashable {
+    
+    case measure
+    case symbolic
+    case perShape
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension ShapePolicy: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeShapePolicy: FfiConverterRustBuffer {
+    typealias SwiftType = ShapePolicy
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ShapePolicy {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .measure
+        
+        case 2: return .symbolic
+        
+        case 3: return .perShape
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: ShapePolicy, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .measure:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .symbolic:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .perShape:
+            writeInt(&buf, Int32(3))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeShapePolicy_lift(_ buf: RustBuffer) throws -> ShapePolicy {
+    return try FfiConverterTypeShapePolicy.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeShapePolicy_lower(_ value: ShapePolicy) -> RustBuffer {
+    return FfiConverterTypeShapePolicy.lower(value)
+}
+
+
+
 /**
  * Everything that can go wrong, as one exception hierarchy on the foreign side.
  */
@@ -2550,8 +2919,8 @@ enum TernError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
      */
     case InvalidInput(
         /**
-         * tern's error kind (`shape_mismatch`, `dtype_mismatch`, `nan`, …).
-         */kind: String, 
+         * Which input failure (`ShapeMismatch`, `DtypeMismatch`, `Nan`, …).
+         */kind: ErrorKind, 
         /**
          * Description.
          */detail: String
@@ -2561,8 +2930,8 @@ enum TernError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
      */
     case InvalidOption(
         /**
-         * tern's error kind.
-         */kind: String, 
+         * `InvalidOption` or `BackendUnavailable`.
+         */kind: ErrorKind, 
         /**
          * Description.
          */detail: String
@@ -2572,8 +2941,8 @@ enum TernError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
      */
     case Inference(
         /**
-         * tern's error kind (`compile`, `inference`, `panic`).
-         */kind: String, 
+         * `Compile`, `Inference` or `Panic`.
+         */kind: ErrorKind, 
         /**
          * Description.
          */detail: String
@@ -2619,15 +2988,15 @@ public struct FfiConverterTypeTernError: FfiConverterRustBuffer {
             detail: try FfiConverterString.read(from: &buf)
             )
         case 4: return .InvalidInput(
-            kind: try FfiConverterString.read(from: &buf), 
+            kind: try FfiConverterTypeErrorKind.read(from: &buf), 
             detail: try FfiConverterString.read(from: &buf)
             )
         case 5: return .InvalidOption(
-            kind: try FfiConverterString.read(from: &buf), 
+            kind: try FfiConverterTypeErrorKind.read(from: &buf), 
             detail: try FfiConverterString.read(from: &buf)
             )
         case 6: return .Inference(
-            kind: try FfiConverterString.read(from: &buf), 
+            kind: try FfiConverterTypeErrorKind.read(from: &buf), 
             detail: try FfiConverterString.read(from: &buf)
             )
 
@@ -2661,19 +3030,19 @@ public struct FfiConverterTypeTernError: FfiConverterRustBuffer {
         
         case let .InvalidInput(kind,detail):
             writeInt(&buf, Int32(4))
-            FfiConverterString.write(kind, into: &buf)
+            FfiConverterTypeErrorKind.write(kind, into: &buf)
             FfiConverterString.write(detail, into: &buf)
             
         
         case let .InvalidOption(kind,detail):
             writeInt(&buf, Int32(5))
-            FfiConverterString.write(kind, into: &buf)
+            FfiConverterTypeErrorKind.write(kind, into: &buf)
             FfiConverterString.write(detail, into: &buf)
             
         
         case let .Inference(kind,detail):
             writeInt(&buf, Int32(6))
-            FfiConverterString.write(kind, into: &buf)
+            FfiConverterTypeErrorKind.write(kind, into: &buf)
             FfiConverterString.write(detail, into: &buf)
             
         }
@@ -2694,6 +3063,72 @@ public func FfiConverterTypeTernError_lift(_ buf: RustBuffer) throws -> TernErro
 public func FfiConverterTypeTernError_lower(_ value: TernError) -> RustBuffer {
     return FfiConverterTypeTernError.lower(value)
 }
+
+
+
+public enum ThreadPolicy: Equatable, Hashable {
+    
+    case measure
+    case always
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension ThreadPolicy: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeThreadPolicy: FfiConverterRustBuffer {
+    typealias SwiftType = ThreadPolicy
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ThreadPolicy {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .measure
+        
+        case 2: return .always
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: ThreadPolicy, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .measure:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .always:
+            writeInt(&buf, Int32(2))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeThreadPolicy_lift(_ buf: RustBuffer) throws -> ThreadPolicy {
+    return try FfiConverterTypeThreadPolicy.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeThreadPolicy_lower(_ value: ThreadPolicy) -> RustBuffer {
+    return FfiConverterTypeThreadPolicy.lower(value)
+}
+
 
 
 /**
@@ -2811,6 +3246,78 @@ fileprivate struct FfiConverterOptionTypeGpuPrecision: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeGpuPrecision.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeNanPolicy: FfiConverterRustBuffer {
+    typealias SwiftType = NanPolicy?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeNanPolicy.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeNanPolicy.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeShapePolicy: FfiConverterRustBuffer {
+    typealias SwiftType = ShapePolicy?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeShapePolicy.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeShapePolicy.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeThreadPolicy: FfiConverterRustBuffer {
+    typealias SwiftType = ThreadPolicy?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeThreadPolicy.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeThreadPolicy.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -3215,13 +3722,13 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_ternmodel_info() != 10385) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tern_ffi_checksum_method_ternsession_backend() != 55206) {
+    if (uniffi_tern_ffi_checksum_method_ternsession_backend() != 33831) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_method_ternsession_run() != 39940) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tern_ffi_checksum_method_ternsession_run_async() != 22573) {
+    if (uniffi_tern_ffi_checksum_method_ternsession_run_async() != 37966) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_method_terntelemetry_counter() != 30393) {

@@ -963,13 +963,13 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_ternmodel_info() and 0xFFFF) != 10385) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tern_ffi_checksum_method_ternsession_backend() and 0xFFFF) != 55206) {
+    if ((lib.uniffi_tern_ffi_checksum_method_ternsession_backend() and 0xFFFF) != 33831) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_method_ternsession_run() and 0xFFFF) != 39940) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tern_ffi_checksum_method_ternsession_run_async() and 0xFFFF) != 22573) {
+    if ((lib.uniffi_tern_ffi_checksum_method_ternsession_run_async() and 0xFFFF) != 37966) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_method_terntelemetry_counter() and 0xFFFF) != 30393) {
@@ -2190,9 +2190,9 @@ public object FfiConverterTypeTernModel: FfiConverter<TernModel, Long> {
 public interface TernSessionInterface {
     
     /**
-     * The backend in use (`cpu`, `gpu`) and why it was chosen.
+     * The backend in use and why it was chosen.
      */
-    fun `backend`(): kotlin.String
+    fun `backend`(): BackendInfo
     
     /**
      * Runs the model on named inputs; returns the named outputs.
@@ -2200,7 +2200,8 @@ public interface TernSessionInterface {
     fun `run`(`inputs`: List<TensorData>): List<TensorData>
     
     /**
-     * Like `run`, on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     * Like `run`, on tern's worker pool (as many threads as cores, shared by every
+     * session): a `suspend fun` in Kotlin, `async` in Swift.
      */
     suspend fun `runAsync`(`inputs`: List<TensorData>): List<TensorData>
     
@@ -2326,9 +2327,9 @@ open class TernSession: Disposable, AutoCloseable, TernSessionInterface
 
     
     /**
-     * The backend in use (`cpu`, `gpu`) and why it was chosen.
-     */override fun `backend`(): kotlin.String {
-            return FfiConverterString.lift(
+     * The backend in use and why it was chosen.
+     */override fun `backend`(): BackendInfo {
+            return FfiConverterTypeBackendInfo.lift(
     callWithHandle {
     uniffiRustCall() { _status ->
     UniffiLib.uniffi_tern_ffi_fn_method_ternsession_backend(
@@ -2360,7 +2361,8 @@ open class TernSession: Disposable, AutoCloseable, TernSessionInterface
 
     
     /**
-     * Like `run`, on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     * Like `run`, on tern's worker pool (as many threads as cores, shared by every
+     * session): a `suspend fun` in Kotlin, `async` in Swift.
      */
     @Throws(TernException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
@@ -2824,6 +2826,53 @@ public object FfiConverterTypeTernTelemetry: FfiConverter<TernTelemetry, Long> {
 
 
 /**
+ * The backend a session runs on, and why it was chosen.
+ */
+data class BackendInfo (
+    /**
+     * `Cpu` or `Gpu` (never `Auto`).
+     */
+    var `backend`: Backend
+    , 
+    /**
+     * Why (e.g. why `Auto` used the CPU).
+     */
+    var `reason`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeBackendInfo: FfiConverterRustBuffer<BackendInfo> {
+    override fun read(buf: ByteBuffer): BackendInfo {
+        return BackendInfo(
+            FfiConverterTypeBackend.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: BackendInfo) = (
+            FfiConverterTypeBackend.allocationSize(value.`backend`) +
+            FfiConverterString.allocationSize(value.`reason`)
+    )
+
+    override fun write(value: BackendInfo, buf: ByteBuffer) {
+            FfiConverterTypeBackend.write(value.`backend`, buf)
+            FfiConverterString.write(value.`reason`, buf)
+    }
+}
+
+
+
+/**
  * What a model is.
  */
 data class ModelInfo (
@@ -2919,7 +2968,8 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
 
 
 /**
- * Session options.
+ * Session options; every field but `backend` has a default (the SDK's own). A `None`
+ * policy means tern's default for it.
  */
 data class SessionConfig (
     /**
@@ -2933,16 +2983,20 @@ data class SessionConfig (
     var `threads`: kotlin.UInt = 1u 
     , 
     /**
-     * With more than one thread, keep the thread pool only for plans whose first runs show
-     * it is faster than one thread (small convolution nets often run slower with it);
-     * `false` always uses it.
+     * With more than one thread: measure (keep the pool only for plans whose first runs
+     * show it is faster than one thread, the default) or always use it.
      */
-    var `measureThreads`: kotlin.Boolean = true 
+    var `threadPolicy`: ThreadPolicy? = null 
     , 
     /**
-     * Let NaN through instead of failing.
+     * Which plans to build for inputs with symbolic dimensions (default: measure).
      */
-    var `allowNan`: kotlin.Boolean = false 
+    var `shapePolicy`: ShapePolicy? = null 
+    , 
+    /**
+     * NaN in inputs and outputs (default: reject both).
+     */
+    var `nanPolicy`: NanPolicy? = null 
     , 
     /**
      * Record runs in the process-wide telemetry buffer (when one was initialised).
@@ -2950,9 +3004,14 @@ data class SessionConfig (
     var `telemetry`: kotlin.Boolean = true 
     , 
     /**
-     * The GPU backend's float precision (`None`: auto).
+     * The GPU backend's float precision (default: auto).
      */
     var `gpuPrecision`: GpuPrecision? = null 
+    , 
+    /**
+     * Let tern's own kernels take over the layers they implement.
+     */
+    var `ternKernels`: kotlin.Boolean = true 
     
 ){
     
@@ -2971,29 +3030,35 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
         return SessionConfig(
             FfiConverterTypeBackend.read(buf),
             FfiConverterUInt.read(buf),
-            FfiConverterBoolean.read(buf),
-            FfiConverterBoolean.read(buf),
+            FfiConverterOptionalTypeThreadPolicy.read(buf),
+            FfiConverterOptionalTypeShapePolicy.read(buf),
+            FfiConverterOptionalTypeNanPolicy.read(buf),
             FfiConverterBoolean.read(buf),
             FfiConverterOptionalTypeGpuPrecision.read(buf),
+            FfiConverterBoolean.read(buf),
         )
     }
 
     override fun allocationSize(value: SessionConfig) = (
             FfiConverterTypeBackend.allocationSize(value.`backend`) +
             FfiConverterUInt.allocationSize(value.`threads`) +
-            FfiConverterBoolean.allocationSize(value.`measureThreads`) +
-            FfiConverterBoolean.allocationSize(value.`allowNan`) +
+            FfiConverterOptionalTypeThreadPolicy.allocationSize(value.`threadPolicy`) +
+            FfiConverterOptionalTypeShapePolicy.allocationSize(value.`shapePolicy`) +
+            FfiConverterOptionalTypeNanPolicy.allocationSize(value.`nanPolicy`) +
             FfiConverterBoolean.allocationSize(value.`telemetry`) +
-            FfiConverterOptionalTypeGpuPrecision.allocationSize(value.`gpuPrecision`)
+            FfiConverterOptionalTypeGpuPrecision.allocationSize(value.`gpuPrecision`) +
+            FfiConverterBoolean.allocationSize(value.`ternKernels`)
     )
 
     override fun write(value: SessionConfig, buf: ByteBuffer) {
             FfiConverterTypeBackend.write(value.`backend`, buf)
             FfiConverterUInt.write(value.`threads`, buf)
-            FfiConverterBoolean.write(value.`measureThreads`, buf)
-            FfiConverterBoolean.write(value.`allowNan`, buf)
+            FfiConverterOptionalTypeThreadPolicy.write(value.`threadPolicy`, buf)
+            FfiConverterOptionalTypeShapePolicy.write(value.`shapePolicy`, buf)
+            FfiConverterOptionalTypeNanPolicy.write(value.`nanPolicy`, buf)
             FfiConverterBoolean.write(value.`telemetry`, buf)
             FfiConverterOptionalTypeGpuPrecision.write(value.`gpuPrecision`, buf)
+            FfiConverterBoolean.write(value.`ternKernels`, buf)
     }
 }
 
@@ -3361,23 +3426,11 @@ public object FfiConverterTypeUploadReport: FfiConverterRustBuffer<UploadReport>
 
 
 
-/**
- * Which device to run on.
- */
 
 enum class Backend {
     
-    /**
-     * The CPU.
-     */
     CPU,
-    /**
-     * The GPU (fails when unavailable).
-     */
     GPU,
-    /**
-     * The GPU when it works, else the CPU.
-     */
     AUTO;
 
     
@@ -3453,23 +3506,58 @@ public object FfiConverterTypeDType: FfiConverterRustBuffer<DType> {
 
 
 
+
+enum class ErrorKind {
+    
+    IO,
+    INVALID_MODEL,
+    UNSUPPORTED_OP,
+    COMPILE,
+    UNKNOWN_INPUT,
+    MISSING_INPUT,
+    DUPLICATE_INPUT,
+    DTYPE_MISMATCH,
+    SHAPE_MISMATCH,
+    NAN,
+    TENSOR,
+    BACKEND_UNAVAILABLE,
+    INVALID_OPTION,
+    INFERENCE,
+    PANIC;
+
+    
+
+
+    companion object
+}
+
+
 /**
- * The float precision of the GPU backend.
+ * @suppress
  */
+public object FfiConverterTypeErrorKind: FfiConverterRustBuffer<ErrorKind> {
+    override fun read(buf: ByteBuffer) = try {
+        ErrorKind.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: ErrorKind) = 4UL
+
+    override fun write(value: ErrorKind, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
 
 enum class GpuPrecision {
     
-    /**
-     * f16 on a hardware GPU with shader-f16, f32 elsewhere.
-     */
     AUTO,
-    /**
-     * Always f32.
-     */
     F32,
-    /**
-     * Always f16 (the GPU is unavailable without shader-f16).
-     */
     F16;
 
     
@@ -3492,6 +3580,76 @@ public object FfiConverterTypeGpuPrecision: FfiConverterRustBuffer<GpuPrecision>
     override fun allocationSize(value: GpuPrecision) = 4UL
 
     override fun write(value: GpuPrecision, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
+enum class NanPolicy {
+    
+    ALLOW,
+    REJECT_INPUTS,
+    REJECT;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeNanPolicy: FfiConverterRustBuffer<NanPolicy> {
+    override fun read(buf: ByteBuffer) = try {
+        NanPolicy.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: NanPolicy) = 4UL
+
+    override fun write(value: NanPolicy, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
+enum class ShapePolicy {
+    
+    MEASURE,
+    SYMBOLIC,
+    PER_SHAPE;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeShapePolicy: FfiConverterRustBuffer<ShapePolicy> {
+    override fun read(buf: ByteBuffer) = try {
+        ShapePolicy.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: ShapePolicy) = 4UL
+
+    override fun write(value: ShapePolicy, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
@@ -3566,9 +3724,9 @@ sealed class TernException: kotlin.Exception() {
     class InvalidInput(
         
         /**
-         * tern's error kind (`shape_mismatch`, `dtype_mismatch`, `nan`, …).
+         * Which input failure (`ShapeMismatch`, `DtypeMismatch`, `Nan`, …).
          */
-        val `kind`: kotlin.String, 
+        val `kind`: ErrorKind, 
         
         /**
          * Description.
@@ -3585,9 +3743,9 @@ sealed class TernException: kotlin.Exception() {
     class InvalidOption(
         
         /**
-         * tern's error kind.
+         * `InvalidOption` or `BackendUnavailable`.
          */
-        val `kind`: kotlin.String, 
+        val `kind`: ErrorKind, 
         
         /**
          * Description.
@@ -3604,9 +3762,9 @@ sealed class TernException: kotlin.Exception() {
     class Inference(
         
         /**
-         * tern's error kind (`compile`, `inference`, `panic`).
+         * `Compile`, `Inference` or `Panic`.
          */
-        val `kind`: kotlin.String, 
+        val `kind`: ErrorKind, 
         
         /**
          * Description.
@@ -3648,15 +3806,15 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
                 FfiConverterString.read(buf),
                 )
             4 -> TernException.InvalidInput(
-                FfiConverterString.read(buf),
+                FfiConverterTypeErrorKind.read(buf),
                 FfiConverterString.read(buf),
                 )
             5 -> TernException.InvalidOption(
-                FfiConverterString.read(buf),
+                FfiConverterTypeErrorKind.read(buf),
                 FfiConverterString.read(buf),
                 )
             6 -> TernException.Inference(
-                FfiConverterString.read(buf),
+                FfiConverterTypeErrorKind.read(buf),
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
@@ -3685,19 +3843,19 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
             is TernException.InvalidInput -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`kind`)
+                + FfiConverterTypeErrorKind.allocationSize(value.`kind`)
                 + FfiConverterString.allocationSize(value.`detail`)
             )
             is TernException.InvalidOption -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`kind`)
+                + FfiConverterTypeErrorKind.allocationSize(value.`kind`)
                 + FfiConverterString.allocationSize(value.`detail`)
             )
             is TernException.Inference -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
-                + FfiConverterString.allocationSize(value.`kind`)
+                + FfiConverterTypeErrorKind.allocationSize(value.`kind`)
                 + FfiConverterString.allocationSize(value.`detail`)
             )
         }
@@ -3724,19 +3882,19 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
             }
             is TernException.InvalidInput -> {
                 buf.putInt(4)
-                FfiConverterString.write(value.`kind`, buf)
+                FfiConverterTypeErrorKind.write(value.`kind`, buf)
                 FfiConverterString.write(value.`detail`, buf)
                 Unit
             }
             is TernException.InvalidOption -> {
                 buf.putInt(5)
-                FfiConverterString.write(value.`kind`, buf)
+                FfiConverterTypeErrorKind.write(value.`kind`, buf)
                 FfiConverterString.write(value.`detail`, buf)
                 Unit
             }
             is TernException.Inference -> {
                 buf.putInt(6)
-                FfiConverterString.write(value.`kind`, buf)
+                FfiConverterTypeErrorKind.write(value.`kind`, buf)
                 FfiConverterString.write(value.`detail`, buf)
                 Unit
             }
@@ -3744,6 +3902,40 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
     }
 
 }
+
+
+
+
+enum class ThreadPolicy {
+    
+    MEASURE,
+    ALWAYS;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeThreadPolicy: FfiConverterRustBuffer<ThreadPolicy> {
+    override fun read(buf: ByteBuffer) = try {
+        ThreadPolicy.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: ThreadPolicy) = 4UL
+
+    override fun write(value: ThreadPolicy, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
 
 
 
@@ -3888,6 +4080,102 @@ public object FfiConverterOptionalTypeGpuPrecision: FfiConverterRustBuffer<GpuPr
         } else {
             buf.put(1)
             FfiConverterTypeGpuPrecision.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeNanPolicy: FfiConverterRustBuffer<NanPolicy?> {
+    override fun read(buf: ByteBuffer): NanPolicy? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeNanPolicy.read(buf)
+    }
+
+    override fun allocationSize(value: NanPolicy?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeNanPolicy.allocationSize(value)
+        }
+    }
+
+    override fun write(value: NanPolicy?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeNanPolicy.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeShapePolicy: FfiConverterRustBuffer<ShapePolicy?> {
+    override fun read(buf: ByteBuffer): ShapePolicy? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeShapePolicy.read(buf)
+    }
+
+    override fun allocationSize(value: ShapePolicy?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeShapePolicy.allocationSize(value)
+        }
+    }
+
+    override fun write(value: ShapePolicy?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeShapePolicy.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeThreadPolicy: FfiConverterRustBuffer<ThreadPolicy?> {
+    override fun read(buf: ByteBuffer): ThreadPolicy? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeThreadPolicy.read(buf)
+    }
+
+    override fun allocationSize(value: ThreadPolicy?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeThreadPolicy.allocationSize(value)
+        }
+    }
+
+    override fun write(value: ThreadPolicy?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeThreadPolicy.write(value, buf)
         }
     }
 }
