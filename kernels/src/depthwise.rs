@@ -98,9 +98,9 @@ pub struct DepthwiseQ8 {
     /// The same as f32, for the vector path.
     taps_f32: Vec<f32>,
     bias: Vec<i32>,
-    /// `bias - x_zero · Σ taps`: the bias with the input's zero point folded in, for
-    /// outputs whose taps are all in bounds.
-    interior_bias: Vec<i32>,
+    /// Σ taps of each kernel row, per channel (`[c][ky]`): the zero-point fold for output
+    /// rows where some kernel rows fall in the padding.
+    row_sums: Vec<i32>,
     scale: Vec<f32>,
     x_zero: u8,
     y_zero: u8,
@@ -181,11 +181,9 @@ impl DepthwiseQ8 {
             true => vec![0; g.channels],
             false => bias.to_vec(),
         };
-        let interior_bias = (0..g.channels)
-            .map(|c| {
-                let sum: i32 = taps[c * per_channel..(c + 1) * per_channel].iter().sum();
-                bias[c] - i32::from(quant.x_zero) * sum
-            })
+        let row_sums: Vec<i32> = taps
+            .chunks(g.kernel[1])
+            .map(|row| row.iter().sum())
             .collect();
         let widest = taps.iter().map(|t| t.unsigned_abs()).max().unwrap_or(0);
         let exact_in_f32 = per_channel as u64 * 255 * u64::from(widest) < (1 << 24);
@@ -201,7 +199,7 @@ impl DepthwiseQ8 {
             taps_f32: taps.iter().map(|t| *t as f32).collect(),
             taps,
             bias,
-            interior_bias,
+            row_sums,
             scale,
             x_zero: quant.x_zero,
             y_zero: quant.y_zero,
@@ -342,7 +340,19 @@ impl DepthwiseQ8 {
 /// `clamp(round_half_even(acc · scale) + zero, 0, 255)`.
 fn requantize(acc: i32, scale: f32, zero: u8) -> u8 {
     let v = (acc as f32 * scale).clamp(-ROUND_LIMIT, ROUND_LIMIT);
-    (v.round_ties_even() as i32 + i32::from(zero)).clamp(0, 255) as u8
+    (round_half_even(v) as i32 + i32::from(zero)).clamp(0, 255) as u8
+}
+
+/// `v.round_ties_even()`, without the libm call it is on x86-64 without SSE4.1: below
+/// 2²², adding and taking away 1.5 · 2²³ rounds to an integer in the FPU's default
+/// round-to-nearest-even mode, exactly; above, every f32 is already one or a half.
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    if v.abs() < 4_194_304.0 {
+        (v + MAGIC) - MAGIC
+    } else {
+        v.round_ties_even()
+    }
 }
 
 /// The output rows and columns (inclusive) whose taps are all inside the input.
@@ -380,7 +390,7 @@ mod avx2 {
     pub(super) unsafe fn channel(k: &DepthwiseQ8, c: usize, x: &[u8], y: &mut [u8]) {
         let g = &k.geometry;
         let [out_h, out_w] = k.out;
-        let Some([[row_lo, row_hi], [col_lo, col_hi]]) = k.interior else {
+        let Some([_, [col_lo, col_hi]]) = k.interior else {
             k.channel_scalar(c, x, y);
             return;
         };
@@ -389,7 +399,6 @@ mod avx2 {
         let [kh, kw] = g.kernel;
         let in_w = g.input[1];
         let taps = &k.taps_f32[c * kh * kw..(c + 1) * kh * kw];
-        let bias = _mm256_set1_epi32(k.interior_bias[c]);
         let scale = _mm256_set1_ps(k.scale[c]);
         let zero = _mm256_set1_epi32(i32::from(k.y_zero));
         let (lo_lim, hi_lim) = (
@@ -398,39 +407,56 @@ mod avx2 {
         );
         // Even bytes of 16, for stride 2.
         let evens = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+        let in_h = g.input[0];
+        // The last 8-wide chunk start whose outputs are all interior columns and whose loads
+        // (8 bytes, or 16 for stride 2) stay inside the row.
+        let load = if sw == 1 { 8 } else { 16 };
+        let reach = (kw - 1) * dw + load;
+        let by_loads = (in_w + g.pads[1]).checked_sub(reach).map(|v| v / sw.max(1));
+        let last_start = match (col_hi.checked_sub(7), by_loads) {
+            (Some(a), Some(b)) if sw <= 2 && a.min(b) >= col_lo => Some(a.min(b)),
+            _ => None,
+        };
         for oy in 0..out_h {
-            if oy < row_lo || oy > row_hi || sw > 2 {
+            // Kernel rows inside the input for this output row, and the bias with the input
+            // zero point folded in over just those rows.
+            let top = oy * sh;
+            let valid = |ky: usize| {
+                let y = top + ky * dh;
+                y >= g.pads[0] && y - g.pads[0] < in_h
+            };
+            let Some(last_start) = last_start else {
                 for ox in 0..out_w {
                     y[oy * out_w + ox] = k.output_scalar(c, x, oy, ox);
                 }
                 continue;
+            };
+            let mut row_bias = k.bias[c];
+            for ky in (0..kh).filter(|ky| valid(*ky)) {
+                row_bias -= i32::from(k.x_zero) * k.row_sums[c * kh + ky];
             }
-            let mut ox = 0;
-            while ox < out_w {
-                // 8 outputs from ox: all interior, and (stride 2) 16 readable bytes.
-                let last = ox + 7;
-                let vector = ox >= col_lo && last <= col_hi && {
-                    let first_ix = ox * sw - g.pads[1];
-                    let read_end = first_ix + (kw - 1) * dw + if sw == 1 { 8 } else { 16 };
-                    read_end <= in_w
-                };
-                if !vector {
-                    y[oy * out_w + ox] = k.output_scalar(c, x, oy, ox);
-                    ox += 1;
-                    continue;
-                }
+            let bias = _mm256_set1_epi32(row_bias);
+            for ox in (0..col_lo).chain(last_start + 8..out_w) {
+                y[oy * out_w + ox] = k.output_scalar(c, x, oy, ox);
+            }
+            // 8-wide chunks from the first interior column; the last one may overlap the
+            // one before it (recomputing the same outputs) so that it ends on the last.
+            for ox in (col_lo..last_start)
+                .step_by(8)
+                .chain(std::iter::once(last_start))
+            {
                 let mut acc = _mm256_setzero_ps();
-                for ky in 0..kh {
-                    let iy = oy * sh + ky * dh - g.pads[0];
+                for ky in (0..kh).filter(|ky| valid(*ky)) {
+                    let iy = top + ky * dh - g.pads[0];
                     let row = iy * in_w;
                     for kx in 0..kw {
                         let ix = ox * sw + kx * dw - g.pads[1];
                         let at = row + ix;
                         let bytes = if sw == 1 {
-                            // SAFETY: at + 8 <= row end (read_end check above).
+                            // SAFETY: ix + 8 <= in_w for every chunk start <= last_start.
                             _mm_loadl_epi64(x.as_ptr().add(at) as *const __m128i)
                         } else {
-                            // SAFETY: at + 16 <= row end (read_end check above).
+                            // SAFETY: ix + 16 <= in_w for every chunk start <= last_start.
                             let v = _mm_loadu_si128(x.as_ptr().add(at) as *const __m128i);
                             _mm_shuffle_epi8(v, evens)
                         };
@@ -447,9 +473,8 @@ mod avx2 {
                 let q16 =
                     _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
                 let q8 = _mm_packus_epi16(q16, q16);
-                // SAFETY: ox + 8 <= out_w (last <= col_hi < out_w).
+                // SAFETY: ox + 8 <= last_start + 8 <= col_hi + 1 <= out_w.
                 _mm_storel_epi64(y.as_mut_ptr().add(oy * out_w + ox) as *mut __m128i, q8);
-                ox += 8;
             }
         }
     }
