@@ -3,29 +3,20 @@ to tract (--no-tern-kernels), and through onnxruntime; same inputs, same threads
 alternating the order. Writes target/bench/kernels.json and the section between
 <!-- kernels --> markers of BENCHMARKS.md. Run with scripts/bench-kernels.
 """
-import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from driver import TERN, log, machine  # noqa: E402
-from shapes import model_and_inputs, ort_cmd, rounds, tern_cmd  # noqa: E402
+from driver import log, machine  # noqa: E402
+from shapes import model_and_inputs, ort_cmd, rounds, setup, tern_cmd  # noqa: E402
 
 MODELS = ["qlinear_depthwise", "ppocr_cls_int8_qop", "ppocr_cls_int8_qdq", "ppocr_cls"]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--threads", default="1,2")
-    a = ap.parse_args()
-    if not os.environ.get("TERN_BENCH_NO_BUILD"):  # set it to time the binary as built
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "tern-cli"], cwd=ROOT, check=True)
+    a = setup()
     rows = []
     for name in MODELS:
         model, inputs = model_and_inputs(name)

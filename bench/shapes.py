@@ -55,14 +55,21 @@ def rounds(cmds, n):
                 for f in v[0]} for k, v in out.items()}
 
 
-def main():
+def setup():
+    """The focused benches' options (--rounds, --runs, --threads), and the release CLI built
+    unless TERN_BENCH_NO_BUILD says to time the binary as it is."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", default="1,2")
     a = ap.parse_args()
-    if not os.environ.get("TERN_BENCH_NO_BUILD"):  # set it to time the binary as built
+    if not os.environ.get("TERN_BENCH_NO_BUILD"):
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "tern-cli"], cwd=ROOT, check=True)
+    return a
+
+
+def main():
+    a = setup()
     result = {"machine": machine(), "policies": [], "streams": []}
     model, inputs = model_and_inputs("dwnet_dynbatch")
     import numpy as np

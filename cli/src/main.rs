@@ -170,7 +170,10 @@ impl SessionArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -187,6 +190,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command line clap refused: help and version print as usual; anything else is an
+/// `invalid_option` error like every other failure (exit 1; JSON under `--json`, clap's
+/// explanation on stderr otherwise).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if std::env::args_os().any(|a| a == "--json") {
+        let message = e.render().to_string();
+        let message = message
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ");
+        let msg = serde_json::json!({ "error": { "kind": "invalid_option", "message": message } });
+        println!("{msg}");
+    } else {
+        let _ = e.print();
+    }
+    ExitCode::FAILURE
 }
 
 fn run(cli: &Cli) -> Result<()> {

@@ -216,3 +216,34 @@ fn errors_exit_nonzero_with_a_typed_kind() {
     assert!(String::from_utf8_lossy(&human.stderr)
         .starts_with("error: input \"bytes\" must have shape"));
 }
+
+#[test]
+fn bad_options_are_invalid_option_errors_like_any_other() {
+    // Each used to exit 2 with clap's text, even under --json.
+    for args in [
+        &["--backend", "foo"][..],
+        &["--gpu-precision", "f8"],
+        &["--thread-policy", "bogus"],
+        &["--shape-policy", "sometimes"],
+        &["--nan-policy", "maybe"],
+        &["--threads", "-1"],
+    ] {
+        let mut all = vec!["run", "--json", "model.onnx"];
+        all.extend_from_slice(args);
+        let out = tern(&all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let doc = json(&out);
+        assert_eq!(doc["error"]["kind"], "invalid_option", "{args:?}");
+        assert!(!doc["error"]["message"].as_str().unwrap().is_empty());
+        let human = tern(
+            &all[..1]
+                .iter()
+                .chain(&all[2..])
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(human.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&human.stderr).contains("error:"));
+    }
+    assert_eq!(tern(&["--help"]).status.code(), Some(0));
+}

@@ -32,6 +32,13 @@ pub(crate) struct PlanCache<P> {
     capacity: usize,
 }
 
+impl<P> Default for PlanCache<P> {
+    /// An empty cache of [`CAPACITY`] plans.
+    fn default() -> Self {
+        PlanCache::new(CAPACITY)
+    }
+}
+
 impl<P> PlanCache<P> {
     /// An empty cache of at most `capacity` plans.
     pub(crate) fn new(capacity: usize) -> Self {

@@ -134,15 +134,23 @@ impl Store {
         fs::create_dir_all(dir)?;
         let mut segments = Vec::new();
         let mut skipped = 0;
+        // The highest id of anything named like a segment, ours or not, so that the new
+        // active segment never lands on a name something else holds.
+        let mut highest = 0;
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
             let Some(id) = segment_id(&path) else {
                 continue;
             };
+            highest = highest.max(id);
             let meta = fs::symlink_metadata(&path)?;
             if !meta.file_type().is_file() {
-                // Not ours (a link or device): never read it, never write through it.
-                fs::remove_file(&path)?;
+                // Not ours (a directory, link or device): never read it, never write
+                // through it, and do not let it stop the intact segments from loading.
+                tracing::warn!(
+                    "telemetry store: ignoring {}, not a regular file",
+                    path.display()
+                );
                 continue;
             }
             let bytes = fs::read(&path)?;
@@ -169,7 +177,7 @@ impl Store {
             });
         }
         segments.sort_by_key(|s| s.id);
-        let active_id = segments.last().map_or(1, |s| s.id + 1);
+        let active_id = highest + 1;
         Ok((
             Store {
                 dir: dir.to_path_buf(),
@@ -277,6 +285,30 @@ impl Store {
 mod tests {
     use super::*;
     use crate::telemetry::record::Record;
+
+    #[test]
+    fn a_directory_named_like_a_segment_does_not_hide_the_intact_ones() {
+        let dir = std::env::temp_dir().join(format!("tern-store-dir-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        {
+            let (mut store, _) = Store::open(&dir).unwrap();
+            let frame = encode(&Record::Dropped {
+                at_ns: 1,
+                count: 3,
+                reason: "test".into(),
+            });
+            store.append(&frame, 1).unwrap();
+            store.roll().unwrap();
+        }
+        // Used to fail the whole open (remove_file on a directory).
+        fs::create_dir(dir.join(format!("seg-{:020}.log", 7))).unwrap();
+        let (store, _) = Store::open(&dir).unwrap();
+        assert_eq!(store.sealed.len(), 1);
+        assert_eq!(store.read(store.sealed[0].id).unwrap().len(), 1);
+        // The next segment goes past the directory's number.
+        assert_eq!(store.active_id, 8);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn dropped(n: u64) -> Record {
         Record::Dropped {
