@@ -8,6 +8,19 @@ use std::path::PathBuf;
 
 use crate::tensor::DType;
 
+/// What to do with NaN values (infinities are always allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NanPolicy {
+    /// Let NaN through, in and out, as onnxruntime does.
+    Allow,
+    /// Reject inputs containing NaN with [`Error::NanValues`]; let outputs through.
+    RejectInputs,
+    /// Reject NaN in inputs and in outputs (the default: a NaN score is never silently used).
+    #[default]
+    Reject,
+}
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -97,7 +110,7 @@ pub enum Error {
         actual: Vec<usize>,
     },
 
-    /// A tensor contains NaN and the session's [`NanPolicy`](crate::options::NanPolicy) rejects it.
+    /// A tensor contains NaN and the session's [`NanPolicy`](NanPolicy) rejects it.
     #[error("{which} {name:?} contains {count} NaN value(s) (NaN policy: {policy:?})")]
     NanValues {
         /// `"input"` or `"output"`.
@@ -107,7 +120,7 @@ pub enum Error {
         /// How many elements are NaN.
         count: usize,
         /// The policy that rejected it.
-        policy: crate::options::NanPolicy,
+        policy: NanPolicy,
     },
 
     /// A tensor could not be built or read as asked (data length vs shape, wrong element type).

@@ -76,18 +76,9 @@ pub enum OptLevel {
     Full,
 }
 
-/// What to do with NaN values (infinities are always allowed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NanPolicy {
-    /// Let NaN through, in and out, as onnxruntime does.
-    Allow,
-    /// Reject inputs containing NaN with [`Error::NanValues`]; let outputs through.
-    RejectInputs,
-    /// Reject NaN in inputs and in outputs (the default: a NaN score is never silently used).
-    #[default]
-    Reject,
-}
+// `NanPolicy` is defined with the error it decides (`Error::NanValues` carries it), so
+// that `error` depends on nothing here; it is an option like the others.
+pub use crate::error::NanPolicy;
 
 impl std::str::FromStr for NanPolicy {
     type Err = Error;

@@ -311,7 +311,13 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let reason = format!("{reason}; plans specialised per input shape");
+            // The first line of tract's explanation, so an app (and `tern run --json`) can
+            // see what stopped the symbolic plan.
+            let why = e.to_string();
+            let why = why.lines().next().unwrap_or_default();
+            let why: String = why.chars().take(300).collect();
+            let reason =
+                format!("{reason}; plans specialised per input shape (no symbolic plan: {why})");
             (None, dtypes, Choice::PerShape, reason)
         }
     };
