@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from driver import log, machine  # noqa: E402
-from shapes import model_and_inputs, ort_cmd, rounds, setup, tern_cmd  # noqa: E402
+from shapes import model_and_inputs, ort_cmd, rounds, setup, tern_cmd, write_section  # noqa: E402
 
 MODELS = ["qlinear_depthwise", "ppocr_cls_int8_qop", "ppocr_cls_int8_qdq", "ppocr_cls"]
 
@@ -43,11 +43,7 @@ def main():
                      f"| {x(r['tern_median_ms'], r['tract_median_ms'])} | {x(r['tern_median_ms'], r['ort_median_ms'])} | {k} |")
     table = "\n".join(lines) + "\n"
     print(table)
-    doc = ROOT / "BENCHMARKS.md"
-    text = doc.read_text()
-    s, e = text.find("<!-- kernels -->"), text.find("<!-- /kernels -->")
-    if s >= 0 and e > s:
-        doc.write_text(text[: s + len("<!-- kernels -->\n")] + table + text[e:])
+    write_section("kernels", table)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,15 @@ def rounds(cmds, n):
                 for f in v[0]} for k, v in out.items()}
 
 
+def write_section(marker, table):
+    """Replaces BENCHMARKS.md's text between <!-- marker --> and <!-- /marker -->."""
+    doc = ROOT / "BENCHMARKS.md"
+    text = doc.read_text()
+    s, e = text.find(f"<!-- {marker} -->"), text.find(f"<!-- /{marker} -->")
+    if s >= 0 and e > s:
+        doc.write_text(text[: s + len(f"<!-- {marker} -->\n")] + table + text[e:])
+
+
 def setup():
     """The focused benches' options (--rounds, --runs, --threads), and the release CLI built
     unless TERN_BENCH_NO_BUILD says to time the binary as it is."""
@@ -105,11 +114,7 @@ def main():
     (out / "shapes.json").write_text(json.dumps(result, indent=1))
     table = render(result, a)
     print(table)
-    doc = ROOT / "BENCHMARKS.md"
-    text = doc.read_text()
-    s, e = text.find("<!-- shapes -->"), text.find("<!-- /shapes -->")
-    if s >= 0 and e > s:
-        doc.write_text(text[: s + len("<!-- shapes -->\n")] + table + text[e:])
+    write_section("shapes", table)
 
 
 def render(result, a):
