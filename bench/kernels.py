@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from driver import log, machine  # noqa: E402
 from shapes import model_and_inputs, ort_cmd, rounds, setup, tern_cmd, write_section  # noqa: E402
 
-MODELS = ["qlinear_depthwise", "ppocr_cls_int8_qop", "ppocr_cls_int8_qdq", "ppocr_cls"]
+MODELS = ["qlinear_depthwise", "qlinear_conv", "ppocr_cls_int8_qop", "ppocr_cls_int8_qdq", "ppocr_cls"]
 
 
 def main():

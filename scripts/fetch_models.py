@@ -91,6 +91,9 @@ MODELS = {
     "qlinear_depthwise": ("QOperator int8 depthwise convolutions: strides, dilation, asymmetric pads, "
                           "weight zero points (generated)",
                           spec(x=("float32", [1, 16, 40, 72], "image")), (0.061, 0.0), "pass"),
+    "qlinear_conv": ("QOperator int8 one-group convolutions: pointwise, 3x3, 5x5 dilated, strides, "
+                     "asymmetric pads, a weight zero point, batch 2 (generated)",
+                     spec(x=("float32", [2, 8, 30, 44], "image")), (0.061, 0.0), "pass"),
 }
 
 

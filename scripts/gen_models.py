@@ -117,3 +117,43 @@ def qlinear_depthwise():
 
 
 GENERATED["qlinear_depthwise"] = qlinear_depthwise
+
+
+def qlinear_conv():
+    """A chain of QOperator one-group convolutions (QLinearConv, group == 1): pointwise,
+    3x3 with padding, stride 2, a dilated 5x5, asymmetric pads, per-tensor and
+    per-channel weight scales, and a weight zero point (which tern leaves to tract), on a
+    batch of 2: tern's int8 convolution (im2col, tract-linalg's int8 matrix product,
+    requantization) against onnxruntime's."""
+    rng = np.random.default_rng(9)
+    inits = [nh.from_array(np.array(0.02, np.float32), "xs"), nh.from_array(np.array(131, np.uint8), "xz")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q0"])]
+    layers = [  # out channels, kernel, stride, dilation, pads, per-channel weight scales, weight zero point
+        (24, 1, 1, 1, [0, 0, 0, 0], True, 0),
+        (32, 3, 1, 1, [1, 1, 1, 1], True, 0),
+        (40, 3, 2, 1, [1, 1, 1, 1], False, 0),
+        (17, 5, 1, 2, [4, 4, 4, 4], True, 0),
+        (33, 3, 2, 1, [0, 1, 1, 0], True, 0),
+        (16, 1, 1, 1, [0, 0, 0, 0], False, 2),
+    ]
+    x, xs, xz, cin = "q0", "xs", "xz", 8
+    for i, (cout, k, s, d, pads, per_channel, wz) in enumerate(layers):
+        w = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
+        ws = (rng.uniform(0.0005, 0.004, cout) if per_channel else np.array(0.002)).astype(np.float32)
+        b = rng.integers(-3000, 3000, cout).astype(np.int32)
+        ys, yz = np.array(rng.uniform(0.02, 0.06), np.float32), np.array(rng.integers(100, 156), np.uint8)
+        inits += [nh.from_array(w, f"w{i}"), nh.from_array(ws, f"ws{i}"),
+                  nh.from_array(np.array(wz, np.int8), f"wz{i}") if not per_channel
+                  else nh.from_array(np.full(cout, wz, np.int8), f"wz{i}"),
+                  nh.from_array(b, f"b{i}"), nh.from_array(ys, f"ys{i}"), nh.from_array(yz, f"yz{i}")]
+        y = f"q{i + 1}"
+        nodes.append(h.make_node("QLinearConv", [x, xs, xz, f"w{i}", f"ws{i}", f"wz{i}", f"ys{i}", f"yz{i}", f"b{i}"],
+                                 [y], kernel_shape=[k, k], strides=[s, s], dilations=[d, d], pads=pads))
+        x, xs, xz, cin = y, f"ys{i}", f"yz{i}", cout
+    nodes.append(h.make_node("DequantizeLinear", [x, xs, xz], ["y"]))
+    g = h.make_graph(nodes, "qlinear_conv", [h.make_tensor_value_info("x", T.FLOAT, [2, 8, 30, 44])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+
+GENERATED["qlinear_conv"] = qlinear_conv

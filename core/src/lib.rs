@@ -23,6 +23,7 @@ pub mod backend;
 pub mod error;
 pub mod model;
 pub mod options;
+mod qdq;
 pub mod session;
 mod sync;
 pub mod telemetry;

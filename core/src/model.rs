@@ -281,6 +281,10 @@ fn tensor_info(v: &pb::ValueInfoProto) -> TensorInfo {
 pub struct Model {
     info: Arc<ModelInfo>,
     graph: Arc<InferenceModel>,
+    /// The graph with its QDQ convolutions fused to `QLinearConv` (see `crate::qdq`), and
+    /// how many were, when any could be: what the CPU backend plans when it runs tern's
+    /// int8 kernels.
+    integer_graph: Option<Arc<(InferenceModel, usize)>>,
     name: String,
     baseline: Option<Arc<Baseline>>,
     /// The first node of each op type (keys as in [`ModelInfo::op_histogram`]).
@@ -361,9 +365,24 @@ impl Model {
                     first_nodes.entry(op_key(node)).or_insert(name);
                 }
             }
+            // A fused graph that tract cannot parse is dropped: the model runs unfused.
+            let integer_graph = crate::qdq::fuse(&proto).and_then(|(fused, n)| {
+                match tract_onnx::onnx()
+                    .with_ignore_value_info(true)
+                    .parse(&fused, dir)
+                {
+                    Ok(p) if p.unresolved_inputs.is_empty() => Some(Arc::new((p.model, n))),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!("QDQ fusion dropped: {}", chain(&e));
+                        None
+                    }
+                }
+            });
             Ok(Model {
                 info: Arc::new(info),
                 graph: Arc::new(parsed.model),
+                integer_graph,
                 name,
                 baseline,
                 first_nodes: Arc::new(first_nodes),
@@ -466,6 +485,11 @@ impl Model {
 
     pub(crate) fn graph(&self) -> &InferenceModel {
         &self.graph
+    }
+
+    /// The graph with QDQ convolutions fused to integer ops and how many were, if any.
+    pub(crate) fn integer_graph(&self) -> Option<(&InferenceModel, usize)> {
+        self.integer_graph.as_deref().map(|(g, n)| (g, *n))
     }
 
     /// The name of the first top-level node with this op type (a key of

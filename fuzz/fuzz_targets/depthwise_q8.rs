@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let x: Vec<u8> = (0..geometry.input_len()).map(|_| next(255)).collect();
     let mut want = vec![0u8; geometry.output_len()];
     kernel.run(Isa::Scalar, &x, &mut want).expect("valid buffers");
-    for isa in Isa::available() {
+    for &isa in Isa::available() {
         let mut y = vec![0u8; geometry.output_len()];
         kernel.run(isa, &x, &mut y).expect("valid buffers");
         assert_eq!(y, want, "{isa:?} {geometry:?}");

@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
     let peak = clock_ghz().map(|ghz| ghz * 16.0);
     for (name, (kernel, x)) in &layers {
         let mut y = vec![0u8; kernel.geometry().output_len()];
-        for isa in Isa::available() {
+        for &isa in Isa::available() {
             c.bench_function(&format!("{name}/{isa:?}"), |b| {
                 b.iter(|| kernel.run(isa, black_box(x), &mut y).expect("run"))
             });

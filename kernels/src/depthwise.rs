@@ -14,64 +14,17 @@
 //! CPU provider computes (MLAS rounds half to even after a float multiply).
 //!
 //! tract runs such a layer as C one-row matrix products over a materialised im2col, with
-//! the zero points corrected by separate graph ops. Here a channel's plane is read in place:
-//! the AVX2 path computes 8 outputs of a row at once for the interior (every tap in bounds,
-//! the input's zero point folded into the bias), in f32 with FMA — exact, since every
-//! partial sum is an integer below 2²⁴, which [`DepthwiseQ8::new`] checks — and the border
-//! with the scalar reference's own code.
+//! the zero points corrected by separate graph ops. Here each channel's plane is copied once
+//! into rows padded with `x_zero`, and the AVX2 path computes 8 outputs of a row at once,
+//! borders included (the input's zero point folded into the bias over the kernel rows
+//! inside the image), in f32 with FMA — exact, since every partial sum is an integer below
+//! 2²⁴, which [`DepthwiseQ8::new`] checks.
 
+use crate::quant::{requantize, ROUND_LIMIT};
 use crate::Isa;
 
-/// Why a convolution cannot be run by this kernel (the caller keeps its generic path).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unsupported(pub String);
-
-impl std::fmt::Display for Unsupported {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "depthwise int8 kernel: {}", self.0)
-    }
-}
-
-impl std::error::Error for Unsupported {}
-
-/// The geometry of one depthwise convolution over an NCHW image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
-    /// Channels (input = output).
-    pub channels: usize,
-    /// Input height and width.
-    pub input: [usize; 2],
-    /// Kernel height and width.
-    pub kernel: [usize; 2],
-    /// Strides (height, width), at least 1.
-    pub strides: [usize; 2],
-    /// Dilations (height, width), at least 1.
-    pub dilations: [usize; 2],
-    /// Padding before (top, left) and after (bottom, right).
-    pub pads: [usize; 4],
-}
-
-impl Geometry {
-    /// Output height and width (ONNX's floor rule).
-    pub fn output(&self) -> Option<[usize; 2]> {
-        let out = |i: usize| -> Option<usize> {
-            let padded = self.input[i] + self.pads[i] + self.pads[i + 2];
-            let span = (self.kernel[i].checked_sub(1)?) * self.dilations[i] + 1;
-            Some(padded.checked_sub(span)? / self.strides[i] + 1)
-        };
-        Some([out(0)?, out(1)?])
-    }
-
-    /// Elements of one input image (C × H × W).
-    pub fn input_len(&self) -> usize {
-        self.channels * self.input[0] * self.input[1]
-    }
-
-    /// Elements of one output image.
-    pub fn output_len(&self) -> usize {
-        self.output().map_or(0, |[h, w]| self.channels * h * w)
-    }
-}
+pub use crate::geometry::Geometry;
+pub use crate::Unsupported;
 
 /// The quantization of one depthwise convolution.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,17 +58,12 @@ pub struct DepthwiseQ8 {
     x_zero: u8,
     y_zero: u8,
     /// Output rows and columns (inclusive ranges) whose taps are all in bounds.
-    interior: Option<[[usize; 2]; 2]>,
     /// Whether f32 accumulation is exact for these weights (see the module docs).
     exact_in_f32: bool,
 }
 
 /// Largest bias magnitude accepted: leaves room for the zero-point correction in i32.
 const BIAS_LIMIT: i64 = 1 << 30;
-
-/// Values converted to integers are kept within this range in both paths, so the scalar
-/// and vector conversions saturate alike.
-const ROUND_LIMIT: f32 = 1.0e9;
 
 impl DepthwiseQ8 {
     /// Prepares the kernel: `weights` is `[C, 1, kh, kw]` flattened, `bias` has C values
@@ -129,15 +77,7 @@ impl DepthwiseQ8 {
     ) -> Result<DepthwiseQ8, Unsupported> {
         let g = geometry;
         let err = |m: String| Err(Unsupported(m));
-        if g.channels == 0 || g.input.contains(&0) || g.kernel.contains(&0) {
-            return err(format!("empty geometry {g:?}"));
-        }
-        if g.strides.contains(&0) || g.dilations.contains(&0) {
-            return err(format!("stride or dilation 0 in {g:?}"));
-        }
-        let Some(out) = g.output() else {
-            return err(format!("kernel larger than the padded input in {g:?}"));
-        };
+        let out = g.check()?;
         let per_channel = g.kernel[0] * g.kernel[1];
         if weights.len() != g.channels * per_channel {
             return err(format!(
@@ -203,7 +143,6 @@ impl DepthwiseQ8 {
             scale,
             x_zero: quant.x_zero,
             y_zero: quant.y_zero,
-            interior: interior(&g, out),
             exact_in_f32,
         })
     }
@@ -337,51 +276,15 @@ impl DepthwiseQ8 {
     }
 }
 
-/// `clamp(round_half_even(acc · scale) + zero, 0, 255)`.
-fn requantize(acc: i32, scale: f32, zero: u8) -> u8 {
-    let v = (acc as f32 * scale).clamp(-ROUND_LIMIT, ROUND_LIMIT);
-    (round_half_even(v) as i32 + i32::from(zero)).clamp(0, 255) as u8
-}
-
-/// `v.round_ties_even()`, without the libm call it is on x86-64 without SSE4.1: below
-/// 2²², adding and taking away 1.5 · 2²³ rounds to an integer in the FPU's default
-/// round-to-nearest-even mode, exactly; above, every f32 is already one or a half.
-fn round_half_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    if v.abs() < 4_194_304.0 {
-        (v + MAGIC) - MAGIC
-    } else {
-        v.round_ties_even()
-    }
-}
-
-/// The output rows and columns (inclusive) whose taps are all inside the input.
-fn interior(g: &Geometry, out: [usize; 2]) -> Option<[[usize; 2]; 2]> {
-    let range = |i: usize| -> Option<[usize; 2]> {
-        let (s, d, k, pad, len) = (
-            g.strides[i],
-            g.dilations[i],
-            g.kernel[i],
-            g.pads[i],
-            g.input[i],
-        );
-        let lo = pad.div_ceil(s);
-        // The last tap of output o reads o·s + (k-1)·d - pad, which must be < len.
-        let reach = (k - 1) * d;
-        let hi = (len + pad).checked_sub(reach + 1)? / s;
-        let hi = hi.min(out[i] - 1);
-        (lo <= hi).then_some([lo, hi])
-    };
-    Some([range(0)?, range(1)?])
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::DepthwiseQ8;
     use std::arch::x86_64::*;
 
-    /// Channel `c` of one image: interior outputs 8 at a time along a row (stride 1 or 2),
-    /// the rest by the reference's own code.
+    /// Channel `c` of one image, 8 outputs of a row at a time (stride 1 or 2 along the
+    /// width), over a copy of the plane padded with the input's zero point: padded taps then
+    /// contribute what the definition says (nothing, once the zero point is folded into the
+    /// bias), so no output needs the scalar path.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `x` must hold the channel's input plane and `y`
@@ -390,14 +293,24 @@ mod avx2 {
     pub(super) unsafe fn channel(k: &DepthwiseQ8, c: usize, x: &[u8], y: &mut [u8]) {
         let g = &k.geometry;
         let [out_h, out_w] = k.out;
-        let Some([_, [col_lo, col_hi]]) = k.interior else {
+        let (sh, sw) = (g.strides[0], g.strides[1]);
+        if sw > 2 {
             k.channel_scalar(c, x, y);
             return;
-        };
-        let (sh, sw) = (g.strides[0], g.strides[1]);
+        }
         let (dh, dw) = (g.dilations[0], g.dilations[1]);
         let [kh, kw] = g.kernel;
-        let in_w = g.input[1];
+        let [in_h, in_w] = g.input;
+        let left = g.pads[1];
+        // Every 8-wide chunk's loads (8 bytes, or 16 to keep the even ones for stride 2)
+        // stay inside a padded row of `width`.
+        let chunks = out_w.div_ceil(8);
+        let load = if sw == 1 { 8 } else { 16 };
+        let width = ((chunks - 1) * 8 * sw + (kw - 1) * dw + load).max(left + in_w);
+        let mut padded = vec![k.x_zero; width * in_h];
+        for (row, src) in padded.chunks_exact_mut(width).zip(x.chunks_exact(in_w)) {
+            row[left..left + in_w].copy_from_slice(src);
+        }
         let taps = &k.taps_f32[c * kh * kw..(c + 1) * kh * kw];
         let scale = _mm256_set1_ps(k.scale[c]);
         let zero = _mm256_set1_epi32(i32::from(k.y_zero));
@@ -407,57 +320,33 @@ mod avx2 {
         );
         // Even bytes of 16, for stride 2.
         let evens = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
-        let in_h = g.input[0];
-        // The last 8-wide chunk start whose outputs are all interior columns and whose loads
-        // (8 bytes, or 16 for stride 2) stay inside the row.
-        let load = if sw == 1 { 8 } else { 16 };
-        let reach = (kw - 1) * dw + load;
-        let by_loads = (in_w + g.pads[1]).checked_sub(reach).map(|v| v / sw.max(1));
-        let last_start = match (col_hi.checked_sub(7), by_loads) {
-            (Some(a), Some(b)) if sw <= 2 && a.min(b) >= col_lo => Some(a.min(b)),
-            _ => None,
-        };
         for oy in 0..out_h {
-            // Kernel rows inside the input for this output row, and the bias with the input
-            // zero point folded in over just those rows.
+            // Kernel rows inside the input for this output row (rows of padding are
+            // skipped), and the bias with the input zero point folded in over just those
+            // rows.
             let top = oy * sh;
             let valid = |ky: usize| {
                 let y = top + ky * dh;
                 y >= g.pads[0] && y - g.pads[0] < in_h
-            };
-            let Some(last_start) = last_start else {
-                for ox in 0..out_w {
-                    y[oy * out_w + ox] = k.output_scalar(c, x, oy, ox);
-                }
-                continue;
             };
             let mut row_bias = k.bias[c];
             for ky in (0..kh).filter(|ky| valid(*ky)) {
                 row_bias -= i32::from(k.x_zero) * k.row_sums[c * kh + ky];
             }
             let bias = _mm256_set1_epi32(row_bias);
-            for ox in (0..col_lo).chain(last_start + 8..out_w) {
-                y[oy * out_w + ox] = k.output_scalar(c, x, oy, ox);
-            }
-            // 8-wide chunks from the first interior column; the last one may overlap the
-            // one before it (recomputing the same outputs) so that it ends on the last.
-            for ox in (col_lo..last_start)
-                .step_by(8)
-                .chain(std::iter::once(last_start))
-            {
+            for ox in (0..chunks).map(|chunk| chunk * 8) {
                 let mut acc = _mm256_setzero_ps();
                 for ky in (0..kh).filter(|ky| valid(*ky)) {
-                    let iy = top + ky * dh - g.pads[0];
-                    let row = iy * in_w;
+                    let row = (top + ky * dh - g.pads[0]) * width;
                     for kx in 0..kw {
-                        let ix = ox * sw + kx * dw - g.pads[1];
-                        let at = row + ix;
+                        let at = row + ox * sw + kx * dw;
                         let bytes = if sw == 1 {
-                            // SAFETY: ix + 8 <= in_w for every chunk start <= last_start.
-                            _mm_loadl_epi64(x.as_ptr().add(at) as *const __m128i)
+                            // SAFETY: ox·sw + kx·dw + 8 <= width (see `width`), inside
+                            // row `iy` of `padded`.
+                            _mm_loadl_epi64(padded.as_ptr().add(at) as *const __m128i)
                         } else {
-                            // SAFETY: ix + 16 <= in_w for every chunk start <= last_start.
-                            let v = _mm_loadu_si128(x.as_ptr().add(at) as *const __m128i);
+                            // SAFETY: as above, with 16.
+                            let v = _mm_loadu_si128(padded.as_ptr().add(at) as *const __m128i);
                             _mm_shuffle_epi8(v, evens)
                         };
                         let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
@@ -473,8 +362,15 @@ mod avx2 {
                 let q16 =
                     _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
                 let q8 = _mm_packus_epi16(q16, q16);
-                // SAFETY: ox + 8 <= last_start + 8 <= col_hi + 1 <= out_w.
-                _mm_storel_epi64(y.as_mut_ptr().add(oy * out_w + ox) as *mut __m128i, q8);
+                let out = oy * out_w + ox;
+                if ox + 8 <= out_w {
+                    // SAFETY: out + 8 <= (oy + 1) · out_w <= y.len().
+                    _mm_storel_epi64(y.as_mut_ptr().add(out) as *mut __m128i, q8);
+                } else {
+                    let mut last = [0u8; 8];
+                    _mm_storel_epi64(last.as_mut_ptr() as *mut __m128i, q8);
+                    y[out..oy * out_w + out_w].copy_from_slice(&last[..out_w - ox]);
+                }
             }
         }
     }
@@ -576,7 +472,7 @@ mod tests {
         for case in 0..400 {
             let (kernel, x) = random_case(&mut rng);
             let want = by_definition(&kernel, &x);
-            for isa in Isa::available() {
+            for &isa in Isa::available() {
                 let mut y = vec![0u8; kernel.geometry().output_len()];
                 kernel.run(isa, &x, &mut y).unwrap();
                 assert_eq!(y, want, "case {case} {isa:?} {:?}", kernel.geometry());
@@ -586,20 +482,25 @@ mod tests {
 
     #[test]
     fn the_vector_path_covers_real_layer_shapes() {
-        // MobileNet-style layers: 3x3 stride 1 and 2, 5x5, with the interior wide enough
+        // MobileNet-style layers: 3x3 stride 1 and 2, 5x5, wide enough
         // for the 8-wide path.
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // ppocr's: stride 2 down the height alone, maps 1 to 3 rows high (no output row
+        // has all its taps inside the input).
         for (k, s, hw) in [
-            (3, 1, [24, 96]),
-            (3, 2, [24, 96]),
-            (5, 1, [12, 48]),
-            (5, 2, [12, 48]),
+            (3, [1, 1], [24, 96]),
+            (3, [2, 2], [24, 96]),
+            (5, [1, 1], [12, 48]),
+            (5, [2, 2], [12, 48]),
+            (3, [2, 1], [6, 96]),
+            (5, [1, 1], [3, 96]),
+            (3, [1, 1], [1, 96]),
         ] {
             let g = Geometry {
                 channels: 16,
                 input: hw,
                 kernel: [k, k],
-                strides: [s, s],
+                strides: s,
                 dilations: [1, 1],
                 pads: [k / 2; 4],
             };
@@ -612,13 +513,13 @@ mod tests {
                 y_zero: 120,
             };
             let kernel = DepthwiseQ8::new(g, &weights, &bias, &quant).unwrap();
-            assert!(kernel.exact_in_f32 && kernel.interior.is_some());
+            assert!(kernel.exact_in_f32);
             let x: Vec<u8> = (0..g.input_len()).map(|_| rng.random()).collect();
             let want = by_definition(&kernel, &x);
-            for isa in Isa::available() {
+            for &isa in Isa::available() {
                 let mut y = vec![0u8; g.output_len()];
                 kernel.run(isa, &x, &mut y).unwrap();
-                assert_eq!(y, want, "{isa:?} k{k} s{s}");
+                assert_eq!(y, want, "{isa:?} k{k} s{s:?} {hw:?}");
             }
         }
     }
@@ -676,7 +577,7 @@ mod tests {
         assert!(DepthwiseQ8::new(g, &w, &[i32::MAX, 0], &q).is_err());
         let k = DepthwiseQ8::new(g, &w, &[], &q).unwrap();
         let mut y = vec![0u8; 32];
-        for isa in Isa::available() {
+        for &isa in Isa::available() {
             assert!(k.run(isa, &[0u8; 31], &mut y).is_err());
             assert!(k.run(isa, &[0u8; 32], &mut y[..31]).is_err());
             assert!(k.run_channels(isa, &[0u8; 32], &mut y, 0..3).is_err());

@@ -12,11 +12,30 @@
 //!   forces the reference everywhere (for debugging a suspected kernel bug in an app).
 //!
 //! Kernels: [`depthwise`] (int8 depthwise convolution with requantization fused, the
-//! ONNX `QLinearConv` with `group == channels`).
+//! ONNX `QLinearConv` with `group == channels`); [`im2col`] and [`quant`], the two passes
+//! around an int8 matrix product that make a general int8 convolution (the product itself
+//! runs on tract-linalg's integer kernels, called from the CPU backend).
 
 #![warn(missing_docs)]
 
 pub mod depthwise;
+pub mod geometry;
+pub mod im2col;
+pub mod quant;
+
+pub use geometry::Geometry;
+
+/// Why a layer cannot be run by a kernel here (the caller keeps its generic path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported(pub String);
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "int8 kernel: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unsupported {}
 
 /// An instruction set a kernel can run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,15 +56,18 @@ impl Isa {
         Isa::available().last().copied().unwrap_or(Isa::Scalar)
     }
 
-    /// Every instruction set this CPU can run, the reference first.
-    pub fn available() -> Vec<Isa> {
-        #[allow(unused_mut)]
-        let mut isas = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            isas.push(Isa::Avx2);
-        }
-        isas
+    /// Every instruction set this CPU can run, the reference first (detected once).
+    pub fn available() -> &'static [Isa] {
+        static AVAILABLE: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(|| {
+            #[allow(unused_mut)]
+            let mut isas = vec![Isa::Scalar];
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+            }
+            isas
+        })
     }
 
     /// Whether this CPU can run it.

@@ -31,7 +31,10 @@ fn int8_depthwise_layers_run_on_terns_kernel_bit_exact_with_onnxruntime() {
     let model = entry("qlinear_depthwise");
     let s = session(&model, true);
     let outputs = s.run(model.reference_inputs()).unwrap();
-    assert_eq!(kernels(&s), [("depthwise-q8".to_string(), 6)]);
+    assert_eq!(
+        kernels(&s),
+        [("depthwise-q8".to_string(), 6), ("quant-u8".to_string(), 2)]
+    );
     let diff = model.compare_with_reference(&outputs).unwrap();
     // Rounded as onnxruntime's MLAS rounds: not one output step apart.
     assert_eq!(diff.max_abs, 0.0, "{diff:?}");
@@ -43,11 +46,70 @@ fn int8_depthwise_layers_run_on_terns_kernel_bit_exact_with_onnxruntime() {
 }
 
 #[test]
+fn int8_convolutions_run_on_the_integer_matrix_product_bit_exact_with_onnxruntime() {
+    // Six QLinearConv layers with one group on a batch of 2: pointwise, 3x3, stride 2, a
+    // dilated 5x5, asymmetric pads; the last has a weight zero point and stays with tract.
+    let model = entry("qlinear_conv");
+    let s = session(&model, true);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    assert_eq!(
+        kernels(&s),
+        [("conv-q8".to_string(), 5), ("quant-u8".to_string(), 2)]
+    );
+    let diff = model.compare_with_reference(&outputs).unwrap();
+    assert_eq!(diff.max_abs, 0.0, "{diff:?}");
+
+    let s = session(&model, false);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    assert!(kernels(&s).is_empty());
+    model.compare_with_reference(&outputs).unwrap();
+}
+
+#[test]
 fn a_real_quantized_model_keeps_onnxruntimes_numbers_on_terns_kernels() {
-    // ppocr_cls in QOperator form (onnxruntime's quantizer): its 11 depthwise layers.
+    // ppocr_cls in QOperator form (onnxruntime's quantizer): its 11 depthwise layers, and
+    // its stem and 23 pointwise layers (the squeeze-excite ones, on a 1×1 map, stay with
+    // tract).
     let model = entry("ppocr_cls_int8_qop");
     let s = session(&model, true);
     let outputs = s.run(model.reference_inputs()).unwrap();
-    assert_eq!(kernels(&s), [("depthwise-q8".to_string(), 11)]);
+    assert_eq!(
+        kernels(&s),
+        [
+            ("depthwise-q8".to_string(), 11),
+            ("conv-q8".to_string(), 24),
+            ("quant-u8".to_string(), 108)
+        ]
+    );
     model.compare_with_reference(&outputs).unwrap();
+}
+
+#[test]
+fn a_qdq_model_is_fused_onto_the_integer_kernels_within_its_tolerance() {
+    // ppocr_cls as tern-quantize writes it (QDQ): its convolutions become QLinearConv at
+    // load where the CPU multiplies bytes natively, then tern's kernels take them.
+    let model = entry("ppocr_cls_int8_qdq");
+    let s = session(&model, true);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    let fused = [
+        ("qdq-fusion".to_string(), 53),
+        ("depthwise-q8".to_string(), 11),
+        ("conv-q8".to_string(), 24),
+        ("quant-u8".to_string(), 299),
+    ];
+    // Without native int8 products (VNNI, ARM dot products) tract's float path for QDQ is
+    // the faster one, and the model stays unfused (its quantize passes still vectorised).
+    let on = kernels(&s);
+    assert!(
+        on == fused || on.iter().all(|(pass, _)| pass == "quant-u8"),
+        "{on:?}"
+    );
+    let diff = model.compare_with_reference(&outputs).unwrap();
+    eprintln!("tern kernels {on:?}: {diff:?}");
+
+    let s = session(&model, false);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    assert!(kernels(&s).is_empty());
+    let diff = model.compare_with_reference(&outputs).unwrap();
+    eprintln!("tract: {diff:?}");
 }

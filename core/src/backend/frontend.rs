@@ -43,13 +43,15 @@ pub(crate) fn fixed_shapes(model: &Model, options: &SessionOptions) -> Option<Ve
         .collect()
 }
 
-/// The model's graph with every input's declared element type and planned shape
-/// (symbolic dimensions become tract symbols of the same name).
+/// `graph` (the model's own, or a rewrite of it with the same inputs) with every input's
+/// declared element type and planned shape (symbolic dimensions become tract symbols of
+/// the same name).
 pub(crate) fn with_input_facts(
     model: &Model,
+    graph: &InferenceModel,
     options: &SessionOptions,
 ) -> TractResult<InferenceModel> {
-    let mut graph = model.graph().clone();
+    let mut graph = graph.clone();
     for (ix, info) in model.inputs().iter().enumerate() {
         let mut fact = graph.input_fact(ix)?.clone();
         if let Some(dims) = planned_shape(options, info) {

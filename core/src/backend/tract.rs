@@ -25,6 +25,7 @@
 //! afterwards. With more than one thread the session owns a rayon pool handed to tract's
 //! kernels — for the runs of each plan where measuring shows it helps ([`threads`]).
 
+mod linalg;
 mod rewrite;
 mod threads;
 
@@ -121,6 +122,9 @@ impl Plan {
 /// Builds plans with the session's settings.
 struct Compiler {
     optimization: OptLevel,
+    /// QDQ convolutions fused to `QLinearConv` in the graph it compiles (reported first
+    /// among the rewrites).
+    fused_qdq: usize,
     tern_kernels: bool,
     has_pool: bool,
     thread_policy: ThreadPolicy,
@@ -134,6 +138,9 @@ impl Compiler {
         // onnxruntime's CPU kernels do; the model's inputs and outputs keep their types.
         let mut typed = frontend::typed(graph, !tract_linalg::has_fp16()).map_err(compile_err)?;
         let mut rewrites = Vec::new();
+        if self.fused_qdq > 0 {
+            rewrites.push(("qdq-fusion", self.fused_qdq));
+        }
         match self.optimization {
             OptLevel::Full => typed
                 .declutter()
@@ -143,7 +150,7 @@ impl Compiler {
                     false => Ok(Vec::new()),
                 })
                 .and_then(|done| {
-                    rewrites = done;
+                    rewrites.extend(done);
                     typed.optimize()
                 }),
             OptLevel::Declutter => typed.declutter(),
@@ -260,11 +267,23 @@ pub(crate) struct TractExecutor {
 /// Builds the CPU executor: names or pins every input dimension, then types, optimizes and
 /// plans — and prepares plans per concrete shape as the shape policy says.
 pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -> Result<Prepared> {
-    let graph = frontend::with_input_facts(model, options).map_err(compile_err)?;
-    let fixed = frontend::fixed_shapes(model, options).is_some();
     let cpu = &options.cpu;
+    // QDQ convolutions fused to integer ops, where tern's int8 kernels run and the CPU
+    // multiplies bytes natively (elsewhere tract's float path for QDQ is the faster one).
+    let fused = match model.integer_graph() {
+        Some(fused)
+            if cpu.tern_kernels && cpu.optimization == OptLevel::Full && linalg::native_int8() =>
+        {
+            Some(fused)
+        }
+        _ => None,
+    };
+    let source = fused.map_or(model.graph(), |(graph, _)| graph);
+    let graph = frontend::with_input_facts(model, source, options).map_err(compile_err)?;
+    let fixed = frontend::fixed_shapes(model, options).is_some();
     let compiler = Compiler {
         optimization: cpu.optimization,
+        fused_qdq: fused.map_or(0, |(_, n)| n),
         tern_kernels: cpu.tern_kernels,
         has_pool: cpu.threads > 1,
         thread_policy: cpu.thread_policy,

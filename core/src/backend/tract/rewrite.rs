@@ -4,12 +4,23 @@
 //! the layer to its generic kernels, and replaces a node only when every parameter the
 //! kernel needs is a constant of the expected type and every shape it needs is concrete;
 //! anything else stays with tract. The passes are listed in [`PASSES`], run in that order
-//! by the CPU backend's compiler.
+//! by the CPU backend's compiler; each lives in a file with its op:
 //!
-//! - `depthwise-q8`: a quantized convolution with one `u8` input channel per group
-//!   (ONNX `QLinearConv` with `group == channels`, as in MobileNet's depthwise layers)
-//!   becomes [`DepthwiseQ8Op`]. tract would run it as C one-row matrix products over a
-//!   materialised im2col plus separate zero-point correction ops.
+//! - `depthwise-q8` ([`depthwise`]): a quantized convolution with one `u8` input channel
+//!   per group (ONNX `QLinearConv` with `group == channels`, as in MobileNet's depthwise
+//!   layers). tract would run it as C one-row matrix products over a materialised im2col
+//!   plus separate zero-point correction ops.
+//! - `conv-q8` ([`conv`]): any other quantized convolution with one group (pointwise and
+//!   full convolutions), as im2col → tract-linalg's int8 matrix product (VNNI where the
+//!   CPU has it) with the zero points and bias folded into one per-channel term → a
+//!   vectorised requantization. tract would correct the zero points with separate graph
+//!   ops and requantize with a scalar loop.
+//! - `quant-u8` ([`quant`]): the `f32 ↔ u8` quantize and dequantize passes left between
+//!   quantized layers, vectorised (tract's are scalar loops).
+
+mod conv;
+mod depthwise;
+mod quant;
 
 use std::sync::Arc;
 
@@ -18,16 +29,20 @@ use tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use tern_kernels::depthwise::{DepthwiseQ8, Geometry, Quant};
-use tern_kernels::Isa;
+use tern_kernels::Geometry;
 
 /// A rewrite of the typed model: returns how many nodes it replaced.
 type Pass = fn(&mut TypedModel) -> TractResult<usize>;
 
 /// The rewrites, by name, in the order they run (between declutter and optimize).
-pub(crate) const PASSES: &[(&str, Pass)] = &[("depthwise-q8", depthwise_q8)];
+pub(crate) const PASSES: &[(&str, Pass)] = &[
+    ("depthwise-q8", depthwise::pass),
+    ("conv-q8", conv::pass),
+    ("quant-u8", quant::pass),
+];
 
 /// Runs every pass; returns `(name, nodes replaced)` for those that replaced any.
 pub(crate) fn run_passes(model: &mut TypedModel) -> TractResult<Vec<(&'static str, usize)>> {
@@ -41,92 +56,44 @@ pub(crate) fn run_passes(model: &mut TypedModel) -> TractResult<Vec<(&'static st
     Ok(done)
 }
 
-/// An int8 depthwise convolution run by `tern-kernels` (NCHW, `u8` in and out).
-#[derive(Debug, Clone)]
-pub(crate) struct DepthwiseQ8Op {
-    kernel: Arc<DepthwiseQ8>,
-    isa: Isa,
-    /// The output's datum type (`u8`, or `QU8` with the layer's output quantization).
-    output_type: DatumType,
-}
-
-impl PartialEq for DepthwiseQ8Op {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.kernel, &other.kernel) && self.output_type == other.output_type
+/// Replaces every quantized convolution that `make` builds an op for (reading its input 0
+/// alone); returns how many it replaced.
+fn replace_qconvs<O: TypedOp>(
+    model: &mut TypedModel,
+    make: impl Fn(QConv) -> Option<O>,
+) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = qconv(model, node).and_then(&make) else {
+            continue;
+        };
+        let name = node.name.clone();
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], op)
+            .with_context(|| format!("rewriting {name}"))?;
+        patch.apply(model)?;
+        replaced += 1;
     }
-}
-
-impl Eq for DepthwiseQ8Op {}
-
-impl Op for DepthwiseQ8Op {
-    fn name(&self) -> StaticName {
-        "TernDepthwiseQ8".into()
+    if replaced > 0 {
+        // The old convolutions' constant inputs are read by nothing now.
+        model.compact()?;
     }
-
-    op_as_typed_op!();
+    Ok(replaced)
 }
 
-impl EvalOp for DepthwiseQ8Op {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = inputs.first().context("TernDepthwiseQ8 takes one input")?;
-        let g = self.kernel.geometry();
-        let [oh, ow] = self.kernel.output_shape();
-        let shape = x.shape();
-        ensure!(
-            shape.len() == 4 && shape[1..] == [g.channels, g.input[0], g.input[1]],
-            "TernDepthwiseQ8 planned for [N, {}, {}, {}], got {shape:?}",
-            g.channels,
-            g.input[0],
-            g.input[1]
-        );
-        ensure!(
-            x.datum_type().unquantized() == u8::datum_type(),
-            "TernDepthwiseQ8 reads u8"
-        );
-        let batch = shape[0];
-        // SAFETY: `u8` has no invalid values, and the kernel writes every output of every
-        // image before `y` is read (or `y` is dropped with the error).
-        let mut y =
-            unsafe { Tensor::uninitialized_dt(self.output_type, &[batch, g.channels, oh, ow])? };
-        let xs = x.try_as_plain_ram()?.as_bytes();
-        let (plane_in, plane_out) = (self.kernel.plane_in(), self.kernel.plane_out());
-        {
-            let mut y_view = y.try_as_plain_ram_mut()?;
-            let ys = y_view.as_bytes_mut();
-            // One task per (image, channel) plane; on the session's pool when this run has
-            // one (the plan's thread race decides), else on the calling thread.
-            let plane = |(i, y): (usize, &mut [u8])| {
-                let x = &xs[i * plane_in..(i + 1) * plane_in];
-                self.kernel.run_plane(self.isa, i % g.channels, x, y)
-            };
-            match current_tract_executor() {
-                Executor::MultiThread(pool) => {
-                    pool.install(|| ys.par_chunks_mut(plane_out).enumerate().try_for_each(plane))
-                }
-                _ => ys.chunks_mut(plane_out).enumerate().try_for_each(plane),
-            }
-            .map_err(|e| anyhow::anyhow!(e))?;
+/// Runs `f` on each `chunk`-long piece of `data` with its index: on the session's pool
+/// when this run has one (the plan's thread race decides), else on the calling thread.
+fn for_each_chunk<T: Send, E: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: impl Fn((usize, &mut [T])) -> Result<(), E> + Send + Sync,
+) -> Result<(), E> {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => {
+            pool.install(|| data.par_chunks_mut(chunk).enumerate().try_for_each(f))
         }
-        Ok(tvec!(y.into_tvalue()))
+        _ => data.chunks_mut(chunk).enumerate().try_for_each(f),
     }
-}
-
-impl TypedOp for DepthwiseQ8Op {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let g = self.kernel.geometry();
-        let [oh, ow] = self.kernel.output_shape();
-        let batch = inputs[0].shape[0].clone();
-        Ok(tvec!(self.output_type.fact(tvec![
-            batch,
-            g.channels.to_dim(),
-            oh.to_dim(),
-            ow.to_dim()
-        ])))
-    }
-
-    as_op!();
 }
 
 /// A constant input of `node`, if it is one.
@@ -147,47 +114,175 @@ fn values<T: Datum + Copy>(model: &TypedModel, node: &TypedNode, slot: usize) ->
     Some(t.try_as_plain_ram().ok()?.as_slice::<T>().ok()?.to_vec())
 }
 
-/// The kernel for a quantized depthwise `Conv` node, or why not (a debug note).
-fn depthwise_kernel(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<DepthwiseQ8> {
+/// Everything a quantized 2-D convolution (`u8` in and out, `i8` weights, NCHW/OIHW,
+/// concrete shapes, constant parameters) needs from its tract node.
+#[derive(Debug, Clone)]
+struct QConv {
+    geometry: Geometry,
+    /// Output height and width.
+    out: [usize; 2],
+    group: usize,
+    output_channels: usize,
+    /// `[output_channels, channels / group, kh, kw]`, flattened.
+    weights: Vec<i8>,
+    /// One per output channel.
+    bias: Vec<i32>,
+    x_zero: u8,
+    /// One, or one per output channel.
+    w_zero: Vec<i8>,
+    /// `x_scale · w_scale[c] / y_scale`: one, or one per output channel.
+    scale: Vec<f32>,
+    y_zero: u8,
+    /// The output's datum type (`u8`, or `QU8` with the layer's output quantization).
+    output_type: DatumType,
+}
+
+/// The shape of a quantized convolution as its tract op states it.
+struct Layout {
+    geometry: Geometry,
+    group: usize,
+    output_channels: usize,
+    /// The weights' shape, as the op holds them.
+    weight_shape: TVec<usize>,
+    out_type: DatumType,
+}
+
+/// The layout of a quantized NCHW/OIHW 2-D `Conv` with concrete input shape.
+fn conv_layout(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Layout> {
     let out_type = conv.q_params?;
-    let x = model.outlet_fact(node.inputs[0]).ok()?;
     let channels = conv.input_channels();
-    if out_type.unquantized() != u8::datum_type()
-        || x.datum_type.unquantized() != u8::datum_type()
-        || conv.group != channels
-        || conv.output_channels() != channels
-        || conv.kernel_fmt != KernelFormat::OIHW
+    let group = conv.group;
+    if conv.kernel_fmt != KernelFormat::OIHW
         || conv.pool_spec.data_format != DataFormat::NCHW
         || conv.pool_spec.kernel_shape.len() != 2
-        || node.inputs.len() != 9
+        || group == 0
+        || !channels.is_multiple_of(group)
     {
         return None;
     }
-    let shape = x.shape.as_concrete()?;
-    let [_, c, h, w] = shape else {
+    let [_, c, h, w] = model
+        .outlet_fact(node.inputs[0])
+        .ok()?
+        .shape
+        .as_concrete()?
+    else {
         return None;
     };
     if *c != channels {
         return None;
     }
-    let weights = konst(model, node, 1)?;
-    if weights.datum_type().unquantized() != i8::datum_type()
-        || weights.shape()
-            != [
-                channels,
-                1,
-                conv.pool_spec.kernel_shape[0],
-                conv.pool_spec.kernel_shape[1],
-            ]
+    let [kh, kw] = [
+        conv.pool_spec.kernel_shape[0],
+        conv.pool_spec.kernel_shape[1],
+    ];
+    let padding = conv.pool_spec.computed_padding(&[*h, *w]);
+    let geometry = Geometry {
+        channels,
+        input: [*h, *w],
+        kernel: [kh, kw],
+        strides: [conv.pool_spec.stride(0), conv.pool_spec.stride(1)],
+        dilations: [conv.pool_spec.dilation(0), conv.pool_spec.dilation(1)],
+        pads: [
+            padding[0].pad_before,
+            padding[1].pad_before,
+            padding[0].pad_after,
+            padding[1].pad_after,
+        ],
+    };
+    if geometry.check().ok()? != [padding[0].convoluted, padding[1].convoluted] {
+        return None;
+    }
+    let output_channels = conv.output_channels();
+    Some(Layout {
+        geometry,
+        group,
+        output_channels,
+        weight_shape: tvec![output_channels, channels / group, kh, kw],
+        out_type,
+    })
+}
+
+/// The layout of a 1×1 quantized convolution that tract's declutter turned into an
+/// `EinSum` (`NIHW,OI,…->NOHW`, the same nine inputs as the convolution).
+fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option<Layout> {
+    let out_type = einsum.q_params?;
+    let axes = einsum.axes.to_string();
+    if !(axes.starts_with("NIHW,OI,") && axes.ends_with("->NOHW")) {
+        return None;
+    }
+    let [_, c, h, w] = model
+        .outlet_fact(node.inputs[0])
+        .ok()?
+        .shape
+        .as_concrete()?
+    else {
+        return None;
+    };
+    let weights = model.outlet_fact(*node.inputs.get(1)?).ok()?;
+    let [o, i] = weights.shape.as_concrete()? else {
+        return None;
+    };
+    if i != c {
+        return None;
+    }
+    Some(Layout {
+        geometry: Geometry {
+            channels: *c,
+            input: [*h, *w],
+            kernel: [1, 1],
+            strides: [1, 1],
+            dilations: [1, 1],
+            pads: [0; 4],
+        },
+        group: 1,
+        output_channels: *o,
+        weight_shape: tvec![*o, *c],
+        out_type,
+    })
+}
+
+/// The quantized convolution `node` is (a `Conv`, or a 1×1 one decluttered to an
+/// `EinSum`), if tern's kernels can take it: `u8` in and out, `i8` weights, constant
+/// parameters, concrete shapes.
+fn qconv(model: &TypedModel, node: &TypedNode) -> Option<QConv> {
+    let layout = if let Some(conv) = node.op_as::<Conv>() {
+        conv_layout(model, node, conv)?
+    } else if let Some(einsum) = node.op_as::<EinSum>() {
+        pointwise_layout(model, node, einsum)?
+    } else {
+        return None;
+    };
+    let Layout {
+        geometry,
+        group,
+        output_channels,
+        weight_shape,
+        out_type,
+    } = layout;
+    let x = model.outlet_fact(node.inputs[0]).ok()?;
+    if out_type.unquantized() != u8::datum_type()
+        || x.datum_type.unquantized() != u8::datum_type()
+        || !output_channels.is_multiple_of(group)
+        || node.inputs.len() != 9
     {
         return None;
     }
-    let weights = weights.try_as_plain_ram().ok()?;
-    let weights = weights.as_slice::<i8>().ok()?;
+    let weights = konst(model, node, 1)?;
+    if weights.datum_type().unquantized() != i8::datum_type() || weights.shape() != &*weight_shape {
+        return None;
+    }
+    let weights = weights
+        .try_as_plain_ram()
+        .ok()?
+        .as_slice::<i8>()
+        .ok()?
+        .to_vec();
     let bias = values::<i32>(model, node, 2)?;
     let bias = match bias.len() {
-        1 => vec![bias[0]; channels],
-        _ => bias,
+        0 => vec![0; output_channels],
+        1 => vec![bias[0]; output_channels],
+        n if n == output_channels => bias,
+        _ => return None,
     };
     let x_zero = u8::try_from(*values::<i32>(model, node, 3)?.first()?).ok()?;
     let x_scale = *values::<f32>(model, node, 4)?.first()?;
@@ -199,69 +294,21 @@ fn depthwise_kernel(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option
     let w_scale = values::<f32>(model, node, 6)?;
     let y_zero = u8::try_from(*values::<i32>(model, node, 7)?.first()?).ok()?;
     let y_scale = *values::<f32>(model, node, 8)?.first()?;
-    if y_scale.is_nan() || y_scale <= 0.0 {
+    if y_scale.is_nan() || y_scale <= 0.0 || ![1, output_channels].contains(&w_scale.len()) {
         return None;
     }
-    let padding = conv.pool_spec.computed_padding(&[*h, *w]);
-    let geometry = Geometry {
-        channels,
-        input: [*h, *w],
-        kernel: [
-            conv.pool_spec.kernel_shape[0],
-            conv.pool_spec.kernel_shape[1],
-        ],
-        strides: [conv.pool_spec.stride(0), conv.pool_spec.stride(1)],
-        dilations: [conv.pool_spec.dilation(0), conv.pool_spec.dilation(1)],
-        pads: [
-            padding[0].pad_before,
-            padding[1].pad_before,
-            padding[0].pad_after,
-            padding[1].pad_after,
-        ],
-    };
-    let quant = Quant {
+    let out = geometry.output()?;
+    Some(QConv {
+        geometry,
+        out,
+        group,
+        output_channels,
+        weights,
+        bias,
         x_zero,
         w_zero,
         scale: w_scale.iter().map(|ws| x_scale * ws / y_scale).collect(),
         y_zero,
-    };
-    match DepthwiseQ8::new(geometry, weights, &bias, &quant) {
-        Ok(k) if k.output_shape() == [padding[0].convoluted, padding[1].convoluted] => Some(k),
-        Ok(_) => None,
-        Err(e) => {
-            tracing::debug!("{}: left to tract: {e}", node.name);
-            None
-        }
-    }
-}
-
-/// Replaces quantized depthwise convolutions by [`DepthwiseQ8Op`].
-fn depthwise_q8(model: &mut TypedModel) -> TractResult<usize> {
-    let isa = Isa::detect();
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(conv) = node.op_as::<Conv>() else {
-            continue;
-        };
-        let Some(kernel) = depthwise_kernel(model, node, conv) else {
-            continue;
-        };
-        let output_type = node.outputs[0].fact.datum_type;
-        let op = DepthwiseQ8Op {
-            kernel: Arc::new(kernel),
-            isa,
-            output_type,
-        };
-        let name = node.name.clone();
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], op)
-            .with_context(|| format!("rewriting {name}"))?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    if replaced > 0 {
-        // The old convolutions' constant inputs are read by nothing now.
-        model.compact()?;
-    }
-    Ok(replaced)
+        output_type: node.outputs[0].fact.datum_type,
+    })
 }

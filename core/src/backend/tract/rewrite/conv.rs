@@ -1,0 +1,213 @@
+//! `conv-q8`: int8 convolutions with one group (pointwise and full) as im2col →
+//! tract-linalg's int8 matrix product → requantization.
+//!
+//! With `x' = x - 128` (the `i8` the kernels multiply, see `tern_kernels::im2col`) and
+//! symmetric weights (every weight zero point 0):
+//!
+//! ```text
+//! acc[o, p] = bias[o] + Σ_k (x[k, p] - x_zero) · w[o, k]
+//!           = (bias[o] - (x_zero - 128) · Σ_k w[o, k]) + Σ_k x'[k, p] · w[o, k]
+//! ```
+//!
+//! so the zero point and bias become one per-channel term, added in the product's
+//! epilogue. Layers with a non-zero weight zero point stay with tract.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
+use tern_kernels::quant::requantize_rows;
+use tern_kernels::{Geometry, Isa};
+
+use super::super::linalg::QGemm;
+use super::{for_each_chunk, replace_qconvs, QConv};
+
+/// Replaces quantized one-group convolutions by [`ConvQ8Op`].
+pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
+    let isa = Isa::detect();
+    replace_qconvs(model, |q| match ConvQ8Op::new(q, isa) {
+        Ok(op) => op,
+        Err(e) => {
+            tracing::debug!("convolution left to tract: {e}");
+            None
+        }
+    })
+}
+
+/// An int8 convolution with one group (NCHW, `u8` in and out) run as im2col, an int8
+/// matrix product and a requantization pass.
+#[derive(Debug, Clone)]
+pub(crate) struct ConvQ8Op {
+    geometry: Geometry,
+    out: [usize; 2],
+    output_channels: usize,
+    gemm: Arc<QGemm>,
+    /// i32 `[output_channels]`: the bias with the input zero point folded in.
+    bias: Arc<Tensor>,
+    /// One per output channel.
+    scale: Arc<Vec<f32>>,
+    x_zero: u8,
+    y_zero: u8,
+    isa: Isa,
+    output_type: DatumType,
+}
+
+impl ConvQ8Op {
+    /// The op for `q`, `None` when it is not a one-group convolution with symmetric
+    /// weights.
+    fn new(q: QConv, isa: Isa) -> TractResult<Option<ConvQ8Op>> {
+        if q.group != 1 || q.w_zero.iter().any(|z| *z != 0) {
+            return Ok(None);
+        }
+        let g = q.geometry;
+        let m = q.output_channels;
+        let k = g.channels * g.kernel[0] * g.kernel[1];
+        ensure!(q.weights.len() == m * k, "weights for {m}×{k}");
+        let x_zero = i32::from(q.x_zero) - 128;
+        let bias: Vec<i32> = q
+            .weights
+            .chunks(k)
+            .zip(&q.bias)
+            .map(|(row, b)| {
+                let sum: i32 = row.iter().map(|w| i32::from(*w)).sum();
+                b.checked_sub(x_zero.checked_mul(sum)?)
+            })
+            .collect::<Option<_>>()
+            .context("bias and zero-point fold overflows i32")?;
+        let scale = match q.scale.len() {
+            1 => vec![q.scale[0]; m],
+            _ => q.scale,
+        };
+        let gemm = QGemm::new(&q.weights, m, k, q.out[0] * q.out[1])?;
+        Ok(Some(ConvQ8Op {
+            geometry: g,
+            out: q.out,
+            output_channels: m,
+            gemm: Arc::new(gemm),
+            bias: Arc::new(Tensor::from_shape(&[m], &bias)?),
+            scale: Arc::new(scale),
+            x_zero: q.x_zero,
+            y_zero: q.y_zero,
+            isa,
+            output_type: q.output_type,
+        }))
+    }
+}
+
+impl PartialEq for ConvQ8Op {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.gemm, &other.gemm) && self.output_type == other.output_type
+    }
+}
+
+impl Eq for ConvQ8Op {}
+
+impl Op for ConvQ8Op {
+    fn name(&self) -> StaticName {
+        "TernConvQ8".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("kernel: {}", self.gemm.kernel())])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ConvQ8Op {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs.first().context("TernConvQ8 takes one input")?;
+        let g = &self.geometry;
+        let shape = x.shape();
+        ensure!(
+            shape.len() == 4 && shape[1..] == [g.channels, g.input[0], g.input[1]],
+            "TernConvQ8 planned for [N, {}, {}, {}], got {shape:?}",
+            g.channels,
+            g.input[0],
+            g.input[1]
+        );
+        ensure!(
+            x.datum_type().unquantized() == u8::datum_type(),
+            "TernConvQ8 reads u8"
+        );
+        let [oh, ow] = self.out;
+        let (m, cols) = (self.output_channels, oh * ow);
+        let k = g.channels * g.kernel[0] * g.kernel[1];
+        let batch = shape[0];
+        // Where the kernel reads the K4 layout, im2col writes it directly (no `columns`).
+        let k4 = self.gemm.k4_panel();
+        let columns_width = if k4.is_some() { 0 } else { cols };
+        // SAFETY: integers have no invalid values, and every value of these three is
+        // written before it is read: `columns` by the im2col of each image (every row, every
+        // column), `acc` by the product (its whole m × cols store), `y` by the
+        // requantization of each image (every row).
+        let (mut y, mut columns, mut acc) = unsafe {
+            (
+                Tensor::uninitialized_dt(self.output_type, &[batch, m, oh, ow])?,
+                Tensor::uninitialized::<i8>(&[k, columns_width])?,
+                Tensor::uninitialized::<i32>(&[m, cols])?,
+            )
+        };
+        let xs = x.try_as_plain_ram()?.as_bytes();
+        let (plane_in, plane_out) = (g.input_len(), m * cols);
+        let mut y_view = y.try_as_plain_ram_mut()?;
+        let ys = y_view.as_bytes_mut();
+        let taps = g.kernel[0] * g.kernel[1];
+        let plane = Geometry { channels: 1, ..*g };
+        let plane_len = plane.input_len();
+        for i in 0..batch {
+            let x = &xs[i * plane_in..(i + 1) * plane_in];
+            match k4 {
+                // im2col written straight into the kernel's packed layout.
+                Some(r) => self.gemm.run_k4(
+                    cols,
+                    k4_len(g, r),
+                    |packed| {
+                        im2col_q8_k4(g, x, self.x_zero, r, packed).map_err(|e| anyhow::anyhow!(e))
+                    },
+                    &self.bias,
+                    &mut acc,
+                )?,
+                None => {
+                    // im2col split by channel over the session's pool, as the product
+                    // is inside tract-linalg; the product packs it again.
+                    let mut cols_view = columns.try_as_plain_ram_mut()?;
+                    for_each_chunk(cols_view.as_slice_mut::<i8>()?, taps * cols, |(c, rows)| {
+                        let x = &x[c * plane_len..(c + 1) * plane_len];
+                        im2col_q8(&plane, x, self.x_zero, rows)
+                    })
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                    self.gemm.run(&columns, &self.bias, &mut acc)?;
+                }
+            }
+            let acc = acc.try_as_plain_ram()?;
+            let acc = acc.as_slice::<i32>()?;
+            let y = &mut ys[i * plane_out..(i + 1) * plane_out];
+            for_each_chunk(y, cols, |(o, y)| {
+                let acc = &acc[o * cols..(o + 1) * cols];
+                requantize_rows(self.isa, acc, &self.scale[o..o + 1], self.y_zero, y)
+            })
+            .map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for ConvQ8Op {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let [oh, ow] = self.out;
+        let batch = inputs[0].shape[0].clone();
+        Ok(tvec!(self.output_type.fact(tvec![
+            batch,
+            self.output_channels.to_dim(),
+            oh.to_dim(),
+            ow.to_dim()
+        ])))
+    }
+
+    as_op!();
+}

@@ -1,0 +1,128 @@
+//! `depthwise-q8`: int8 depthwise convolutions on `tern-kernels`' direct kernel.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use tern_kernels::depthwise::{DepthwiseQ8, Quant};
+use tern_kernels::Isa;
+
+use super::{for_each_chunk, replace_qconvs, QConv};
+
+/// Replaces quantized depthwise convolutions by [`DepthwiseQ8Op`].
+pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
+    let isa = Isa::detect();
+    replace_qconvs(model, |q| {
+        let output_type = q.output_type;
+        Some(DepthwiseQ8Op {
+            kernel: Arc::new(kernel(q)?),
+            isa,
+            output_type,
+        })
+    })
+}
+
+/// The kernel for a quantized convolution, if it is a depthwise one.
+fn kernel(q: QConv) -> Option<DepthwiseQ8> {
+    let channels = q.geometry.channels;
+    if q.group != channels || q.output_channels != channels {
+        return None;
+    }
+    let quant = Quant {
+        x_zero: q.x_zero,
+        w_zero: q.w_zero,
+        scale: q.scale,
+        y_zero: q.y_zero,
+    };
+    match DepthwiseQ8::new(q.geometry, &q.weights, &q.bias, &quant) {
+        Ok(k) if k.output_shape() == q.out => Some(k),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!("depthwise convolution left to tract: {e}");
+            None
+        }
+    }
+}
+
+/// An int8 depthwise convolution run by `tern-kernels` (NCHW, `u8` in and out).
+#[derive(Debug, Clone)]
+pub(crate) struct DepthwiseQ8Op {
+    kernel: Arc<DepthwiseQ8>,
+    isa: Isa,
+    /// The output's datum type (`u8`, or `QU8` with the layer's output quantization).
+    output_type: DatumType,
+}
+
+impl PartialEq for DepthwiseQ8Op {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.kernel, &other.kernel) && self.output_type == other.output_type
+    }
+}
+
+impl Eq for DepthwiseQ8Op {}
+
+impl Op for DepthwiseQ8Op {
+    fn name(&self) -> StaticName {
+        "TernDepthwiseQ8".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DepthwiseQ8Op {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs.first().context("TernDepthwiseQ8 takes one input")?;
+        let g = self.kernel.geometry();
+        let [oh, ow] = self.kernel.output_shape();
+        let shape = x.shape();
+        ensure!(
+            shape.len() == 4 && shape[1..] == [g.channels, g.input[0], g.input[1]],
+            "TernDepthwiseQ8 planned for [N, {}, {}, {}], got {shape:?}",
+            g.channels,
+            g.input[0],
+            g.input[1]
+        );
+        ensure!(
+            x.datum_type().unquantized() == u8::datum_type(),
+            "TernDepthwiseQ8 reads u8"
+        );
+        let batch = shape[0];
+        // SAFETY: `u8` has no invalid values, and the kernel writes every output of every
+        // image before `y` is read (or `y` is dropped with the error).
+        let mut y =
+            unsafe { Tensor::uninitialized_dt(self.output_type, &[batch, g.channels, oh, ow])? };
+        let xs = x.try_as_plain_ram()?.as_bytes();
+        let (plane_in, plane_out) = (self.kernel.plane_in(), self.kernel.plane_out());
+        {
+            let mut y_view = y.try_as_plain_ram_mut()?;
+            let ys = y_view.as_bytes_mut();
+            // One task per (image, channel) plane; on the session's pool when this run has
+            // one (the plan's thread race decides), else on the calling thread.
+            let plane = |(i, y): (usize, &mut [u8])| {
+                let x = &xs[i * plane_in..(i + 1) * plane_in];
+                self.kernel.run_plane(self.isa, i % g.channels, x, y)
+            };
+            for_each_chunk(ys, plane_out, plane).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for DepthwiseQ8Op {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let g = self.kernel.geometry();
+        let [oh, ow] = self.kernel.output_shape();
+        let batch = inputs[0].shape[0].clone();
+        Ok(tvec!(self.output_type.fact(tvec![
+            batch,
+            g.channels.to_dim(),
+            oh.to_dim(),
+            ow.to_dim()
+        ])))
+    }
+
+    as_op!();
+}

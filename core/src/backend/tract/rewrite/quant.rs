@@ -1,0 +1,139 @@
+//! `quant-u8`: the element-wise quantize and dequantize passes between quantized layers,
+//! vectorised (`tern_kernels::quant`). tract runs them as scalar loops; in a QDQ model
+//! there is a pair per activation, and they cost more than the layers between them.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
+
+use tern_kernels::quant::{dequantize_u8, quantize_u8};
+use tern_kernels::Isa;
+
+use super::for_each_chunk;
+
+/// Elements per task when a pass splits over the session's pool.
+const CHUNK: usize = 16 * 1024;
+
+/// Replaces tract's `f32 → u8` quantize and `u8 → f32` dequantize ops by [`QuantU8Op`].
+pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
+    let isa = Isa::detect();
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let (Some(input), Some(output)) = (node.inputs.first(), node.outputs.first()) else {
+            continue;
+        };
+        let (input, output) = (
+            model.outlet_fact(*input)?.datum_type,
+            output.fact.datum_type,
+        );
+        let direction = if let Some(q) = node
+            .op_as::<ElementWiseOp>()
+            .and_then(|op| op.0.downcast_ref::<QuantizeLinearU8>())
+        {
+            (input == f32::datum_type() && output == u8::datum_type())
+                .then_some(Direction::Quantize(q.scale, q.zero_point))
+        } else if let Some(dq) = node.op_as::<DequantizeLinearF32>() {
+            (input == u8::datum_type() && output == f32::datum_type())
+                .then(|| u8::try_from(dq.zero_point).ok())
+                .flatten()
+                .map(|zero| Direction::Dequantize(dq.scale, zero))
+        } else {
+            None
+        };
+        let Some(direction) = direction else {
+            continue;
+        };
+        let patch = TypedModelPatch::replace_single_op(
+            model,
+            node,
+            &node.inputs,
+            QuantU8Op { direction, isa },
+        )?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// Which way a [`QuantU8Op`] converts, with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Direction {
+    /// `f32 → u8`: the reciprocal of the scale (as tract holds it), the zero point.
+    Quantize(f32, u8),
+    /// `u8 → f32`: the scale, the zero point.
+    Dequantize(f32, u8),
+}
+
+/// A vectorised quantize or dequantize pass.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct QuantU8Op {
+    direction: Direction,
+    isa: Isa,
+}
+
+impl Eq for QuantU8Op {}
+
+impl Op for QuantU8Op {
+    fn name(&self) -> StaticName {
+        match self.direction {
+            Direction::Quantize(..) => "TernQuantizeU8".into(),
+            Direction::Dequantize(..) => "TernDequantizeU8".into(),
+        }
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QuantU8Op {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs.first().context("a quantize pass takes one input")?;
+        let isa = self.isa;
+        let y = match self.direction {
+            Direction::Quantize(inv_scale, zero) => {
+                let xs = x.try_as_plain_ram()?;
+                let xs = xs.as_slice::<f32>()?;
+                // SAFETY: u8 has no invalid values, and the chunks below cover every
+                // value of `y` (or the error drops it unread).
+                let mut y = unsafe { Tensor::uninitialized::<u8>(x.shape())? };
+                let mut view = y.try_as_plain_ram_mut()?;
+                for_each_chunk(view.as_slice_mut::<u8>()?, CHUNK, |(i, y)| {
+                    let x = &xs[i * CHUNK..i * CHUNK + y.len()];
+                    quantize_u8(isa, x, inv_scale, zero, y)
+                })
+                .map_err(|e| anyhow::anyhow!(e))?;
+                y
+            }
+            Direction::Dequantize(scale, zero) => {
+                let xs = x.try_as_plain_ram()?;
+                let xs = xs.as_slice::<u8>()?;
+                // SAFETY: f32 has no invalid values, and the chunks below cover every
+                // value of `y` (or the error drops it unread).
+                let mut y = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
+                let mut view = y.try_as_plain_ram_mut()?;
+                for_each_chunk(view.as_slice_mut::<f32>()?, CHUNK, |(i, y)| {
+                    let x = &xs[i * CHUNK..i * CHUNK + y.len()];
+                    dequantize_u8(isa, x, scale, zero, y)
+                })
+                .map_err(|e| anyhow::anyhow!(e))?;
+                y
+            }
+        };
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for QuantU8Op {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let dt = match self.direction {
+            Direction::Quantize(..) => u8::datum_type(),
+            Direction::Dequantize(..) => f32::datum_type(),
+        };
+        Ok(tvec!(dt.fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}

@@ -1,0 +1,67 @@
+//! The passes around an int8 matrix product, on any input: quantize, dequantize and
+//! per-row requantization give the scalar definition's values on every instruction set
+//! (their AVX2 loads and stores run here under the fuzzer's sanitizers), and im2col in the
+//! packed K4 layout holds the same matrix as the plain one, or both refuse the geometry.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
+use tern_kernels::quant::{dequantize_u8, quantize_u8, requantize_rows};
+use tern_kernels::{Geometry, Isa};
+
+fuzz_target!(|data: &[u8]| {
+    let mut bytes = data.iter().copied();
+    let mut next = |max: u8| bytes.next().map_or(0, |b| b % max.max(1));
+    let n = next(100) as usize;
+    let zero = next(255);
+    let scale = f32::from(next(200)) * 1e-3;
+    let floats: Vec<f32> = (0..n)
+        .map(|_| f32::from_bits(u32::from_le_bytes([next(255), next(255), next(255), next(255)])))
+        .collect();
+    let raw: Vec<u8> = (0..n).map(|_| next(255)).collect();
+    let rows = 1 + next(4) as usize;
+    let acc: Vec<i32> = (0..rows * n)
+        .map(|_| i32::from_le_bytes([next(255), next(255), next(255), next(255)]))
+        .collect();
+    let scales: Vec<f32> = (0..rows).map(|_| f32::from(next(255)) * 1e-4).collect();
+    let run = |isa: Isa| {
+        let mut q = vec![0u8; n];
+        quantize_u8(isa, &floats, scale, zero, &mut q).expect("same lengths");
+        let mut f = vec![0f32; n];
+        dequantize_u8(isa, &raw, scale, zero, &mut f).expect("same lengths");
+        let mut r = vec![0u8; rows * n];
+        requantize_rows(isa, &acc, &scales, zero, &mut r).expect("whole rows");
+        (q, f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r)
+    };
+    let want = run(Isa::Scalar);
+    for &isa in Isa::available() {
+        assert_eq!(run(isa), want, "{isa:?}");
+    }
+
+    let g = Geometry {
+        channels: 1 + next(4) as usize,
+        input: [1 + next(12) as usize, 1 + next(20) as usize],
+        kernel: [1 + next(4) as usize, 1 + next(4) as usize],
+        strides: [next(3) as usize, next(3) as usize],
+        dilations: [next(3) as usize, next(3) as usize],
+        pads: [next(3) as usize, next(3) as usize, next(3) as usize, next(3) as usize],
+    };
+    let x: Vec<u8> = (0..g.input_len()).map(|_| next(255)).collect();
+    let r = [8, 16][next(2) as usize];
+    let Some([oh, ow]) = g.output().filter(|_| g.check().is_ok()) else {
+        assert!(im2col_q8_k4(&g, &x, zero, r, &mut []).is_err());
+        return;
+    };
+    let (k, cols) = (g.channels * g.kernel[0] * g.kernel[1], oh * ow);
+    let mut plain = vec![0i8; k * cols];
+    im2col_q8(&g, &x, zero, &mut plain).expect("valid buffers");
+    let mut packed = vec![0u8; k4_len(&g, r)];
+    im2col_q8_k4(&g, &x, zero, r, &mut packed).expect("valid buffers");
+    let panel = k.div_ceil(4) * 4 * r;
+    for kk in 0..k {
+        for col in 0..cols {
+            let at = col / r * panel + kk / 4 * 4 * r + col % r * 4 + kk % 4;
+            assert_eq!(packed[at] as i8, plain[kk * cols + col], "{g:?} r{r}");
+        }
+    }
+});

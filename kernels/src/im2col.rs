@@ -1,0 +1,264 @@
+//! im2col for int8 convolutions: one `u8` NCHW image to the `[C·kh·kw, oh·ow]` matrix a
+//! matrix-product kernel multiplies the weights `[M, C·kh·kw]` by, shifted to `i8`.
+//!
+//! Integer matrix-product kernels (tract-linalg's VNNI and AVX2 ones, ARM's `sdot`)
+//! multiply `i8` by `i8`; a `u8` activation `x` with zero point `z` is the `i8` value
+//! `x - 128` with zero point `z - 128`, so each byte is flipped (`x ^ 0x80`) on the way
+//! and padded taps are written as the shifted zero point, which contributes nothing once
+//! the caller folds `-(z - 128) · Σ w` into its bias.
+
+use crate::{Geometry, Unsupported};
+
+/// The `u8` → `i8` shift: `x - 128`, bit for bit.
+#[inline]
+fn shift(x: u8) -> i8 {
+    (x ^ 0x80) as i8
+}
+
+/// Writes the im2col matrix of one image: `x` has [`Geometry::input_len`] values, `out`
+/// `C·kh·kw · oh·ow`, row `(c·kh + ky)·kw + kx`, column `oy·ow + ox`.
+pub fn im2col_q8(g: &Geometry, x: &[u8], x_zero: u8, out: &mut [i8]) -> Result<(), Unsupported> {
+    let [oh, ow] = g.check()?;
+    let rows = g.channels * g.kernel[0] * g.kernel[1];
+    let cols = oh * ow;
+    if x.len() != g.input_len() || out.len() != rows * cols {
+        return Err(Unsupported(format!(
+            "im2col of {} values into {} for {g:?}",
+            x.len(),
+            out.len()
+        )));
+    }
+    for (k, row) in out.chunks_exact_mut(cols).enumerate() {
+        fill_row(g, [oh, ow], x, x_zero, k, row);
+    }
+    Ok(())
+}
+
+/// Elements of the im2col matrix of one image in the `K4` packed layout with panels of `r`
+/// columns (see [`im2col_q8_k4`]).
+pub fn k4_len(g: &Geometry, r: usize) -> usize {
+    let rows = g.channels * g.kernel[0] * g.kernel[1];
+    let cols = g.output().map_or(0, |[h, w]| h * w);
+    cols.div_ceil(r.max(1)) * rows.div_ceil(4) * 4 * r
+}
+
+/// Writes the im2col matrix of one image straight into the layout int8 matrix-product
+/// kernels with a 4-deep dot product (x86 VNNI, ARM `sdot`) read their right-hand side
+/// from, saving a separate packing pass: panels of `r` columns, each holding, per group of
+/// 4 rows, the 4 values of each column side by side —
+/// `out[(n / r)·P + (k / 4)·4r + (n % r)·4 + k % 4] = m[k][n]` with `P = ⌈K/4⌉·4·r` — and
+/// zeros where `k` or `n` runs past the matrix. `out` has [`k4_len`] bytes, each the bits
+/// of one `i8` value (a packed buffer is raw memory to the kernel reading it).
+pub fn im2col_q8_k4(
+    g: &Geometry,
+    x: &[u8],
+    x_zero: u8,
+    r: usize,
+    out: &mut [u8],
+) -> Result<(), Unsupported> {
+    let [oh, ow] = g.check()?;
+    let rows = g.channels * g.kernel[0] * g.kernel[1];
+    let cols = oh * ow;
+    if r == 0 || x.len() != g.input_len() || out.len() != k4_len(g, r) {
+        return Err(Unsupported(format!(
+            "packed im2col of {} values into {} (panels of {r}) for {g:?}",
+            x.len(),
+            out.len()
+        )));
+    }
+    let panel = rows.div_ceil(4) * 4 * r;
+    let mut group = vec![0i8; 4 * cols];
+    for kb in 0..rows.div_ceil(4) {
+        for (i, row) in group.chunks_exact_mut(cols).enumerate() {
+            match kb * 4 + i {
+                k if k < rows => fill_row(g, [oh, ow], x, x_zero, k, row),
+                _ => row.fill(0),
+            }
+        }
+        let (r0, rest) = group.split_at(cols);
+        let (r1, rest) = rest.split_at(cols);
+        let (r2, r3) = rest.split_at(cols);
+        for (p, panel_out) in out.chunks_exact_mut(panel).enumerate() {
+            let dst = &mut panel_out[kb * 4 * r..(kb + 1) * 4 * r];
+            let n0 = p * r;
+            let width = r.min(cols - n0);
+            for (m, quad) in dst.chunks_exact_mut(4).enumerate() {
+                if m < width {
+                    let n = n0 + m;
+                    quad.copy_from_slice(&[r0[n], r1[n], r2[n], r3[n]].map(|v| v as u8));
+                } else {
+                    quad.fill(0);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Row `k` (channel `k / (kh·kw)`, tap `k % (kh·kw)`) of one image's im2col matrix.
+fn fill_row(g: &Geometry, [oh, ow]: [usize; 2], x: &[u8], x_zero: u8, k: usize, row: &mut [i8]) {
+    let [kh, kw] = g.kernel;
+    let [ih, iw] = g.input;
+    let (c, ky, kx) = (k / (kh * kw), k / kw % kh, k % kw);
+    let plane = &x[c * ih * iw..(c + 1) * ih * iw];
+    let pad = shift(x_zero);
+    // 1×1, stride 1, no padding: the row is the channel's plane.
+    if kh == 1 && kw == 1 && g.strides == [1, 1] && g.pads == [0; 4] {
+        for (o, x) in row.iter_mut().zip(plane) {
+            *o = shift(*x);
+        }
+        return;
+    }
+    let (sh, sw) = (g.strides[0], g.strides[1]);
+    let (dh, dw) = (g.dilations[0], g.dilations[1]);
+    // Output columns whose input column is inside the image: ox·sw + kx·dw - left in 0..iw.
+    let shift_x = kx * dw;
+    let lo = g.pads[1].saturating_sub(shift_x).div_ceil(sw).min(ow);
+    let hi = (iw + g.pads[1])
+        .checked_sub(shift_x)
+        .map_or(0, |v| v.div_ceil(sw))
+        .min(ow)
+        .max(lo);
+    for (oy, row) in row.chunks_exact_mut(ow).take(oh).enumerate() {
+        let iy = (oy * sh + ky * dh).wrapping_sub(g.pads[0]);
+        if iy >= ih {
+            row.fill(pad);
+            continue;
+        }
+        let line = &plane[iy * iw..(iy + 1) * iw];
+        row[..lo].fill(pad);
+        row[hi..].fill(pad);
+        if lo == hi {
+            continue;
+        }
+        let first = lo * sw + shift_x - g.pads[1];
+        if sw == 1 {
+            for (o, x) in row[lo..hi].iter_mut().zip(&line[first..]) {
+                *o = shift(*x);
+            }
+        } else {
+            for (o, x) in row[lo..hi].iter_mut().zip(line[first..].iter().step_by(sw)) {
+                *o = shift(*x);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    /// The definition, one value at a time.
+    fn by_definition(g: &Geometry, x: &[u8], zero: u8) -> Vec<i8> {
+        let [oh, ow] = g.output().unwrap();
+        let [kh, kw] = g.kernel;
+        let mut out = Vec::new();
+        for c in 0..g.channels {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let iy = (oy * g.strides[0] + ky * g.dilations[0]) as isize
+                                - g.pads[0] as isize;
+                            let ix = (ox * g.strides[1] + kx * g.dilations[1]) as isize
+                                - g.pads[1] as isize;
+                            let inside = (0..g.input[0] as isize).contains(&iy)
+                                && (0..g.input[1] as isize).contains(&ix);
+                            let v = match inside {
+                                true => {
+                                    x[(c * g.input[0] + iy as usize) * g.input[1] + ix as usize]
+                                }
+                                false => zero,
+                            };
+                            out.push(v as i16 as i8 ^ i8::MIN);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_the_definition_on_random_geometries() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut checked = 0;
+        while checked < 300 {
+            let g = Geometry {
+                channels: rng.random_range(1..4),
+                input: [rng.random_range(1..9), rng.random_range(1..9)],
+                kernel: [rng.random_range(1..4), rng.random_range(1..4)],
+                strides: [rng.random_range(1..3), rng.random_range(1..4)],
+                dilations: [rng.random_range(1..3), rng.random_range(1..3)],
+                pads: [0; 4].map(|_| rng.random_range(0..3)),
+            };
+            let Some([oh, ow]) = g.output() else { continue };
+            let x: Vec<u8> = (0..g.input_len()).map(|_| rng.random()).collect();
+            let zero = rng.random();
+            let mut out = vec![0; g.channels * g.kernel[0] * g.kernel[1] * oh * ow];
+            im2col_q8(&g, &x, zero, &mut out).unwrap();
+            assert_eq!(out, by_definition(&g, &x, zero), "{g:?}");
+            checked += 1;
+        }
+    }
+
+    #[test]
+    fn the_packed_layout_holds_the_same_matrix() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let mut checked = 0;
+        while checked < 200 {
+            let g = Geometry {
+                channels: rng.random_range(1..5),
+                input: [rng.random_range(1..9), rng.random_range(1..12)],
+                kernel: [rng.random_range(1..4), rng.random_range(1..4)],
+                strides: [rng.random_range(1..3), rng.random_range(1..3)],
+                dilations: [1, rng.random_range(1..3)],
+                pads: [0; 4].map(|_| rng.random_range(0..2)),
+            };
+            let Some([oh, ow]) = g.output() else { continue };
+            let (rows, cols) = (g.channels * g.kernel[0] * g.kernel[1], oh * ow);
+            let x: Vec<u8> = (0..g.input_len()).map(|_| rng.random()).collect();
+            let zero = rng.random();
+            let plain = by_definition(&g, &x, zero);
+            for r in [8, 16] {
+                let mut packed = vec![1u8; k4_len(&g, r)];
+                im2col_q8_k4(&g, &x, zero, r, &mut packed).unwrap();
+                let kp = rows.div_ceil(4) * 4;
+                for p in 0..cols.div_ceil(r) {
+                    for k in 0..kp {
+                        for m in 0..r {
+                            let (n, at) = (p * r + m, p * kp * r + k / 4 * 4 * r + m * 4 + k % 4);
+                            let want = if k < rows && n < cols {
+                                plain[k * cols + n]
+                            } else {
+                                0
+                            };
+                            assert_eq!(packed[at] as i8, want, "{g:?} r{r} k{k} n{n}");
+                        }
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+
+    #[test]
+    fn wrong_buffers_are_refused() {
+        let g = Geometry {
+            channels: 2,
+            input: [3, 3],
+            kernel: [3, 3],
+            strides: [1, 1],
+            dilations: [1, 1],
+            pads: [1; 4],
+        };
+        assert!(im2col_q8(&g, &[0; 17], 0, &mut [0; 162]).is_err());
+        assert!(im2col_q8(&g, &[0; 18], 0, &mut [0; 161]).is_err());
+        assert!(im2col_q8(&g, &[0; 18], 0, &mut [0; 162]).is_ok());
+        let len = k4_len(&g, 8);
+        assert!(im2col_q8_k4(&g, &[0; 18], 0, 8, &mut vec![0; len - 1]).is_err());
+        assert!(im2col_q8_k4(&g, &[0; 18], 0, 0, &mut vec![0; len]).is_err());
+        assert!(im2col_q8_k4(&g, &[0; 18], 0, 8, &mut vec![0; len]).is_ok());
+    }
+}

@@ -1,0 +1,327 @@
+//! Requantization: i32 accumulators to `u8` with a float scale per output channel, as
+//! onnxruntime's CPU provider computes it (MLAS multiplies in f32, then rounds half to
+//! even):
+//!
+//! ```text
+//! y = clamp(round_half_even(acc · scale) + zero, 0, 255)
+//! ```
+//!
+//! [`requantize_rows`] runs it over a row-major `[rows, cols]` block with one scale per row
+//! (the output channels of a convolution or matrix product), vectorised where the CPU can.
+//!
+//! The element-wise passes between quantized layers are here too, as tract defines them
+//! (its `QuantizeLinearU8` multiplies by the reciprocal of the scale):
+//!
+//! ```text
+//! quantize:   y = clamp(round_half_even(x · inv_scale) + zero, 0, 255)   (NaN → 0)
+//! dequantize: y = (x - zero) · scale
+//! ```
+
+use crate::{Isa, Unsupported};
+
+/// Values converted to integers are kept within this range in every path, so the scalar
+/// and vector conversions saturate alike.
+pub(crate) const ROUND_LIMIT: f32 = 1.0e9;
+
+/// `clamp(round_half_even(acc · scale) + zero, 0, 255)`: the definition.
+pub fn requantize(acc: i32, scale: f32, zero: u8) -> u8 {
+    let v = (acc as f32 * scale).clamp(-ROUND_LIMIT, ROUND_LIMIT);
+    (round_half_even(v) as i32 + i32::from(zero)).clamp(0, 255) as u8
+}
+
+/// `v.round_ties_even()`, without the libm call it is on x86-64 without SSE4.1: below
+/// 2²², adding and taking away 1.5 · 2²³ rounds to an integer in the FPU's default
+/// round-to-nearest-even mode, exactly; above, every f32 is already one or a half.
+pub(crate) fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    if v.abs() < 4_194_304.0 {
+        (v + MAGIC) - MAGIC
+    } else {
+        v.round_ties_even()
+    }
+}
+
+/// Requantizes a row-major `[rows, cols]` block of accumulators, row `r` with `scale[r]`,
+/// into `y` (same layout). `scale` has one value per row.
+pub fn requantize_rows(
+    isa: Isa,
+    acc: &[i32],
+    scale: &[f32],
+    zero: u8,
+    y: &mut [u8],
+) -> Result<(), Unsupported> {
+    let rows = scale.len();
+    if rows == 0 || acc.len() != y.len() || !acc.len().is_multiple_of(rows) {
+        return Err(Unsupported(format!(
+            "requantize {} accumulators into {} outputs over {rows} rows",
+            acc.len(),
+            y.len()
+        )));
+    }
+    let cols = acc.len() / rows;
+    if cols == 0 {
+        return Ok(());
+    }
+    for ((acc, y), scale) in acc.chunks(cols).zip(y.chunks_mut(cols)).zip(scale) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if isa.is_available() => {
+                // SAFETY: AVX2 is available (checked here); `acc` and `y` have the same
+                // length (checked above), which is all `avx2::row` indexes by.
+                unsafe { avx2::row(acc, *scale, zero, y) }
+            }
+            _ => {
+                for (a, y) in acc.iter().zip(y.iter_mut()) {
+                    *y = requantize(*a, *scale, zero);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `clamp(round_half_even(x · inv_scale) + zero, 0, 255)`, NaN to 0: the definition.
+pub fn quantize(x: f32, inv_scale: f32, zero: u8) -> u8 {
+    let v = x * inv_scale;
+    // As the vector path's max/min do: NaN takes the lower limit.
+    let v = if v.is_nan() {
+        -ROUND_LIMIT
+    } else {
+        v.clamp(-ROUND_LIMIT, ROUND_LIMIT)
+    };
+    (round_half_even(v) as i32 + i32::from(zero)).clamp(0, 255) as u8
+}
+
+/// Quantizes `x` into `y` (same length) with one scale and zero point.
+pub fn quantize_u8(
+    isa: Isa,
+    x: &[f32],
+    inv_scale: f32,
+    zero: u8,
+    y: &mut [u8],
+) -> Result<(), Unsupported> {
+    if x.len() != y.len() {
+        return Err(Unsupported(format!(
+            "quantize {} values into {}",
+            x.len(),
+            y.len()
+        )));
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 is available (checked here); the slices have the same length.
+        Isa::Avx2 if isa.is_available() => unsafe { avx2::quantize(x, inv_scale, zero, y) },
+        _ => {
+            for (x, y) in x.iter().zip(y.iter_mut()) {
+                *y = quantize(*x, inv_scale, zero);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dequantizes `x` into `y` (same length): `(x - zero) · scale`.
+pub fn dequantize_u8(
+    isa: Isa,
+    x: &[u8],
+    scale: f32,
+    zero: u8,
+    y: &mut [f32],
+) -> Result<(), Unsupported> {
+    if x.len() != y.len() {
+        return Err(Unsupported(format!(
+            "dequantize {} values into {}",
+            x.len(),
+            y.len()
+        )));
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 is available (checked here); the slices have the same length.
+        Isa::Avx2 if isa.is_available() => unsafe { avx2::dequantize(x, scale, zero, y) },
+        _ => {
+            for (x, y) in x.iter().zip(y.iter_mut()) {
+                *y = (i32::from(*x) - i32::from(zero)) as f32 * scale;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// 8 lanes of f32 → clamp(round(v) + zero) as 8 bytes at `y`.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `y` must have 8 writable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_u8(v: __m256, zero: __m256i, y: *mut u8) {
+        let (lo, hi) = (
+            _mm256_set1_ps(-super::ROUND_LIMIT),
+            _mm256_set1_ps(super::ROUND_LIMIT),
+        );
+        // max/min return their second operand for NaN: NaN becomes the lower limit.
+        let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+        // cvtps rounds half to even under the default rounding mode; the packs
+        // saturate to 0..=255 as the definition clamps.
+        let q = _mm256_add_epi32(_mm256_cvtps_epi32(v), zero);
+        let q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+        _mm_storel_epi64(y as *mut __m128i, _mm_packus_epi16(q16, q16));
+    }
+
+    /// # Safety
+    /// AVX2 must be available; `x` and `y` must have the same length.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize(x: &[f32], inv_scale: f32, zero: u8, y: &mut [u8]) {
+        let n = x.len().min(y.len());
+        let s = _mm256_set1_ps(inv_scale);
+        let z = _mm256_set1_epi32(i32::from(zero));
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, the length of both slices.
+            let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), s);
+            store_u8(v, z, y.as_mut_ptr().add(i));
+            i += 8;
+        }
+        for j in i..n {
+            y[j] = super::quantize(x[j], inv_scale, zero);
+        }
+    }
+
+    /// # Safety
+    /// AVX2 must be available; `x` and `y` must have the same length.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dequantize(x: &[u8], scale: f32, zero: u8, y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let s = _mm256_set1_ps(scale);
+        let z = _mm256_set1_epi32(i32::from(zero));
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, the length of both slices.
+            let b = _mm_loadl_epi64(x.as_ptr().add(i) as *const __m128i);
+            let v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(b), z);
+            _mm256_storeu_ps(
+                y.as_mut_ptr().add(i),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(v), s),
+            );
+            i += 8;
+        }
+        for j in i..n {
+            y[j] = (i32::from(x[j]) - i32::from(zero)) as f32 * scale;
+        }
+    }
+
+    /// One row: 8 values at a time, the tail by the definition.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `acc` and `y` must have the same length.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn row(acc: &[i32], scale: f32, zero: u8, y: &mut [u8]) {
+        let n = acc.len().min(y.len());
+        let s = _mm256_set1_ps(scale);
+        let z = _mm256_set1_epi32(i32::from(zero));
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, the length of both slices.
+            let a = _mm256_loadu_si256(acc.as_ptr().add(i) as *const __m256i);
+            store_u8(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(a), s),
+                z,
+                y.as_mut_ptr().add(i),
+            );
+            i += 8;
+        }
+        for j in i..n {
+            y[j] = super::requantize(acc[j], scale, zero);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    #[test]
+    fn every_isa_matches_the_definition() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let rows = rng.random_range(1..6);
+            let cols = rng.random_range(0..40);
+            let acc: Vec<i32> = (0..rows * cols)
+                .map(|_| match rng.random_range(0..10) {
+                    0 => rng.random(),
+                    _ => rng.random_range(-100_000..100_000),
+                })
+                .collect();
+            let scale: Vec<f32> = (0..rows).map(|_| rng.random_range(0.0..0.01)).collect();
+            let zero = rng.random();
+            let want: Vec<u8> = acc
+                .chunks(cols.max(1))
+                .zip(&scale)
+                .flat_map(|(r, s)| r.iter().map(move |a| requantize(*a, *s, zero)))
+                .collect();
+            for &isa in Isa::available() {
+                let mut y = vec![0; acc.len()];
+                requantize_rows(isa, &acc, &scale, zero, &mut y).unwrap();
+                assert_eq!(y, want, "{isa:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_and_dequantize_match_their_definitions_on_every_isa() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..100 {
+            let n = rng.random_range(0..70);
+            let mut x: Vec<f32> = (0..n).map(|_| rng.random_range(-300.0..300.0)).collect();
+            // Ties, extremes and NaN.
+            for (i, v) in [0.5, 1.5, -2.5, 1e30, -1e30, f32::NAN, f32::INFINITY]
+                .iter()
+                .enumerate()
+            {
+                if i < n {
+                    x[i] = *v;
+                }
+            }
+            let (inv, zero) = (rng.random_range(0.1..3.0), rng.random());
+            let want: Vec<u8> = x.iter().map(|v| quantize(*v, inv, zero)).collect();
+            let q: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            let scale = rng.random_range(0.001..1.0);
+            let want_f: Vec<f32> = q
+                .iter()
+                .map(|v| (i32::from(*v) - i32::from(zero)) as f32 * scale)
+                .collect();
+            for &isa in Isa::available() {
+                let mut y = vec![0; n];
+                quantize_u8(isa, &x, inv, zero, &mut y).unwrap();
+                assert_eq!(y, want, "{isa:?}");
+                let mut f = vec![0.0; n];
+                dequantize_u8(isa, &q, scale, zero, &mut f).unwrap();
+                assert_eq!(f, want_f, "{isa:?}");
+            }
+        }
+        assert!(quantize_u8(Isa::Scalar, &[1.0], 1.0, 0, &mut []).is_err());
+        assert!(dequantize_u8(Isa::Scalar, &[1], 1.0, 0, &mut []).is_err());
+    }
+
+    #[test]
+    fn halves_round_to_even_and_ends_saturate() {
+        assert_eq!(requantize(5, 0.5, 0), 2);
+        assert_eq!(requantize(7, 0.5, 0), 4);
+        assert_eq!(requantize(-7, 0.5, 10), 6);
+        assert_eq!(requantize(i32::MAX, 1.0, 0), 255);
+        assert_eq!(requantize(i32::MIN, 1.0, 255), 0);
+    }
+
+    #[test]
+    fn mismatched_buffers_are_refused() {
+        let mut y = [0u8; 3];
+        assert!(requantize_rows(Isa::Scalar, &[1, 2, 3, 4], &[1.0], 0, &mut y).is_err());
+        assert!(requantize_rows(Isa::Scalar, &[1, 2, 3], &[1.0, 1.0], 0, &mut y).is_err());
+        assert!(requantize_rows(Isa::Scalar, &[1, 2, 3], &[], 0, &mut y).is_err());
+    }
+}
