@@ -79,6 +79,23 @@ def vit_decoder():
 GENERATED = {"dwnet_dynbatch": dwnet, "vit_decoder_dynbatch": vit_decoder}
 
 
+def qlinear_conv_layer(rng, i, inputs, w, ws, per_channel, wz, inits, **attrs):
+    """Layer i of a QLinearConv chain: its random bias and output quantization, its
+    initializers appended to inits; returns the node and its (output, scale, zero point)."""
+    x, xs, xz = inputs
+    cout = w.shape[0]
+    b = rng.integers(-3000, 3000, cout).astype(np.int32)
+    ys, yz = np.array(rng.uniform(0.02, 0.06), np.float32), np.array(rng.integers(100, 156), np.uint8)
+    inits += [nh.from_array(w, f"w{i}"), nh.from_array(ws, f"ws{i}"),
+              nh.from_array(np.array(wz, np.int8), f"wz{i}") if not per_channel
+              else nh.from_array(np.full(cout, wz, np.int8), f"wz{i}"),
+              nh.from_array(b, f"b{i}"), nh.from_array(ys, f"ys{i}"), nh.from_array(yz, f"yz{i}")]
+    y = f"q{i + 1}"
+    node = h.make_node("QLinearConv", [x, xs, xz, f"w{i}", f"ws{i}", f"wz{i}", f"ys{i}", f"yz{i}", f"b{i}"], [y],
+                       **attrs)
+    return node, (y, f"ys{i}", f"yz{i}")
+
+
 def qlinear_depthwise():
     """A chain of QOperator depthwise convolutions (QLinearConv, group == channels) in the
     shapes MobileNets use and a few they do not (dilation, asymmetric pads, a weight zero
@@ -100,16 +117,10 @@ def qlinear_depthwise():
     for i, (k, s, d, pads, per_channel, wz) in enumerate(layers):
         w = rng.integers(-127, 128, (C, 1, k, k)).astype(np.int8)
         ws = (rng.uniform(0.002, 0.02, C) if per_channel else np.array(0.01)).astype(np.float32)
-        b = rng.integers(-3000, 3000, C).astype(np.int32)
-        ys, yz = np.array(rng.uniform(0.02, 0.06), np.float32), np.array(rng.integers(100, 156), np.uint8)
-        inits += [nh.from_array(w, f"w{i}"), nh.from_array(ws, f"ws{i}"),
-                  nh.from_array(np.array(wz, np.int8), f"wz{i}") if not per_channel
-                  else nh.from_array(np.full(C, wz, np.int8), f"wz{i}"),
-                  nh.from_array(b, f"b{i}"), nh.from_array(ys, f"ys{i}"), nh.from_array(yz, f"yz{i}")]
-        y = f"q{i + 1}"
-        nodes.append(h.make_node("QLinearConv", [x, xs, xz, f"w{i}", f"ws{i}", f"wz{i}", f"ys{i}", f"yz{i}", f"b{i}"],
-                                 [y], group=C, kernel_shape=[k, k], strides=[s, s], dilations=[d, d], pads=pads))
-        x, xs, xz = y, f"ys{i}", f"yz{i}"
+        node, (x, xs, xz) = qlinear_conv_layer(rng, i, (x, xs, xz), w, ws, per_channel, wz, inits,
+                                               group=C, kernel_shape=[k, k], strides=[s, s], dilations=[d, d],
+                                               pads=pads)
+        nodes.append(node)
     nodes.append(h.make_node("DequantizeLinear", [x, xs, xz], ["y"]))
     g = h.make_graph(nodes, "qlinear_depthwise", [h.make_tensor_value_info("x", T.FLOAT, [1, C, 40, 72])],
                      [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
@@ -140,16 +151,10 @@ def qlinear_conv():
     for i, (cout, k, s, d, pads, per_channel, wz) in enumerate(layers):
         w = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
         ws = (rng.uniform(0.0005, 0.004, cout) if per_channel else np.array(0.002)).astype(np.float32)
-        b = rng.integers(-3000, 3000, cout).astype(np.int32)
-        ys, yz = np.array(rng.uniform(0.02, 0.06), np.float32), np.array(rng.integers(100, 156), np.uint8)
-        inits += [nh.from_array(w, f"w{i}"), nh.from_array(ws, f"ws{i}"),
-                  nh.from_array(np.array(wz, np.int8), f"wz{i}") if not per_channel
-                  else nh.from_array(np.full(cout, wz, np.int8), f"wz{i}"),
-                  nh.from_array(b, f"b{i}"), nh.from_array(ys, f"ys{i}"), nh.from_array(yz, f"yz{i}")]
-        y = f"q{i + 1}"
-        nodes.append(h.make_node("QLinearConv", [x, xs, xz, f"w{i}", f"ws{i}", f"wz{i}", f"ys{i}", f"yz{i}", f"b{i}"],
-                                 [y], kernel_shape=[k, k], strides=[s, s], dilations=[d, d], pads=pads))
-        x, xs, xz, cin = y, f"ys{i}", f"yz{i}", cout
+        node, (x, xs, xz) = qlinear_conv_layer(rng, i, (x, xs, xz), w, ws, per_channel, wz, inits,
+                                               kernel_shape=[k, k], strides=[s, s], dilations=[d, d], pads=pads)
+        nodes.append(node)
+        cin = cout
     nodes.append(h.make_node("DequantizeLinear", [x, xs, xz], ["y"]))
     g = h.make_graph(nodes, "qlinear_conv", [h.make_tensor_value_info("x", T.FLOAT, [2, 8, 30, 44])],
                      [h.make_tensor_value_info("y", T.FLOAT, None)], inits)

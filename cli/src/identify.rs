@@ -95,8 +95,9 @@ impl Identifier {
         let mut contents = Vec::with_capacity(paths.len());
         for path in paths {
             let path = path.as_ref();
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            // Regular files only (a FIFO would block, /dev/zero never end), up to 1 GiB.
+            let bytes = tern::fs::read_regular(path, 1 << 30)
+                .with_context(|| format!("reading {}", path.display()))?;
             features.extend(self.features(&bytes));
             contents.push(bytes);
         }

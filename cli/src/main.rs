@@ -361,8 +361,8 @@ fn run(cli: &Cli) -> Result<()> {
                         &name, axis, tensors, *bins,
                     )?);
             }
-            let bytes =
-                std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+            let bytes = tern::fs::read_regular(model, tern::fs::MAX_MODEL_BYTES)
+                .with_context(|| format!("reading {}", model.display()))?;
             std::fs::write(output, tern::telemetry::embed_baseline(&bytes, &baseline)?)
                 .with_context(|| format!("writing {}", output.display()))?;
             let names: Vec<&str> = baseline.tensors.iter().map(|t| t.name.as_str()).collect();

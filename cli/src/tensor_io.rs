@@ -23,10 +23,15 @@ fn default_dtype() -> DType {
     DType::F32
 }
 
+/// The largest input file read: a FIFO, a device or a huge file is refused rather than
+/// blocking or exhausting memory.
+const MAX_INPUT_BYTES: u64 = 1 << 30;
+
 /// Reads a tensor from a `.npy` file or a `.json` file ([`JsonTensor`], or a nested
 /// array of numbers read as f32).
 pub fn read_tensor(path: &Path) -> Result<Tensor> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = tern::fs::read_regular(path, MAX_INPUT_BYTES)
+        .with_context(|| format!("reading {}", path.display()))?;
     let is_npy = bytes.starts_with(b"\x93NUMPY");
     let tensor = if is_npy {
         Ok(Tensor::from_npy(&bytes)?)

@@ -21,6 +21,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod fs;
 pub mod model;
 pub mod options;
 mod qdq;

@@ -295,10 +295,13 @@ impl Model {
     /// Loads an ONNX model file. External tensor data is resolved next to the file.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes =
+            crate::fs::read_regular(path, crate::fs::MAX_MODEL_BYTES).map_err(|source| {
+                Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -323,6 +326,7 @@ impl Model {
                 });
             }
             let info = ModelInfo::from_proto(&proto, bytes.len() as u64)?;
+            check_external_data(&proto, dir.as_deref())?;
             let dir = dir.as_ref().and_then(|d| d.to_str());
             // value_info shapes are hints in ONNX (onnxruntime re-infers them), and some
             // tools write wrong ones; tract would take them as facts, so they are ignored.
@@ -507,6 +511,31 @@ impl fmt::Debug for Model {
             .field("outputs", &self.info.outputs)
             .finish()
     }
+}
+
+/// Fails unless every external data file the model's initializers name is a regular file
+/// (a FIFO would block the load forever, a device never end it).
+fn check_external_data(proto: &pb::ModelProto, dir: Option<&Path>) -> Result<()> {
+    let Some(graph) = &proto.graph else {
+        return Ok(());
+    };
+    for tensor in &graph.initializer {
+        let Some(location) = tensor.external_data.iter().find(|e| e.key == "location") else {
+            continue;
+        };
+        let Some(dir) = dir else {
+            continue;
+        };
+        crate::fs::check_regular(&dir.join(&location.value), u64::MAX).map_err(|e| {
+            Error::InvalidModel {
+                reason: format!(
+                    "external data of {:?} ({:?}): {e}",
+                    tensor.name, location.value
+                ),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Fails with [`Error::UnsupportedOp`] naming the first node tract has no implementation for.

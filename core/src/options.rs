@@ -221,8 +221,10 @@ pub struct CpuOptions {
     pub optimization: OptLevel,
     /// Which plans to build for inputs whose shapes are not fixed.
     pub shape_policy: ShapePolicy,
-    /// Let tern's own kernels (`tern-kernels`) take over the layers they implement, such as
-    /// int8 depthwise convolutions (the default); `false` leaves every layer to tract.
+    /// Let tern's own kernels (`tern-kernels`) take over the layers they implement — int8
+    /// convolutions (depthwise and one-group), the quantize/dequantize passes, and QDQ
+    /// convolutions fused to integer ones where the CPU multiplies bytes natively — the
+    /// default; `false` leaves every layer to tract (and QDQ models unfused).
     pub tern_kernels: bool,
 }
 

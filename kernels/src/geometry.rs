@@ -18,12 +18,17 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Output height and width (ONNX's floor rule).
+    /// Output height and width (ONNX's floor rule); `None` when the kernel does not fit the
+    /// padded input, or a stride is 0.
     pub fn output(&self) -> Option<[usize; 2]> {
         let out = |i: usize| -> Option<usize> {
-            let padded = self.input[i] + self.pads[i] + self.pads[i + 2];
-            let span = (self.kernel[i].checked_sub(1)?) * self.dilations[i] + 1;
-            Some(padded.checked_sub(span)? / self.strides[i] + 1)
+            let padded = self.input[i]
+                .checked_add(self.pads[i])?
+                .checked_add(self.pads[i + 2])?;
+            let span = (self.kernel[i].checked_sub(1)?)
+                .checked_mul(self.dilations[i])?
+                .checked_add(1)?;
+            Some(padded.checked_sub(span)?.checked_div(self.strides[i])? + 1)
         };
         Some([out(0)?, out(1)?])
     }
@@ -53,5 +58,69 @@ impl Geometry {
             Some(out) => Ok(out),
             None => err(format!("kernel larger than the padded input in {self:?}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn degenerate_geometries_have_no_output_rather_than_a_panic() {
+        let g = Geometry {
+            channels: 1,
+            input: [4, 4],
+            kernel: [3, 3],
+            strides: [1, 1],
+            dilations: [1, 1],
+            pads: [0; 4],
+        };
+        assert_eq!(g.output(), Some([2, 2]));
+        assert_eq!(
+            Geometry {
+                strides: [0, 1],
+                ..g
+            }
+            .output(),
+            None
+        );
+        assert_eq!(
+            Geometry {
+                kernel: [5, 3],
+                ..g
+            }
+            .output(),
+            None
+        );
+        assert_eq!(
+            Geometry {
+                kernel: [0, 3],
+                ..g
+            }
+            .output(),
+            None
+        );
+        assert_eq!(
+            Geometry {
+                dilations: [usize::MAX, 1],
+                ..g
+            }
+            .output(),
+            None
+        );
+        assert!(Geometry {
+            strides: [0, 1],
+            ..g
+        }
+        .check()
+        .is_err());
+        assert_eq!(
+            Geometry {
+                strides: [0, 1],
+                ..g
+            }
+            .output_len(),
+            0
+        );
     }
 }

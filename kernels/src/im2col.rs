@@ -82,17 +82,61 @@ pub fn im2col_q8_k4(
             let dst = &mut panel_out[kb * 4 * r..(kb + 1) * 4 * r];
             let n0 = p * r;
             let width = r.min(cols - n0);
-            for (m, quad) in dst.chunks_exact_mut(4).enumerate() {
-                if m < width {
-                    let n = n0 + m;
-                    quad.copy_from_slice(&[r0[n], r1[n], r2[n], r3[n]].map(|v| v as u8));
-                } else {
-                    quad.fill(0);
-                }
-            }
+            let (filled, rest) = dst.split_at_mut(4 * width);
+            let span = n0..n0 + width;
+            let rows = [
+                &r0[span.clone()],
+                &r1[span.clone()],
+                &r2[span.clone()],
+                &r3[span],
+            ];
+            interleave4(rows, filled);
+            rest.fill(0);
         }
     }
     Ok(())
+}
+
+/// `dst[4m + i] = rows[i][m]` (as bytes) for every column `m` of `dst.len() / 4`: four
+/// im2col rows side by side, as a K4 panel holds them.
+fn interleave4(rows: [&[i8]; 4], dst: &mut [u8]) {
+    let width = dst.len() / 4;
+    assert!(rows.iter().all(|row| row.len() >= width));
+    #[allow(unused_mut)]
+    let mut m = 0;
+    #[cfg(target_arch = "x86_64")]
+    while m + 16 <= width {
+        // SAFETY: SSE2 is part of x86-64; each row has at least `width` >= m + 16 values
+        // (asserted above) and `dst` has 4 · width >= 4m + 64 bytes.
+        unsafe { sse2::interleave16(rows, m, dst) };
+        m += 16;
+    }
+    for m in m..width {
+        dst[4 * m..4 * m + 4].copy_from_slice(&rows.map(|row| row[m] as u8));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod sse2 {
+    use std::arch::x86_64::*;
+
+    /// Columns `m..m + 16` of four rows into `dst[4m..4m + 64]`, byte-interleaved.
+    ///
+    /// # Safety
+    /// Every row must have `m + 16` values and `dst` `4m + 64` bytes.
+    #[inline]
+    pub(super) unsafe fn interleave16(rows: [&[i8]; 4], m: usize, dst: &mut [u8]) {
+        let load = |row: &[i8]| _mm_loadu_si128(row.as_ptr().add(m) as *const __m128i);
+        let (a, b, c, d) = (load(rows[0]), load(rows[1]), load(rows[2]), load(rows[3]));
+        // a0 b0 a1 b1 …, c0 d0 c1 d1 …, then 16-bit pairs of those: a0 b0 c0 d0 a1 …
+        let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
+        let (cd_lo, cd_hi) = (_mm_unpacklo_epi8(c, d), _mm_unpackhi_epi8(c, d));
+        let out = dst.as_mut_ptr().add(4 * m) as *mut __m128i;
+        _mm_storeu_si128(out, _mm_unpacklo_epi16(ab_lo, cd_lo));
+        _mm_storeu_si128(out.add(1), _mm_unpackhi_epi16(ab_lo, cd_lo));
+        _mm_storeu_si128(out.add(2), _mm_unpacklo_epi16(ab_hi, cd_hi));
+        _mm_storeu_si128(out.add(3), _mm_unpackhi_epi16(ab_hi, cd_hi));
+    }
 }
 
 /// Row `k` (channel `k / (kh·kw)`, tap `k % (kh·kw)`) of one image's im2col matrix.

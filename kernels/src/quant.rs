@@ -92,6 +92,18 @@ pub fn quantize(x: f32, inv_scale: f32, zero: u8) -> u8 {
     (round_half_even(v) as i32 + i32::from(zero)).clamp(0, 255) as u8
 }
 
+/// Refuses an element-wise pass whose input and output lengths differ.
+fn same_len<X, Y>(x: &[X], y: &[Y], what: &str) -> Result<(), Unsupported> {
+    match x.len() == y.len() {
+        true => Ok(()),
+        false => Err(Unsupported(format!(
+            "{what} {} values into {}",
+            x.len(),
+            y.len()
+        ))),
+    }
+}
+
 /// Quantizes `x` into `y` (same length) with one scale and zero point.
 pub fn quantize_u8(
     isa: Isa,
@@ -100,13 +112,7 @@ pub fn quantize_u8(
     zero: u8,
     y: &mut [u8],
 ) -> Result<(), Unsupported> {
-    if x.len() != y.len() {
-        return Err(Unsupported(format!(
-            "quantize {} values into {}",
-            x.len(),
-            y.len()
-        )));
-    }
+    same_len(x, y, "quantize")?;
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 is available (checked here); the slices have the same length.
@@ -128,13 +134,7 @@ pub fn dequantize_u8(
     zero: u8,
     y: &mut [f32],
 ) -> Result<(), Unsupported> {
-    if x.len() != y.len() {
-        return Err(Unsupported(format!(
-            "dequantize {} values into {}",
-            x.len(),
-            y.len()
-        )));
-    }
+    same_len(x, y, "dequantize")?;
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 is available (checked here); the slices have the same length.

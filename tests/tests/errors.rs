@@ -29,6 +29,79 @@ fn missing_file_is_an_io_error_naming_the_path() {
     assert_eq!(err.kind(), "io");
 }
 
+/// Runs `f` on its own thread and fails the test if it has not returned within 20 s (a hang
+/// would otherwise stall the suite rather than fail it).
+fn within_20s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("hung on a special file")
+}
+
+#[cfg(unix)]
+fn fifo(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tern-fifo-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    let status = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    path
+}
+
+#[test]
+#[cfg(unix)]
+fn special_files_are_refused_instead_of_hanging() {
+    // A FIFO blocks its reader until a writer comes; /dev/zero never ends; a directory is
+    // not a model.
+    let pipe = fifo("model.onnx");
+    for path in [pipe.clone(), "/dev/zero".into(), std::env::temp_dir()] {
+        let err = within_20s(move || Model::load(&path).unwrap_err());
+        assert_eq!(err.kind(), "io", "{err}");
+    }
+
+    // An initializer whose external data file is a FIFO.
+    use prost::Message;
+    use tract_onnx::pb;
+    let data = fifo("weights.bin");
+    let mut proto = pb::ModelProto::decode(
+        &model(
+            vec![node("add", "Add", "", &["x", "w"], &["y"])],
+            vec![value("x", FLOAT, &["1"])],
+            vec![value("y", FLOAT, &["1"])],
+        )[..],
+    )
+    .unwrap();
+    proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .push(pb::TensorProto {
+            name: "w".into(),
+            dims: vec![1],
+            data_type: FLOAT,
+            data_location: Some(1),
+            external_data: vec![pb::StringStringEntryProto {
+                key: "location".into(),
+                value: "weights.bin".into(),
+            }],
+            ..Default::default()
+        });
+    let path = data.with_file_name("model-external.onnx");
+    std::fs::write(&path, proto.encode_to_vec()).unwrap();
+    let err = within_20s(move || Model::load(&path).unwrap_err());
+    assert_eq!(err.kind(), "invalid_model", "{err}");
+    assert!(err.to_string().contains("weights.bin"), "{err}");
+    let _ = std::fs::remove_dir_all(pipe.parent().unwrap());
+    let _ = std::fs::remove_dir_all(data.parent().unwrap());
+}
+
 #[test]
 fn garbage_and_empty_bytes_are_invalid_models() {
     for bytes in [

@@ -24,19 +24,17 @@ fn kernels(s: &Session) -> Vec<(String, usize)> {
     s.plans().tern_kernels
 }
 
-#[test]
-fn int8_depthwise_layers_run_on_terns_kernel_bit_exact_with_onnxruntime() {
-    // Six QLinearConv depthwise layers: strides 1 and 2, a 5x5, dilation 2, asymmetric
-    // pads, per-tensor and per-channel scales, a weight zero point.
-    let model = entry("qlinear_depthwise");
+/// Runs `name` with tern's kernels, which must be `expected`, holds it bit-exact to
+/// onnxruntime (rounded as MLAS rounds: not one output step apart), then without them
+/// (tract's path) within the manifest's tolerance.
+fn bit_exact_on_terns_kernels(name: &str, expected: &[(&str, usize)]) {
+    let model = entry(name);
     let s = session(&model, true);
     let outputs = s.run(model.reference_inputs()).unwrap();
-    assert_eq!(
-        kernels(&s),
-        [("depthwise-q8".to_string(), 6), ("quant-u8".to_string(), 2)]
-    );
+    let expected: Vec<(String, usize)> =
+        expected.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+    assert_eq!(kernels(&s), expected);
     let diff = model.compare_with_reference(&outputs).unwrap();
-    // Rounded as onnxruntime's MLAS rounds: not one output step apart.
     assert_eq!(diff.max_abs, 0.0, "{diff:?}");
 
     let s = session(&model, false);
@@ -46,23 +44,17 @@ fn int8_depthwise_layers_run_on_terns_kernel_bit_exact_with_onnxruntime() {
 }
 
 #[test]
+fn int8_depthwise_layers_run_on_terns_kernel_bit_exact_with_onnxruntime() {
+    // Six QLinearConv depthwise layers: strides 1 and 2, a 5x5, dilation 2, asymmetric
+    // pads, per-tensor and per-channel scales, a weight zero point.
+    bit_exact_on_terns_kernels("qlinear_depthwise", &[("depthwise-q8", 6), ("quant-u8", 2)]);
+}
+
+#[test]
 fn int8_convolutions_run_on_the_integer_matrix_product_bit_exact_with_onnxruntime() {
     // Six QLinearConv layers with one group on a batch of 2: pointwise, 3x3, stride 2, a
     // dilated 5x5, asymmetric pads; the last has a weight zero point and stays with tract.
-    let model = entry("qlinear_conv");
-    let s = session(&model, true);
-    let outputs = s.run(model.reference_inputs()).unwrap();
-    assert_eq!(
-        kernels(&s),
-        [("conv-q8".to_string(), 5), ("quant-u8".to_string(), 2)]
-    );
-    let diff = model.compare_with_reference(&outputs).unwrap();
-    assert_eq!(diff.max_abs, 0.0, "{diff:?}");
-
-    let s = session(&model, false);
-    let outputs = s.run(model.reference_inputs()).unwrap();
-    assert!(kernels(&s).is_empty());
-    model.compare_with_reference(&outputs).unwrap();
+    bit_exact_on_terns_kernels("qlinear_conv", &[("conv-q8", 5), ("quant-u8", 2)]);
 }
 
 #[test]

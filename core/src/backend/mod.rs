@@ -63,7 +63,8 @@ pub struct PlanReport {
     /// The input shapes that have a plan of their own, least recently used first.
     pub concrete: Vec<Vec<Vec<usize>>>,
     /// tern's own kernels in the most recently built plan: (rewrite, layers it took over
-    /// from the backend's generic code), e.g. `("depthwise-q8", 11)`.
+    /// from the backend's generic code), e.g. `("depthwise-q8", 11)`; `("qdq-fusion", n)`
+    /// first when the plan runs the model's QDQ convolutions fused to integer ones.
     pub tern_kernels: Vec<(String, usize)>,
 }
 

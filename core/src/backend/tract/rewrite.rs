@@ -81,6 +81,10 @@ fn replace_qconvs<O: TypedOp>(
     Ok(replaced)
 }
 
+/// Elements per task when an op splits its work over the session's pool: enough that a
+/// task outweighs its scheduling.
+const TASK: usize = 16 * 1024;
+
 /// Runs `f` on each `chunk`-long piece of `data` with its index: on the session's pool
 /// when this run has one (the plan's thread race decides), else on the calling thread.
 fn for_each_chunk<T: Send, E: Send>(
@@ -147,6 +151,16 @@ struct Layout {
     out_type: DatumType,
 }
 
+/// The concrete `[N, C, H, W]` shape of `node`'s first input, if it is one.
+fn nchw(model: &TypedModel, node: &TypedNode) -> Option<[usize; 4]> {
+    let shape = model
+        .outlet_fact(*node.inputs.first()?)
+        .ok()?
+        .shape
+        .as_concrete()?;
+    shape.try_into().ok()
+}
+
 /// The layout of a quantized NCHW/OIHW 2-D `Conv` with concrete input shape.
 fn conv_layout(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Layout> {
     let out_type = conv.q_params?;
@@ -160,25 +174,18 @@ fn conv_layout(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Layo
     {
         return None;
     }
-    let [_, c, h, w] = model
-        .outlet_fact(node.inputs[0])
-        .ok()?
-        .shape
-        .as_concrete()?
-    else {
-        return None;
-    };
-    if *c != channels {
+    let [_, c, h, w] = nchw(model, node)?;
+    if c != channels {
         return None;
     }
     let [kh, kw] = [
         conv.pool_spec.kernel_shape[0],
         conv.pool_spec.kernel_shape[1],
     ];
-    let padding = conv.pool_spec.computed_padding(&[*h, *w]);
+    let padding = conv.pool_spec.computed_padding(&[h, w]);
     let geometry = Geometry {
         channels,
-        input: [*h, *w],
+        input: [h, w],
         kernel: [kh, kw],
         strides: [conv.pool_spec.stride(0), conv.pool_spec.stride(1)],
         dilations: [conv.pool_spec.dilation(0), conv.pool_spec.dilation(1)],
@@ -210,25 +217,18 @@ fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Op
     if !(axes.starts_with("NIHW,OI,") && axes.ends_with("->NOHW")) {
         return None;
     }
-    let [_, c, h, w] = model
-        .outlet_fact(node.inputs[0])
-        .ok()?
-        .shape
-        .as_concrete()?
-    else {
-        return None;
-    };
+    let [_, c, h, w] = nchw(model, node)?;
     let weights = model.outlet_fact(*node.inputs.get(1)?).ok()?;
     let [o, i] = weights.shape.as_concrete()? else {
         return None;
     };
-    if i != c {
+    if *i != c {
         return None;
     }
     Some(Layout {
         geometry: Geometry {
-            channels: *c,
-            input: [*h, *w],
+            channels: c,
+            input: [h, w],
             kernel: [1, 1],
             strides: [1, 1],
             dilations: [1, 1],
@@ -236,7 +236,7 @@ fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Op
         },
         group: 1,
         output_channels: *o,
-        weight_shape: tvec![*o, *c],
+        weight_shape: tvec![*o, c],
         out_type,
     })
 }

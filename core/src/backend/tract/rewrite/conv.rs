@@ -22,7 +22,7 @@ use tern_kernels::quant::requantize_rows;
 use tern_kernels::{Geometry, Isa};
 
 use super::super::linalg::QGemm;
-use super::{for_each_chunk, replace_qconvs, QConv};
+use super::{for_each_chunk, replace_qconvs, QConv, TASK};
 
 /// Replaces quantized one-group convolutions by [`ConvQ8Op`].
 pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
@@ -187,9 +187,19 @@ impl EvalOp for ConvQ8Op {
             let acc = acc.try_as_plain_ram()?;
             let acc = acc.as_slice::<i32>()?;
             let y = &mut ys[i * plane_out..(i + 1) * plane_out];
-            for_each_chunk(y, cols, |(o, y)| {
-                let acc = &acc[o * cols..(o + 1) * cols];
-                requantize_rows(self.isa, acc, &self.scale[o..o + 1], self.y_zero, y)
+            // Whole rows per task, enough of them that a task outweighs its scheduling.
+            let rows = (TASK / cols.max(1)).clamp(1, m);
+            for_each_chunk(y, rows * cols, |(t, y)| {
+                let first = t * rows;
+                let here = y.len() / cols.max(1);
+                let acc = &acc[first * cols..(first + here) * cols];
+                requantize_rows(
+                    self.isa,
+                    acc,
+                    &self.scale[first..first + here],
+                    self.y_zero,
+                    y,
+                )
             })
             .map_err(|e| anyhow::anyhow!(e))?;
         }

@@ -10,10 +10,7 @@ use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
 use tern_kernels::quant::{dequantize_u8, quantize_u8};
 use tern_kernels::Isa;
 
-use super::for_each_chunk;
-
-/// Elements per task when a pass splits over the session's pool.
-const CHUNK: usize = 16 * 1024;
+use super::{for_each_chunk, TASK};
 
 /// Replaces tract's `f32 → u8` quantize and `u8 → f32` dequantize ops by [`QuantU8Op`].
 pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
@@ -93,37 +90,34 @@ impl EvalOp for QuantU8Op {
         let x = inputs.first().context("a quantize pass takes one input")?;
         let isa = self.isa;
         let y = match self.direction {
-            Direction::Quantize(inv_scale, zero) => {
-                let xs = x.try_as_plain_ram()?;
-                let xs = xs.as_slice::<f32>()?;
-                // SAFETY: u8 has no invalid values, and the chunks below cover every
-                // value of `y` (or the error drops it unread).
-                let mut y = unsafe { Tensor::uninitialized::<u8>(x.shape())? };
-                let mut view = y.try_as_plain_ram_mut()?;
-                for_each_chunk(view.as_slice_mut::<u8>()?, CHUNK, |(i, y)| {
-                    let x = &xs[i * CHUNK..i * CHUNK + y.len()];
-                    quantize_u8(isa, x, inv_scale, zero, y)
-                })
-                .map_err(|e| anyhow::anyhow!(e))?;
-                y
-            }
-            Direction::Dequantize(scale, zero) => {
-                let xs = x.try_as_plain_ram()?;
-                let xs = xs.as_slice::<u8>()?;
-                // SAFETY: f32 has no invalid values, and the chunks below cover every
-                // value of `y` (or the error drops it unread).
-                let mut y = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
-                let mut view = y.try_as_plain_ram_mut()?;
-                for_each_chunk(view.as_slice_mut::<f32>()?, CHUNK, |(i, y)| {
-                    let x = &xs[i * CHUNK..i * CHUNK + y.len()];
-                    dequantize_u8(isa, x, scale, zero, y)
-                })
-                .map_err(|e| anyhow::anyhow!(e))?;
-                y
-            }
+            Direction::Quantize(inv_scale, zero) => map(x, |x: &[f32], y: &mut [u8]| {
+                quantize_u8(isa, x, inv_scale, zero, y)
+            })?,
+            Direction::Dequantize(scale, zero) => map(x, |x: &[u8], y: &mut [f32]| {
+                dequantize_u8(isa, x, scale, zero, y)
+            })?,
         };
         Ok(tvec!(y.into_tvalue()))
     }
+}
+
+/// `f` over `x` into a new tensor of its shape, in pieces of [`TASK`] elements over the
+/// session's pool.
+fn map<X: Datum, Y: Datum>(
+    x: &Tensor,
+    f: impl Fn(&[X], &mut [Y]) -> Result<(), tern_kernels::Unsupported> + Send + Sync,
+) -> TractResult<Tensor> {
+    let xs = x.try_as_plain_ram()?;
+    let xs = xs.as_slice::<X>()?;
+    // SAFETY: the outputs (u8 and f32) have no invalid values, and the pieces below cover
+    // every value of `y` (or the error drops it unread).
+    let mut y = unsafe { Tensor::uninitialized::<Y>(x.shape())? };
+    let mut view = y.try_as_plain_ram_mut()?;
+    for_each_chunk(view.as_slice_mut::<Y>()?, TASK, |(i, y)| {
+        f(&xs[i * TASK..i * TASK + y.len()], y)
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(y)
 }
 
 impl TypedOp for QuantU8Op {
