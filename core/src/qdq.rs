@@ -72,11 +72,11 @@ pub(crate) fn fuse(proto: &pb::ModelProto) -> Option<(pb::ModelProto, usize)> {
 
     let mut proto = proto.clone();
     let graph = proto.graph.as_mut()?;
-    let mut replaced: HashMap<usize, pb::NodeProto> = HashMap::new();
+    let mut replaced: HashMap<usize, Vec<pb::NodeProto>> = HashMap::new();
     let mut removed: HashSet<usize> = HashSet::new();
     for f in &fused {
-        replaced.insert(f.conv, f.node.clone());
-        removed.insert(f.quantize);
+        replaced.insert(f.conv, f.nodes.clone());
+        removed.extend(f.quantize);
         graph.initializer.extend(f.initializers.iter().cloned());
     }
     let count = fused.len();
@@ -85,7 +85,7 @@ pub(crate) fn fuse(proto: &pb::ModelProto) -> Option<(pb::ModelProto, usize)> {
         .into_iter()
         .enumerate()
         .filter(|(ix, _)| !removed.contains(ix))
-        .map(|(ix, n)| replaced.remove(&ix).unwrap_or(n))
+        .flat_map(|(ix, n)| replaced.remove(&ix).unwrap_or_else(|| vec![n]))
         .collect();
     prune_dequantizers(graph);
     Some((proto, count))
@@ -123,12 +123,12 @@ fn prune_dequantizers(graph: &mut pb::GraphProto) {
     }
 }
 
-/// One fusion: the conv node's index, the `QuantizeLinear` it absorbs, the `QLinearConv`
-/// that replaces the conv, and the initializers it adds (the `i32` bias).
+/// One fusion: the conv node's index, the `QuantizeLinear` it absorbs (if any), the nodes
+/// that replace the conv, and the initializers they add.
 struct Fused {
     conv: usize,
-    quantize: usize,
-    node: pb::NodeProto,
+    quantize: Option<usize>,
+    nodes: Vec<pb::NodeProto>,
     initializers: Vec<pb::TensorProto>,
 }
 
@@ -145,7 +145,8 @@ struct View<'g> {
 struct Quant<'g> {
     value: &'g str,
     scale: &'g str,
-    zero: &'g str,
+    /// The zero point's name; `None` when the node has none (0 of the quantized type).
+    zero: Option<&'g str>,
     scales: Vec<f32>,
     zero_type: DatumType,
     zeros: Tensor,
@@ -166,10 +167,15 @@ impl<'g> View<'g> {
         (node.op_type == op && node.domain.is_empty()).then_some(node)
     }
 
-    /// A (de)quantize node's parameters, when its scale and zero point are initializers.
+    /// A (de)quantize node's parameters, when its scale and zero point are initializers. A
+    /// node without a zero point is read as 0 of its quantized type, which must then be
+    /// an initializer's (a dequantized weight).
     fn quant(&self, node: &'g pb::NodeProto, quantized_input: bool) -> Option<Quant<'g>> {
-        let [value, scale, zero] = node.input.as_slice() else {
-            return None;
+        let (value, scale, zero) = match node.input.as_slice() {
+            [value, scale] => (value, scale, None),
+            [value, scale, zero] if zero.is_empty() => (value, scale, None),
+            [value, scale, zero] => (value, scale, Some(zero.as_str())),
+            _ => return None,
         };
         let value = match quantized_input {
             true => value.as_str(),
@@ -188,7 +194,14 @@ impl<'g> View<'g> {
         if scales.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             return None;
         }
-        let zeros = self.tensor(zero)?;
+        let zeros = match zero {
+            Some(zero) => self.tensor(zero)?,
+            None if quantized_input => {
+                let dt = self.tensor(value)?.datum_type();
+                Tensor::zero_dt(dt, &[scales.len()]).ok()?
+            }
+            None => return None,
+        };
         let axis = node
             .attribute
             .iter()
@@ -205,7 +218,35 @@ impl<'g> View<'g> {
         })
     }
 
-    /// The fusion of the `Conv` at `ix`, if its pattern holds.
+    /// The float bias of a `Conv` (an initializer, or a `DequantizeLinear` of one), if any.
+    fn float_bias(&self, b: &str) -> Option<Vec<f32>> {
+        let to_vec = |t: Tensor| -> Option<Vec<f32>> {
+            let t = t.cast_to::<f32>().ok()?.into_owned();
+            Some(t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec())
+        };
+        match self.producer(b, "DequantizeLinear") {
+            Some(dq) => {
+                let bq = self.quant(dq, true)?;
+                let (q, z) = (to_vec(self.tensor(bq.value)?)?, to_vec(bq.zeros)?);
+                let at = |v: &[f32], c: usize| if v.len() == 1 { v[0] } else { v[c] };
+                Some(
+                    (0..q.len())
+                        .map(|c| (q[c] - at(&z, c)) * at(&bq.scales, c))
+                        .collect(),
+                )
+            }
+            None => {
+                let t = self.tensor(b)?;
+                (t.datum_type() == f32::datum_type()).then_some(())?;
+                to_vec(t)
+            }
+        }
+    }
+
+    /// The fusion of the `Conv` at `ix`, if its pattern holds: to `QLinearConv` when its
+    /// output feeds one `QuantizeLinear` alone, else to `ConvInteger` and a per-channel
+    /// rescale to f32 (what a QDQ model that quantizes only the convolutions' inputs, as
+    /// tern-quantize's does, is made of).
     fn conv(&self, ix: usize) -> Option<Fused> {
         let conv = &self.nodes[ix];
         let (x, w) = (conv.input.first()?, conv.input.get(1)?);
@@ -213,23 +254,9 @@ impl<'g> View<'g> {
         let [y] = conv.output.as_slice() else {
             return None;
         };
-        // The output feeds one QuantizeLinear alone.
-        let [q_ix] = self.consumers.get(y.as_str())?.as_slice() else {
-            return None;
-        };
-        if self.outputs.contains(y.as_str()) {
-            return None;
-        }
-        let q_node = &self.nodes[*q_ix];
-        if q_node.op_type != "QuantizeLinear" || !q_node.domain.is_empty() {
-            return None;
-        }
-        let yq = self.quant(q_node, false)?;
         let xq = self.quant(self.producer(x, "DequantizeLinear")?, true)?;
         let wq = self.quant(self.producer(w, "DequantizeLinear")?, true)?;
-        if yq.zero_type != u8::datum_type()
-            || xq.zero_type != u8::datum_type()
-            || yq.scales.len() != 1
+        if xq.zero_type != u8::datum_type()
             || xq.scales.len() != 1
             || wq.zero_type != i8::datum_type()
         {
@@ -254,98 +281,149 @@ impl<'g> View<'g> {
         {
             return None;
         }
-        // The bias at scale x_scale · w_scale[c], rounded to i32.
         let bias = match b {
+            Some(b) => Some(self.float_bias(b)?).filter(|v| v.len() == out_channels),
             None => None,
-            Some(b) => {
-                let float = match self.producer(b, "DequantizeLinear") {
-                    Some(dq) => {
-                        let bq = self.quant(dq, true)?;
-                        let q = self.tensor(bq.value)?.cast_to::<f32>().ok()?.into_owned();
-                        let zeros = bq.zeros.cast_to::<f32>().ok()?.into_owned();
-                        let (q, z) = (
-                            q.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec(),
-                            zeros
-                                .try_as_plain_ram()
-                                .ok()?
-                                .as_slice::<f32>()
-                                .ok()?
-                                .to_vec(),
-                        );
-                        let at = |v: &[f32], c: usize| if v.len() == 1 { v[0] } else { v[c] };
-                        (0..q.len())
-                            .map(|c| (q[c] - at(&z, c)) * at(&bq.scales, c))
-                            .collect::<Vec<f32>>()
-                    }
-                    None => {
-                        let t = self.tensor(b)?;
-                        if t.datum_type() != f32::datum_type() {
-                            return None;
-                        }
-                        t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec()
-                    }
-                };
-                if float.len() != out_channels {
-                    return None;
-                }
-                let ws = |c: usize| {
-                    if per_channel {
-                        wq.scales[c]
-                    } else {
-                        wq.scales[0]
-                    }
-                };
-                let ints = float
-                    .iter()
-                    .enumerate()
-                    .map(|(c, v)| {
-                        let q = (v / (xq.scales[0] * ws(c))).round_ties_even();
-                        (q.abs() < (1u32 << 30) as f32).then_some(q as i32)
-                    })
-                    .collect::<Option<Vec<i32>>>()?;
-                Some(ints)
-            }
         };
-
+        if b.is_some() && bias.is_none() {
+            return None;
+        }
+        // x_scale · w_scale[c]: the scale of the integer accumulator.
+        let acc_scale: Vec<f32> = (0..out_channels)
+            .map(|c| xq.scales[0] * wq.scales[if per_channel { c } else { 0 }])
+            .collect();
         let name = match conv.name.is_empty() {
             true => y.clone(),
             false => conv.name.clone(),
         };
+        let quantized = match self.consumers.get(y.as_str())?.as_slice() {
+            [q_ix] if !self.outputs.contains(y.as_str()) => {
+                let q_node = &self.nodes[*q_ix];
+                (q_node.op_type == "QuantizeLinear" && q_node.domain.is_empty())
+                    .then(|| self.quant(q_node, false))
+                    .flatten()
+                    .filter(|yq| yq.zero_type == u8::datum_type() && yq.scales.len() == 1)
+                    .map(|yq| (*q_ix, yq, &q_node.output))
+            }
+            _ => None,
+        };
         let mut initializers = Vec::new();
-        let mut inputs = vec![
-            xq.value.to_string(),
-            xq.scale.to_string(),
-            xq.zero.to_string(),
-            wq.value.to_string(),
-            wq.scale.to_string(),
-            wq.zero.to_string(),
-            yq.scale.to_string(),
-            yq.zero.to_string(),
-        ];
+        let mut inputs = vec![xq.value.to_string()];
+        let node =
+            |op: &str, suffix: &str, inputs: Vec<String>, outputs: Vec<String>| pb::NodeProto {
+                input: inputs,
+                output: outputs,
+                name: format!("{name}.{suffix}"),
+                op_type: op.into(),
+                domain: String::new(),
+                attribute: match op {
+                    "QLinearConv" | "ConvInteger" => conv.attribute.clone(),
+                    _ => Vec::new(),
+                },
+                doc_string: String::new(),
+            };
+        let Some((q_ix, yq, q_outputs)) = quantized else {
+            // ConvInteger → Cast → Mul(acc_scale) [→ Add(bias)], writing the conv's output;
+            // one group only (tern's int8 depthwise kernel writes u8, not accumulators).
+            let group = conv
+                .attribute
+                .iter()
+                .find(|a| a.name == "group")
+                .map_or(1, |a| a.i);
+            if group != 1 {
+                return None;
+            }
+            inputs.extend([wq.value.to_string(), xq.zero?.to_string()]);
+            inputs.extend(wq.zero.map(String::from));
+            let per_channel_f32 = |suffix: &str, values: Vec<f32>| pb::TensorProto {
+                name: format!("{name}.{suffix}"),
+                dims: vec![1, values.len() as i64, 1, 1],
+                data_type: DataType::Float as i32,
+                float_data: values,
+                ..Default::default()
+            };
+            let acc = format!("{name}.tern_acc");
+            let accf = format!("{name}.tern_acc_f32");
+            let scaled = match bias {
+                Some(_) => format!("{name}.tern_scaled"),
+                None => y.clone(),
+            };
+            initializers.push(per_channel_f32("tern_acc_scale", acc_scale));
+            let mut nodes = vec![
+                node("ConvInteger", "conv_integer", inputs, vec![acc.clone()]),
+                pb::NodeProto {
+                    attribute: vec![pb::AttributeProto {
+                        name: "to".into(),
+                        r#type: pb::attribute_proto::AttributeType::Int as i32,
+                        i: DataType::Float as i64,
+                        ..Default::default()
+                    }],
+                    ..node("Cast", "tern_cast", vec![acc], vec![accf.clone()])
+                },
+                node(
+                    "Mul",
+                    "tern_rescale",
+                    vec![accf, format!("{name}.tern_acc_scale")],
+                    vec![scaled.clone()],
+                ),
+            ];
+            if let Some(bias) = bias {
+                initializers.push(per_channel_f32("tern_bias", bias));
+                nodes.push(node(
+                    "Add",
+                    "tern_bias",
+                    vec![scaled, format!("{name}.tern_bias")],
+                    vec![y.clone()],
+                ));
+            }
+            return Some(Fused {
+                conv: ix,
+                quantize: None,
+                nodes,
+                initializers,
+            });
+        };
+        // QLinearConv: the bias at scale x_scale · w_scale[c], rounded to i32.
+        // QLinearConv needs every zero point: a weight without one gets zeros.
+        let w_zero = match wq.zero {
+            Some(zero) => zero.to_string(),
+            None => {
+                let name = format!("{name}.tern_w_zero");
+                initializers.push(pb::TensorProto {
+                    name: name.clone(),
+                    dims: vec![wq.scales.len() as i64],
+                    data_type: DataType::Int8 as i32,
+                    raw_data: vec![0; wq.scales.len()],
+                    ..Default::default()
+                });
+                name
+            }
+        };
+        inputs.extend([xq.scale, xq.zero?, wq.value, wq.scale].map(String::from));
+        inputs.extend([w_zero, yq.scale.to_string(), yq.zero?.to_string()]);
         if let Some(bias) = bias {
+            let ints = bias
+                .iter()
+                .zip(&acc_scale)
+                .map(|(v, s)| {
+                    let q = (v / s).round_ties_even();
+                    (q.abs() < (1u32 << 30) as f32).then_some(q as i32)
+                })
+                .collect::<Option<Vec<i32>>>()?;
             let bias_name = format!("{name}.tern_bias_i32");
             initializers.push(pb::TensorProto {
                 name: bias_name.clone(),
-                dims: vec![bias.len() as i64],
+                dims: vec![ints.len() as i64],
                 data_type: DataType::Int32 as i32,
-                int32_data: bias,
+                int32_data: ints,
                 ..Default::default()
             });
             inputs.push(bias_name);
         }
-        let node = pb::NodeProto {
-            input: inputs,
-            output: q_node.output.clone(),
-            name: format!("{name}.qlinear"),
-            op_type: "QLinearConv".into(),
-            domain: String::new(),
-            attribute: conv.attribute.clone(),
-            doc_string: String::new(),
-        };
         Some(Fused {
             conv: ix,
-            quantize: *q_ix,
-            node,
+            quantize: Some(q_ix),
+            nodes: vec![node("QLinearConv", "qlinear", inputs, q_outputs.clone())],
             initializers,
         })
     }
@@ -477,8 +555,38 @@ mod tests {
     }
 
     #[test]
+    fn an_unquantized_output_makes_conv_integer_and_a_rescale() {
+        // The conv's output is read by a Relu too: no QuantizeLinear to absorb.
+        let (fused, n) = fuse(&model(0, true)).expect("fused");
+        assert_eq!(n, 1);
+        let graph = fused.graph.unwrap();
+        let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "QuantizeLinear",
+                "ConvInteger",
+                "Cast",
+                "Mul",
+                "Add",
+                "QuantizeLinear",
+                "DequantizeLinear",
+                "Relu"
+            ]
+        );
+        assert_eq!(graph.node[1].input, ["xq", "wq", "xz", "wz"]);
+        assert_eq!(graph.node[4].output, ["c"]);
+        let value = |name: &str| graph.initializer.iter().find(|t| t.name == name).unwrap();
+        // x_scale · w_scale, and the bias dequantized: 7 · 0.01, -9 · 0.01.
+        assert_eq!(value(&graph.node[3].input[1]).float_data, [0.01, 0.01]);
+        assert_eq!(
+            value(&graph.node[4].input[1]).float_data,
+            [7.0f32 * 0.01, -9.0 * 0.01]
+        );
+    }
+
+    #[test]
     fn patterns_the_kernels_do_not_take_are_left_alone() {
         assert!(fuse(&model(1, false)).is_none(), "weight zero point");
-        assert!(fuse(&model(0, true)).is_none(), "conv output read twice");
     }
 }

@@ -668,3 +668,57 @@ fn opset_upgrade_to_13_keeps_what_the_models_compute() {
     let mut newer = graph::load(&fetched("models/magika/model.onnx")).unwrap();
     assert!(!graph::upgrade_to_opset13(&mut newer).unwrap());
 }
+
+#[test]
+fn tern_quantizes_own_qdq_output_runs_on_the_integer_kernels_with_the_float_paths_numbers() {
+    // tern-quantize quantizes only the convolutions' inputs (no QuantizeLinear after a
+    // Conv), so tern fuses each one-group Conv to ConvInteger + a per-channel rescale and
+    // runs it on its int8 kernels: the same arithmetic as tract's float convolution over
+    // the dequantized values, with the accumulation exact instead of rounded.
+    use tern::{Backend, Session, SessionOptions};
+    use tern_quantize::static_qdq::{self, StaticOptions};
+    let src = fetched("models/ppocr_cls/model.onnx");
+    let d = cls_dims();
+    let calib = report::random_eval_inputs(&src, 4, 0, &d).unwrap();
+    let mut model = graph::load(&src).unwrap();
+    let options = StaticOptions::default();
+    let ranges = static_qdq::calibrate(&model, &calib, &options).unwrap();
+    static_qdq::quantize_static(&mut model, &ranges, &options).unwrap();
+    let dst = out("cls-int8-kernels.onnx");
+    graph::save(&model, &dst).unwrap();
+    let quantized = tern::Model::load(&dst).unwrap();
+    let run = |kernels: bool| {
+        let options = SessionOptions::new()
+            .backend(Backend::Cpu)
+            .tern_kernels(kernels)
+            .without_telemetry();
+        let session = Session::new(&quantized, options).unwrap();
+        let outputs = session.run(calib[1].clone()).unwrap();
+        let probs = outputs[0].as_slice::<f32>().unwrap().to_vec();
+        (probs, session.plans().tern_kernels)
+    };
+    let (ours, kernels) = run(true);
+    let (tracts, _) = run(false);
+    let fused = kernels
+        .iter()
+        .find(|(k, _)| k == "qdq-fusion")
+        .map(|(_, n)| *n);
+    let conv = kernels
+        .iter()
+        .find(|(k, _)| k == "conv-q8")
+        .map(|(_, n)| *n);
+    // Where the CPU has no native int8 products the model stays unfused.
+    if fused.is_some() {
+        assert!(fused >= Some(30) && conv >= Some(20), "{kernels:?}");
+    }
+    let worst = ours
+        .iter()
+        .zip(&tracts)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("tern kernels vs tract: {worst} ({kernels:?})");
+    assert!(
+        worst <= 1e-3,
+        "tern kernels vs tract: {worst} ({kernels:?})"
+    );
+}

@@ -137,8 +137,11 @@ struct QConv {
     /// `x_scale · w_scale[c] / y_scale`: one, or one per output channel.
     scale: Vec<f32>,
     y_zero: u8,
-    /// The output's datum type (`u8`, or `QU8` with the layer's output quantization).
+    /// The output's datum type (`u8`, or `QU8` with the layer's output quantization, or
+    /// `i32` accumulators).
     output_type: DatumType,
+    /// The output's concrete shape, as the node states it.
+    output_shape: TVec<usize>,
 }
 
 /// The shape of a quantized convolution as its tract op states it.
@@ -153,12 +156,13 @@ struct Layout {
 
 /// The concrete `[N, C, H, W]` shape of `node`'s first input, if it is one.
 fn nchw(model: &TypedModel, node: &TypedNode) -> Option<[usize; 4]> {
-    let shape = model
-        .outlet_fact(*node.inputs.first()?)
-        .ok()?
-        .shape
-        .as_concrete()?;
-    shape.try_into().ok()
+    let fact = model.outlet_fact(*node.inputs.first()?).ok()?;
+    match *fact.shape.as_concrete()? {
+        [n, c, h, w] => Some([n, c, h, w]),
+        // A batch of 1 that tract's declutter dropped.
+        [c, h, w] => Some([1, c, h, w]),
+        _ => None,
+    }
 }
 
 /// The layout of a quantized NCHW/OIHW 2-D `Conv` with concrete input shape.
@@ -210,11 +214,17 @@ fn conv_layout(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Layo
 }
 
 /// The layout of a 1×1 quantized convolution that tract's declutter turned into an
-/// `EinSum` (`NIHW,OI,…->NOHW`, the same nine inputs as the convolution).
+/// `EinSum` (`NIHW,OI,…->NOHW`, the same nine inputs as the convolution; a batch of 1 may
+/// have lost its `N` on either side).
 fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option<Layout> {
     let out_type = einsum.q_params?;
     let axes = einsum.axes.to_string();
-    if !(axes.starts_with("NIHW,OI,") && axes.ends_with("->NOHW")) {
+    let (inputs, output) = axes.split_once("->")?;
+    let mut inputs = inputs.split(',');
+    if !(["NIHW", "IHW"].contains(&inputs.next()?)
+        && inputs.next()? == "OI"
+        && ["NOHW", "OHW"].contains(&output))
+    {
         return None;
     }
     let [_, c, h, w] = nchw(model, node)?;
@@ -260,7 +270,9 @@ fn qconv(model: &TypedModel, node: &TypedNode) -> Option<QConv> {
         out_type,
     } = layout;
     let x = model.outlet_fact(node.inputs[0]).ok()?;
-    if out_type.unquantized() != u8::datum_type()
+    // u8 out (QLinearConv), or the raw i32 accumulators (ConvInteger).
+    let raw = out_type == i32::datum_type();
+    if !(out_type.unquantized() == u8::datum_type() || raw)
         || x.datum_type.unquantized() != u8::datum_type()
         || !output_channels.is_multiple_of(group)
         || node.inputs.len() != 9
@@ -294,7 +306,11 @@ fn qconv(model: &TypedModel, node: &TypedNode) -> Option<QConv> {
     let w_scale = values::<f32>(model, node, 6)?;
     let y_zero = u8::try_from(*values::<i32>(model, node, 7)?.first()?).ok()?;
     let y_scale = *values::<f32>(model, node, 8)?.first()?;
-    if y_scale.is_nan() || y_scale <= 0.0 || ![1, output_channels].contains(&w_scale.len()) {
+    if y_scale.is_nan()
+        || y_scale <= 0.0
+        || ![1, output_channels].contains(&w_scale.len())
+        || (raw && (y_zero != 0 || y_scale != 1.0))
+    {
         return None;
     }
     let out = geometry.output()?;
@@ -310,5 +326,6 @@ fn qconv(model: &TypedModel, node: &TypedNode) -> Option<QConv> {
         scale: w_scale.iter().map(|ws| x_scale * ws / y_scale).collect(),
         y_zero,
         output_type: node.outputs[0].fact.datum_type,
+        output_shape: node.outputs[0].fact.shape.as_concrete()?.into(),
     })
 }

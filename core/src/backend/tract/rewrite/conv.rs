@@ -52,6 +52,9 @@ pub(crate) struct ConvQ8Op {
     y_zero: u8,
     isa: Isa,
     output_type: DatumType,
+    /// The output's shape (`[N, M, oh, ow]`, or without `N` where tract dropped a batch of
+    /// 1).
+    output_shape: TVec<usize>,
 }
 
 impl ConvQ8Op {
@@ -92,6 +95,7 @@ impl ConvQ8Op {
             y_zero: q.y_zero,
             isa,
             output_type: q.output_type,
+            output_shape: q.output_shape,
         }))
     }
 }
@@ -122,13 +126,14 @@ impl EvalOp for ConvQ8Op {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = inputs.first().context("TernConvQ8 takes one input")?;
         let g = &self.geometry;
-        let shape = x.shape();
+        let batch = x.len() / g.input_len().max(1);
         ensure!(
-            shape.len() == 4 && shape[1..] == [g.channels, g.input[0], g.input[1]],
-            "TernConvQ8 planned for [N, {}, {}, {}], got {shape:?}",
+            x.len() == batch * g.input_len(),
+            "TernConvQ8 planned for images of [{}, {}, {}], got {:?}",
             g.channels,
             g.input[0],
-            g.input[1]
+            g.input[1],
+            x.shape()
         );
         ensure!(
             x.datum_type().unquantized() == u8::datum_type(),
@@ -137,7 +142,6 @@ impl EvalOp for ConvQ8Op {
         let [oh, ow] = self.out;
         let (m, cols) = (self.output_channels, oh * ow);
         let k = g.channels * g.kernel[0] * g.kernel[1];
-        let batch = shape[0];
         // Where the kernel reads the K4 layout, im2col writes it directly (no `columns`).
         let k4 = self.gemm.k4_panel();
         let columns_width = if k4.is_some() { 0 } else { cols };
@@ -147,13 +151,18 @@ impl EvalOp for ConvQ8Op {
         // requantization of each image (every row).
         let (mut y, mut columns, mut acc) = unsafe {
             (
-                Tensor::uninitialized_dt(self.output_type, &[batch, m, oh, ow])?,
+                Tensor::uninitialized_dt(self.output_type, &self.output_shape)?,
                 Tensor::uninitialized::<i8>(&[k, columns_width])?,
                 Tensor::uninitialized::<i32>(&[m, cols])?,
             )
         };
         let xs = x.try_as_plain_ram()?.as_bytes();
         let (plane_in, plane_out) = (g.input_len(), m * cols);
+        ensure!(
+            y.len() == batch * plane_out,
+            "TernConvQ8 planned for {:?}, fed {batch} images",
+            self.output_shape
+        );
         let mut y_view = y.try_as_plain_ram_mut()?;
         let ys = y_view.as_bytes_mut();
         let taps = g.kernel[0] * g.kernel[1];
@@ -185,6 +194,12 @@ impl EvalOp for ConvQ8Op {
                 }
             }
             let acc = acc.try_as_plain_ram()?;
+            if self.output_type == i32::datum_type() {
+                // ConvInteger: the accumulators are the output.
+                let bytes = acc.as_bytes();
+                ys[i * bytes.len()..(i + 1) * bytes.len()].copy_from_slice(bytes);
+                continue;
+            }
             let acc = acc.as_slice::<i32>()?;
             let y = &mut ys[i * plane_out..(i + 1) * plane_out];
             // Whole rows per task, enough of them that a task outweighs its scheduling.
@@ -208,15 +223,8 @@ impl EvalOp for ConvQ8Op {
 }
 
 impl TypedOp for ConvQ8Op {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let [oh, ow] = self.out;
-        let batch = inputs[0].shape[0].clone();
-        Ok(tvec!(self.output_type.fact(tvec![
-            batch,
-            self.output_channels.to_dim(),
-            oh.to_dim(),
-            ow.to_dim()
-        ])))
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.output_type.fact(self.output_shape.clone())))
     }
 
     as_op!();

@@ -26,7 +26,10 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
 /// The kernel for a quantized convolution, if it is a depthwise one.
 fn kernel(q: QConv) -> Option<DepthwiseQ8> {
     let channels = q.geometry.channels;
-    if q.group != channels || q.output_channels != channels {
+    if q.group != channels
+        || q.output_channels != channels
+        || q.output_type.unquantized() != u8::datum_type()
+    {
         return None;
     }
     let quant = Quant {
