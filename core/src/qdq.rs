@@ -369,9 +369,11 @@ impl<'g> View<'g> {
             ];
             if let Some(bias) = bias {
                 initializers.push(per_channel_f32("tern_bias", bias));
+                // Node names must differ from the initializers' (tract names a constant
+                // after its initializer).
                 nodes.push(node(
                     "Add",
-                    "tern_bias",
+                    "tern_add_bias",
                     vec![scaled, format!("{name}.tern_bias")],
                     vec![y.clone()],
                 ));
