@@ -327,6 +327,7 @@ impl Model {
             }
             let info = ModelInfo::from_proto(&proto, bytes.len() as u64)?;
             check_external_data(&proto, dir.as_deref())?;
+            check_graph(&proto)?;
             let dir = dir.as_ref().and_then(|d| d.to_str());
             // value_info shapes are hints in ONNX (onnxruntime re-infers them), and some
             // tools write wrong ones; tract would take them as facts, so they are ignored.
@@ -534,6 +535,64 @@ fn check_external_data(proto: &pb::ModelProto, dir: Option<&Path>) -> Result<()>
                 ),
             }
         })?;
+    }
+    Ok(())
+}
+
+/// Ops whose window attributes (`kernel_shape`, `strides`, `dilations`, `pads`) tract's
+/// kernels index by: a 0 stride divides by zero there.
+const WINDOWED_OPS: &[&str] = &[
+    "AveragePool",
+    "Conv",
+    "ConvInteger",
+    "ConvTranspose",
+    "LpPool",
+    "MaxPool",
+    "QLinearConv",
+];
+
+/// Static checks tract would otherwise fail with a panic (a vague `panic` kind): window
+/// attributes out of range in the top-level graph, and graph outputs nothing produces.
+fn check_graph(proto: &pb::ModelProto) -> Result<()> {
+    let Some(graph) = &proto.graph else {
+        return Ok(());
+    };
+    let windowed = |n: &&pb::NodeProto| {
+        (n.domain.is_empty() || n.domain == "ai.onnx") && WINDOWED_OPS.contains(&n.op_type.as_str())
+    };
+    for node in graph.node.iter().filter(windowed) {
+        for attr in &node.attribute {
+            let least = match attr.name.as_str() {
+                "kernel_shape" | "strides" | "dilations" => 1,
+                "pads" | "output_padding" => 0,
+                _ => continue,
+            };
+            if let Some(bad) = attr.ints.iter().find(|v| **v < least) {
+                return Err(Error::InvalidModel {
+                    reason: format!(
+                        "node {:?} ({}): {} must be at least {least}, got {bad} in {:?}",
+                        node.name, node.op_type, attr.name, attr.ints
+                    ),
+                });
+            }
+        }
+    }
+    let produced: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter())
+        .chain(graph.input.iter().map(|i| &i.name))
+        .chain(graph.initializer.iter().map(|t| &t.name))
+        .map(String::as_str)
+        .collect();
+    if let Some(output) = graph
+        .output
+        .iter()
+        .find(|o| !produced.contains(o.name.as_str()))
+    {
+        return Err(Error::InvalidModel {
+            reason: format!("graph output {:?} is produced by no node", output.name),
+        });
     }
     Ok(())
 }

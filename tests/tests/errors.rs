@@ -103,6 +103,54 @@ fn special_files_are_refused_instead_of_hanging() {
 }
 
 #[test]
+fn window_attributes_out_of_range_and_dangling_outputs_are_invalid_models_naming_them() {
+    use prost::Message;
+    use tract_onnx::pb;
+    // A MaxPool with a 0 stride (tract divides by it), a negative pad, a 0 kernel.
+    for (attr, ints) in [
+        ("strides", vec![0, 1]),
+        ("pads", vec![0, -1, 0, 0]),
+        ("kernel_shape", vec![2, 0]),
+    ] {
+        let mut pool = node("the_pool", "MaxPool", "", &["x"], &["y"]);
+        let mut attrs = vec![("kernel_shape", vec![2, 2]), ("strides", vec![1, 1])];
+        attrs.retain(|(name, _)| *name != attr);
+        attrs.push((attr, ints.clone()));
+        pool.attribute = attrs
+            .into_iter()
+            .map(|(name, ints)| pb::AttributeProto {
+                name: name.into(),
+                r#type: pb::attribute_proto::AttributeType::Ints as i32,
+                ints,
+                ..Default::default()
+            })
+            .collect();
+        let bytes = model(
+            vec![pool],
+            vec![value("x", FLOAT, &["1", "1", "4", "4"])],
+            vec![value("y", FLOAT, &[])],
+        );
+        let err = Model::from_bytes(&bytes).unwrap_err();
+        assert_eq!(err.kind(), "invalid_model", "{attr}: {err}");
+        assert!(
+            err.to_string().contains("the_pool") && err.to_string().contains(attr),
+            "{err}"
+        );
+    }
+    // A graph output nothing produces.
+    let mut proto = pb::ModelProto::decode(&div_model()[..]).unwrap();
+    proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .output
+        .push(value("ghost", FLOAT, &["1"]));
+    let err = Model::from_bytes(&proto.encode_to_vec()).unwrap_err();
+    assert_eq!(err.kind(), "invalid_model", "{err}");
+    assert!(err.to_string().contains("ghost"), "{err}");
+}
+
+#[test]
 fn garbage_and_empty_bytes_are_invalid_models() {
     for bytes in [
         &b""[..],
