@@ -20,7 +20,7 @@
 //! inside the image), in f32 with FMA — exact, since every partial sum is an integer below
 //! 2²⁴, which [`DepthwiseQ8::new`] checks.
 
-use crate::quant::{requantize, ROUND_LIMIT};
+use crate::quant::requantize;
 use crate::Isa;
 
 pub use crate::geometry::Geometry;
@@ -315,8 +315,8 @@ mod avx2 {
         let scale = _mm256_set1_ps(k.scale[c]);
         let zero = _mm256_set1_epi32(i32::from(k.y_zero));
         let (lo_lim, hi_lim) = (
-            _mm256_set1_ps(-super::ROUND_LIMIT),
-            _mm256_set1_ps(super::ROUND_LIMIT),
+            _mm256_set1_ps(-crate::quant::ROUND_LIMIT),
+            _mm256_set1_ps(crate::quant::ROUND_LIMIT),
         );
         // Even bytes of 16, for stride 2.
         let evens = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
