@@ -4,20 +4,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tern_kernels::depthwise::{DepthwiseQ8, Geometry, Quant};
+use tern_fuzz::Bytes;
+use tern_kernels::depthwise::{DepthwiseQ8, Quant};
 use tern_kernels::Isa;
 
 fuzz_target!(|data: &[u8]| {
-    let mut bytes = data.iter().copied();
-    let mut next = |max: u8| bytes.next().map_or(0, |b| b % max.max(1));
-    let geometry = Geometry {
-        channels: 1 + next(4) as usize,
-        input: [1 + next(24) as usize, 1 + next(48) as usize],
-        kernel: [1 + next(6) as usize, 1 + next(6) as usize],
-        strides: [next(4) as usize, next(4) as usize],
-        dilations: [next(3) as usize, next(3) as usize],
-        pads: [next(4) as usize, next(4) as usize, next(4) as usize, next(4) as usize],
-    };
+    let mut bytes = Bytes::new(data);
+    let geometry = bytes.geometry([24, 48], 6, 4, 4);
+    let mut next = |max: u8| bytes.next(max);
     let per_channel = next(2) == 1;
     let n = if per_channel { geometry.channels } else { 1 };
     let quant = Quant {
@@ -27,7 +21,9 @@ fuzz_target!(|data: &[u8]| {
         y_zero: next(255),
     };
     let taps = geometry.kernel[0] * geometry.kernel[1];
-    let weights: Vec<i8> = (0..geometry.channels * taps).map(|_| next(255) as i8).collect();
+    let weights: Vec<i8> = (0..geometry.channels * taps)
+        .map(|_| next(255) as i8)
+        .collect();
     let bias: Vec<i32> = (0..geometry.channels)
         .map(|_| (i32::from(next(255)) - 128) * 97)
         .collect();
@@ -36,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let x: Vec<u8> = (0..geometry.input_len()).map(|_| next(255)).collect();
     let mut want = vec![0u8; geometry.output_len()];
-    kernel.run(Isa::Scalar, &x, &mut want).expect("valid buffers");
+    kernel
+        .run(Isa::Scalar, &x, &mut want)
+        .expect("valid buffers");
     for &isa in Isa::available() {
         let mut y = vec![0u8; geometry.output_len()];
         kernel.run(isa, &x, &mut y).expect("valid buffers");

@@ -5,18 +5,26 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tern_fuzz::Bytes;
 use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
 use tern_kernels::quant::{dequantize_u8, quantize_u8, requantize_rows};
-use tern_kernels::{Geometry, Isa};
+use tern_kernels::Isa;
 
 fuzz_target!(|data: &[u8]| {
-    let mut bytes = data.iter().copied();
-    let mut next = |max: u8| bytes.next().map_or(0, |b| b % max.max(1));
+    let mut bytes = Bytes::new(data);
+    let mut next = |max: u8| bytes.next(max);
     let n = next(100) as usize;
     let zero = next(255);
     let scale = f32::from(next(200)) * 1e-3;
     let floats: Vec<f32> = (0..n)
-        .map(|_| f32::from_bits(u32::from_le_bytes([next(255), next(255), next(255), next(255)])))
+        .map(|_| {
+            f32::from_bits(u32::from_le_bytes([
+                next(255),
+                next(255),
+                next(255),
+                next(255),
+            ]))
+        })
         .collect();
     let raw: Vec<u8> = (0..n).map(|_| next(255)).collect();
     let rows = 1 + next(4) as usize;
@@ -38,14 +46,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(run(isa), want, "{isa:?}");
     }
 
-    let g = Geometry {
-        channels: 1 + next(4) as usize,
-        input: [1 + next(12) as usize, 1 + next(20) as usize],
-        kernel: [1 + next(4) as usize, 1 + next(4) as usize],
-        strides: [next(3) as usize, next(3) as usize],
-        dilations: [next(3) as usize, next(3) as usize],
-        pads: [next(3) as usize, next(3) as usize, next(3) as usize, next(3) as usize],
-    };
+    let g = bytes.geometry([12, 20], 4, 3, 3);
+    let mut next = |max: u8| bytes.next(max);
     let x: Vec<u8> = (0..g.input_len()).map(|_| next(255)).collect();
     let r = [8, 16][next(2) as usize];
     let Some([oh, ow]) = g.output().filter(|_| g.check().is_ok()) else {
