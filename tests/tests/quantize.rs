@@ -673,8 +673,9 @@ fn opset_upgrade_to_13_keeps_what_the_models_compute() {
 fn tern_quantizes_own_qdq_output_runs_on_the_integer_kernels_with_the_float_paths_numbers() {
     // tern-quantize quantizes only the convolutions' inputs (no QuantizeLinear after a
     // Conv), so tern fuses each one-group Conv to ConvInteger + a per-channel rescale and
-    // runs it on its int8 kernels: the same arithmetic as tract's float convolution over
-    // the dequantized values, with the accumulation exact instead of rounded.
+    // runs it on its int8 kernels, the rescale folded into the kernel's epilogue: the same
+    // arithmetic as tract's float convolution over the dequantized values, with the
+    // accumulation exact instead of rounded.
     use tern::{Backend, Session, SessionOptions};
     use tern_quantize::static_qdq::{self, StaticOptions};
     let src = fetched("models/ppocr_cls/model.onnx");

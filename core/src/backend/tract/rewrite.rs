@@ -15,6 +15,8 @@
 //!   CPU has it) with the zero points and bias folded into one per-channel term → a
 //!   vectorised requantization. tract would correct the zero points with separate graph
 //!   ops and requantize with a scalar loop.
+//! - `rescale-f32` ([`conv`]): the `Cast → Mul → Add` QDQ fusion writes after an `i32`
+//!   convolution (whose output stays float) folded into that convolution's epilogue.
 //! - `quant-u8` ([`quant`]): the `f32 ↔ u8` quantize and dequantize passes left between
 //!   quantized layers, vectorised (tract's are scalar loops).
 
@@ -41,6 +43,7 @@ type Pass = fn(&mut TypedModel) -> TractResult<usize>;
 pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("depthwise-q8", depthwise::pass),
     ("conv-q8", conv::pass),
+    ("rescale-f32", conv::rescale_pass),
     ("quant-u8", quant::pass),
 ];
 
