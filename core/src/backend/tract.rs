@@ -142,17 +142,19 @@ impl Compiler {
             rewrites.push(("qdq-fusion", self.fused_qdq));
         }
         match self.optimization {
+            // tern's rewrites before the batch tiling: they read per-channel constants
+            // as `[.., C, 1, 1]`, which the tiling would turn into `[N, C, 1, 1]`.
             OptLevel::Full => typed
                 .declutter()
-                .and_then(|_| tile_batch_constants(&mut typed))
                 .and_then(|_| match self.tern_kernels {
                     true => rewrite::run_passes(&mut typed),
                     false => Ok(Vec::new()),
                 })
                 .and_then(|done| {
                     rewrites.extend(done);
-                    typed.optimize()
-                }),
+                    tile_batch_constants(&mut typed)
+                })
+                .and_then(|_| typed.optimize()),
             OptLevel::Declutter => typed.declutter(),
         }
         .map_err(compile_err)?;
