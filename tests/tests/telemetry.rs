@@ -843,3 +843,150 @@ fn an_invalid_baseline_in_the_model_is_a_clear_error() {
     assert_eq!(err.kind(), "invalid_model");
     assert!(err.to_string().contains("tern.baseline"), "{err}");
 }
+
+/// One record of every kind and every fixed value (outcomes, drop reasons), with fixed
+/// times and ids, so their stored JSON and their OTLP requests can be compared with a
+/// checked-in copy.
+fn golden_records() -> Vec<Record> {
+    use tern::telemetry::{DriftCounts, EventRecord, HealthRecord, SpanRecord, TensorStats};
+    let span = |ix: u64, outcome: Outcome| {
+        Record::Span(SpanRecord {
+            trace_id: format!("{ix:032x}"),
+            start_ns: 1_700_000_000_000_000_000 + ix * 1_000_000,
+            model: "golden".into(),
+            version: "7".into(),
+            backend: "cpu".into(),
+            stages: vec![("preprocess".into(), 1_000 + ix), ("model".into(), 20_000)],
+            outcome,
+        })
+    };
+    let mut records = vec![
+        span(1, Outcome::Ok),
+        span(2, golden_error("nan")),
+        span(3, golden_error("shape_mismatch")),
+        span(4, Outcome::Timeout),
+        span(5, Outcome::Fallback),
+        Record::Event(EventRecord {
+            at_ns: 1_700_000_000_100_000_000,
+            name: "opened".into(),
+            increment: None,
+            attributes: [
+                ("screen".to_string(), AttrValue::from("home")),
+                ("cold".to_string(), AttrValue::from(true)),
+                ("ms".to_string(), AttrValue::from(12.5)),
+            ]
+            .into_iter()
+            .collect(),
+        }),
+        Record::Event(EventRecord {
+            at_ns: 1_700_000_000_200_000_000,
+            name: "photos".into(),
+            increment: Some(3),
+            attributes: [("kind".to_string(), AttrValue::from(2i64))]
+                .into_iter()
+                .collect(),
+        }),
+        Record::Health(HealthRecord {
+            at_ns: 1_700_000_000_300_000_000,
+            model: "golden".into(),
+            version: "7".into(),
+            tensors: vec![TensorStats {
+                name: "x".into(),
+                io: golden_io("input"),
+                count: 8,
+                nan: 1,
+                mean: 0.25,
+                min: -1.0,
+                max: 2.0,
+                top: 2.0,
+                drift: Some(DriftCounts {
+                    counts: vec![vec![1, 5, 2]],
+                    expected: vec![vec![0.25, 0.5, 0.25]],
+                }),
+            }],
+        }),
+    ];
+    for (ix, reason) in [
+        "queue_full",
+        "byte_cap",
+        "age_cap",
+        "io_error",
+        "rejected_by_uploader",
+        "unencodable",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        records.push(golden_dropped(
+            1_700_000_000_400_000_000 + ix as u64,
+            ix as u64 + 1,
+            reason,
+        ));
+    }
+    records
+}
+
+fn golden_error(kind: &str) -> Outcome {
+    Outcome::Error(kind.into())
+}
+
+fn golden_io(io: &str) -> String {
+    io.into()
+}
+
+fn golden_dropped(at_ns: u64, count: u64, reason: &str) -> Record {
+    Record::Dropped {
+        at_ns,
+        count,
+        reason: reason.into(),
+    }
+}
+
+/// The stored JSON of every record kind and the OTLP requests made of them are exactly the
+/// checked-in `tests/golden/telemetry.json` (records written by one version of tern are read
+/// and uploaded identically by the next). `TERN_BLESS=1` rewrites it.
+#[test]
+fn stored_and_uploaded_json_match_the_golden_copy() {
+    let records = golden_records();
+    let config = TelemetryConfig {
+        service_name: "golden-app".into(),
+        resource: [("device.model".to_string(), "test".to_string())]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    let batch = telemetry::otlp::build(42, &records, &config);
+    // Stored records byte for byte (as the store frames them); OTLP bodies as JSON values.
+    let stored: Vec<String> = records
+        .iter()
+        .map(|r| serde_json::to_string(r).expect("record JSON"))
+        .collect();
+    let uploaded: Vec<serde_json::Value> = batch
+        .payloads
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "signal": p.signal.to_string(),
+                "path": p.path.to_string(),
+                "body": serde_json::from_str::<serde_json::Value>(&p.json).expect("OTLP JSON"),
+            })
+        })
+        .collect();
+    let actual = serde_json::json!({ "stored": stored, "uploaded": uploaded });
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/telemetry.json");
+    let text = serde_json::to_string_pretty(&actual).expect("JSON") + "\n";
+    if tern_tests::bless() {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("golden dir");
+        std::fs::write(&path, &text).expect("write golden");
+    }
+    let golden =
+        std::fs::read_to_string(&path).expect("tests/golden/telemetry.json (TERN_BLESS=1)");
+    assert_eq!(
+        text, golden,
+        "telemetry JSON changed; if on purpose, TERN_BLESS=1"
+    );
+    // Records read back from their JSON are the records written.
+    for (r, v) in records.iter().zip(&stored) {
+        assert_eq!(&serde_json::from_str::<Record>(v).expect("parse"), r);
+    }
+}
