@@ -12,7 +12,11 @@ struct PrintingUploader;
 impl Uploader for PrintingUploader {
     fn upload(&self, batch: &UploadBatch) -> UploadResult {
         for p in &batch.payloads {
-            println!("POST {} ({} bytes of OTLP/JSON)", p.path, p.json.len());
+            println!(
+                "POST {} ({} bytes of OTLP/JSON)",
+                p.signal.path(),
+                p.json.len()
+            );
         }
         UploadResult::Accepted
     }

@@ -463,11 +463,32 @@ fn workers() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
+/// The OTLP signal a request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum TelemetrySignal {
+    /// Inference spans (`/v1/traces`).
+    Traces,
+    /// Metrics (`/v1/metrics`).
+    Metrics,
+    /// App events (`/v1/logs`).
+    Logs,
+}
+
+impl From<tel::Signal> for TelemetrySignal {
+    fn from(s: tel::Signal) -> Self {
+        match s {
+            tel::Signal::Traces => TelemetrySignal::Traces,
+            tel::Signal::Metrics => TelemetrySignal::Metrics,
+            tel::Signal::Logs => TelemetrySignal::Logs,
+        }
+    }
+}
+
 /// One OTLP request of an upload batch.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct UploadPayload {
-    /// `traces`, `metrics` or `logs`.
-    pub signal: String,
+    /// Which signal it carries.
+    pub signal: TelemetrySignal,
     /// Collector path, e.g. `/v1/metrics`.
     pub path: String,
     /// OTLP/JSON body.
@@ -521,7 +542,7 @@ impl tel::Uploader for ForeignUploader {
                 .iter()
                 .map(|p| UploadPayload {
                     signal: p.signal.into(),
-                    path: p.path.into(),
+                    path: p.signal.path().into(),
                     json: p.json.clone(),
                 })
                 .collect(),
@@ -552,6 +573,21 @@ pub struct TelemetryConfig {
     /// OTLP `service.name`.
     #[uniffi(default = "tern")]
     pub service_name: String,
+}
+
+/// Counters describing the telemetry buffer now.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct TelemetryStats {
+    /// Bytes on disk.
+    pub bytes_on_disk: u64,
+    /// Batches waiting for upload.
+    pub pending_batches: u64,
+    /// Records dropped since the buffer was opened, all reasons.
+    pub dropped: u64,
+    /// Consecutive failed upload attempts.
+    pub upload_failures: u32,
+    /// Damaged bytes skipped when the buffer was opened.
+    pub recovered_skipped_bytes: u64,
 }
 
 /// What an upload pass did.
@@ -635,13 +671,15 @@ impl TernTelemetry {
         self.inner.set_network_available(available);
     }
 
-    /// Bytes on disk and records dropped so far.
-    pub fn stats(&self) -> HashMap<String, u64> {
+    /// Counters describing the buffer now.
+    pub fn stats(&self) -> TelemetryStats {
         let s = self.inner.stats();
-        HashMap::from([
-            ("bytesOnDisk".to_string(), s.bytes_on_disk),
-            ("pendingBatches".to_string(), s.pending_batches),
-            ("dropped".to_string(), s.dropped),
-        ])
+        TelemetryStats {
+            bytes_on_disk: s.bytes_on_disk,
+            pending_batches: s.pending_batches,
+            dropped: s.dropped,
+            upload_failures: s.upload_failures,
+            recovered_skipped_bytes: s.recovered_skipped_bytes,
+        }
     }
 }

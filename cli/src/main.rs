@@ -350,20 +350,20 @@ fn run(cli: &Cli) -> Result<()> {
                     })
                     .collect::<Result<_>>()?
             };
-            let mut baseline = tern::telemetry::Baseline::default();
+            let mut baseline = tern::baseline::Baseline::default();
             for (name, axis) in watched {
                 let tensors = seen
                     .get(&name)
                     .with_context(|| format!("no input or output named {name:?}"))?;
                 baseline
                     .tensors
-                    .push(tern::telemetry::TensorBaseline::from_samples(
+                    .push(tern::baseline::TensorBaseline::from_samples(
                         &name, axis, tensors, *bins,
                     )?);
             }
             let bytes = tern::fs::read_regular(model, tern::fs::MAX_MODEL_BYTES)
                 .with_context(|| format!("reading {}", model.display()))?;
-            std::fs::write(output, tern::telemetry::embed_baseline(&bytes, &baseline)?)
+            std::fs::write(output, tern::baseline::embed(&bytes, &baseline)?)
                 .with_context(|| format!("writing {}", output.display()))?;
             let names: Vec<&str> = baseline.tensors.iter().map(|t| t.name.as_str()).collect();
             if cli.json {

@@ -13,7 +13,7 @@ fn span() -> Record {
         start_ns: 1,
         model: "model".into(),
         version: "1".into(),
-        backend: "cpu".into(),
+        backend: tern::Backend::Cpu,
         stages: vec![("model".into(), 1000)],
         outcome: Outcome::Ok,
     })

@@ -6,20 +6,9 @@
 
 use std::path::PathBuf;
 
+pub use crate::kinds::NanPolicy;
+use crate::kinds::{Backend, TensorRole};
 use crate::tensor::DType;
-
-/// What to do with NaN values (infinities are always allowed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NanPolicy {
-    /// Let NaN through, in and out, as onnxruntime does.
-    Allow,
-    /// Reject inputs containing NaN with [`Error::NanValues`]; let outputs through.
-    RejectInputs,
-    /// Reject NaN in inputs and in outputs (the default: a NaN score is never silently used).
-    #[default]
-    Reject,
-}
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -60,7 +49,7 @@ pub enum Error {
     #[error("cannot prepare model for {backend}: {reason}")]
     Compile {
         /// Backend that failed.
-        backend: &'static str,
+        backend: Backend,
         /// The backend's explanation (full cause chain).
         reason: String,
     },
@@ -113,8 +102,8 @@ pub enum Error {
     /// A tensor contains NaN and the session's [`NanPolicy`](NanPolicy) rejects it.
     #[error("{which} {name:?} contains {count} NaN value(s) (NaN policy: {policy:?})")]
     NanValues {
-        /// `"input"` or `"output"`.
-        which: &'static str,
+        /// Whether it is an input or an output.
+        which: TensorRole,
         /// The tensor's name.
         name: String,
         /// How many elements are NaN.
@@ -134,7 +123,7 @@ pub enum Error {
     #[error("backend {backend} unavailable: {reason}")]
     BackendUnavailable {
         /// The backend asked for.
-        backend: &'static str,
+        backend: Backend,
         /// Why it cannot be used.
         reason: String,
     },
@@ -150,7 +139,7 @@ pub enum Error {
     #[error("inference failed on {backend}: {reason}")]
     Inference {
         /// Backend that failed.
-        backend: &'static str,
+        backend: Backend,
         /// The backend's explanation (full cause chain).
         reason: String,
     },
@@ -168,7 +157,9 @@ pub enum Error {
 /// What kind of failure an [`Error`] is: one value per variant, for code that branches on
 /// it (telemetry outcomes, the CLI's `--json`, the FFI's typed exceptions). Serialized as
 /// its [`ErrorKind::as_str`] name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// [`Error::Io`].

@@ -20,9 +20,12 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod baseline;
 pub mod error;
 pub mod fs;
+pub mod kinds;
 pub mod model;
+pub mod onnx;
 pub mod options;
 mod qdq;
 pub mod session;
@@ -30,8 +33,9 @@ mod sync;
 pub mod telemetry;
 pub mod tensor;
 
-pub use backend::{Backend, PlanReport, Specialisation};
+pub use backend::{PlanReport, Specialisation};
 pub use error::{Error, ErrorKind, Result};
+pub use kinds::{Backend, TensorRole};
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
 pub use options::{
     CpuOptions, GpuOptions, GpuPrecision, InputOptions, NanPolicy, OptLevel, SessionOptions,

@@ -10,13 +10,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use prost::Message;
 use tract_onnx::pb;
 use tract_onnx::prelude::InferenceModel;
 
+use crate::baseline::{self, Baseline};
 use crate::error::Result;
 use crate::error::{catch_panic, chain, Error};
-use crate::telemetry::drift::{self, Baseline};
+use crate::onnx;
 use crate::tensor::{DType, Tensor};
 
 /// One dimension of a declared tensor shape.
@@ -206,7 +206,7 @@ impl GraphStats {
             self.count_tensor(t);
         }
         for node in &graph.node {
-            *self.ops.entry(op_key(node)).or_default() += 1;
+            *self.ops.entry(onnx::op_key(node)).or_default() += 1;
             for attr in &node.attribute {
                 if node.op_type == "Constant" {
                     if let Some(t) = &attr.t {
@@ -230,15 +230,6 @@ impl GraphStats {
             .and_then(DType::size_of)
             .unwrap_or(0) as u64;
         self.param_bytes += n * size;
-    }
-}
-
-/// A node's op type, prefixed by its domain outside `ai.onnx` (the op histogram's keys).
-fn op_key(node: &pb::NodeProto) -> String {
-    if node.domain.is_empty() || node.domain == "ai.onnx" {
-        node.op_type.clone()
-    } else {
-        format!("{}.{}", node.domain, node.op_type)
     }
 }
 
@@ -317,9 +308,7 @@ impl Model {
 
     fn parse(bytes: &[u8], dir: Option<PathBuf>, name: String) -> Result<Model> {
         catch_panic("model loading", || {
-            let proto = pb::ModelProto::decode(bytes).map_err(|e| Error::InvalidModel {
-                reason: format!("not an ONNX protobuf: {e}"),
-            })?;
+            let proto = onnx::decode(bytes)?;
             if proto.ir_version <= 0 {
                 return Err(Error::InvalidModel {
                     reason: "no IR version: the bytes are not an ONNX model".into(),
@@ -335,7 +324,7 @@ impl Model {
                 .with_ignore_value_info(true)
                 .parse(&proto, dir)
                 .map_err(|e| Error::Compile {
-                    backend: "tract",
+                    backend: crate::Backend::Cpu,
                     reason: chain(&e),
                 })?;
             if !parsed.unresolved_inputs.is_empty() {
@@ -352,10 +341,10 @@ impl Model {
             } else {
                 name
             };
-            let baseline = match info.metadata.get(drift::METADATA_KEY) {
+            let baseline = match info.metadata.get(baseline::METADATA_KEY) {
                 Some(json) => Some(Arc::new(Baseline::from_json(json).map_err(|e| {
                     Error::InvalidModel {
-                        reason: format!("metadata {:?}: {e}", drift::METADATA_KEY),
+                        reason: format!("metadata {:?}: {e}", baseline::METADATA_KEY),
                     }
                 })?)),
                 None => None,
@@ -367,7 +356,7 @@ impl Model {
                         (true, Some(output)) => output.clone(),
                         _ => node.name.clone(),
                     };
-                    first_nodes.entry(op_key(node)).or_insert(name);
+                    first_nodes.entry(onnx::op_key(node)).or_insert(name);
                 }
             }
             // A fused graph that tract cannot parse is dropped: the model runs unfused.

@@ -14,41 +14,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::baseline::Baseline;
 use crate::error::{parse_choice, Error, Result};
-use crate::telemetry::{Baseline, Telemetry};
-
-/// Which device a session runs on.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// The CPU, through tract's optimized plan.
-    Cpu,
-    /// The device GPU, through burn on wgpu (cargo feature `gpu`).
-    Gpu,
-    /// The GPU when this build has it, an adapter works and the model is fully supported;
-    /// the CPU otherwise. The session reports the choice and the reason.
-    #[default]
-    Auto,
-}
-
-impl Backend {
-    /// Lowercase name: `cpu`, `gpu`, `auto`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-            Backend::Gpu => "gpu",
-            Backend::Auto => "auto",
-        }
-    }
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use crate::telemetry::Telemetry;
 
 impl std::str::FromStr for Backend {
     type Err = Error;
@@ -76,9 +44,9 @@ pub enum OptLevel {
     Full,
 }
 
-// `NanPolicy` is defined with the error it decides (`Error::NanValues` carries it), so
-// that `error` depends on nothing here; it is an option like the others.
-pub use crate::error::NanPolicy;
+// `Backend` and `NanPolicy` are defined in the leaf `kinds` (errors and telemetry records
+// carry them too); they are options like the others, parsed here.
+pub use crate::kinds::{Backend, NanPolicy};
 
 impl std::str::FromStr for NanPolicy {
     type Err = Error;

@@ -37,12 +37,7 @@ pub(crate) fn fuse(proto: &pb::ModelProto) -> Option<(pb::ModelProto, usize)> {
         .iter()
         .map(|t| (t.name.as_str(), t))
         .collect();
-    let producers: HashMap<&str, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(ix, n)| n.output.iter().map(move |o| (o.as_str(), ix)))
-        .collect();
+    let producers = crate::onnx::producers(graph);
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
     for (ix, node) in graph.node.iter().enumerate() {
         for input in &node.input {

@@ -11,16 +11,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{self, Executor};
+use crate::baseline::Baseline;
 use crate::error::{catch_panic, Error, Result};
+use crate::kinds::TensorRole;
 use crate::model::{Dim, Model};
 pub use crate::options::{
     Backend, CpuOptions, GpuOptions, GpuPrecision, InputOptions, NanPolicy, OptLevel,
     SessionOptions, ShapePolicy, TelemetryChoice, TelemetryOptions, ThreadPolicy, MAX_THREADS,
 };
 use crate::telemetry::record::{now_ns, random_trace_id};
-use crate::telemetry::{
-    Baseline, DriftCounts, HealthRecord, Outcome, Record, SpanRecord, Telemetry, TensorStats,
-};
+use crate::telemetry::{health, Outcome, Record, SpanRecord, Telemetry};
 use crate::tensor::{DType, Tensor};
 
 /// Checks the options against the model and resolves `threads == 0`.
@@ -154,7 +154,12 @@ impl Session {
         let ordered = self.order_inputs(inputs)?;
         for (spec, tensor) in self.inputs.iter().zip(&ordered) {
             if self.options.inputs.nan_policy != NanPolicy::Allow {
-                check_nan("input", &spec.name, tensor, self.options.inputs.nan_policy)?;
+                check_nan(
+                    TensorRole::Input,
+                    &spec.name,
+                    tensor,
+                    self.options.inputs.nan_policy,
+                )?;
             }
         }
         let sampled = self
@@ -165,11 +170,25 @@ impl Session {
         let ran = catch_panic("inference", || self.executor.run(ordered))?;
         let outputs = ran.outputs;
         if let Some((telemetry, inputs)) = sampled {
-            telemetry.record(Record::Health(self.health(&inputs, &outputs)));
+            let inputs = self.inputs.iter().map(|s| s.name.as_str()).zip(&inputs);
+            let outputs = self.output_names.iter().map(String::as_str).zip(&outputs);
+            telemetry.record(Record::Health(health::sample(
+                &self.model_name,
+                &self.model_version,
+                self.baseline.as_deref(),
+                inputs
+                    .map(|(n, t)| (TensorRole::Input, n, t))
+                    .chain(outputs.map(|(n, t)| (TensorRole::Output, n, t))),
+            )));
         }
         if self.options.inputs.nan_policy == NanPolicy::Reject {
             for (name, tensor) in self.output_names.iter().zip(&outputs) {
-                check_nan("output", name, tensor, self.options.inputs.nan_policy)?;
+                check_nan(
+                    TensorRole::Output,
+                    name,
+                    tensor,
+                    self.options.inputs.nan_policy,
+                )?;
             }
         }
         Ok((
@@ -179,68 +198,6 @@ impl Session {
             },
             ran.fallback,
         ))
-    }
-
-    /// Aggregate statistics of a run's tensors (never the values themselves).
-    fn health(&self, inputs: &[Tensor], outputs: &[Tensor]) -> HealthRecord {
-        let inputs = self
-            .inputs
-            .iter()
-            .map(|s| s.name.as_str())
-            .zip(inputs)
-            .map(|(n, t)| ("input", n, t));
-        let outputs = self
-            .output_names
-            .iter()
-            .map(String::as_str)
-            .zip(outputs)
-            .map(|(n, t)| ("output", n, t));
-        let tensors = inputs
-            .chain(outputs)
-            .filter_map(|(io, name, t)| {
-                let values = t.to_f32_vec().ok()?;
-                let finite: Vec<f64> = values
-                    .iter()
-                    .filter(|v| v.is_finite())
-                    .map(|v| f64::from(*v))
-                    .collect();
-                let n = finite.len().max(1) as f64;
-                // With no finite value at all, the statistics are 0 (count and nan say why).
-                let fold =
-                    |init: f64, f: fn(f64, f64) -> f64| match finite.iter().copied().reduce(f) {
-                        Some(v) => v,
-                        None => init,
-                    };
-                let max = fold(0.0, f64::max);
-                let drift = self
-                    .baseline
-                    .as_ref()
-                    .and_then(|b| b.tensors.iter().find(|tb| tb.name == name))
-                    .and_then(|tb| {
-                        Some(DriftCounts {
-                            counts: tb.count(t)?,
-                            expected: tb.proportions.clone(),
-                        })
-                    });
-                Some(TensorStats {
-                    name: name.to_string(),
-                    io: io.to_string(),
-                    count: values.len() as u64,
-                    nan: values.iter().filter(|v| v.is_nan()).count() as u64,
-                    mean: finite.iter().sum::<f64>() / n,
-                    min: fold(0.0, f64::min),
-                    max,
-                    top: max,
-                    drift,
-                })
-            })
-            .collect();
-        HealthRecord {
-            at_ns: now_ns(),
-            model: self.model_name.clone(),
-            version: self.model_version.clone(),
-            tensors,
-        }
     }
 
     /// Puts named inputs in model order and checks names, element types and shapes.
@@ -368,7 +325,7 @@ impl Trace<'_> {
                 Ok(outputs)
             }
             Err(e) => {
-                self.outcome = Outcome::Error(e.kind().to_string());
+                self.outcome = Outcome::Error(e.error_kind());
                 Err(e)
             }
         }
@@ -390,7 +347,7 @@ impl Drop for Trace<'_> {
             start_ns: self.start_ns,
             model: self.session.model_name.clone(),
             version: self.session.model_version.clone(),
-            backend: self.session.backend.name().to_string(),
+            backend: self.session.backend,
             stages: std::mem::take(&mut self.stages),
             outcome: std::mem::replace(&mut self.outcome, Outcome::Ok),
         }));
@@ -441,7 +398,7 @@ fn check_shape<'a>(
     Ok(())
 }
 
-fn check_nan(which: &'static str, name: &str, tensor: &Tensor, policy: NanPolicy) -> Result<()> {
+fn check_nan(which: TensorRole, name: &str, tensor: &Tensor, policy: NanPolicy) -> Result<()> {
     if !tensor.dtype().is_float() {
         return Ok(());
     }

@@ -304,12 +304,12 @@ fn nan_policy_is_enforced_on_inputs_and_outputs() {
     let reject = div_session(NanPolicy::Reject);
     let err = reject.run(nan_in()).unwrap_err();
     assert!(
-        matches!(&err, Error::NanValues { which: "input", name, count: 1, .. } if name == "x"),
+        matches!(&err, Error::NanValues { which: tern::TensorRole::Input, name, count: 1, .. } if name == "x"),
         "{err:?}"
     );
     let err = reject.run(nan_out()).unwrap_err();
     assert!(
-        matches!(&err, Error::NanValues { which: "output", name, count: 1, .. } if name == "z"),
+        matches!(&err, Error::NanValues { which: tern::TensorRole::Output, name, count: 1, .. } if name == "z"),
         "{err:?}"
     );
 

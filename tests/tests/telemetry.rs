@@ -9,8 +9,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tern::telemetry::{
-    self, AttrValue, Outcome, Record, Telemetry, TelemetryConfig, UploadBatch, UploadResult,
-    Uploader,
+    self, AttrValue, DropReason, Outcome, Record, Signal, Telemetry, TelemetryConfig, UploadBatch,
+    UploadResult, Uploader,
 };
 use tern::{Model, NanPolicy, Session, SessionOptions, Tensor};
 use tern_tests::fixtures::div_model;
@@ -85,14 +85,14 @@ fn sessions_record_spans_errors_and_health_without_app_code() {
         })
         .collect();
     assert_eq!(spans.len(), 11);
-    assert!(spans
-        .iter()
-        .all(|s| s.model == "fixture" && s.backend == "cpu" && s.stages[0].0 == "model"));
+    assert!(spans.iter().all(|s| s.model == "fixture"
+        && s.backend == tern::Backend::Cpu
+        && s.stages[0].0 == "model"));
     assert_eq!(
         spans.iter().filter(|s| s.outcome == Outcome::Ok).count(),
         10
     );
-    assert_eq!(spans[10].outcome, Outcome::Error("nan".into()));
+    assert_eq!(spans[10].outcome, Outcome::Error(tern::ErrorKind::Nan));
     let health: Vec<_> = records
         .iter()
         .filter_map(|r| {
@@ -106,7 +106,7 @@ fn sessions_record_spans_errors_and_health_without_app_code() {
     assert_eq!(health.len(), 6, "every second run sampled");
     let z = health[0].tensors.iter().find(|s| s.name == "z").unwrap();
     assert_eq!(
-        (z.io.as_str(), z.count, z.nan, z.mean, z.top),
+        (z.io.name(), z.count, z.nan, z.mean, z.top),
         ("output", 3, 0, 2.0, 2.0)
     );
     assert_eq!(
@@ -298,7 +298,7 @@ fn byte_cap_evicts_oldest_first_and_counts_the_loss() {
     let noted: u64 = records
         .iter()
         .filter_map(|r| match r {
-            Record::Dropped { count, reason, .. } if reason == "byte_cap" => Some(*count),
+            Record::Dropped { count, reason, .. } if *reason == DropReason::ByteCap => Some(*count),
             _ => None,
         })
         .sum();
@@ -330,7 +330,7 @@ fn age_cap_evicts_old_segments() {
     assert!(ids.len() < 51 && ids.contains(&50), "{ids:?}");
     assert!(records
         .iter()
-        .any(|r| matches!(r, Record::Dropped { reason, .. } if reason == "age_cap")));
+        .any(|r| matches!(r, Record::Dropped { reason, .. } if *reason == DropReason::AgeCap)));
 }
 
 #[test]
@@ -348,9 +348,9 @@ fn full_disk_is_an_error_not_a_crash_and_recovers() {
     t.flush().unwrap();
     let records = t.stored_records().unwrap();
     assert_eq!(counter_ids(&records), vec![1]);
-    assert!(records
-        .iter()
-        .any(|r| matches!(r, Record::Dropped { reason, count: 1, .. } if reason == "io_error")));
+    assert!(records.iter().any(
+        |r| matches!(r, Record::Dropped { reason, count: 1, .. } if *reason == DropReason::IoError)
+    ));
 }
 
 #[test]
@@ -406,7 +406,9 @@ fn a_full_queue_drops_and_counts_instead_of_blocking() {
     let noted: u64 = records
         .iter()
         .filter_map(|r| match r {
-            Record::Dropped { count, reason, .. } if reason == "queue_full" => Some(*count),
+            Record::Dropped { count, reason, .. } if *reason == DropReason::QueueFull => {
+                Some(*count)
+            }
             _ => None,
         })
         .sum();
@@ -517,7 +519,7 @@ fn rejected_batches_are_dropped_and_the_loss_is_uploaded() {
     let metrics = seen
         .iter()
         .flat_map(|b| &b.payloads)
-        .find(|p| p.signal == "metrics")
+        .find(|p| p.signal == Signal::Metrics)
         .unwrap();
     assert!(
         metrics.json.contains("tern.telemetry.dropped")
@@ -746,7 +748,7 @@ fn psi_points(batches: &[UploadBatch]) -> Vec<(String, i64, f64)> {
     for p in batches
         .iter()
         .flat_map(|b| &b.payloads)
-        .filter(|p| p.signal == "metrics")
+        .filter(|p| p.signal == Signal::Metrics)
     {
         let v: serde_json::Value = serde_json::from_str(&p.json).unwrap();
         for m in v["resourceMetrics"][0]["scopeMetrics"][0]["metrics"]
@@ -787,7 +789,7 @@ fn psi_points(batches: &[UploadBatch]) -> Vec<(String, i64, f64)> {
 
 #[test]
 fn drift_against_the_baseline_the_model_ships() {
-    use tern::telemetry::{Baseline, TensorBaseline};
+    use tern::baseline::{Baseline, TensorBaseline};
     let samples: Vec<Tensor> = (0..50).map(|s| x_batch(s, 0.0)).collect();
     let baseline = Baseline {
         tensors: vec![TensorBaseline::from_samples("x", Some(-1), &samples, 10).unwrap()],
@@ -855,15 +857,15 @@ fn golden_records() -> Vec<Record> {
             start_ns: 1_700_000_000_000_000_000 + ix * 1_000_000,
             model: "golden".into(),
             version: "7".into(),
-            backend: "cpu".into(),
+            backend: tern::Backend::Cpu,
             stages: vec![("preprocess".into(), 1_000 + ix), ("model".into(), 20_000)],
             outcome,
         })
     };
     let mut records = vec![
         span(1, Outcome::Ok),
-        span(2, golden_error("nan")),
-        span(3, golden_error("shape_mismatch")),
+        span(2, Outcome::Error(tern::ErrorKind::Nan)),
+        span(3, Outcome::Error(tern::ErrorKind::ShapeMismatch)),
         span(4, Outcome::Timeout),
         span(5, Outcome::Fallback),
         Record::Event(EventRecord {
@@ -892,7 +894,7 @@ fn golden_records() -> Vec<Record> {
             version: "7".into(),
             tensors: vec![TensorStats {
                 name: "x".into(),
-                io: golden_io("input"),
+                io: tern::TensorRole::Input,
                 count: 8,
                 nan: 1,
                 mean: 0.25,
@@ -907,12 +909,13 @@ fn golden_records() -> Vec<Record> {
         }),
     ];
     for (ix, reason) in [
-        "queue_full",
-        "byte_cap",
-        "age_cap",
-        "io_error",
-        "rejected_by_uploader",
-        "unencodable",
+        DropReason::QueueFull,
+        DropReason::ByteCap,
+        DropReason::AgeCap,
+        DropReason::IoError,
+        DropReason::RejectedByUploader,
+        DropReason::Unencodable,
+        DropReason::Undecodable,
     ]
     .into_iter()
     .enumerate()
@@ -926,19 +929,11 @@ fn golden_records() -> Vec<Record> {
     records
 }
 
-fn golden_error(kind: &str) -> Outcome {
-    Outcome::Error(kind.into())
-}
-
-fn golden_io(io: &str) -> String {
-    io.into()
-}
-
-fn golden_dropped(at_ns: u64, count: u64, reason: &str) -> Record {
+fn golden_dropped(at_ns: u64, count: u64, reason: DropReason) -> Record {
     Record::Dropped {
         at_ns,
         count,
-        reason: reason.into(),
+        reason,
     }
 }
 
@@ -967,7 +962,7 @@ fn stored_and_uploaded_json_match_the_golden_copy() {
         .map(|p| {
             serde_json::json!({
                 "signal": p.signal.to_string(),
-                "path": p.path.to_string(),
+                "path": p.signal.path().to_string(),
                 "body": serde_json::from_str::<serde_json::Value>(&p.json).expect("OTLP JSON"),
             })
         })

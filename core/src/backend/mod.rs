@@ -115,7 +115,7 @@ fn prepare_gpu(
 #[cfg(not(feature = "gpu"))]
 fn prepare_gpu(_: &Model, _: &SessionOptions, _: String, _: bool) -> Result<Prepared> {
     Err(crate::Error::BackendUnavailable {
-        backend: "gpu",
+        backend: Backend::Gpu,
         reason: "this build of tern has no GPU backend (cargo feature `gpu`)".into(),
     })
 }

@@ -48,7 +48,7 @@ use crate::options::{OptLevel, SessionOptions, ShapePolicy, ThreadPolicy};
 use crate::sync::lock;
 use crate::tensor::{DType, Tensor};
 
-const NAME: &str = "tract";
+const NAME: Backend = Backend::Cpu;
 
 fn compile_err(e: anyhow::Error) -> Error {
     Error::Compile {

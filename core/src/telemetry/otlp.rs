@@ -16,14 +16,69 @@ use serde_json::{json, Value};
 use super::record::{AttrValue, Record};
 use super::sketch::{ExpHistogram, SCALE};
 use super::TelemetryConfig;
+use crate::kinds::TensorRole;
+
+/// The three OTLP signals a batch can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Signal {
+    /// Inference spans (`/v1/traces`).
+    Traces,
+    /// Latency, call, error, drop, counter and health metrics (`/v1/metrics`).
+    Metrics,
+    /// App events (`/v1/logs`).
+    Logs,
+}
+
+impl Signal {
+    /// `traces`, `metrics` or `logs`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Traces => "traces",
+            Signal::Metrics => "metrics",
+            Signal::Logs => "logs",
+        }
+    }
+
+    /// The collector path: `/v1/traces`, `/v1/metrics` or `/v1/logs`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/v1/traces",
+            Signal::Metrics => "/v1/metrics",
+            Signal::Logs => "/v1/logs",
+        }
+    }
+
+    /// The request body's nesting: the resource list, scope list and item list keys.
+    fn keys(self) -> [&'static str; 3] {
+        match self {
+            Signal::Traces => ["resourceSpans", "scopeSpans", "spans"],
+            Signal::Metrics => ["resourceMetrics", "scopeMetrics", "metrics"],
+            Signal::Logs => ["resourceLogs", "scopeLogs", "logRecords"],
+        }
+    }
+
+    /// One request of this signal carrying `items` for `resource`.
+    fn payload(self, resource: &Value, items: Vec<Value>) -> Payload {
+        let [resources, scopes, list] = self.keys();
+        let body = json!({ resources: [{ "resource": resource, scopes: [{ "scope": scope(), list: items }] }] });
+        Payload {
+            signal: self,
+            json: body.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// One OTLP request body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Payload {
-    /// `traces`, `metrics` or `logs`.
-    pub signal: &'static str,
-    /// The collector path: `/v1/traces`, `/v1/metrics` or `/v1/logs`.
-    pub path: &'static str,
+    /// Which signal it carries (and so the collector path, [`Signal::path`]).
+    pub signal: Signal,
     /// The JSON body.
     pub json: String,
 }
@@ -79,19 +134,22 @@ fn span_id(trace_id: &str, ix: usize) -> String {
     format!("{:016x}", base.wrapping_add(ix as u64).max(1))
 }
 
-type Key = (String, String, String);
+/// (model, version, backend).
+type Key = (String, String, &'static str);
 /// Counter name and its attributes (as text, for grouping) → total and OTLP attributes.
 type Counters = BTreeMap<(String, Vec<(String, String)>), (u64, Vec<Value>)>;
 /// (model, version, tensor, io) → (elements, NaNs, sum of means, sum of top scores, samples).
-type Health = BTreeMap<(String, String, String, String), (u64, u64, f64, f64, u64)>;
+type Health = BTreeMap<TensorKey, (u64, u64, f64, f64, u64)>;
 /// (model, version, tensor, io) → summed bin counts and the baseline's shares.
-type Drift = BTreeMap<(String, String, String, String), (Vec<Vec<u64>>, Vec<Vec<f64>>)>;
+type Drift = BTreeMap<TensorKey, (Vec<Vec<u64>>, Vec<Vec<f64>>)>;
+/// (model, version, tensor, io).
+type TensorKey = (String, String, String, &'static str);
 
 #[derive(Default)]
 struct ModelAgg {
     latency: Option<ExpHistogram>,
-    calls: BTreeMap<String, u64>,
-    errors: BTreeMap<String, u64>,
+    calls: BTreeMap<&'static str, u64>,
+    errors: BTreeMap<&'static str, u64>,
 }
 
 /// Builds the OTLP requests for one stored segment.
@@ -100,7 +158,8 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
     let mut spans = Vec::new();
     let mut logs = Vec::new();
     let mut per_model: BTreeMap<Key, ModelAgg> = BTreeMap::new();
-    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    // Keyed by name, not by enum, so data points come in the same (alphabetical) order.
+    let mut dropped: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut counters: Counters = BTreeMap::new();
     let mut health: Health = BTreeMap::new();
     let mut drift: Drift = BTreeMap::new();
@@ -115,13 +174,13 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
                 let mut attrs = vec![
                     kv("tern.model", s(&sp.model)),
                     kv("tern.model.version", s(&sp.version)),
-                    kv("tern.backend", s(&sp.backend)),
+                    kv("tern.backend", s(sp.backend.name())),
                     kv("tern.outcome", s(sp.outcome.label())),
                 ];
                 let status = match &sp.outcome {
                     super::Outcome::Error(kind) => {
-                        attrs.push(kv("tern.error.kind", s(kind)));
-                        json!({ "code": 2, "message": kind })
+                        attrs.push(kv("tern.error.kind", s(kind.as_str())));
+                        json!({ "code": 2, "message": kind.as_str() })
                     }
                     _ => json!({ "code": 1 }),
                 };
@@ -141,14 +200,14 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
                     t += d;
                 }
                 let agg = per_model
-                    .entry((sp.model.clone(), sp.version.clone(), sp.backend.clone()))
+                    .entry((sp.model.clone(), sp.version.clone(), sp.backend.name()))
                     .or_default();
                 agg.latency
                     .get_or_insert_with(ExpHistogram::new)
                     .record(dur as f64 / 1e6);
-                *agg.calls.entry(sp.outcome.label().to_string()).or_default() += 1;
+                *agg.calls.entry(sp.outcome.label()).or_default() += 1;
                 if let super::Outcome::Error(kind) = &sp.outcome {
-                    *agg.errors.entry(kind.clone()).or_default() += 1;
+                    *agg.errors.entry(kind.as_str()).or_default() += 1;
                 }
             }
             Record::Event(ev) => {
@@ -179,7 +238,7 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
                         h.model.clone(),
                         h.version.clone(),
                         t.name.clone(),
-                        t.io.clone(),
+                        t.io.name(),
                     );
                     if let Some(d) = &t.drift {
                         let e = drift.entry(key.clone()).or_insert_with(|| {
@@ -209,7 +268,7 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
             } => {
                 start = start.min(*at_ns);
                 end = end.max(*at_ns);
-                *dropped.entry(reason.clone()).or_default() += count;
+                *dropped.entry(reason.as_str()).or_default() += count;
             }
         }
     }
@@ -297,7 +356,7 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
             let g = |v: f64| json!({ "attributes": a, "timeUnixNano": t1, "asDouble": v });
             nan_rate.push(g(*nan as f64 / (*count).max(1) as f64));
             mean.push(g(mean_sum / *samples as f64));
-            if io == "output" {
+            if *io == TensorRole::Output.name() {
                 top.push(g(top_sum / *samples as f64));
             }
         }
@@ -324,32 +383,16 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
         metrics.push(gauge_metric("tern.health.drift.psi", "1", points));
     }
 
-    let mut payloads = Vec::new();
     let res = resource(config);
-    if !spans.is_empty() {
-        let body = json!({ "resourceSpans": [{ "resource": res, "scopeSpans": [{ "scope": scope(), "spans": spans }] }] });
-        payloads.push(Payload {
-            signal: "traces",
-            path: "/v1/traces",
-            json: body.to_string(),
-        });
-    }
-    if !metrics.is_empty() {
-        let body = json!({ "resourceMetrics": [{ "resource": res, "scopeMetrics": [{ "scope": scope(), "metrics": metrics }] }] });
-        payloads.push(Payload {
-            signal: "metrics",
-            path: "/v1/metrics",
-            json: body.to_string(),
-        });
-    }
-    if !logs.is_empty() {
-        let body = json!({ "resourceLogs": [{ "resource": res, "scopeLogs": [{ "scope": scope(), "logRecords": logs }] }] });
-        payloads.push(Payload {
-            signal: "logs",
-            path: "/v1/logs",
-            json: body.to_string(),
-        });
-    }
+    let payloads = [
+        (Signal::Traces, spans),
+        (Signal::Metrics, metrics),
+        (Signal::Logs, logs),
+    ]
+    .into_iter()
+    .filter(|(_, items)| !items.is_empty())
+    .map(|(signal, items)| signal.payload(&res, items))
+    .collect();
     UploadBatch {
         id,
         records: records.len() as u64,

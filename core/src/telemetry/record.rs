@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ErrorKind;
+use crate::kinds::{Backend, TensorRole};
+
 /// An attribute value on an app event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -51,8 +54,8 @@ impl From<bool> for AttrValue {
 pub enum Outcome {
     /// It returned outputs.
     Ok,
-    /// It failed with this [`crate::Error::kind`].
-    Error(String),
+    /// It failed with this kind of [`crate::Error`].
+    Error(ErrorKind),
     /// The app gave up waiting.
     Timeout,
     /// The preferred backend failed and another one produced the result.
@@ -61,7 +64,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Short label: `ok`, `error`, `timeout`, `fallback`.
-    pub fn label(&self) -> &str {
+    pub fn label(&self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Error(_) => "error",
@@ -83,7 +86,7 @@ pub struct SpanRecord {
     /// Model version (from the model's metadata, or the app).
     pub version: String,
     /// Backend that ran it (`cpu`, `gpu`).
-    pub backend: String,
+    pub backend: Backend,
     /// `(stage, duration in ns)` in order: e.g. `preprocess`, `model`, `postprocess`.
     pub stages: Vec<(String, u64)>,
     /// How it ended.
@@ -116,8 +119,8 @@ pub struct EventRecord {
 pub struct TensorStats {
     /// Tensor name.
     pub name: String,
-    /// `input` or `output`.
-    pub io: String,
+    /// Whether it is an input or an output.
+    pub io: TensorRole,
     /// Elements.
     pub count: u64,
     /// NaN elements.
@@ -174,9 +177,62 @@ pub enum Record {
         at_ns: u64,
         /// How many.
         count: u64,
-        /// `queue_full`, `byte_cap`, `age_cap`, `io_error`, `rejected_by_uploader`.
-        reason: String,
+        /// Why.
+        reason: DropReason,
     },
+}
+
+impl Record {
+    /// A notice that `count` records were lost for `reason`, now.
+    pub(crate) fn dropped(count: u64, reason: DropReason) -> Record {
+        Record::Dropped {
+            at_ns: now_ns(),
+            count,
+            reason,
+        }
+    }
+}
+
+/// Why records were lost (a [`Record::Dropped`]'s reason; the `reason` attribute of the
+/// uploaded `tern.telemetry.dropped` metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// The in-memory queue was full when the record was made.
+    QueueFull,
+    /// The oldest segment was evicted to stay under the byte cap.
+    ByteCap,
+    /// The segment was older than the age cap.
+    AgeCap,
+    /// Writing the records to disk failed.
+    IoError,
+    /// The uploader said the collector will never take the batch.
+    RejectedByUploader,
+    /// The record could not be serialized.
+    Unencodable,
+    /// A stored frame was intact but its record could not be read back.
+    Undecodable,
+}
+
+impl DropReason {
+    /// The name stored and uploaded, e.g. `queue_full`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::ByteCap => "byte_cap",
+            DropReason::AgeCap => "age_cap",
+            DropReason::IoError => "io_error",
+            DropReason::RejectedByUploader => "rejected_by_uploader",
+            DropReason::Unencodable => "unencodable",
+            DropReason::Undecodable => "undecodable",
+        }
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Now, in Unix nanoseconds.

@@ -16,7 +16,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::record::Record;
+use super::record::{DropReason, Record};
 
 const MAGIC: &[u8; 4] = b"TRN1";
 const HEADER: usize = 12;
@@ -29,7 +29,7 @@ pub(crate) fn encode(record: &Record) -> Vec<u8> {
         let dropped = Record::Dropped {
             at_ns: super::record::now_ns(),
             count: 1,
-            reason: "unencodable".into(),
+            reason: DropReason::Unencodable,
         };
         serde_json::to_vec(&dropped).unwrap_or_default()
     });
@@ -77,10 +77,10 @@ pub(crate) fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
         // An intact frame that is not a record we can read (e.g. a NaN attribute, which
         // JSON writes as null) is kept visible as a loss rather than skipped silently.
         records.push(
-            serde_json::from_slice::<Record>(payload).unwrap_or_else(|_| Record::Dropped {
+            serde_json::from_slice::<Record>(payload).unwrap_or(Record::Dropped {
                 at_ns: 0,
                 count: 1,
-                reason: "undecodable".into(),
+                reason: DropReason::Undecodable,
             }),
         );
         pos = end;
@@ -295,7 +295,7 @@ mod tests {
             let frame = encode(&Record::Dropped {
                 at_ns: 1,
                 count: 3,
-                reason: "test".into(),
+                reason: DropReason::IoError,
             });
             store.append(&frame, 1).unwrap();
             store.roll().unwrap();
@@ -314,7 +314,7 @@ mod tests {
         Record::Dropped {
             at_ns: n,
             count: n,
-            reason: "test".into(),
+            reason: DropReason::IoError,
         }
     }
 
@@ -332,7 +332,7 @@ mod tests {
         });
         let (records, _) = decode_all(&encode(&bad));
         assert!(
-            matches!(&records[..], [Record::Dropped { reason, count: 1, .. }] if reason == "undecodable")
+            matches!(&records[..], [Record::Dropped { reason, count: 1, .. }] if *reason == DropReason::Undecodable)
         );
     }
 

@@ -19,7 +19,7 @@ use crate::tensor::Tensor;
 use burn_backend::ops::ConvOptions;
 
 /// The backend's name in errors.
-pub(crate) const NAME: &str = "gpu";
+pub(crate) const NAME: crate::Backend = crate::Backend::Gpu;
 
 /// An element-wise binary operation (inputs of equal rank, size-1 dims broadcast).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1237,9 +1237,9 @@ public protocol TernTelemetryProtocol: AnyObject, Sendable {
     func setUploader(uploader: TelemetryUploader) 
     
     /**
-     * Bytes on disk and records dropped so far.
+     * Counters describing the buffer now.
      */
-    func stats()  -> [String: UInt64]
+    func stats()  -> TelemetryStats
     
     /**
      * Uploads pending batches now through `uploader`.
@@ -1367,10 +1367,10 @@ open func setUploader(uploader: TelemetryUploader)  {try! rustCall() {
 }
     
     /**
-     * Bytes on disk and records dropped so far.
+     * Counters describing the buffer now.
      */
-open func stats() -> [String: UInt64]  {
-    return try!  FfiConverterDictionaryStringUInt64.lift(try! rustCall() {
+open func stats() -> TelemetryStats  {
+    return try!  FfiConverterTypeTelemetryStats_lift(try! rustCall() {
         uniffiCallStatus in
     uniffi_tern_ffi_fn_method_terntelemetry_stats(
             self.uniffiCloneHandle(),uniffiCallStatus
@@ -1869,6 +1869,105 @@ public func FfiConverterTypeTelemetryConfig_lower(_ value: TelemetryConfig) -> R
 
 
 /**
+ * Counters describing the telemetry buffer now.
+ */
+public struct TelemetryStats: Equatable, Hashable {
+    /**
+     * Bytes on disk.
+     */
+    public var bytesOnDisk: UInt64
+    /**
+     * Batches waiting for upload.
+     */
+    public var pendingBatches: UInt64
+    /**
+     * Records dropped since the buffer was opened, all reasons.
+     */
+    public var dropped: UInt64
+    /**
+     * Consecutive failed upload attempts.
+     */
+    public var uploadFailures: UInt32
+    /**
+     * Damaged bytes skipped when the buffer was opened.
+     */
+    public var recoveredSkippedBytes: UInt64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Bytes on disk.
+         */bytesOnDisk: UInt64, 
+        /**
+         * Batches waiting for upload.
+         */pendingBatches: UInt64, 
+        /**
+         * Records dropped since the buffer was opened, all reasons.
+         */dropped: UInt64, 
+        /**
+         * Consecutive failed upload attempts.
+         */uploadFailures: UInt32, 
+        /**
+         * Damaged bytes skipped when the buffer was opened.
+         */recoveredSkippedBytes: UInt64) {
+        self.bytesOnDisk = bytesOnDisk
+        self.pendingBatches = pendingBatches
+        self.dropped = dropped
+        self.uploadFailures = uploadFailures
+        self.recoveredSkippedBytes = recoveredSkippedBytes
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension TelemetryStats: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTelemetryStats: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TelemetryStats {
+        return
+            try TelemetryStats(
+                bytesOnDisk: FfiConverterUInt64.read(from: &buf), 
+                pendingBatches: FfiConverterUInt64.read(from: &buf), 
+                dropped: FfiConverterUInt64.read(from: &buf), 
+                uploadFailures: FfiConverterUInt32.read(from: &buf), 
+                recoveredSkippedBytes: FfiConverterUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: TelemetryStats, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.bytesOnDisk, into: &buf)
+        FfiConverterUInt64.write(value.pendingBatches, into: &buf)
+        FfiConverterUInt64.write(value.dropped, into: &buf)
+        FfiConverterUInt32.write(value.uploadFailures, into: &buf)
+        FfiConverterUInt64.write(value.recoveredSkippedBytes, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTelemetryStats_lift(_ buf: RustBuffer) throws -> TelemetryStats {
+    return try FfiConverterTypeTelemetryStats.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTelemetryStats_lower(_ value: TelemetryStats) -> RustBuffer {
+    return FfiConverterTypeTelemetryStats.lower(value)
+}
+
+
+/**
  * A named tensor: dtype, shape and the elements as little-endian bytes, row-major.
  */
 public struct TensorData: Equatable, Hashable {
@@ -2120,9 +2219,9 @@ public func FfiConverterTypeUploadBatch_lower(_ value: UploadBatch) -> RustBuffe
  */
 public struct UploadPayload: Equatable, Hashable {
     /**
-     * `traces`, `metrics` or `logs`.
+     * Which signal it carries.
      */
-    public var signal: String
+    public var signal: TelemetrySignal
     /**
      * Collector path, e.g. `/v1/metrics`.
      */
@@ -2136,8 +2235,8 @@ public struct UploadPayload: Equatable, Hashable {
     // declare one manually.
     public init(
         /**
-         * `traces`, `metrics` or `logs`.
-         */signal: String, 
+         * Which signal it carries.
+         */signal: TelemetrySignal, 
         /**
          * Collector path, e.g. `/v1/metrics`.
          */path: String, 
@@ -2165,14 +2264,14 @@ public struct FfiConverterTypeUploadPayload: FfiConverterRustBuffer {
     public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UploadPayload {
         return
             try UploadPayload(
-                signal: FfiConverterString.read(from: &buf), 
+                signal: FfiConverterTypeTelemetrySignal.read(from: &buf), 
                 path: FfiConverterString.read(from: &buf), 
                 json: FfiConverterString.read(from: &buf)
         )
     }
 
     public static func write(_ value: UploadPayload, into buf: inout [UInt8]) {
-        FfiConverterString.write(value.signal, into: &buf)
+        FfiConverterTypeTelemetrySignal.write(value.signal, into: &buf)
         FfiConverterString.write(value.path, into: &buf)
         FfiConverterString.write(value.json, into: &buf)
     }
@@ -2876,6 +2975,91 @@ public func FfiConverterTypeShapePolicy_lower(_ value: ShapePolicy) -> RustBuffe
 
 
 /**
+ * The OTLP signal a request carries.
+ */
+
+public enum TelemetrySignal: Equatable, Hashable {
+    
+    /**
+     * Inference spans (`/v1/traces`).
+     */
+    case traces
+    /**
+     * Metrics (`/v1/metrics`).
+     */
+    case metrics
+    /**
+     * App events (`/v1/logs`).
+     */
+    case logs
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension TelemetrySignal: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTelemetrySignal: FfiConverterRustBuffer {
+    typealias SwiftType = TelemetrySignal
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TelemetrySignal {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .traces
+        
+        case 2: return .metrics
+        
+        case 3: return .logs
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: TelemetrySignal, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .traces:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .metrics:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .logs:
+            writeInt(&buf, Int32(3))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTelemetrySignal_lift(_ buf: RustBuffer) throws -> TelemetrySignal {
+    return try FfiConverterTypeTelemetrySignal.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTelemetrySignal_lower(_ value: TelemetrySignal) -> RustBuffer {
+    return FfiConverterTypeTelemetrySignal.lower(value)
+}
+
+
+
+/**
  * Everything that can go wrong, as one exception hierarchy on the foreign side.
  */
 public 
@@ -3526,32 +3710,6 @@ fileprivate struct FfiConverterSequenceTypeUploadPayload: FfiConverterRustBuffer
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-fileprivate struct FfiConverterDictionaryStringUInt64: FfiConverterRustBuffer {
-    public static func write(_ value: [String: UInt64], into buf: inout [UInt8]) {
-        let len = Int32(value.count)
-        writeInt(&buf, len)
-        for (key, value) in value {
-            FfiConverterString.write(key, into: &buf)
-            FfiConverterUInt64.write(value, into: &buf)
-        }
-    }
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: UInt64] {
-        let len: Int32 = try readInt(&buf)
-        var dict = [String: UInt64]()
-        dict.reserveCapacity(Int(len))
-        for _ in 0..<len {
-            let key = try FfiConverterString.read(from: &buf)
-            let value = try FfiConverterUInt64.read(from: &buf)
-            dict[key] = value
-        }
-        return dict
-    }
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
 fileprivate struct FfiConverterDictionaryStringString: FfiConverterRustBuffer {
     public static func write(_ value: [String: String], into buf: inout [UInt8]) {
         let len = Int32(value.count)
@@ -3746,7 +3904,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_terntelemetry_set_uploader() != 60449) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tern_ffi_checksum_method_terntelemetry_stats() != 23994) {
+    if (uniffi_tern_ffi_checksum_method_terntelemetry_stats() != 10505) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending() != 42809) {

@@ -987,7 +987,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_terntelemetry_set_uploader() and 0xFFFF) != 60449) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tern_ffi_checksum_method_terntelemetry_stats() and 0xFFFF) != 23994) {
+    if ((lib.uniffi_tern_ffi_checksum_method_terntelemetry_stats() and 0xFFFF) != 10505) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending() and 0xFFFF) != 42809) {
@@ -2551,9 +2551,9 @@ public interface TernTelemetryInterface {
     fun `setUploader`(`uploader`: TelemetryUploader)
     
     /**
-     * Bytes on disk and records dropped so far.
+     * Counters describing the buffer now.
      */
-    fun `stats`(): Map<kotlin.String, kotlin.ULong>
+    fun `stats`(): TelemetryStats
     
     /**
      * Uploads pending batches now through `uploader`.
@@ -2753,9 +2753,9 @@ open class TernTelemetry: Disposable, AutoCloseable, TernTelemetryInterface
 
     
     /**
-     * Bytes on disk and records dropped so far.
-     */override fun `stats`(): Map<kotlin.String, kotlin.ULong> {
-            return FfiConverterMapStringULong.lift(
+     * Counters describing the buffer now.
+     */override fun `stats`(): TelemetryStats {
+            return FfiConverterTypeTelemetryStats.lift(
     callWithHandle {
     uniffiRustCall() { _status ->
     UniffiLib.uniffi_tern_ffi_fn_method_terntelemetry_stats(
@@ -3136,6 +3136,77 @@ public object FfiConverterTypeTelemetryConfig: FfiConverterRustBuffer<TelemetryC
 
 
 /**
+ * Counters describing the telemetry buffer now.
+ */
+data class TelemetryStats (
+    /**
+     * Bytes on disk.
+     */
+    var `bytesOnDisk`: kotlin.ULong
+    , 
+    /**
+     * Batches waiting for upload.
+     */
+    var `pendingBatches`: kotlin.ULong
+    , 
+    /**
+     * Records dropped since the buffer was opened, all reasons.
+     */
+    var `dropped`: kotlin.ULong
+    , 
+    /**
+     * Consecutive failed upload attempts.
+     */
+    var `uploadFailures`: kotlin.UInt
+    , 
+    /**
+     * Damaged bytes skipped when the buffer was opened.
+     */
+    var `recoveredSkippedBytes`: kotlin.ULong
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTelemetryStats: FfiConverterRustBuffer<TelemetryStats> {
+    override fun read(buf: ByteBuffer): TelemetryStats {
+        return TelemetryStats(
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterULong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: TelemetryStats) = (
+            FfiConverterULong.allocationSize(value.`bytesOnDisk`) +
+            FfiConverterULong.allocationSize(value.`pendingBatches`) +
+            FfiConverterULong.allocationSize(value.`dropped`) +
+            FfiConverterUInt.allocationSize(value.`uploadFailures`) +
+            FfiConverterULong.allocationSize(value.`recoveredSkippedBytes`)
+    )
+
+    override fun write(value: TelemetryStats, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`bytesOnDisk`, buf)
+            FfiConverterULong.write(value.`pendingBatches`, buf)
+            FfiConverterULong.write(value.`dropped`, buf)
+            FfiConverterUInt.write(value.`uploadFailures`, buf)
+            FfiConverterULong.write(value.`recoveredSkippedBytes`, buf)
+    }
+}
+
+
+
+/**
  * A named tensor: dtype, shape and the elements as little-endian bytes, row-major.
  */
 data class TensorData (
@@ -3313,9 +3384,9 @@ public object FfiConverterTypeUploadBatch: FfiConverterRustBuffer<UploadBatch> {
  */
 data class UploadPayload (
     /**
-     * `traces`, `metrics` or `logs`.
+     * Which signal it carries.
      */
-    var `signal`: kotlin.String
+    var `signal`: TelemetrySignal
     , 
     /**
      * Collector path, e.g. `/v1/metrics`.
@@ -3342,20 +3413,20 @@ data class UploadPayload (
 public object FfiConverterTypeUploadPayload: FfiConverterRustBuffer<UploadPayload> {
     override fun read(buf: ByteBuffer): UploadPayload {
         return UploadPayload(
-            FfiConverterString.read(buf),
+            FfiConverterTypeTelemetrySignal.read(buf),
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
         )
     }
 
     override fun allocationSize(value: UploadPayload) = (
-            FfiConverterString.allocationSize(value.`signal`) +
+            FfiConverterTypeTelemetrySignal.allocationSize(value.`signal`) +
             FfiConverterString.allocationSize(value.`path`) +
             FfiConverterString.allocationSize(value.`json`)
     )
 
     override fun write(value: UploadPayload, buf: ByteBuffer) {
-            FfiConverterString.write(value.`signal`, buf)
+            FfiConverterTypeTelemetrySignal.write(value.`signal`, buf)
             FfiConverterString.write(value.`path`, buf)
             FfiConverterString.write(value.`json`, buf)
     }
@@ -3650,6 +3721,53 @@ public object FfiConverterTypeShapePolicy: FfiConverterRustBuffer<ShapePolicy> {
     override fun allocationSize(value: ShapePolicy) = 4UL
 
     override fun write(value: ShapePolicy, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+/**
+ * The OTLP signal a request carries.
+ */
+
+enum class TelemetrySignal {
+    
+    /**
+     * Inference spans (`/v1/traces`).
+     */
+    TRACES,
+    /**
+     * Metrics (`/v1/metrics`).
+     */
+    METRICS,
+    /**
+     * App events (`/v1/logs`).
+     */
+    LOGS;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTelemetrySignal: FfiConverterRustBuffer<TelemetrySignal> {
+    override fun read(buf: ByteBuffer) = try {
+        TelemetrySignal.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: TelemetrySignal) = 4UL
+
+    override fun write(value: TelemetrySignal, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
@@ -4400,45 +4518,6 @@ public object FfiConverterSequenceTypeUploadPayload: FfiConverterRustBuffer<List
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeUploadPayload.write(it, buf)
-        }
-    }
-}
-
-
-
-
-/**
- * @suppress
- */
-public object FfiConverterMapStringULong: FfiConverterRustBuffer<Map<kotlin.String, kotlin.ULong>> {
-    override fun read(buf: ByteBuffer): Map<kotlin.String, kotlin.ULong> {
-        val len = buf.getInt()
-        return buildMap<kotlin.String, kotlin.ULong>(len) {
-            repeat(len) {
-                val k = FfiConverterString.read(buf)
-                val v = FfiConverterULong.read(buf)
-                this[k] = v
-            }
-        }
-    }
-
-    override fun allocationSize(value: Map<kotlin.String, kotlin.ULong>): ULong {
-        val spaceForMapSize = 4UL
-        val spaceForChildren = value.map { (k, v) ->
-            FfiConverterString.allocationSize(k) +
-            FfiConverterULong.allocationSize(v)
-        }.sum()
-        return spaceForMapSize + spaceForChildren
-    }
-
-    override fun write(value: Map<kotlin.String, kotlin.ULong>, buf: ByteBuffer) {
-        buf.putInt(value.size)
-        // The parens on `(k, v)` here ensure we're calling the right method,
-        // which is important for compatibility with older android devices.
-        // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
-        value.forEach { (k, v) ->
-            FfiConverterString.write(k, buf)
-            FfiConverterULong.write(v, buf)
         }
     }
 }
