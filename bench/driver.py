@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("TERN_CACHE", Path.home() / ".cache" / "tern"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from tern_paths import CACHE, ROOT  # noqa: E402
 TERN = ROOT / "target" / "release" / "tern"
 METRICS = ["median_ms", "p95_ms", "p99_ms", "cold_start_ms", "rss_growth_mib"]
 

@@ -15,7 +15,6 @@ Re-running is cheap: each step is skipped when its output exists for this script
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,10 +26,10 @@ import onnx
 import onnxruntime as ort
 
 from gen_models import GENERATED
+from tern_paths import CACHE
 
 ort.set_default_logger_severity(3)
 
-CACHE = Path(os.environ.get("TERN_CACHE", Path.home() / ".cache" / "tern"))
 VERSION = hashlib.sha256(Path(__file__).read_bytes()
                          + (Path(__file__).parent / "gen_models.py").read_bytes()).hexdigest()[:12]
 

@@ -1,14 +1,15 @@
 """Writes the binding tests' shared case: magika's seeded input (int32) and onnxruntime's
 output (float32) from scripts/fetch-models, as raw little-endian files both languages read
 without a parser: input.bin, expected.bin, shape.txt ("2 2048 214")."""
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-cache = Path(os.environ.get("TERN_CACHE", Path.home() / ".cache" / "tern"))
-ref = cache / "models" / "magika" / "ref"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from tern_paths import CACHE  # noqa: E402
+
+ref = CACHE / "models" / "magika" / "ref"
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
 x = np.load(ref / "input.bytes.npy").astype("<i4")

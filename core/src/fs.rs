@@ -5,7 +5,7 @@
 //! the check and the read is not caught (docs/SECURITY.md lists this).
 
 use std::io::{Error, ErrorKind, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The largest model file tern reads: ONNX protobufs cannot exceed 2 GiB (weights beyond
 /// that live in external data files).
@@ -46,6 +46,17 @@ fn too_large(max_bytes: u64) -> Error {
         ErrorKind::InvalidInput,
         format!("larger than the {max_bytes}-byte limit"),
     )
+}
+
+/// The directory tern's tools keep models and generated files in: `$TERN_CACHE`, else
+/// `~/.cache/tern` (what `scripts/fetch-models` fills and the test suites, benchmarks and
+/// examples read). Apps choose their own directories; nothing in a session reads this.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("TERN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tern")
+        })
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ impl ModelInfo {
     pub fn default_opset(&self) -> i64 {
         self.opsets
             .iter()
-            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .find(|o| onnx::is_default_domain(&o.domain))
             .map_or(0, |o| o.version)
     }
 
@@ -547,7 +547,7 @@ fn check_graph(proto: &pb::ModelProto) -> Result<()> {
         return Ok(());
     };
     let windowed = |n: &&pb::NodeProto| {
-        (n.domain.is_empty() || n.domain == "ai.onnx") && WINDOWED_OPS.contains(&n.op_type.as_str())
+        onnx::is_default_domain(&n.domain) && WINDOWED_OPS.contains(&n.op_type.as_str())
     };
     for node in graph.node.iter().filter(windowed) {
         for attr in &node.attribute {
@@ -591,7 +591,7 @@ fn check_supported(proto: &pb::ModelProto, graph: &InferenceModel) -> Result<()>
     let Some(node) = graph
         .nodes()
         .iter()
-        .find(|n| n.op.name().starts_with("Unimplemented("))
+        .find(|n| n.op_is::<tract_onnx::tract_hir::ops::unimpl::UnimplementedOp>())
     else {
         return Ok(());
     };
@@ -600,13 +600,8 @@ fn check_supported(proto: &pb::ModelProto, graph: &InferenceModel) -> Result<()>
         .iter()
         .flat_map(|g| g.node.iter())
         .find(|p| p.name == node.name || p.output.first().is_some_and(|o| *o == node.name));
-    let op_name = node.op.name();
-    let fallback = op_name
-        .trim_start_matches("Unimplemented(")
-        .trim_end_matches(')')
-        .to_string();
     Err(Error::UnsupportedOp {
-        op_type: pb_node.map_or(fallback, |p| p.op_type.clone()),
+        op_type: pb_node.map_or_else(|| node.op.name().to_string(), |p| p.op_type.clone()),
         domain: pb_node.map(|p| p.domain.clone()).unwrap_or_default(),
         node: node.name.clone(),
     })

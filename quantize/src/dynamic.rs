@@ -34,7 +34,7 @@ impl Default for DynamicOptions {
 /// Quantizes every eligible `MatMul`/`Gemm`; returns how many were converted.
 pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) -> Result<usize> {
     graph::ensure_not_quantized(model)?;
-    if graph::opset(model) < 11 {
+    if tern::onnx::default_opset(model) < 11 {
         return Err(QuantizeError::InvalidModel(
             "dynamic quantization needs opset ≥ 11 (DynamicQuantizeLinear); upgrade the model first".into(),
         ));

@@ -53,8 +53,8 @@ pub fn load(path: &Path) -> Result<pb::ModelProto> {
         path: path.to_path_buf(),
         source,
     })?;
-    let model = pb::ModelProto::decode(&bytes[..])
-        .map_err(|e| QuantizeError::InvalidModel(e.to_string()))?;
+    let model =
+        tern::onnx::decode(&bytes).map_err(|e| QuantizeError::InvalidModel(e.to_string()))?;
     if model.graph.is_none() || model.ir_version <= 0 {
         return Err(QuantizeError::InvalidModel("no graph".into()));
     }
@@ -81,14 +81,10 @@ pub fn ensure_not_quantized(model: &pb::ModelProto) -> Result<()> {
         .as_ref()
         .ok_or_else(|| QuantizeError::InvalidModel("no graph".into()))?;
     // Same op list as tern's `ModelInfo::quantized`, keyed the same way (domain-prefixed).
-    let key = |n: &pb::NodeProto| match n.domain.as_str() {
-        "" | "ai.onnx" => n.op_type.clone(),
-        domain => format!("{domain}.{}", n.op_type),
-    };
     match graph
         .node
         .iter()
-        .find(|n| tern::model::QUANTIZED_OPS.contains(&key(n).as_str()))
+        .find(|n| tern::model::QUANTIZED_OPS.contains(&tern::onnx::op_key(n).as_str()))
     {
         Some(n) => Err(QuantizeError::AlreadyQuantized(n.op_type.clone())),
         None => Ok(()),
@@ -234,12 +230,7 @@ pub fn consumers(graph: &pb::GraphProto) -> HashMap<String, usize> {
 pub fn topological_sort(graph: &mut pb::GraphProto) {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    let producer: HashMap<&str, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
+    let producer = tern::onnx::producers(graph);
     let n = graph.node.len();
     let mut waiting = vec![0usize; n];
     let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -388,15 +379,6 @@ pub fn share_identical_initializers(graph: &mut pb::GraphProto) {
     graph.initializer.retain(|t| !renamed.contains_key(&t.name));
 }
 
-/// The default-domain opset version.
-pub fn opset(model: &pb::ModelProto) -> i64 {
-    model
-        .opset_import
-        .iter()
-        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-        .map_or(0, |o| o.version)
-}
-
 /// Symmetric int8 quantization of weights whose channels lie on `axis` of `dims` (one scale
 /// per channel, or one for the whole tensor when `per_channel` is false): `(values, scales)`.
 /// Each value rounds to within half a step of its scale.
@@ -438,7 +420,7 @@ pub fn quantize_symmetric_int8(
 /// `Flatten → op(axis = 1) → Reshape` unless they already work on the last axis. Returns
 /// whether anything changed; models with control flow (subgraphs) are refused.
 pub fn upgrade_to_opset13(model: &mut pb::ModelProto) -> Result<bool> {
-    let version = opset(model);
+    let version = tern::onnx::default_opset(model);
     if version >= 13 {
         return Ok(false);
     }
@@ -448,7 +430,7 @@ pub fn upgrade_to_opset13(model: &mut pb::ModelProto) -> Result<bool> {
         )));
     }
     let g = graph_mut(model);
-    let default_domain = |n: &pb::NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+    let default_domain = |n: &pb::NodeProto| tern::onnx::is_default_domain(&n.domain);
     if let Some(n) = g.node.iter().find(|n| {
         n.attribute
             .iter()
@@ -538,7 +520,7 @@ pub fn upgrade_to_opset13(model: &mut pb::ModelProto) -> Result<bool> {
     for o in model
         .opset_import
         .iter_mut()
-        .filter(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .filter(|o| tern::onnx::is_default_domain(&o.domain))
     {
         o.version = 13;
     }

@@ -158,7 +158,7 @@ pub fn quantize_static(
     options: &StaticOptions,
 ) -> Result<usize> {
     graph::ensure_not_quantized(model)?;
-    let mut opset = graph::opset(model);
+    let mut opset = tern::onnx::default_opset(model);
     let qoperator = options.format == Format::QOperator;
     if !options.per_tensor && !qoperator && opset < 13 && graph::upgrade_to_opset13(model).is_ok() {
         opset = 13;

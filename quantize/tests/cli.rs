@@ -6,12 +6,10 @@ use std::process::{Command, Output};
 
 /// A fetched model (scripts/fetch-models, run first by the README's test command).
 fn model(name: &str) -> PathBuf {
-    let cache = std::env::var_os("TERN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tern")
-        });
-    let p = cache.join("models").join(name).join("model.onnx");
+    let p = tern::fs::cache_dir()
+        .join("models")
+        .join(name)
+        .join("model.onnx");
     assert!(
         p.exists(),
         "{} is missing: run scripts/fetch-models first",

@@ -9,13 +9,9 @@ use tern::{DType, Model, Outputs, Tensor};
 pub mod fixtures;
 pub mod node_suite;
 
-/// The cache `scripts/fetch-models` fills (`$TERN_CACHE`, default `~/.cache/tern`).
+/// The cache `scripts/fetch-models` fills ([`tern::fs::cache_dir`]).
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("TERN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tern")
-        })
+    tern::fs::cache_dir()
 }
 
 /// A path in the cache, which must exist: the suites are meant to run, not to skip.

@@ -15,11 +15,10 @@ use super::*;
 use crate::options::SessionOptions;
 
 fn cached_model(name: &str) -> PathBuf {
-    let cache = std::env::var_os("TERN_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tern")))
-        .expect("HOME or TERN_CACHE");
-    let path = cache.join("models").join(name).join("model.onnx");
+    let path = crate::fs::cache_dir()
+        .join("models")
+        .join(name)
+        .join("model.onnx");
     assert!(
         path.exists(),
         "{} is missing: run scripts/fetch-models",
