@@ -245,7 +245,7 @@ fn wgpu_auto_declines_a_software_adapter_unless_allowed() {
     let tern::Error::UnsupportedOp { op_type, node, .. } = &err else {
         unreachable!()
     };
-    assert!(!tern::backend::GPU_SUPPORTED_OPS.contains(&op_type.as_str()));
+    assert!(!tern::backend::gpu_supported_ops().contains(&op_type.as_str()));
     assert_eq!(lstm.first_node_of(op_type), Some(node.as_str()), "{err}");
 }
 
@@ -325,7 +325,7 @@ fn wgpu_onnx_node_suite_for_gpu_ops() {
     let names: Vec<&String> = manifest
         .iter()
         .filter(|(name, case)| {
-            tern::backend::GPU_SUPPORTED_OPS.contains(&case.op.as_str())
+            tern::backend::gpu_supported_ops().contains(&case.op.as_str())
                 && !cpu_failing.contains(*name)
         })
         .map(|(name, _)| name)

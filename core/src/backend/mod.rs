@@ -13,7 +13,7 @@ pub(crate) mod race;
 pub(crate) mod tract;
 
 #[cfg(feature = "gpu")]
-pub use self::burn::{gpu_adapter, SUPPORTED_OPS as GPU_SUPPORTED_OPS};
+pub use self::burn::{gpu_adapter, supported_onnx_ops as gpu_supported_ops};
 
 use crate::error::Result;
 use crate::model::Model;

@@ -6,8 +6,9 @@
 //! 1. **Front end** (tract): the ONNX graph is typed for the concrete input shapes of a run,
 //!    constants and shape arithmetic are folded, and the graph is decluttered into tract's
 //!    small set of core ops.
-//! 2. **Lowering** ([`lower`]): each core op becomes one [`program::Op`] with its attributes
-//!    resolved; weights are uploaded to the device once per program.
+//! 2. **Lowering** ([`lower`]): each core op becomes one [`ops::Op`] of its family
+//!    ([`ops`]: element-wise, linear, reduce, layout, pool) with its attributes resolved;
+//!    weights are uploaded to the device once per program.
 //! 3. **Execution** ([`program`]): the steps run with burn's backend ops, generic over
 //!    burn's `Backend`, so the same code drives wgpu (Vulkan, Metal, DX12, WebGPU) in apps
 //!    and burn's pure-Rust CPU backend (burn-flex) in the unit tests.
@@ -17,7 +18,9 @@
 //! the first real run), otherwise on first use of each shape, in the backends' shared
 //! [`PlanCache`].
 
+mod context;
 mod lower;
+pub(crate) mod ops;
 mod program;
 
 use std::sync::OnceLock;
@@ -34,77 +37,11 @@ use crate::error::{catch_panic, chain, Error, Result};
 use crate::model::Model;
 use crate::options::{GpuPrecision, SessionOptions};
 use crate::tensor::{DType, Tensor};
+pub use ops::supported_onnx_ops;
 use program::Program;
-use program::NAME;
 
-/// ONNX op types the GPU backend runs (after tract's folding and decluttering), each with
-/// passing cases in the ONNX node suite on wgpu or exercised by a real model. A model with
-/// any other op is refused up front, so `Auto` can pick the CPU without trying.
-pub const SUPPORTED_OPS: &[&str] = &[
-    "Abs",
-    "Add",
-    "AveragePool",
-    "BatchNormalization",
-    "Cast",
-    "Ceil",
-    "Clip",
-    "Concat",
-    "Constant",
-    "ConstantOfShape",
-    "Conv",
-    "ConvTranspose",
-    "Cos",
-    "Div",
-    "Dropout",
-    "Erf",
-    "Exp",
-    "Expand",
-    "Flatten",
-    "Floor",
-    "Gather",
-    "Gelu",
-    "Gemm",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "HardSigmoid",
-    "HardSwish",
-    "Identity",
-    "LayerNormalization",
-    "LeakyRelu",
-    "Log",
-    "LogSoftmax",
-    "MatMul",
-    "Max",
-    "MaxPool",
-    "Mean",
-    "Min",
-    "Mul",
-    "Neg",
-    "Pad",
-    "Pow",
-    "Reciprocal",
-    "ReduceMax",
-    "ReduceMean",
-    "ReduceMin",
-    "ReduceSum",
-    "Relu",
-    "Reshape",
-    "Resize",
-    "Round",
-    "Shape",
-    "Sigmoid",
-    "Sin",
-    "Slice",
-    "Softmax",
-    "Split",
-    "Sqrt",
-    "Squeeze",
-    "Sub",
-    "Sum",
-    "Tanh",
-    "Transpose",
-    "Unsqueeze",
-];
+/// The backend's name in errors.
+const NAME: Backend = Backend::Gpu;
 
 /// The wgpu adapter found for this process.
 #[derive(Clone)]
@@ -164,7 +101,7 @@ fn check_supported(model: &Model) -> Result<()> {
         .info()
         .op_histogram
         .keys()
-        .find(|op| !SUPPORTED_OPS.contains(&op.as_str()))
+        .find(|op| supported_onnx_ops().binary_search(&op.as_str()).is_err())
     {
         Some(op) => Err(Error::UnsupportedOp {
             op_type: op.clone(),

@@ -10,7 +10,7 @@ use tract_onnx::tract_core::axes::AxesMapping;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_hir::internal::EvalOp;
 
-use super::program::MatMulPlan;
+use super::ops::linear::MatMulPlan;
 use super::*;
 use crate::options::SessionOptions;
 
@@ -173,7 +173,9 @@ fn unsupported_op_is_named_before_any_work() {
         .expect("LSTM is not a GPU op");
     match err {
         Error::UnsupportedOp { op_type, node, .. } => {
-            assert!(SUPPORTED_OPS.binary_search(&op_type.as_str()).is_err());
+            assert!(supported_onnx_ops()
+                .binary_search(&op_type.as_str())
+                .is_err());
             assert_eq!(model.first_node_of(&op_type), Some(node.as_str()));
         }
         other => panic!("expected unsupported_op, got {other}"),
@@ -181,8 +183,15 @@ fn unsupported_op_is_named_before_any_work() {
 }
 
 #[test]
-fn supported_op_list_is_sorted() {
-    assert!(SUPPORTED_OPS.windows(2).all(|w| w[0] < w[1]));
+fn supported_ops_are_the_families_lists_sorted_and_unique() {
+    let ops = supported_onnx_ops();
+    assert!(ops.windows(2).all(|w| w[0] < w[1]));
+    let listed = ops::elementwise::ONNX.len()
+        + ops::linear::ONNX.len()
+        + ops::reduce::ONNX.len()
+        + ops::layout::ONNX.len()
+        + ops::pool::ONNX.len();
+    assert_eq!(ops.len(), listed, "an ONNX op is claimed by two families");
 }
 
 /// Every einsum layout the planner accepts computes what tract's einsum computes.
