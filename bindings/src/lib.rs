@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tern::telemetry as tel;
+use tern::telemetry::{self as tel, Signal, TelemetryStats};
 use tern::{Backend, DType, ErrorKind, GpuPrecision, NanPolicy, ShapePolicy, ThreadPolicy};
 
 uniffi::setup_scaffolding!();
@@ -463,32 +463,18 @@ fn workers() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// The OTLP signal a request carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
-pub enum TelemetrySignal {
-    /// Inference spans (`/v1/traces`).
+#[uniffi::remote(Enum)]
+pub enum Signal {
     Traces,
-    /// Metrics (`/v1/metrics`).
     Metrics,
-    /// App events (`/v1/logs`).
     Logs,
-}
-
-impl From<tel::Signal> for TelemetrySignal {
-    fn from(s: tel::Signal) -> Self {
-        match s {
-            tel::Signal::Traces => TelemetrySignal::Traces,
-            tel::Signal::Metrics => TelemetrySignal::Metrics,
-            tel::Signal::Logs => TelemetrySignal::Logs,
-        }
-    }
 }
 
 /// One OTLP request of an upload batch.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct UploadPayload {
     /// Which signal it carries.
-    pub signal: TelemetrySignal,
+    pub signal: Signal,
     /// Collector path, e.g. `/v1/metrics`.
     pub path: String,
     /// OTLP/JSON body.
@@ -541,7 +527,7 @@ impl tel::Uploader for ForeignUploader {
                 .payloads
                 .iter()
                 .map(|p| UploadPayload {
-                    signal: p.signal.into(),
+                    signal: p.signal,
                     path: p.signal.path().into(),
                     json: p.json.clone(),
                 })
@@ -575,19 +561,13 @@ pub struct TelemetryConfig {
     pub service_name: String,
 }
 
-/// Counters describing the telemetry buffer now.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+#[uniffi::remote(Record)]
 pub struct TelemetryStats {
-    /// Bytes on disk.
-    pub bytes_on_disk: u64,
-    /// Batches waiting for upload.
-    pub pending_batches: u64,
-    /// Records dropped since the buffer was opened, all reasons.
-    pub dropped: u64,
-    /// Consecutive failed upload attempts.
-    pub upload_failures: u32,
-    /// Damaged bytes skipped when the buffer was opened.
-    pub recovered_skipped_bytes: u64,
+    bytes_on_disk: u64,
+    pending_batches: u64,
+    dropped: u64,
+    upload_failures: u32,
+    recovered_skipped_bytes: u64,
 }
 
 /// What an upload pass did.
@@ -673,13 +653,6 @@ impl TernTelemetry {
 
     /// Counters describing the buffer now.
     pub fn stats(&self) -> TelemetryStats {
-        let s = self.inner.stats();
-        TelemetryStats {
-            bytes_on_disk: s.bytes_on_disk,
-            pending_batches: s.pending_batches,
-            dropped: s.dropped,
-            upload_failures: s.upload_failures,
-            recovered_skipped_bytes: s.recovered_skipped_bytes,
-        }
+        self.inner.stats()
     }
 }

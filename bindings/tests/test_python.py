@@ -107,9 +107,9 @@ class Bindings(unittest.TestCase):
             report = t.upload_pending(collector)
             self.assertGreaterEqual(report.batches_accepted, 1)
             payloads = {p.signal: json.loads(p.json) for b in collector.batches for p in b.payloads}
-            spans = payloads[tern.TelemetrySignal.TRACES]["resourceSpans"][0]["scopeSpans"][0]["spans"]
+            spans = payloads[tern.Signal.TRACES]["resourceSpans"][0]["scopeSpans"][0]["spans"]
             self.assertEqual(sum(1 for sp in spans if sp["name"] == "tern.run"), 3)
-            self.assertIn("app.files_scanned", json.dumps(payloads[tern.TelemetrySignal.METRICS]))
+            self.assertIn("app.files_scanned", json.dumps(payloads[tern.Signal.METRICS]))
             self.assertEqual(t.stats().pending_batches, 0)
 
 

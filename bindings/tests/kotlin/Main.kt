@@ -117,9 +117,9 @@ fun main(args: Array<String>) {
         telemetry.flush()
         val report = telemetry.uploadPending(uploader)
         expect(report.batchesAccepted >= 1uL) { "report $report" }
-        val traces = batches.flatMap { it.payloads }.first { it.signal == TelemetrySignal.TRACES }.json
+        val traces = batches.flatMap { it.payloads }.first { it.signal == Signal.TRACES }.json
         expect(Regex("\"name\":\"tern.run\"").findAll(traces).count() == 3) { "spans in $traces" }
-        expect(batches.flatMap { it.payloads }.any { it.signal == TelemetrySignal.LOGS && it.json.contains("app.opened") }) { "event" }
+        expect(batches.flatMap { it.payloads }.any { it.signal == Signal.LOGS && it.json.contains("app.opened") }) { "event" }
         expect(telemetry.stats().pendingBatches == 0uL) { "stats ${telemetry.stats()}" }
         dir.deleteRecursively()
     }

@@ -1868,49 +1868,16 @@ public func FfiConverterTypeTelemetryConfig_lower(_ value: TelemetryConfig) -> R
 }
 
 
-/**
- * Counters describing the telemetry buffer now.
- */
 public struct TelemetryStats: Equatable, Hashable {
-    /**
-     * Bytes on disk.
-     */
     public var bytesOnDisk: UInt64
-    /**
-     * Batches waiting for upload.
-     */
     public var pendingBatches: UInt64
-    /**
-     * Records dropped since the buffer was opened, all reasons.
-     */
     public var dropped: UInt64
-    /**
-     * Consecutive failed upload attempts.
-     */
     public var uploadFailures: UInt32
-    /**
-     * Damaged bytes skipped when the buffer was opened.
-     */
     public var recoveredSkippedBytes: UInt64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
-    public init(
-        /**
-         * Bytes on disk.
-         */bytesOnDisk: UInt64, 
-        /**
-         * Batches waiting for upload.
-         */pendingBatches: UInt64, 
-        /**
-         * Records dropped since the buffer was opened, all reasons.
-         */dropped: UInt64, 
-        /**
-         * Consecutive failed upload attempts.
-         */uploadFailures: UInt32, 
-        /**
-         * Damaged bytes skipped when the buffer was opened.
-         */recoveredSkippedBytes: UInt64) {
+    public init(bytesOnDisk: UInt64, pendingBatches: UInt64, dropped: UInt64, uploadFailures: UInt32, recoveredSkippedBytes: UInt64) {
         self.bytesOnDisk = bytesOnDisk
         self.pendingBatches = pendingBatches
         self.dropped = dropped
@@ -2221,7 +2188,7 @@ public struct UploadPayload: Equatable, Hashable {
     /**
      * Which signal it carries.
      */
-    public var signal: TelemetrySignal
+    public var signal: Signal
     /**
      * Collector path, e.g. `/v1/metrics`.
      */
@@ -2236,7 +2203,7 @@ public struct UploadPayload: Equatable, Hashable {
     public init(
         /**
          * Which signal it carries.
-         */signal: TelemetrySignal, 
+         */signal: Signal, 
         /**
          * Collector path, e.g. `/v1/metrics`.
          */path: String, 
@@ -2264,14 +2231,14 @@ public struct FfiConverterTypeUploadPayload: FfiConverterRustBuffer {
     public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UploadPayload {
         return
             try UploadPayload(
-                signal: FfiConverterTypeTelemetrySignal.read(from: &buf), 
+                signal: FfiConverterTypeSignal.read(from: &buf), 
                 path: FfiConverterString.read(from: &buf), 
                 json: FfiConverterString.read(from: &buf)
         )
     }
 
     public static func write(_ value: UploadPayload, into buf: inout [UInt8]) {
-        FfiConverterTypeTelemetrySignal.write(value.signal, into: &buf)
+        FfiConverterTypeSignal.write(value.signal, into: &buf)
         FfiConverterString.write(value.path, into: &buf)
         FfiConverterString.write(value.json, into: &buf)
     }
@@ -2974,23 +2941,11 @@ public func FfiConverterTypeShapePolicy_lower(_ value: ShapePolicy) -> RustBuffe
 
 
 
-/**
- * The OTLP signal a request carries.
- */
 
-public enum TelemetrySignal: Equatable, Hashable {
+public enum Signal: Equatable, Hashable {
     
-    /**
-     * Inference spans (`/v1/traces`).
-     */
     case traces
-    /**
-     * Metrics (`/v1/metrics`).
-     */
     case metrics
-    /**
-     * App events (`/v1/logs`).
-     */
     case logs
 
 
@@ -3000,16 +2955,16 @@ public enum TelemetrySignal: Equatable, Hashable {
 }
 
 #if compiler(>=6)
-extension TelemetrySignal: Sendable {}
+extension Signal: Sendable {}
 #endif
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public struct FfiConverterTypeTelemetrySignal: FfiConverterRustBuffer {
-    typealias SwiftType = TelemetrySignal
+public struct FfiConverterTypeSignal: FfiConverterRustBuffer {
+    typealias SwiftType = Signal
 
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TelemetrySignal {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Signal {
         let variant: Int32 = try readInt(&buf)
         switch variant {
         
@@ -3023,7 +2978,7 @@ public struct FfiConverterTypeTelemetrySignal: FfiConverterRustBuffer {
         }
     }
 
-    public static func write(_ value: TelemetrySignal, into buf: inout [UInt8]) {
+    public static func write(_ value: Signal, into buf: inout [UInt8]) {
         switch value {
         
         
@@ -3046,15 +3001,15 @@ public struct FfiConverterTypeTelemetrySignal: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public func FfiConverterTypeTelemetrySignal_lift(_ buf: RustBuffer) throws -> TelemetrySignal {
-    return try FfiConverterTypeTelemetrySignal.lift(buf)
+public func FfiConverterTypeSignal_lift(_ buf: RustBuffer) throws -> Signal {
+    return try FfiConverterTypeSignal.lift(buf)
 }
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public func FfiConverterTypeTelemetrySignal_lower(_ value: TelemetrySignal) -> RustBuffer {
-    return FfiConverterTypeTelemetrySignal.lower(value)
+public func FfiConverterTypeSignal_lower(_ value: Signal) -> RustBuffer {
+    return FfiConverterTypeSignal.lower(value)
 }
 
 

@@ -3135,33 +3135,15 @@ public object FfiConverterTypeTelemetryConfig: FfiConverterRustBuffer<TelemetryC
 
 
 
-/**
- * Counters describing the telemetry buffer now.
- */
 data class TelemetryStats (
-    /**
-     * Bytes on disk.
-     */
     var `bytesOnDisk`: kotlin.ULong
     , 
-    /**
-     * Batches waiting for upload.
-     */
     var `pendingBatches`: kotlin.ULong
     , 
-    /**
-     * Records dropped since the buffer was opened, all reasons.
-     */
     var `dropped`: kotlin.ULong
     , 
-    /**
-     * Consecutive failed upload attempts.
-     */
     var `uploadFailures`: kotlin.UInt
     , 
-    /**
-     * Damaged bytes skipped when the buffer was opened.
-     */
     var `recoveredSkippedBytes`: kotlin.ULong
     
 ){
@@ -3386,7 +3368,7 @@ data class UploadPayload (
     /**
      * Which signal it carries.
      */
-    var `signal`: TelemetrySignal
+    var `signal`: Signal
     , 
     /**
      * Collector path, e.g. `/v1/metrics`.
@@ -3413,20 +3395,20 @@ data class UploadPayload (
 public object FfiConverterTypeUploadPayload: FfiConverterRustBuffer<UploadPayload> {
     override fun read(buf: ByteBuffer): UploadPayload {
         return UploadPayload(
-            FfiConverterTypeTelemetrySignal.read(buf),
+            FfiConverterTypeSignal.read(buf),
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
         )
     }
 
     override fun allocationSize(value: UploadPayload) = (
-            FfiConverterTypeTelemetrySignal.allocationSize(value.`signal`) +
+            FfiConverterTypeSignal.allocationSize(value.`signal`) +
             FfiConverterString.allocationSize(value.`path`) +
             FfiConverterString.allocationSize(value.`json`)
     )
 
     override fun write(value: UploadPayload, buf: ByteBuffer) {
-            FfiConverterTypeTelemetrySignal.write(value.`signal`, buf)
+            FfiConverterTypeSignal.write(value.`signal`, buf)
             FfiConverterString.write(value.`path`, buf)
             FfiConverterString.write(value.`json`, buf)
     }
@@ -3729,23 +3711,11 @@ public object FfiConverterTypeShapePolicy: FfiConverterRustBuffer<ShapePolicy> {
 
 
 
-/**
- * The OTLP signal a request carries.
- */
 
-enum class TelemetrySignal {
+enum class Signal {
     
-    /**
-     * Inference spans (`/v1/traces`).
-     */
     TRACES,
-    /**
-     * Metrics (`/v1/metrics`).
-     */
     METRICS,
-    /**
-     * App events (`/v1/logs`).
-     */
     LOGS;
 
     
@@ -3758,16 +3728,16 @@ enum class TelemetrySignal {
 /**
  * @suppress
  */
-public object FfiConverterTypeTelemetrySignal: FfiConverterRustBuffer<TelemetrySignal> {
+public object FfiConverterTypeSignal: FfiConverterRustBuffer<Signal> {
     override fun read(buf: ByteBuffer) = try {
-        TelemetrySignal.values()[buf.getInt() - 1]
+        Signal.values()[buf.getInt() - 1]
     } catch (e: IndexOutOfBoundsException) {
         throw RuntimeException("invalid enum value, something is very wrong!!", e)
     }
 
-    override fun allocationSize(value: TelemetrySignal) = 4UL
+    override fun allocationSize(value: Signal) = 4UL
 
-    override fun write(value: TelemetrySignal, buf: ByteBuffer) {
+    override fun write(value: Signal, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
