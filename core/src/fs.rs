@@ -59,6 +59,23 @@ pub fn cache_dir() -> PathBuf {
         })
 }
 
+/// `rel` under [`cache_dir`], which `scripts/fetch-models` fills: the path, or `NotFound`
+/// saying to run the script.
+pub fn fetched(rel: &str) -> std::io::Result<PathBuf> {
+    let path = cache_dir().join(rel);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "{} is missing: run scripts/fetch-models first (the README's test command does)",
+                path.display()
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

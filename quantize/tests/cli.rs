@@ -6,16 +6,7 @@ use std::process::{Command, Output};
 
 /// A fetched model (scripts/fetch-models, run first by the README's test command).
 fn model(name: &str) -> PathBuf {
-    let p = tern::fs::cache_dir()
-        .join("models")
-        .join(name)
-        .join("model.onnx");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models first",
-        p.display()
-    );
-    p
+    tern::fs::fetched(&format!("models/{name}/model.onnx")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn tern_quantize(args: &[&str]) -> Output {
@@ -69,6 +60,10 @@ fn bad_input_is_an_error_line_not_a_panic() {
     std::fs::write(&garbage, b"not a model").unwrap();
     let empty_dir = out("no-images");
     std::fs::create_dir_all(&empty_dir).unwrap();
+    let images = |preprocess| {
+        let calib = ["--calib-images", &empty_dir, "--preprocess", preprocess];
+        [&["static", src, "/tmp/x.onnx"][..], &calib].concat()
+    };
     let cases: &[(&[&str], &str)] = &[
         (
             &["static", "/nonexistent.onnx", "/tmp/x.onnx"],
@@ -87,30 +82,8 @@ fn bad_input_is_an_error_line_not_a_panic() {
             &["static", src, "/tmp/x.onnx", "--calib", "x"],
             "expected NAME=FILE.npy",
         ),
-        (
-            &[
-                "static",
-                src,
-                "/tmp/x.onnx",
-                "--calib-images",
-                &empty_dir,
-                "--preprocess",
-                "size=48x192",
-            ],
-            "no .png/.jpg/.jpeg images",
-        ),
-        (
-            &[
-                "static",
-                src,
-                "/tmp/x.onnx",
-                "--calib-images",
-                &empty_dir,
-                "--preprocess",
-                "size=48",
-            ],
-            "size must be HxW",
-        ),
+        (&images("size=48x192"), "no .png/.jpg/.jpeg images"),
+        (&images("size=48"), "size must be HxW"),
         (
             &["prune", src, "/tmp/x.onnx", "--sparsity", "1.5"],
             "expected a value in [0, 1)",

@@ -16,13 +16,7 @@ pub fn cache_dir() -> PathBuf {
 
 /// A path in the cache, which must exist: the suites are meant to run, not to skip.
 pub fn fetched(rel: &str) -> PathBuf {
-    let p = cache_dir().join(rel);
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models first (the README's test command does)",
-        p.display()
-    );
-    p
+    tern::fs::fetched(rel).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The workspace root.

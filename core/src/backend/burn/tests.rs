@@ -15,16 +15,7 @@ use super::*;
 use crate::options::SessionOptions;
 
 fn cached_model(name: &str) -> PathBuf {
-    let path = crate::fs::cache_dir()
-        .join("models")
-        .join(name)
-        .join("model.onnx");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-models",
-        path.display()
-    );
-    path
+    crate::fs::fetched(&format!("models/{name}/model.onnx")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -8,9 +8,8 @@ use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 use tract_onnx::tract_core::ops::element_wise::{ElementWiseMiniOp, ElementWiseOp};
 use tract_onnx::tract_core::ops::{cast::Cast, math, nn};
 
-use super::Lowered;
-use crate::backend::burn::context::{unsupported, Lowering};
-use crate::error::Result;
+use super::{Cx, Found, Lowered};
+use crate::backend::burn::context::unsupported;
 
 /// ONNX ops that become element-wise steps (BatchNormalization, Clip, Relu, HardSigmoid,
 /// Mean and Sum are decomposed into them by tract).
@@ -170,29 +169,25 @@ pub(crate) enum Elementwise {
 }
 
 /// Lowers tract's binary and element-wise ops and f32 → f32 casts.
-pub(crate) fn lower<B: Backend>(
-    cx: &mut Lowering<B>,
-    node: &TypedNode,
-    out_shape: &[usize],
-) -> Result<Option<Lowered<B>>> {
+pub(crate) fn lower<B: Backend>(cx: &mut Cx<B>, node: &TypedNode, out: &[usize]) -> Found<B> {
     let op: &dyn TypedOp = node.op.as_ref();
     let step = |op, inputs| Ok(Some(Lowered::Step(super::Op::Elementwise(op), inputs)));
     if let Some(bin) = op.downcast_ref::<TypedBinOp>() {
         let kind = BinKind::of(bin.0.as_ref()).ok_or_else(|| unsupported(node, "binary"))?;
         let (a, b) = (node.inputs[0], node.inputs[1]);
         if let Some(value) = cx.scalar(b) {
-            if cx.shape(a)? == out_shape {
+            if cx.shape(a)? == out {
                 return step(Elementwise::BinScalar { kind, value }, vec![cx.float(a)?]);
             }
         }
         if let Some(value) = cx.scalar(a) {
-            if kind.commutes() && cx.shape(b)? == out_shape {
+            if kind.commutes() && cx.shape(b)? == out {
                 return step(Elementwise::BinScalar { kind, value }, vec![cx.float(b)?]);
             }
         }
         let expand = [
-            (cx.shape(a)? != out_shape).then(|| out_shape.to_vec()),
-            (cx.shape(b)? != out_shape).then(|| out_shape.to_vec()),
+            (cx.shape(a)? != out).then(|| out.to_vec()),
+            (cx.shape(b)? != out).then(|| out.to_vec()),
         ];
         step(Elementwise::Bin { kind, expand }, cx.floats(&[a, b])?)
     } else if let Some(ew) = op.downcast_ref::<ElementWiseOp>() {

@@ -11,9 +11,8 @@ use tract_onnx::tract_core::ops::array::{
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::nn::resize::NearestUpsample;
 
-use super::{Lowered, Op};
-use crate::backend::burn::context::{compile_err, unsupported, values, Lowering};
-use crate::error::Result;
+use super::{single, Cx, Found, Lowered, Op};
+use crate::backend::burn::context::{compile_err, unsupported, values};
 
 /// ONNX ops that become data-movement steps, or nothing at all (shape arithmetic and
 /// constants folded by tract, identities and dropouts removed).
@@ -68,13 +67,9 @@ pub(crate) enum Layout<B: Backend> {
 }
 
 /// Lowers tract's axis, concat, slice, gather, broadcast, pad and nearest-upsample ops.
-pub(crate) fn lower<B: Backend>(
-    cx: &mut Lowering<B>,
-    node: &TypedNode,
-    out_shape: &[usize],
-) -> Result<Option<Lowered<B>>> {
+pub(crate) fn lower<B: Backend>(cx: &mut Cx<B>, node: &TypedNode, out: &[usize]) -> Found<B> {
     let op: &dyn TypedOp = node.op.as_ref();
-    let out = out_shape.to_vec();
+    let out_shape = out.to_vec();
     let layout = if let Some(axis_op) = op.downcast_ref::<AxisOp>() {
         match axis_op {
             AxisOp::Move(from, to) => {
@@ -83,7 +78,7 @@ pub(crate) fn lower<B: Backend>(
                 perm.insert(*to, axis);
                 Layout::Permute(perm)
             }
-            _ => Layout::Reshape(out),
+            _ => Layout::Reshape(out_shape),
         }
     } else if let Some(concat) = op.downcast_ref::<TypedConcat>() {
         let inputs = cx.floats(&node.inputs)?;
@@ -111,10 +106,10 @@ pub(crate) fn lower<B: Backend>(
         Layout::Gather {
             axis: gather.axis,
             indices: B::int_from_data(TensorData::new(flat, vec![n]), &cx.device),
-            out_shape: out,
+            out_shape,
         }
     } else if op.downcast_ref::<MultiBroadcastTo>().is_some() {
-        Layout::Expand(out)
+        Layout::Expand(out_shape)
     } else if let Some(pad) = op.downcast_ref::<Pad>() {
         let TractPadMode::Constant(value) = &pad.mode else {
             return Err(unsupported(node, "non-constant padding"));
@@ -138,7 +133,7 @@ pub(crate) fn lower<B: Backend>(
         Layout::Upsample {
             split,
             expanded,
-            out,
+            out: out_shape,
         }
     } else {
         return Ok(None);
@@ -166,10 +161,7 @@ impl<B: Backend> Layout<B> {
         if let Layout::Concat(axis) = self {
             return B::float_cat(args, *axis);
         }
-        let x = args
-            .into_iter()
-            .next()
-            .expect("lowering gave the step its input");
+        let x = single::<B>(args);
         match self {
             Layout::Permute(perm) => B::float_permute(x, perm),
             Layout::Reshape(shape) => B::float_reshape(x, Shape::from(shape.clone())),

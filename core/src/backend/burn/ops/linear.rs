@@ -12,8 +12,8 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::window::{from_4d, lift_height, to_4d, window, Window};
-use super::{Lowered, Op};
-use crate::backend::burn::context::{compile_err, unsupported, values, Lowering};
+use super::{Cx, Found, Lowered, Op};
+use crate::backend::burn::context::{compile_err, unsupported, values};
 use crate::error::Result;
 
 /// ONNX ops that become matmul or convolution steps.
@@ -43,11 +43,7 @@ pub(crate) enum Linear {
 }
 
 /// Lowers two-input float einsums, convolutions and transposed convolutions.
-pub(crate) fn lower<B: Backend>(
-    cx: &mut Lowering<B>,
-    node: &TypedNode,
-    out_shape: &[usize],
-) -> Result<Option<Lowered<B>>> {
+pub(crate) fn lower<B: Backend>(cx: &mut Cx<B>, node: &TypedNode, out: &[usize]) -> Found<B> {
     let op: &dyn TypedOp = node.op.as_ref();
     let (linear, inputs) = if let Some(einsum) = op.downcast_ref::<EinSum>() {
         if einsum.q_params.is_some() || node.inputs.len() != 2 {
@@ -57,14 +53,14 @@ pub(crate) fn lower<B: Backend>(
             &einsum.axes,
             &cx.shape(node.inputs[0])?,
             &cx.shape(node.inputs[1])?,
-            out_shape,
+            out,
         )
         .map_err(|e| unsupported(node, e))?;
         (Linear::MatMul(Box::new(plan)), cx.floats(&node.inputs)?)
     } else if let Some(conv) = op.downcast_ref::<Conv>() {
         lower_conv(cx, node, conv)?
     } else if let Some(deconv) = op.downcast_ref::<Deconv>() {
-        lower_deconv(cx, node, deconv, out_shape)?
+        lower_deconv(cx, node, deconv, out)?
     } else {
         return Ok(None);
     };
@@ -72,7 +68,7 @@ pub(crate) fn lower<B: Backend>(
 }
 
 fn lower_conv<B: Backend>(
-    cx: &mut Lowering<B>,
+    cx: &mut Cx<B>,
     node: &TypedNode,
     conv: &Conv,
 ) -> Result<(Linear, Vec<usize>)> {
@@ -98,7 +94,7 @@ fn lower_conv<B: Backend>(
 
 /// ConvTranspose: 2-D, NCHW, symmetric padding (burn's kernel pads both sides alike).
 fn lower_deconv<B: Backend>(
-    cx: &mut Lowering<B>,
+    cx: &mut Cx<B>,
     node: &TypedNode,
     deconv: &Deconv,
     out_shape: &[usize],
@@ -196,7 +192,7 @@ fn lower_deconv<B: Backend>(
 /// The slot of a convolution's bias, `None` when it is absent or all zeros; its
 /// elements must be one per output channel.
 fn bias<B: Backend>(
-    cx: &mut Lowering<B>,
+    cx: &mut Cx<B>,
     node: &TypedNode,
     bias: Option<&OutletId>,
     out_channels: usize,

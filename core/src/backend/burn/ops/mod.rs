@@ -52,9 +52,12 @@ pub(crate) enum Lowered<B: Backend> {
     Alias(usize),
 }
 
-/// A family's lowering of a node with this output shape: `Ok(None)` when the node's op is
-/// not of the family's kind.
-type LowerFn<B> = fn(&mut Lowering<B>, &TypedNode, &[usize]) -> Result<Option<Lowered<B>>>;
+/// The lowering context, as families take it.
+type Cx<'m, B> = Lowering<'m, B>;
+/// What a family's lowering found: `Ok(None)` when the node's op is not of its kind.
+type Found<B> = Result<Option<Lowered<B>>>;
+/// A family's lowering of a node with this output shape.
+type LowerFn<B> = fn(&mut Cx<B>, &TypedNode, &[usize]) -> Found<B>;
 
 /// Lowers one node through the first family that takes its op.
 pub(crate) fn lower_node<B: Backend>(
@@ -96,6 +99,14 @@ pub fn supported_onnx_ops() -> &'static [&'static str] {
         ops.dedup();
         ops
     })
+}
+
+/// The one input of a single-input step (lowering gives every step its inputs; a missing
+/// one is a bug, caught as a panic by the program and reported as an inference error).
+fn single<B: Backend>(args: Vec<FloatTensor<B>>) -> FloatTensor<B> {
+    args.into_iter()
+        .next()
+        .expect("lowering gave the step its input")
 }
 
 impl<B: Backend> Op<B> {

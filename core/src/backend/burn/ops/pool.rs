@@ -6,9 +6,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::cnn::{MaxPool, SumPool};
 
 use super::window::{from_4d, lift_2d, window, Window};
-use super::{Lowered, Op};
-use crate::backend::burn::context::{unsupported, Lowering};
-use crate::error::Result;
+use super::{single, Cx, Found, Lowered, Op};
+use crate::backend::burn::context::unsupported;
 
 /// ONNX ops that become pooling steps.
 pub(crate) const ONNX: &[&str] = &[
@@ -32,11 +31,7 @@ pub(crate) enum Pool {
 
 /// Lowers tract's `MaxPool` (without index outputs) and `SumPool` (symmetric padding, no
 /// dilation: what burn's kernel computes).
-pub(crate) fn lower<B: Backend>(
-    cx: &mut Lowering<B>,
-    node: &TypedNode,
-    _out_shape: &[usize],
-) -> Result<Option<Lowered<B>>> {
+pub(crate) fn lower<B: Backend>(cx: &mut Cx<B>, node: &TypedNode, _out: &[usize]) -> Found<B> {
     let op: &dyn TypedOp = node.op.as_ref();
     let pool = if let Some(pool) = op.downcast_ref::<MaxPool>() {
         if pool.with_index_outputs.is_some() {
@@ -65,10 +60,7 @@ pub(crate) fn lower<B: Backend>(
 
 impl Pool {
     pub(crate) fn eval<B: Backend>(&self, args: Vec<FloatTensor<B>>) -> FloatTensor<B> {
-        let x = args
-            .into_iter()
-            .next()
-            .expect("lowering gave the step its input");
+        let x = single::<B>(args);
         match self {
             Pool::Max(window) => {
                 let (x, padding) = lift_2d::<B>(x, window, f32::NEG_INFINITY);

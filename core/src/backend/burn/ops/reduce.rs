@@ -8,9 +8,8 @@ use tract_onnx::tract_core::ops::nn::{
     Reduce as TractReduce, Reducer, RmsNorm, Softmax, SoftmaxKind,
 };
 
-use super::{Lowered, Op};
-use crate::backend::burn::context::{compile_err, unsupported, Lowering};
-use crate::error::Result;
+use super::{single, Cx, Found, Lowered, Op};
+use crate::backend::burn::context::{compile_err, unsupported};
 
 /// ONNX ops that become reduction, normalisation or softmax steps (LayerNormalization and
 /// ReduceMean through tract's decomposition into these and element-wise steps).
@@ -44,11 +43,7 @@ pub(crate) enum Reduce {
 }
 
 /// Lowers tract's `Reduce`, `RmsNorm` and single-axis float `Softmax`.
-pub(crate) fn lower<B: Backend>(
-    cx: &mut Lowering<B>,
-    node: &TypedNode,
-    _out_shape: &[usize],
-) -> Result<Option<Lowered<B>>> {
+pub(crate) fn lower<B: Backend>(cx: &mut Cx<B>, node: &TypedNode, _out: &[usize]) -> Found<B> {
     let op: &dyn TypedOp = node.op.as_ref();
     let reduce = if let Some(reduce) = op.downcast_ref::<TractReduce>() {
         let axes = reduce.axes.to_vec();
@@ -88,10 +83,7 @@ impl Reduce {
     }
 
     pub(crate) fn eval<B: Backend>(&self, args: Vec<FloatTensor<B>>) -> FloatTensor<B> {
-        let x = args
-            .into_iter()
-            .next()
-            .expect("lowering gave the step its input");
+        let x = single::<B>(args);
         match self {
             Reduce::Sum(axes) => reduce::<B>(x, axes, B::float_sum_dim),
             Reduce::Max(axes) => reduce::<B>(x, axes, B::float_max_dim),
