@@ -90,6 +90,7 @@ impl From<tern::Error> for TernError {
             | tern::Error::DuplicateInput { .. }
             | tern::Error::DTypeMismatch { .. }
             | tern::Error::ShapeMismatch { .. }
+            | tern::Error::ShapeConflict { .. }
             | tern::Error::NanValues { .. }
             | tern::Error::Tensor { .. } => TernError::InvalidInput { kind, detail },
             tern::Error::InvalidOption { .. } | tern::Error::BackendUnavailable { .. } => {
@@ -116,6 +117,7 @@ pub enum ErrorKind {
     DuplicateInput,
     DtypeMismatch,
     ShapeMismatch,
+    ShapeConflict,
     Nan,
     Tensor,
     BackendUnavailable,

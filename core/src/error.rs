@@ -99,6 +99,17 @@ pub enum Error {
         actual: Vec<usize>,
     },
 
+    /// Each input fits the model's declared shapes, but together they break a relation an
+    /// operator needs (the inner dimensions of a matrix product): caught before any kernel
+    /// runs.
+    #[error("inputs disagree at node {node:?}: {reason}")]
+    ShapeConflict {
+        /// The node whose operator needs the relation.
+        node: String,
+        /// Which dimensions disagree, and their sizes.
+        reason: String,
+    },
+
     /// A tensor contains NaN and the session's [`NanPolicy`](NanPolicy) rejects it.
     #[error("{which} {name:?} contains {count} NaN value(s) (NaN policy: {policy:?})")]
     NanValues {
@@ -180,6 +191,8 @@ pub enum ErrorKind {
     DtypeMismatch,
     /// [`Error::ShapeMismatch`].
     ShapeMismatch,
+    /// [`Error::ShapeConflict`].
+    ShapeConflict,
     /// [`Error::NanValues`].
     Nan,
     /// [`Error::Tensor`].
@@ -207,6 +220,7 @@ impl ErrorKind {
             ErrorKind::DuplicateInput => "duplicate_input",
             ErrorKind::DtypeMismatch => "dtype_mismatch",
             ErrorKind::ShapeMismatch => "shape_mismatch",
+            ErrorKind::ShapeConflict => "shape_conflict",
             ErrorKind::Nan => "nan",
             ErrorKind::Tensor => "tensor",
             ErrorKind::BackendUnavailable => "backend_unavailable",
@@ -236,6 +250,7 @@ impl Error {
             Error::DuplicateInput { .. } => ErrorKind::DuplicateInput,
             Error::DTypeMismatch { .. } => ErrorKind::DtypeMismatch,
             Error::ShapeMismatch { .. } => ErrorKind::ShapeMismatch,
+            Error::ShapeConflict { .. } => ErrorKind::ShapeConflict,
             Error::NanValues { .. } => ErrorKind::Nan,
             Error::Tensor { .. } => ErrorKind::Tensor,
             Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,

@@ -540,8 +540,9 @@ const WINDOWED_OPS: &[&str] = &[
     "QLinearConv",
 ];
 
-/// Static checks tract would otherwise fail with a panic (a vague `panic` kind): window
-/// attributes out of range in the top-level graph, and graph outputs nothing produces.
+/// Static checks tract would otherwise fail with a panic (a vague `panic` kind) or worse:
+/// window attributes out of range in the top-level graph, Transpose permutations that are
+/// not permutations, and graph outputs nothing produces.
 fn check_graph(proto: &pb::ModelProto) -> Result<()> {
     let Some(graph) = &proto.graph else {
         return Ok(());
@@ -564,6 +565,29 @@ fn check_graph(proto: &pb::ModelProto) -> Result<()> {
                     ),
                 });
             }
+        }
+    }
+    for node in graph
+        .node
+        .iter()
+        .filter(|n| onnx::is_default_domain(&n.domain) && n.op_type == "Transpose")
+    {
+        // tract builds the output from `perm` as given: a repeated axis makes it allocate
+        // for a shape that does not exist (gigabytes, then an abort).
+        let Some(perm) = node.attribute.iter().find(|a| a.name == "perm") else {
+            continue;
+        };
+        let mut sorted = perm.ints.clone();
+        sorted.sort_unstable();
+        if sorted.iter().zip(0..).any(|(v, i)| *v != i) {
+            return Err(Error::InvalidModel {
+                reason: format!(
+                    "node {:?} (Transpose): perm {:?} is not a permutation of 0..{}",
+                    node.name,
+                    perm.ints,
+                    perm.ints.len()
+                ),
+            });
         }
     }
     let produced: std::collections::HashSet<&str> = graph

@@ -473,3 +473,61 @@ fn metadata_describes_the_model() {
     );
     assert!(!info.quantized);
 }
+
+/// A `MatMul` whose inputs are declared `[n, k]` and `[m, p]` is planned with unrelated
+/// symbols for `k` and `m`; run with `k != m` tract's kernel read out of bounds (SIGSEGV
+/// with `b = [1000, 1]`, garbage with `[2, 5] × [3, 2]`). Both are typed errors naming the
+/// node now, and a good run afterwards still works.
+#[test]
+fn matmul_inner_dimensions_that_disagree_are_refused_before_the_kernel() {
+    let bytes = model(
+        vec![node("the_matmul", "MatMul", "", &["a", "b"], &["y"])],
+        vec![
+            value("a", FLOAT, &["n", "k"]),
+            value("b", FLOAT, &["m", "p"]),
+        ],
+        vec![value("y", FLOAT, &[])],
+    );
+    let model = Model::from_bytes(&bytes).unwrap();
+    let session = Session::new(&model, SessionOptions::new().without_telemetry()).unwrap();
+    let ones = |shape: &[usize]| f32s(shape, &vec![1.0; shape.iter().product()]);
+    for (a, b) in [
+        (&[1usize, 1][..], &[1000usize, 1][..]),
+        (&[1, 1], &[4_000_000, 1]),
+        (&[2, 5], &[3, 2]),
+    ] {
+        let err = session
+            .run([("a", ones(a)), ("b", ones(b))])
+            .expect_err("inner dimensions disagree");
+        assert_eq!(err.kind(), "shape_conflict", "{a:?} x {b:?}: {err}");
+        assert!(err.to_string().contains("the_matmul"), "{err}");
+    }
+    let y = session
+        .run([("a", ones(&[2, 3])), ("b", ones(&[3, 4]))])
+        .unwrap();
+    assert_eq!(y[0].shape(), &[2, 4]);
+    assert_eq!(y[0].to_f32_vec().unwrap(), vec![3.0; 8]);
+}
+
+/// A Transpose whose `perm` repeats an axis made tract allocate gigabytes and abort.
+#[test]
+fn transpose_perm_that_is_not_a_permutation_is_an_invalid_model() {
+    use tract_onnx::pb;
+    for perm in [vec![0, 0], vec![1, 2], vec![0, -1]] {
+        let mut t = node("the_transpose", "Transpose", "", &["x"], &["y"]);
+        t.attribute = vec![pb::AttributeProto {
+            name: "perm".into(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: perm.clone(),
+            ..Default::default()
+        }];
+        let bytes = model(
+            vec![t],
+            vec![value("x", FLOAT, &["2", "2"])],
+            vec![value("y", FLOAT, &[])],
+        );
+        let err = Model::from_bytes(&bytes).unwrap_err();
+        assert_eq!(err.kind(), "invalid_model", "{perm:?}: {err}");
+        assert!(err.to_string().contains("the_transpose"), "{err}");
+    }
+}

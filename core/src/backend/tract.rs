@@ -25,6 +25,7 @@
 //! afterwards. With more than one thread the session owns a rayon pool handed to tract's
 //! kernels — for the runs of each plan where measuring shows it helps ([`threads`]).
 
+mod contracts;
 mod linalg;
 mod rewrite;
 mod threads;
@@ -47,6 +48,7 @@ use crate::model::Model;
 use crate::options::{OptLevel, SessionOptions, ShapePolicy, ThreadPolicy};
 use crate::sync::lock;
 use crate::tensor::{DType, Tensor};
+use contracts::Contracts;
 
 const NAME: Backend = Backend::Cpu;
 
@@ -76,6 +78,8 @@ struct Plan {
     threading: Race,
     /// tern's own rewrites that replaced nodes: (pass, nodes).
     rewrites: Vec<(&'static str, usize)>,
+    /// Dimension equalities its kernels rely on, checked before a run (symbolic plans).
+    contracts: Contracts,
 }
 
 impl Plan {
@@ -141,23 +145,23 @@ impl Compiler {
         if self.fused_qdq > 0 {
             rewrites.push(("qdq-fusion", self.fused_qdq));
         }
-        match self.optimization {
+        typed.declutter().map_err(compile_err)?;
+        // Read from the decluttered graph, where every matrix product is still an einsum.
+        let contracts = Contracts::of(&typed)?;
+        if self.optimization == OptLevel::Full {
             // tern's rewrites before the batch tiling: they read per-channel constants
             // as `[.., C, 1, 1]`, which the tiling would turn into `[N, C, 1, 1]`.
-            OptLevel::Full => typed
-                .declutter()
-                .and_then(|_| match self.tern_kernels {
-                    true => rewrite::run_passes(&mut typed),
-                    false => Ok(Vec::new()),
-                })
-                .and_then(|done| {
-                    rewrites.extend(done);
-                    tile_batch_constants(&mut typed)
-                })
-                .and_then(|_| typed.optimize()),
-            OptLevel::Declutter => typed.declutter(),
+            match self.tern_kernels {
+                true => rewrite::run_passes(&mut typed),
+                false => Ok(Vec::new()),
+            }
+            .and_then(|done| {
+                rewrites.extend(done);
+                tile_batch_constants(&mut typed)
+            })
+            .and_then(|_| typed.optimize())
+            .map_err(compile_err)?;
         }
-        .map_err(compile_err)?;
         // No executor in the plan: each run scopes the one its threading race chooses.
         let plan = typed.into_runnable().map_err(compile_err)?;
         let context = EvalContext::out_of_plan();
@@ -171,6 +175,7 @@ impl Compiler {
             states: Mutex::new(Vec::new()),
             threading: threads::threading(self.has_pool, self.thread_policy),
             rewrites,
+            contracts,
         })
     }
 }
@@ -520,6 +525,9 @@ impl TractExecutor {
         let Some(planned) = &self.planned else {
             return self.concrete_plan(&shape_key(inputs))?.run(inputs, pool);
         };
+        // Inputs that break the symbolic plan's contracts are refused before any plan,
+        // symbolic or concrete, is built or run for them.
+        planned.contracts.check(inputs)?;
         if self.fixed {
             return planned.run(inputs, pool);
         }

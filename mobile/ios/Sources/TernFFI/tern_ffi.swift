@@ -2577,6 +2577,7 @@ public enum ErrorKind: Equatable, Hashable {
     case duplicateInput
     case dtypeMismatch
     case shapeMismatch
+    case shapeConflict
     case nan
     case tensor
     case backendUnavailable
@@ -2622,17 +2623,19 @@ public struct FfiConverterTypeErrorKind: FfiConverterRustBuffer {
         
         case 9: return .shapeMismatch
         
-        case 10: return .nan
+        case 10: return .shapeConflict
         
-        case 11: return .tensor
+        case 11: return .nan
         
-        case 12: return .backendUnavailable
+        case 12: return .tensor
         
-        case 13: return .invalidOption
+        case 13: return .backendUnavailable
         
-        case 14: return .inference
+        case 14: return .invalidOption
         
-        case 15: return .panic
+        case 15: return .inference
+        
+        case 16: return .panic
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -2678,28 +2681,32 @@ public struct FfiConverterTypeErrorKind: FfiConverterRustBuffer {
             writeInt(&buf, Int32(9))
         
         
-        case .nan:
+        case .shapeConflict:
             writeInt(&buf, Int32(10))
         
         
-        case .tensor:
+        case .nan:
             writeInt(&buf, Int32(11))
         
         
-        case .backendUnavailable:
+        case .tensor:
             writeInt(&buf, Int32(12))
         
         
-        case .invalidOption:
+        case .backendUnavailable:
             writeInt(&buf, Int32(13))
         
         
-        case .inference:
+        case .invalidOption:
             writeInt(&buf, Int32(14))
         
         
-        case .panic:
+        case .inference:
             writeInt(&buf, Int32(15))
+        
+        
+        case .panic:
+            writeInt(&buf, Int32(16))
         
         }
     }
