@@ -91,6 +91,7 @@ impl From<tern::Error> for TernError {
             | tern::Error::DTypeMismatch { .. }
             | tern::Error::ShapeMismatch { .. }
             | tern::Error::ShapeConflict { .. }
+            | tern::Error::ResourceLimit { .. }
             | tern::Error::NanValues { .. }
             | tern::Error::Tensor { .. } => TernError::InvalidInput { kind, detail },
             tern::Error::InvalidOption { .. } | tern::Error::BackendUnavailable { .. } => {
@@ -121,6 +122,7 @@ pub enum ErrorKind {
     Nan,
     Tensor,
     BackendUnavailable,
+    ResourceLimit,
     InvalidOption,
     Inference,
     Panic,

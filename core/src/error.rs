@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 pub use crate::kinds::NanPolicy;
-use crate::kinds::{Backend, TensorRole};
+use crate::kinds::{Backend, Resource, TensorRole};
 use crate::tensor::DType;
 
 /// Result alias used throughout the crate.
@@ -139,6 +139,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// The model, for these inputs, needs more than the session's limits allow (memory a
+    /// run would hold at once, nodes in the graph): refused before the work starts.
+    #[error("{resource} limit exceeded: needs {needed}, the limit is {limit}; {context}")]
+    ResourceLimit {
+        /// Which limit.
+        resource: Resource,
+        /// How much the model needs (at least).
+        needed: u64,
+        /// The limit in force.
+        limit: u64,
+        /// Where the need comes from (e.g. the node computing the largest value).
+        context: String,
+    },
+
     /// A session option is invalid (e.g. a pinned shape for an input that does not exist).
     #[error("invalid option: {reason}")]
     InvalidOption {
@@ -199,6 +213,8 @@ pub enum ErrorKind {
     Tensor,
     /// [`Error::BackendUnavailable`].
     BackendUnavailable,
+    /// [`Error::ResourceLimit`].
+    ResourceLimit,
     /// [`Error::InvalidOption`].
     InvalidOption,
     /// [`Error::Inference`].
@@ -224,6 +240,7 @@ impl ErrorKind {
             ErrorKind::Nan => "nan",
             ErrorKind::Tensor => "tensor",
             ErrorKind::BackendUnavailable => "backend_unavailable",
+            ErrorKind::ResourceLimit => "resource_limit",
             ErrorKind::InvalidOption => "invalid_option",
             ErrorKind::Inference => "inference",
             ErrorKind::Panic => "panic",
@@ -254,6 +271,7 @@ impl Error {
             Error::NanValues { .. } => ErrorKind::Nan,
             Error::Tensor { .. } => ErrorKind::Tensor,
             Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
+            Error::ResourceLimit { .. } => ErrorKind::ResourceLimit,
             Error::InvalidOption { .. } => ErrorKind::InvalidOption,
             Error::Inference { .. } => ErrorKind::Inference,
             Error::Panic { .. } => ErrorKind::Panic,

@@ -1,5 +1,6 @@
 //! The small closed sets every layer names: which device ([`Backend`]), what to do with NaN
-//! ([`NanPolicy`]), which side of the model a tensor is on ([`TensorRole`]).
+//! ([`NanPolicy`]), which side of the model a tensor is on ([`TensorRole`]), which limit a
+//! model ran into ([`Resource`]).
 //!
 //! A leaf: it imports nothing from the crate, so errors, options, telemetry records and the
 //! skins can all carry these values instead of strings. Each serializes as its lowercase
@@ -75,6 +76,32 @@ impl TensorRole {
 }
 
 impl fmt::Display for TensorRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A resource a session's limits bound ([`LimitOptions`](crate::options::LimitOptions)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resource {
+    /// Bytes of values a run holds at once.
+    MemoryBytes,
+    /// Nodes in a model's graph.
+    Nodes,
+}
+
+impl Resource {
+    /// Snake-case name: `memory_bytes`, `nodes`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::MemoryBytes => "memory_bytes",
+            Resource::Nodes => "nodes",
+        }
+    }
+}
+
+impl fmt::Display for Resource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }

@@ -35,11 +35,11 @@ pub mod tensor;
 
 pub use backend::{PlanReport, Specialisation};
 pub use error::{Error, ErrorKind, Result};
-pub use kinds::{Backend, TensorRole};
+pub use kinds::{Backend, Resource, TensorRole};
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
 pub use options::{
-    CpuOptions, GpuOptions, GpuPrecision, InputOptions, NanPolicy, OptLevel, SessionOptions,
-    ShapePolicy, TelemetryChoice, TelemetryOptions, ThreadPolicy, MAX_THREADS,
+    CpuOptions, GpuOptions, GpuPrecision, InputOptions, LimitOptions, NanPolicy, OptLevel,
+    SessionOptions, ShapePolicy, TelemetryChoice, TelemetryOptions, ThreadPolicy, MAX_THREADS,
 };
 pub use session::{Outputs, Session, Trace};
 pub use telemetry::Telemetry;

@@ -242,6 +242,36 @@ pub struct TelemetryOptions {
     pub baseline: Option<Baseline>,
 }
 
+/// Bounds a session keeps to whatever the model asks for: a hostile or broken model gets a
+/// typed [`Error::ResourceLimit`](crate::Error::ResourceLimit) instead of taking the app's
+/// memory.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct LimitOptions {
+    /// Most bytes a run's values may hold at once (tensors computed and inputs, weights not
+    /// counted), checked for each input shape before the run; `None` (the default): half
+    /// the device's memory ([`LimitOptions::device_memory`]), 2 GiB where it is unknown.
+    pub memory_bytes: Option<u64>,
+}
+
+impl LimitOptions {
+    /// The memory limit in force.
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_bytes
+            .unwrap_or_else(|| Self::device_memory().map_or(2 << 30, |m| m / 2))
+    }
+
+    /// The device's physical memory, where the OS says (Linux and Android: `MemTotal` of
+    /// `/proc/meminfo`).
+    pub fn device_memory() -> Option<u64> {
+        let info = crate::fs::read_regular(std::path::Path::new("/proc/meminfo"), 1 << 20).ok()?;
+        let info = String::from_utf8(info).ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib.saturating_mul(1024))
+    }
+}
+
 /// How to build a [`Session`](crate::Session).
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -256,6 +286,8 @@ pub struct SessionOptions {
     pub inputs: InputOptions,
     /// Telemetry buffer and drift baseline.
     pub telemetry: TelemetryOptions,
+    /// Resource limits.
+    pub limits: LimitOptions,
 }
 
 impl SessionOptions {
@@ -298,6 +330,12 @@ impl SessionOptions {
     /// Lets tern's own kernels take over the layers they implement (on by default).
     pub fn tern_kernels(mut self, enabled: bool) -> Self {
         self.cpu.tern_kernels = enabled;
+        self
+    }
+
+    /// Sets the most bytes a run's values may hold at once (see [`LimitOptions`]).
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.limits.memory_bytes = Some(bytes);
         self
     }
 

@@ -531,3 +531,47 @@ fn transpose_perm_that_is_not_a_permutation_is_an_invalid_model() {
         assert!(err.to_string().contains("the_transpose"), "{err}");
     }
 }
+
+/// A run whose values would hold more than the session's memory limit is refused before
+/// it starts, naming the node with the largest value; within the limit it runs.
+#[test]
+fn runs_over_the_memory_limit_are_refused_before_they_start() {
+    // x [n, 1000] → Relu → y: x and y alive at once, 8000·n bytes.
+    let bytes = model(
+        vec![node("the_relu", "Relu", "", &["x"], &["y"])],
+        vec![value("x", FLOAT, &["n", "1000"])],
+        vec![value("y", FLOAT, &[])],
+    );
+    let model = Model::from_bytes(&bytes).unwrap();
+    let options = SessionOptions::new()
+        .without_telemetry()
+        .memory_limit(8000 * 100);
+    let session = Session::new(&model, options).unwrap();
+    let x = |n: usize| f32s(&[n, 1000], &vec![0.5; n * 1000]);
+    assert!(session.run([("x", x(100))]).is_ok());
+    let err = session.run([("x", x(101))]).unwrap_err();
+    assert_eq!(err.kind(), "resource_limit", "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::ResourceLimit {
+                needed: 808_000,
+                limit: 800_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A fixed-shape session over the limit is refused at creation.
+    let pinned = SessionOptions::new()
+        .without_telemetry()
+        .memory_limit(1000)
+        .pin_input_shape("x", &[1, 1000]);
+    let err = Session::new(&model, pinned).unwrap_err();
+    assert_eq!(err.kind(), "resource_limit", "{err}");
+    // The default limit is half the device's memory.
+    let limits = tern::LimitOptions::default();
+    if let Some(device) = tern::LimitOptions::device_memory() {
+        assert_eq!(limits.memory_limit(), device / 2);
+    }
+}

@@ -25,12 +25,13 @@
 //! afterwards. With more than one thread the session owns a rayon pool handed to tract's
 //! kernels — for the runs of each plan where measuring shows it helps ([`threads`]).
 
+mod budget;
 mod contracts;
 mod linalg;
 mod rewrite;
 mod threads;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,7 @@ use crate::model::Model;
 use crate::options::{OptLevel, SessionOptions, ShapePolicy, ThreadPolicy};
 use crate::sync::lock;
 use crate::tensor::{DType, Tensor};
+use budget::Footprint;
 use contracts::Contracts;
 
 const NAME: Backend = Backend::Cpu;
@@ -80,9 +82,35 @@ struct Plan {
     rewrites: Vec<(&'static str, usize)>,
     /// Dimension equalities its kernels rely on, checked before a run (symbolic plans).
     contracts: Contracts,
+    /// The sizes of the values it computes, checked against the memory limit.
+    footprint: Footprint,
+    /// The session's memory limit, in bytes.
+    memory_limit: u64,
+    /// Input shapes that passed [`Plan::check`] (at most [`CHECKED_SHAPES`]).
+    checked: Mutex<HashSet<ShapeKey>>,
 }
 
+/// Shapes remembered as checked per plan; past this the memory starts over.
+const CHECKED_SHAPES: usize = 256;
+
 impl Plan {
+    /// Refuses inputs that break the plan's shape contracts or would make the run hold more
+    /// than the memory limit: before any kernel runs. A shape is checked once.
+    fn check(&self, key: &ShapeKey, inputs: &[Tensor]) -> Result<()> {
+        if lock(&self.checked).contains(key) {
+            return Ok(());
+        }
+        let symbols = self.contracts.symbols(inputs);
+        self.contracts.check_values(&symbols)?;
+        self.footprint.check(&symbols, self.memory_limit)?;
+        let mut checked = lock(&self.checked);
+        if checked.len() >= CHECKED_SHAPES {
+            checked.clear();
+        }
+        checked.insert(key.clone());
+        Ok(())
+    }
+
     /// Runs the plan, on the calling thread or with `pool` as its threading race says.
     fn run(&self, inputs: &[Tensor], pool: Option<&ThreadPool>) -> Result<Vec<Tensor>> {
         let pooled = lock(&self.states).pop();
@@ -132,6 +160,8 @@ struct Compiler {
     tern_kernels: bool,
     has_pool: bool,
     thread_policy: ThreadPolicy,
+    /// The session's memory limit, in bytes.
+    memory_limit: u64,
 }
 
 impl Compiler {
@@ -164,6 +194,10 @@ impl Compiler {
         }
         // No executor in the plan: each run scopes the one its threading race chooses.
         let plan = typed.into_runnable().map_err(compile_err)?;
+        let footprint = Footprint::of(&plan);
+        // A plan for concrete shapes knows every size now: one over the limit is refused
+        // here rather than at every run.
+        footprint.check(&SymbolValues::default(), self.memory_limit)?;
         let context = EvalContext::out_of_plan();
         let mut carries_state = false;
         for node in plan.model().nodes() {
@@ -176,6 +210,9 @@ impl Compiler {
             threading: threads::threading(self.has_pool, self.thread_policy),
             rewrites,
             contracts,
+            footprint,
+            memory_limit: self.memory_limit,
+            checked: Mutex::new(HashSet::new()),
         })
     }
 }
@@ -294,6 +331,7 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
         tern_kernels: cpu.tern_kernels,
         has_pool: cpu.threads > 1,
         thread_policy: cpu.thread_policy,
+        memory_limit: options.limits.memory_limit(),
     };
     let (planned, input_dtypes, choice, reason) = match compiler.compile(graph.clone()) {
         Ok(plan) => {
@@ -525,13 +563,13 @@ impl TractExecutor {
         let Some(planned) = &self.planned else {
             return self.concrete_plan(&shape_key(inputs))?.run(inputs, pool);
         };
-        // Inputs that break the symbolic plan's contracts are refused before any plan,
-        // symbolic or concrete, is built or run for them.
-        planned.contracts.check(inputs)?;
+        // Inputs that break the symbolic plan's contracts or memory limit are refused
+        // before any plan, symbolic or concrete, is built or run for them.
+        let key = shape_key(inputs);
+        planned.check(&key, inputs)?;
         if self.fixed {
             return planned.run(inputs, pool);
         }
-        let key = shape_key(inputs);
         match self.route(&key) {
             Route::Symbolic => self.run_symbolic(planned, &key, inputs),
             Route::Concrete => self.concrete_plan(&key)?.run(inputs, pool),

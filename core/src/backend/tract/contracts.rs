@@ -102,11 +102,9 @@ impl Contracts {
         Ok(contracts)
     }
 
-    /// Checks the contracts for one run's inputs (in model order).
-    pub(crate) fn check(&self, inputs: &[Tensor]) -> Result<()> {
-        if self.contracts.is_empty() {
-            return Ok(());
-        }
+    /// The values of the input symbols for one run's inputs (in model order): each input
+    /// dimension declared as a bare symbol takes the size given.
+    pub(crate) fn symbols(&self, inputs: &[Tensor]) -> SymbolValues {
         let mut values = SymbolValues::default();
         for (dims, tensor) in self.inputs.iter().zip(inputs) {
             for (dim, &size) in dims.iter().zip(tensor.shape()) {
@@ -115,10 +113,11 @@ impl Contracts {
                 }
             }
         }
-        self.check_values(&values)
+        values
     }
 
-    fn check_values(&self, values: &SymbolValues) -> Result<()> {
+    /// Checks the contracts for one run's symbol values ([`Contracts::symbols`]).
+    pub(crate) fn check_values(&self, values: &SymbolValues) -> Result<()> {
         for c in &self.contracts {
             let (Ok(a), Ok(b)) = (c.a.eval(values).to_i64(), c.b.eval(values).to_i64()) else {
                 continue; // not known before the run (a data-dependent size)

@@ -2581,6 +2581,7 @@ public enum ErrorKind: Equatable, Hashable {
     case nan
     case tensor
     case backendUnavailable
+    case resourceLimit
     case invalidOption
     case inference
     case panic
@@ -2631,11 +2632,13 @@ public struct FfiConverterTypeErrorKind: FfiConverterRustBuffer {
         
         case 13: return .backendUnavailable
         
-        case 14: return .invalidOption
+        case 14: return .resourceLimit
         
-        case 15: return .inference
+        case 15: return .invalidOption
         
-        case 16: return .panic
+        case 16: return .inference
+        
+        case 17: return .panic
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -2697,16 +2700,20 @@ public struct FfiConverterTypeErrorKind: FfiConverterRustBuffer {
             writeInt(&buf, Int32(13))
         
         
-        case .invalidOption:
+        case .resourceLimit:
             writeInt(&buf, Int32(14))
         
         
-        case .inference:
+        case .invalidOption:
             writeInt(&buf, Int32(15))
         
         
-        case .panic:
+        case .inference:
             writeInt(&buf, Int32(16))
+        
+        
+        case .panic:
+            writeInt(&buf, Int32(17))
         
         }
     }

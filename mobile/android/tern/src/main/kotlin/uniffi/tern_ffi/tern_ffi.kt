@@ -3575,6 +3575,7 @@ enum class ErrorKind {
     NAN,
     TENSOR,
     BACKEND_UNAVAILABLE,
+    RESOURCE_LIMIT,
     INVALID_OPTION,
     INFERENCE,
     PANIC;
