@@ -575,3 +575,38 @@ fn runs_over_the_memory_limit_are_refused_before_they_start() {
         assert_eq!(limits.memory_limit(), device / 2);
     }
 }
+
+/// A value whose size only the run knows (a `Range` over input bounds) is checked just
+/// before it is computed: over the memory limit it is a typed error, not an allocation of
+/// terabytes (an allocator panic) or of gigabytes the OS later kills the app for.
+#[test]
+fn values_sized_by_input_values_are_checked_before_they_are_allocated() {
+    let bytes = model(
+        vec![node("the_range", "Range", "", &["a", "b", "c"], &["y"])],
+        vec![
+            value("a", FLOAT, &[]),
+            value("b", FLOAT, &[]),
+            value("c", FLOAT, &[]),
+        ],
+        vec![value("y", FLOAT, &[])],
+    );
+    let model = Model::from_bytes(&bytes).unwrap();
+    let options = SessionOptions::new()
+        .without_telemetry()
+        .memory_limit(1 << 20);
+    let session = Session::new(&model, options).unwrap();
+    let scalar = |v: f32| f32s(&[], &[v]);
+    let run = |end: f32| session.run([("a", scalar(0.0)), ("b", scalar(end)), ("c", scalar(1.0))]);
+    let y = run(10.0).unwrap();
+    assert_eq!(
+        y[0].to_f32_vec().unwrap(),
+        (0..10).map(|v| v as f32).collect::<Vec<_>>()
+    );
+    for end in [1e6, 1e13] {
+        let err = run(end).unwrap_err();
+        assert_eq!(err.kind(), "resource_limit", "{end}: {err}");
+        assert!(err.to_string().contains("Range"), "{err}");
+    }
+    // Still fine afterwards.
+    assert_eq!(run(3.0).unwrap()[0].shape(), &[3]);
+}

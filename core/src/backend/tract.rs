@@ -27,6 +27,7 @@
 
 mod budget;
 mod contracts;
+mod guard;
 mod linalg;
 mod rewrite;
 mod threads;
@@ -61,10 +62,15 @@ fn compile_err(e: anyhow::Error) -> Error {
     }
 }
 
-fn inference_err(e: &anyhow::Error) -> Error {
-    Error::Inference {
-        backend: NAME,
-        reason: chain(e),
+/// A failed run as tern's error: one tern raised inside the plan (a size guard's
+/// [`Error::ResourceLimit`]) keeps its kind; tract's own are inference errors.
+fn inference_err(e: anyhow::Error) -> Error {
+    match e.downcast::<Error>() {
+        Ok(e) => e,
+        Err(e) => Error::Inference {
+            backend: NAME,
+            reason: chain(&e),
+        },
     }
 }
 
@@ -116,7 +122,7 @@ impl Plan {
         let pooled = lock(&self.states).pop();
         let mut state = match pooled {
             Some(s) => s,
-            None => self.plan.spawn().map_err(|e| inference_err(&e))?,
+            None => self.plan.spawn().map_err(inference_err)?,
         };
         let inputs: TVec<TValue> = inputs
             .iter()
@@ -129,8 +135,8 @@ impl Plan {
         };
         // Only the measuring runs read the clock.
         let started = timed.then(Instant::now);
-        let outputs = multithread_tract_scope(executor, || state.run(inputs))
-            .map_err(|e| inference_err(&e))?;
+        let outputs =
+            multithread_tract_scope(executor, || state.run(inputs)).map_err(inference_err)?;
         if let Some(started) = started {
             if let Some(o) = self.threading.record(arm, started.elapsed()) {
                 tracing::debug!(
@@ -192,6 +198,7 @@ impl Compiler {
             .and_then(|_| typed.optimize())
             .map_err(compile_err)?;
         }
+        guard::wrap_dynamic_sizes(&mut typed, self.memory_limit).map_err(compile_err)?;
         // No executor in the plan: each run scopes the one its threading race chooses.
         let plan = typed.into_runnable().map_err(compile_err)?;
         let footprint = Footprint::of(&plan);
