@@ -5,7 +5,7 @@
 //! tract's inference graph, checked for operators no backend implements. A [`Model`] is
 //! immutable and cheap to clone; build any number of [`Session`](crate::Session)s from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -280,6 +280,9 @@ pub struct Model {
     baseline: Option<Arc<Baseline>>,
     /// The first node of each op type (keys as in [`ModelInfo::op_histogram`]).
     first_nodes: Arc<BTreeMap<String, String>>,
+    /// The largest value tract computes from constants while typing the graph: its node
+    /// and bytes (at least). Checked against a session's memory limit before typing.
+    largest_folded: Option<(String, u64)>,
 }
 
 impl Model {
@@ -373,7 +376,9 @@ impl Model {
                     }
                 }
             });
+            let largest_folded = proto.graph.as_ref().and_then(largest_folded);
             Ok(Model {
+                largest_folded,
                 info: Arc::new(info),
                 graph: Arc::new(parsed.model),
                 integer_graph,
@@ -482,6 +487,10 @@ impl Model {
     }
 
     /// The graph with QDQ convolutions fused to integer ops and how many were, if any.
+    pub(crate) fn largest_folded(&self) -> Option<(&str, u64)> {
+        self.largest_folded.as_ref().map(|(n, b)| (n.as_str(), *b))
+    }
+
     pub(crate) fn integer_graph(&self) -> Option<(&InferenceModel, usize)> {
         self.integer_graph.as_deref().map(|(g, n)| (g, *n))
     }
@@ -608,6 +617,87 @@ fn check_graph(proto: &pb::ModelProto) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Of the nodes whose output size constant inputs decide — which tract evaluates while it
+/// types the graph, before any run — the one with the largest output: its name and a lower
+/// bound of its bytes. A hostile `ConstantOfShape` of `[100000, 100000, 100]` asks for
+/// 4 TB there; sessions refuse it against their memory limit instead.
+fn largest_folded(graph: &pb::GraphProto) -> Option<(String, u64)> {
+    // Small constants (shapes, bounds, repeats) by name: initializers and Constant nodes.
+    let small = |t: &pb::TensorProto| t.dims.iter().product::<i64>() <= 64;
+    let mut consts: HashMap<&str, Vec<f64>> = HashMap::new();
+    let values = |t: &pb::TensorProto| -> Option<Vec<f64>> {
+        let resolver = tract_onnx::data_resolver::default();
+        let tensor = tract_onnx::tensor::load_tensor(&*resolver, t, None).ok()?;
+        let tensor = tensor.cast_to::<f64>().ok()?;
+        let view = tensor.to_plain_array_view::<f64>().ok()?;
+        Some(view.iter().copied().collect())
+    };
+    for t in graph.initializer.iter().filter(|t| small(t)) {
+        if let Some(v) = values(t) {
+            consts.insert(&t.name, v);
+        }
+    }
+    for node in graph.node.iter().filter(|n| n.op_type == "Constant") {
+        let value = node.attribute.iter().find(|a| a.name == "value");
+        if let (Some(t), Some(out)) = (value.and_then(|a| a.t.as_ref()), node.output.first()) {
+            if let Some(v) = small(t).then(|| values(t)).flatten() {
+                consts.insert(out, v);
+            }
+        }
+    }
+    let input = |node: &pb::NodeProto, ix: usize| {
+        node.input
+            .get(ix)
+            .and_then(|name| consts.get(name.as_str()))
+    };
+    let elements = |v: &[f64]| {
+        v.iter()
+            .fold(1u64, |n, d| n.saturating_mul(d.max(0.0) as u64))
+    };
+    graph
+        .node
+        .iter()
+        .filter(|n| onnx::is_default_domain(&n.domain))
+        .filter_map(|node| {
+            let bytes = match node.op_type.as_str() {
+                // The fill value's type (f32 by default) times the shape.
+                "ConstantOfShape" => {
+                    let width = node
+                        .attribute
+                        .iter()
+                        .find(|a| a.name == "value")
+                        .and_then(|a| a.t.as_ref())
+                        .and_then(|t| DType::from_onnx(t.data_type))
+                        .and_then(DType::size_of)
+                        .unwrap_or(4);
+                    elements(input(node, 0)?).saturating_mul(width as u64)
+                }
+                // At least one byte per element of the target shape or the repeats.
+                "Expand" | "Tile" => elements(input(node, 1)?),
+                "Range" => {
+                    let (start, limit, delta) = (
+                        input(node, 0)?.first()?,
+                        input(node, 1)?.first()?,
+                        input(node, 2)?.first()?,
+                    );
+                    let n = ((limit - start) / delta).ceil();
+                    if n.is_finite() && n > 0.0 {
+                        n.min(u64::MAX as f64) as u64
+                    } else {
+                        0
+                    }
+                }
+                _ => return None,
+            };
+            let name = match node.name.is_empty() {
+                true => node.output.first().cloned().unwrap_or_default(),
+                false => node.name.clone(),
+            };
+            Some((name, bytes))
+        })
+        .max_by_key(|(_, bytes)| *bytes)
 }
 
 /// Fails with [`Error::UnsupportedOp`] naming the first node tract has no implementation for.

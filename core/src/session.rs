@@ -49,6 +49,17 @@ fn resolve(options: &SessionOptions, model: &Model) -> Result<SessionOptions> {
             }
         }
     }
+    if let Some((node, bytes)) = model.largest_folded() {
+        let limit = options.limits.memory_limit();
+        if bytes > limit {
+            return Err(Error::ResourceLimit {
+                resource: crate::kinds::Resource::MemoryBytes,
+                needed: bytes,
+                limit,
+                context: format!("node {node:?} computes a value this large from constants"),
+            });
+        }
+    }
     if options.cpu.threads > MAX_THREADS {
         return Err(Error::InvalidOption {
             reason: format!("{} threads: at most {MAX_THREADS}", options.cpu.threads),

@@ -610,3 +610,55 @@ fn values_sized_by_input_values_are_checked_before_they_are_allocated() {
     // Still fine afterwards.
     assert_eq!(run(3.0).unwrap()[0].shape(), &[3]);
 }
+
+/// Values computed from constants while tract types the graph (before any run) are checked
+/// at session creation: a `ConstantOfShape` of `[100000, 100000, 100]` (4 TB) was an
+/// allocator panic during typing.
+#[test]
+fn values_folded_from_constants_are_checked_at_session_creation() {
+    use prost::Message;
+    use tract_onnx::pb;
+    let shape = |name: &str, dims: Vec<i64>| pb::TensorProto {
+        name: name.into(),
+        data_type: INT64,
+        dims: vec![dims.len() as i64],
+        int64_data: dims,
+        ..Default::default()
+    };
+    for (dims, limit, refused) in [
+        (vec![100_000, 100_000, 100], None, true),
+        (vec![1000, 1000], Some(1 << 20), true),
+        (vec![100, 100], Some(1 << 20), false),
+    ] {
+        let mut proto = pb::ModelProto::decode(
+            &model(
+                vec![
+                    node("the_fill", "ConstantOfShape", "", &["s"], &["f"]),
+                    node("add", "Add", "", &["f", "x"], &["y"]),
+                ],
+                vec![value("x", FLOAT, &["1"])],
+                vec![value("y", FLOAT, &[])],
+            )[..],
+        )
+        .unwrap();
+        proto
+            .graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .push(shape("s", dims.clone()));
+        let model = Model::from_bytes(&proto.encode_to_vec()).unwrap();
+        let mut options = SessionOptions::new().without_telemetry();
+        if let Some(limit) = limit {
+            options = options.memory_limit(limit);
+        }
+        match Session::new(&model, options) {
+            Err(err) if refused => {
+                assert_eq!(err.kind(), "resource_limit", "{dims:?}: {err}");
+                assert!(err.to_string().contains("the_fill"), "{err}");
+            }
+            Ok(_) if !refused => {}
+            other => panic!("{dims:?}: {:?}", other.err()),
+        }
+    }
+}
