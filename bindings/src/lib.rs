@@ -92,6 +92,7 @@ impl From<tern::Error> for TernError {
             | tern::Error::ShapeMismatch { .. }
             | tern::Error::ShapeConflict { .. }
             | tern::Error::ResourceLimit { .. }
+            | tern::Error::InvalidValue { .. }
             | tern::Error::NanValues { .. }
             | tern::Error::Tensor { .. } => TernError::InvalidInput { kind, detail },
             tern::Error::InvalidOption { .. } | tern::Error::BackendUnavailable { .. } => {
@@ -119,6 +120,7 @@ pub enum ErrorKind {
     DtypeMismatch,
     ShapeMismatch,
     ShapeConflict,
+    InvalidValue,
     Nan,
     Tensor,
     BackendUnavailable,

@@ -110,6 +110,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A value given to an operator is outside what it accepts: an index past the end of
+    /// the axis it indexes, an integer division by zero. Caught before the operator runs.
+    #[error("invalid value at node {node:?}: {reason}")]
+    InvalidValue {
+        /// The node that was given the value.
+        node: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A tensor contains NaN and the session's [`NanPolicy`](NanPolicy) rejects it.
     #[error("{which} {name:?} contains {count} NaN value(s) (NaN policy: {policy:?})")]
     NanValues {
@@ -207,6 +217,8 @@ pub enum ErrorKind {
     ShapeMismatch,
     /// [`Error::ShapeConflict`].
     ShapeConflict,
+    /// [`Error::InvalidValue`].
+    InvalidValue,
     /// [`Error::NanValues`].
     Nan,
     /// [`Error::Tensor`].
@@ -237,6 +249,7 @@ impl ErrorKind {
             ErrorKind::DtypeMismatch => "dtype_mismatch",
             ErrorKind::ShapeMismatch => "shape_mismatch",
             ErrorKind::ShapeConflict => "shape_conflict",
+            ErrorKind::InvalidValue => "invalid_value",
             ErrorKind::Nan => "nan",
             ErrorKind::Tensor => "tensor",
             ErrorKind::BackendUnavailable => "backend_unavailable",
@@ -268,6 +281,7 @@ impl Error {
             Error::DTypeMismatch { .. } => ErrorKind::DtypeMismatch,
             Error::ShapeMismatch { .. } => ErrorKind::ShapeMismatch,
             Error::ShapeConflict { .. } => ErrorKind::ShapeConflict,
+            Error::InvalidValue { .. } => ErrorKind::InvalidValue,
             Error::NanValues { .. } => ErrorKind::Nan,
             Error::Tensor { .. } => ErrorKind::Tensor,
             Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
@@ -296,9 +310,36 @@ pub(crate) fn chain(e: &anyhow::Error) -> String {
     format!("{e:#}")
 }
 
+thread_local! {
+    /// How many [`catch_panic`] scopes are open on this thread.
+    static CATCHING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Installs, once per process, a panic hook that stays quiet for panics [`catch_panic`]
+/// turns into [`Error::Panic`] (the error carries the message; printing it to the app's
+/// stderr with a backtrace note would be noise) and hands every other panic to the hook
+/// that was there before. `TERN_BACKTRACE=1` prints caught panics too, with the previous
+/// hook (and `RUST_BACKTRACE` for a backtrace).
+fn quiet_caught_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        let verbose = std::env::var_os("TERN_BACKTRACE").is_some_and(|v| v != "0");
+        std::panic::set_hook(Box::new(move |info| {
+            if verbose || CATCHING.with(|c| c.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f`, turning a panic into [`Error::Panic`] so that it never reaches the caller.
 pub(crate) fn catch_panic<T>(context: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    quiet_caught_panics();
+    CATCHING.with(|c| c.set(c.get() + 1));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(c.get().saturating_sub(1)));
+    match caught {
         Ok(r) => r,
         Err(payload) => {
             let message = payload

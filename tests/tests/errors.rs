@@ -662,3 +662,51 @@ fn values_folded_from_constants_are_checked_at_session_creation() {
         }
     }
 }
+
+/// Indices past the end and integer division by zero were tract panics (kind `panic`, a
+/// message and backtrace note on stderr); they are `invalid_value` errors naming the node,
+/// and the session keeps working.
+#[test]
+fn out_of_range_indices_and_integer_division_by_zero_are_invalid_values() {
+    let i64s = |v: &[i64]| Tensor::from_vec(&[v.len()], v.to_vec()).unwrap();
+    let gather = model(
+        vec![node("the_gather", "Gather", "", &["x", "i"], &["y"])],
+        vec![value("x", FLOAT, &["4", "2"]), value("i", INT64, &["2"])],
+        vec![value("y", FLOAT, &[])],
+    );
+    let session = Session::new(
+        &Model::from_bytes(&gather).unwrap(),
+        SessionOptions::new().without_telemetry(),
+    )
+    .unwrap();
+    let x = || f32s(&[4, 2], &[0., 1., 2., 3., 4., 5., 6., 7.]);
+    for bad in [[1, 100], [-5, 0]] {
+        let err = session.run([("x", x()), ("i", i64s(&bad))]).unwrap_err();
+        assert_eq!(err.kind(), "invalid_value", "{bad:?}: {err}");
+    }
+    let y = session.run([("x", x()), ("i", i64s(&[3, -4]))]).unwrap();
+    assert_eq!(y[0].to_f32_vec().unwrap(), vec![6., 7., 0., 1.]);
+    for op in ["Mod", "Div"] {
+        let bytes = model(
+            vec![node("the_division", op, "", &["a", "b"], &["y"])],
+            vec![value("a", INT64, &["2"]), value("b", INT64, &["2"])],
+            vec![value("y", INT64, &[])],
+        );
+        let session = Session::new(
+            &Model::from_bytes(&bytes).unwrap(),
+            SessionOptions::new().without_telemetry(),
+        )
+        .unwrap();
+        let err = session
+            .run([("a", i64s(&[5, 7])), ("b", i64s(&[2, 0]))])
+            .unwrap_err();
+        assert_eq!(err.kind(), "invalid_value", "{op}: {err}");
+        let y = session
+            .run([("a", i64s(&[5, 7])), ("b", i64s(&[2, 3]))])
+            .unwrap();
+        assert_eq!(
+            y[0].as_slice::<i64>().unwrap(),
+            if op == "Mod" { &[1, 1] } else { &[2, 2] }
+        );
+    }
+}

@@ -198,7 +198,7 @@ impl Compiler {
             .and_then(|_| typed.optimize())
             .map_err(compile_err)?;
         }
-        guard::wrap_dynamic_sizes(&mut typed, self.memory_limit).map_err(compile_err)?;
+        guard::wrap(&mut typed, self.memory_limit).map_err(compile_err)?;
         // No executor in the plan: each run scopes the one its threading race chooses.
         let plan = typed.into_runnable().map_err(compile_err)?;
         let footprint = Footprint::of(&plan);

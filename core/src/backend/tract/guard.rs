@@ -1,14 +1,21 @@
-//! Size guards for values whose size only the run knows.
+//! Run-time guards: checks made just before a node runs, on the values it is given, for
+//! what tract's kernels would otherwise meet with a panic or an allocation the process
+//! cannot survive.
 //!
+//! **Sizes only the run knows.**
 //! The memory budget ([`super::budget`]) bounds every value whose size follows from the
 //! input shapes. Some sizes follow from input *values*: a `Range` from its bounds, a
 //! `TopK` from `k`, a broadcast to a shape computed from data. tract allocates those as it
 //! runs them — an allocator panic for a terabyte, and for a few gigabytes an allocation
 //! an overcommitting OS grants and then kills the app for filling. So after optimisation,
 //! each node whose output size mentions a symbol the inputs do not define is wrapped in a
-//! [`SizeGuard`]: just before the node runs, the guard asks the op for its output facts
+//! [`Guard`]: just before the node runs, the guard asks the op for its output facts
 //! given the actual inputs (as constants) and the run's symbol values, and refuses with
 //! [`Error::ResourceLimit`] when an output would exceed the session's memory limit.
+//!
+//! **Values an op cannot take.** Indices past the end of the axis they index (`Gather`,
+//! `GatherElements`, `ScatterElements`) and integer division or remainder by zero are
+//! refused with [`Error::InvalidValue`] naming the node, where tract panicked.
 
 use std::collections::HashSet;
 
@@ -23,9 +30,105 @@ use crate::kinds::Resource;
 /// for its output facts (the bounds of a `Range`, the `k` of a `TopK`, a shape).
 const KONST_ELEMENTS: usize = 64;
 
-/// Wraps the nodes of `model` whose output sizes are known only from values computed by
-/// the run; returns how many.
-pub(crate) fn wrap_dynamic_sizes(model: &mut TypedModel, limit: u64) -> TractResult<usize> {
+/// A check on the values one op is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ValueCheck {
+    /// Input 1 holds indices into `axis` of input 0: each in `[-d, d)`.
+    Indices { axis: usize },
+    /// Input 1 is an integer divisor: no element may be 0.
+    NonZeroDivisor,
+}
+
+impl ValueCheck {
+    /// The check `op` needs, if any (`inputs`: its input facts).
+    fn of(op: &dyn TypedOp, inputs: &[&TypedFact]) -> Option<ValueCheck> {
+        use tract_onnx::tract_core::ops::array::{Gather, GatherElements, ScatterElements};
+        use tract_onnx::tract_core::ops::binary::TypedBinOp;
+        use tract_onnx::tract_core::ops::math;
+        // Constant indices within a fixed axis need no check at every run.
+        let indices = |axis: usize| {
+            let size = inputs.first()?.shape.get(axis)?.to_i64().ok();
+            let fixed = inputs
+                .get(1)?
+                .konst
+                .as_ref()
+                .zip(size)
+                .is_some_and(|(k, size)| {
+                    k.cast_to::<i64>().ok().is_some_and(|k| {
+                        k.to_plain_array_view::<i64>()
+                            .is_ok_and(|v| v.iter().all(|i| (-size..size).contains(i)))
+                    })
+                });
+            (!fixed).then_some(ValueCheck::Indices { axis })
+        };
+        if let Some(g) = op.downcast_ref::<Gather>() {
+            return indices(g.axis);
+        }
+        if let Some(g) = op.downcast_ref::<GatherElements>() {
+            return indices(g.axis);
+        }
+        if let Some(g) = op.downcast_ref::<ScatterElements>() {
+            return indices(g.axis);
+        }
+        let bin = op.downcast_ref::<TypedBinOp>()?;
+        let integer = inputs.get(1).is_some_and(|f| f.datum_type.is_integer());
+        let divides = bin.0.is::<math::Div>() || bin.0.is::<math::Rem>();
+        // A constant divisor without zeros needs no check at every run.
+        let safe = inputs
+            .get(1)
+            .and_then(|f| f.konst.as_ref())
+            .is_some_and(|k| {
+                k.cast_to::<i64>()
+                    .ok()
+                    .and_then(|k| {
+                        k.to_plain_array_view::<i64>()
+                            .ok()
+                            .map(|v| v.iter().all(|x| *x != 0))
+                    })
+                    .unwrap_or(false)
+            });
+        (integer && divides && !safe).then_some(ValueCheck::NonZeroDivisor)
+    }
+
+    fn check(self, node: &str, inputs: &TVec<TValue>) -> Result<(), Error> {
+        let invalid = |reason: String| Error::InvalidValue {
+            node: node.to_string(),
+            reason,
+        };
+        let Some(values) = inputs.get(1) else {
+            return Ok(());
+        };
+        let values = values
+            .cast_to::<i64>()
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        let values = values
+            .to_plain_array_view::<i64>()
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        match self {
+            ValueCheck::Indices { axis } => {
+                let Some(&size) = inputs.first().and_then(|d| d.shape().get(axis)) else {
+                    return Err(invalid(format!("no axis {axis} to index")));
+                };
+                let size = size as i64;
+                if let Some(bad) = values.iter().find(|i| **i < -size || **i >= size) {
+                    return Err(invalid(format!(
+                        "index {bad} is out of range for axis {axis} of size {size}"
+                    )));
+                }
+            }
+            ValueCheck::NonZeroDivisor => {
+                if values.iter().any(|v| *v == 0) {
+                    return Err(invalid("integer division by zero".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Wraps the nodes of `model` that need a run-time check — output sizes known only from
+/// values the run computes, indices, integer divisors — in a [`Guard`]; returns how many.
+pub(crate) fn wrap(model: &mut TypedModel, limit: u64) -> TractResult<usize> {
     let mut input_symbols: HashSet<Symbol> = HashSet::new();
     for outlet in model.input_outlets()?.to_vec() {
         for dim in model.outlet_fact(outlet)?.shape.iter() {
@@ -42,13 +145,19 @@ pub(crate) fn wrap_dynamic_sizes(model: &mut TypedModel, limit: u64) -> TractRes
                 .iter()
                 .any(|d| d.symbols().iter().any(|s| !input_symbols.contains(s)))
         });
+        let values = ValueCheck::of(node.op.as_ref(), &model.node_input_facts(id)?);
         // Ops that keep state between turns are left alone (their state is per node).
-        if !dynamic || node.op.state(&context)?.is_some() || node.op_is::<SizeGuard>() {
+        if !(dynamic || values.is_some())
+            || node.op.state(&context)?.is_some()
+            || node.op_is::<Guard>()
+        {
             continue;
         }
-        let guard = SizeGuard {
+        let guard = Guard {
             inner: node.op.clone(),
-            limit,
+            node: node.name.clone(),
+            size_limit: dynamic.then_some(limit),
+            values,
         };
         model.node_mut(id).op = Box::new(guard);
         wrapped += 1;
@@ -56,24 +165,38 @@ pub(crate) fn wrap_dynamic_sizes(model: &mut TypedModel, limit: u64) -> TractRes
     Ok(wrapped)
 }
 
-/// An op whose output sizes are checked against the memory limit before it runs.
+/// An op whose inputs are checked before it runs.
 #[derive(Debug, Clone)]
-pub(crate) struct SizeGuard {
+pub(crate) struct Guard {
     inner: Box<dyn TypedOp>,
-    limit: u64,
+    /// The node's name, for errors.
+    node: String,
+    /// Checks the op's output sizes against this many bytes.
+    size_limit: Option<u64>,
+    /// Checks the values of its inputs.
+    values: Option<ValueCheck>,
 }
 
-impl PartialEq for SizeGuard {
+impl PartialEq for Guard {
     fn eq(&self, other: &Self) -> bool {
-        self.limit == other.limit && self.inner.as_op() == other.inner.as_op()
+        self.size_limit == other.size_limit
+            && self.values == other.values
+            && self.inner.as_op() == other.inner.as_op()
     }
 }
 
-impl Eq for SizeGuard {}
+impl Eq for Guard {}
 
-impl SizeGuard {
-    /// Fails when an output of the op on `inputs` would exceed the limit.
+impl Guard {
+    /// Fails when the op's inputs break its value check, or an output of the op on
+    /// `inputs` would exceed the size limit.
     fn check(&self, ctx: &EvalContext, inputs: &TVec<TValue>) -> TractResult<()> {
+        if let Some(values) = self.values {
+            values.check(&self.node, inputs)?;
+        }
+        let Some(limit) = self.size_limit else {
+            return Ok(());
+        };
         let facts: TVec<TypedFact> = inputs
             .iter()
             .map(|t| {
@@ -94,11 +217,11 @@ impl SizeGuard {
                 };
                 bytes = bytes.saturating_mul(u64::try_from(n).unwrap_or(0));
             }
-            if bytes > self.limit {
+            if bytes > limit {
                 return Err(Error::ResourceLimit {
                     resource: Resource::MemoryBytes,
                     needed: bytes,
-                    limit: self.limit,
+                    limit,
                     context: format!(
                         "an output of {} computed from the run's values",
                         self.inner.name()
@@ -111,9 +234,9 @@ impl SizeGuard {
     }
 }
 
-impl Op for SizeGuard {
+impl Op for Guard {
     fn name(&self) -> StaticName {
-        format!("TernSizeGuard({})", self.inner.name()).into()
+        format!("TernGuard({})", self.inner.name()).into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
@@ -131,7 +254,7 @@ impl Op for SizeGuard {
     op_as_typed_op!();
 }
 
-impl EvalOp for SizeGuard {
+impl EvalOp for Guard {
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         self.check(ctx, &inputs)?;
         self.inner.eval(ctx, inputs)
@@ -150,7 +273,7 @@ impl EvalOp for SizeGuard {
     }
 }
 
-impl TypedOp for SizeGuard {
+impl TypedOp for Guard {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         self.inner.output_facts(inputs)
     }

@@ -2578,6 +2578,7 @@ public enum ErrorKind: Equatable, Hashable {
     case dtypeMismatch
     case shapeMismatch
     case shapeConflict
+    case invalidValue
     case nan
     case tensor
     case backendUnavailable
@@ -2626,19 +2627,21 @@ public struct FfiConverterTypeErrorKind: FfiConverterRustBuffer {
         
         case 10: return .shapeConflict
         
-        case 11: return .nan
+        case 11: return .invalidValue
         
-        case 12: return .tensor
+        case 12: return .nan
         
-        case 13: return .backendUnavailable
+        case 13: return .tensor
         
-        case 14: return .resourceLimit
+        case 14: return .backendUnavailable
         
-        case 15: return .invalidOption
+        case 15: return .resourceLimit
         
-        case 16: return .inference
+        case 16: return .invalidOption
         
-        case 17: return .panic
+        case 17: return .inference
+        
+        case 18: return .panic
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -2688,32 +2691,36 @@ public struct FfiConverterTypeErrorKind: FfiConverterRustBuffer {
             writeInt(&buf, Int32(10))
         
         
-        case .nan:
+        case .invalidValue:
             writeInt(&buf, Int32(11))
         
         
-        case .tensor:
+        case .nan:
             writeInt(&buf, Int32(12))
         
         
-        case .backendUnavailable:
+        case .tensor:
             writeInt(&buf, Int32(13))
         
         
-        case .resourceLimit:
+        case .backendUnavailable:
             writeInt(&buf, Int32(14))
         
         
-        case .invalidOption:
+        case .resourceLimit:
             writeInt(&buf, Int32(15))
         
         
-        case .inference:
+        case .invalidOption:
             writeInt(&buf, Int32(16))
         
         
-        case .panic:
+        case .inference:
             writeInt(&buf, Int32(17))
+        
+        
+        case .panic:
+            writeInt(&buf, Int32(18))
         
         }
     }
