@@ -73,7 +73,7 @@ impl Telemetry {
     /// Opens (or creates) the buffer in `dir`, recovering what a previous process left.
     pub fn open(dir: impl AsRef<Path>, config: TelemetryConfig) -> Result<Telemetry> {
         let dir = dir.as_ref();
-        let (store, skipped) = Store::open(dir).map_err(|e| io_err(dir, e))?;
+        let (store, skipped) = Store::open(dir, config.max_bytes).map_err(|e| io_err(dir, e))?;
         let store = Arc::new(Mutex::new(store));
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
         let dropped_total = Arc::new(AtomicU64::new(0));

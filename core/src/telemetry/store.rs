@@ -13,7 +13,7 @@
 //! intact frame around it is recovered.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::record::{DropReason, Record};
@@ -41,52 +41,104 @@ pub(crate) fn encode(record: &Record) -> Vec<u8> {
     frame
 }
 
-/// Decodes every intact frame in `bytes`, skipping damaged regions. Returns the records
-/// and the end offset of the last intact frame (where a torn tail begins).
-pub(crate) fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
-    let mut records = Vec::new();
-    let mut pos = 0;
-    let mut good_end = 0;
-    while pos + HEADER <= bytes.len() {
-        if &bytes[pos..pos + 4] != MAGIC {
-            pos += 1;
+/// Bytes read from a segment file at a time.
+const CHUNK: usize = 64 << 10;
+
+/// Reads frames from `src` a chunk at a time, handing each intact frame's payload to
+/// `take` and skipping damaged regions. Memory stays within one frame and one chunk however
+/// long the source; returns the offset just past the last intact frame (where a torn or
+/// damaged tail begins) and how many bytes were read.
+fn scan(mut src: impl Read, mut take: impl FnMut(&[u8])) -> io::Result<(u64, u64)> {
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * CHUNK);
+    // File offset of `buf[0]`, the scan position in `buf`, and whether `src` is done.
+    let (mut base, mut pos, mut eof) = (0u64, 0usize, false);
+    let mut good_end = 0u64;
+    loop {
+        // The bytes the frame starting at `pos` needs, once its header is in the buffer.
+        let mut need = HEADER;
+        if pos + HEADER <= buf.len() {
+            if &buf[pos..pos + 4] != MAGIC {
+                // Jump to the next byte that could start a magic.
+                let rest = &buf[pos + 1..];
+                pos += 1 + rest
+                    .iter()
+                    .position(|b| *b == MAGIC[0])
+                    .unwrap_or(rest.len());
+                continue;
+            }
+            let len = u32::from_le_bytes([buf[pos + 4], buf[pos + 5], buf[pos + 6], buf[pos + 7]]);
+            if len as usize > MAX_RECORD {
+                pos += 1;
+                continue;
+            }
+            need = HEADER + len as usize;
+        }
+        if pos + need > buf.len() {
+            if eof {
+                if pos + HEADER > buf.len() {
+                    break;
+                }
+                pos += 1; // a frame cut short: look for the next one in what is left
+                continue;
+            }
+            // Keep what is still to scan, then read one more chunk.
+            buf.drain(..pos);
+            base += pos as u64;
+            pos = 0;
+            let old = buf.len();
+            buf.resize(old + CHUNK.max(need), 0);
+            let mut filled = old;
+            while filled < buf.len() {
+                match src.read(&mut buf[filled..]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(filled);
             continue;
         }
-        let len = u32::from_le_bytes([
-            bytes[pos + 4],
-            bytes[pos + 5],
-            bytes[pos + 6],
-            bytes[pos + 7],
-        ]) as usize;
-        let crc = u32::from_le_bytes([
-            bytes[pos + 8],
-            bytes[pos + 9],
-            bytes[pos + 10],
-            bytes[pos + 11],
-        ]);
-        let end = pos + HEADER + len;
-        if len > MAX_RECORD || end > bytes.len() {
-            pos += 1;
-            continue;
-        }
-        let payload = &bytes[pos + HEADER..end];
+        let crc = u32::from_le_bytes([buf[pos + 8], buf[pos + 9], buf[pos + 10], buf[pos + 11]]);
+        let payload = &buf[pos + HEADER..pos + need];
         if crc32fast::hash(payload) != crc {
             pos += 1;
             continue;
         }
-        // An intact frame that is not a record we can read (e.g. a NaN attribute, which
-        // JSON writes as null) is kept visible as a loss rather than skipped silently.
-        records.push(
-            serde_json::from_slice::<Record>(payload).unwrap_or(Record::Dropped {
-                at_ns: 0,
-                count: 1,
-                reason: DropReason::Undecodable,
-            }),
-        );
-        pos = end;
-        good_end = end;
+        take(payload);
+        pos += need;
+        good_end = base + pos as u64;
     }
-    (records, good_end)
+    Ok((good_end, base + buf.len() as u64))
+}
+
+/// A frame's record; an intact frame that is not a record we can read (e.g. a NaN
+/// attribute, which JSON writes as null) is kept visible as a loss rather than skipped.
+fn decode(payload: &[u8]) -> Record {
+    serde_json::from_slice::<Record>(payload).unwrap_or(Record::Dropped {
+        at_ns: 0,
+        count: 1,
+        reason: DropReason::Undecodable,
+    })
+}
+
+/// Decodes every intact frame in `bytes`, skipping damaged regions. Returns the records
+/// and the end offset of the last intact frame (where a torn tail begins).
+#[cfg(test)]
+pub(crate) fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
+    let mut records = Vec::new();
+    let (good_end, _) = scan(bytes, |p| records.push(decode(p))).unwrap_or_default();
+    (records, good_end as usize)
+}
+
+/// The records of the segment file at `path` (at most `limit` bytes of it are read).
+fn read_records(path: &Path, limit: u64) -> io::Result<Vec<Record>> {
+    let mut records = Vec::new();
+    scan(File::open(path)?.take(limit), |p| records.push(decode(p)))?;
+    Ok(records)
 }
 
 /// One segment file.
@@ -129,8 +181,10 @@ fn modified_ns(meta: &fs::Metadata) -> u64 {
 impl Store {
     /// Opens (creating) the directory, recovers existing segments (dropping torn tails) and
     /// starts a fresh active segment after the last one. Returns the store and how many
-    /// damaged bytes recovery skipped.
-    pub fn open(dir: &Path) -> io::Result<(Store, u64)> {
+    /// damaged bytes recovery skipped. Segments are scanned frame by frame, and only their
+    /// first `max_bytes` (the store's cap: no segment of ours is larger): memory and time
+    /// stay bounded whatever is on disk.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<(Store, u64)> {
         fs::create_dir_all(dir)?;
         let mut segments = Vec::new();
         let mut skipped = 0;
@@ -153,12 +207,12 @@ impl Store {
                 );
                 continue;
             }
-            let bytes = fs::read(&path)?;
-            let (records, good_end) = decode_all(&bytes);
-            let damaged = bytes.len() as u64 - good_end as u64;
-            if records.is_empty() {
+            let mut records = 0u64;
+            let (good_end, _) = scan(File::open(&path)?.take(max_bytes), |_| records += 1)?;
+            let damaged = meta.len().saturating_sub(good_end);
+            if records == 0 {
                 fs::remove_file(&path)?;
-                skipped += bytes.len() as u64;
+                skipped += meta.len();
                 continue;
             }
             if damaged > 0 {
@@ -166,13 +220,13 @@ impl Store {
                 OpenOptions::new()
                     .write(true)
                     .open(&path)?
-                    .set_len(good_end as u64)?;
+                    .set_len(good_end)?;
                 skipped += damaged;
             }
             segments.push(Segment {
                 id,
                 path,
-                bytes: good_end as u64,
+                bytes: good_end,
                 modified_ns: modified_ns(&meta),
             });
         }
@@ -260,9 +314,10 @@ impl Store {
             return Ok(0);
         };
         let seg = self.sealed.remove(pos);
-        let records = fs::read(&seg.path)
-            .map(|b| decode_all(&b).0.len() as u64)
-            .unwrap_or(0);
+        let mut records = 0u64;
+        if let Ok(file) = File::open(&seg.path) {
+            let _ = scan(file.take(seg.bytes), |_| records += 1);
+        }
         match fs::remove_file(&seg.path) {
             Ok(()) => Ok(records),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(records),
@@ -277,7 +332,7 @@ impl Store {
             .iter()
             .find(|s| s.id == id)
             .ok_or_else(|| io::Error::other("no such segment"))?;
-        Ok(decode_all(&fs::read(&seg.path)?).0)
+        read_records(&seg.path, seg.bytes)
     }
 }
 
@@ -291,7 +346,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tern-store-dir-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         {
-            let (mut store, _) = Store::open(&dir).unwrap();
+            let (mut store, _) = Store::open(&dir, 8 << 20).unwrap();
             let frame = encode(&Record::Dropped {
                 at_ns: 1,
                 count: 3,
@@ -302,7 +357,7 @@ mod tests {
         }
         // Used to fail the whole open (remove_file on a directory).
         fs::create_dir(dir.join(format!("seg-{:020}.log", 7))).unwrap();
-        let (store, _) = Store::open(&dir).unwrap();
+        let (store, _) = Store::open(&dir, 8 << 20).unwrap();
         assert_eq!(store.sealed.len(), 1);
         assert_eq!(store.read(store.sealed[0].id).unwrap().len(), 1);
         // The next segment goes past the directory's number.
@@ -334,6 +389,49 @@ mod tests {
         assert!(
             matches!(&records[..], [Record::Dropped { reason, count: 1, .. }] if *reason == DropReason::Undecodable)
         );
+    }
+
+    /// A segment file far larger than the store's cap (a 3 GiB sparse file) is scanned only
+    /// up to the cap, frame by frame: its intact records are recovered, the rest is cut.
+    #[test]
+    fn a_huge_segment_is_read_only_up_to_the_cap() {
+        let dir = std::env::temp_dir().join(format!("tern-store-huge-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("seg-{:020}.log", 3));
+        let mut frames = encode(&dropped(1));
+        frames.extend(encode(&dropped(2)));
+        fs::write(&path, &frames).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(3 << 30)
+            .unwrap();
+        let (store, skipped) = Store::open(&dir, 1 << 20).unwrap();
+        assert_eq!(store.sealed.len(), 1);
+        assert_eq!(store.read(3).unwrap(), vec![dropped(1), dropped(2)]);
+        assert_eq!(skipped, (3 << 30) - frames.len() as u64);
+        assert_eq!(fs::metadata(&path).unwrap().len(), frames.len() as u64);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Frames straddling the chunk boundaries the scanner reads by come out whole.
+    #[test]
+    fn frames_across_chunk_boundaries_are_read_whole() {
+        let mut bytes = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..20_000u64 {
+            if i % 7 == 0 {
+                bytes.extend_from_slice(b"TRN1junk");
+            }
+            bytes.extend(encode(&dropped(i)));
+            expected.push(dropped(i));
+        }
+        assert!(bytes.len() > 4 * CHUNK);
+        let (records, good_end) = decode_all(&bytes);
+        assert_eq!(records, expected);
+        assert_eq!(good_end, bytes.len());
     }
 
     #[test]
