@@ -87,16 +87,16 @@ impl fmt::Display for TensorRole {
 pub enum Resource {
     /// Bytes of values a run holds at once.
     MemoryBytes,
-    /// Nodes in a model's graph.
-    Nodes,
+    /// Nodes plus node inputs in a model's graph.
+    GraphSize,
 }
 
 impl Resource {
-    /// Snake-case name: `memory_bytes`, `nodes`.
+    /// Snake-case name: `memory_bytes`, `graph_size`.
     pub fn name(self) -> &'static str {
         match self {
             Resource::MemoryBytes => "memory_bytes",
-            Resource::Nodes => "nodes",
+            Resource::GraphSize => "graph_size",
         }
     }
 }

@@ -97,6 +97,8 @@ pub struct ModelInfo {
     pub op_histogram: BTreeMap<String, usize>,
     /// Total node count (nested subgraphs included).
     pub node_count: usize,
+    /// Inputs of all nodes together (graph edges), in every subgraph.
+    pub node_inputs: usize,
     /// Number of weight elements (initializers and `Constant` tensors).
     pub parameter_count: u64,
     /// Bytes of weight data.
@@ -171,6 +173,7 @@ impl ModelInfo {
                 .map(|p| (p.key.clone(), p.value.clone()))
                 .collect(),
             node_count: stats.ops.values().sum(),
+            node_inputs: stats.inputs,
             op_histogram: stats.ops,
             parameter_count: stats.params,
             parameter_bytes: stats.param_bytes,
@@ -198,6 +201,7 @@ struct GraphStats {
     ops: BTreeMap<String, usize>,
     params: u64,
     param_bytes: u64,
+    inputs: usize,
 }
 
 impl GraphStats {
@@ -207,6 +211,7 @@ impl GraphStats {
         }
         for node in &graph.node {
             *self.ops.entry(onnx::op_key(node)).or_default() += 1;
+            self.inputs += node.input.len();
             for attr in &node.attribute {
                 if node.op_type == "Constant" {
                     if let Some(t) = &attr.t {

@@ -245,16 +245,34 @@ pub struct TelemetryOptions {
 /// Bounds a session keeps to whatever the model asks for: a hostile or broken model gets a
 /// typed [`Error::ResourceLimit`](crate::Error::ResourceLimit) instead of taking the app's
 /// memory.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct LimitOptions {
     /// Most bytes a run's values may hold at once (tensors computed and inputs, weights not
     /// counted), checked for each input shape before the run; `None` (the default): half
     /// the device's memory ([`LimitOptions::device_memory`]), 2 GiB where it is unknown.
     pub memory_bytes: Option<u64>,
+    /// Most nodes plus node inputs a model's graph may have (default
+    /// [`LimitOptions::GRAPH_SIZE`]): session creation on tract grows faster than linearly
+    /// with graph size (tract's typing scans the graph for every node it adds), so a
+    /// graph past this is refused rather than taking minutes.
+    pub graph_size: usize,
+}
+
+impl Default for LimitOptions {
+    fn default() -> Self {
+        LimitOptions {
+            memory_bytes: None,
+            graph_size: Self::GRAPH_SIZE,
+        }
+    }
 }
 
 impl LimitOptions {
+    /// The default graph size limit: 200,000 nodes and node inputs (a 100,000-node chain of
+    /// one-input ops; large transformer exports have a few tens of thousands).
+    pub const GRAPH_SIZE: usize = 200_000;
+
     /// The memory limit in force.
     pub fn memory_limit(&self) -> u64 {
         self.memory_bytes
@@ -336,6 +354,12 @@ impl SessionOptions {
     /// Sets the most bytes a run's values may hold at once (see [`LimitOptions`]).
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.limits.memory_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets the most nodes plus node inputs a model may have (see [`LimitOptions`]).
+    pub fn max_graph_size(mut self, size: usize) -> Self {
+        self.limits.graph_size = size;
         self
     }
 

@@ -49,6 +49,19 @@ fn resolve(options: &SessionOptions, model: &Model) -> Result<SessionOptions> {
             }
         }
     }
+    let size = model.info().node_count + model.info().node_inputs;
+    if size > options.limits.graph_size {
+        return Err(Error::ResourceLimit {
+            resource: crate::kinds::Resource::GraphSize,
+            needed: size as u64,
+            limit: options.limits.graph_size as u64,
+            context: format!(
+                "{} nodes with {} inputs",
+                model.info().node_count,
+                model.info().node_inputs
+            ),
+        });
+    }
     if let Some((node, bytes)) = model.largest_folded() {
         let limit = options.limits.memory_limit();
         if bytes > limit {

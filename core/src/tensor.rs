@@ -495,6 +495,160 @@ impl fmt::Debug for Tensor {
     }
 }
 
+/// A tensor as JSON: `{"dtype": "f32", "shape": [1, 4], "data": [...]}`.
+#[derive(Debug, serde::Deserialize)]
+struct JsonTensor {
+    /// Element type; `f32` when omitted.
+    #[serde(default = "f32_dtype")]
+    dtype: DType,
+    /// Shape; `[len(data)]` when omitted.
+    #[serde(default)]
+    shape: Option<Vec<usize>>,
+    /// Elements in row-major order.
+    data: Vec<serde_json::Value>,
+}
+
+fn f32_dtype() -> DType {
+    DType::F32
+}
+
+impl Tensor {
+    /// Parses a tensor from JSON: `{"dtype": "i64", "shape": [2], "data": [7, -1]}` (dtype
+    /// `f32` and shape `[len(data)]` when omitted), or a nested array of numbers read as
+    /// f32 (`[[1, 2], [3, 4]]`). Numbers must fit the dtype; float16, float32/64, the
+    /// integer types up to 64 bits, bool and string are supported.
+    pub fn from_json(bytes: &[u8]) -> Result<Tensor> {
+        let bad = |what: &dyn std::fmt::Display| Error::tensor(format!("JSON tensor: {what}"));
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(&e))?;
+        let jt = if value.is_array() {
+            let mut shape = Vec::new();
+            let mut data = Vec::new();
+            flatten(&value, 0, &mut shape, &mut data)?;
+            JsonTensor {
+                dtype: DType::F32,
+                shape: Some(shape),
+                data,
+            }
+        } else {
+            serde_json::from_value(value).map_err(|e| bad(&e))?
+        };
+        let shape = jt.shape.unwrap_or_else(|| vec![jt.data.len()]);
+        let each = |what: &'static str, f: &dyn Fn(&serde_json::Value) -> bool| match jt
+            .data
+            .iter()
+            .find(|v| !f(v))
+        {
+            Some(v) => Err(bad(&format!("expected {what}, got {v}"))),
+            None => Ok(()),
+        };
+        let floats = || -> Result<Vec<f64>> {
+            each("a number", &|v| v.is_number())?;
+            Ok(jt.data.iter().filter_map(|v| v.as_f64()).collect())
+        };
+        let ints = || -> Result<Vec<i64>> {
+            each("an integer", &|v| v.is_i64())?;
+            Ok(jt.data.iter().filter_map(|v| v.as_i64()).collect())
+        };
+        match jt.dtype {
+            DType::F32 => {
+                Tensor::from_vec(&shape, floats()?.into_iter().map(|v| v as f32).collect())
+            }
+            DType::F64 => Tensor::from_vec(&shape, floats()?),
+            DType::F16 => Tensor::from_vec(
+                &shape,
+                floats()?.into_iter().map(half::f16::from_f64).collect(),
+            ),
+            DType::I64 => Tensor::from_vec(&shape, ints()?),
+            DType::I32 => Tensor::from_vec(&shape, narrow::<i32>(ints()?)?),
+            DType::I16 => Tensor::from_vec(&shape, narrow::<i16>(ints()?)?),
+            DType::I8 => Tensor::from_vec(&shape, narrow::<i8>(ints()?)?),
+            DType::U32 => Tensor::from_vec(&shape, narrow::<u32>(ints()?)?),
+            DType::U16 => Tensor::from_vec(&shape, narrow::<u16>(ints()?)?),
+            DType::U8 => Tensor::from_vec(&shape, narrow::<u8>(ints()?)?),
+            DType::Bool => {
+                each("a bool", &|v| v.is_boolean())?;
+                Tensor::from_vec(&shape, jt.data.iter().filter_map(|v| v.as_bool()).collect())
+            }
+            DType::String => {
+                each("a string", &|v| v.is_string())?;
+                let strings = jt
+                    .data
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string));
+                Tensor::from_vec(&shape, strings.collect())
+            }
+            other => Err(bad(&format!("type {other} is not supported; use .npy"))),
+        }
+    }
+
+    /// The tensor as JSON, in the form [`Tensor::from_json`] reads (non-finite floats
+    /// become `null`).
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let data: Vec<serde_json::Value> = if self.dtype() == DType::String {
+            self.as_slice::<String>()?
+                .iter()
+                .map(|s| serde_json::Value::from(s.as_str()))
+                .collect()
+        } else if self.dtype().is_float() {
+            self.to_f32_vec()?
+                .into_iter()
+                .map(|v| {
+                    serde_json::Number::from_f64(f64::from(v))
+                        .map_or(serde_json::Value::Null, Into::into)
+                })
+                .collect()
+        } else if self.dtype() == DType::Bool {
+            self.as_slice::<bool>()?
+                .iter()
+                .map(|b| serde_json::Value::from(*b))
+                .collect()
+        } else {
+            self.to_f32_vec()?
+                .into_iter()
+                .map(|v| serde_json::Value::from(v as i64))
+                .collect()
+        };
+        Ok(serde_json::json!({ "dtype": self.dtype(), "shape": self.shape(), "data": data }))
+    }
+}
+
+fn narrow<T: TryFrom<i64>>(v: Vec<i64>) -> Result<Vec<T>> {
+    v.into_iter()
+        .map(|x| {
+            T::try_from(x).map_err(|_| Error::tensor(format!("JSON tensor: {x} is out of range")))
+        })
+        .collect()
+}
+
+/// A nested JSON array's shape and elements; ragged arrays are refused.
+fn flatten(
+    v: &serde_json::Value,
+    depth: usize,
+    shape: &mut Vec<usize>,
+    out: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    let ragged = || Error::tensor(format!("JSON tensor: ragged nested array at depth {depth}"));
+    match v {
+        serde_json::Value::Array(items) => {
+            if shape.len() == depth {
+                shape.push(items.len());
+            } else if shape.get(depth) != Some(&items.len()) {
+                return Err(ragged());
+            }
+            items
+                .iter()
+                .try_for_each(|item| flatten(item, depth + 1, shape, out))
+        }
+        other => {
+            if depth != shape.len() {
+                return Err(ragged());
+            }
+            out.push(other.clone());
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,5 +741,33 @@ mod tests {
         }
         assert_eq!("float32".parse::<DType>().unwrap(), DType::F32);
         assert!("complex".parse::<DType>().is_err());
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn nested_json_arrays_become_f32_tensors() {
+        let t = Tensor::from_json(b"[[1, 2, 3], [4, 5, 6]]").unwrap();
+        assert_eq!(t.shape(), &[2, 3]);
+        assert_eq!(t.as_slice::<f32>().unwrap(), &[1., 2., 3., 4., 5., 6.]);
+        assert!(Tensor::from_json(b"[[1, 2], [3]]").is_err());
+        assert!(Tensor::from_json(b"[[1, 2], 3]").is_err());
+    }
+
+    #[test]
+    fn typed_json_tensors_keep_their_type_and_round_trip() {
+        let t = Tensor::from_json(br#"{"dtype": "i64", "shape": [2], "data": [7, -1]}"#).unwrap();
+        assert_eq!(t.as_slice::<i64>().unwrap(), &[7, -1]);
+        let back = serde_json::to_vec(&t.to_json().unwrap()).unwrap();
+        assert_eq!(
+            Tensor::from_json(&back).unwrap().as_slice::<i64>().unwrap(),
+            &[7, -1]
+        );
+        assert!(Tensor::from_json(br#"{"dtype": "u8", "data": [300]}"#).is_err());
+        assert!(Tensor::from_json(br#"{"dtype": "i32", "data": [1.5]}"#).is_err());
+        assert!(Tensor::from_json(br#"{"dtype": "f32", "shape": [3], "data": [1]}"#).is_err());
     }
 }

@@ -710,3 +710,79 @@ fn out_of_range_indices_and_integer_division_by_zero_are_invalid_values() {
         );
     }
 }
+
+/// A graph bigger than the session's limit (nodes plus node inputs) is refused at session
+/// creation instead of taking minutes to type (tract's typing is quadratic in graph size).
+#[test]
+fn graphs_over_the_size_limit_are_refused_at_session_creation() {
+    let chain: Vec<_> = (0..10)
+        .map(|i| {
+            let (x, y) = (format!("t{i}"), format!("t{}", i + 1));
+            node(&format!("relu{i}"), "Relu", "", &[&x], &[&y])
+        })
+        .collect();
+    let bytes = model(
+        chain,
+        vec![value("t0", FLOAT, &["2"])],
+        vec![value("t10", FLOAT, &[])],
+    );
+    let model = Model::from_bytes(&bytes).unwrap();
+    assert_eq!(
+        (model.info().node_count, model.info().node_inputs),
+        (10, 10)
+    );
+    let options = || SessionOptions::new().without_telemetry();
+    let err = Session::new(&model, options().max_graph_size(19)).unwrap_err();
+    assert_eq!(err.kind(), "resource_limit", "{err}");
+    assert!(err.to_string().contains("graph_size"), "{err}");
+    assert!(Session::new(&model, options().max_graph_size(20)).is_ok());
+    assert!(Session::new(&model, options()).is_ok());
+}
+
+/// A `Range` with a zero step and a `TopK` asking for more elements than its axis has were
+/// tract panics; they are `invalid_value` errors.
+#[test]
+fn range_with_a_zero_step_and_topk_past_the_axis_are_invalid_values() {
+    let range = model(
+        vec![node("the_range", "Range", "", &["a", "b", "c"], &["y"])],
+        vec![
+            value("a", FLOAT, &[]),
+            value("b", FLOAT, &[]),
+            value("c", FLOAT, &[]),
+        ],
+        vec![value("y", FLOAT, &[])],
+    );
+    // NaN allowed in, so that the Range itself sees it.
+    let session = Session::new(
+        &Model::from_bytes(&range).unwrap(),
+        SessionOptions::new()
+            .without_telemetry()
+            .nan_policy(NanPolicy::Allow),
+    )
+    .unwrap();
+    let s = |v: f32| f32s(&[], &[v]);
+    for (end, step) in [(10.0, 0.0), (f32::NAN, 1.0), (10.0, f32::INFINITY)] {
+        let err = session
+            .run([("a", s(0.0)), ("b", s(end)), ("c", s(step))])
+            .unwrap_err();
+        assert_eq!(err.kind(), "invalid_value", "{end} {step}: {err}");
+    }
+    let topk = model(
+        vec![node("the_topk", "TopK", "", &["x", "k"], &["v", "i"])],
+        vec![value("x", FLOAT, &["4"]), value("k", INT64, &["1"])],
+        vec![value("v", FLOAT, &[]), value("i", INT64, &[])],
+    );
+    let session = Session::new(
+        &Model::from_bytes(&topk).unwrap(),
+        SessionOptions::new().without_telemetry(),
+    )
+    .unwrap();
+    let x = || f32s(&[4], &[3., 1., 4., 1.]);
+    let k = |k: i64| Tensor::from_vec(&[1], vec![k]).unwrap();
+    for bad in [5, 1 << 40, -1] {
+        let err = session.run([("x", x()), ("k", k(bad))]).unwrap_err();
+        assert_eq!(err.kind(), "invalid_value", "k = {bad}: {err}");
+    }
+    let top = session.run([("x", x()), ("k", k(2))]).unwrap();
+    assert_eq!(top[0].to_f32_vec().unwrap(), vec![4., 3.]);
+}

@@ -8,6 +8,7 @@
 #[cfg(feature = "gpu")]
 pub(crate) mod burn;
 pub(crate) mod frontend;
+pub(crate) mod optim;
 pub(crate) mod plan_cache;
 pub(crate) mod race;
 pub(crate) mod tract;

@@ -41,9 +41,9 @@ use tract_linalg::multithread::{multithread_tract_scope, Executor as ThreadPool}
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::EvalContext;
 
-use super::frontend;
 use super::plan_cache::{shape_key, PlanCache, ShapeKey, CAPACITY};
 use super::race::{Arm, Outcome, Race, RaceRules};
+use super::{frontend, optim};
 use super::{Backend, Executor, PlanReport, Prepared, Ran, Specialisation};
 use crate::error::{chain, Error, Result};
 use crate::model::Model;
@@ -181,7 +181,7 @@ impl Compiler {
         if self.fused_qdq > 0 {
             rewrites.push(("qdq-fusion", self.fused_qdq));
         }
-        typed.declutter().map_err(compile_err)?;
+        optim::declutter(&mut typed).map_err(compile_err)?;
         // Read from the decluttered graph, where every matrix product is still an einsum.
         let contracts = Contracts::of(&typed)?;
         if self.optimization == OptLevel::Full {
@@ -195,7 +195,7 @@ impl Compiler {
                 rewrites.extend(done);
                 tile_batch_constants(&mut typed)
             })
-            .and_then(|_| typed.optimize())
+            .and_then(|_| optim::optimize(&mut typed))
             .map_err(compile_err)?;
         }
         guard::wrap(&mut typed, self.memory_limit).map_err(compile_err)?;

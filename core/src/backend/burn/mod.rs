@@ -242,7 +242,8 @@ impl<B: BurnBackend> BurnExecutor<B> {
             // An fp16 model with f32 inputs and outputs is lowered as f32, then computed in
             // the session's precision (f16 on hardware that has it).
             let typed = frontend::typed(graph, true).map_err(compile)?;
-            let typed = typed.into_decluttered().map_err(compile)?;
+            let mut typed = typed;
+            super::optim::declutter(&mut typed).map_err(compile)?;
             lower::lower::<B>(&typed, &self.device, self.precision)
         })
     }

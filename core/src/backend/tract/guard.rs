@@ -14,8 +14,9 @@
 //! [`Error::ResourceLimit`] when an output would exceed the session's memory limit.
 //!
 //! **Values an op cannot take.** Indices past the end of the axis they index (`Gather`,
-//! `GatherElements`, `ScatterElements`) and integer division or remainder by zero are
-//! refused with [`Error::InvalidValue`] naming the node, where tract panicked.
+//! `GatherElements`, `ScatterElements`), integer division or remainder by zero, a `Range`
+//! with a zero or non-finite step or bound and a `TopK` asking for more than the axis holds
+//! are refused with [`Error::InvalidValue`] naming the node, where tract panicked.
 
 use std::collections::HashSet;
 
@@ -37,12 +38,18 @@ enum ValueCheck {
     Indices { axis: usize },
     /// Input 1 is an integer divisor: no element may be 0.
     NonZeroDivisor,
+    /// A `Range`'s bounds (inputs 0, 1) and step (input 2) are finite, the step not 0.
+    RangeBounds,
+    /// A `TopK`'s `k` (input 1) is within `0..=d` for axis `axis` of input 0.
+    TopK { axis: usize },
 }
 
 impl ValueCheck {
     /// The check `op` needs, if any (`inputs`: its input facts).
     fn of(op: &dyn TypedOp, inputs: &[&TypedFact]) -> Option<ValueCheck> {
-        use tract_onnx::tract_core::ops::array::{Gather, GatherElements, ScatterElements};
+        use tract_onnx::tract_core::ops::array::{
+            Gather, GatherElements, Range, ScatterElements, Topk,
+        };
         use tract_onnx::tract_core::ops::binary::TypedBinOp;
         use tract_onnx::tract_core::ops::math;
         // Constant indices within a fixed axis need no check at every run.
@@ -70,6 +77,12 @@ impl ValueCheck {
         if let Some(g) = op.downcast_ref::<ScatterElements>() {
             return indices(g.axis);
         }
+        if op.is::<Range>() {
+            return Some(ValueCheck::RangeBounds);
+        }
+        if let Some(topk) = op.downcast_ref::<Topk>() {
+            return Some(ValueCheck::TopK { axis: topk.axis });
+        }
         let bin = op.downcast_ref::<TypedBinOp>()?;
         let integer = inputs.get(1).is_some_and(|f| f.datum_type.is_integer());
         let divides = bin.0.is::<math::Div>() || bin.0.is::<math::Rem>();
@@ -95,6 +108,18 @@ impl ValueCheck {
             node: node.to_string(),
             reason,
         };
+        if self == ValueCheck::RangeBounds {
+            for (ix, what) in [(0, "start"), (1, "limit"), (2, "delta")] {
+                let Some(v) = inputs.get(ix) else { continue };
+                let v = v
+                    .cast_to_scalar::<f64>()
+                    .map_err(|e| invalid(format!("{what}: {e:#}")))?;
+                if !v.is_finite() || (ix == 2 && v == 0.0) {
+                    return Err(invalid(format!("Range {what} is {v}")));
+                }
+            }
+            return Ok(());
+        }
         let Some(values) = inputs.get(1) else {
             return Ok(());
         };
@@ -121,6 +146,18 @@ impl ValueCheck {
                     return Err(invalid("integer division by zero".into()));
                 }
             }
+            ValueCheck::TopK { axis } => {
+                let size = inputs
+                    .first()
+                    .and_then(|d| d.shape().get(axis))
+                    .map_or(0, |d| *d as i64);
+                if let Some(bad) = values.iter().find(|k| **k < 0 || **k > size) {
+                    return Err(invalid(format!(
+                        "TopK k = {bad} is not within 0..={size} (axis {axis})"
+                    )));
+                }
+            }
+            ValueCheck::RangeBounds => {}
         }
         Ok(())
     }
