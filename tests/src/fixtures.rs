@@ -98,3 +98,12 @@ pub fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
     });
     proto.encode_to_vec()
 }
+
+/// `bytes` with one more initializer.
+pub fn with_initializer(bytes: &[u8], tensor: pb::TensorProto) -> Vec<u8> {
+    let mut proto = pb::ModelProto::decode(bytes).expect("fixture model");
+    if let Some(graph) = proto.graph.as_mut() {
+        graph.initializer.push(tensor);
+    }
+    proto.encode_to_vec()
+}

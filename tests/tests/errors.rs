@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tern::{Backend, Error, Model, NanPolicy, Session, SessionOptions, Tensor};
-use tern_tests::fixtures::{div_model, model, node, value, FLOAT, INT64};
+use tern_tests::fixtures::{div_model, model, node, value, with_initializer, FLOAT, INT64};
 use tern_tests::workspace;
 
 fn magika_bytes() -> Vec<u8> {
@@ -66,23 +66,15 @@ fn special_files_are_refused_instead_of_hanging() {
     }
 
     // An initializer whose external data file is a FIFO.
-    use prost::Message;
     use tract_onnx::pb;
     let data = fifo("weights.bin");
-    let mut proto = pb::ModelProto::decode(
+    let bytes = with_initializer(
         &model(
             vec![node("add", "Add", "", &["x", "w"], &["y"])],
             vec![value("x", FLOAT, &["1"])],
             vec![value("y", FLOAT, &["1"])],
-        )[..],
-    )
-    .unwrap();
-    proto
-        .graph
-        .as_mut()
-        .unwrap()
-        .initializer
-        .push(pb::TensorProto {
+        ),
+        pb::TensorProto {
             name: "w".into(),
             dims: vec![1],
             data_type: FLOAT,
@@ -92,9 +84,10 @@ fn special_files_are_refused_instead_of_hanging() {
                 value: "weights.bin".into(),
             }],
             ..Default::default()
-        });
+        },
+    );
     let path = data.with_file_name("model-external.onnx");
-    std::fs::write(&path, proto.encode_to_vec()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
     let err = within_20s(move || Model::load(&path).unwrap_err());
     assert_eq!(err.kind(), "invalid_model", "{err}");
     assert!(err.to_string().contains("weights.bin"), "{err}");
@@ -576,12 +569,9 @@ fn runs_over_the_memory_limit_are_refused_before_they_start() {
     }
 }
 
-/// A value whose size only the run knows (a `Range` over input bounds) is checked just
-/// before it is computed: over the memory limit it is a typed error, not an allocation of
-/// terabytes (an allocator panic) or of gigabytes the OS later kills the app for.
-#[test]
-fn values_sized_by_input_values_are_checked_before_they_are_allocated() {
-    let bytes = model(
+/// `y = Range(a, b, c)` over three f32 scalar inputs.
+fn range_model() -> Vec<u8> {
+    model(
         vec![node("the_range", "Range", "", &["a", "b", "c"], &["y"])],
         vec![
             value("a", FLOAT, &[]),
@@ -589,7 +579,15 @@ fn values_sized_by_input_values_are_checked_before_they_are_allocated() {
             value("c", FLOAT, &[]),
         ],
         vec![value("y", FLOAT, &[])],
-    );
+    )
+}
+
+/// A value whose size only the run knows (a `Range` over input bounds) is checked just
+/// before it is computed: over the memory limit it is a typed error, not an allocation of
+/// terabytes (an allocator panic) or of gigabytes the OS later kills the app for.
+#[test]
+fn values_sized_by_input_values_are_checked_before_they_are_allocated() {
+    let bytes = range_model();
     let model = Model::from_bytes(&bytes).unwrap();
     let options = SessionOptions::new()
         .without_telemetry()
@@ -616,7 +614,6 @@ fn values_sized_by_input_values_are_checked_before_they_are_allocated() {
 /// allocator panic during typing.
 #[test]
 fn values_folded_from_constants_are_checked_at_session_creation() {
-    use prost::Message;
     use tract_onnx::pb;
     let shape = |name: &str, dims: Vec<i64>| pb::TensorProto {
         name: name.into(),
@@ -630,7 +627,7 @@ fn values_folded_from_constants_are_checked_at_session_creation() {
         (vec![1000, 1000], Some(1 << 20), true),
         (vec![100, 100], Some(1 << 20), false),
     ] {
-        let mut proto = pb::ModelProto::decode(
+        let bytes = with_initializer(
             &model(
                 vec![
                     node("the_fill", "ConstantOfShape", "", &["s"], &["f"]),
@@ -638,16 +635,10 @@ fn values_folded_from_constants_are_checked_at_session_creation() {
                 ],
                 vec![value("x", FLOAT, &["1"])],
                 vec![value("y", FLOAT, &[])],
-            )[..],
-        )
-        .unwrap();
-        proto
-            .graph
-            .as_mut()
-            .unwrap()
-            .initializer
-            .push(shape("s", dims.clone()));
-        let model = Model::from_bytes(&proto.encode_to_vec()).unwrap();
+            ),
+            shape("s", dims.clone()),
+        );
+        let model = Model::from_bytes(&bytes).unwrap();
         let mut options = SessionOptions::new().without_telemetry();
         if let Some(limit) = limit {
             options = options.memory_limit(limit);
@@ -743,15 +734,7 @@ fn graphs_over_the_size_limit_are_refused_at_session_creation() {
 /// tract panics; they are `invalid_value` errors.
 #[test]
 fn range_with_a_zero_step_and_topk_past_the_axis_are_invalid_values() {
-    let range = model(
-        vec![node("the_range", "Range", "", &["a", "b", "c"], &["y"])],
-        vec![
-            value("a", FLOAT, &[]),
-            value("b", FLOAT, &[]),
-            value("c", FLOAT, &[]),
-        ],
-        vec![value("y", FLOAT, &[])],
-    );
+    let range = range_model();
     // NaN allowed in, so that the Range itself sees it.
     let session = Session::new(
         &Model::from_bytes(&range).unwrap(),
