@@ -62,6 +62,9 @@ pub struct DepthwiseQ8 {
     exact_in_f32: bool,
 }
 
+/// The largest padded input plane the vector path copies (bytes): 256 MiB.
+const MAX_PADDED_PLANE: usize = 1 << 28;
+
 /// Largest bias magnitude accepted: leaves room for the zero-point correction in i32.
 const BIAS_LIMIT: i64 = 1 << 30;
 
@@ -78,6 +81,19 @@ impl DepthwiseQ8 {
         let g = geometry;
         let err = |m: String| Err(Unsupported(m));
         let out = g.check()?;
+        // The vector path copies each input plane into rows as wide as the dilated kernel's
+        // reach past the last output: a geometry whose rows would dwarf any real plane (a
+        // huge dilation balanced by huge pads) is refused rather than allocated.
+        let reach = (out[1] * g.strides[1])
+            .saturating_add((g.kernel[1] - 1).saturating_mul(g.dilations[1]))
+            .saturating_add(16)
+            .max(g.pads[1].saturating_add(g.input[1]));
+        if reach.saturating_mul(g.input[0]) > MAX_PADDED_PLANE {
+            return err(format!(
+                "a padded plane of {reach} x {} bytes (dilation {:?}, pads {:?})",
+                g.input[0], g.dilations, g.pads
+            ));
+        }
         let per_channel = g.kernel[0] * g.kernel[1];
         if weights.len() != g.channels * per_channel {
             return err(format!(
@@ -464,6 +480,29 @@ mod tests {
             }
         }
         y
+    }
+
+    /// A dilation of 2^24 balanced by pads of 2^24 has a small output but would need a
+    /// padded row of 16M bytes per input row: refused, not allocated.
+    #[test]
+    fn geometries_whose_padded_plane_is_huge_are_refused() {
+        let g = Geometry {
+            channels: 1,
+            input: [64, 4],
+            kernel: [1, 2],
+            strides: [1, 1],
+            dilations: [1, 1 << 24],
+            pads: [0, 1 << 24, 0, 0],
+        };
+        assert!(g.check().is_ok());
+        let quant = Quant {
+            x_zero: 0,
+            w_zero: vec![0],
+            scale: vec![0.1],
+            y_zero: 0,
+        };
+        let err = DepthwiseQ8::new(g, &[1, 1], &[], &quant).err();
+        assert!(err.is_some_and(|e| e.0.contains("padded plane")));
     }
 
     #[test]
