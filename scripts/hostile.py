@@ -4,6 +4,7 @@ signal, an abort, an uncaught panic or a hang is a failure.
 
 usage: hostile.py cli TERN_BINARY        (prints "hostile-cli: ...")
        hostile.py python BINDINGS_DIR    (prints "hostile-python: ...")
+       hostile.py corpus DIR             (writes the small models, as fuzzing seeds)
 
 The cases are built here with the `onnx` package (no downloads): out-of-bounds shapes,
 terabyte allocations, bad attributes, bad indices, integer division by zero, long chains,
@@ -193,6 +194,13 @@ except tern.TernError as e:
 
 def main():
     mode, target = sys.argv[1], sys.argv[2]
+    if mode == "corpus":
+        out = Path(target)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data, _ in cases():
+            if len(data) <= 16384 and "chain" not in name:
+                (out / f"{name}.onnx").write_bytes(data)
+        return
     root = Path(tempfile.mkdtemp(prefix="tern-hostile-"))
     outcomes = {}
     failures = []
