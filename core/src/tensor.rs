@@ -312,6 +312,7 @@ impl Tensor {
 
     /// Reads a NumPy `.npy` file's bytes (little-endian, C order, numeric or bool dtypes).
     pub fn from_npy(bytes: &[u8]) -> Result<Tensor> {
+        check_npy_header(bytes)?;
         let npy = npyz::NpyFile::new(bytes)
             .map_err(|e| Error::tensor(format!("not a .npy file: {e}")))?;
         if npy.order() == npyz::Order::Fortran {
@@ -493,6 +494,31 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Tensor<{}>{:?}", self.dtype, self.shape())
     }
+}
+
+/// Checks that a `.npy` header's declared length fits in `bytes`: npyz allocates the
+/// declared length before reading it, so a 4-byte length of `0xffffffff` in a 20-byte
+/// file would allocate 4 GiB (found by the `tensor_parse` fuzz target).
+fn check_npy_header(bytes: &[u8]) -> Result<()> {
+    let bad = |why: &str| Err(Error::tensor(format!("not a .npy file: {why}")));
+    if bytes.len() < 10 || !bytes.starts_with(b"\x93NUMPY") {
+        return bad("no .npy magic");
+    }
+    let (len, start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => return bad(&format!("format version {v}")),
+    };
+    if len > bytes.len() - start {
+        return bad(&format!(
+            "header of {len} bytes in a file of {} bytes",
+            bytes.len()
+        ));
+    }
+    Ok(())
 }
 
 /// A tensor as JSON: `{"dtype": "f32", "shape": [1, 4], "data": [...]}`.
@@ -769,5 +795,24 @@ mod json_tests {
         assert!(Tensor::from_json(br#"{"dtype": "u8", "data": [300]}"#).is_err());
         assert!(Tensor::from_json(br#"{"dtype": "i32", "data": [1.5]}"#).is_err());
         assert!(Tensor::from_json(br#"{"dtype": "f32", "shape": [3], "data": [1]}"#).is_err());
+    }
+}
+
+#[cfg(test)]
+mod npy_tests {
+    use super::*;
+
+    /// The `tensor_parse` fuzz target's find: a v3 header declaring 0xffffffff bytes made
+    /// npyz allocate 4 GiB; it is refused before npyz sees it.
+    #[test]
+    fn a_header_longer_than_the_file_is_refused_without_allocating_it() {
+        let bytes = b"\x93NUMPY\x03\x00\xff\xff\xff\xff\xff\xff\xff\x17[3";
+        let err = Tensor::from_npy(bytes).unwrap_err();
+        assert!(
+            err.to_string().contains("header of 4294967295 bytes"),
+            "{err}"
+        );
+        assert!(Tensor::from_npy(b"\x93NUMPY\x01\x00\xff\xff").is_err());
+        assert!(Tensor::from_npy(b"\x93NUM").is_err());
     }
 }
