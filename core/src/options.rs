@@ -282,13 +282,16 @@ impl LimitOptions {
     }
 
     /// The device's physical memory, where the OS says (Linux and Android: `MemTotal` of
-    /// `/proc/meminfo`).
+    /// `/proc/meminfo`), read once per process.
     pub fn device_memory() -> Option<u64> {
-        let info = crate::fs::read_regular(std::path::Path::new("/proc/meminfo"), 1 << 20).ok()?;
-        let info = String::from_utf8(info).ok()?;
-        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib.saturating_mul(1024))
+        static MEMORY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        *MEMORY.get_or_init(|| {
+            let path = std::path::Path::new("/proc/meminfo");
+            let info = String::from_utf8(crate::fs::read_regular(path, 1 << 20).ok()?).ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib.saturating_mul(1024))
+        })
     }
 }
 
