@@ -241,8 +241,7 @@ impl<B: BurnBackend> BurnExecutor<B> {
             let graph = frontend::concretize(&self.graph, shapes).map_err(compile)?;
             // An fp16 model with f32 inputs and outputs is lowered as f32, then computed in
             // the session's precision (f16 on hardware that has it).
-            let typed = frontend::typed(graph, true).map_err(compile)?;
-            let mut typed = typed;
+            let mut typed = frontend::typed(graph, true).map_err(compile)?;
             super::optim::declutter(&mut typed).map_err(compile)?;
             lower::lower::<B>(&typed, &self.device, self.precision)
         })
