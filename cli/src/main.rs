@@ -265,7 +265,7 @@ fn run(cli: &Cli) -> Result<()> {
             let outputs = session.run(inputs)?;
             let mut map = serde_json::Map::new();
             for (name, tensor) in outputs.iter() {
-                map.insert(name.to_string(), tensor_io::tensor_to_json(tensor)?);
+                map.insert(name.to_string(), tensor.to_json()?);
             }
             let doc = serde_json::json!({
                 "outputs": map,
@@ -279,7 +279,7 @@ fn run(cli: &Cli) -> Result<()> {
                 None if cli.json => println!("{doc}"),
                 None => {
                     for (name, tensor) in outputs.iter() {
-                        let values = tensor_io::tensor_to_json(tensor)?;
+                        let values = tensor.to_json()?;
                         let data = values["data"].as_array().map(Vec::len).unwrap_or(0);
                         let preview: Vec<String> = values["data"]
                             .as_array()

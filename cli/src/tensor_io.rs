@@ -1,5 +1,5 @@
-//! Reading input tensors from `.npy` / `.json` files and writing outputs as JSON (the
-//! parsing itself is `tern::Tensor::from_npy` / `from_json` / `to_json`).
+//! Reading input tensors from `.npy` / `.json` files (the parsing itself is
+//! `tern::Tensor::from_npy` / `from_json`; outputs are written with `Tensor::to_json`).
 
 use std::path::Path;
 
@@ -20,9 +20,4 @@ pub fn read_tensor(path: &Path) -> Result<Tensor> {
         Tensor::from_json(&bytes)
     };
     tensor.with_context(|| format!("parsing tensor file {}", path.display()))
-}
-
-/// A tensor converted to JSON.
-pub fn tensor_to_json(t: &Tensor) -> Result<serde_json::Value> {
-    Ok(t.to_json()?)
 }
