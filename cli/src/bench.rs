@@ -47,6 +47,91 @@ pub struct BenchReport {
     pub vary: Option<String>,
     /// What the backend had planned at the end (which shapes got a plan of their own).
     pub plans: tern::backend::PlanReport,
+    /// With `--profile`: where a run's time goes.
+    pub profile: Option<Profile>,
+}
+
+/// Where a run's time goes (`tern bench --profile`): every node timed, over the same
+/// number of runs as the benchmark, on the calling thread.
+#[derive(Debug, Serialize)]
+pub struct Profile {
+    /// Profiled runs.
+    pub runs: usize,
+    /// Time per run by op, largest first.
+    pub ops: Vec<OpShare>,
+    /// The nodes that take longest, largest first (at most [`TOP_NODES`]).
+    pub nodes: Vec<NodeShare>,
+}
+
+/// One op's share of a profiled run.
+#[derive(Debug, Serialize)]
+pub struct OpShare {
+    /// The op as the backend names it.
+    pub op: String,
+    /// Nodes running it.
+    pub nodes: usize,
+    /// Milliseconds per run, all its nodes together.
+    pub ms: f64,
+    /// Its share of the profiled run (0..=1).
+    pub share: f64,
+}
+
+/// One node's share of a profiled run.
+#[derive(Debug, Serialize)]
+pub struct NodeShare {
+    /// The node's name.
+    pub node: String,
+    /// Its op.
+    pub op: String,
+    /// Milliseconds per run.
+    pub ms: f64,
+}
+
+/// Nodes listed in a profile.
+pub const TOP_NODES: usize = 15;
+
+/// Profiles `runs` runs of `inputs` and sums them up by op and by node.
+fn profile(session: &Session, inputs: &[(String, Tensor)], runs: usize) -> Result<Profile> {
+    let mut by_node: Vec<(String, String, Duration)> = Vec::new();
+    for _ in 0..runs {
+        let times = session.profile(inputs.iter().cloned())?;
+        if by_node.is_empty() {
+            by_node = times.into_iter().map(|t| (t.node, t.op, t.time)).collect();
+        } else {
+            for (slot, t) in by_node.iter_mut().zip(times) {
+                slot.2 += t.time;
+            }
+        }
+    }
+    let per_run = |d: Duration| d.as_secs_f64() * 1e3 / runs as f64;
+    let total: Duration = by_node.iter().map(|n| n.2).sum();
+    let mut ops: BTreeMap<&str, (usize, Duration)> = BTreeMap::new();
+    for (_, op, time) in &by_node {
+        let entry = ops.entry(op).or_default();
+        entry.0 += 1;
+        entry.1 += *time;
+    }
+    let mut ops: Vec<OpShare> = ops
+        .into_iter()
+        .map(|(op, (nodes, time))| OpShare {
+            op: op.to_string(),
+            nodes,
+            ms: per_run(time),
+            share: time.as_secs_f64() / total.as_secs_f64().max(f64::MIN_POSITIVE),
+        })
+        .collect();
+    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let mut nodes: Vec<NodeShare> = by_node
+        .iter()
+        .map(|(node, op, time)| NodeShare {
+            node: node.clone(),
+            op: op.clone(),
+            ms: per_run(*time),
+        })
+        .collect();
+    nodes.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    nodes.truncate(TOP_NODES);
+    Ok(Profile { runs, ops, nodes })
 }
 
 /// A stream of shapes: timed run `i` stretches `input` along `axis` to
@@ -130,6 +215,8 @@ pub struct BenchConfig {
     pub dims: BTreeMap<String, usize>,
     /// Time a stream of shapes instead of one shape.
     pub vary: Option<Vary>,
+    /// After timing, profile as many runs node by node.
+    pub profile: bool,
 }
 
 /// Runs the benchmark.
@@ -179,6 +266,10 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
     }
     let total: Duration = times.iter().sum();
     times.sort();
+    let profile = match cfg.profile {
+        true => Some(profile(&session, &inputs, runs)?),
+        false => None,
+    };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let pct = |p: f64| ms(times[((times.len() - 1) as f64 * p).round() as usize]);
     Ok(BenchReport {
@@ -206,6 +297,7 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
             .as_ref()
             .map(|v| format!("{}:{}={}..{}", v.input, v.axis, v.lo, v.hi)),
         plans: session.plans(),
+        profile,
     })
 }
 

@@ -105,6 +105,10 @@ enum Command {
         /// as NAME:AXIS=LO..HI.
         #[arg(long)]
         vary: Option<String>,
+        /// Then profile as many runs node by node (one thread): time per op and the
+        /// slowest nodes.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         session: SessionArgs,
     },
@@ -387,6 +391,7 @@ fn run(cli: &Cli) -> Result<()> {
             input,
             dim,
             vary,
+            profile,
             session,
         } => {
             let vary = vary.as_deref().map(bench::Vary::parse).transpose()?;
@@ -411,6 +416,7 @@ fn run(cli: &Cli) -> Result<()> {
                     inputs,
                     dims,
                     vary,
+                    profile: *profile,
                 },
             )?;
             if cli.json {
@@ -452,6 +458,23 @@ fn run(cli: &Cli) -> Result<()> {
                     println!(
                         "peak RSS     {rss:9.1} MiB  ({growth:.1} MiB for the model and its runs)"
                     );
+                }
+                if let Some(profile) = &report.profile {
+                    println!("\nprofile over {} run(s), one thread:", profile.runs);
+                    println!("{:>9} {:>6} {:>6}  op", "ms/run", "share", "nodes");
+                    for op in &profile.ops {
+                        println!(
+                            "{:9.3} {:5.1}% {:6}  {}",
+                            op.ms,
+                            op.share * 100.0,
+                            op.nodes,
+                            op.op
+                        );
+                    }
+                    println!("\n{:>9}  slowest nodes", "ms/run");
+                    for node in &profile.nodes {
+                        println!("{:9.3}  {} ({})", node.ms, node.node, node.op);
+                    }
                 }
             }
         }

@@ -33,7 +33,7 @@ mod sync;
 pub mod telemetry;
 pub mod tensor;
 
-pub use backend::{PlanReport, Specialisation};
+pub use backend::{NodeTime, PlanReport, Specialisation};
 pub use error::{Error, ErrorKind, Result};
 pub use kinds::{Backend, Resource, TensorRole};
 pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};

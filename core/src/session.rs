@@ -169,6 +169,19 @@ impl Session {
         }
     }
 
+    /// Runs once with every node of the plan timed, for finding where a model's time
+    /// goes: the inputs are checked as [`Session::run`] checks them and run on the plan it
+    /// would use, on the calling thread, outside telemetry. Nodes come in the order they
+    /// ran. The CPU backend profiles; others answer [`Error::InvalidOption`].
+    pub fn profile<I, S>(&self, inputs: I) -> Result<Vec<crate::backend::NodeTime>>
+    where
+        I: IntoIterator<Item = (S, Tensor)>,
+        S: AsRef<str>,
+    {
+        let ordered = self.order_inputs(inputs)?;
+        catch_panic("inference", || self.executor.profile(ordered))
+    }
+
     /// Validates, runs and checks; also says whether a fallback backend produced the outputs.
     fn run_untraced<I, S>(&self, inputs: I) -> Result<(Outputs, bool)>
     where

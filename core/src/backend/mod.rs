@@ -30,6 +30,28 @@ pub(crate) trait Executor: Send + Sync {
 
     /// What the executor has planned so far.
     fn plans(&self) -> PlanReport;
+
+    /// Runs once with every node timed, on the plan a [`Executor::run`] of these inputs
+    /// would use; nodes in the order they ran.
+    fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<NodeTime>> {
+        let _ = inputs;
+        Err(crate::Error::InvalidOption {
+            reason: "per-node profiles come from the CPU backend only".into(),
+        })
+    }
+}
+
+/// One node of a profiled run ([`Session::profile`](crate::Session::profile)).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[non_exhaustive]
+pub struct NodeTime {
+    /// The node's name in the plan (tern's own ops carry the ONNX node's name and a
+    /// suffix).
+    pub node: String,
+    /// The op that ran, as the backend names it (e.g. `TernConvQ8`, `Conv`, `Add`).
+    pub op: String,
+    /// How long the node ran.
+    pub time: std::time::Duration,
 }
 
 /// Which plans serve runs whose input shapes are not all fixed (see
@@ -176,6 +198,13 @@ impl Executor for Fallback {
         match self.fallback.get() {
             Some(cpu) => cpu.plans(),
             None => self.preferred.plans(),
+        }
+    }
+
+    fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<NodeTime>> {
+        match self.fallback.get() {
+            Some(cpu) => cpu.profile(inputs),
+            None => self.preferred.profile(inputs),
         }
     }
 }

@@ -44,7 +44,7 @@ use tract_onnx::tract_core::plan::EvalContext;
 use super::plan_cache::{shape_key, PlanCache, ShapeKey, CAPACITY};
 use super::race::{Arm, Outcome, Race, RaceRules};
 use super::{frontend, optim};
-use super::{Backend, Executor, PlanReport, Prepared, Ran, Specialisation};
+use super::{Backend, Executor, NodeTime, PlanReport, Prepared, Ran, Specialisation};
 use crate::error::{chain, Error, Result};
 use crate::model::Model;
 use crate::options::{OptLevel, SessionOptions, ShapePolicy, ThreadPolicy};
@@ -154,6 +154,30 @@ impl Plan {
             .into_iter()
             .map(|v| Tensor::from_tract(v.into_arc_tensor()))
             .collect()
+    }
+
+    /// Runs once on the calling thread with every node timed.
+    fn profile(&self, inputs: &[Tensor]) -> Result<Vec<NodeTime>> {
+        let mut state = self.plan.spawn().map_err(inference_err)?;
+        let inputs: TVec<TValue> = inputs
+            .iter()
+            .map(|t| t.tract().clone().into_tvalue())
+            .collect();
+        let mut times = Vec::new();
+        multithread_tract_scope(ThreadPool::SingleThread, || {
+            state.run_plan_with_eval(inputs, |session, op_state, node, inputs| {
+                let started = Instant::now();
+                let outputs = tract_onnx::tract_core::plan::eval(session, op_state, node, inputs);
+                times.push(NodeTime {
+                    node: node.name.clone(),
+                    op: node.op().name().to_string(),
+                    time: started.elapsed(),
+                });
+                outputs
+            })
+        })
+        .map_err(inference_err)?;
+        Ok(times)
     }
 }
 
@@ -623,6 +647,18 @@ impl Executor for TractExecutor {
             outputs: self.run_inputs(&inputs)?,
             fallback: false,
         })
+    }
+
+    fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<NodeTime>> {
+        let key = shape_key(&inputs);
+        let symbolic = self.fixed || matches!(*lock(&self.choice), Choice::Symbolic);
+        match &self.planned {
+            Some(planned) if symbolic => {
+                planned.check(&key, &inputs)?;
+                planned.profile(&inputs)
+            }
+            _ => self.concrete_plan(&key)?.profile(&inputs),
+        }
     }
 
     fn plans(&self) -> PlanReport {

@@ -2,10 +2,19 @@
 //! selection, packing, fused specs). tract is pinned at `=0.23.9`; an upgrade that changes
 //! these APIs changes this file alone.
 //!
-//! [`QGemm`] is an `i8 × i8 → i32` product with the weights packed once, at plan time, on
-//! the kernel tract-linalg's dispatch prefers for this CPU (AVX-512 VNNI or AVX-VNNI, AMX,
-//! AVX2, ARM `sdot`, or portable Rust), and a bias added per output row in the kernel's
-//! epilogue. The product splits over the session's thread pool inside tract-linalg.
+//! [`QGemm`] is an `i8 × i8 → i32` product with the weights packed once, at plan time, and
+//! a bias added per output row in the kernel's epilogue. The product splits over the
+//! session's thread pool inside tract-linalg.
+//!
+//! **Kernel choice is measured, not assumed.** tract-linalg ranks its int8 kernels by a
+//! static preference and its tiers send narrow products (`m ≤ 8`) to an 8×8 tile; on this
+//! project's CI machine (AMD EPYC, AVX-512 VNNI) both 8×8 VNNI kernels and the AVX2 one run
+//! at 0.4–3 GMAC/s where the 16×16 VNNI kernel runs at 50–140 (an 8×8×2304 product: 0.38
+//! against 0.028 ms), which made the first, narrow layers of a MobileNet slower in int8 than
+//! in f32. So each process times every int8 kernel it can run once ([`ranking`], ~1 ms),
+//! and a product takes the one with the least estimated time for its shape (throughput
+//! measured, rows and columns padded to the kernel's tile). `TERN_INT8_KERNEL=NAME` forces
+//! one (for tests and for comparing kernels).
 
 use std::sync::{Arc, Mutex};
 
@@ -45,6 +54,104 @@ pub(crate) struct QGemm {
 /// Alignment of packed activation buffers (what `PackedI8K4` allocates with).
 const K4_ALIGN: usize = 16;
 
+/// An int8 kernel this CPU runs, one of its packings, and its measured throughput.
+struct Ranked {
+    mmm: Box<dyn MatMatMul>,
+    packing: usize,
+    /// Multiply-adds per second in the probe.
+    macs_per_s: f64,
+}
+
+/// What tract-linalg offers for an `i8 × i8 → i32` product with an `i32` store, weights
+/// packed ahead of time (no panel extractor).
+fn int8_query(m: usize, k: usize, n: usize) -> Query {
+    Query {
+        weight: WeightType::Plain(i8::datum_type()),
+        activation: i8::datum_type(),
+        accumulators: tvec!(i32::datum_type()),
+        store: Some(i32::datum_type()),
+        allow_extractor: false,
+        m: Some(m),
+        k: Some(k),
+        n: Some(n),
+    }
+}
+
+/// Every int8 kernel this CPU can run, timed once per process on one product
+/// ([`PROBE`]), fastest first; a kernel the probe cannot run is left out.
+fn ranking() -> &'static [Ranked] {
+    static RANKING: std::sync::OnceLock<Vec<Ranked>> = std::sync::OnceLock::new();
+    RANKING.get_or_init(|| {
+        let [m, k, n] = PROBE;
+        let mut ranked: Vec<Ranked> = MmmDispatch::native()
+            .suitable(&int8_query(m, k, n))
+            .into_iter()
+            .filter(|(_, _, extractor)| extractor.is_none())
+            .filter_map(|(mmm, packing, _)| {
+                let macs_per_s = probe(&*mmm, packing).ok()?;
+                tracing::debug!(kernel = mmm.name(), gmacs = macs_per_s / 1e9, "int8 kernel probed");
+                Some(Ranked {
+                    mmm,
+                    packing,
+                    macs_per_s,
+                })
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.macs_per_s.total_cmp(&a.macs_per_s));
+        ranked
+    })
+}
+
+/// The probe's product, `[m, k, n]`: small enough that the slowest kernel (~0.4 GMAC/s)
+/// takes ~0.3 ms, large enough to fill every kernel's tiles.
+const PROBE: [usize; 3] = [32, 64, 64];
+
+/// The throughput of `mmm` on the [`PROBE`] product: the best of a few runs after one
+/// warm-up (the minimum rejects a busy machine's interruptions).
+fn probe(mmm: &dyn MatMatMul, packing: usize) -> TractResult<f64> {
+    let [m, k, n] = PROBE;
+    let mmm = tract_onnx::tract_core::dyn_clone::clone_box(mmm);
+    let gemm = QGemm::on(mmm, packing, &[1; PROBE[0] * PROBE[1]], m, k)?;
+    let b = Tensor::zero::<i8>(&[k, n])?;
+    let packed = gemm.activations.prepare_one(&b, 0, 1)?;
+    let bias = Tensor::zero::<i32>(&[m])?;
+    let mut c = Tensor::zero::<i32>(&[m, n])?;
+    gemm.product(&*packed, n, &bias, &mut c)?;
+    let mut best = std::time::Duration::MAX;
+    for _ in 0..4 {
+        let started = std::time::Instant::now();
+        gemm.product(&*packed, n, &bias, &mut c)?;
+        best = best.min(started.elapsed());
+    }
+    Ok((m * k * n) as f64 / best.as_secs_f64().max(1e-9))
+}
+
+/// The kernel for an `m × k × n` product: `TERN_INT8_KERNEL`'s if set and runnable, else
+/// the least estimated time (the probe's throughput over the product padded to the
+/// kernel's tile), else tract-linalg's own pick.
+fn choose(m: usize, k: usize, n: usize) -> TractResult<(Box<dyn MatMatMul>, usize)> {
+    let ranked = ranking();
+    if let Ok(name) = std::env::var("TERN_INT8_KERNEL") {
+        let forced = ranked.iter().find(|r| r.mmm.name() == name);
+        let r = forced.with_context(|| {
+            let names: Vec<&str> = ranked.iter().map(|r| r.mmm.name()).collect();
+            format!("TERN_INT8_KERNEL={name}: not one of this CPU's int8 kernels {names:?}")
+        })?;
+        return Ok((r.mmm.clone(), r.packing));
+    }
+    let cost = |r: &Ranked| {
+        let padded = m.next_multiple_of(r.mmm.mr()) * n.next_multiple_of(r.mmm.nr()) * k;
+        padded as f64 / r.macs_per_s
+    };
+    if let Some(best) = ranked.iter().min_by(|a, b| cost(a).total_cmp(&cost(b))) {
+        return Ok((best.mmm.clone(), best.packing));
+    }
+    let (mmm, packing, _) = MmmDispatch::native()
+        .pick(&int8_query(m, k, n))
+        .context("no i8 matrix-product kernel in this build")?;
+    Ok((mmm, packing))
+}
+
 impl QGemm {
     /// Packs `weights`, row-major `[m, k]`, for the kernel this CPU runs best at `n`
     /// columns.
@@ -54,19 +161,18 @@ impl QGemm {
             "{} weights for a {m}×{k} matrix",
             weights.len()
         );
-        let query = Query {
-            weight: WeightType::Plain(i8::datum_type()),
-            activation: i8::datum_type(),
-            accumulators: tvec!(i32::datum_type()),
-            store: Some(i32::datum_type()),
-            allow_extractor: false,
-            m: Some(m),
-            k: Some(k),
-            n: Some(n),
-        };
-        let (mmm, packing, _) = MmmDispatch::native()
-            .pick(&query)
-            .context("no i8 matrix-product kernel in this build")?;
+        let (mmm, packing) = choose(m, k, n)?;
+        QGemm::on(mmm, packing, weights, m, k)
+    }
+
+    /// Packs `weights` for the kernel `mmm` with its packing `packing`.
+    fn on(
+        mmm: Box<dyn MatMatMul>,
+        packing: usize,
+        weights: &[i8],
+        m: usize,
+        k: usize,
+    ) -> TractResult<QGemm> {
         let (a_format, b_format) = &mmm.packings()[packing];
         let a = Tensor::from_shape(&[m, k], weights)?;
         let weights = a_format.prepare_one(&a, 1, 0)?;
@@ -223,9 +329,21 @@ impl QGemm {
 mod tests {
     use super::*;
 
-    /// The product against the definition, on shapes around the kernels' tile sizes.
+    /// The product against the definition, on shapes around the kernels' tile sizes, with
+    /// the kernel chosen for the shape and with every kernel this CPU runs.
     #[test]
     fn matches_the_definition() -> TractResult<()> {
+        assert!(!ranking().is_empty(), "no int8 kernel passed the probe");
+        for r in ranking() {
+            check_against_definition(|w, m, k, _| QGemm::on(r.mmm.clone(), r.packing, w, m, k))?;
+        }
+        check_against_definition(QGemm::new)
+    }
+
+    /// The products of `make`'s QGemm against the definition.
+    fn check_against_definition(
+        make: impl Fn(&[i8], usize, usize, usize) -> TractResult<QGemm>,
+    ) -> TractResult<()> {
         let mut seed = 1u32;
         let mut next = || {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -241,7 +359,7 @@ mod tests {
             let w: Vec<i8> = (0..m * k).map(|_| next()).collect();
             let b: Vec<i8> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<i32> = (0..m).map(|i| i as i32 * 1000 - 7000).collect();
-            let gemm = QGemm::new(&w, m, k, n)?;
+            let gemm = make(&w, m, k, n)?;
             let mut c = Tensor::zero::<i32>(&[m, n])?;
             gemm.run(
                 &Tensor::from_shape(&[k, n], &b)?,
@@ -302,6 +420,27 @@ mod tests {
                 assert_eq!(got, want, "{m}×{k}×{n}");
             }
             assert!(gemm.run_k4(n, 7, |_| Ok(()), &bias, &mut want).is_err());
+        }
+        Ok(())
+    }
+
+    /// A narrow product gets a kernel at least as fast by the probe's estimate as the one
+    /// tract-linalg's tiers pick (on this project's CI machine they pick an 8×8 tile that
+    /// runs 13× slower than the 16×16 one).
+    #[test]
+    fn the_chosen_kernel_is_the_fastest_estimate() -> TractResult<()> {
+        let (m, k, n) = (8, 8, 2304);
+        let chosen = QGemm::new(&[1; 64], m, k, n)?;
+        let estimate = |name: &str| {
+            let r = ranking().iter().find(|r| r.mmm.name() == name)?;
+            let padded = m.next_multiple_of(r.mmm.mr()) * n.next_multiple_of(r.mmm.nr()) * k;
+            Some(padded as f64 / r.macs_per_s)
+        };
+        let (tracts, _, _) = MmmDispatch::native()
+            .pick(&int8_query(m, k, n))
+            .context("a kernel")?;
+        if let (Some(ours), Some(theirs)) = (estimate(chosen.kernel()), estimate(tracts.name())) {
+            assert!(ours <= theirs, "{} over {}", chosen.kernel(), tracts.name());
         }
         Ok(())
     }
