@@ -319,13 +319,15 @@ impl<'g> View<'g> {
             };
         let Some((q_ix, yq, q_outputs)) = quantized else {
             // ConvInteger → Cast → Mul(acc_scale) [→ Add(bias)], writing the conv's output;
-            // one group only (tern's int8 depthwise kernel writes u8, not accumulators).
+            // one group, or depthwise (one input channel per group, as many groups as
+            // output channels): what tern's int8 kernels take with a float epilogue.
             let group = conv
                 .attribute
                 .iter()
                 .find(|a| a.name == "group")
                 .map_or(1, |a| a.i);
-            if group != 1 {
+            let depthwise = group == out_channels as i64 && weights.shape().get(1) == Some(&1);
+            if group != 1 && !depthwise {
                 return None;
             }
             inputs.extend([wq.value.to_string(), xq.zero?.to_string()]);

@@ -15,10 +15,11 @@
 //!
 //! tract runs such a layer as C one-row matrix products over a materialised im2col, with
 //! the zero points corrected by separate graph ops. Here each channel's plane is copied once
-//! into rows padded with `x_zero`, and the AVX2 path computes 8 outputs of a row at once,
-//! borders included (the input's zero point folded into the bias over the kernel rows
-//! inside the image), in f32 with FMA — exact, since every partial sum is an integer below
-//! 2²⁴, which [`DepthwiseQ8::new`] checks.
+//! into f32 rows as `x - x_zero`, padded with zeros, and the AVX2 path computes 8 outputs of
+//! a row at once, borders included, one load and one FMA per tap — exact, since every
+//! partial sum is an integer below 2²⁴, which [`DepthwiseQ8::new`] checks. The output is
+//! requantized to `u8` in the same pass, or left as `i32` accumulators
+//! ([`DepthwiseQ8::run_plane_acc`]) for a float epilogue.
 
 use crate::quant::requantize;
 use crate::Isa;
@@ -51,9 +52,6 @@ pub struct DepthwiseQ8 {
     /// The same as f32, for the vector path.
     taps_f32: Vec<f32>,
     bias: Vec<i32>,
-    /// Σ taps of each kernel row, per channel (`[c][ky]`): the zero-point fold for output
-    /// rows where some kernel rows fall in the padding.
-    row_sums: Vec<i32>,
     scale: Vec<f32>,
     x_zero: u8,
     y_zero: u8,
@@ -137,10 +135,6 @@ impl DepthwiseQ8 {
             true => vec![0; g.channels],
             false => bias.to_vec(),
         };
-        let row_sums: Vec<i32> = taps
-            .chunks(g.kernel[1])
-            .map(|row| row.iter().sum())
-            .collect();
         let widest = taps.iter().map(|t| t.unsigned_abs()).max().unwrap_or(0);
         let exact_in_f32 = per_channel as u64 * 255 * u64::from(widest) < (1 << 24);
         let scale = (0..g.channels)
@@ -155,7 +149,6 @@ impl DepthwiseQ8 {
             taps_f32: taps.iter().map(|t| *t as f32).collect(),
             taps,
             bias,
-            row_sums,
             scale,
             x_zero: quant.x_zero,
             y_zero: quant.y_zero,
@@ -252,9 +245,49 @@ impl DepthwiseQ8 {
                 // SAFETY: AVX2 and FMA are available (checked here); the slices have the
                 // plane sizes the geometry says (checked above), which is all
                 // `avx2::channel` indexes by.
-                unsafe { avx2::channel(self, c, x, y) }
+                unsafe { avx2::channel(self, c, x, avx2::Out::Q8(y)) }
             }
             _ => self.channel_scalar(c, x, y),
+        }
+        Ok(())
+    }
+
+    /// Runs channel `c` alone as [`DepthwiseQ8::run_plane`] does, but writes the `i32`
+    /// accumulators (bias and zero points included, not requantized) into `acc`: for a
+    /// layer whose output goes on in float (`tern_kernels::epilogue`).
+    pub fn run_plane_acc(
+        &self,
+        isa: Isa,
+        c: usize,
+        x: &[u8],
+        acc: &mut [i32],
+    ) -> Result<(), Unsupported> {
+        if c >= self.geometry.channels
+            || x.len() != self.plane_in()
+            || acc.len() != self.plane_out()
+        {
+            return Err(Unsupported(format!(
+                "plane {c} of {} with {} and {} values, for {} in, {} out",
+                self.geometry.channels,
+                x.len(),
+                acc.len(),
+                self.plane_in(),
+                self.plane_out()
+            )));
+        }
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if self.exact_in_f32 && isa.is_available() => {
+                // SAFETY: as in `run_plane`.
+                unsafe { avx2::channel(self, c, x, avx2::Out::Acc(acc)) }
+            }
+            _ => {
+                for oy in 0..self.out[0] {
+                    for ox in 0..self.out[1] {
+                        acc[oy * self.out[1] + ox] = self.acc_scalar(c, x, oy, ox);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -263,13 +296,14 @@ impl DepthwiseQ8 {
     fn channel_scalar(&self, c: usize, x: &[u8], y: &mut [u8]) {
         for oy in 0..self.out[0] {
             for ox in 0..self.out[1] {
-                y[oy * self.out[1] + ox] = self.output_scalar(c, x, oy, ox);
+                let acc = self.acc_scalar(c, x, oy, ox);
+                y[oy * self.out[1] + ox] = requantize(acc, self.scale[c], self.y_zero);
             }
         }
     }
 
-    /// One output by the definition (padded taps skipped: they read `x_zero`).
-    fn output_scalar(&self, c: usize, x: &[u8], oy: usize, ox: usize) -> u8 {
+    /// One accumulator by the definition (padded taps skipped: they read `x_zero`).
+    fn acc_scalar(&self, c: usize, x: &[u8], oy: usize, ox: usize) -> i32 {
         let g = &self.geometry;
         let [kh, kw] = g.kernel;
         let taps = &self.taps[c * kh * kw..(c + 1) * kh * kw];
@@ -288,7 +322,7 @@ impl DepthwiseQ8 {
                 acc += v * taps[ky * kw + kx];
             }
         }
-        requantize(acc, self.scale[c], self.y_zero)
+        acc
     }
 }
 
@@ -296,6 +330,60 @@ impl DepthwiseQ8 {
 mod avx2 {
     use super::DepthwiseQ8;
     use std::arch::x86_64::*;
+
+    /// Output chunks of 8 computed together.
+    const GROUP: usize = 4;
+
+    /// The sums over the taps of `N` consecutive chunks of 8 outputs, the first at column
+    /// offset `at` (in the padded row): `rows` are the kernel rows inside the input, with
+    /// their offsets in `padded`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; every load (`row + at + (N - 1) · 8 · sw + kx · dw`
+    /// plus 8, or 16 for stride 2) must stay inside `padded`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sums<const N: usize>(
+        padded: &[f32],
+        rows: &[(usize, usize)],
+        taps: &[f32],
+        kw: usize,
+        dw: usize,
+        sw: usize,
+        at: usize,
+    ) -> [__m256; N] {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let p = padded.as_ptr();
+        for &(ky, row) in rows {
+            for kx in 0..kw {
+                let t = _mm256_set1_ps(taps[ky * kw + kx]);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let at = row + at + j * 8 * sw + kx * dw;
+                    let v = if sw == 1 {
+                        // SAFETY: inside `padded` (the caller's promise).
+                        _mm256_loadu_ps(p.add(at))
+                    } else {
+                        // SAFETY: as above, with 16: the even ones of 16 values.
+                        let a = _mm256_loadu_ps(p.add(at));
+                        let b = _mm256_loadu_ps(p.add(at + 8));
+                        // [a0 a2 b0 b2 | a4 a6 b4 b6] → [a0 a2 a4 a6 b0 b2 b4 b6]
+                        let v = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+                            v,
+                        )))
+                    };
+                    *acc = _mm256_fmadd_ps(v, t, *acc);
+                }
+            }
+        }
+        acc
+    }
+
+    /// Where [`channel`] writes: requantized outputs, or the raw accumulators.
+    pub(super) enum Out<'a> {
+        Q8(&'a mut [u8]),
+        Acc(&'a mut [i32]),
+    }
 
     /// Channel `c` of one image, 8 outputs of a row at a time (stride 1 or 2 along the
     /// width), over a copy of the plane padded with the input's zero point: padded taps then
@@ -306,12 +394,19 @@ mod avx2 {
     /// AVX2 and FMA must be available; `x` must hold the channel's input plane and `y`
     /// its output plane.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn channel(k: &DepthwiseQ8, c: usize, x: &[u8], y: &mut [u8]) {
+    pub(super) unsafe fn channel(k: &DepthwiseQ8, c: usize, x: &[u8], mut y: Out<'_>) {
         let g = &k.geometry;
         let [out_h, out_w] = k.out;
         let (sh, sw) = (g.strides[0], g.strides[1]);
         if sw > 2 {
-            k.channel_scalar(c, x, y);
+            match y {
+                Out::Q8(y) => k.channel_scalar(c, x, y),
+                Out::Acc(acc) => {
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = k.acc_scalar(c, x, i / out_w, i % out_w);
+                    }
+                }
+            }
             return;
         }
         let (dh, dw) = (g.dilations[0], g.dilations[1]);
@@ -323,9 +418,14 @@ mod avx2 {
         let chunks = out_w.div_ceil(8);
         let load = if sw == 1 { 8 } else { 16 };
         let width = ((chunks - 1) * 8 * sw + (kw - 1) * dw + load).max(left + in_w);
-        let mut padded = vec![k.x_zero; width * in_h];
+        // The plane as f32 with the zero point taken away, once: padding is then 0.0 and
+        // contributes nothing, and each tap is one load and one FMA.
+        let mut padded = vec![0f32; width * in_h];
+        let x_zero = i32::from(k.x_zero);
         for (row, src) in padded.chunks_exact_mut(width).zip(x.chunks_exact(in_w)) {
-            row[left..left + in_w].copy_from_slice(src);
+            for (v, x) in row[left..left + in_w].iter_mut().zip(src) {
+                *v = (i32::from(*x) - x_zero) as f32;
+            }
         }
         let taps = &k.taps_f32[c * kh * kw..(c + 1) * kh * kw];
         let scale = _mm256_set1_ps(k.scale[c]);
@@ -334,43 +434,53 @@ mod avx2 {
             _mm256_set1_ps(-crate::quant::ROUND_LIMIT),
             _mm256_set1_ps(crate::quant::ROUND_LIMIT),
         );
-        // Even bytes of 16, for stride 2.
-        let evens = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+        let bias = _mm256_set1_epi32(k.bias[c]);
         for oy in 0..out_h {
             // Kernel rows inside the input for this output row (rows of padding are
-            // skipped), and the bias with the input zero point folded in over just those
-            // rows.
+            // skipped: they would add zeros).
             let top = oy * sh;
             let valid = |ky: usize| {
                 let y = top + ky * dh;
                 y >= g.pads[0] && y - g.pads[0] < in_h
             };
-            let mut row_bias = k.bias[c];
-            for ky in (0..kh).filter(|ky| valid(*ky)) {
-                row_bias -= i32::from(k.x_zero) * k.row_sums[c * kh + ky];
-            }
-            let bias = _mm256_set1_epi32(row_bias);
-            for ox in (0..chunks).map(|chunk| chunk * 8) {
-                let mut acc = _mm256_setzero_ps();
-                for ky in (0..kh).filter(|ky| valid(*ky)) {
-                    let row = (top + ky * dh - g.pads[0]) * width;
-                    for kx in 0..kw {
-                        let at = row + ox * sw + kx * dw;
-                        let bytes = if sw == 1 {
-                            // SAFETY: ox·sw + kx·dw + 8 <= width (see `width`), inside
-                            // row `iy` of `padded`.
-                            _mm_loadl_epi64(padded.as_ptr().add(at) as *const __m128i)
-                        } else {
-                            // SAFETY: as above, with 16.
-                            let v = _mm_loadu_si128(padded.as_ptr().add(at) as *const __m128i);
-                            _mm_shuffle_epi8(v, evens)
-                        };
-                        let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-                        acc = _mm256_fmadd_ps(v, _mm256_set1_ps(taps[ky * kw + kx]), acc);
+            // Four chunks at a time: four independent FMA chains hide the FMA latency.
+            let rows: Vec<(usize, usize)> = (0..kh)
+                .filter(|ky| valid(*ky))
+                .map(|ky| (ky, (top + ky * dh - g.pads[0]) * width))
+                .collect();
+            let sums = (0..chunks).step_by(GROUP).flat_map(|first| {
+                let n = GROUP.min(chunks - first);
+                let sums = match n {
+                    GROUP => sums::<GROUP>(&padded, &rows, taps, kw, dw, sw, first * 8 * sw),
+                    _ => {
+                        let mut s = [_mm256_setzero_ps(); GROUP];
+                        for (j, s) in s.iter_mut().enumerate().take(n) {
+                            let at = (first + j) * 8 * sw;
+                            *s = sums::<1>(&padded, &rows, taps, kw, dw, sw, at)[0];
+                        }
+                        s
                     }
-                }
+                };
+                (0..n).map(move |j| ((first + j) * 8, sums[j]))
+            });
+            for (ox, acc) in sums {
                 // Exact integers (checked at construction): back to i32, bias, requantize.
                 let acc = _mm256_add_epi32(_mm256_cvtps_epi32(acc), bias);
+                let out = oy * out_w + ox;
+                let y = match &mut y {
+                    Out::Q8(y) => y,
+                    Out::Acc(a) => {
+                        if ox + 8 <= out_w {
+                            // SAFETY: out + 8 <= (oy + 1) · out_w <= a.len().
+                            _mm256_storeu_si256(a.as_mut_ptr().add(out) as *mut __m256i, acc);
+                        } else {
+                            let mut last = [0i32; 8];
+                            _mm256_storeu_si256(last.as_mut_ptr() as *mut __m256i, acc);
+                            a[out..oy * out_w + out_w].copy_from_slice(&last[..out_w - ox]);
+                        }
+                        continue;
+                    }
+                };
                 let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
                 let v = _mm256_min_ps(_mm256_max_ps(v, lo_lim), hi_lim);
                 // cvtps rounds half to even under the default rounding mode.
@@ -378,7 +488,6 @@ mod avx2 {
                 let q16 =
                     _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
                 let q8 = _mm_packus_epi16(q16, q16);
-                let out = oy * out_w + ox;
                 if ox + 8 <= out_w {
                     // SAFETY: out + 8 <= (oy + 1) · out_w <= y.len().
                     _mm_storel_epi64(y.as_mut_ptr().add(out) as *mut __m128i, q8);
@@ -445,11 +554,26 @@ mod tests {
         (kernel, x)
     }
 
-    /// The reference, written again the plainest way: padded input, then the sum.
+    /// The reference, written again the plainest way: padded input, then the sum, then
+    /// the requantization.
     fn by_definition(k: &DepthwiseQ8, x: &[u8]) -> Vec<u8> {
+        let plane = k.plane_out();
+        accumulators_by_definition(k, x)
+            .iter()
+            .enumerate()
+            .map(|(i, acc)| {
+                let c = i / plane;
+                let v = (*acc as f32 * k.scale[c]).round_ties_even() as i64 + i64::from(k.y_zero);
+                v.clamp(0, 255) as u8
+            })
+            .collect()
+    }
+
+    /// The accumulators by definition, image-wide (`[C, oh, ow]`).
+    fn accumulators_by_definition(k: &DepthwiseQ8, x: &[u8]) -> Vec<i64> {
         let g = k.geometry;
         let [oh, ow] = k.out;
-        let mut y = vec![0u8; g.output_len()];
+        let mut y = vec![0i64; g.output_len()];
         for c in 0..g.channels {
             for oy in 0..oh {
                 for ox in 0..ow {
@@ -473,9 +597,7 @@ mod tests {
                             acc += (i64::from(v) - i64::from(k.x_zero)) * i64::from(t);
                         }
                     }
-                    let v =
-                        (acc as f32 * k.scale[c]).round_ties_even() as i64 + i64::from(k.y_zero);
-                    y[(c * oh + oy) * ow + ox] = v.clamp(0, 255) as u8;
+                    y[(c * oh + oy) * ow + ox] = acc;
                 }
             }
         }
@@ -517,6 +639,33 @@ mod tests {
                 assert_eq!(y, want, "case {case} {isa:?} {:?}", kernel.geometry());
             }
         }
+    }
+
+    /// The raw accumulators (for a float epilogue) on every path, against the definition.
+    #[test]
+    fn accumulators_match_the_definition_on_every_isa() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(43);
+        for case in 0..200 {
+            let (kernel, x) = random_case(&mut rng);
+            let want = accumulators_by_definition(&kernel, &x);
+            let (plane_in, plane_out) = (kernel.plane_in(), kernel.plane_out());
+            for &isa in Isa::available() {
+                let mut got = vec![0i64; want.len()];
+                for c in 0..kernel.geometry().channels {
+                    let mut acc = vec![0i32; plane_out];
+                    let x = &x[c * plane_in..(c + 1) * plane_in];
+                    kernel.run_plane_acc(isa, c, x, &mut acc).unwrap();
+                    for (g, a) in got[c * plane_out..].iter_mut().zip(&acc) {
+                        *g = i64::from(*a);
+                    }
+                }
+                assert_eq!(got, want, "case {case} {isa:?} {:?}", kernel.geometry());
+            }
+        }
+        let (kernel, x) = random_case(&mut rng);
+        let mut short = vec![0; kernel.plane_out() + 1];
+        let x = &x[..kernel.plane_in()];
+        assert!(kernel.run_plane_acc(Isa::Scalar, 0, x, &mut short).is_err());
     }
 
     #[test]

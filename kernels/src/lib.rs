@@ -14,11 +14,13 @@
 //! Kernels: [`depthwise`] (int8 depthwise convolution with requantization fused, the
 //! ONNX `QLinearConv` with `group == channels`); [`im2col`] and [`quant`], the two passes
 //! around an int8 matrix product that make a general int8 convolution (the product itself
-//! runs on tract-linalg's integer kernels, called from the CPU backend).
+//! runs on tract-linalg's integer kernels, called from the CPU backend); [`epilogue`],
+//! the float ops after a product folded into one pass per row.
 
 #![warn(missing_docs)]
 
 pub mod depthwise;
+pub mod epilogue;
 pub mod geometry;
 pub mod im2col;
 pub mod quant;

@@ -92,42 +92,6 @@ pub fn quantize(x: f32, inv_scale: f32, zero: u8) -> u8 {
     (round_half_even(v) as i32 + i32::from(zero)).clamp(0, 255) as u8
 }
 
-/// Rescales a row-major `[rows, cols]` block of accumulators to f32, row `r` as
-/// `acc as f32 · scale[r] + bias[r]` — a multiply then an add, each rounded, as the
-/// separate Cast, Mul and Add it replaces compute it (plain Rust: no FMA contraction, and
-/// the compiler vectorises it).
-pub fn rescale_rows(
-    acc: &[i32],
-    scale: &[f32],
-    bias: &[f32],
-    y: &mut [f32],
-) -> Result<(), Unsupported> {
-    let rows = scale.len();
-    if rows == 0 || bias.len() != rows || acc.len() != y.len() || !acc.len().is_multiple_of(rows) {
-        return Err(Unsupported(format!(
-            "rescale {} accumulators into {} outputs over {rows} rows ({} biases)",
-            acc.len(),
-            y.len(),
-            bias.len()
-        )));
-    }
-    let cols = acc.len() / rows;
-    if cols == 0 {
-        return Ok(());
-    }
-    for (((acc, y), s), b) in acc
-        .chunks(cols)
-        .zip(y.chunks_mut(cols))
-        .zip(scale)
-        .zip(bias)
-    {
-        for (a, y) in acc.iter().zip(y.iter_mut()) {
-            *y = *a as f32 * s + b;
-        }
-    }
-    Ok(())
-}
-
 /// Refuses an element-wise pass whose input and output lengths differ.
 fn same_len<X, Y>(x: &[X], y: &[Y], what: &str) -> Result<(), Unsupported> {
     match x.len() == y.len() {
@@ -342,15 +306,6 @@ mod tests {
         }
         assert!(quantize_u8(Isa::Scalar, &[1.0], 1.0, 0, &mut []).is_err());
         assert!(dequantize_u8(Isa::Scalar, &[1], 1.0, 0, &mut []).is_err());
-    }
-
-    #[test]
-    fn rescaling_multiplies_then_adds_per_row() {
-        let mut y = [0f32; 4];
-        rescale_rows(&[1, -2, 3, 4], &[0.5, 2.0], &[1.0, -1.0], &mut y).unwrap();
-        assert_eq!(y, [1.5, 0.0, 5.0, 7.0]);
-        assert!(rescale_rows(&[1, 2], &[1.0], &[], &mut [0.0; 2]).is_err());
-        assert!(rescale_rows(&[1, 2, 3], &[1.0, 1.0], &[0.0, 0.0], &mut [0.0; 3]).is_err());
     }
 
     #[test]

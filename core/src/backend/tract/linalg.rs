@@ -89,7 +89,11 @@ fn ranking() -> &'static [Ranked] {
             .filter(|(_, _, extractor)| extractor.is_none())
             .filter_map(|(mmm, packing, _)| {
                 let macs_per_s = probe(&*mmm, packing).ok()?;
-                tracing::debug!(kernel = mmm.name(), gmacs = macs_per_s / 1e9, "int8 kernel probed");
+                tracing::debug!(
+                    kernel = mmm.name(),
+                    gmacs = macs_per_s / 1e9,
+                    "int8 kernel probed"
+                );
                 Some(Ranked {
                     mmm,
                     packing,

@@ -15,13 +15,18 @@
 //!   CPU has it) with the zero points and bias folded into one per-channel term → a
 //!   vectorised requantization. tract would correct the zero points with separate graph
 //!   ops and requantize with a scalar loop.
-//! - `rescale-f32` ([`conv`]): the `Cast → Mul → Add` QDQ fusion writes after an `i32`
-//!   convolution (whose output stays float) folded into that convolution's epilogue.
+//! - `rescale-f32` ([`epilogue`]): the `Cast → Mul → Add` QDQ fusion writes after an `i32`
+//!   convolution (one-group or depthwise, whose output stays float) folded into that
+//!   convolution's epilogue.
 //! - `quant-u8` ([`quant`]): the `f32 ↔ u8` quantize and dequantize passes left between
 //!   quantized layers, vectorised (tract's are scalar loops).
+//! - `epilogue` ([`epilogue`]): the float ops after a `rescale-f32` convolution folded into its
+//!   epilogue (`tern_kernels::epilogue`): an unfolded BatchNormalization, Relu/Clip,
+//!   HardSwish, and the quantization for the next int8 layer, so the layer writes `u8`.
 
 mod conv;
 mod depthwise;
+mod epilogue;
 mod quant;
 
 use std::sync::Arc;
@@ -43,8 +48,9 @@ type Pass = fn(&mut TypedModel) -> TractResult<usize>;
 pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("depthwise-q8", depthwise::pass),
     ("conv-q8", conv::pass),
-    ("rescale-f32", conv::rescale_pass),
+    ("rescale-f32", epilogue::rescale_pass),
     ("quant-u8", quant::pass),
+    ("epilogue", epilogue::pass),
 ];
 
 /// Runs every pass; returns `(name, nodes replaced)` for those that replaced any.

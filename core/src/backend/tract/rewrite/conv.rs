@@ -16,14 +16,14 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
-use tract_onnx::tract_core::ops::cast::Cast;
 
+use tern_kernels::epilogue::{epilogue_rows, Epilogue, Out};
 use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
-use tern_kernels::quant::{requantize_rows, rescale_rows};
+use tern_kernels::quant::requantize_rows;
 use tern_kernels::{Geometry, Isa};
 
 use super::super::linalg::QGemm;
+use super::epilogue::Epilogued;
 use super::{for_each_chunk, replace_qconvs, QConv, TASK};
 
 /// Replaces quantized one-group convolutions by [`ConvQ8Op`].
@@ -36,98 +36,6 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
             None
         }
     })
-}
-
-/// Folds the `Cast → Mul(per-channel const) [→ Add(per-channel const)]` after an `i32`
-/// [`ConvQ8Op`] (what QDQ fusion writes for a convolution whose output stays float) into
-/// the op's epilogue: one pass writing f32 instead of three element-wise ops.
-pub(super) fn rescale_pass(model: &mut TypedModel) -> TractResult<usize> {
-    let mut folded = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(op) = node.op_as::<ConvQ8Op>() else {
-            continue;
-        };
-        if op.output_type != i32::datum_type() || op.rescale.is_some() {
-            continue;
-        }
-        let channels = op.output_channels;
-        let Some(cast) = single_succ(model, node)
-            .filter(|n| n.op_as::<Cast>().is_some_and(|c| c.to == f32::datum_type()))
-        else {
-            continue;
-        };
-        let Some((mul, scale)) =
-            single_succ(model, cast).and_then(|n| per_channel_operand(model, n, "Mul", channels))
-        else {
-            continue;
-        };
-        let (last, bias) = match single_succ(model, mul)
-            .and_then(|n| per_channel_operand(model, n, "Add", channels))
-        {
-            Some((add, bias)) => (add, bias),
-            None => (mul, vec![0.0; channels]),
-        };
-        let fused = ConvQ8Op {
-            output_type: f32::datum_type(),
-            rescale: Some(Arc::new((scale, bias))),
-            ..op.clone()
-        };
-        let (name, last) = (node.name.clone(), OutletId::new(last.id, 0));
-        let mut patch = TypedModelPatch::default();
-        let tap = patch.tap_model(model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{name}.rescaled"), fused, &[tap])?[0];
-        patch.shunt_outside(model, last, out)?;
-        patch.apply(model)?;
-        folded += 1;
-    }
-    if folded > 0 {
-        model.compact()?;
-    }
-    Ok(folded)
-}
-
-/// The only node reading `node`'s output, if exactly one does and the output is not a
-/// model output.
-fn single_succ<'m>(model: &'m TypedModel, node: &TypedNode) -> Option<&'m TypedNode> {
-    let [succ] = node.outputs.first()?.successors.as_slice() else {
-        return None;
-    };
-    let outlet = OutletId::new(node.id, 0);
-    (!model.output_outlets().ok()?.contains(&outlet)).then(|| model.node(succ.node))
-}
-
-/// For a binary `op_name` node with a constant operand of `channels` f32 values along the
-/// channel axis (`[.., C, 1, 1]`), that node and the values.
-fn per_channel_operand<'m>(
-    model: &'m TypedModel,
-    node: &'m TypedNode,
-    op_name: &str,
-    channels: usize,
-) -> Option<(&'m TypedNode, Vec<f32>)> {
-    let bin = node.op_as::<TypedBinOp>()?;
-    if bin.0.name() != op_name || node.inputs.len() != 2 {
-        return None;
-    }
-    let konst = node
-        .inputs
-        .iter()
-        .find_map(|i| model.outlet_fact(*i).ok()?.konst.clone())?;
-    let shape = konst.shape();
-    let per_channel = konst.datum_type() == f32::datum_type()
-        && konst.len() == channels
-        && shape.len() >= 3
-        && shape[shape.len() - 3..] == [channels, 1, 1];
-    if !per_channel {
-        return None;
-    }
-    let values = konst
-        .try_as_plain_ram()
-        .ok()?
-        .as_slice::<f32>()
-        .ok()?
-        .to_vec();
-    Some((node, values))
 }
 
 /// An int8 convolution with one group (NCHW, `u8` in and out) run as im2col, an int8
@@ -149,9 +57,9 @@ pub(crate) struct ConvQ8Op {
     /// The output's shape (`[N, M, oh, ow]`, or without `N` where tract dropped a batch of
     /// 1).
     output_shape: TVec<usize>,
-    /// For an `i32` convolution whose Cast → Mul [→ Add] to f32 was folded in
-    /// ([`rescale_pass`]): the per-channel scale and bias, and the output is f32.
-    rescale: Option<Arc<(Vec<f32>, Vec<f32>)>>,
+    /// For an `i32` convolution whose float ops after it were folded in
+    /// (`super::epilogue`): the output is f32, or u8 when the epilogue quantizes.
+    epilogue: Option<Arc<Epilogue>>,
 }
 
 impl ConvQ8Op {
@@ -193,8 +101,30 @@ impl ConvQ8Op {
             isa,
             output_type: q.output_type,
             output_shape: q.output_shape,
-            rescale: None,
+            epilogue: None,
         }))
+    }
+}
+
+impl Epilogued for ConvQ8Op {
+    fn channels(&self) -> usize {
+        self.output_channels
+    }
+
+    fn output_type(&self) -> DatumType {
+        self.output_type
+    }
+
+    fn epilogue(&self) -> Option<&Epilogue> {
+        self.epilogue.as_deref()
+    }
+
+    fn with_epilogue(&self, e: Epilogue) -> Self {
+        ConvQ8Op {
+            output_type: super::epilogue::datum_type(&e),
+            epilogue: Some(Arc::new(e)),
+            ..self.clone()
+        }
     }
 }
 
@@ -291,11 +221,33 @@ impl EvalOp for ConvQ8Op {
                 }
             }
             let acc = acc.try_as_plain_ram()?;
-            if let Some(rescale) = &self.rescale {
-                let (scale, bias) = &**rescale;
-                let y = &mut y_view.as_slice_mut::<f32>()?[i * plane_out..(i + 1) * plane_out];
-                rescale_rows(acc.as_slice::<i32>()?, scale, bias, y)
-                    .map_err(|e| anyhow::anyhow!(e))?;
+            // Whole rows per task, enough of them that a task outweighs its scheduling.
+            let rows = (TASK / cols.max(1)).clamp(1, m);
+            if let Some(e) = &self.epilogue {
+                let acc = acc.as_slice::<i32>()?;
+                let run = |t: usize, y: Out<'_>, len: usize| {
+                    let first = t * rows;
+                    let acc = &acc[first * cols..first * cols + len];
+                    epilogue_rows(self.isa, acc, cols, e, first, y)
+                };
+                match e.quantize {
+                    Some(_) => {
+                        let y = &mut y_view.as_bytes_mut()[i * plane_out..(i + 1) * plane_out];
+                        for_each_chunk(y, rows * cols, |(t, y)| {
+                            let len = y.len();
+                            run(t, Out::U8(y), len)
+                        })
+                    }
+                    None => {
+                        let y =
+                            &mut y_view.as_slice_mut::<f32>()?[i * plane_out..(i + 1) * plane_out];
+                        for_each_chunk(y, rows * cols, |(t, y)| {
+                            let len = y.len();
+                            run(t, Out::F32(y), len)
+                        })
+                    }
+                }
+                .map_err(|e| anyhow::anyhow!(e))?;
                 continue;
             }
             let ys = y_view.as_bytes_mut();
@@ -307,8 +259,6 @@ impl EvalOp for ConvQ8Op {
             }
             let acc = acc.as_slice::<i32>()?;
             let y = &mut ys[i * plane_out..(i + 1) * plane_out];
-            // Whole rows per task, enough of them that a task outweighs its scheduling.
-            let rows = (TASK / cols.max(1)).clamp(1, m);
             for_each_chunk(y, rows * cols, |(t, y)| {
                 let first = t * rows;
                 let here = y.len() / cols.max(1);

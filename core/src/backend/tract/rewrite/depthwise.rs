@@ -1,4 +1,6 @@
-//! `depthwise-q8`: int8 depthwise convolutions on `tern-kernels`' direct kernel.
+//! `depthwise-q8`: int8 depthwise convolutions on `tern-kernels`' direct kernel: `u8` out
+//! (QLinearConv), or `i32` accumulators (ConvInteger) that `super::epilogue` then turns
+//! into the float or `u8` output the layer's next ops want, plane by plane.
 
 use std::sync::Arc;
 
@@ -6,8 +8,10 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use tern_kernels::depthwise::{DepthwiseQ8, Quant};
+use tern_kernels::epilogue::{epilogue_rows, Epilogue, Out};
 use tern_kernels::Isa;
 
+use super::epilogue::{datum_type, Epilogued};
 use super::{for_each_chunk, replace_qconvs, QConv};
 
 /// Replaces quantized depthwise convolutions by [`DepthwiseQ8Op`].
@@ -19,6 +23,7 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
             kernel: Arc::new(kernel(q)?),
             isa,
             output_type,
+            epilogue: None,
         })
     })
 }
@@ -28,7 +33,7 @@ fn kernel(q: QConv) -> Option<DepthwiseQ8> {
     let channels = q.geometry.channels;
     if q.group != channels
         || q.output_channels != channels
-        || q.output_type.unquantized() != u8::datum_type()
+        || ![u8::datum_type(), i32::datum_type()].contains(&q.output_type.unquantized())
     {
         return None;
     }
@@ -48,13 +53,38 @@ fn kernel(q: QConv) -> Option<DepthwiseQ8> {
     }
 }
 
-/// An int8 depthwise convolution run by `tern-kernels` (NCHW, `u8` in and out).
+/// An int8 depthwise convolution run by `tern-kernels` (NCHW, `u8` in).
 #[derive(Debug, Clone)]
 pub(crate) struct DepthwiseQ8Op {
     kernel: Arc<DepthwiseQ8>,
     isa: Isa,
-    /// The output's datum type (`u8`, or `QU8` with the layer's output quantization).
+    /// The output's datum type: `u8` (or `QU8` with the layer's output quantization) when
+    /// the kernel requantizes; `i32` accumulators; or what the epilogue writes.
     output_type: DatumType,
+    /// For an `i32` layer whose float ops after it were folded in.
+    epilogue: Option<Arc<Epilogue>>,
+}
+
+impl Epilogued for DepthwiseQ8Op {
+    fn channels(&self) -> usize {
+        self.kernel.geometry().channels
+    }
+
+    fn output_type(&self) -> DatumType {
+        self.output_type
+    }
+
+    fn epilogue(&self) -> Option<&Epilogue> {
+        self.epilogue.as_deref()
+    }
+
+    fn with_epilogue(&self, e: Epilogue) -> Self {
+        DepthwiseQ8Op {
+            output_type: datum_type(&e),
+            epilogue: Some(Arc::new(e)),
+            ..self.clone()
+        }
+    }
 }
 
 impl PartialEq for DepthwiseQ8Op {
@@ -99,17 +129,36 @@ impl EvalOp for DepthwiseQ8Op {
             unsafe { Tensor::uninitialized_dt(self.output_type, &[batch, g.channels, oh, ow])? };
         let xs = x.try_as_plain_ram()?.as_bytes();
         let (plane_in, plane_out) = (self.kernel.plane_in(), self.kernel.plane_out());
-        {
-            let mut y_view = y.try_as_plain_ram_mut()?;
-            let ys = y_view.as_bytes_mut();
-            // One task per (image, channel) plane; on the session's pool when this run has
-            // one (the plan's thread race decides), else on the calling thread.
-            let plane = |(i, y): (usize, &mut [u8])| {
-                let x = &xs[i * plane_in..(i + 1) * plane_in];
-                self.kernel.run_plane(self.isa, i % g.channels, x, y)
-            };
-            for_each_chunk(ys, plane_out, plane).map_err(|e| anyhow::anyhow!(e))?;
+        let (kernel, isa) = (&*self.kernel, self.isa);
+        let input = |i: usize| &xs[i * plane_in..(i + 1) * plane_in];
+        // The accumulators of plane `i` (image i / C, channel i % C), then `e` over them.
+        let through = |e: &Epilogue, i: usize, y: Out<'_>| {
+            let mut acc = vec![0i32; plane_out];
+            kernel.run_plane_acc(isa, i % g.channels, input(i), &mut acc)?;
+            epilogue_rows(isa, &acc, plane_out, e, i % g.channels, y)
+        };
+        let mut y_view = y.try_as_plain_ram_mut()?;
+        // One task per (image, channel) plane; on the session's pool when this run has one
+        // (the plan's thread race decides), else on the calling thread.
+        match (&self.epilogue, self.output_type.unquantized()) {
+            (None, dt) if dt == u8::datum_type() => {
+                for_each_chunk(y_view.as_bytes_mut(), plane_out, |(i, y)| {
+                    kernel.run_plane(isa, i % g.channels, input(i), y)
+                })
+            }
+            (None, _) => for_each_chunk(y_view.as_slice_mut::<i32>()?, plane_out, |(i, y)| {
+                kernel.run_plane_acc(isa, i % g.channels, input(i), y)
+            }),
+            (Some(e), dt) if dt == u8::datum_type() => {
+                for_each_chunk(y_view.as_bytes_mut(), plane_out, |(i, y)| {
+                    through(e, i, Out::U8(y))
+                })
+            }
+            (Some(e), _) => for_each_chunk(y_view.as_slice_mut::<f32>()?, plane_out, |(i, y)| {
+                through(e, i, Out::F32(y))
+            }),
         }
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(tvec!(y.into_tvalue()))
     }
 }

@@ -72,6 +72,16 @@ pub(crate) struct QuantU8Op {
 
 impl Eq for QuantU8Op {}
 
+impl QuantU8Op {
+    /// For a quantize pass, the reciprocal of its scale and its zero point.
+    pub(super) fn quantize(&self) -> Option<(f32, u8)> {
+        match self.direction {
+            Direction::Quantize(inv_scale, zero) => Some((inv_scale, zero)),
+            Direction::Dequantize(..) => None,
+        }
+    }
+}
+
 impl Op for QuantU8Op {
     fn name(&self) -> StaticName {
         match self.direction {
