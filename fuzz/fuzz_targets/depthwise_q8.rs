@@ -1,5 +1,6 @@
 //! Any geometry, weights, quantization and image: the kernel either refuses the parameters
-//! or runs, and every instruction set gives the scalar reference's bytes. The AVX2 path's
+//! or runs, and every instruction set gives the scalar reference's bytes (and its raw
+//! accumulators). The AVX2 path's
 //! unsafe loads and stores run here under the fuzzer's sanitizers.
 #![no_main]
 
@@ -39,5 +40,21 @@ fuzz_target!(|data: &[u8]| {
         let mut y = vec![0u8; geometry.output_len()];
         kernel.run(isa, &x, &mut y).expect("valid buffers");
         assert_eq!(y, want, "{isa:?} {geometry:?}");
+    }
+    // The raw accumulators (for a float epilogue), plane by plane, on every path.
+    let (plane_in, plane_out) = (kernel.plane_in(), kernel.plane_out());
+    for c in 0..geometry.channels {
+        let x = &x[c * plane_in..(c + 1) * plane_in];
+        let mut want = vec![0i32; plane_out];
+        kernel
+            .run_plane_acc(Isa::Scalar, c, x, &mut want)
+            .expect("valid buffers");
+        for &isa in Isa::available() {
+            let mut acc = vec![0i32; plane_out];
+            kernel
+                .run_plane_acc(isa, c, x, &mut acc)
+                .expect("valid buffers");
+            assert_eq!(acc, want, "{isa:?} {geometry:?} channel {c}");
+        }
     }
 });
