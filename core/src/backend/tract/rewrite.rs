@@ -174,13 +174,14 @@ fn nchw(model: &TypedModel, node: &TypedNode) -> Option<[usize; 4]> {
     }
 }
 
-/// The layout of a quantized NCHW/OIHW 2-D `Conv` with concrete input shape.
+/// The layout of a quantized NCHW (or CHW) / OIHW 2-D `Conv` with concrete input shape.
 fn conv_layout(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Layout> {
     let out_type = conv.q_params?;
     let channels = conv.input_channels();
     let group = conv.group;
     if conv.kernel_fmt != KernelFormat::OIHW
-        || conv.pool_spec.data_format != DataFormat::NCHW
+        // NCHW, or CHW where tract's declutter dropped a batch of 1.
+        || ![DataFormat::NCHW, DataFormat::CHW].contains(&conv.pool_spec.data_format)
         || conv.pool_spec.kernel_shape.len() != 2
         || group == 0
         || !channels.is_multiple_of(group)

@@ -111,8 +111,10 @@ impl EvalOp for DepthwiseQ8Op {
         let g = self.kernel.geometry();
         let [oh, ow] = self.kernel.output_shape();
         let shape = x.shape();
+        // [N, C, H, W], or [C, H, W] where tract's declutter dropped a batch of 1.
+        let image = &shape[shape.len().saturating_sub(3)..];
         ensure!(
-            shape.len() == 4 && shape[1..] == [g.channels, g.input[0], g.input[1]],
+            (shape.len() == 4 || shape.len() == 3) && image == [g.channels, g.input[0], g.input[1]],
             "TernDepthwiseQ8 planned for [N, {}, {}, {}], got {shape:?}",
             g.channels,
             g.input[0],
@@ -122,11 +124,13 @@ impl EvalOp for DepthwiseQ8Op {
             x.datum_type().unquantized() == u8::datum_type(),
             "TernDepthwiseQ8 reads u8"
         );
-        let batch = shape[0];
-        // SAFETY: `u8` has no invalid values, and the kernel writes every output of every
-        // image before `y` is read (or `y` is dropped with the error).
-        let mut y =
-            unsafe { Tensor::uninitialized_dt(self.output_type, &[batch, g.channels, oh, ow])? };
+        let out_shape: TVec<usize> = match shape.len() {
+            4 => tvec![shape[0], g.channels, oh, ow],
+            _ => tvec![g.channels, oh, ow],
+        };
+        // SAFETY: numbers have no invalid values, and the kernel writes every output of
+        // every image before `y` is read (or `y` is dropped with the error).
+        let mut y = unsafe { Tensor::uninitialized_dt(self.output_type, &out_shape)? };
         let xs = x.try_as_plain_ram()?.as_bytes();
         let (plane_in, plane_out) = (self.kernel.plane_in(), self.kernel.plane_out());
         let (kernel, isa) = (&*self.kernel, self.isa);
@@ -167,13 +171,11 @@ impl TypedOp for DepthwiseQ8Op {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let g = self.kernel.geometry();
         let [oh, ow] = self.kernel.output_shape();
-        let batch = inputs[0].shape[0].clone();
-        Ok(tvec!(self.output_type.fact(tvec![
-            batch,
-            g.channels.to_dim(),
-            oh.to_dim(),
-            ow.to_dim()
-        ])))
+        let mut shape: TVec<TDim> = tvec![g.channels.to_dim(), oh.to_dim(), ow.to_dim()];
+        if inputs[0].rank() == 4 {
+            shape.insert(0, inputs[0].shape[0].clone());
+        }
+        Ok(tvec!(self.output_type.fact(shape)))
     }
 
     as_op!();
