@@ -64,24 +64,20 @@ fn rescale<T: Epilogued>(model: &mut TypedModel) -> TractResult<usize> {
         else {
             continue;
         };
-        let Some((mul, scale)) =
-            single_succ(model, cast).and_then(|n| per_channel_operand(model, n, "Mul", channels))
-        else {
+        let Some(mul) = single_succ(model, cast) else {
             continue;
         };
-        let (last, bias) = match single_succ(model, mul)
-            .and_then(|n| per_channel_operand(model, n, "Add", channels))
-        {
-            Some((add, bias)) => (add, bias),
-            None => (mul, vec![0.0; channels]),
+        let Some(scale) = per_channel(model, mul, "Mul", channels) else {
+            continue;
+        };
+        let add = single_succ(model, mul)
+            .and_then(|n| Some((n, per_channel(model, n, "Add", channels)?)));
+        let (last, bias) = match add {
+            Some((add, bias)) => (add.id, bias),
+            None => (mul.id, vec![0.0; channels]),
         };
         let fused = op.with_epilogue(Epilogue::affine(scale, bias));
-        let (name, last) = (node.name.clone(), OutletId::new(last.id, 0));
-        let mut patch = TypedModelPatch::default();
-        let tap = patch.tap_model(model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{name}.rescaled"), fused, &[tap])?[0];
-        patch.shunt_outside(model, last, out)?;
-        patch.apply(model)?;
+        splice(model, id, last, fused, "rescaled")?;
         folded += 1;
     }
     if folded > 0 {
@@ -139,12 +135,7 @@ fn extend<T: Epilogued>(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let fused = op.with_epilogue(e);
-        let (name, last) = (node.name.clone(), OutletId::new(tail.id, 0));
-        let mut patch = TypedModelPatch::default();
-        let tap = patch.tap_model(model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{name}.epilogue"), fused, &[tap])?[0];
-        patch.shunt_outside(model, last, out)?;
-        patch.apply(model)?;
+        splice(model, id, tail.id, fused, "epilogue")?;
         extended += 1;
     }
     if extended > 0 {
@@ -310,35 +301,33 @@ fn single_succ<'m>(model: &'m TypedModel, node: &TypedNode) -> Option<&'m TypedN
     (!model.output_outlets().ok()?.contains(&outlet)).then(|| model.node(succ.node))
 }
 
-/// For a binary `op_name` node with a constant operand of `channels` f32 values along the
-/// channel axis (`[.., C, 1, 1]`), that node and the values.
-fn per_channel_operand<'m>(
-    model: &'m TypedModel,
-    node: &'m TypedNode,
+/// For a binary `op_name` node with a constant f32 operand ([`const_operand`]): its values,
+/// one per channel (a scalar repeated).
+fn per_channel(
+    model: &TypedModel,
+    node: &TypedNode,
     op_name: &str,
     channels: usize,
-) -> Option<(&'m TypedNode, Vec<f32>)> {
-    let bin = node.op_as::<TypedBinOp>()?;
-    if bin.0.name() != op_name || node.inputs.len() != 2 {
-        return None;
-    }
-    let konst = node
-        .inputs
-        .iter()
-        .find_map(|i| model.outlet_fact(*i).ok()?.konst.clone())?;
-    let shape = konst.shape();
-    let per_channel = konst.datum_type() == f32::datum_type()
-        && konst.len() == channels
-        && shape.len() >= 3
-        && shape[shape.len() - 3..] == [channels, 1, 1];
-    if !per_channel {
-        return None;
-    }
-    let values = konst
-        .try_as_plain_ram()
-        .ok()?
-        .as_slice::<f32>()
-        .ok()?
-        .to_vec();
-    Some((node, values))
+) -> Option<Vec<f32>> {
+    let (name, values, _) = const_operand(model, node, channels)?;
+    (name == op_name).then(|| match values.len() {
+        1 => vec![values[0]; channels],
+        _ => values,
+    })
+}
+
+/// Replaces the nodes from `node` (an int8 layer) to `last` by `op` reading `node`'s input.
+fn splice<T: TypedOp>(
+    model: &mut TypedModel,
+    node: usize,
+    last: usize,
+    op: T,
+    suffix: &str,
+) -> TractResult<()> {
+    let (name, input) = (model.node(node).name.clone(), model.node(node).inputs[0]);
+    let mut patch = TypedModelPatch::default();
+    let tap = patch.tap_model(model, input)?;
+    let out = patch.wire_node(format!("{name}.{suffix}"), op, &[tap])?[0];
+    patch.shunt_outside(model, OutletId::new(last, 0), out)?;
+    patch.apply(model)
 }
