@@ -225,19 +225,37 @@ fn conv_layout(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Layo
 
 /// The layout of a 1×1 quantized convolution that tract's declutter turned into an
 /// `EinSum` (`NIHW,OI,…->NOHW`, the same nine inputs as the convolution; a batch of 1 may
-/// have lost its `N` on either side).
+/// have lost its `N` on either side). On a 1×1 map (a squeeze-and-excitation layer) the
+/// declutter also drops `HW` from the input or the output (`NI,OI->NOHW`,
+/// `NIHW,OI->NO`): the same product, one column per image.
 fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option<Layout> {
     let out_type = einsum.q_params?;
     let axes = einsum.axes.to_string();
     let (inputs, output) = axes.split_once("->")?;
     let mut inputs = inputs.split(',');
-    if !(["NIHW", "IHW"].contains(&inputs.next()?)
+    let input = inputs.next()?;
+    if !(["NIHW", "IHW", "NI"].contains(&input)
         && inputs.next()? == "OI"
-        && ["NOHW", "OHW"].contains(&output))
+        && ["NOHW", "OHW", "NO"].contains(&output))
     {
         return None;
     }
-    let [_, c, h, w] = nchw(model, node)?;
+    let [_, c, h, w] = match input {
+        "NI" => match *model
+            .outlet_fact(*node.inputs.first()?)
+            .ok()?
+            .shape
+            .as_concrete()?
+        {
+            [n, c] => [n, c, 1, 1],
+            _ => return None,
+        },
+        _ => nchw(model, node)?,
+    };
+    // Without `HW` on one side, the map must be 1×1 on the other.
+    if (input == "NI" || output == "NO") && [h, w] != [1, 1] {
+        return None;
+    }
     let weights = model.outlet_fact(*node.inputs.get(1)?).ok()?;
     let [o, i] = weights.shape.as_concrete()? else {
         return None;
