@@ -228,17 +228,7 @@ impl DepthwiseQ8 {
     /// Runs channel `c` alone: `x` is its input plane, `y` its output plane (so that
     /// planes can be handed to different threads).
     pub fn run_plane(&self, isa: Isa, c: usize, x: &[u8], y: &mut [u8]) -> Result<(), Unsupported> {
-        if c >= self.geometry.channels || x.len() != self.plane_in() || y.len() != self.plane_out()
-        {
-            return Err(Unsupported(format!(
-                "plane {c} of {} with {} and {} values, for {} in, {} out",
-                self.geometry.channels,
-                x.len(),
-                y.len(),
-                self.plane_in(),
-                self.plane_out()
-            )));
-        }
+        self.check_plane(c, x.len(), y.len())?;
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if self.exact_in_f32 && isa.is_available() => {
@@ -262,19 +252,7 @@ impl DepthwiseQ8 {
         x: &[u8],
         acc: &mut [i32],
     ) -> Result<(), Unsupported> {
-        if c >= self.geometry.channels
-            || x.len() != self.plane_in()
-            || acc.len() != self.plane_out()
-        {
-            return Err(Unsupported(format!(
-                "plane {c} of {} with {} and {} values, for {} in, {} out",
-                self.geometry.channels,
-                x.len(),
-                acc.len(),
-                self.plane_in(),
-                self.plane_out()
-            )));
-        }
+        self.check_plane(c, x.len(), acc.len())?;
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if self.exact_in_f32 && isa.is_available() => {
@@ -288,6 +266,20 @@ impl DepthwiseQ8 {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a plane index or plane buffers (`x_len` in, `y_len` out) this kernel does
+    /// not have.
+    fn check_plane(&self, c: usize, x_len: usize, y_len: usize) -> Result<(), Unsupported> {
+        if c >= self.geometry.channels || x_len != self.plane_in() || y_len != self.plane_out() {
+            return Err(Unsupported(format!(
+                "plane {c} of {} with {x_len} and {y_len} values, for {} in, {} out",
+                self.geometry.channels,
+                self.plane_in(),
+                self.plane_out()
+            )));
         }
         Ok(())
     }
