@@ -118,13 +118,19 @@ fn konst(model: &TypedModel, node: &TypedNode, slot: usize) -> Option<Arc<Tensor
         .clone()
 }
 
+/// A constant's values as `T`, flattened (`None` if they are not in plain memory or not
+/// `T`).
+fn plain_vec<T: Datum + Copy>(t: &Tensor) -> Option<Vec<T>> {
+    Some(t.try_as_plain_ram().ok()?.as_slice::<T>().ok()?.to_vec())
+}
+
 /// The values of a constant scalar or vector input of type `T`.
 fn values<T: Datum + Copy>(model: &TypedModel, node: &TypedNode, slot: usize) -> Option<Vec<T>> {
     let t = konst(model, node, slot)?;
     if t.datum_type() != T::datum_type() || t.rank() > 1 {
         return None;
     }
-    Some(t.try_as_plain_ram().ok()?.as_slice::<T>().ok()?.to_vec())
+    plain_vec(&t)
 }
 
 /// Everything a quantized 2-D convolution (`u8` in and out, `i8` weights, NCHW/OIHW,
@@ -311,12 +317,7 @@ fn qconv(model: &TypedModel, node: &TypedNode) -> Option<QConv> {
     if weights.datum_type().unquantized() != i8::datum_type() || weights.shape() != &*weight_shape {
         return None;
     }
-    let weights = weights
-        .try_as_plain_ram()
-        .ok()?
-        .as_slice::<i8>()
-        .ok()?
-        .to_vec();
+    let weights = plain_vec::<i8>(&weights)?;
     let bias = values::<i32>(model, node, 2)?;
     let bias = match bias.len() {
         0 => vec![0; output_channels],

@@ -17,6 +17,7 @@ use tern_kernels::epilogue::{Epilogue, HardSwish, OutputType};
 
 use super::conv::ConvQ8Op;
 use super::depthwise::DepthwiseQ8Op;
+use super::plain_vec;
 use super::quant::QuantU8Op;
 
 /// The datum type `e` writes.
@@ -282,13 +283,7 @@ fn const_operand(
     if !fits {
         return None;
     }
-    let values = konst
-        .try_as_plain_ram()
-        .ok()?
-        .as_slice::<f32>()
-        .ok()?
-        .to_vec();
-    Some((name, values, konst_first))
+    Some((name, plain_vec::<f32>(konst)?, konst_first))
 }
 
 /// The only node reading `node`'s output, if exactly one does and the output is not a
