@@ -1,12 +1,14 @@
-//! Any geometry, weights, quantization and image: the kernel either refuses the parameters
-//! or runs, and every instruction set gives the scalar reference's bytes (and its raw
-//! accumulators). The AVX2 path's
-//! unsafe loads and stores run here under the fuzzer's sanitizers.
+//! Any geometry, weights, quantization and image: the int8 kernel either refuses the
+//! parameters or runs, and every instruction set gives the scalar reference's bytes (and
+//! its raw accumulators); the float kernel on the same geometry and values gives the
+//! reference's floats on every instruction set. The AVX2 paths' unsafe loads and stores
+//! run here under the fuzzer's sanitizers.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tern_fuzz::Bytes;
 use tern_kernels::depthwise::{DepthwiseQ8, Quant};
+use tern_kernels::depthwise_f32::DepthwiseF32;
 use tern_kernels::Isa;
 
 fuzz_target!(|data: &[u8]| {
@@ -28,10 +30,30 @@ fuzz_target!(|data: &[u8]| {
     let bias: Vec<i32> = (0..geometry.channels)
         .map(|_| (i32::from(next(255)) - 128) * 97)
         .collect();
+    let x: Vec<u8> = (0..geometry.input_len()).map(|_| next(255)).collect();
+    // The float kernel over the same values (finite: a padded tap times an infinite
+    // weight is NaN on the vector path, skipped by the reference).
+    let weights_f32: Vec<f32> = weights.iter().map(|w| f32::from(*w) * 0.37).collect();
+    let bias_f32: Vec<f32> = bias.iter().map(|b| *b as f32 * 1e-3).collect();
+    if let Ok(kernel) = DepthwiseF32::new(geometry, &weights_f32, &bias_f32) {
+        let xf: Vec<f32> = x.iter().map(|v| f32::from(*v) * 0.37 - 40.0).collect();
+        let (plane_in, plane_out) = (kernel.plane_in(), kernel.plane_out());
+        for c in 0..geometry.channels {
+            let x = &xf[c * plane_in..(c + 1) * plane_in];
+            let mut want = vec![0f32; plane_out];
+            kernel
+                .run_plane(Isa::Scalar, c, x, &mut want)
+                .expect("valid buffers");
+            for &isa in Isa::available() {
+                let mut y = vec![0f32; plane_out];
+                kernel.run_plane(isa, c, x, &mut y).expect("valid buffers");
+                assert_eq!(y, want, "f32 {isa:?} {geometry:?} channel {c}");
+            }
+        }
+    }
     let Ok(kernel) = DepthwiseQ8::new(geometry, &weights, &bias, &quant) else {
         return;
     };
-    let x: Vec<u8> = (0..geometry.input_len()).map(|_| next(255)).collect();
     let mut want = vec![0u8; geometry.output_len()];
     kernel
         .run(Isa::Scalar, &x, &mut want)

@@ -60,11 +60,46 @@ pub struct DepthwiseQ8 {
     exact_in_f32: bool,
 }
 
-/// The largest padded input plane the vector path copies (bytes): 256 MiB.
-const MAX_PADDED_PLANE: usize = 1 << 28;
+/// The largest padded input plane the vector path copies (f32 values): 64 Mi, 256 MiB.
+const MAX_PADDED_PLANE: usize = 1 << 26;
 
 /// Largest bias magnitude accepted: leaves room for the zero-point correction in i32.
 const BIAS_LIMIT: i64 = 1 << 30;
+
+/// Checks a depthwise convolution's geometry and filter sizes (`weights` values for
+/// `[C, 1, kh, kw]`, `bias` values: none or C) for either kernel; returns the output shape.
+pub(crate) fn check_filters(
+    g: &Geometry,
+    weights: usize,
+    bias: usize,
+) -> Result<[usize; 2], Unsupported> {
+    let err = |m: String| Err(Unsupported(m));
+    let out = g.check()?;
+    // The vector path copies each input plane into rows as wide as the dilated kernel's
+    // reach past the last output: a geometry whose rows would dwarf any real plane (a
+    // huge dilation balanced by huge pads) is refused rather than allocated.
+    let reach = (out[1] * g.strides[1])
+        .saturating_add((g.kernel[1] - 1).saturating_mul(g.dilations[1]))
+        .saturating_add(16)
+        .max(g.pads[1].saturating_add(g.input[1]));
+    if reach.saturating_mul(g.input[0]) > MAX_PADDED_PLANE {
+        return err(format!(
+            "a padded plane of {reach} x {} values (dilation {:?}, pads {:?})",
+            g.input[0], g.dilations, g.pads
+        ));
+    }
+    let per_channel = g.kernel[0] * g.kernel[1];
+    if weights != g.channels * per_channel {
+        return err(format!(
+            "{weights} weights for {} channels of {per_channel} taps",
+            g.channels
+        ));
+    }
+    if !(bias == 0 || bias == g.channels) {
+        return err(format!("{bias} bias values for {} channels", g.channels));
+    }
+    Ok(out)
+}
 
 impl DepthwiseQ8 {
     /// Prepares the kernel: `weights` is `[C, 1, kh, kw]` flattened, `bias` has C values
@@ -78,35 +113,8 @@ impl DepthwiseQ8 {
     ) -> Result<DepthwiseQ8, Unsupported> {
         let g = geometry;
         let err = |m: String| Err(Unsupported(m));
-        let out = g.check()?;
-        // The vector path copies each input plane into rows as wide as the dilated kernel's
-        // reach past the last output: a geometry whose rows would dwarf any real plane (a
-        // huge dilation balanced by huge pads) is refused rather than allocated.
-        let reach = (out[1] * g.strides[1])
-            .saturating_add((g.kernel[1] - 1).saturating_mul(g.dilations[1]))
-            .saturating_add(16)
-            .max(g.pads[1].saturating_add(g.input[1]));
-        if reach.saturating_mul(g.input[0]) > MAX_PADDED_PLANE {
-            return err(format!(
-                "a padded plane of {reach} x {} bytes (dilation {:?}, pads {:?})",
-                g.input[0], g.dilations, g.pads
-            ));
-        }
+        let out = check_filters(&g, weights.len(), bias.len())?;
         let per_channel = g.kernel[0] * g.kernel[1];
-        if weights.len() != g.channels * per_channel {
-            return err(format!(
-                "{} weights for {} channels of {per_channel} taps",
-                weights.len(),
-                g.channels
-            ));
-        }
-        if !(bias.is_empty() || bias.len() == g.channels) {
-            return err(format!(
-                "{} bias values for {} channels",
-                bias.len(),
-                g.channels
-            ));
-        }
         if bias.iter().any(|b| i64::from(*b).abs() > BIAS_LIMIT) {
             return err("bias beyond ±2^30".into());
         }
@@ -296,31 +304,19 @@ impl DepthwiseQ8 {
 
     /// One accumulator by the definition (padded taps skipped: they read `x_zero`).
     fn acc_scalar(&self, c: usize, x: &[u8], oy: usize, ox: usize) -> i32 {
-        let g = &self.geometry;
-        let [kh, kw] = g.kernel;
+        let [kh, kw] = self.geometry.kernel;
         let taps = &self.taps[c * kh * kw..(c + 1) * kh * kw];
-        let mut acc = self.bias[c];
-        for ky in 0..kh {
-            let iy = (oy * g.strides[0] + ky * g.dilations[0]).wrapping_sub(g.pads[0]);
-            if iy >= g.input[0] {
-                continue;
-            }
-            for kx in 0..kw {
-                let ix = (ox * g.strides[1] + kx * g.dilations[1]).wrapping_sub(g.pads[1]);
-                if ix >= g.input[1] {
-                    continue;
-                }
-                let v = i32::from(x[iy * g.input[1] + ix]) - i32::from(self.x_zero);
-                acc += v * taps[ky * kw + kx];
-            }
-        }
-        acc
+        self.geometry
+            .taps_at(oy, ox)
+            .fold(self.bias[c], |acc, (t, i)| {
+                acc + (i32::from(x[i]) - i32::from(self.x_zero)) * taps[t]
+            })
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::DepthwiseQ8;
+pub(crate) mod avx2 {
+    use super::{DepthwiseQ8, Geometry};
     use std::arch::x86_64::*;
 
     /// Output chunks of 8 computed together.
@@ -377,10 +373,113 @@ mod avx2 {
         Acc(&'a mut [i32]),
     }
 
-    /// Channel `c` of one image, 8 outputs of a row at a time (stride 1 or 2 along the
-    /// width), over a copy of the plane padded with the input's zero point: padded taps then
-    /// contribute what the definition says (nothing, once the zero point is folded into the
-    /// bias), so no output needs the scalar path.
+    /// One channel's input plane as f32 rows (each input value through `to`), padded
+    /// with zeros on the left and right so that every 8-wide chunk's loads in
+    /// [`plane_sums`] stay inside a row; returns the plane and its row width. Rows of
+    /// padding above and below are not stored ([`plane_sums`] skips them).
+    pub(crate) fn padded_plane<S: Copy>(
+        g: &Geometry,
+        out_w: usize,
+        x: &[S],
+        to: impl Fn(S) -> f32,
+    ) -> (Vec<f32>, usize) {
+        let kw = g.kernel[1];
+        let [in_h, in_w] = g.input;
+        let (sw, dw, left) = (g.strides[1], g.dilations[1], g.pads[1]);
+        let chunks = out_w.div_ceil(8);
+        // 8 values per chunk, or 16 to keep the even ones for stride 2.
+        let load = if sw == 1 { 8 } else { 16 };
+        let width = ((chunks - 1) * 8 * sw + (kw - 1) * dw + load).max(left + in_w);
+        let mut padded = vec![0f32; width * in_h];
+        for (row, src) in padded.chunks_exact_mut(width).zip(x.chunks_exact(in_w)) {
+            for (v, x) in row[left..left + in_w].iter_mut().zip(src) {
+                *v = to(*x);
+            }
+        }
+        (padded, width)
+    }
+
+    /// The sums over the taps of every output of one channel, 8 outputs of a row at a time
+    /// (stride 1 or 2 along the width): `sink(oy, ox, sums)` gets the 8 sums of outputs
+    /// `ox..ox + 8` of row `oy` (lanes past the row's end are garbage). Taps are added in
+    /// order (kernel row, then column) with one FMA each, rows of padding skipped — the
+    /// order a scalar reference with `mul_add` follows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `padded` and `width` must come from
+    /// [`padded_plane`] for this geometry and `out` its output shape, with stride 1 or 2
+    /// along the width; `taps` must hold `kh · kw` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn plane_sums(
+        g: &Geometry,
+        [out_h, out_w]: [usize; 2],
+        padded: &[f32],
+        width: usize,
+        taps: &[f32],
+        mut sink: impl FnMut(usize, usize, __m256),
+    ) {
+        let (sh, sw) = (g.strides[0], g.strides[1]);
+        let (dh, dw) = (g.dilations[0], g.dilations[1]);
+        let [kh, kw] = g.kernel;
+        let in_h = g.input[0];
+        let chunks = out_w.div_ceil(8);
+        let mut rows: Vec<(usize, usize)> = Vec::with_capacity(kh);
+        for oy in 0..out_h {
+            // Kernel rows inside the input for this output row (rows of padding are
+            // skipped: they would add zeros).
+            let top = oy * sh;
+            let valid = |ky: &usize| {
+                let y = top + ky * dh;
+                y >= g.pads[0] && y - g.pads[0] < in_h
+            };
+            rows.clear();
+            rows.extend(
+                (0..kh)
+                    .filter(valid)
+                    .map(|ky| (ky, (top + ky * dh - g.pads[0]) * width)),
+            );
+            // Four chunks at a time: four independent FMA chains hide the FMA latency.
+            for first in (0..chunks).step_by(GROUP) {
+                let n = GROUP.min(chunks - first);
+                let sums = match n {
+                    GROUP => sums::<GROUP>(padded, &rows, taps, kw, dw, sw, first * 8 * sw),
+                    _ => {
+                        let mut s = [_mm256_setzero_ps(); GROUP];
+                        for (j, s) in s.iter_mut().enumerate().take(n) {
+                            let at = (first + j) * 8 * sw;
+                            *s = sums::<1>(padded, &rows, taps, kw, dw, sw, at)[0];
+                        }
+                        s
+                    }
+                };
+                for (j, sum) in sums.into_iter().enumerate().take(n) {
+                    sink(oy, (first + j) * 8, sum);
+                }
+            }
+        }
+    }
+
+    /// Stores the first `n` lanes of `v` (all 8 when `n >= 8`) at `dst`.
+    ///
+    /// # Safety
+    /// AVX must be available; `dst` must hold `min(n, 8)` values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn store_f32(v: __m256, dst: &mut [f32]) {
+        if dst.len() >= 8 {
+            // SAFETY: 8 values fit (checked).
+            _mm256_storeu_ps(dst.as_mut_ptr(), v);
+        } else {
+            let mut last = [0f32; 8];
+            _mm256_storeu_ps(last.as_mut_ptr(), v);
+            let n = dst.len();
+            dst.copy_from_slice(&last[..n]);
+        }
+    }
+
+    /// Channel `c` of one image over a copy of the plane with the zero point taken away
+    /// (padding is then 0.0 and contributes what the definition says: nothing, once the
+    /// zero point is folded into the bias), so no output needs the scalar path.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `x` must hold the channel's input plane and `y`
@@ -388,9 +487,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn channel(k: &DepthwiseQ8, c: usize, x: &[u8], mut y: Out<'_>) {
         let g = &k.geometry;
-        let [out_h, out_w] = k.out;
-        let (sh, sw) = (g.strides[0], g.strides[1]);
-        if sw > 2 {
+        let [_, out_w] = k.out;
+        if g.strides[1] > 2 {
             match y {
                 Out::Q8(y) => k.channel_scalar(c, x, y),
                 Out::Acc(acc) => {
@@ -401,24 +499,9 @@ mod avx2 {
             }
             return;
         }
-        let (dh, dw) = (g.dilations[0], g.dilations[1]);
-        let [kh, kw] = g.kernel;
-        let [in_h, in_w] = g.input;
-        let left = g.pads[1];
-        // Every 8-wide chunk's loads (8 bytes, or 16 to keep the even ones for stride 2)
-        // stay inside a padded row of `width`.
-        let chunks = out_w.div_ceil(8);
-        let load = if sw == 1 { 8 } else { 16 };
-        let width = ((chunks - 1) * 8 * sw + (kw - 1) * dw + load).max(left + in_w);
-        // The plane as f32 with the zero point taken away, once: padding is then 0.0 and
-        // contributes nothing, and each tap is one load and one FMA.
-        let mut padded = vec![0f32; width * in_h];
         let x_zero = i32::from(k.x_zero);
-        for (row, src) in padded.chunks_exact_mut(width).zip(x.chunks_exact(in_w)) {
-            for (v, x) in row[left..left + in_w].iter_mut().zip(src) {
-                *v = (i32::from(*x) - x_zero) as f32;
-            }
-        }
+        let (padded, width) = padded_plane(g, out_w, x, |x| (i32::from(x) - x_zero) as f32);
+        let [kh, kw] = g.kernel;
         let taps = &k.taps_f32[c * kh * kw..(c + 1) * kh * kw];
         let scale = _mm256_set1_ps(k.scale[c]);
         let zero = _mm256_set1_epi32(i32::from(k.y_zero));
@@ -427,69 +510,39 @@ mod avx2 {
             _mm256_set1_ps(crate::quant::ROUND_LIMIT),
         );
         let bias = _mm256_set1_epi32(k.bias[c]);
-        for oy in 0..out_h {
-            // Kernel rows inside the input for this output row (rows of padding are
-            // skipped: they would add zeros).
-            let top = oy * sh;
-            let valid = |ky: usize| {
-                let y = top + ky * dh;
-                y >= g.pads[0] && y - g.pads[0] < in_h
-            };
-            // Four chunks at a time: four independent FMA chains hide the FMA latency.
-            let rows: Vec<(usize, usize)> = (0..kh)
-                .filter(|ky| valid(*ky))
-                .map(|ky| (ky, (top + ky * dh - g.pads[0]) * width))
-                .collect();
-            let sums = (0..chunks).step_by(GROUP).flat_map(|first| {
-                let n = GROUP.min(chunks - first);
-                let sums = match n {
-                    GROUP => sums::<GROUP>(&padded, &rows, taps, kw, dw, sw, first * 8 * sw),
-                    _ => {
-                        let mut s = [_mm256_setzero_ps(); GROUP];
-                        for (j, s) in s.iter_mut().enumerate().take(n) {
-                            let at = (first + j) * 8 * sw;
-                            *s = sums::<1>(&padded, &rows, taps, kw, dw, sw, at)[0];
-                        }
-                        s
+        plane_sums(g, k.out, &padded, width, taps, |oy, ox, acc| {
+            // Exact integers (checked at construction): back to i32, bias, requantize.
+            let acc = _mm256_add_epi32(_mm256_cvtps_epi32(acc), bias);
+            let out = oy * out_w + ox;
+            let y = match &mut y {
+                Out::Q8(y) => y,
+                Out::Acc(a) => {
+                    if ox + 8 <= out_w {
+                        // SAFETY: out + 8 <= (oy + 1) · out_w <= a.len().
+                        _mm256_storeu_si256(a.as_mut_ptr().add(out) as *mut __m256i, acc);
+                    } else {
+                        let mut last = [0i32; 8];
+                        _mm256_storeu_si256(last.as_mut_ptr() as *mut __m256i, acc);
+                        a[out..oy * out_w + out_w].copy_from_slice(&last[..out_w - ox]);
                     }
-                };
-                (0..n).map(move |j| ((first + j) * 8, sums[j]))
-            });
-            for (ox, acc) in sums {
-                // Exact integers (checked at construction): back to i32, bias, requantize.
-                let acc = _mm256_add_epi32(_mm256_cvtps_epi32(acc), bias);
-                let out = oy * out_w + ox;
-                let y = match &mut y {
-                    Out::Q8(y) => y,
-                    Out::Acc(a) => {
-                        if ox + 8 <= out_w {
-                            // SAFETY: out + 8 <= (oy + 1) · out_w <= a.len().
-                            _mm256_storeu_si256(a.as_mut_ptr().add(out) as *mut __m256i, acc);
-                        } else {
-                            let mut last = [0i32; 8];
-                            _mm256_storeu_si256(last.as_mut_ptr() as *mut __m256i, acc);
-                            a[out..oy * out_w + out_w].copy_from_slice(&last[..out_w - ox]);
-                        }
-                        continue;
-                    }
-                };
-                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
-                let v = _mm256_min_ps(_mm256_max_ps(v, lo_lim), hi_lim);
-                // cvtps rounds half to even under the default rounding mode.
-                let q = _mm256_add_epi32(_mm256_cvtps_epi32(v), zero);
-                let q16 =
-                    _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-                let q8 = _mm_packus_epi16(q16, q16);
-                if ox + 8 <= out_w {
-                    // SAFETY: out + 8 <= (oy + 1) · out_w <= y.len().
-                    _mm_storel_epi64(y.as_mut_ptr().add(out) as *mut __m128i, q8);
-                } else {
-                    let mut last = [0u8; 8];
-                    _mm_storel_epi64(last.as_mut_ptr() as *mut __m128i, q8);
-                    y[out..oy * out_w + out_w].copy_from_slice(&last[..out_w - ox]);
+                    return;
                 }
+            };
+            let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
+            let v = _mm256_min_ps(_mm256_max_ps(v, lo_lim), hi_lim);
+            // cvtps rounds half to even under the default rounding mode.
+            let q = _mm256_add_epi32(_mm256_cvtps_epi32(v), zero);
+            let q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            let q8 = _mm_packus_epi16(q16, q16);
+            if ox + 8 <= out_w {
+                // SAFETY: out + 8 <= (oy + 1) · out_w <= y.len().
+                _mm_storel_epi64(y.as_mut_ptr().add(out) as *mut __m128i, q8);
+            } else {
+                let mut last = [0u8; 8];
+                _mm_storel_epi64(last.as_mut_ptr() as *mut __m128i, q8);
+                y[out..oy * out_w + out_w].copy_from_slice(&last[..out_w - ox]);
             }
-        }
+        });
     }
 }
 

@@ -1,9 +1,10 @@
-//! The epilogue of an int8 product: what turns its `i32` accumulators into the layer's
-//! output when that output is not simply requantized.
+//! The epilogue of a product: what turns its accumulators (`i32` for an int8 layer, `f32`
+//! for a float one) into the layer's output when that output is not simply requantized.
 //!
 //! A statically quantized model whose convolutions are followed by float ops before the
 //! next quantization (tern-quantize's output, and any QDQ model that leaves
-//! BatchNormalization unfolded) runs, per output value:
+//! BatchNormalization unfolded), and a float convolution with its bias, BatchNormalization
+//! and activation, run, per output value:
 //!
 //! ```text
 //! v = acc · scale[row] + bias[row]          the dequantization, with every per-channel or
@@ -37,7 +38,27 @@ pub struct HardSwish {
     pub mul: f32,
 }
 
-/// What an int8 product's epilogue computes (see the module docs).
+/// An accumulator an epilogue reads: an int8 product's `i32` or a float product's `f32`.
+pub trait Acc: Copy {
+    /// The value as f32.
+    fn to_f32(self) -> f32;
+}
+
+impl Acc for i32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+impl Acc for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+/// What a product's epilogue computes (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Epilogue {
     /// One per row: the accumulators' scale, with the folded ops' factors.
@@ -80,8 +101,8 @@ impl Epilogue {
 
     /// The float value for accumulator `acc` of row `row`, before any quantization: the
     /// definition.
-    pub fn value(&self, acc: i32, row: usize) -> f32 {
-        let v = acc as f32 * self.scale[row] + self.bias[row];
+    pub fn value(&self, acc: impl Acc, row: usize) -> f32 {
+        let v = acc.to_f32() * self.scale[row] + self.bias[row];
         let v = clamp(v, self.clamp.0, self.clamp.1);
         match self.hard_swish {
             Some(h) => v * clamp(v + h.add, h.lo, h.hi) * h.mul,
@@ -109,9 +130,9 @@ pub enum Out<'a> {
 
 /// Runs `e` over a row-major block of accumulators, `cols` to a row, whose first row is
 /// row `first` of the epilogue, into `y` (same layout). `isa` vectorises the quantization.
-pub fn epilogue_rows(
+pub fn epilogue_rows<A: Acc>(
     isa: Isa,
-    acc: &[i32],
+    acc: &[A],
     cols: usize,
     e: &Epilogue,
     first: usize,
@@ -161,12 +182,53 @@ pub fn epilogue_rows(
     Ok(())
 }
 
+/// Runs `e` (which must not quantize) over a row-major block of a float product's
+/// outputs in place, `cols` to a row, whose first row is row `first` of the epilogue: for
+/// a float layer whose product wrote straight into its output.
+pub fn epilogue_rows_in_place(
+    y: &mut [f32],
+    cols: usize,
+    e: &Epilogue,
+    first: usize,
+) -> Result<(), Unsupported> {
+    let rows = y.len().checked_div(cols).unwrap_or(0);
+    if e.bias.len() != e.rows()
+        || rows * cols != y.len()
+        || first + rows > e.rows()
+        || e.quantize.is_some()
+    {
+        return Err(Unsupported(format!(
+            "in-place epilogue of {} rows ({} biases, quantized: {}) over {} outputs ({cols} a \
+             row, from row {first})",
+            e.rows(),
+            e.bias.len(),
+            e.quantize.is_some(),
+            y.len()
+        )));
+    }
+    for (r, y) in y.chunks_mut(cols).enumerate() {
+        let (s, b) = (e.scale[first + r], e.bias[first + r]);
+        if (s, b) != (1.0, 0.0) {
+            for v in y.iter_mut() {
+                *v = *v * s + b;
+            }
+        }
+        activation(e, y);
+    }
+    Ok(())
+}
+
 /// Row `row`'s float values, each step a loop over the row.
-fn float_row(e: &Epilogue, row: usize, acc: &[i32], v: &mut [f32]) {
+fn float_row<A: Acc>(e: &Epilogue, row: usize, acc: &[A], v: &mut [f32]) {
     let (s, b) = (e.scale[row], e.bias[row]);
     for (v, a) in v.iter_mut().zip(acc) {
-        *v = *a as f32 * s + b;
+        *v = a.to_f32() * s + b;
     }
+    activation(e, v);
+}
+
+/// The steps after the affine one (clamp, HardSwish) over one row, in place.
+fn activation(e: &Epilogue, v: &mut [f32]) {
     let (lo, hi) = e.clamp;
     if lo > f32::NEG_INFINITY || hi < f32::INFINITY {
         for v in v.iter_mut() {
@@ -239,6 +301,18 @@ mod tests {
             let mut y = vec![0f32; acc.len()];
             epilogue_rows(Isa::Scalar, &acc, cols, &e, first, Out::F32(&mut y)).unwrap();
             assert_eq!(y, want);
+            // A float product's accumulators, through a buffer and in place.
+            let acc_f32: Vec<f32> = acc.iter().map(|a| *a as f32 * 1e-3).collect();
+            let want_f32: Vec<f32> = acc_f32
+                .iter()
+                .enumerate()
+                .map(|(i, a)| e.value(*a, first + i / cols))
+                .collect();
+            epilogue_rows(Isa::Scalar, &acc_f32, cols, &e, first, Out::F32(&mut y)).unwrap();
+            assert_eq!(y, want_f32);
+            let mut in_place = acc_f32.clone();
+            epilogue_rows_in_place(&mut in_place, cols, &e, first).unwrap();
+            assert_eq!(in_place, want_f32);
             let (inv, zero) = (rng.random_range(1.0..40.0), rng.random());
             e.quantize = Some((inv, zero));
             let want: Vec<u8> = want.iter().map(|v| quantize(*v, inv, zero)).collect();
@@ -291,5 +365,11 @@ mod tests {
             run(&[1, 2], 0, 0, Out::F32(&mut [0.0; 2])).is_err(),
             "no columns"
         );
+        assert!(epilogue_rows_in_place(&mut [0.0; 4], 2, &e, 0).is_ok());
+        assert!(epilogue_rows_in_place(&mut [0.0; 4], 2, &e, 1).is_err());
+        assert!(epilogue_rows_in_place(&mut [0.0; 3], 2, &e, 0).is_err());
+        let mut quantizing = e.clone();
+        quantizing.quantize = Some((1.0, 0));
+        assert!(epilogue_rows_in_place(&mut [0.0; 4], 2, &quantizing, 0).is_err());
     }
 }

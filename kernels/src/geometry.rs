@@ -59,6 +59,21 @@ impl Geometry {
             None => err(format!("kernel larger than the padded input in {self:?}")),
         }
     }
+
+    /// The taps of output `(oy, ox)` that fall inside the input plane, in order (kernel
+    /// row, then column): `(tap, input)`, the tap's index in a `kh · kw` filter and the
+    /// input value's index in the plane. Padded taps are left out. (For scalar references.)
+    pub fn taps_at(&self, oy: usize, ox: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let [kh, kw] = self.kernel;
+        let [ih, iw] = self.input;
+        (0..kh).flat_map(move |ky| {
+            let iy = (oy * self.strides[0] + ky * self.dilations[0]).wrapping_sub(self.pads[0]);
+            (0..kw).filter_map(move |kx| {
+                let ix = (ox * self.strides[1] + kx * self.dilations[1]).wrapping_sub(self.pads[1]);
+                (iy < ih && ix < iw).then(|| (ky * kw + kx, iy * iw + ix))
+            })
+        })
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! im2col for int8 convolutions: one `u8` NCHW image to the `[C·kh·kw, oh·ow]` matrix a
-//! matrix-product kernel multiplies the weights `[M, C·kh·kw]` by, shifted to `i8`.
+//! im2col: one NCHW image to the `[C·kh·kw, oh·ow]` matrix a matrix-product kernel
+//! multiplies the weights `[M, C·kh·kw]` by — `u8` shifted to `i8` for an int8 convolution
+//! ([`im2col_q8`], [`im2col_q8_k4`]), `f32` as it is for a float one ([`im2col_f32`]).
 //!
 //! Integer matrix-product kernels (tract-linalg's VNNI and AVX2 ones, ARM's `sdot`)
 //! multiply `i8` by `i8`; a `u8` activation `x` with zero point `z` is the `i8` value
@@ -29,7 +30,26 @@ pub fn im2col_q8(g: &Geometry, x: &[u8], x_zero: u8, out: &mut [i8]) -> Result<(
         )));
     }
     for (k, row) in out.chunks_exact_mut(cols).enumerate() {
-        fill_row(g, [oh, ow], x, x_zero, k, row);
+        fill_row(g, [oh, ow], x, shift(x_zero), shift, k, row);
+    }
+    Ok(())
+}
+
+/// Writes the im2col matrix of one float image, as [`im2col_q8`] does (padded taps are
+/// 0.0): `x` has [`Geometry::input_len`] values, `out` `C·kh·kw · oh·ow`.
+pub fn im2col_f32(g: &Geometry, x: &[f32], out: &mut [f32]) -> Result<(), Unsupported> {
+    let [oh, ow] = g.check()?;
+    let rows = g.channels * g.kernel[0] * g.kernel[1];
+    let cols = oh * ow;
+    if x.len() != g.input_len() || out.len() != rows * cols {
+        return Err(Unsupported(format!(
+            "im2col of {} values into {} for {g:?}",
+            x.len(),
+            out.len()
+        )));
+    }
+    for (k, row) in out.chunks_exact_mut(cols).enumerate() {
+        fill_row(g, [oh, ow], x, 0.0, |v| v, k, row);
     }
     Ok(())
 }
@@ -71,7 +91,7 @@ pub fn im2col_q8_k4(
     for kb in 0..rows.div_ceil(4) {
         for (i, row) in group.chunks_exact_mut(cols).enumerate() {
             match kb * 4 + i {
-                k if k < rows => fill_row(g, [oh, ow], x, x_zero, k, row),
+                k if k < rows => fill_row(g, [oh, ow], x, shift(x_zero), shift, k, row),
                 _ => row.fill(0),
             }
         }
@@ -139,17 +159,25 @@ mod sse2 {
     }
 }
 
-/// Row `k` (channel `k / (kh·kw)`, tap `k % (kh·kw)`) of one image's im2col matrix.
-fn fill_row(g: &Geometry, [oh, ow]: [usize; 2], x: &[u8], x_zero: u8, k: usize, row: &mut [i8]) {
+/// Row `k` (channel `k / (kh·kw)`, tap `k % (kh·kw)`) of one image's im2col matrix: each
+/// input value through `to`, `pad` where a tap falls outside the image.
+fn fill_row<S: Copy, D: Copy>(
+    g: &Geometry,
+    [oh, ow]: [usize; 2],
+    x: &[S],
+    pad: D,
+    to: impl Fn(S) -> D,
+    k: usize,
+    row: &mut [D],
+) {
     let [kh, kw] = g.kernel;
     let [ih, iw] = g.input;
     let (c, ky, kx) = (k / (kh * kw), k / kw % kh, k % kw);
     let plane = &x[c * ih * iw..(c + 1) * ih * iw];
-    let pad = shift(x_zero);
     // 1×1, stride 1, no padding: the row is the channel's plane.
     if kh == 1 && kw == 1 && g.strides == [1, 1] && g.pads == [0; 4] {
         for (o, x) in row.iter_mut().zip(plane) {
-            *o = shift(*x);
+            *o = to(*x);
         }
         return;
     }
@@ -178,11 +206,11 @@ fn fill_row(g: &Geometry, [oh, ow]: [usize; 2], x: &[u8], x_zero: u8, k: usize, 
         let first = lo * sw + shift_x - g.pads[1];
         if sw == 1 {
             for (o, x) in row[lo..hi].iter_mut().zip(&line[first..]) {
-                *o = shift(*x);
+                *o = to(*x);
             }
         } else {
             for (o, x) in row[lo..hi].iter_mut().zip(line[first..].iter().step_by(sw)) {
-                *o = shift(*x);
+                *o = to(*x);
             }
         }
     }
@@ -242,7 +270,18 @@ mod tests {
             let zero = rng.random();
             let mut out = vec![0; g.channels * g.kernel[0] * g.kernel[1] * oh * ow];
             im2col_q8(&g, &x, zero, &mut out).unwrap();
-            assert_eq!(out, by_definition(&g, &x, zero), "{g:?}");
+            let want = by_definition(&g, &x, zero);
+            assert_eq!(out, want, "{g:?}");
+            // The float matrix of the same image is the same matrix: with the zero point
+            // taken away, padded taps are 0.
+            let xf: Vec<f32> = x.iter().map(|v| f32::from(*v) - f32::from(zero)).collect();
+            let mut outf = vec![f32::NAN; out.len()];
+            im2col_f32(&g, &xf, &mut outf).unwrap();
+            let wantf: Vec<f32> = want
+                .iter()
+                .map(|v| f32::from(*v) - (f32::from(zero) - 128.0))
+                .collect();
+            assert_eq!(outf, wantf, "{g:?}");
             checked += 1;
         }
     }
@@ -300,6 +339,9 @@ mod tests {
         assert!(im2col_q8(&g, &[0; 17], 0, &mut [0; 162]).is_err());
         assert!(im2col_q8(&g, &[0; 18], 0, &mut [0; 161]).is_err());
         assert!(im2col_q8(&g, &[0; 18], 0, &mut [0; 162]).is_ok());
+        assert!(im2col_f32(&g, &[0.0; 17], &mut [0.0; 162]).is_err());
+        assert!(im2col_f32(&g, &[0.0; 18], &mut [0.0; 161]).is_err());
+        assert!(im2col_f32(&g, &[0.0; 18], &mut [0.0; 162]).is_ok());
         let len = k4_len(&g, 8);
         assert!(im2col_q8_k4(&g, &[0; 18], 0, 8, &mut vec![0; len - 1]).is_err());
         assert!(im2col_q8_k4(&g, &[0; 18], 0, 0, &mut vec![0; len]).is_err());

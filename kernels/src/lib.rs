@@ -12,14 +12,16 @@
 //!   forces the reference everywhere (for debugging a suspected kernel bug in an app).
 //!
 //! Kernels: [`depthwise`] (int8 depthwise convolution with requantization fused, the
-//! ONNX `QLinearConv` with `group == channels`); [`im2col`] and [`quant`], the two passes
-//! around an int8 matrix product that make a general int8 convolution (the product itself
-//! runs on tract-linalg's integer kernels, called from the CPU backend); [`epilogue`],
-//! the float ops after a product folded into one pass per row.
+//! ONNX `QLinearConv` with `group == channels`) and [`depthwise_f32`] (its float twin,
+//! sharing its vector loop); [`im2col`] and [`quant`], the passes around a matrix product
+//! that make a general convolution (the product itself runs on tract-linalg's kernels,
+//! called from the CPU backend); [`epilogue`], the float ops after a product (int8 or
+//! float) folded into one pass per row.
 
 #![warn(missing_docs)]
 
 pub mod depthwise;
+pub mod depthwise_f32;
 pub mod epilogue;
 pub mod geometry;
 pub mod im2col;
