@@ -105,3 +105,33 @@ fn a_qdq_model_is_fused_onto_the_integer_kernels_within_its_tolerance() {
     let diff = model.compare_with_reference(&outputs).unwrap();
     eprintln!("tract: {diff:?}");
 }
+
+#[test]
+fn float_convolutions_run_on_terns_kernels_within_onnxruntimes_tolerance() {
+    // The three fp32 CNNs: every depthwise layer on tern's float depthwise kernel, the 1×1
+    // convolutions (and on a batch, the others too) on tract-linalg's f32 product image
+    // by image, the bias,
+    // BatchNormalization and HardSwish/ReLU after each folded into its epilogue. Held to
+    // onnxruntime's reference within the manifest's tolerance (as tract's own path is).
+    for (name, expected) in [
+        ("ppocr_cls", [11, 42, 44]),
+        ("ppocr_det", [14, 22, 32]),
+        ("ppocr_rec", [14, 14, 28]),
+    ] {
+        let model = entry(name);
+        let s = session(&model, true);
+        let ours = s.run(model.reference_inputs()).unwrap();
+        let passes: Vec<(String, usize)> = ["depthwise-f32", "conv-f32", "epilogue"]
+            .iter()
+            .zip(expected)
+            .map(|(k, n)| (k.to_string(), n))
+            .collect();
+        assert_eq!(kernels(&s), passes, "{name}");
+        let diff = model.compare_with_reference(&ours).unwrap();
+        let tracts = session(&model, false)
+            .run(model.reference_inputs())
+            .unwrap();
+        let against_tract = model.compare_with_reference(&tracts).unwrap();
+        eprintln!("{name}: tern kernels {diff:?}, tract {against_tract:?}");
+    }
+}

@@ -2,21 +2,23 @@
 //! selection, packing, fused specs). tract is pinned at `=0.23.9`; an upgrade that changes
 //! these APIs changes this file alone.
 //!
-//! [`QGemm`] is an `i8 × i8 → i32` product with the weights packed once, at plan time, and
-//! a bias added per output row in the kernel's epilogue. The product splits over the
-//! session's thread pool inside tract-linalg.
+//! [`Gemm`] is a product `C[m, n] = A[m, k] · B[k, n] (+ bias[m])` with the weights `A`
+//! packed once, at plan time, in one of two [`Precision`]s: `i8 × i8 → i32` for int8
+//! layers, `f32 × f32 → f32` for float ones. The product splits over the session's thread
+//! pool inside tract-linalg.
 //!
-//! **Kernel choice is measured, not assumed.** tract-linalg ranks its int8 kernels by a
-//! static preference and its tiers send narrow products (`m ≤ 8`) to an 8×8 tile; on this
-//! project's CI machine (AMD EPYC, AVX-512 VNNI) both 8×8 VNNI kernels and the AVX2 one run
-//! at 0.4–3 GMAC/s where the 16×16 VNNI kernel runs at 50–140 (an 8×8×2304 product: 0.38
-//! against 0.028 ms), which made the first, narrow layers of a MobileNet slower in int8 than
-//! in f32. So each process times every int8 kernel it can run once ([`ranking`], ~1 ms),
-//! and a product takes the one with the least estimated time for its shape (throughput
-//! measured, rows and columns padded to the kernel's tile). `TERN_INT8_KERNEL=NAME` forces
-//! one (for tests and for comparing kernels).
+//! **Kernel choice is measured, not assumed.** tract-linalg ranks its kernels by a static
+//! preference and its tiers send narrow products (`m ≤ 8`) to an 8×8 tile; on this
+//! project's CI machine (AMD EPYC, AVX-512 VNNI) both 8×8 VNNI kernels and the AVX2 int8
+//! one run at 0.4–3 GMAC/s where the 16×16 VNNI kernel runs at 50–140 (an 8×8×2304 product:
+//! 0.38 against 0.028 ms), which made the first, narrow layers of a MobileNet slower in int8
+//! than in f32. So each process times every kernel of a precision it can run once
+//! ([`ranking`], ~1 ms), and a product takes the one with the least estimated time for its
+//! shape (throughput measured, rows and columns padded to the kernel's tile).
+//! `TERN_INT8_KERNEL=NAME` / `TERN_F32_KERNEL=NAME` force one (for tests and for comparing
+//! kernels).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tract_linalg::mmm::{
     AsInputValue, EagerPackedInput, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul,
@@ -31,22 +33,84 @@ use tract_onnx::tract_core::internal::*;
 /// products): where an int8 layer beats its f32 twin. tract-linalg's AVX2 int8 kernel
 /// does not (3–5× slower than f32).
 pub(crate) fn native_int8() -> bool {
-    static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static NATIVE: OnceLock<bool> = OnceLock::new();
     *NATIVE.get_or_init(|| {
-        QGemm::new(&[0; 64 * 64], 64, 64, 64).is_ok_and(|gemm| gemm.is_native_int8())
+        Tensor::zero::<i8>(&[64, 64])
+            .and_then(|w| Gemm::new(&w, 64))
+            .is_ok_and(|gemm| gemm.is_native_int8())
     })
 }
 
-/// `C[m, n] = A[m, k] · B[k, n] + bias[m]` in i32, with `A` (the weights) packed once.
+/// The element types of a [`Gemm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Precision {
+    /// `i8` weights and activations, `i32` accumulators and output.
+    Int8,
+    /// `f32` throughout.
+    F32,
+}
+
+impl Precision {
+    /// The precision of weights of type `dt`, if tern runs products of it.
+    fn of(dt: DatumType) -> Option<Precision> {
+        match dt.unquantized() {
+            DatumType::I8 => Some(Precision::Int8),
+            DatumType::F32 => Some(Precision::F32),
+            _ => None,
+        }
+    }
+
+    /// The weights' and activations' type.
+    fn input(self) -> DatumType {
+        match self {
+            Precision::Int8 => i8::datum_type(),
+            Precision::F32 => f32::datum_type(),
+        }
+    }
+
+    /// The accumulators' (and output's) type.
+    fn acc(self) -> DatumType {
+        match self {
+            Precision::Int8 => i32::datum_type(),
+            Precision::F32 => f32::datum_type(),
+        }
+    }
+
+    /// The variable that forces a kernel.
+    fn env(self) -> &'static str {
+        match self {
+            Precision::Int8 => "TERN_INT8_KERNEL",
+            Precision::F32 => "TERN_F32_KERNEL",
+        }
+    }
+
+    /// What tract-linalg offers for an `m × k × n` product in this precision, weights
+    /// packed ahead of time (no panel extractor).
+    fn query(self, m: usize, k: usize, n: usize) -> Query {
+        Query {
+            weight: WeightType::Plain(self.input()),
+            activation: self.input(),
+            accumulators: tvec!(self.acc()),
+            store: Some(self.acc()),
+            allow_extractor: false,
+            m: Some(m),
+            k: Some(k),
+            n: Some(n),
+        }
+    }
+}
+
+/// `C[m, n] = A[m, k] · B[k, n] (+ bias[m])`, with `A` (the weights) packed once.
 #[derive(Debug, Clone)]
-pub(crate) struct QGemm {
+pub(crate) struct Gemm {
+    precision: Precision,
     mmm: Box<dyn MatMatMul>,
     packing: usize,
     weights: Box<dyn MMMInputValue>,
     activations: Box<dyn MMMInputFormat>,
     m: usize,
     k: usize,
-    /// Buffers for activations packed by the caller ([`QGemm::run_k4`]), reused across runs
+    /// Buffers for activations packed by the caller ([`Gemm::run_k4`]), reused across runs
     /// (a fresh one per run costs its page faults every time).
     buffers: Arc<Mutex<Vec<Blob>>>,
 }
@@ -54,7 +118,7 @@ pub(crate) struct QGemm {
 /// Alignment of packed activation buffers (what `PackedI8K4` allocates with).
 const K4_ALIGN: usize = 16;
 
-/// An int8 kernel this CPU runs, one of its packings, and its measured throughput.
+/// A kernel this CPU runs, one of its packings, and its measured throughput.
 struct Ranked {
     mmm: Box<dyn MatMatMul>,
     packing: usize,
@@ -62,37 +126,22 @@ struct Ranked {
     macs_per_s: f64,
 }
 
-/// What tract-linalg offers for an `i8 × i8 → i32` product with an `i32` store, weights
-/// packed ahead of time (no panel extractor).
-fn int8_query(m: usize, k: usize, n: usize) -> Query {
-    Query {
-        weight: WeightType::Plain(i8::datum_type()),
-        activation: i8::datum_type(),
-        accumulators: tvec!(i32::datum_type()),
-        store: Some(i32::datum_type()),
-        allow_extractor: false,
-        m: Some(m),
-        k: Some(k),
-        n: Some(n),
-    }
-}
-
-/// Every int8 kernel this CPU can run, timed once per process on one product
+/// Every kernel of `precision` this CPU can run, timed once per process on one product
 /// ([`PROBE`]), fastest first; a kernel the probe cannot run is left out.
-fn ranking() -> &'static [Ranked] {
-    static RANKING: std::sync::OnceLock<Vec<Ranked>> = std::sync::OnceLock::new();
-    RANKING.get_or_init(|| {
+fn ranking(precision: Precision) -> &'static [Ranked] {
+    static RANKINGS: [OnceLock<Vec<Ranked>>; 2] = [OnceLock::new(), OnceLock::new()];
+    RANKINGS[precision as usize].get_or_init(|| {
         let [m, k, n] = PROBE;
         let mut ranked: Vec<Ranked> = MmmDispatch::native()
-            .suitable(&int8_query(m, k, n))
+            .suitable(&precision.query(m, k, n))
             .into_iter()
             .filter(|(_, _, extractor)| extractor.is_none())
             .filter_map(|(mmm, packing, _)| {
-                let macs_per_s = probe(&*mmm, packing).ok()?;
+                let macs_per_s = probe(&*mmm, packing, precision).ok()?;
                 tracing::debug!(
                     kernel = mmm.name(),
                     gmacs = macs_per_s / 1e9,
-                    "int8 kernel probed"
+                    "matrix-product kernel probed"
                 );
                 Some(Ranked {
                     mmm,
@@ -112,34 +161,42 @@ const PROBE: [usize; 3] = [32, 64, 64];
 
 /// The throughput of `mmm` on the [`PROBE`] product: the best of a few runs after one
 /// warm-up (the minimum rejects a busy machine's interruptions).
-fn probe(mmm: &dyn MatMatMul, packing: usize) -> TractResult<f64> {
+fn probe(mmm: &dyn MatMatMul, packing: usize, precision: Precision) -> TractResult<f64> {
     let [m, k, n] = PROBE;
     let mmm = tract_onnx::tract_core::dyn_clone::clone_box(mmm);
-    let gemm = QGemm::on(mmm, packing, &[1; PROBE[0] * PROBE[1]], m, k)?;
-    let b = Tensor::zero::<i8>(&[k, n])?;
+    let weights = Tensor::zero_dt(precision.input(), &[m, k])?;
+    let gemm = Gemm::on(mmm, packing, &weights)?;
+    let b = Tensor::zero_dt(precision.input(), &[k, n])?;
     let packed = gemm.activations.prepare_one(&b, 0, 1)?;
-    let bias = Tensor::zero::<i32>(&[m])?;
-    let mut c = Tensor::zero::<i32>(&[m, n])?;
-    gemm.product(&*packed, n, &bias, &mut c)?;
+    let mut c = Tensor::zero_dt(precision.acc(), &[m, n])?;
+    gemm.product(&*packed, n, None, &mut c.view_mut())?;
     let mut best = std::time::Duration::MAX;
     for _ in 0..4 {
         let started = std::time::Instant::now();
-        gemm.product(&*packed, n, &bias, &mut c)?;
+        gemm.product(&*packed, n, None, &mut c.view_mut())?;
         best = best.min(started.elapsed());
     }
     Ok((m * k * n) as f64 / best.as_secs_f64().max(1e-9))
 }
 
-/// The kernel for an `m × k × n` product: `TERN_INT8_KERNEL`'s if set and runnable, else
-/// the least estimated time (the probe's throughput over the product padded to the
+/// The kernel for an `m × k × n` product: the forcing variable's if set and runnable,
+/// else the least estimated time (the probe's throughput over the product padded to the
 /// kernel's tile), else tract-linalg's own pick.
-fn choose(m: usize, k: usize, n: usize) -> TractResult<(Box<dyn MatMatMul>, usize)> {
-    let ranked = ranking();
-    if let Ok(name) = std::env::var("TERN_INT8_KERNEL") {
+fn choose(
+    precision: Precision,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> TractResult<(Box<dyn MatMatMul>, usize)> {
+    let ranked = ranking(precision);
+    if let Ok(name) = std::env::var(precision.env()) {
         let forced = ranked.iter().find(|r| r.mmm.name() == name);
         let r = forced.with_context(|| {
             let names: Vec<&str> = ranked.iter().map(|r| r.mmm.name()).collect();
-            format!("TERN_INT8_KERNEL={name}: not one of this CPU's int8 kernels {names:?}")
+            format!(
+                "{}={name}: not one of this CPU's kernels {names:?}",
+                precision.env()
+            )
         })?;
         return Ok((r.mmm.clone(), r.packing));
     }
@@ -151,40 +208,40 @@ fn choose(m: usize, k: usize, n: usize) -> TractResult<(Box<dyn MatMatMul>, usiz
         return Ok((best.mmm.clone(), best.packing));
     }
     let (mmm, packing, _) = MmmDispatch::native()
-        .pick(&int8_query(m, k, n))
-        .context("no i8 matrix-product kernel in this build")?;
+        .pick(&precision.query(m, k, n))
+        .with_context(|| format!("no {precision:?} matrix-product kernel in this build"))?;
     Ok((mmm, packing))
 }
 
-impl QGemm {
-    /// Packs `weights`, row-major `[m, k]`, for the kernel this CPU runs best at `n`
-    /// columns.
-    pub(crate) fn new(weights: &[i8], m: usize, k: usize, n: usize) -> TractResult<QGemm> {
-        ensure!(
-            m > 0 && k > 0 && weights.len() == m * k,
-            "{} weights for a {m}×{k} matrix",
-            weights.len()
-        );
-        let (mmm, packing) = choose(m, k, n)?;
-        QGemm::on(mmm, packing, weights, m, k)
+impl Gemm {
+    /// Packs `weights`, `[m, k]` (`i8` or `f32`), for the kernel this CPU runs best at
+    /// `n` columns.
+    pub(crate) fn new(weights: &Tensor, n: usize) -> TractResult<Gemm> {
+        let precision = Precision::of(weights.datum_type())
+            .with_context(|| format!("no product of {:?} weights", weights.datum_type()))?;
+        let &[m, k] = weights.shape() else {
+            bail!("weights of shape {:?}, not a matrix", weights.shape());
+        };
+        ensure!(m > 0 && k > 0, "an empty {m}×{k} weight matrix");
+        let (mmm, packing) = choose(precision, m, k, n)?;
+        Gemm::on(mmm, packing, weights)
     }
 
-    /// Packs `weights` for the kernel `mmm` with its packing `packing`.
-    fn on(
-        mmm: Box<dyn MatMatMul>,
-        packing: usize,
-        weights: &[i8],
-        m: usize,
-        k: usize,
-    ) -> TractResult<QGemm> {
+    /// Packs `weights` (`[m, k]`) for the kernel `mmm` with its packing `packing`.
+    fn on(mmm: Box<dyn MatMatMul>, packing: usize, weights: &Tensor) -> TractResult<Gemm> {
+        let precision = Precision::of(weights.datum_type())
+            .with_context(|| format!("no product of {:?} weights", weights.datum_type()))?;
+        let &[m, k] = weights.shape() else {
+            bail!("weights of shape {:?}, not a matrix", weights.shape());
+        };
         let (a_format, b_format) = &mmm.packings()[packing];
-        let a = Tensor::from_shape(&[m, k], weights)?;
-        let weights = a_format.prepare_one(&a, 1, 0)?;
-        Ok(QGemm {
+        let packed = a_format.prepare_one(weights, 1, 0)?;
+        Ok(Gemm {
+            precision,
             activations: b_format.clone(),
             mmm,
             packing,
-            weights,
+            weights: packed,
             m,
             k,
             buffers: Arc::default(),
@@ -199,7 +256,7 @@ impl QGemm {
 
     /// `c = weights · b + bias`, with `b` (`[k, n]`) written by `fill` straight into the
     /// kernel's `K4` layout: `fill` gets a zeroed buffer of `len` bytes (the `i8` values'
-    /// bits) to overwrite. Only for a kernel with a [`QGemm::k4_panel`].
+    /// bits) to overwrite. Only for a kernel with a [`Gemm::k4_panel`].
     pub(crate) fn run_k4(
         &self,
         n: usize,
@@ -241,7 +298,7 @@ impl QGemm {
             panel_bytes: panel,
             mn: n,
         };
-        let result = self.product(&packed, n, bias, c);
+        let result = self.product(&packed, n, Some(bias), &mut c.view_mut());
         if let Ok(blob) = Arc::try_unwrap(packed.packed) {
             crate::sync::lock(&self.buffers).push(blob);
         }
@@ -256,34 +313,35 @@ impl QGemm {
     /// Whether the kernel multiplies bytes natively (see [`native_int8`]).
     fn is_native_int8(&self) -> bool {
         let name = self.mmm.name();
-        ["vnni", "amx", "dot", "sve", "sme"]
-            .iter()
-            .any(|k| name.contains(k))
+        self.precision == Precision::Int8
+            && ["vnni", "amx", "dot", "sve", "sme"]
+                .iter()
+                .any(|k| name.contains(k))
     }
 
-    /// `c = weights · b + bias`: `b` is i8 `[k, n]`, `bias` i32 `[m]`, `c` i32 `[m, n]`.
-    pub(crate) fn run(&self, b: &Tensor, bias: &Tensor, c: &mut Tensor) -> TractResult<()> {
+    /// `c = weights · b (+ bias)`: `b` is `[k, n]`, `bias` `[m]`, `c` `[m, n]`, in this
+    /// product's types (`i8` in and `i32` out, or `f32`). `b` and `c` may be views into
+    /// larger tensors (one image of a batch).
+    pub(crate) fn run(
+        &self,
+        b: &TensorView,
+        bias: Option<&Tensor>,
+        c: &mut TensorView,
+    ) -> TractResult<()> {
         let n = b.shape().get(1).copied().unwrap_or(0);
         ensure!(
-            b.datum_type() == i8::datum_type()
-                && b.shape() == [self.k, n]
-                && bias.datum_type() == i32::datum_type()
-                && bias.shape() == [self.m]
-                && c.datum_type() == i32::datum_type()
-                && c.shape() == [self.m, n],
-            "QGemm {}×{}: b {:?} {:?}, bias {:?}, c {:?} {:?}",
+            b.datum_type().unquantized() == self.precision.input() && b.shape() == [self.k, n],
+            "Gemm {}×{} ({:?}): b {:?} {:?}",
             self.m,
             self.k,
+            self.precision,
             b.datum_type(),
             b.shape(),
-            bias.shape(),
-            c.datum_type(),
-            c.shape()
         );
         if n == 0 {
             return Ok(());
         }
-        let packed = self.activations.prepare_one(b, 0, 1)?;
+        let packed = self.activations.prepare_one_view(b, 0, 1)?;
         self.product(&*packed, n, bias, c)
     }
 
@@ -292,39 +350,41 @@ impl QGemm {
         &self,
         packed: &dyn MMMInputValue,
         n: usize,
-        bias: &Tensor,
-        c: &mut Tensor,
+        bias: Option<&Tensor>,
+        c: &mut TensorView,
     ) -> TractResult<()> {
+        let acc = self.precision.acc();
         ensure!(
-            bias.datum_type() == i32::datum_type()
-                && bias.shape() == [self.m]
-                && c.datum_type() == i32::datum_type()
+            bias.is_none_or(|b| b.datum_type() == acc && b.shape() == [self.m])
+                && c.datum_type() == acc
                 && c.shape() == [self.m, n],
-            "QGemm {}×{}×{n}: bias {:?}, c {:?} {:?}",
+            "Gemm {}×{}×{n} ({:?}): bias {:?}, c {:?} {:?}",
             self.m,
             self.k,
-            bias.shape(),
+            self.precision,
+            bias.map(|b| b.shape()),
             c.datum_type(),
             c.shape()
         );
-        // SAFETY: the shapes and datum types were checked above: `c` is an i32 [m, n]
-        // tensor the kernel writes in full, `bias` has one i32 per row, and both packed
-        // operands are in this kernel's own formats for these m, k and n.
+        let matmul = FusedSpec::AddMatMul {
+            a: AsInputValue::Borrowed(&*self.weights),
+            b: AsInputValue::Borrowed(packed),
+            packing: self.packing,
+        };
+        // SAFETY: the shapes and datum types were checked above: `c` is an [m, n] view of
+        // the accumulator type (its strides as the view states them) the kernel writes in
+        // full, `bias` has one accumulator per row, and both packed operands are in this
+        // kernel's own formats for these m, k and n.
         unsafe {
-            let store = self.mmm.c_view(Some(0), Some(1)).wrap(&c.view_mut());
-            self.mmm.run(
-                self.m,
-                n,
-                &[
-                    FusedSpec::AddMatMul {
-                        a: AsInputValue::Borrowed(&*self.weights),
-                        b: AsInputValue::Borrowed(packed),
-                        packing: self.packing,
-                    },
-                    FusedSpec::BinPerRow(bias.view(), BinOp::Add),
-                    FusedSpec::Store(store),
-                ],
-            )
+            let store = FusedSpec::Store(self.mmm.c_view(Some(0), Some(1)).wrap(c));
+            match bias {
+                Some(bias) => self.mmm.run(
+                    self.m,
+                    n,
+                    &[matmul, FusedSpec::BinPerRow(bias.view(), BinOp::Add), store],
+                ),
+                None => self.mmm.run(self.m, n, &[matmul, store]),
+            }
         }
     }
 }
@@ -337,16 +397,24 @@ mod tests {
     /// the kernel chosen for the shape and with every kernel this CPU runs.
     #[test]
     fn matches_the_definition() -> TractResult<()> {
-        assert!(!ranking().is_empty(), "no int8 kernel passed the probe");
-        for r in ranking() {
-            check_against_definition(|w, m, k, _| QGemm::on(r.mmm.clone(), r.packing, w, m, k))?;
+        assert!(
+            !ranking(Precision::Int8).is_empty(),
+            "no int8 kernel passed the probe"
+        );
+        for r in ranking(Precision::Int8) {
+            check_against_definition(|w, _| Gemm::on(r.mmm.clone(), r.packing, w))?;
         }
-        check_against_definition(QGemm::new)
+        check_against_definition(Gemm::new)
     }
 
-    /// The products of `make`'s QGemm against the definition.
+    /// Wraps `c` in a view for [`Gemm::run`].
+    fn run(gemm: &Gemm, b: &Tensor, bias: &Tensor, c: &mut Tensor) -> TractResult<()> {
+        gemm.run(&b.view(), Some(bias), &mut c.view_mut())
+    }
+
+    /// The products of `make`'s Gemm against the definition.
     fn check_against_definition(
-        make: impl Fn(&[i8], usize, usize, usize) -> TractResult<QGemm>,
+        make: impl Fn(&Tensor, usize) -> TractResult<Gemm>,
     ) -> TractResult<()> {
         let mut seed = 1u32;
         let mut next = || {
@@ -363,9 +431,10 @@ mod tests {
             let w: Vec<i8> = (0..m * k).map(|_| next()).collect();
             let b: Vec<i8> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<i32> = (0..m).map(|i| i as i32 * 1000 - 7000).collect();
-            let gemm = make(&w, m, k, n)?;
+            let gemm = make(&Tensor::from_shape(&[m, k], &w)?, n)?;
             let mut c = Tensor::zero::<i32>(&[m, n])?;
-            gemm.run(
+            run(
+                &gemm,
                 &Tensor::from_shape(&[k, n], &b)?,
                 &Tensor::from_shape(&[m], &bias)?,
                 &mut c,
@@ -396,7 +465,7 @@ mod tests {
         use tern_kernels::im2col::{im2col_q8_k4, k4_len};
         use tern_kernels::Geometry;
         for (m, k, n) in [(8, 5, 13), (24, 64, 100), (3, 200, 17)] {
-            let gemm = QGemm::new(&vec![3; m * k], m, k, n)?;
+            let gemm = Gemm::new(&Tensor::from_shape(&[m, k], &vec![3i8; m * k])?, n)?;
             let Some(r) = gemm.k4_panel() else {
                 eprintln!("{}: no K4 layout on this CPU", gemm.kernel());
                 return Ok(());
@@ -414,7 +483,7 @@ mod tests {
             };
             let bias = Tensor::from_shape(&[m], &(0..m as i32).collect::<Vec<_>>())?;
             let mut want = Tensor::zero::<i32>(&[m, n])?;
-            gemm.run(&Tensor::from_shape(&[k, n], &b)?, &bias, &mut want)?;
+            run(&gemm, &Tensor::from_shape(&[k, n], &b)?, &bias, &mut want)?;
             for _ in 0..2 {
                 let mut got = Tensor::zero::<i32>(&[m, n])?;
                 let fill = |bytes: &mut [u8]| {
@@ -434,14 +503,16 @@ mod tests {
     #[test]
     fn the_chosen_kernel_is_the_fastest_estimate() -> TractResult<()> {
         let (m, k, n) = (8, 8, 2304);
-        let chosen = QGemm::new(&[1; 64], m, k, n)?;
+        let chosen = Gemm::new(&Tensor::from_shape(&[m, k], &[1i8; 64])?, n)?;
         let estimate = |name: &str| {
-            let r = ranking().iter().find(|r| r.mmm.name() == name)?;
+            let r = ranking(Precision::Int8)
+                .iter()
+                .find(|r| r.mmm.name() == name)?;
             let padded = m.next_multiple_of(r.mmm.mr()) * n.next_multiple_of(r.mmm.nr()) * k;
             Some(padded as f64 / r.macs_per_s)
         };
         let (tracts, _, _) = MmmDispatch::native()
-            .pick(&int8_query(m, k, n))
+            .pick(&Precision::Int8.query(m, k, n))
             .context("a kernel")?;
         if let (Some(ours), Some(theirs)) = (estimate(chosen.kernel()), estimate(tracts.name())) {
             assert!(ours <= theirs, "{} over {}", chosen.kernel(), tracts.name());
@@ -449,25 +520,69 @@ mod tests {
         Ok(())
     }
 
+    /// The float product, on every f32 kernel this CPU runs, against the definition in
+    /// f64 (relative tolerance: f32 rounding over k terms), into a view of one image of a
+    /// batch.
+    #[test]
+    fn float_products_match_the_definition() -> TractResult<()> {
+        assert!(
+            !ranking(Precision::F32).is_empty(),
+            "no f32 kernel passed the probe"
+        );
+        let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+        for (m, k, n) in [(1, 1, 1), (8, 3, 5), (17, 33, 9), (40, 27, 130)] {
+            let w: Vec<f32> = (0..m * k).map(value).collect();
+            let b: Vec<f32> = (0..2 * k * n).map(|i| value(i + 7)).collect();
+            let weights = Tensor::from_shape(&[m, k], &w)?;
+            let batch = Tensor::from_shape(&[2, k, n], &b)?;
+            let mut gemms = vec![Gemm::new(&weights, n)?];
+            for r in ranking(Precision::F32) {
+                gemms.push(Gemm::on(r.mmm.clone(), r.packing, &weights)?);
+            }
+            for gemm in gemms {
+                let mut c = Tensor::zero::<f32>(&[2, m, n])?;
+                for image in 0..2 {
+                    let b = batch.view_at_prefix(&[image])?;
+                    gemm.run(&b, None, &mut c.view_at_prefix_mut(&[image])?)?;
+                }
+                let c = c.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+                for (at, got) in c.iter().enumerate() {
+                    let (image, i, j) = (at / (m * n), at / n % m, at % n);
+                    let terms = (0..k)
+                        .map(|x| f64::from(w[i * k + x]) * f64::from(b[(image * k + x) * n + j]));
+                    let want: f64 = terms.clone().sum();
+                    let size: f64 = terms.map(f64::abs).sum();
+                    assert!(
+                        (f64::from(*got) - want).abs() <= 1e-6 * size.max(1.0),
+                        "{m}×{k}×{n} image {image} at {i},{j}: {got} vs {want} ({})",
+                        gemm.kernel()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn wrong_shapes_are_errors() -> TractResult<()> {
-        assert!(QGemm::new(&[1, 2, 3], 2, 2, 1).is_err());
-        let gemm = QGemm::new(&[1, 2, 3, 4], 2, 2, 3)?;
+        assert!(Gemm::new(&Tensor::zero::<i8>(&[3])?, 1).is_err());
+        assert!(Gemm::new(&Tensor::zero::<i32>(&[2, 2])?, 1).is_err());
+        assert!(Gemm::new(&Tensor::zero::<i8>(&[0, 2])?, 1).is_err());
+        let gemm = Gemm::new(&Tensor::from_shape(&[2, 2], &[1i8, 2, 3, 4])?, 3)?;
         let mut c = Tensor::zero::<i32>(&[2, 3])?;
         let bias = Tensor::zero::<i32>(&[2])?;
-        assert!(gemm
-            .run(&Tensor::zero::<i8>(&[3, 3])?, &bias, &mut c)
-            .is_err());
-        assert!(gemm
-            .run(
-                &Tensor::zero::<i8>(&[2, 3])?,
-                &Tensor::zero::<i32>(&[3])?,
-                &mut c
-            )
-            .is_err());
-        assert!(gemm
-            .run(&Tensor::zero::<i8>(&[2, 3])?, &bias, &mut c)
-            .is_ok());
+        assert!(run(&gemm, &Tensor::zero::<i8>(&[3, 3])?, &bias, &mut c).is_err());
+        assert!(run(
+            &gemm,
+            &Tensor::zero::<i8>(&[2, 3])?,
+            &Tensor::zero::<i32>(&[3])?,
+            &mut c
+        )
+        .is_err());
+        assert!(run(&gemm, &Tensor::zero::<f32>(&[2, 3])?, &bias, &mut c).is_err());
+        assert!(run(&gemm, &Tensor::zero::<i8>(&[2, 3])?, &bias, &mut c).is_ok());
+        let mut wrong = Tensor::zero::<f32>(&[2, 3])?;
+        assert!(run(&gemm, &Tensor::zero::<i8>(&[2, 3])?, &bias, &mut wrong).is_err());
         Ok(())
     }
 }

@@ -15,17 +15,26 @@
 //!   CPU has it) with the zero points and bias folded into one per-channel term → a
 //!   vectorised requantization. tract would correct the zero points with separate graph
 //!   ops and requantize with a scalar loop.
+//! - `depthwise-f32` ([`depthwise_f32`]): a float depthwise convolution on `tern-kernels`'
+//!   direct kernel (tract's generic one takes a slow path on every border output).
+//! - `conv-f32` ([`conv_f32`]): any other float convolution with one group, as im2col (none
+//!   for a 1×1 one: the image is its matrix) → tract-linalg's f32 product, image by image
+//!   (tract moves the batch axis next to the spatial ones first, a copy per layer).
+//!   Both float ops take the `epilogue` pass, so a convolution's bias, BatchNormalization
+//!   and activation are one pass over its output instead of one per op.
 //! - `rescale-f32` ([`epilogue`]): the `Cast → Mul → Add` QDQ fusion writes after an `i32`
 //!   convolution (one-group or depthwise, whose output stays float) folded into that
 //!   convolution's epilogue.
 //! - `quant-u8` ([`quant`]): the `f32 ↔ u8` quantize and dequantize passes left between
 //!   quantized layers, vectorised (tract's are scalar loops).
-//! - `epilogue` ([`epilogue`]): the float ops after a `rescale-f32` convolution folded into its
-//!   epilogue (`tern_kernels::epilogue`): an unfolded BatchNormalization, Relu/Clip,
+//! - `epilogue` ([`epilogue`]): the float ops after a `rescale-f32` or float convolution
+//!   folded into its epilogue (`tern_kernels::epilogue`): an unfolded BatchNormalization, Relu/Clip,
 //!   HardSwish, and the quantization for the next int8 layer, so the layer writes `u8`.
 
 mod conv;
+mod conv_f32;
 mod depthwise;
+mod depthwise_f32;
 mod epilogue;
 mod quant;
 
@@ -48,6 +57,8 @@ type Pass = fn(&mut TypedModel) -> TractResult<usize>;
 pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("depthwise-q8", depthwise::pass),
     ("conv-q8", conv::pass),
+    ("depthwise-f32", depthwise_f32::pass),
+    ("conv-f32", conv_f32::pass),
     ("rescale-f32", epilogue::rescale_pass),
     ("quant-u8", quant::pass),
     ("epilogue", epilogue::pass),
@@ -71,10 +82,29 @@ fn replace_qconvs<O: TypedOp>(
     model: &mut TypedModel,
     make: impl Fn(QConv) -> Option<O>,
 ) -> TractResult<usize> {
+    replace_convs(model, qconv, make)
+}
+
+/// Replaces every float convolution that `make` builds an op for (reading its input 0
+/// alone); returns how many it replaced.
+fn replace_fconvs<O: TypedOp>(
+    model: &mut TypedModel,
+    make: impl Fn(FConv) -> Option<O>,
+) -> TractResult<usize> {
+    replace_convs(model, fconv, make)
+}
+
+/// Replaces every node that `read` describes and `make` builds an op for (reading its
+/// input 0 alone); returns how many it replaced.
+fn replace_convs<C, O: TypedOp>(
+    model: &mut TypedModel,
+    read: fn(&TypedModel, &TypedNode) -> Option<C>,
+    make: impl Fn(C) -> Option<O>,
+) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(op) = qconv(model, node).and_then(&make) else {
+        let Some(op) = read(model, node).and_then(&make) else {
             continue;
         };
         let name = node.name.clone();
@@ -159,14 +189,32 @@ struct QConv {
     output_shape: TVec<usize>,
 }
 
-/// The shape of a quantized convolution as its tract op states it.
+/// Everything a float 2-D convolution (f32, NCHW/OIHW, one group or depthwise, concrete
+/// shapes, constant weights and bias) needs from its tract node.
+#[derive(Debug, Clone)]
+struct FConv {
+    geometry: Geometry,
+    /// Output height and width.
+    out: [usize; 2],
+    group: usize,
+    output_channels: usize,
+    /// `[output_channels, channels / group, kh, kw]`, flattened.
+    weights: Vec<f32>,
+    /// One per output channel (zeros where the node has none).
+    bias: Vec<f32>,
+    /// The output's concrete shape, as the node states it.
+    output_shape: TVec<usize>,
+}
+
+/// The shape of a convolution as its tract op states it.
 struct Layout {
     geometry: Geometry,
     group: usize,
     output_channels: usize,
     /// The weights' shape, as the op holds them.
     weight_shape: TVec<usize>,
-    out_type: DatumType,
+    /// The quantized output type (`None` for a float convolution).
+    q_params: Option<DatumType>,
 }
 
 /// The concrete `[N, C, H, W]` shape of `node`'s first input, if it is one.
@@ -180,9 +228,8 @@ fn nchw(model: &TypedModel, node: &TypedNode) -> Option<[usize; 4]> {
     }
 }
 
-/// The layout of a quantized NCHW (or CHW) / OIHW 2-D `Conv` with concrete input shape.
+/// The layout of an NCHW (or CHW) / OIHW 2-D `Conv` with concrete input shape.
 fn conv_layout(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Layout> {
-    let out_type = conv.q_params?;
     let channels = conv.input_channels();
     let group = conv.group;
     if conv.kernel_fmt != KernelFormat::OIHW
@@ -225,17 +272,17 @@ fn conv_layout(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Layo
         group,
         output_channels,
         weight_shape: tvec![output_channels, channels / group, kh, kw],
-        out_type,
+        q_params: conv.q_params,
     })
 }
 
-/// The layout of a 1×1 quantized convolution that tract's declutter turned into an
-/// `EinSum` (`NIHW,OI,…->NOHW`, the same nine inputs as the convolution; a batch of 1 may
+/// The layout of a 1×1 convolution that tract's declutter turned into an `EinSum`
+/// (`NIHW,OI,…->NOHW`: for a quantized one, the same nine inputs as the convolution; for a
+/// float one, the image and the weights, its bias an `Add` after it; a batch of 1 may
 /// have lost its `N` on either side). On a 1×1 map (a squeeze-and-excitation layer) the
 /// declutter also drops `HW` from the input or the output (`NI,OI->NOHW`,
 /// `NIHW,OI->NO`): the same product, one column per image.
 fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option<Layout> {
-    let out_type = einsum.q_params?;
     let axes = einsum.axes.to_string();
     let (inputs, output) = axes.split_once("->")?;
     let mut inputs = inputs.split(',');
@@ -281,7 +328,72 @@ fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Op
         group: 1,
         output_channels: *o,
         weight_shape: tvec![*o, c],
-        out_type,
+        q_params: einsum.q_params,
+    })
+}
+
+/// The layout of the convolution `node` is (a `Conv`, or a 1×1 one decluttered to an
+/// `EinSum`), if it is one tern's kernels could take.
+fn layout(model: &TypedModel, node: &TypedNode) -> Option<Layout> {
+    if let Some(conv) = node.op_as::<Conv>() {
+        conv_layout(model, node, conv)
+    } else if let Some(einsum) = node.op_as::<EinSum>() {
+        pointwise_layout(model, node, einsum)
+    } else {
+        None
+    }
+}
+
+/// The float convolution `node` is, if tern's kernels can take it: f32 in and out, one
+/// group or depthwise (one input channel per group), constant weights and bias, concrete
+/// shapes.
+fn fconv(model: &TypedModel, node: &TypedNode) -> Option<FConv> {
+    let Layout {
+        geometry,
+        group,
+        output_channels,
+        weight_shape,
+        q_params,
+    } = layout(model, node)?;
+    let f32_type = f32::datum_type();
+    let x = model.outlet_fact(node.inputs[0]).ok()?;
+    let depthwise = group == geometry.channels && output_channels == group;
+    if q_params.is_some()
+        || x.datum_type != f32_type
+        || node.outputs[0].fact.datum_type != f32_type
+        || !(group == 1 || depthwise)
+    {
+        return None;
+    }
+    let weights = konst(model, node, 1)?;
+    if weights.datum_type() != f32_type || weights.shape() != &*weight_shape {
+        return None;
+    }
+    // A Conv has its bias as input 2; a decluttered 1×1 one has it in an Add after it
+    // (which the `epilogue` pass folds).
+    let bias = match node.inputs.len() {
+        2 if node.op_is::<EinSum>() => Vec::new(),
+        3 if node.op_is::<Conv>() => {
+            let bias = konst(model, node, 2)?;
+            (bias.datum_type() == f32_type && bias.rank() <= 1).then_some(())?;
+            plain_vec::<f32>(&bias)?
+        }
+        _ => return None,
+    };
+    let bias = match bias.len() {
+        0 => vec![0.0; output_channels],
+        1 => vec![bias[0]; output_channels],
+        n if n == output_channels => bias,
+        _ => return None,
+    };
+    Some(FConv {
+        geometry,
+        out: geometry.output()?,
+        group,
+        output_channels,
+        weights: plain_vec::<f32>(&weights)?,
+        bias,
+        output_shape: node.outputs[0].fact.shape.as_concrete()?.into(),
     })
 }
 
@@ -289,20 +401,14 @@ fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Op
 /// `EinSum`), if tern's kernels can take it: `u8` in and out, `i8` weights, constant
 /// parameters, concrete shapes.
 fn qconv(model: &TypedModel, node: &TypedNode) -> Option<QConv> {
-    let layout = if let Some(conv) = node.op_as::<Conv>() {
-        conv_layout(model, node, conv)?
-    } else if let Some(einsum) = node.op_as::<EinSum>() {
-        pointwise_layout(model, node, einsum)?
-    } else {
-        return None;
-    };
     let Layout {
         geometry,
         group,
         output_channels,
         weight_shape,
-        out_type,
-    } = layout;
+        q_params,
+    } = layout(model, node)?;
+    let out_type = q_params?;
     let x = model.outlet_fact(node.inputs[0]).ok()?;
     // u8 out (QLinearConv), or the raw i32 accumulators (ConvInteger).
     let raw = out_type == i32::datum_type();

@@ -22,7 +22,7 @@ use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
 use tern_kernels::quant::requantize_rows;
 use tern_kernels::{Geometry, Isa};
 
-use super::super::linalg::QGemm;
+use super::super::linalg::Gemm;
 use super::epilogue::Epilogued;
 use super::{for_each_chunk, replace_qconvs, QConv, TASK};
 
@@ -45,7 +45,7 @@ pub(crate) struct ConvQ8Op {
     geometry: Geometry,
     out: [usize; 2],
     output_channels: usize,
-    gemm: Arc<QGemm>,
+    gemm: Arc<Gemm>,
     /// i32 `[output_channels]`: the bias with the input zero point folded in.
     bias: Arc<Tensor>,
     /// One per output channel.
@@ -88,7 +88,10 @@ impl ConvQ8Op {
             1 => vec![q.scale[0]; m],
             _ => q.scale,
         };
-        let gemm = QGemm::new(&q.weights, m, k, q.out[0] * q.out[1])?;
+        let gemm = Gemm::new(
+            &Tensor::from_shape(&[m, k], &q.weights)?,
+            q.out[0] * q.out[1],
+        )?;
         Ok(Some(ConvQ8Op {
             geometry: g,
             out: q.out,
@@ -217,7 +220,8 @@ impl EvalOp for ConvQ8Op {
                         im2col_q8(&plane, x, self.x_zero, rows)
                     })
                     .map_err(|e| anyhow::anyhow!(e))?;
-                    self.gemm.run(&columns, &self.bias, &mut acc)?;
+                    self.gemm
+                        .run(&columns.view(), Some(&self.bias), &mut acc.view_mut())?;
                 }
             }
             let acc = acc.try_as_plain_ram()?;

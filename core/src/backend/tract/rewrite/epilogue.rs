@@ -7,7 +7,8 @@
 //! `rescale-f32` pass folds the Cast/Mul/Add into the layer; `epilogue` then folds what
 //! follows, as far as it can: the BatchNormalization's Mul/Add, Relu/Clip, a HardSwish, and
 //! the quantization, so the layer writes the next layer's `u8` in one pass. Both apply to
-//! every op that implements [`Epilogued`] (the one-group and the depthwise convolution).
+//! every op that implements [`Epilogued`] (the one-group and the depthwise convolution);
+//! `epilogue` also to their float twins, whose epilogue starts as their bias.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
@@ -16,7 +17,9 @@ use tract_onnx::tract_core::ops::cast::Cast;
 use tern_kernels::epilogue::{Epilogue, HardSwish, OutputType};
 
 use super::conv::ConvQ8Op;
+use super::conv_f32::ConvF32Op;
 use super::depthwise::DepthwiseQ8Op;
+use super::depthwise_f32::DepthwiseF32Op;
 use super::plain_vec;
 use super::quant::QuantU8Op;
 
@@ -28,11 +31,12 @@ pub(super) fn datum_type(e: &Epilogue) -> DatumType {
     }
 }
 
-/// An int8 layer whose `i32` accumulators can go through an [`Epilogue`].
+/// A layer whose accumulators (an int8 layer's `i32`, a float layer's `f32`) can go
+/// through an [`Epilogue`].
 pub(super) trait Epilogued: TypedOp + Clone {
     /// Output channels: the epilogue's rows.
     fn channels(&self) -> usize;
-    /// The output's datum type (`i32` before any epilogue).
+    /// The output's datum type (`i32` for an int8 layer before any epilogue).
     fn output_type(&self) -> DatumType;
     /// The epilogue so far.
     fn epilogue(&self) -> Option<&Epilogue>;
@@ -87,14 +91,17 @@ fn rescale<T: Epilogued>(model: &mut TypedModel) -> TractResult<usize> {
     Ok(folded)
 }
 
-/// Extends the epilogue of an f32 [`ConvQ8Op`] or [`DepthwiseQ8Op`] ([`rescale_pass`]) with the float ops
-/// after it, as far as they fold ([`tern_kernels::epilogue`]): per-channel or scalar
+/// Extends the epilogue of an f32 [`ConvQ8Op`] or [`DepthwiseQ8Op`] ([`rescale_pass`]),
+/// or of a float [`ConvF32Op`] or [`DepthwiseF32Op`], with the float ops after it, as far as they fold ([`tern_kernels::epilogue`]): per-channel or scalar
 /// `Mul`/`Add`/`Sub`/`Div` by constants (an unfolded BatchNormalization), then `Max`/`Min`
 /// by scalars (Relu, Clip), then a HardSwish spelled out, then the quantization to `u8`
 /// ([`QuantU8Op`]) for the next int8 layer. Each absorbed node must be read by the next one
 /// alone.
 pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
-    Ok(extend::<ConvQ8Op>(model)? + extend::<DepthwiseQ8Op>(model)?)
+    Ok(extend::<ConvQ8Op>(model)?
+        + extend::<DepthwiseQ8Op>(model)?
+        + extend::<ConvF32Op>(model)?
+        + extend::<DepthwiseF32Op>(model)?)
 }
 
 /// [`pass`] for the ops of type `T`.
