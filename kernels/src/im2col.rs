@@ -19,25 +19,23 @@ fn shift(x: u8) -> i8 {
 /// Writes the im2col matrix of one image: `x` has [`Geometry::input_len`] values, `out`
 /// `C·kh·kw · oh·ow`, row `(c·kh + ky)·kw + kx`, column `oy·ow + ox`.
 pub fn im2col_q8(g: &Geometry, x: &[u8], x_zero: u8, out: &mut [i8]) -> Result<(), Unsupported> {
-    let [oh, ow] = g.check()?;
-    let rows = g.channels * g.kernel[0] * g.kernel[1];
-    let cols = oh * ow;
-    if x.len() != g.input_len() || out.len() != rows * cols {
-        return Err(Unsupported(format!(
-            "im2col of {} values into {} for {g:?}",
-            x.len(),
-            out.len()
-        )));
-    }
-    for (k, row) in out.chunks_exact_mut(cols).enumerate() {
-        fill_row(g, [oh, ow], x, shift(x_zero), shift, k, row);
-    }
-    Ok(())
+    im2col(g, x, shift(x_zero), shift, out)
 }
 
 /// Writes the im2col matrix of one float image, as [`im2col_q8`] does (padded taps are
 /// 0.0): `x` has [`Geometry::input_len`] values, `out` `C·kh·kw · oh·ow`.
 pub fn im2col_f32(g: &Geometry, x: &[f32], out: &mut [f32]) -> Result<(), Unsupported> {
+    im2col(g, x, 0.0, |v| v, out)
+}
+
+/// The im2col matrix of one image, each value through `to`, `pad` for padded taps.
+fn im2col<S: Copy, D: Copy>(
+    g: &Geometry,
+    x: &[S],
+    pad: D,
+    to: impl Fn(S) -> D + Copy,
+    out: &mut [D],
+) -> Result<(), Unsupported> {
     let [oh, ow] = g.check()?;
     let rows = g.channels * g.kernel[0] * g.kernel[1];
     let cols = oh * ow;
@@ -49,7 +47,7 @@ pub fn im2col_f32(g: &Geometry, x: &[f32], out: &mut [f32]) -> Result<(), Unsupp
         )));
     }
     for (k, row) in out.chunks_exact_mut(cols).enumerate() {
-        fill_row(g, [oh, ow], x, 0.0, |v| v, k, row);
+        fill_row(g, [oh, ow], x, pad, to, k, row);
     }
     Ok(())
 }

@@ -332,6 +332,17 @@ fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Op
     })
 }
 
+/// A bias as one value per output channel: `none` for each when there is none, a scalar
+/// repeated; `None` for any other length.
+fn per_output_channel<T: Copy>(values: Vec<T>, channels: usize, none: T) -> Option<Vec<T>> {
+    match values.len() {
+        0 => Some(vec![none; channels]),
+        1 => Some(vec![values[0]; channels]),
+        n if n == channels => Some(values),
+        _ => None,
+    }
+}
+
 /// The layout of the convolution `node` is (a `Conv`, or a 1×1 one decluttered to an
 /// `EinSum`), if it is one tern's kernels could take.
 fn layout(model: &TypedModel, node: &TypedNode) -> Option<Layout> {
@@ -380,12 +391,7 @@ fn fconv(model: &TypedModel, node: &TypedNode) -> Option<FConv> {
         }
         _ => return None,
     };
-    let bias = match bias.len() {
-        0 => vec![0.0; output_channels],
-        1 => vec![bias[0]; output_channels],
-        n if n == output_channels => bias,
-        _ => return None,
-    };
+    let bias = per_output_channel(bias, output_channels, 0.0)?;
     Some(FConv {
         geometry,
         out: geometry.output()?,
@@ -425,12 +431,7 @@ fn qconv(model: &TypedModel, node: &TypedNode) -> Option<QConv> {
     }
     let weights = plain_vec::<i8>(&weights)?;
     let bias = values::<i32>(model, node, 2)?;
-    let bias = match bias.len() {
-        0 => vec![0; output_channels],
-        1 => vec![bias[0]; output_channels],
-        n if n == output_channels => bias,
-        _ => return None,
-    };
+    let bias = per_output_channel(bias, output_channels, 0)?;
     let x_zero = u8::try_from(*values::<i32>(model, node, 3)?.first()?).ok()?;
     let x_scale = *values::<f32>(model, node, 4)?.first()?;
     let w_zero = values::<i32>(model, node, 5)?

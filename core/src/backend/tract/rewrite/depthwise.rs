@@ -9,7 +9,7 @@ use tract_onnx::tract_core::internal::*;
 
 use tern_kernels::depthwise::{DepthwiseQ8, Quant};
 use tern_kernels::epilogue::{epilogue_rows, Epilogue, Out};
-use tern_kernels::Isa;
+use tern_kernels::{Geometry, Isa};
 
 use super::epilogue::{datum_type, Epilogued};
 use super::{for_each_chunk, replace_qconvs, QConv};
@@ -51,6 +51,43 @@ fn kernel(q: QConv) -> Option<DepthwiseQ8> {
             None
         }
     }
+}
+
+/// The output shape of a depthwise convolution (`g`, output planes `oh × ow`) over an
+/// input of shape `shape`: `[N, C, H, W]`, or `[C, H, W]` where tract's declutter dropped
+/// a batch of 1; an error naming `op` for any other.
+pub(super) fn output_shape(
+    op: StaticName,
+    shape: &[usize],
+    g: &Geometry,
+    [oh, ow]: [usize; 2],
+) -> TractResult<TVec<usize>> {
+    let image = &shape[shape.len().saturating_sub(3)..];
+    ensure!(
+        (shape.len() == 4 || shape.len() == 3) && image == [g.channels, g.input[0], g.input[1]],
+        "{op} planned for [N, {}, {}, {}], got {shape:?}",
+        g.channels,
+        g.input[0],
+        g.input[1]
+    );
+    Ok(match shape.len() {
+        4 => tvec![shape[0], g.channels, oh, ow],
+        _ => tvec![g.channels, oh, ow],
+    })
+}
+
+/// The output fact of a depthwise convolution writing `dt` (see [`output_shape`]).
+pub(super) fn output_fact(
+    dt: DatumType,
+    input: &TypedFact,
+    g: &Geometry,
+    [oh, ow]: [usize; 2],
+) -> TypedFact {
+    let mut shape: TVec<TDim> = tvec![g.channels.to_dim(), oh.to_dim(), ow.to_dim()];
+    if input.rank() == 4 {
+        shape.insert(0, input.shape[0].clone());
+    }
+    dt.fact(shape)
 }
 
 /// An int8 depthwise convolution run by `tern-kernels` (NCHW, `u8` in).
@@ -109,25 +146,11 @@ impl EvalOp for DepthwiseQ8Op {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = inputs.first().context("TernDepthwiseQ8 takes one input")?;
         let g = self.kernel.geometry();
-        let [oh, ow] = self.kernel.output_shape();
-        let shape = x.shape();
-        // [N, C, H, W], or [C, H, W] where tract's declutter dropped a batch of 1.
-        let image = &shape[shape.len().saturating_sub(3)..];
-        ensure!(
-            (shape.len() == 4 || shape.len() == 3) && image == [g.channels, g.input[0], g.input[1]],
-            "TernDepthwiseQ8 planned for [N, {}, {}, {}], got {shape:?}",
-            g.channels,
-            g.input[0],
-            g.input[1]
-        );
         ensure!(
             x.datum_type().unquantized() == u8::datum_type(),
             "TernDepthwiseQ8 reads u8"
         );
-        let out_shape: TVec<usize> = match shape.len() {
-            4 => tvec![shape[0], g.channels, oh, ow],
-            _ => tvec![g.channels, oh, ow],
-        };
+        let out_shape = output_shape(self.name(), x.shape(), g, self.kernel.output_shape())?;
         // SAFETY: numbers have no invalid values, and the kernel writes every output of
         // every image before `y` is read (or `y` is dropped with the error).
         let mut y = unsafe { Tensor::uninitialized_dt(self.output_type, &out_shape)? };
@@ -169,13 +192,8 @@ impl EvalOp for DepthwiseQ8Op {
 
 impl TypedOp for DepthwiseQ8Op {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let g = self.kernel.geometry();
-        let [oh, ow] = self.kernel.output_shape();
-        let mut shape: TVec<TDim> = tvec![g.channels.to_dim(), oh.to_dim(), ow.to_dim()];
-        if inputs[0].rank() == 4 {
-            shape.insert(0, inputs[0].shape[0].clone());
-        }
-        Ok(tvec!(self.output_type.fact(shape)))
+        let (g, out) = (self.kernel.geometry(), self.kernel.output_shape());
+        Ok(tvec!(output_fact(self.output_type, inputs[0], g, out)))
     }
 
     as_op!();

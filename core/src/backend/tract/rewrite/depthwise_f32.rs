@@ -11,6 +11,7 @@ use tern_kernels::depthwise_f32::DepthwiseF32;
 use tern_kernels::epilogue::{epilogue_rows, epilogue_rows_in_place, Epilogue, Out};
 use tern_kernels::Isa;
 
+use super::depthwise::{output_fact, output_shape};
 use super::epilogue::{datum_type, Epilogued};
 use super::{for_each_chunk, replace_fconvs};
 
@@ -94,24 +95,11 @@ impl EvalOp for DepthwiseF32Op {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = inputs.first().context("TernDepthwiseF32 takes one input")?;
         let g = self.kernel.geometry();
-        let [oh, ow] = self.kernel.output_shape();
-        let shape = x.shape();
-        // [N, C, H, W], or [C, H, W] where tract's declutter dropped a batch of 1.
-        let image = &shape[shape.len().saturating_sub(3)..];
         ensure!(
-            (shape.len() == 4 || shape.len() == 3)
-                && image == [g.channels, g.input[0], g.input[1]]
-                && x.datum_type() == f32::datum_type(),
-            "TernDepthwiseF32 planned for f32 [N, {}, {}, {}], got {:?} {shape:?}",
-            g.channels,
-            g.input[0],
-            g.input[1],
-            x.datum_type()
+            x.datum_type() == f32::datum_type(),
+            "TernDepthwiseF32 reads f32"
         );
-        let out_shape: TVec<usize> = match shape.len() {
-            4 => tvec![shape[0], g.channels, oh, ow],
-            _ => tvec![g.channels, oh, ow],
-        };
+        let out_shape = output_shape(self.name(), x.shape(), g, self.kernel.output_shape())?;
         // SAFETY: numbers have no invalid values, and the kernel (or the epilogue) writes
         // every output of every plane before `y` is read (or `y` is dropped with the
         // error).
@@ -143,13 +131,8 @@ impl EvalOp for DepthwiseF32Op {
 
 impl TypedOp for DepthwiseF32Op {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let g = self.kernel.geometry();
-        let [oh, ow] = self.kernel.output_shape();
-        let mut shape: TVec<TDim> = tvec![g.channels.to_dim(), oh.to_dim(), ow.to_dim()];
-        if inputs[0].rank() == 4 {
-            shape.insert(0, inputs[0].shape[0].clone());
-        }
-        Ok(tvec!(self.output_type.fact(shape)))
+        let (g, out) = (self.kernel.geometry(), self.kernel.output_shape());
+        Ok(tvec!(output_fact(self.output_type, inputs[0], g, out)))
     }
 
     as_op!();
