@@ -16,7 +16,7 @@ from shapes import model_and_inputs, ort_cmd, rounds, setup, tern_cmd, write_sec
 # scripts/quantize-table, timed against its fp32 source on the source's reference inputs.
 QUANTIZED = {"ppocr_cls": "cls-minmax", "ppocr_det": "det-minmax", "ppocr_rec": "rec-minmax"}
 
-MODELS = ["qlinear_depthwise", "qlinear_conv", "ppocr_cls_int8_qop", "ppocr_cls_int8_qdq", "ppocr_cls"]
+MODELS = ["qlinear_depthwise", "qlinear_conv", "ppocr_cls_int8_qop", "ppocr_cls_int8_qdq", "ppocr_cls", "ppocr_det", "ppocr_rec"]
 
 
 def main():
