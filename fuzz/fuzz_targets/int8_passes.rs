@@ -1,11 +1,13 @@
-//! The passes around an int8 matrix product, on any input: quantize, dequantize and
-//! per-row requantization give the scalar definition's values on every instruction set
-//! (their AVX2 loads and stores run here under the fuzzer's sanitizers), and im2col in the
-//! packed K4 layout holds the same matrix as the plain one, or both refuse the geometry.
+//! The passes around a matrix product, on any input: quantize, dequantize, per-row
+//! requantization and the epilogue (from i32 or f32 accumulators, into a buffer or in
+//! place) give the scalar definition's values on every instruction set (their AVX2 paths
+//! run here under the fuzzer's sanitizers), and im2col in the packed K4 layout holds the
+//! same matrix as the plain one, or both refuse the geometry.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tern_fuzz::Bytes;
+use tern_kernels::epilogue::{epilogue_rows, epilogue_rows_in_place, Epilogue, HardSwish, Out};
 use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
 use tern_kernels::quant::{dequantize_u8, quantize_u8, requantize_rows};
 use tern_kernels::Isa;
@@ -44,6 +46,33 @@ fuzz_target!(|data: &[u8]| {
     let want = run(Isa::Scalar);
     for &isa in Isa::available() {
         assert_eq!(run(isa), want, "{isa:?}");
+    }
+    if n > 0 {
+        let mut e = Epilogue::affine(scales.clone(), scales.iter().map(|s| s * -3e3).collect());
+        if next(2) == 1 {
+            e.clamp = (0.0, f32::from(next(12)));
+        }
+        if next(2) == 1 {
+            e.hard_swish = Some(HardSwish {
+                add: 3.0,
+                lo: 0.0,
+                hi: 6.0,
+                mul: 1.0 / 6.0,
+            });
+        }
+        let floats: Vec<f32> = acc.iter().map(|a| *a as f32 * 1e-6).collect();
+        let epilogue = |isa: Isa| {
+            let mut from_i32 = vec![0f32; rows * n];
+            epilogue_rows(isa, &acc, n, &e, 0, Out::F32(&mut from_i32)).expect("whole rows");
+            let mut in_place = floats.clone();
+            epilogue_rows_in_place(isa, &mut in_place, n, &e, 0).expect("whole rows");
+            let bits = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            (bits(from_i32), bits(in_place))
+        };
+        let want = epilogue(Isa::Scalar);
+        for &isa in Isa::available() {
+            assert_eq!(epilogue(isa), want, "epilogue {isa:?}");
+        }
     }
 
     let g = bytes.geometry([12, 20], 4, 3, 3);

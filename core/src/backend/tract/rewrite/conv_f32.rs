@@ -229,7 +229,7 @@ impl EvalOp for ConvF32Op {
                 let mut y_view = y.try_as_plain_ram_mut()?;
                 let y = &mut y_view.as_slice_mut::<f32>()?[i * plane_out..(i + 1) * plane_out];
                 for_each_chunk(y, rows * cols, |(t, y)| {
-                    epilogue_rows_in_place(y, cols, e, t * rows)
+                    epilogue_rows_in_place(self.isa, y, cols, e, t * rows)
                 })
                 .map_err(|e| anyhow::anyhow!(e))?;
             }

@@ -115,7 +115,7 @@ impl EvalOp for DepthwiseF32Op {
             None => for_each_chunk(y_view.as_slice_mut::<f32>()?, plane_out, |(i, y)| {
                 let c = i % g.channels;
                 kernel.run_plane(isa, c, input(i), y)?;
-                epilogue_rows_in_place(y, plane_out, e, c)
+                epilogue_rows_in_place(isa, y, plane_out, e, c)
             }),
             Some(_) => for_each_chunk(y_view.as_bytes_mut(), plane_out, |(i, y)| {
                 let c = i % g.channels;
