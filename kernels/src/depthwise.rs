@@ -323,17 +323,20 @@ pub(crate) mod avx2 {
     const GROUP: usize = 4;
 
     /// The sums over the taps of `N` consecutive chunks of 8 outputs, the first at column
-    /// offset `at` (in the padded row): `rows` are the kernel rows inside the input, with
-    /// their offsets in `padded`.
+    /// offset `at` (in the padded row): kernel rows `ky` (those inside the input), the
+    /// first at offset `base` in `padded`, each next one `step` further.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; every load (`row + at + (N - 1) · 8 · sw + kx · dw`
-    /// plus 8, or 16 for stride 2) must stay inside `padded`.
+    /// plus 8, or 16 for stride 2, for each row's offset `row`) must stay inside `padded`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn sums<const N: usize>(
         padded: &[f32],
-        rows: &[(usize, usize)],
+        ky: std::ops::Range<usize>,
+        base: usize,
+        step: usize,
         taps: &[f32],
         kw: usize,
         dw: usize,
@@ -342,7 +345,8 @@ pub(crate) mod avx2 {
     ) -> [__m256; N] {
         let mut acc = [_mm256_setzero_ps(); N];
         let p = padded.as_ptr();
-        for &(ky, row) in rows {
+        for (i, ky) in ky.enumerate() {
+            let row = base + i * step;
             for kx in 0..kw {
                 let t = _mm256_set1_ps(taps[ky * kw + kx]);
                 for (j, acc) in acc.iter_mut().enumerate() {
@@ -375,14 +379,15 @@ pub(crate) mod avx2 {
 
     /// One channel's input plane as f32 rows (each input value through `to`), padded
     /// with zeros on the left and right so that every 8-wide chunk's loads in
-    /// [`plane_sums`] stay inside a row; returns the plane and its row width. Rows of
+    /// [`plane_sums`] stay inside a row, written into `buf`; returns the row width. Rows of
     /// padding above and below are not stored ([`plane_sums`] skips them).
     pub(crate) fn padded_plane<S: Copy>(
         g: &Geometry,
         out_w: usize,
         x: &[S],
         to: impl Fn(S) -> f32,
-    ) -> (Vec<f32>, usize) {
+        buf: &mut Vec<f32>,
+    ) -> usize {
         let kw = g.kernel[1];
         let [in_h, in_w] = g.input;
         let (sw, dw, left) = (g.strides[1], g.dilations[1], g.pads[1]);
@@ -390,13 +395,37 @@ pub(crate) mod avx2 {
         // 8 values per chunk, or 16 to keep the even ones for stride 2.
         let load = if sw == 1 { 8 } else { 16 };
         let width = ((chunks - 1) * 8 * sw + (kw - 1) * dw + load).max(left + in_w);
-        let mut padded = vec![0f32; width * in_h];
-        for (row, src) in padded.chunks_exact_mut(width).zip(x.chunks_exact(in_w)) {
+        buf.clear();
+        buf.resize(width * in_h, 0.0);
+        for (row, src) in buf.chunks_exact_mut(width).zip(x.chunks_exact(in_w)) {
             for (v, x) in row[left..left + in_w].iter_mut().zip(src) {
                 *v = to(*x);
             }
         }
-        (padded, width)
+        width
+    }
+
+    thread_local! {
+        /// This thread's buffer for padded planes, reused from plane to plane: a fresh
+        /// allocation per plane cost as much as the taps of a small plane (ppocr_cls's
+        /// depthwise planes are 2–3 rows of 96).
+        static PADDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
+    /// The largest padded-plane buffer a thread keeps between planes (f32 values: 256 KiB).
+    const KEEP: usize = 64 * 1024;
+
+    /// This thread's padded-plane buffer (empty the first time), to hand back with
+    /// [`return_buffer`].
+    pub(crate) fn take_buffer() -> Vec<f32> {
+        PADDED.take()
+    }
+
+    /// Keeps `buf` for this thread's next plane, unless it grew past [`KEEP`].
+    pub(crate) fn return_buffer(buf: Vec<f32>) {
+        if buf.capacity() <= KEEP {
+            PADDED.set(buf);
+        }
     }
 
     /// The sums over the taps of every output of one channel, 8 outputs of a row at a time
@@ -423,31 +452,27 @@ pub(crate) mod avx2 {
         let [kh, kw] = g.kernel;
         let in_h = g.input[0];
         let chunks = out_w.div_ceil(8);
-        let mut rows: Vec<(usize, usize)> = Vec::with_capacity(kh);
         for oy in 0..out_h {
-            // Kernel rows inside the input for this output row (rows of padding are
-            // skipped: they would add zeros).
-            let top = oy * sh;
-            let valid = |ky: &usize| {
-                let y = top + ky * dh;
-                y >= g.pads[0] && y - g.pads[0] < in_h
-            };
-            rows.clear();
-            rows.extend(
-                (0..kh)
-                    .filter(valid)
-                    .map(|ky| (ky, (top + ky * dh - g.pads[0]) * width)),
-            );
+            // Kernel rows inside the input for this output row, `pad ≤ top + ky·dh < pad +
+            // in_h` (rows of padding are skipped: they would add zeros).
+            let (top, pad) = (oy * sh, g.pads[0]);
+            let lo = pad.saturating_sub(top).div_ceil(dh).min(kh);
+            let hi = (pad + in_h).saturating_sub(top).div_ceil(dh).clamp(lo, kh);
+            let ky = lo..hi;
+            let (base, step) = ((top + lo * dh).saturating_sub(pad) * width, dh * width);
             // Four chunks at a time: four independent FMA chains hide the FMA latency.
             for first in (0..chunks).step_by(GROUP) {
                 let n = GROUP.min(chunks - first);
                 let sums = match n {
-                    GROUP => sums::<GROUP>(padded, &rows, taps, kw, dw, sw, first * 8 * sw),
+                    GROUP => {
+                        let at = first * 8 * sw;
+                        sums::<GROUP>(padded, ky.clone(), base, step, taps, kw, dw, sw, at)
+                    }
                     _ => {
                         let mut s = [_mm256_setzero_ps(); GROUP];
                         for (j, s) in s.iter_mut().enumerate().take(n) {
                             let at = (first + j) * 8 * sw;
-                            *s = sums::<1>(padded, &rows, taps, kw, dw, sw, at)[0];
+                            *s = sums::<1>(padded, ky.clone(), base, step, taps, kw, dw, sw, at)[0];
                         }
                         s
                     }
@@ -500,7 +525,8 @@ pub(crate) mod avx2 {
             return;
         }
         let x_zero = i32::from(k.x_zero);
-        let (padded, width) = padded_plane(g, out_w, x, |x| (i32::from(x) - x_zero) as f32);
+        let mut padded = take_buffer();
+        let width = padded_plane(g, out_w, x, |x| (i32::from(x) - x_zero) as f32, &mut padded);
         let [kh, kw] = g.kernel;
         let taps = &k.taps_f32[c * kh * kw..(c + 1) * kh * kw];
         let scale = _mm256_set1_ps(k.scale[c]);
@@ -543,6 +569,7 @@ pub(crate) mod avx2 {
                 y[out..oy * out_w + out_w].copy_from_slice(&last[..out_w - ox]);
             }
         });
+        return_buffer(padded);
     }
 }
 

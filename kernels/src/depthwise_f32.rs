@@ -125,12 +125,15 @@ impl DepthwiseF32 {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn channel_avx2(&self, c: usize, x: &[f32], y: &mut [f32]) {
-        use crate::depthwise::avx2::{padded_plane, plane_sums, store_f32};
+        use crate::depthwise::avx2::{
+            padded_plane, plane_sums, return_buffer, store_f32, take_buffer,
+        };
         use std::arch::x86_64::*;
         let g = &self.geometry;
         let [kh, kw] = g.kernel;
         let out_w = self.out[1];
-        let (padded, width) = padded_plane(g, out_w, x, |v| v);
+        let mut padded = take_buffer();
+        let width = padded_plane(g, out_w, x, |v| v, &mut padded);
         let taps = &self.taps[c * kh * kw..(c + 1) * kh * kw];
         let bias = _mm256_set1_ps(self.bias[c]);
         // SAFETY: the plane comes from `padded_plane` for this geometry, the stride is 1
@@ -141,6 +144,7 @@ impl DepthwiseF32 {
             // SAFETY: AVX2 is available; `row[..n]` holds n values.
             store_f32(_mm256_add_ps(sums, bias), &mut row[..n]);
         });
+        return_buffer(padded);
     }
 }
 
