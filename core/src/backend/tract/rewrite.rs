@@ -139,6 +139,27 @@ fn for_each_chunk<T: Send, E: Send>(
     }
 }
 
+/// Runs `f` on each `plane`-long piece of `data` with its index, several planes to a task
+/// (enough that a task outweighs its scheduling, as [`for_each_chunk`] splits them), each
+/// task with a `scratch` of its own that `f` may reuse from plane to plane.
+fn for_each_plane<T: Send, S: Default, E: Send>(
+    data: &mut [T],
+    plane: usize,
+    f: impl Fn(&mut S, usize, &mut [T]) -> Result<(), E> + Send + Sync,
+) -> Result<(), E> {
+    if plane == 0 {
+        return Ok(());
+    }
+    let per_task = (TASK / plane).max(1);
+    for_each_chunk(data, per_task * plane, |(t, planes)| {
+        let mut scratch = S::default();
+        planes
+            .chunks_mut(plane)
+            .enumerate()
+            .try_for_each(|(j, y)| f(&mut scratch, t * per_task + j, y))
+    })
+}
+
 /// A constant input of `node`, if it is one.
 fn konst(model: &TypedModel, node: &TypedNode, slot: usize) -> Option<Arc<Tensor>> {
     model

@@ -12,7 +12,7 @@ use tern_kernels::epilogue::{epilogue_rows, Epilogue, Out};
 use tern_kernels::{Geometry, Isa};
 
 use super::epilogue::{datum_type, Epilogued};
-use super::{for_each_chunk, replace_qconvs, QConv};
+use super::{for_each_plane, replace_qconvs, QConv};
 
 /// Replaces quantized depthwise convolutions by [`DepthwiseQ8Op`].
 pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
@@ -158,32 +158,37 @@ impl EvalOp for DepthwiseQ8Op {
         let (plane_in, plane_out) = (self.kernel.plane_in(), self.kernel.plane_out());
         let (kernel, isa) = (&*self.kernel, self.isa);
         let input = |i: usize| &xs[i * plane_in..(i + 1) * plane_in];
-        // The accumulators of plane `i` (image i / C, channel i % C), then `e` over them.
-        let through = |e: &Epilogue, i: usize, y: Out<'_>| {
-            let mut acc = vec![0i32; plane_out];
-            kernel.run_plane_acc(isa, i % g.channels, input(i), &mut acc)?;
-            epilogue_rows(isa, &acc, plane_out, e, i % g.channels, y)
+        // The accumulators of plane `i` (image i / C, channel i % C) in `acc`, then `e`
+        // over them.
+        let through = |e: &Epilogue, acc: &mut Vec<i32>, i: usize, y: Out<'_>| {
+            acc.resize(plane_out, 0);
+            kernel.run_plane_acc(isa, i % g.channels, input(i), acc)?;
+            epilogue_rows(isa, acc, plane_out, e, i % g.channels, y)
         };
         let mut y_view = y.try_as_plain_ram_mut()?;
-        // One task per (image, channel) plane; on the session's pool when this run has one
-        // (the plan's thread race decides), else on the calling thread.
+        // Planes split over the session's pool when this run has one (the plan's thread
+        // race decides), else on the calling thread.
         match (&self.epilogue, self.output_type.unquantized()) {
             (None, dt) if dt == u8::datum_type() => {
-                for_each_chunk(y_view.as_bytes_mut(), plane_out, |(i, y)| {
+                for_each_plane(y_view.as_bytes_mut(), plane_out, |_: &mut (), i, y| {
                     kernel.run_plane(isa, i % g.channels, input(i), y)
                 })
             }
-            (None, _) => for_each_chunk(y_view.as_slice_mut::<i32>()?, plane_out, |(i, y)| {
-                kernel.run_plane_acc(isa, i % g.channels, input(i), y)
-            }),
+            (None, _) => for_each_plane(
+                y_view.as_slice_mut::<i32>()?,
+                plane_out,
+                |_: &mut (), i, y| kernel.run_plane_acc(isa, i % g.channels, input(i), y),
+            ),
             (Some(e), dt) if dt == u8::datum_type() => {
-                for_each_chunk(y_view.as_bytes_mut(), plane_out, |(i, y)| {
-                    through(e, i, Out::U8(y))
+                for_each_plane(y_view.as_bytes_mut(), plane_out, |acc, i, y| {
+                    through(e, acc, i, Out::U8(y))
                 })
             }
-            (Some(e), _) => for_each_chunk(y_view.as_slice_mut::<f32>()?, plane_out, |(i, y)| {
-                through(e, i, Out::F32(y))
-            }),
+            (Some(e), _) => {
+                for_each_plane(y_view.as_slice_mut::<f32>()?, plane_out, |acc, i, y| {
+                    through(e, acc, i, Out::F32(y))
+                })
+            }
         }
         .map_err(|e| anyhow::anyhow!(e))?;
         Ok(tvec!(y.into_tvalue()))

@@ -13,7 +13,7 @@ use tern_kernels::Isa;
 
 use super::depthwise::{output_fact, output_shape};
 use super::epilogue::{datum_type, Epilogued};
-use super::{for_each_chunk, replace_fconvs};
+use super::{for_each_plane, replace_fconvs};
 
 /// Replaces float depthwise convolutions by [`DepthwiseF32Op`].
 pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
@@ -109,20 +109,28 @@ impl EvalOp for DepthwiseF32Op {
         let (kernel, isa, e) = (&*self.kernel, self.isa, &*self.epilogue);
         let input = |i: usize| &xs[i * plane_in..(i + 1) * plane_in];
         let mut y_view = y.try_as_plain_ram_mut()?;
-        // One task per (image, channel) plane; on the session's pool when this run has one
-        // (the plan's thread race decides), else on the calling thread.
+        // Planes split over the session's pool when this run has one (the plan's thread
+        // race decides), else on the calling thread.
         match e.quantize {
-            None => for_each_chunk(y_view.as_slice_mut::<f32>()?, plane_out, |(i, y)| {
-                let c = i % g.channels;
-                kernel.run_plane(isa, c, input(i), y)?;
-                epilogue_rows_in_place(isa, y, plane_out, e, c)
-            }),
-            Some(_) => for_each_chunk(y_view.as_bytes_mut(), plane_out, |(i, y)| {
-                let c = i % g.channels;
-                let mut acc = vec![0f32; plane_out];
-                kernel.run_plane(isa, c, input(i), &mut acc)?;
-                epilogue_rows(isa, &acc, plane_out, e, c, Out::U8(y))
-            }),
+            None => for_each_plane(
+                y_view.as_slice_mut::<f32>()?,
+                plane_out,
+                |_: &mut (), i, y| {
+                    let c = i % g.channels;
+                    kernel.run_plane(isa, c, input(i), y)?;
+                    epilogue_rows_in_place(isa, y, plane_out, e, c)
+                },
+            ),
+            Some(_) => for_each_plane(
+                y_view.as_bytes_mut(),
+                plane_out,
+                |acc: &mut Vec<f32>, i, y| {
+                    let c = i % g.channels;
+                    acc.resize(plane_out, 0.0);
+                    kernel.run_plane(isa, c, input(i), acc)?;
+                    epilogue_rows(isa, acc, plane_out, e, c, Out::U8(y))
+                },
+            ),
         }
         .map_err(|e| anyhow::anyhow!(e))?;
         Ok(tvec!(y.into_tvalue()))
