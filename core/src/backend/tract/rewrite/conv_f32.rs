@@ -206,7 +206,12 @@ impl EvalOp for ConvF32Op {
                 // cols = H·W for a 1×1 convolution with stride 1 and no padding) starting
                 // at that offset, inside `x` (its length was checked above).
                 true => unsafe {
-                    TensorView::from_bytes(x, (i * plane_in * 4) as isize, &shape, &strides)
+                    TensorView::from_bytes(
+                        x,
+                        (i * plane_in * size_of::<f32>()) as isize,
+                        &shape,
+                        &strides,
+                    )
                 },
                 false => columns.view(),
             };
