@@ -217,23 +217,26 @@ impl Gemm {
     /// Packs `weights`, `[m, k]` (`i8` or `f32`), for the kernel this CPU runs best at
     /// `n` columns.
     pub(crate) fn new(weights: &Tensor, n: usize) -> TractResult<Gemm> {
+        let (precision, m, k) = Gemm::matrix(weights)?;
+        let (mmm, packing) = choose(precision, m, k, n)?;
+        Gemm::on(mmm, packing, weights)
+    }
+
+    /// The precision and `[m, k]` of a weight matrix, refused when it is empty, not a
+    /// matrix, or of a type tern has no product for.
+    fn matrix(weights: &Tensor) -> TractResult<(Precision, usize, usize)> {
         let precision = Precision::of(weights.datum_type())
             .with_context(|| format!("no product of {:?} weights", weights.datum_type()))?;
         let &[m, k] = weights.shape() else {
             bail!("weights of shape {:?}, not a matrix", weights.shape());
         };
         ensure!(m > 0 && k > 0, "an empty {m}×{k} weight matrix");
-        let (mmm, packing) = choose(precision, m, k, n)?;
-        Gemm::on(mmm, packing, weights)
+        Ok((precision, m, k))
     }
 
     /// Packs `weights` (`[m, k]`) for the kernel `mmm` with its packing `packing`.
     fn on(mmm: Box<dyn MatMatMul>, packing: usize, weights: &Tensor) -> TractResult<Gemm> {
-        let precision = Precision::of(weights.datum_type())
-            .with_context(|| format!("no product of {:?} weights", weights.datum_type()))?;
-        let &[m, k] = weights.shape() else {
-            bail!("weights of shape {:?}, not a matrix", weights.shape());
-        };
+        let (precision, m, k) = Gemm::matrix(weights)?;
         let (a_format, b_format) = &mmm.packings()[packing];
         let packed = a_format.prepare_one(weights, 1, 0)?;
         Ok(Gemm {
