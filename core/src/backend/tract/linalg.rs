@@ -17,6 +17,12 @@
 //! shape (throughput measured, rows and columns padded to the kernel's tile).
 //! `TERN_INT8_KERNEL=NAME` / `TERN_F32_KERNEL=NAME` force one (for tests and for comparing
 //! kernels).
+//!
+//! **Kernel choice is checked, too.** The probe's product has known values, and a kernel
+//! whose result is not that of its precision is never used: on an Intel CPU with AMX,
+//! tract-linalg offers `avx512amx_mmm_f32_16x16` among the f32 kernels, which rounds its
+//! operands to bfloat16 (8 bits of mantissa: -0.5586 for -0.56) — the fastest f32 kernel
+//! there, and wrong for an f32 model.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -159,17 +165,76 @@ fn ranking(precision: Precision) -> &'static [Ranked] {
 /// takes ~0.3 ms, large enough to fill every kernel's tiles.
 const PROBE: [usize; 3] = [32, 64, 64];
 
+/// The probe's operands: small integers in `[-50, 50]` (for f32, divided by 25, which
+/// bfloat16 cannot hold exactly).
+fn probe_operand(
+    precision: Precision,
+    rows: usize,
+    cols: usize,
+    seed: usize,
+) -> TractResult<Tensor> {
+    let value = |i: usize| ((i + seed) * 37 % 101) as i32 - 50;
+    let len = rows * cols;
+    match precision {
+        Precision::Int8 => Tensor::from_shape(
+            &[rows, cols],
+            &(0..len).map(|i| value(i) as i8).collect::<Vec<_>>(),
+        ),
+        Precision::F32 => Tensor::from_shape(
+            &[rows, cols],
+            &(0..len).map(|i| value(i) as f32 / 25.0).collect::<Vec<_>>(),
+        ),
+    }
+}
+
+/// Whether `c = a · b` holds as the precision defines it: exactly for `i8 → i32`, within
+/// f32 rounding over `k` terms for f32 (relative to the sum of the terms' magnitudes).
+fn exact(precision: Precision, a: &Tensor, b: &Tensor, c: &Tensor) -> TractResult<bool> {
+    let (m, k, n) = (a.shape()[0], a.shape()[1], b.shape()[1]);
+    let (a, b, c) = (
+        a.cast_to::<f64>()?,
+        b.cast_to::<f64>()?,
+        c.cast_to::<f64>()?,
+    );
+    let (a, b, c) = (
+        a.try_as_plain_ram()?.as_slice::<f64>()?,
+        b.try_as_plain_ram()?.as_slice::<f64>()?,
+        c.try_as_plain_ram()?.as_slice::<f64>()?,
+    );
+    Ok((0..m * n).all(|at| {
+        let (i, j) = (at / n, at % n);
+        let terms = (0..k).map(|x| a[i * k + x] * b[x * n + j]);
+        let want: f64 = terms.clone().sum();
+        let tolerance = match precision {
+            Precision::Int8 => 0.0,
+            Precision::F32 => 1e-6 * terms.map(f64::abs).sum::<f64>().max(1.0),
+        };
+        (c[at] - want).abs() <= tolerance
+    }))
+}
+
 /// The throughput of `mmm` on the [`PROBE`] product: the best of a few runs after one
-/// warm-up (the minimum rejects a busy machine's interruptions).
+/// warm-up (the minimum rejects a busy machine's interruptions). An error if the kernel's
+/// result is not the exact product of its precision.
 fn probe(mmm: &dyn MatMatMul, packing: usize, precision: Precision) -> TractResult<f64> {
     let [m, k, n] = PROBE;
     let mmm = tract_onnx::tract_core::dyn_clone::clone_box(mmm);
-    let weights = Tensor::zero_dt(precision.input(), &[m, k])?;
+    let weights = probe_operand(precision, m, k, 0)?;
     let gemm = Gemm::on(mmm, packing, &weights)?;
-    let b = Tensor::zero_dt(precision.input(), &[k, n])?;
+    let b = probe_operand(precision, k, n, 7)?;
     let packed = gemm.activations.prepare_one(&b, 0, 1)?;
     let mut c = Tensor::zero_dt(precision.acc(), &[m, n])?;
     gemm.product(&*packed, n, None, &mut c.view_mut())?;
+    if !exact(precision, &weights, &b, &c)? {
+        tracing::debug!(
+            kernel = gemm.kernel(),
+            "matrix-product kernel is inexact: not used"
+        );
+        bail!(
+            "{} does not compute an exact {precision:?} product",
+            gemm.kernel()
+        );
+    }
     let mut best = std::time::Duration::MAX;
     for _ in 0..4 {
         let started = std::time::Instant::now();
