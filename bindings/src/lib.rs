@@ -10,6 +10,9 @@
 //!   Kotlin, `Data` in Swift: one copy, no boxing), with helpers for f32/i64/i32 data.
 //! - Every entry point returns `Result<_, TernError>`: an exception of a sealed hierarchy on
 //!   the foreign side. tern itself catches backend panics; UniFFI catches any other.
+//! - Serving patterns from `tern-flows`: [`TernBatcher`] coalesces concurrent callers'
+//!   requests into batched runs; [`TernStream`] runs a stateful model chunk by chunk with
+//!   its state carried.
 //! - Telemetry: [`init_telemetry`] opens the on-device buffer that every session feeds;
 //!   [`TernTelemetry`] records app events and uploads through the platform's uploader.
 
@@ -18,6 +21,7 @@ use std::sync::Arc;
 
 use tern::telemetry::{self as tel, Signal, TelemetryStats};
 use tern::{Backend, DType, ErrorKind, GpuPrecision, NanPolicy, ShapePolicy, ThreadPolicy};
+use tern_flows::{ErrorKind as FlowErrorKind, Priority};
 
 uniffi::setup_scaffolding!();
 
@@ -71,6 +75,27 @@ pub enum TernError {
         /// Description.
         detail: String,
     },
+    /// A batcher or stream refused its configuration or a request (not the model's own
+    /// failures, which keep their kinds above).
+    #[error("{detail}")]
+    Flow {
+        /// Which refusal (`NotBatchable`, `BadState`, `Overloaded`, …).
+        kind: FlowErrorKind,
+        /// Description.
+        detail: String,
+    },
+}
+
+impl From<tern_flows::Error> for TernError {
+    fn from(e: tern_flows::Error) -> Self {
+        match e {
+            tern_flows::Error::Model(e) => e.into(),
+            e => TernError::Flow {
+                kind: e.kind(),
+                detail: e.to_string(),
+            },
+        }
+    }
 }
 
 impl From<tern::Error> for TernError {
@@ -128,6 +153,20 @@ pub enum ErrorKind {
     InvalidOption,
     Inference,
     Panic,
+}
+
+#[uniffi::remote(Enum)]
+pub enum FlowErrorKind {
+    Model,
+    NotBatchable,
+    BadState,
+    BadChunk,
+    InvalidOption,
+    Overloaded,
+    Closed,
+    QueueFull,
+    QueueInUse,
+    Io,
 }
 
 #[uniffi::remote(Enum)]
@@ -398,11 +437,20 @@ pub struct TernSession {
 }
 
 fn run_session(session: &tern::Session, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
-    let inputs = inputs
+    let outputs = session.run(to_tern(&inputs)?)?;
+    from_tern(&outputs)
+}
+
+/// Named tensors across the FFI → tern's.
+fn to_tern(inputs: &[TensorData]) -> Result<Vec<(String, tern::Tensor)>> {
+    inputs
         .iter()
         .map(|t| Ok((t.name.clone(), t.to_tern()?)))
-        .collect::<Result<Vec<_>>>()?;
-    let outputs = session.run(inputs)?;
+        .collect()
+}
+
+/// tern's outputs → named tensors across the FFI.
+fn from_tern(outputs: &tern::Outputs) -> Result<Vec<TensorData>> {
     outputs
         .iter()
         .map(|(name, t)| TensorData::from_tern(name, t))
@@ -428,21 +476,8 @@ impl TernSession {
     /// Like `run`, on tern's worker pool (as many threads as cores, shared by every
     /// session): a `suspend fun` in Kotlin, `async` in Swift.
     pub async fn run_async(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
-        let (tx, rx) = futures_channel::oneshot::channel();
         let session = self.inner.clone();
-        let pool = workers().ok_or_else(|| TernError::Inference {
-            kind: ErrorKind::Inference,
-            detail: "tern's worker threads could not be started".into(),
-        })?;
-        pool.spawn(move || {
-            let _ = tx.send(run_session(&session, inputs));
-        });
-        rx.await.unwrap_or_else(|_| {
-            Err(TernError::Inference {
-                kind: ErrorKind::Panic,
-                detail: "the worker running this call stopped".into(),
-            })
-        })
+        on_worker(move || run_session(&session, inputs)).await
     }
 
     /// The backend in use and why it was chosen.
@@ -452,6 +487,26 @@ impl TernSession {
             reason: self.inner.backend_reason().to_string(),
         }
     }
+}
+
+/// Runs `call` on tern's worker pool and awaits its result.
+async fn on_worker<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = futures_channel::oneshot::channel();
+    let pool = workers().ok_or_else(|| TernError::Inference {
+        kind: ErrorKind::Inference,
+        detail: "tern's worker threads could not be started".into(),
+    })?;
+    pool.spawn(move || {
+        let _ = tx.send(call());
+    });
+    rx.await.unwrap_or_else(|_| {
+        Err(TernError::Inference {
+            kind: ErrorKind::Panic,
+            detail: "the worker running this call stopped".into(),
+        })
+    })
 }
 
 /// The pool `run_async` calls run on: bounded, so a burst of calls queues instead of
@@ -660,5 +715,358 @@ impl TernTelemetry {
     /// Counters describing the buffer now.
     pub fn stats(&self) -> TelemetryStats {
         self.inner.stats()
+    }
+}
+
+/// How a [`TernBatcher`] coalesces requests (`tern_flows::BatchOptions`).
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct BatchConfig {
+    /// At most this many rows (batch entries over all requests) per run.
+    #[uniffi(default = 8)]
+    pub max_batch: u32,
+    /// At most this long (ms) from a request's arrival until its batch starts.
+    #[uniffi(default = 2.0)]
+    pub max_wait_ms: f64,
+    /// At most this many requests waiting; beyond, `run` fails with `Flow(Overloaded)`.
+    #[uniffi(default = 256)]
+    pub queue_capacity: u32,
+    /// Run as soon as every waiting request is in the batch (true), or hold the window
+    /// open for requests not yet made (false).
+    #[uniffi(default = true)]
+    pub eager: bool,
+}
+
+impl BatchConfig {
+    fn options(&self) -> Result<tern_flows::BatchOptions> {
+        if !(self.max_wait_ms.is_finite() && self.max_wait_ms >= 0.0) {
+            return Err(TernError::Flow {
+                kind: FlowErrorKind::InvalidOption,
+                detail: format!("max_wait_ms {} is not a duration", self.max_wait_ms),
+            });
+        }
+        Ok(tern_flows::BatchOptions::default()
+            .max_batch(self.max_batch as usize)
+            .max_wait(std::time::Duration::from_secs_f64(self.max_wait_ms / 1e3))
+            .queue_capacity(self.queue_capacity as usize)
+            .eager(self.eager))
+    }
+}
+
+/// What a batcher has done so far.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct BatchStats {
+    /// Requests answered.
+    pub requests: u64,
+    /// Runs of the session.
+    pub runs: u64,
+    /// Runs that carried more than one request.
+    pub batched_runs: u64,
+    /// Requests re-run alone after their batch failed.
+    pub rerun_alone: u64,
+}
+
+/// Concurrent callers' requests to one session, coalesced into batched runs: call `run`
+/// from many threads (or coroutines); each gets what an unbatched run would give it.
+#[derive(uniffi::Object)]
+pub struct TernBatcher {
+    inner: Arc<tern_flows::Batcher>,
+}
+
+#[uniffi::export]
+impl TernBatcher {
+    /// Starts batching `session`'s runs; fails with `Flow(NotBatchable)` for a model whose
+    /// inputs have no common batch axis.
+    #[uniffi::constructor]
+    pub fn new(session: Arc<TernSession>, config: BatchConfig) -> Result<Arc<Self>> {
+        let batcher = tern_flows::Batcher::new(session.inner.clone(), config.options()?)?;
+        Ok(Arc::new(TernBatcher {
+            inner: Arc::new(batcher),
+        }))
+    }
+
+    /// Runs one request (one or more rows) in the next batch; blocks until it is answered.
+    pub fn run(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
+        let outputs = self.inner.run(to_tern(&inputs)?)?;
+        from_tern(&outputs)
+    }
+
+    /// Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+    pub async fn run_async(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
+        let batcher = self.inner.clone();
+        on_worker(move || {
+            let outputs = batcher.run(to_tern(&inputs)?)?;
+            from_tern(&outputs)
+        })
+        .await
+    }
+
+    /// What the batcher has done so far.
+    pub fn stats(&self) -> BatchStats {
+        let s = self.inner.stats();
+        BatchStats {
+            requests: s.requests,
+            runs: s.runs,
+            batched_runs: s.batched_runs,
+            rerun_alone: s.rerun_alone,
+        }
+    }
+}
+
+/// One output → input pair a stream carries to the next chunk.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct StreamCarry {
+    /// The output of one chunk…
+    pub output: String,
+    /// …fed to this input of the next.
+    pub input: String,
+}
+
+/// A context: each chunk of `input` is prefixed along its last axis with the last
+/// `length` elements the model saw in the previous chunk (zeros first).
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct StreamContext {
+    /// The input.
+    pub input: String,
+    /// Elements of context.
+    pub length: u32,
+}
+
+/// What a [`TernStream`] carries between chunks.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct StreamConfig {
+    /// State pairs.
+    pub carries: Vec<StreamCarry>,
+    /// Sliding-window contexts.
+    #[uniffi(default = [])]
+    pub contexts: Vec<StreamContext>,
+    /// Initial values of carried inputs (named by input); zeros of the declared shape
+    /// otherwise.
+    #[uniffi(default = [])]
+    pub initial: Vec<TensorData>,
+}
+
+/// A stateful model run chunk by chunk (an LSTM, a voice-activity detector): the carried
+/// outputs of each chunk become inputs of the next.
+#[derive(uniffi::Object)]
+pub struct TernStream {
+    inner: std::sync::Mutex<tern_flows::Stream>,
+}
+
+#[uniffi::export]
+impl TernStream {
+    /// Checks `config` against `session`'s inputs and outputs (`Flow(BadState)`,
+    /// `Flow(BadChunk)` otherwise).
+    #[uniffi::constructor]
+    pub fn new(session: Arc<TernSession>, config: StreamConfig) -> Result<Arc<Self>> {
+        let mut options = tern_flows::StreamOptions::new();
+        for c in &config.carries {
+            options = options.carry(&c.output, &c.input);
+        }
+        for c in &config.contexts {
+            options = options.context(&c.input, c.length as usize);
+        }
+        for t in &config.initial {
+            options = options.initial(&t.name, t.to_tern()?);
+        }
+        let stream = tern_flows::Stream::new(session.inner.clone(), options)?;
+        Ok(Arc::new(TernStream {
+            inner: std::sync::Mutex::new(stream),
+        }))
+    }
+
+    /// Runs one chunk (every input but the carried ones); returns all outputs.
+    pub fn push(&self, inputs: Vec<TensorData>) -> Result<Vec<TensorData>> {
+        let inputs = to_tern(&inputs)?;
+        let outputs = tern::sync::lock(&self.inner).push(inputs)?;
+        from_tern(&outputs)
+    }
+
+    /// Starts over from the initial state.
+    pub fn reset(&self) {
+        tern::sync::lock(&self.inner).reset();
+    }
+
+    /// Chunks run since the start or the last reset.
+    pub fn chunks(&self) -> u64 {
+        tern::sync::lock(&self.inner).chunks()
+    }
+}
+
+#[uniffi::remote(Enum)]
+pub enum Priority {
+    High,
+    Normal,
+    Low,
+}
+
+/// Why a job failed for good.
+#[derive(Debug, Clone, uniffi::Enum)]
+pub enum JobFailure {
+    /// The session refused or failed the run, with tern's own kind.
+    Model {
+        /// tern's kind (`ShapeMismatch`, `Inference`, …).
+        kind: ErrorKind,
+    },
+    /// No session is registered under the job's model name.
+    UnknownModel,
+    /// The process died during each of the job's attempts.
+    Crashed,
+    /// The job's file was damaged.
+    Corrupt,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, uniffi::Enum)]
+pub enum JobState {
+    /// Waiting to run, `attempts` used.
+    Pending {
+        /// Attempts used so far.
+        attempts: u32,
+    },
+    /// Being run now.
+    Running,
+    /// Finished: collect it with `take_result`.
+    Finished,
+    /// No such job (or its result was collected).
+    Unknown,
+}
+
+/// A finished job's result.
+#[derive(Debug, Clone, uniffi::Enum)]
+pub enum JobResult {
+    /// The run's outputs.
+    Done {
+        /// Named outputs.
+        outputs: Vec<TensorData>,
+    },
+    /// Why it failed.
+    Failed {
+        /// The kind of failure.
+        failure: JobFailure,
+        /// The error's description.
+        message: String,
+    },
+}
+
+/// How a job queue bounds and retries its jobs.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct JobConfig {
+    /// At most this many jobs pending, running or uncollected.
+    #[uniffi(default = 1024)]
+    pub capacity: u32,
+    /// Attempts a job may take before it fails for good.
+    #[uniffi(default = 3)]
+    pub max_attempts: u32,
+    /// Seconds before the second attempt, doubled for each further one.
+    #[uniffi(default = 30.0)]
+    pub backoff_seconds: f64,
+}
+
+/// What one `run_pending` call did.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct JobRunReport {
+    /// Jobs that ran to a result.
+    pub succeeded: u32,
+    /// Jobs that failed for good.
+    pub failed: u32,
+    /// Jobs that wait for a later attempt.
+    pub retried: u32,
+    /// Jobs still pending.
+    pub pending: u32,
+    /// Whether the budget ran out with jobs still due.
+    pub out_of_time: bool,
+}
+
+/// A persistent queue of inference jobs in a directory of the app's: accepted now, run
+/// when the platform lets the app work (`run_pending(maxMillis)` from a WorkManager
+/// `Worker` or a `BGProcessingTask`), surviving process death.
+#[derive(uniffi::Object)]
+pub struct TernJobQueue {
+    inner: tern_flows::JobQueue,
+}
+
+#[uniffi::export]
+impl TernJobQueue {
+    /// Opens (or creates) the queue in `dir`, repairing what a killed process left.
+    #[uniffi::constructor]
+    pub fn open(dir: String, config: JobConfig) -> Result<Arc<Self>> {
+        if !(config.backoff_seconds.is_finite() && config.backoff_seconds >= 0.0) {
+            return Err(TernError::Flow {
+                kind: FlowErrorKind::InvalidOption,
+                detail: format!(
+                    "backoff_seconds {} is not a duration",
+                    config.backoff_seconds
+                ),
+            });
+        }
+        let options = tern_flows::JobOptions::default()
+            .capacity(config.capacity as usize)
+            .max_attempts(config.max_attempts)
+            .backoff(std::time::Duration::from_secs_f64(config.backoff_seconds));
+        Ok(Arc::new(TernJobQueue {
+            inner: tern_flows::JobQueue::open(dir, options)?,
+        }))
+    }
+
+    /// Serves jobs naming `model` with `session`.
+    pub fn register(&self, model: String, session: Arc<TernSession>) {
+        self.inner.register(&model, session.inner.clone());
+    }
+
+    /// Accepts a job; with an idempotency `key`, the key is its id and a second submission
+    /// is the same job. Returns the job's id once it is on disk.
+    pub fn submit(
+        &self,
+        model: String,
+        inputs: Vec<TensorData>,
+        priority: Priority,
+        key: Option<String>,
+    ) -> Result<String> {
+        Ok(self
+            .inner
+            .submit(&model, to_tern(&inputs)?, priority, key.as_deref())?)
+    }
+
+    /// Runs due jobs until none is due or `max_millis` is spent.
+    pub fn run_pending(&self, max_millis: u64) -> Result<JobRunReport> {
+        let r = self
+            .inner
+            .run_pending(std::time::Duration::from_millis(max_millis))?;
+        Ok(JobRunReport {
+            succeeded: r.succeeded,
+            failed: r.failed,
+            retried: r.retried,
+            pending: r.pending,
+            out_of_time: r.out_of_time,
+        })
+    }
+
+    /// Where job `id` is.
+    pub fn status(&self, id: String) -> Result<JobState> {
+        Ok(match self.inner.status(&id)? {
+            tern_flows::JobStatus::Pending { attempts } => JobState::Pending { attempts },
+            tern_flows::JobStatus::Running => JobState::Running,
+            tern_flows::JobStatus::Finished => JobState::Finished,
+            tern_flows::JobStatus::Unknown => JobState::Unknown,
+        })
+    }
+
+    /// Collects job `id`'s result (removing it), or `null` if it has none yet.
+    pub fn take_result(&self, id: String) -> Result<Option<JobResult>> {
+        Ok(match self.inner.take_result(&id)? {
+            None => None,
+            Some(tern_flows::JobOutcome::Done(outputs)) => Some(JobResult::Done {
+                outputs: from_tern(&outputs)?,
+            }),
+            Some(tern_flows::JobOutcome::Failed { error, message }) => Some(JobResult::Failed {
+                failure: match error {
+                    tern_flows::JobError::Model(kind) => JobFailure::Model { kind },
+                    tern_flows::JobError::UnknownModel => JobFailure::UnknownModel,
+                    tern_flows::JobError::Crashed => JobFailure::Crashed,
+                    tern_flows::JobError::Corrupt => JobFailure::Corrupt,
+                },
+                message,
+            }),
+        })
     }
 }

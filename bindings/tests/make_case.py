@@ -17,3 +17,13 @@ y = np.load(ref / "output.target_label.npy").astype("<f4")
 (out / "input.bin").write_bytes(x.tobytes())
 (out / "expected.bin").write_bytes(y.tobytes())
 (out / "shape.txt").write_text(f"{x.shape[0]} {x.shape[1]} {y.shape[1]}")
+
+# The streaming case: silero VAD (LSTM sequence form) over the first frames of the audio
+# fixture (scripts/audio-fixture), with onnxruntime's frame-by-frame probabilities.
+FRAMES = 24
+audio = CACHE / "audio"
+samples = np.fromfile(audio / "speech.f32", dtype="<f4")[: FRAMES * 512]
+probs = np.load(audio / "speech_probs.npy").astype("<f4")[:FRAMES]
+(out / "stream_samples.bin").write_bytes(samples.tobytes())
+(out / "stream_probs.bin").write_bytes(probs.tobytes())
+(out / "vad_model.txt").write_text(str(CACHE / "models" / "silero_vad_lstm" / "model.onnx"))

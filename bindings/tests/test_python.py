@@ -1,11 +1,13 @@
 """End-to-end test of the UniFFI Python bindings against the real Rust library: a real model
-(magika) compared with onnxruntime's outputs, errors as exceptions, async runs, and telemetry
-uploaded through a Python uploader.
+(magika) compared with onnxruntime's outputs, errors as exceptions, async runs, telemetry
+uploaded through a Python uploader, micro-batching from Python threads, and a stateful model
+(silero VAD) streamed over real speech against onnxruntime.
 
 usage: test_python.py BINDINGS_DIR CASE_DIR MODEL_PATH
 """
 import asyncio
 import json
+import threading
 import struct
 import sys
 import tempfile
@@ -111,6 +113,90 @@ class Bindings(unittest.TestCase):
             self.assertEqual(sum(1 for sp in spans if sp["name"] == "tern.run"), 3)
             self.assertIn("app.files_scanned", json.dumps(payloads[tern.Signal.METRICS]))
             self.assertEqual(t.stats().pending_batches, 0)
+
+    def test_batcher_coalesces_python_threads(self):
+        n, width, classes, x, y = case()
+        _, s = session()
+        batcher = tern.TernBatcher(s, tern.BatchConfig(max_batch=8, max_wait_ms=50.0, queue_capacity=64, eager=False))
+        row = width * 4
+        results = [None] * 8
+
+        def call(i):
+            r = i % n
+            out = batcher.run([tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[1, width], data=x[r * row:(r + 1) * row])])
+            results[i] = (r, tern.tensor_to_f32(out[0]))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r, got in results:
+            want = y[r * classes:(r + 1) * classes]
+            self.assertLess(max(abs(a - b) for a, b in zip(got, want)), 1e-4)
+        stats = batcher.stats()
+        self.assertEqual(stats.requests, 8)
+        self.assertLess(stats.runs, 8, f"never batched: {stats}")
+        with self.assertRaises(tern.TernError.Flow) as e:
+            tern.TernBatcher(vad_session(), tern.BatchConfig())
+        self.assertEqual(e.exception.kind, tern.FlowErrorKind.NOT_BATCHABLE)
+
+    def test_stream_carries_state_like_onnxruntime(self):
+        d = Path(CASE)
+        raw = (d / "stream_samples.bin").read_bytes()
+        samples = struct.unpack(f"<{len(raw) // 4}f", raw)
+        want = struct.unpack(f"<{len((d / 'stream_probs.bin').read_bytes()) // 4}f", (d / "stream_probs.bin").read_bytes())
+        s = vad_session()
+        config = tern.StreamConfig(carries=[tern.StreamCarry(output="hn", input="h"), tern.StreamCarry(output="cn", input="c")],
+                                   contexts=[tern.StreamContext(input="input", length=64)], initial=[])
+        stream = tern.TernStream(s, config)
+
+        def push(i):
+            out = stream.push([tern.tensor_f32("input", [1, 512], samples[i * 512:(i + 1) * 512])])
+            return tern.tensor_to_f32(next(o for o in out if o.name == "speech_probs"))[0]
+
+        got = [push(i) for i in range(len(want))]
+        self.assertLess(max(abs(a - b) for a, b in zip(got, want)), 1e-4)
+        self.assertEqual(stream.chunks(), len(want))
+        stream.reset()
+        self.assertEqual(stream.chunks(), 0)
+        self.assertLess(abs(push(0) - want[0]), 1e-4)
+        with self.assertRaises(tern.TernError.Flow) as e:
+            tern.TernStream(s, tern.StreamConfig(carries=[tern.StreamCarry(output="nope", input="h")], contexts=[], initial=[]))
+        self.assertEqual(e.exception.kind, tern.FlowErrorKind.BAD_STATE)
+
+    def test_job_queue_runs_later_and_keeps_results(self):
+        n, width, classes, x, y = case()
+        row = width * 4
+        with tempfile.TemporaryDirectory() as d:
+            q = tern.TernJobQueue.open(d, tern.JobConfig(capacity=8, max_attempts=3, backoff_seconds=1.0))
+            ids = [q.submit("magika", [tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[1, width], data=x[r * row:(r + 1) * row])],
+                            tern.Priority.NORMAL, f"file.{r}") for r in range(n)]
+            self.assertEqual(ids, [f"file.{r}" for r in range(n)])
+            lost = q.submit("deleted", [tern.tensor_i32("bytes", [1, width], [0] * width)], tern.Priority.LOW, None)
+            self.assertEqual(q.status(ids[0]), tern.JobState.PENDING(attempts=0))
+            del q  # the app is killed: the jobs are on disk
+            q = tern.TernJobQueue.open(d, tern.JobConfig(capacity=8, max_attempts=3, backoff_seconds=1.0))
+            _, s = session()
+            q.register("magika", s)
+            report = q.run_pending(60000)
+            self.assertEqual((report.succeeded, report.failed, report.pending), (n, 1, 0))
+            for r, job in enumerate(ids):
+                result = q.take_result(job)
+                self.assertTrue(result.is_done(), result)
+                got = tern.tensor_to_f32(result.outputs[0])
+                self.assertLess(max(abs(a - b) for a, b in zip(got, y[r * classes:(r + 1) * classes])), 1e-4)
+                self.assertEqual(q.status(job), tern.JobState.UNKNOWN())
+            failed = q.take_result(lost)
+            self.assertTrue(failed.is_failed() and failed.failure.is_unknown_model(), failed)
+            with self.assertRaises(tern.TernError.Flow) as e:
+                q.submit("magika", [], tern.Priority.HIGH, "no/slashes")
+            self.assertEqual(e.exception.kind, tern.FlowErrorKind.INVALID_OPTION)
+
+
+def vad_session():
+    model = tern.TernModel.from_path((Path(CASE) / "vad_model.txt").read_text().strip())
+    return tern.TernSession(model, tern.SessionConfig(backend=tern.Backend.CPU, threads=1, telemetry=False))
 
 
 if __name__ == "__main__":

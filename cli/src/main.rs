@@ -5,14 +5,21 @@
 //! - `tern run MODEL --input name=file.npy|json …` — one inference, outputs as JSON.
 //! - `tern bench MODEL` — load time, cold start, latency percentiles, peak RSS.
 //! - `tern baseline MODEL --input … -o OUT` — store a drift baseline in the model.
+//! - `tern stream MODEL --chunk IN=N [--carry OUT=IN] [--context IN=N]` — a stateful model
+//!   over raw f32 samples from a file or stdin, one JSON line per chunk.
+//! - `tern bench MODEL --callers 1,2,4,8` — concurrent callers, unbatched and micro-batched.
+//! - `tern jobs --dir DIR submit|run|status|take` — a persistent queue of inference jobs.
 //!
 //! Every command takes `--json` for machine-readable output.
 
 mod bench;
+mod callers;
 mod identify;
+mod stream;
 mod tensor_io;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -109,8 +116,95 @@ enum Command {
         /// slowest nodes.
         #[arg(long)]
         profile: bool,
+        /// Instead, serve this many concurrent callers (a list, e.g. 1,2,4,8,16), each
+        /// making `--runs` requests, once calling the session directly and once through a
+        /// micro-batcher: throughput and p50/p99 latency side by side.
+        #[arg(long, value_delimiter = ',')]
+        callers: Vec<usize>,
+        /// With --callers: the batcher's largest batch, in rows.
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// With --callers: the batcher's window in milliseconds.
+        #[arg(long, default_value_t = 2.0)]
+        max_wait_ms: f64,
+        /// With --callers: hold the window open for requests not yet submitted instead of
+        /// running as soon as every waiting request is in.
+        #[arg(long)]
+        hold_window: bool,
         #[command(flatten)]
         session: SessionArgs,
+    },
+    /// A persistent queue of inference jobs: submit now, run later (e.g. from a timer or
+    /// when the device is idle), collect the results; survives the process being killed.
+    Jobs {
+        /// The queue's directory (created if needed).
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(subcommand)]
+        action: JobsAction,
+    },
+    /// Run a stateful model over a stream of raw little-endian f32 samples (a file or
+    /// stdin), chunk by chunk with its state carried: one JSON line of outputs per chunk.
+    Stream {
+        /// The ONNX model.
+        model: PathBuf,
+        /// The streamed input and the new samples per chunk along its last axis, as IN=N.
+        #[arg(long, required = true)]
+        chunk: String,
+        /// Feed output OUT of each chunk to input IN of the next, as OUT=IN. Repeatable.
+        #[arg(long)]
+        carry: Vec<String>,
+        /// Prefix each chunk of input IN with the last N samples the model saw in the
+        /// previous one (zeros first), as IN=N.
+        #[arg(long)]
+        context: Vec<String>,
+        /// The samples: a file of raw f32, or - for stdin.
+        #[arg(long, default_value = "-")]
+        samples: PathBuf,
+        /// Another input, the same for every chunk, as NAME=FILE. Repeatable.
+        #[arg(long, short)]
+        input: Vec<String>,
+        /// Samples per second of the stream, to report the real-time factor.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsAction {
+    /// Queue a run of MODEL (the job names the model by this path); prints the job's id.
+    Submit {
+        /// The ONNX model.
+        model: PathBuf,
+        /// An input, as NAME=FILE (or FILE alone for a single-input model). Repeatable.
+        #[arg(long, short)]
+        input: Vec<String>,
+        /// An idempotency key (1-64 of A-Z a-z 0-9 _ .): the job's id, one job per key.
+        #[arg(long)]
+        key: Option<String>,
+        /// high, normal or low.
+        #[arg(long, default_value = "normal")]
+        priority: tern_flows::Priority,
+    },
+    /// Run the due jobs for at most --max-ms milliseconds.
+    Run {
+        /// The time budget.
+        #[arg(long, default_value_t = 60_000)]
+        max_ms: u64,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Where a job is: pending, running, finished or unknown.
+    Status {
+        /// The job's id.
+        id: String,
+    },
+    /// Collect a finished job's result (removing it from the queue), as JSON.
+    Take {
+        /// The job's id.
+        id: String,
     },
 }
 
@@ -181,9 +275,14 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let kind = e
-                .downcast_ref::<tern::Error>()
-                .map_or("cli", tern::Error::kind);
+            let kind = match (
+                e.downcast_ref::<tern::Error>(),
+                e.downcast_ref::<tern_flows::Error>(),
+            ) {
+                (Some(e), _) | (_, Some(tern_flows::Error::Model(e))) => e.kind(),
+                (_, Some(e)) => e.kind().as_str(),
+                _ => "cli",
+            };
             if cli.json {
                 let msg =
                     serde_json::json!({ "error": { "kind": kind, "message": format!("{e:#}") } });
@@ -392,21 +491,82 @@ fn run(cli: &Cli) -> Result<()> {
             dim,
             vary,
             profile,
+            callers,
+            max_batch,
+            max_wait_ms,
+            hold_window,
             session,
         } => {
+            if !callers.is_empty() {
+                let loaded = Model::load(model)?;
+                let mut inputs = parse_inputs(&loaded, input)?;
+                for (name, tensor) in loaded.random_inputs(7, &parse_dims(dim)?)? {
+                    if !inputs.iter().any(|(n, _)| *n == name) {
+                        inputs.push((name, tensor));
+                    }
+                }
+                drop(loaded);
+                anyhow::ensure!(
+                    max_wait_ms.is_finite() && *max_wait_ms >= 0.0,
+                    "--max-wait-ms must be a number of milliseconds"
+                );
+                let report = callers::callers(
+                    model,
+                    callers::CallersConfig {
+                        options: session.options()?,
+                        callers: callers.clone(),
+                        runs: *runs,
+                        warmup: *warmup,
+                        batch: tern_flows::BatchOptions::default()
+                            .max_batch(*max_batch)
+                            .max_wait(std::time::Duration::from_secs_f64(max_wait_ms / 1e3))
+                            .eager(!hold_window),
+                        inputs,
+                    },
+                )?;
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    println!(
+                        "{} — {} thread(s), batches of at most {} rows, window {} ms{}",
+                        report.model,
+                        report.threads,
+                        report.max_batch,
+                        report.max_wait_ms,
+                        if report.eager { " (eager)" } else { "" }
+                    );
+                    println!(
+                        "{:>7}  {:>10} {:>8} {:>8}  {:>10} {:>8} {:>8}  {:>6}",
+                        "callers",
+                        "req/s",
+                        "p50 ms",
+                        "p99 ms",
+                        "batched/s",
+                        "p50 ms",
+                        "p99 ms",
+                        "batch"
+                    );
+                    for r in &report.rows {
+                        println!(
+                            "{:>7}  {:>10.1} {:>8.2} {:>8.2}  {:>10.1} {:>8.2} {:>8.2}  {:>6.2}",
+                            r.callers,
+                            r.unbatched.requests_per_s,
+                            r.unbatched.p50_ms,
+                            r.unbatched.p99_ms,
+                            r.batched.requests_per_s,
+                            r.batched.p50_ms,
+                            r.batched.p99_ms,
+                            r.mean_batch
+                        );
+                    }
+                }
+                return Ok(());
+            }
             let vary = vary.as_deref().map(bench::Vary::parse).transpose()?;
             let loaded = Model::load(model)?;
             let inputs = parse_inputs(&loaded, input)?;
             drop(loaded);
-            let mut dims = BTreeMap::new();
-            for d in dim {
-                let (k, v) = d.split_once('=').context("--dim takes SYMBOL=N")?;
-                dims.insert(
-                    k.to_string(),
-                    v.parse::<usize>()
-                        .with_context(|| format!("bad --dim {d}"))?,
-                );
-            }
+            let dims = parse_dims(dim)?;
             let report = bench::bench(
                 model,
                 bench::BenchConfig {
@@ -478,8 +638,143 @@ fn run(cli: &Cli) -> Result<()> {
                 }
             }
         }
+        Command::Jobs { dir, action } => jobs(dir, action, cli.json)?,
+        Command::Stream {
+            model,
+            chunk,
+            carry,
+            context,
+            samples,
+            input,
+            rate,
+            session,
+        } => {
+            let (chunk_input, n) = stream::pair(chunk, "--chunk")?;
+            let loaded = Model::load(model)?;
+            let fixed = parse_inputs(&loaded, input)?;
+            drop(loaded);
+            let config = stream::StreamConfig {
+                options: session.options()?,
+                carries: carry
+                    .iter()
+                    .map(|c| stream::pair(c, "--carry"))
+                    .collect::<Result<_>>()?,
+                contexts: context
+                    .iter()
+                    .map(|c| {
+                        let (i, n) = stream::pair(c, "--context")?;
+                        Ok((i, n.parse().with_context(|| format!("bad --context {c}"))?))
+                    })
+                    .collect::<Result<_>>()?,
+                chunk_input,
+                chunk: n.parse().with_context(|| format!("bad --chunk {chunk}"))?,
+                samples: samples.clone(),
+                fixed,
+                rate: *rate,
+            };
+            let summary = stream::stream(model, config, &mut std::io::stdout().lock())?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "summary": summary }));
+            } else {
+                eprintln!(
+                    "[{} chunk(s), {} sample(s){}, {:.1} ms in the model{}]",
+                    summary.chunks,
+                    summary.samples,
+                    summary
+                        .seconds
+                        .map_or(String::new(), |s| format!(" = {s:.2} s")),
+                    summary.model_ms,
+                    summary
+                        .real_time_factor
+                        .map_or(String::new(), |r| format!(", real-time factor {r:.4}"))
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// `tern jobs`.
+fn jobs(dir: &std::path::Path, action: &JobsAction, json: bool) -> Result<()> {
+    use tern_flows::{JobOptions, JobOutcome, JobQueue, JobStatus};
+    let queue = JobQueue::open(dir, JobOptions::default())?;
+    let doc = match action {
+        JobsAction::Submit {
+            model,
+            input,
+            key,
+            priority,
+        } => {
+            let loaded = Model::load(model)?;
+            let inputs = parse_inputs(&loaded, input)?;
+            let name = model.to_string_lossy();
+            let id = queue.submit(&name, inputs, *priority, key.as_deref())?;
+            serde_json::json!({ "id": id })
+        }
+        JobsAction::Run { max_ms, session } => {
+            let options = session.options()?;
+            for name in queue.pending_models()? {
+                // A model that no longer loads fails its jobs as unknown_model.
+                if let Ok(model) = Model::load(&name) {
+                    let session = Session::new(&model, options.clone())?;
+                    queue.register(&name, std::sync::Arc::new(session));
+                }
+            }
+            let r = queue.run_pending(std::time::Duration::from_millis(*max_ms))?;
+            let recovery = queue.recovery();
+            serde_json::json!({
+                "succeeded": r.succeeded, "failed": r.failed, "retried": r.retried,
+                "pending": r.pending, "out_of_time": r.out_of_time,
+                "recovered": { "requeued": recovery.requeued, "crashed": recovery.crashed,
+                               "finished": recovery.finished, "quarantined": recovery.quarantined },
+            })
+        }
+        JobsAction::Status { id } => match queue.status(id)? {
+            JobStatus::Pending { attempts } => {
+                serde_json::json!({ "id": id, "status": "pending", "attempts": attempts })
+            }
+            JobStatus::Running => serde_json::json!({ "id": id, "status": "running" }),
+            JobStatus::Finished => serde_json::json!({ "id": id, "status": "finished" }),
+            JobStatus::Unknown => serde_json::json!({ "id": id, "status": "unknown" }),
+        },
+        // Peeked, printed, then removed: a result is never lost to a closed pipe.
+        JobsAction::Take { id } => match queue.peek_result(id)? {
+            None => anyhow::bail!("job {id:?} has no result (see `tern jobs status`)"),
+            Some(JobOutcome::Done(outputs)) => {
+                let mut map = serde_json::Map::new();
+                for (name, tensor) in outputs.iter() {
+                    map.insert(name.to_string(), tensor.to_json()?);
+                }
+                serde_json::json!({ "id": id, "status": "done", "outputs": map })
+            }
+            Some(JobOutcome::Failed { error, message }) => serde_json::json!({
+                "id": id, "status": "failed", "error": error, "message": message,
+            }),
+        },
+    };
+    let text = match json {
+        true => doc.to_string(),
+        false => serde_json::to_string_pretty(&doc)?,
+    };
+    writeln!(std::io::stdout().lock(), "{text}").context("writing to stdout")?;
+    if let JobsAction::Take { id } = action {
+        queue.take_result(id)?;
+    }
+    Ok(())
+}
+
+/// Parses `--dim SYMBOL=N` flags.
+fn parse_dims(specs: &[String]) -> Result<BTreeMap<String, usize>> {
+    specs
+        .iter()
+        .map(|d| {
+            let (k, v) = d.split_once('=').context("--dim takes SYMBOL=N")?;
+            let n = v
+                .parse::<usize>()
+                .with_context(|| format!("bad --dim {d}"))?;
+            Ok((k.to_string(), n))
+        })
+        .collect()
 }
 
 /// Parses `NAME=FILE` (or a bare `FILE` for single-input models) into named tensors.

@@ -247,3 +247,160 @@ fn bad_options_are_invalid_option_errors_like_any_other() {
     }
     assert_eq!(tern(&["--help"]).status.code(), Some(0));
 }
+
+/// `tern jobs`: submit (idempotent with a key), run, status, take (once), typed errors.
+#[test]
+fn jobs_are_queued_run_and_collected() {
+    let dir = temp("jobs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.display().to_string();
+    let input = temp("jobs-input.npy");
+    npy_i32(&input, &[0; 2048]);
+    let input = format!("bytes={}", input.display());
+    let submit = |key: &str| {
+        json(&tern(&[
+            "jobs",
+            "--dir",
+            &d,
+            "submit",
+            &magika(),
+            "-i",
+            &input,
+            "--key",
+            key,
+            "--json",
+        ]))
+    };
+    assert_eq!(submit("zeros.1")["id"], "zeros.1");
+    assert_eq!(submit("zeros.1")["id"], "zeros.1", "a key is one job");
+    let status = json(&tern(&["jobs", "--dir", &d, "status", "zeros.1", "--json"]));
+    assert_eq!(status["status"], "pending");
+    let ran = json(&tern(&["jobs", "--dir", &d, "run", "--json"]));
+    assert_eq!(
+        (ran["succeeded"].as_u64(), ran["pending"].as_u64()),
+        (Some(1), Some(0)),
+        "{ran}"
+    );
+    let took = json(&tern(&["jobs", "--dir", &d, "take", "zeros.1", "--json"]));
+    assert_eq!(took["status"], "done");
+    assert_eq!(
+        took["outputs"]["target_label"]["shape"],
+        serde_json::json!([1, 214])
+    );
+    let again = tern(&["jobs", "--dir", &d, "take", "zeros.1", "--json"]);
+    assert_eq!(again.status.code(), Some(1));
+    let bad = tern(&[
+        "jobs",
+        "--dir",
+        &d,
+        "submit",
+        &magika(),
+        "-i",
+        &input,
+        "--key",
+        "a/b",
+        "--json",
+    ]);
+    assert_eq!(json(&bad)["error"]["kind"], "invalid_option");
+}
+
+/// `tern stream` over silero VAD and the audio fixture's raw samples: one JSON line per
+/// 512-sample chunk, each probability onnxruntime's within 1e-4, then the summary; a state
+/// pair the model does not have is a `bad_state` error.
+#[test]
+fn stream_prints_a_line_per_chunk_like_onnxruntime() {
+    let model = tern::fs::fetched("models/silero_vad_lstm/model.onnx").unwrap();
+    let samples = tern::fs::fetched("audio/speech.f32").unwrap();
+    let reference = tern::Tensor::from_npy(
+        &std::fs::read(tern::fs::fetched("audio/speech_probs.npy").unwrap()).unwrap(),
+    )
+    .unwrap()
+    .to_f32_vec()
+    .unwrap();
+    let (model, samples) = (model.display().to_string(), samples.display().to_string());
+    let out = tern(&[
+        "stream",
+        &model,
+        "--chunk",
+        "input=512",
+        "--context",
+        "input=64",
+        "--carry",
+        "hn=h",
+        "--carry",
+        "cn=c",
+        "--samples",
+        &samples,
+        "--rate",
+        "16000",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (summary, chunks) = lines.split_last().unwrap();
+    assert_eq!(chunks.len(), reference.len());
+    for (i, (line, want)) in chunks.iter().zip(&reference).enumerate() {
+        assert_eq!(line["chunk"], i);
+        assert!(
+            line["outputs"].get("hn").is_none(),
+            "carried state is not printed"
+        );
+        let p = line["outputs"]["speech_probs"]["data"][0].as_f64().unwrap();
+        assert!(
+            (p - f64::from(*want)).abs() <= 1e-4,
+            "chunk {i}: {p} vs {want}"
+        );
+    }
+    assert_eq!(summary["summary"]["chunks"], reference.len());
+    assert!(summary["summary"]["real_time_factor"].as_f64().unwrap() > 0.0);
+    let bad = tern(&[
+        "stream",
+        &model,
+        "--chunk",
+        "input=512",
+        "--carry",
+        "hn=nope",
+        "--samples",
+        &samples,
+        "--json",
+    ]);
+    assert_eq!(json(&bad)["error"]["kind"], "bad_state");
+}
+
+/// `tern bench --callers`: a row per caller count, batched runs carrying several requests.
+#[test]
+fn bench_callers_compares_unbatched_and_batched() {
+    let out = tern(&[
+        "bench",
+        &magika(),
+        "--callers",
+        "1,4",
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--max-wait-ms",
+        "5",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&out);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert!(row["unbatched"]["requests_per_s"].as_f64().unwrap() > 0.0);
+        assert!(row["batched"]["p99_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert!(rows[1]["mean_batch"].as_f64().unwrap() >= 1.0, "{report}");
+}

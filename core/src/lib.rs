@@ -29,7 +29,7 @@ pub mod onnx;
 pub mod options;
 mod qdq;
 pub mod session;
-mod sync;
+pub mod sync;
 pub mod telemetry;
 pub mod tensor;
 

@@ -14,7 +14,7 @@ use crate::backend::{self, Executor};
 use crate::baseline::Baseline;
 use crate::error::{catch_panic, Error, Result};
 use crate::kinds::TensorRole;
-use crate::model::{Dim, Model};
+use crate::model::{Dim, Model, TensorInfo};
 pub use crate::options::{
     Backend, CpuOptions, GpuOptions, GpuPrecision, InputOptions, NanPolicy, OptLevel,
     SessionOptions, ShapePolicy, TelemetryChoice, TelemetryOptions, ThreadPolicy, MAX_THREADS,
@@ -99,6 +99,7 @@ pub struct Session {
     executor: Box<dyn Executor>,
     inputs: Vec<InputSpec>,
     output_names: Arc<[String]>,
+    outputs: Vec<TensorInfo>,
     backend: Backend,
     backend_reason: String,
     options: SessionOptions,
@@ -128,6 +129,7 @@ impl Session {
                 executor: prepared.executor,
                 inputs,
                 output_names: model.outputs().iter().map(|o| o.name.clone()).collect(),
+                outputs: model.outputs().to_vec(),
                 backend: prepared.backend,
                 backend_reason: prepared.reason,
                 telemetry: match &options.telemetry.buffer {
@@ -314,6 +316,24 @@ impl Session {
         &self.output_names
     }
 
+    /// The inputs as the session checks them, in model order: the element type the backend
+    /// runs and the shape a run must match (pinned, else declared).
+    pub fn inputs(&self) -> Vec<TensorInfo> {
+        self.inputs
+            .iter()
+            .map(|s| TensorInfo {
+                name: s.name.clone(),
+                dtype: Some(s.dtype),
+                shape: s.shape.clone(),
+            })
+            .collect()
+    }
+
+    /// The outputs as the model declares them, in model order.
+    pub fn outputs(&self) -> &[TensorInfo] {
+        &self.outputs
+    }
+
     /// The name of the model this session runs.
     pub fn model_name(&self) -> &str {
         &self.model_name
@@ -458,6 +478,16 @@ pub struct Outputs {
 }
 
 impl Outputs {
+    /// Named tensors as outputs, in the order given (for code that assembles outputs, such
+    /// as a batcher splitting one run's outputs between its callers).
+    pub fn from_pairs(pairs: Vec<(String, Tensor)>) -> Outputs {
+        let (names, tensors): (Vec<String>, Vec<Tensor>) = pairs.into_iter().unzip();
+        Outputs {
+            names: names.into(),
+            tensors,
+        }
+    }
+
     /// The output called `name`.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.names

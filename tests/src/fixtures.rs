@@ -89,6 +89,15 @@ pub fn div_model() -> Vec<u8> {
     )
 }
 
+/// `y = x + x` over `[batch, n]` f32 tensors: any batch, any row width.
+pub fn double_model() -> Vec<u8> {
+    model(
+        vec![node("add", "Add", "", &["x", "x"], &["y"])],
+        vec![value("x", FLOAT, &["batch", "n"])],
+        vec![value("y", FLOAT, &["batch", "n"])],
+    )
+}
+
 /// `bytes` with one more `metadata_props` entry.
 pub fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
     let mut proto = pb::ModelProto::decode(bytes).expect("fixture model");

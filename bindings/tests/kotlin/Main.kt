@@ -7,6 +7,9 @@
 import java.io.File
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
+import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.async
+import kotlinx.coroutines.awaitAll
 import kotlinx.coroutines.runBlocking
 import uniffi.tern_ffi.*
 
@@ -121,6 +124,91 @@ fun main(args: Array<String>) {
         expect(Regex("\"name\":\"tern.run\"").findAll(traces).count() == 3) { "spans in $traces" }
         expect(batches.flatMap { it.payloads }.any { it.signal == Signal.LOGS && it.json.contains("app.opened") }) { "event" }
         expect(telemetry.stats().pendingBatches == 0uL) { "stats ${telemetry.stats()}" }
+        dir.deleteRecursively()
+    }
+
+    check("a batcher coalesces coroutines' requests") {
+        TernModel.fromPath(modelPath).use { model ->
+            TernSession(model, cpu).use { session ->
+                val config = BatchConfig(maxBatch = 8u, maxWaitMs = 50.0, queueCapacity = 64u, eager = false)
+                TernBatcher(session, config).use { batcher ->
+                    val row = width * 4
+                    val outs = runBlocking {
+                        (0 until 8).map { i ->
+                            async(Dispatchers.Default) {
+                                val r = i % n
+                                val x = input.copyOfRange(r * row, (r + 1) * row)
+                                r to floats(batcher.runAsync(listOf(TensorData("bytes", DType.I32, listOf(1uL, width.toULong()), x)))[0].data)
+                            }
+                        }.awaitAll()
+                    }
+                    for ((r, got) in outs) {
+                        val worst = got.indices.maxOf { kotlin.math.abs(got[it] - expected[r * classes + it]) }
+                        expect(worst < 1e-4f) { "row $r differs by $worst" }
+                    }
+                    val stats = batcher.stats()
+                    expect(stats.requests == 8uL && stats.runs < 8uL) { "stats $stats" }
+                }
+            }
+        }
+    }
+
+    check("a stream carries silero VAD's state like onnxruntime") {
+        val samples = floats(File(case, "stream_samples.bin").readBytes())
+        val want = floats(File(case, "stream_probs.bin").readBytes())
+        TernModel.fromPath(File(case, "vad_model.txt").readText().trim()).use { model ->
+            TernSession(model, cpu).use { session ->
+                val config = StreamConfig(
+                    carries = listOf(StreamCarry("hn", "h"), StreamCarry("cn", "c")),
+                    contexts = listOf(StreamContext("input", 64u)),
+                )
+                TernStream(session, config).use { stream ->
+                    for (i in want.indices) {
+                        val frame = samples.copyOfRange(i * 512, (i + 1) * 512).toList()
+                        val out = stream.push(listOf(tensorF32("input", listOf(1uL, 512uL), frame)))
+                        val p = floats(out.first { it.name == "speech_probs" }.data)[0]
+                        expect(kotlin.math.abs(p - want[i]) < 1e-4f) { "frame $i: $p vs ${want[i]}" }
+                    }
+                    expect(stream.chunks() == want.size.toULong()) { "chunks ${stream.chunks()}" }
+                }
+                val bad = assertThrows<TernException.Flow> {
+                    TernStream(session, StreamConfig(carries = listOf(StreamCarry("nope", "h"))))
+                }
+                expect(bad.kind == FlowErrorKind.BAD_STATE) { "${bad.kind}" }
+                val notBatchable = assertThrows<TernException.Flow> { TernBatcher(session, BatchConfig()) }
+                expect(notBatchable.kind == FlowErrorKind.NOT_BATCHABLE) { "${notBatchable.kind}" }
+            }
+        }
+    }
+
+    check("a job queue runs later, from a WorkManager-style runPending") {
+        val dir = kotlin.io.path.createTempDirectory("tern-kotlin-jobs").toFile()
+        val config = JobConfig(capacity = 8u, maxAttempts = 3u, backoffSeconds = 1.0)
+        val row = width * 4
+        val ids = TernJobQueue.open(dir.path, config).use { q ->
+            (0 until n).map { r ->
+                val x = input.copyOfRange(r * row, (r + 1) * row)
+                q.submit("magika", listOf(TensorData("bytes", DType.I32, listOf(1uL, width.toULong()), x)), Priority.NORMAL, null)
+            }
+        }
+        // A later process (the Worker's doWork) runs them within its budget.
+        TernJobQueue.open(dir.path, config).use { q ->
+            TernModel.fromPath(modelPath).use { model ->
+                TernSession(model, cpu).use { session ->
+                    q.register("magika", session)
+                    val report = q.runPending(60_000uL)
+                    expect(report.succeeded == n.toUInt() && report.pending == 0u) { "report $report" }
+                }
+            }
+            for ((r, id) in ids.withIndex()) {
+                val result = q.takeResult(id)
+                expect(result is JobResult.Done) { "job $id: $result" }
+                val got = floats((result as JobResult.Done).outputs[0].data)
+                val worst = got.indices.maxOf { kotlin.math.abs(got[it] - expected[r * classes + it]) }
+                expect(worst < 1e-4f) { "job $id differs by $worst" }
+                expect(q.status(id) is JobState.Unknown) { "collected twice" }
+            }
+        }
         dir.deleteRecursively()
     }
 

@@ -867,6 +867,417 @@ public func FfiConverterTypeTelemetryUploader_lower(_ value: TelemetryUploader) 
 
 
 /**
+ * Concurrent callers' requests to one session, coalesced into batched runs: call `run`
+ * from many threads (or coroutines); each gets what an unbatched run would give it.
+ */
+public protocol TernBatcherProtocol: AnyObject, Sendable {
+    
+    /**
+     * Runs one request (one or more rows) in the next batch; blocks until it is answered.
+     */
+    func run(inputs: [TensorData]) throws  -> [TensorData]
+    
+    /**
+     * Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     */
+    func runAsync(inputs: [TensorData]) async throws  -> [TensorData]
+    
+    /**
+     * What the batcher has done so far.
+     */
+    func stats()  -> BatchStats
+    
+}
+/**
+ * Concurrent callers' requests to one session, coalesced into batched runs: call `run`
+ * from many threads (or coroutines); each gets what an unbatched run would give it.
+ */
+open class TernBatcher: TernBatcherProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_ternbatcher(self.handle, $0) }
+    }
+    /**
+     * Starts batching `session`'s runs; fails with `Flow(NotBatchable)` for a model whose
+     * inputs have no common batch axis.
+     */
+public convenience init(session: TernSession, config: BatchConfig)throws  {
+    let handle =
+        try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_constructor_ternbatcher_new(
+        FfiConverterTypeTernSession_lower(session),
+        FfiConverterTypeBatchConfig_lower(config),uniffiCallStatus
+    )
+}
+    self.init(unsafeFromHandle: handle)
+}
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_ternbatcher(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * Runs one request (one or more rows) in the next batch; blocks until it is answered.
+     */
+open func run(inputs: [TensorData])throws  -> [TensorData]  {
+    return try  FfiConverterSequenceTypeTensorData.lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternbatcher_run(
+            self.uniffiCloneHandle(),
+        FfiConverterSequenceTypeTensorData.lower(inputs),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     */
+open func runAsync(inputs: [TensorData])async throws  -> [TensorData]  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_tern_ffi_fn_method_ternbatcher_run_async(
+                        self.uniffiCloneHandle(),FfiConverterSequenceTypeTensorData.lower(inputs)
+                )
+            },
+            pollFunc: ffi_tern_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_tern_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_tern_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceTypeTensorData.lift,
+            errorHandler: FfiConverterTypeTernError_lift
+        )
+}
+    
+    /**
+     * What the batcher has done so far.
+     */
+open func stats() -> BatchStats  {
+    return try!  FfiConverterTypeBatchStats_lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternbatcher_stats(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTernBatcher: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = TernBatcher
+
+    public static func lift(_ handle: UInt64) throws -> TernBatcher {
+        return TernBatcher(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: TernBatcher) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TernBatcher {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: TernBatcher, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernBatcher_lift(_ handle: UInt64) throws -> TernBatcher {
+    return try FfiConverterTypeTernBatcher.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernBatcher_lower(_ value: TernBatcher) -> UInt64 {
+    return FfiConverterTypeTernBatcher.lower(value)
+}
+
+
+
+
+
+
+/**
+ * A persistent queue of inference jobs in a directory of the app's: accepted now, run
+ * when the platform lets the app work (`run_pending(maxMillis)` from a WorkManager
+ * `Worker` or a `BGProcessingTask`), surviving process death.
+ */
+public protocol TernJobQueueProtocol: AnyObject, Sendable {
+    
+    /**
+     * Serves jobs naming `model` with `session`.
+     */
+    func register(model: String, session: TernSession) 
+    
+    /**
+     * Runs due jobs until none is due or `max_millis` is spent.
+     */
+    func runPending(maxMillis: UInt64) throws  -> JobRunReport
+    
+    /**
+     * Where job `id` is.
+     */
+    func status(id: String) throws  -> JobState
+    
+    /**
+     * Accepts a job; with an idempotency `key`, the key is its id and a second submission
+     * is the same job. Returns the job's id once it is on disk.
+     */
+    func submit(model: String, inputs: [TensorData], priority: Priority, key: String?) throws  -> String
+    
+    /**
+     * Collects job `id`'s result (removing it), or `null` if it has none yet.
+     */
+    func takeResult(id: String) throws  -> JobResult?
+    
+}
+/**
+ * A persistent queue of inference jobs in a directory of the app's: accepted now, run
+ * when the platform lets the app work (`run_pending(maxMillis)` from a WorkManager
+ * `Worker` or a `BGProcessingTask`), surviving process death.
+ */
+open class TernJobQueue: TernJobQueueProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_ternjobqueue(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_ternjobqueue(handle, $0) }
+    }
+
+    
+    /**
+     * Opens (or creates) the queue in `dir`, repairing what a killed process left.
+     */
+public static func `open`(dir: String, config: JobConfig)throws  -> TernJobQueue  {
+    return try  FfiConverterTypeTernJobQueue_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_constructor_ternjobqueue_open(
+        FfiConverterString.lower(dir),
+        FfiConverterTypeJobConfig_lower(config),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+    /**
+     * Serves jobs naming `model` with `session`.
+     */
+open func register(model: String, session: TernSession)  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternjobqueue_register(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(model),
+        FfiConverterTypeTernSession_lower(session),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Runs due jobs until none is due or `max_millis` is spent.
+     */
+open func runPending(maxMillis: UInt64)throws  -> JobRunReport  {
+    return try  FfiConverterTypeJobRunReport_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternjobqueue_run_pending(
+            self.uniffiCloneHandle(),
+        FfiConverterUInt64.lower(maxMillis),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Where job `id` is.
+     */
+open func status(id: String)throws  -> JobState  {
+    return try  FfiConverterTypeJobState_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternjobqueue_status(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(id),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Accepts a job; with an idempotency `key`, the key is its id and a second submission
+     * is the same job. Returns the job's id once it is on disk.
+     */
+open func submit(model: String, inputs: [TensorData], priority: Priority, key: String?)throws  -> String  {
+    return try  FfiConverterString.lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternjobqueue_submit(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(model),
+        FfiConverterSequenceTypeTensorData.lower(inputs),
+        FfiConverterTypePriority_lower(priority),
+        FfiConverterOptionString.lower(key),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Collects job `id`'s result (removing it), or `null` if it has none yet.
+     */
+open func takeResult(id: String)throws  -> JobResult?  {
+    return try  FfiConverterOptionTypeJobResult.lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternjobqueue_take_result(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(id),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTernJobQueue: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = TernJobQueue
+
+    public static func lift(_ handle: UInt64) throws -> TernJobQueue {
+        return TernJobQueue(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: TernJobQueue) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TernJobQueue {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: TernJobQueue, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernJobQueue_lift(_ handle: UInt64) throws -> TernJobQueue {
+    return try FfiConverterTypeTernJobQueue.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernJobQueue_lower(_ value: TernJobQueue) -> UInt64 {
+    return FfiConverterTypeTernJobQueue.lower(value)
+}
+
+
+
+
+
+
+/**
  * A loaded ONNX model.
  */
 public protocol TernModelProtocol: AnyObject, Sendable {
@@ -1206,6 +1617,185 @@ public func FfiConverterTypeTernSession_lower(_ value: TernSession) -> UInt64 {
 
 
 /**
+ * A stateful model run chunk by chunk (an LSTM, a voice-activity detector): the carried
+ * outputs of each chunk become inputs of the next.
+ */
+public protocol TernStreamProtocol: AnyObject, Sendable {
+    
+    /**
+     * Chunks run since the start or the last reset.
+     */
+    func chunks()  -> UInt64
+    
+    /**
+     * Runs one chunk (every input but the carried ones); returns all outputs.
+     */
+    func push(inputs: [TensorData]) throws  -> [TensorData]
+    
+    /**
+     * Starts over from the initial state.
+     */
+    func reset() 
+    
+}
+/**
+ * A stateful model run chunk by chunk (an LSTM, a voice-activity detector): the carried
+ * outputs of each chunk become inputs of the next.
+ */
+open class TernStream: TernStreamProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_ternstream(self.handle, $0) }
+    }
+    /**
+     * Checks `config` against `session`'s inputs and outputs (`Flow(BadState)`,
+     * `Flow(BadChunk)` otherwise).
+     */
+public convenience init(session: TernSession, config: StreamConfig)throws  {
+    let handle =
+        try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_constructor_ternstream_new(
+        FfiConverterTypeTernSession_lower(session),
+        FfiConverterTypeStreamConfig_lower(config),uniffiCallStatus
+    )
+}
+    self.init(unsafeFromHandle: handle)
+}
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_ternstream(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * Chunks run since the start or the last reset.
+     */
+open func chunks() -> UInt64  {
+    return try!  FfiConverterUInt64.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternstream_chunks(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Runs one chunk (every input but the carried ones); returns all outputs.
+     */
+open func push(inputs: [TensorData])throws  -> [TensorData]  {
+    return try  FfiConverterSequenceTypeTensorData.lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternstream_push(
+            self.uniffiCloneHandle(),
+        FfiConverterSequenceTypeTensorData.lower(inputs),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Starts over from the initial state.
+     */
+open func reset()  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternstream_reset(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTernStream: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = TernStream
+
+    public static func lift(_ handle: UInt64) throws -> TernStream {
+        return TernStream(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: TernStream) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TernStream {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: TernStream, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernStream_lift(_ handle: UInt64) throws -> TernStream {
+    return try FfiConverterTypeTernStream.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernStream_lower(_ value: TernStream) -> UInt64 {
+    return FfiConverterTypeTernStream.lower(value)
+}
+
+
+
+
+
+
+/**
  * The on-device telemetry buffer.
  */
 public protocol TernTelemetryProtocol: AnyObject, Sendable {
@@ -1509,6 +2099,364 @@ public func FfiConverterTypeBackendInfo_lower(_ value: BackendInfo) -> RustBuffe
 
 
 /**
+ * How a [`TernBatcher`] coalesces requests (`tern_flows::BatchOptions`).
+ */
+public struct BatchConfig: Equatable, Hashable {
+    /**
+     * At most this many rows (batch entries over all requests) per run.
+     */
+    public var maxBatch: UInt32
+    /**
+     * At most this long (ms) from a request's arrival until its batch starts.
+     */
+    public var maxWaitMs: Double
+    /**
+     * At most this many requests waiting; beyond, `run` fails with `Flow(Overloaded)`.
+     */
+    public var queueCapacity: UInt32
+    /**
+     * Run as soon as every waiting request is in the batch (true), or hold the window
+     * open for requests not yet made (false).
+     */
+    public var eager: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * At most this many rows (batch entries over all requests) per run.
+         */maxBatch: UInt32 = UInt32(8), 
+        /**
+         * At most this long (ms) from a request's arrival until its batch starts.
+         */maxWaitMs: Double = Double(2.0), 
+        /**
+         * At most this many requests waiting; beyond, `run` fails with `Flow(Overloaded)`.
+         */queueCapacity: UInt32 = UInt32(256), 
+        /**
+         * Run as soon as every waiting request is in the batch (true), or hold the window
+         * open for requests not yet made (false).
+         */eager: Bool = true) {
+        self.maxBatch = maxBatch
+        self.maxWaitMs = maxWaitMs
+        self.queueCapacity = queueCapacity
+        self.eager = eager
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension BatchConfig: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeBatchConfig: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> BatchConfig {
+        return
+            try BatchConfig(
+                maxBatch: FfiConverterUInt32.read(from: &buf), 
+                maxWaitMs: FfiConverterDouble.read(from: &buf), 
+                queueCapacity: FfiConverterUInt32.read(from: &buf), 
+                eager: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: BatchConfig, into buf: inout [UInt8]) {
+        FfiConverterUInt32.write(value.maxBatch, into: &buf)
+        FfiConverterDouble.write(value.maxWaitMs, into: &buf)
+        FfiConverterUInt32.write(value.queueCapacity, into: &buf)
+        FfiConverterBool.write(value.eager, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBatchConfig_lift(_ buf: RustBuffer) throws -> BatchConfig {
+    return try FfiConverterTypeBatchConfig.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBatchConfig_lower(_ value: BatchConfig) -> RustBuffer {
+    return FfiConverterTypeBatchConfig.lower(value)
+}
+
+
+/**
+ * What a batcher has done so far.
+ */
+public struct BatchStats: Equatable, Hashable {
+    /**
+     * Requests answered.
+     */
+    public var requests: UInt64
+    /**
+     * Runs of the session.
+     */
+    public var runs: UInt64
+    /**
+     * Runs that carried more than one request.
+     */
+    public var batchedRuns: UInt64
+    /**
+     * Requests re-run alone after their batch failed.
+     */
+    public var rerunAlone: UInt64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Requests answered.
+         */requests: UInt64, 
+        /**
+         * Runs of the session.
+         */runs: UInt64, 
+        /**
+         * Runs that carried more than one request.
+         */batchedRuns: UInt64, 
+        /**
+         * Requests re-run alone after their batch failed.
+         */rerunAlone: UInt64) {
+        self.requests = requests
+        self.runs = runs
+        self.batchedRuns = batchedRuns
+        self.rerunAlone = rerunAlone
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension BatchStats: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeBatchStats: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> BatchStats {
+        return
+            try BatchStats(
+                requests: FfiConverterUInt64.read(from: &buf), 
+                runs: FfiConverterUInt64.read(from: &buf), 
+                batchedRuns: FfiConverterUInt64.read(from: &buf), 
+                rerunAlone: FfiConverterUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: BatchStats, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.requests, into: &buf)
+        FfiConverterUInt64.write(value.runs, into: &buf)
+        FfiConverterUInt64.write(value.batchedRuns, into: &buf)
+        FfiConverterUInt64.write(value.rerunAlone, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBatchStats_lift(_ buf: RustBuffer) throws -> BatchStats {
+    return try FfiConverterTypeBatchStats.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBatchStats_lower(_ value: BatchStats) -> RustBuffer {
+    return FfiConverterTypeBatchStats.lower(value)
+}
+
+
+/**
+ * How a job queue bounds and retries its jobs.
+ */
+public struct JobConfig: Equatable, Hashable {
+    /**
+     * At most this many jobs pending, running or uncollected.
+     */
+    public var capacity: UInt32
+    /**
+     * Attempts a job may take before it fails for good.
+     */
+    public var maxAttempts: UInt32
+    /**
+     * Seconds before the second attempt, doubled for each further one.
+     */
+    public var backoffSeconds: Double
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * At most this many jobs pending, running or uncollected.
+         */capacity: UInt32 = UInt32(1024), 
+        /**
+         * Attempts a job may take before it fails for good.
+         */maxAttempts: UInt32 = UInt32(3), 
+        /**
+         * Seconds before the second attempt, doubled for each further one.
+         */backoffSeconds: Double = Double(30.0)) {
+        self.capacity = capacity
+        self.maxAttempts = maxAttempts
+        self.backoffSeconds = backoffSeconds
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension JobConfig: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeJobConfig: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> JobConfig {
+        return
+            try JobConfig(
+                capacity: FfiConverterUInt32.read(from: &buf), 
+                maxAttempts: FfiConverterUInt32.read(from: &buf), 
+                backoffSeconds: FfiConverterDouble.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: JobConfig, into buf: inout [UInt8]) {
+        FfiConverterUInt32.write(value.capacity, into: &buf)
+        FfiConverterUInt32.write(value.maxAttempts, into: &buf)
+        FfiConverterDouble.write(value.backoffSeconds, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobConfig_lift(_ buf: RustBuffer) throws -> JobConfig {
+    return try FfiConverterTypeJobConfig.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobConfig_lower(_ value: JobConfig) -> RustBuffer {
+    return FfiConverterTypeJobConfig.lower(value)
+}
+
+
+/**
+ * What one `run_pending` call did.
+ */
+public struct JobRunReport: Equatable, Hashable {
+    /**
+     * Jobs that ran to a result.
+     */
+    public var succeeded: UInt32
+    /**
+     * Jobs that failed for good.
+     */
+    public var failed: UInt32
+    /**
+     * Jobs that wait for a later attempt.
+     */
+    public var retried: UInt32
+    /**
+     * Jobs still pending.
+     */
+    public var pending: UInt32
+    /**
+     * Whether the budget ran out with jobs still due.
+     */
+    public var outOfTime: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Jobs that ran to a result.
+         */succeeded: UInt32, 
+        /**
+         * Jobs that failed for good.
+         */failed: UInt32, 
+        /**
+         * Jobs that wait for a later attempt.
+         */retried: UInt32, 
+        /**
+         * Jobs still pending.
+         */pending: UInt32, 
+        /**
+         * Whether the budget ran out with jobs still due.
+         */outOfTime: Bool) {
+        self.succeeded = succeeded
+        self.failed = failed
+        self.retried = retried
+        self.pending = pending
+        self.outOfTime = outOfTime
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension JobRunReport: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeJobRunReport: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> JobRunReport {
+        return
+            try JobRunReport(
+                succeeded: FfiConverterUInt32.read(from: &buf), 
+                failed: FfiConverterUInt32.read(from: &buf), 
+                retried: FfiConverterUInt32.read(from: &buf), 
+                pending: FfiConverterUInt32.read(from: &buf), 
+                outOfTime: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: JobRunReport, into buf: inout [UInt8]) {
+        FfiConverterUInt32.write(value.succeeded, into: &buf)
+        FfiConverterUInt32.write(value.failed, into: &buf)
+        FfiConverterUInt32.write(value.retried, into: &buf)
+        FfiConverterUInt32.write(value.pending, into: &buf)
+        FfiConverterBool.write(value.outOfTime, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobRunReport_lift(_ buf: RustBuffer) throws -> JobRunReport {
+    return try FfiConverterTypeJobRunReport.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobRunReport_lower(_ value: JobRunReport) -> RustBuffer {
+    return FfiConverterTypeJobRunReport.lower(value)
+}
+
+
+/**
  * What a model is.
  */
 public struct ModelInfo: Equatable, Hashable {
@@ -1766,6 +2714,226 @@ public func FfiConverterTypeSessionConfig_lift(_ buf: RustBuffer) throws -> Sess
 #endif
 public func FfiConverterTypeSessionConfig_lower(_ value: SessionConfig) -> RustBuffer {
     return FfiConverterTypeSessionConfig.lower(value)
+}
+
+
+/**
+ * One output → input pair a stream carries to the next chunk.
+ */
+public struct StreamCarry: Equatable, Hashable {
+    /**
+     * The output of one chunk…
+     */
+    public var output: String
+    /**
+     * …fed to this input of the next.
+     */
+    public var input: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The output of one chunk…
+         */output: String, 
+        /**
+         * …fed to this input of the next.
+         */input: String) {
+        self.output = output
+        self.input = input
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension StreamCarry: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStreamCarry: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StreamCarry {
+        return
+            try StreamCarry(
+                output: FfiConverterString.read(from: &buf), 
+                input: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: StreamCarry, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.output, into: &buf)
+        FfiConverterString.write(value.input, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStreamCarry_lift(_ buf: RustBuffer) throws -> StreamCarry {
+    return try FfiConverterTypeStreamCarry.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStreamCarry_lower(_ value: StreamCarry) -> RustBuffer {
+    return FfiConverterTypeStreamCarry.lower(value)
+}
+
+
+/**
+ * What a [`TernStream`] carries between chunks.
+ */
+public struct StreamConfig: Equatable, Hashable {
+    /**
+     * State pairs.
+     */
+    public var carries: [StreamCarry]
+    /**
+     * Sliding-window contexts.
+     */
+    public var contexts: [StreamContext]
+    /**
+     * Initial values of carried inputs (named by input); zeros of the declared shape
+     * otherwise.
+     */
+    public var initial: [TensorData]
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * State pairs.
+         */carries: [StreamCarry], 
+        /**
+         * Sliding-window contexts.
+         */contexts: [StreamContext] = [], 
+        /**
+         * Initial values of carried inputs (named by input); zeros of the declared shape
+         * otherwise.
+         */initial: [TensorData] = []) {
+        self.carries = carries
+        self.contexts = contexts
+        self.initial = initial
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension StreamConfig: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStreamConfig: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StreamConfig {
+        return
+            try StreamConfig(
+                carries: FfiConverterSequenceTypeStreamCarry.read(from: &buf), 
+                contexts: FfiConverterSequenceTypeStreamContext.read(from: &buf), 
+                initial: FfiConverterSequenceTypeTensorData.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: StreamConfig, into buf: inout [UInt8]) {
+        FfiConverterSequenceTypeStreamCarry.write(value.carries, into: &buf)
+        FfiConverterSequenceTypeStreamContext.write(value.contexts, into: &buf)
+        FfiConverterSequenceTypeTensorData.write(value.initial, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStreamConfig_lift(_ buf: RustBuffer) throws -> StreamConfig {
+    return try FfiConverterTypeStreamConfig.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStreamConfig_lower(_ value: StreamConfig) -> RustBuffer {
+    return FfiConverterTypeStreamConfig.lower(value)
+}
+
+
+/**
+ * A context: each chunk of `input` is prefixed along its last axis with the last
+ * `length` elements the model saw in the previous chunk (zeros first).
+ */
+public struct StreamContext: Equatable, Hashable {
+    /**
+     * The input.
+     */
+    public var input: String
+    /**
+     * Elements of context.
+     */
+    public var length: UInt32
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The input.
+         */input: String, 
+        /**
+         * Elements of context.
+         */length: UInt32) {
+        self.input = input
+        self.length = length
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension StreamContext: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStreamContext: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StreamContext {
+        return
+            try StreamContext(
+                input: FfiConverterString.read(from: &buf), 
+                length: FfiConverterUInt32.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: StreamContext, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.input, into: &buf)
+        FfiConverterUInt32.write(value.length, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStreamContext_lift(_ buf: RustBuffer) throws -> StreamContext {
+    return try FfiConverterTypeStreamContext.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStreamContext_lower(_ value: StreamContext) -> RustBuffer {
+    return FfiConverterTypeStreamContext.lower(value)
 }
 
 
@@ -2744,6 +3912,128 @@ public func FfiConverterTypeErrorKind_lower(_ value: ErrorKind) -> RustBuffer {
 
 
 
+public enum FlowErrorKind: Equatable, Hashable {
+    
+    case model
+    case notBatchable
+    case badState
+    case badChunk
+    case invalidOption
+    case overloaded
+    case closed
+    case queueFull
+    case queueInUse
+    case io
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension FlowErrorKind: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeFlowErrorKind: FfiConverterRustBuffer {
+    typealias SwiftType = FlowErrorKind
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> FlowErrorKind {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .model
+        
+        case 2: return .notBatchable
+        
+        case 3: return .badState
+        
+        case 4: return .badChunk
+        
+        case 5: return .invalidOption
+        
+        case 6: return .overloaded
+        
+        case 7: return .closed
+        
+        case 8: return .queueFull
+        
+        case 9: return .queueInUse
+        
+        case 10: return .io
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: FlowErrorKind, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .model:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .notBatchable:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .badState:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .badChunk:
+            writeInt(&buf, Int32(4))
+        
+        
+        case .invalidOption:
+            writeInt(&buf, Int32(5))
+        
+        
+        case .overloaded:
+            writeInt(&buf, Int32(6))
+        
+        
+        case .closed:
+            writeInt(&buf, Int32(7))
+        
+        
+        case .queueFull:
+            writeInt(&buf, Int32(8))
+        
+        
+        case .queueInUse:
+            writeInt(&buf, Int32(9))
+        
+        
+        case .io:
+            writeInt(&buf, Int32(10))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFlowErrorKind_lift(_ buf: RustBuffer) throws -> FlowErrorKind {
+    return try FfiConverterTypeFlowErrorKind.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFlowErrorKind_lower(_ value: FlowErrorKind) -> RustBuffer {
+    return FfiConverterTypeFlowErrorKind.lower(value)
+}
+
+
+
+
 public enum GpuPrecision: Equatable, Hashable {
     
     case auto
@@ -2812,6 +4102,299 @@ public func FfiConverterTypeGpuPrecision_lift(_ buf: RustBuffer) throws -> GpuPr
 #endif
 public func FfiConverterTypeGpuPrecision_lower(_ value: GpuPrecision) -> RustBuffer {
     return FfiConverterTypeGpuPrecision.lower(value)
+}
+
+
+
+/**
+ * Why a job failed for good.
+ */
+
+public enum JobFailure: Equatable, Hashable {
+    
+    /**
+     * The session refused or failed the run, with tern's own kind.
+     */
+    case model(
+        /**
+         * tern's kind (`ShapeMismatch`, `Inference`, …).
+         */kind: ErrorKind
+    )
+    /**
+     * No session is registered under the job's model name.
+     */
+    case unknownModel
+    /**
+     * The process died during each of the job's attempts.
+     */
+    case crashed
+    /**
+     * The job's file was damaged.
+     */
+    case corrupt
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension JobFailure: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeJobFailure: FfiConverterRustBuffer {
+    typealias SwiftType = JobFailure
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> JobFailure {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .model(kind: try FfiConverterTypeErrorKind.read(from: &buf)
+        )
+        
+        case 2: return .unknownModel
+        
+        case 3: return .crashed
+        
+        case 4: return .corrupt
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: JobFailure, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .model(kind):
+            writeInt(&buf, Int32(1))
+            FfiConverterTypeErrorKind.write(kind, into: &buf)
+            
+        
+        case .unknownModel:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .crashed:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .corrupt:
+            writeInt(&buf, Int32(4))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobFailure_lift(_ buf: RustBuffer) throws -> JobFailure {
+    return try FfiConverterTypeJobFailure.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobFailure_lower(_ value: JobFailure) -> RustBuffer {
+    return FfiConverterTypeJobFailure.lower(value)
+}
+
+
+
+/**
+ * A finished job's result.
+ */
+
+public enum JobResult: Equatable, Hashable {
+    
+    /**
+     * The run's outputs.
+     */
+    case done(
+        /**
+         * Named outputs.
+         */outputs: [TensorData]
+    )
+    /**
+     * Why it failed.
+     */
+    case failed(
+        /**
+         * The kind of failure.
+         */failure: JobFailure, 
+        /**
+         * The error's description.
+         */message: String
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension JobResult: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeJobResult: FfiConverterRustBuffer {
+    typealias SwiftType = JobResult
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> JobResult {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .done(outputs: try FfiConverterSequenceTypeTensorData.read(from: &buf)
+        )
+        
+        case 2: return .failed(failure: try FfiConverterTypeJobFailure.read(from: &buf), message: try FfiConverterString.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: JobResult, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .done(outputs):
+            writeInt(&buf, Int32(1))
+            FfiConverterSequenceTypeTensorData.write(outputs, into: &buf)
+            
+        
+        case let .failed(failure,message):
+            writeInt(&buf, Int32(2))
+            FfiConverterTypeJobFailure.write(failure, into: &buf)
+            FfiConverterString.write(message, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobResult_lift(_ buf: RustBuffer) throws -> JobResult {
+    return try FfiConverterTypeJobResult.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobResult_lower(_ value: JobResult) -> RustBuffer {
+    return FfiConverterTypeJobResult.lower(value)
+}
+
+
+
+/**
+ * Where a job is.
+ */
+
+public enum JobState: Equatable, Hashable {
+    
+    /**
+     * Waiting to run, `attempts` used.
+     */
+    case pending(
+        /**
+         * Attempts used so far.
+         */attempts: UInt32
+    )
+    /**
+     * Being run now.
+     */
+    case running
+    /**
+     * Finished: collect it with `take_result`.
+     */
+    case finished
+    /**
+     * No such job (or its result was collected).
+     */
+    case unknown
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension JobState: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeJobState: FfiConverterRustBuffer {
+    typealias SwiftType = JobState
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> JobState {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .pending(attempts: try FfiConverterUInt32.read(from: &buf)
+        )
+        
+        case 2: return .running
+        
+        case 3: return .finished
+        
+        case 4: return .unknown
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: JobState, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .pending(attempts):
+            writeInt(&buf, Int32(1))
+            FfiConverterUInt32.write(attempts, into: &buf)
+            
+        
+        case .running:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .finished:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .unknown:
+            writeInt(&buf, Int32(4))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobState_lift(_ buf: RustBuffer) throws -> JobState {
+    return try FfiConverterTypeJobState.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeJobState_lower(_ value: JobState) -> RustBuffer {
+    return FfiConverterTypeJobState.lower(value)
 }
 
 
@@ -2885,6 +4468,79 @@ public func FfiConverterTypeNanPolicy_lift(_ buf: RustBuffer) throws -> NanPolic
 #endif
 public func FfiConverterTypeNanPolicy_lower(_ value: NanPolicy) -> RustBuffer {
     return FfiConverterTypeNanPolicy.lower(value)
+}
+
+
+
+
+public enum Priority: Equatable, Hashable {
+    
+    case high
+    case normal
+    case low
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension Priority: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePriority: FfiConverterRustBuffer {
+    typealias SwiftType = Priority
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Priority {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .high
+        
+        case 2: return .normal
+        
+        case 3: return .low
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: Priority, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .high:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .normal:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .low:
+            writeInt(&buf, Int32(3))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePriority_lift(_ buf: RustBuffer) throws -> Priority {
+    return try FfiConverterTypePriority.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePriority_lower(_ value: Priority) -> RustBuffer {
+    return FfiConverterTypePriority.lower(value)
 }
 
 
@@ -3107,6 +4763,18 @@ enum TernError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
          * Description.
          */detail: String
     )
+    /**
+     * A batcher or stream refused its configuration or a request (not the model's own
+     * failures, which keep their kinds above).
+     */
+    case Flow(
+        /**
+         * Which refusal (`NotBatchable`, `BadState`, `Overloaded`, …).
+         */kind: FlowErrorKind, 
+        /**
+         * Description.
+         */detail: String
+    )
 
     
 
@@ -3159,6 +4827,10 @@ public struct FfiConverterTypeTernError: FfiConverterRustBuffer {
             kind: try FfiConverterTypeErrorKind.read(from: &buf), 
             detail: try FfiConverterString.read(from: &buf)
             )
+        case 7: return .Flow(
+            kind: try FfiConverterTypeFlowErrorKind.read(from: &buf), 
+            detail: try FfiConverterString.read(from: &buf)
+            )
 
          default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -3203,6 +4875,12 @@ public struct FfiConverterTypeTernError: FfiConverterRustBuffer {
         case let .Inference(kind,detail):
             writeInt(&buf, Int32(6))
             FfiConverterTypeErrorKind.write(kind, into: &buf)
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .Flow(kind,detail):
+            writeInt(&buf, Int32(7))
+            FfiConverterTypeFlowErrorKind.write(kind, into: &buf)
             FfiConverterString.write(detail, into: &buf)
             
         }
@@ -3390,6 +5068,30 @@ public func FfiConverterTypeUploadResult_lower(_ value: UploadResult) -> RustBuf
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
+    typealias SwiftType = String?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterString.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionTypeGpuPrecision: FfiConverterRustBuffer {
     typealias SwiftType = GpuPrecision?
 
@@ -3406,6 +5108,30 @@ fileprivate struct FfiConverterOptionTypeGpuPrecision: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeGpuPrecision.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeJobResult: FfiConverterRustBuffer {
+    typealias SwiftType = JobResult?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeJobResult.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeJobResult.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -3603,6 +5329,56 @@ fileprivate struct FfiConverterSequenceString: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterString.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeStreamCarry: FfiConverterRustBuffer {
+    typealias SwiftType = [StreamCarry]
+
+    public static func write(_ value: [StreamCarry], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeStreamCarry.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [StreamCarry] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [StreamCarry]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeStreamCarry.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeStreamContext: FfiConverterRustBuffer {
+    typealias SwiftType = [StreamContext]
+
+    public static func write(_ value: [StreamContext], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeStreamContext.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [StreamContext] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [StreamContext]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeStreamContext.read(from: &buf))
         }
         return seq
     }
@@ -3853,6 +5629,30 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_telemetryuploader_upload() != 38915) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tern_ffi_checksum_method_ternbatcher_run() != 47832) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternbatcher_run_async() != 8546) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternbatcher_stats() != 37872) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternjobqueue_register() != 45298) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternjobqueue_run_pending() != 48513) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternjobqueue_status() != 5224) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternjobqueue_submit() != 62702) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternjobqueue_take_result() != 46079) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_tern_ffi_checksum_method_ternmodel_info() != 10385) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3863,6 +5663,15 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_method_ternsession_run_async() != 37966) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternstream_chunks() != 50807) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternstream_push() != 44580) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternstream_reset() != 43226) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_method_terntelemetry_counter() != 30393) {
@@ -3886,6 +5695,12 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending() != 42809) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tern_ffi_checksum_constructor_ternbatcher_new() != 2279) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_constructor_ternjobqueue_open() != 48066) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_tern_ffi_checksum_constructor_ternmodel_from_bytes() != 26381) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3893,6 +5708,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_constructor_ternsession_new() != 13524) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_constructor_ternstream_new() != 59794) {
         return InitializationResult.apiChecksumMismatch
     }
 

@@ -279,6 +279,76 @@ void uniffi_tern_ffi_fn_init_callback_vtable_telemetryuploader(const UniffiVTabl
 RustBuffer uniffi_tern_ffi_fn_method_telemetryuploader_upload(uint64_t ptr, RustBuffer batch, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNBATCHER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNBATCHER
+uint64_t uniffi_tern_ffi_fn_clone_ternbatcher(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNBATCHER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNBATCHER
+void uniffi_tern_ffi_fn_free_ternbatcher(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNBATCHER_NEW
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNBATCHER_NEW
+uint64_t uniffi_tern_ffi_fn_constructor_ternbatcher_new(uint64_t session, RustBuffer config, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNBATCHER_RUN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNBATCHER_RUN
+RustBuffer uniffi_tern_ffi_fn_method_ternbatcher_run(uint64_t ptr, RustBuffer inputs, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNBATCHER_RUN_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNBATCHER_RUN_ASYNC
+uint64_t uniffi_tern_ffi_fn_method_ternbatcher_run_async(uint64_t ptr, RustBuffer inputs
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNBATCHER_STATS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNBATCHER_STATS
+RustBuffer uniffi_tern_ffi_fn_method_ternbatcher_stats(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNJOBQUEUE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNJOBQUEUE
+uint64_t uniffi_tern_ffi_fn_clone_ternjobqueue(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNJOBQUEUE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNJOBQUEUE
+void uniffi_tern_ffi_fn_free_ternjobqueue(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNJOBQUEUE_OPEN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNJOBQUEUE_OPEN
+uint64_t uniffi_tern_ffi_fn_constructor_ternjobqueue_open(RustBuffer dir, RustBuffer config, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_REGISTER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_REGISTER
+void uniffi_tern_ffi_fn_method_ternjobqueue_register(uint64_t ptr, RustBuffer model, uint64_t session, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_RUN_PENDING
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_RUN_PENDING
+RustBuffer uniffi_tern_ffi_fn_method_ternjobqueue_run_pending(uint64_t ptr, uint64_t max_millis, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_STATUS
+RustBuffer uniffi_tern_ffi_fn_method_ternjobqueue_status(uint64_t ptr, RustBuffer id, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_SUBMIT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_SUBMIT
+RustBuffer uniffi_tern_ffi_fn_method_ternjobqueue_submit(uint64_t ptr, RustBuffer model, RustBuffer inputs, RustBuffer priority, RustBuffer key, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_TAKE_RESULT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNJOBQUEUE_TAKE_RESULT
+RustBuffer uniffi_tern_ffi_fn_method_ternjobqueue_take_result(uint64_t ptr, RustBuffer id, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNMODEL
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNMODEL
 uint64_t uniffi_tern_ffi_fn_clone_ternmodel(uint64_t handle, RustCallStatus *_Nonnull out_status
@@ -332,6 +402,36 @@ RustBuffer uniffi_tern_ffi_fn_method_ternsession_run(uint64_t ptr, RustBuffer in
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNSESSION_RUN_ASYNC
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNSESSION_RUN_ASYNC
 uint64_t uniffi_tern_ffi_fn_method_ternsession_run_async(uint64_t ptr, RustBuffer inputs
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNSTREAM
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNSTREAM
+uint64_t uniffi_tern_ffi_fn_clone_ternstream(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNSTREAM
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNSTREAM
+void uniffi_tern_ffi_fn_free_ternstream(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNSTREAM_NEW
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNSTREAM_NEW
+uint64_t uniffi_tern_ffi_fn_constructor_ternstream_new(uint64_t session, RustBuffer config, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNSTREAM_CHUNKS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNSTREAM_CHUNKS
+uint64_t uniffi_tern_ffi_fn_method_ternstream_chunks(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNSTREAM_PUSH
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNSTREAM_PUSH
+RustBuffer uniffi_tern_ffi_fn_method_ternstream_push(uint64_t ptr, RustBuffer inputs, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNSTREAM_RESET
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNSTREAM_RESET
+void uniffi_tern_ffi_fn_method_ternstream_reset(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNTELEMETRY
@@ -700,6 +800,54 @@ uint16_t uniffi_tern_ffi_checksum_method_telemetryuploader_upload(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNBATCHER_RUN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNBATCHER_RUN
+uint16_t uniffi_tern_ffi_checksum_method_ternbatcher_run(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNBATCHER_RUN_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNBATCHER_RUN_ASYNC
+uint16_t uniffi_tern_ffi_checksum_method_ternbatcher_run_async(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNBATCHER_STATS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNBATCHER_STATS
+uint16_t uniffi_tern_ffi_checksum_method_ternbatcher_stats(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_REGISTER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_REGISTER
+uint16_t uniffi_tern_ffi_checksum_method_ternjobqueue_register(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_RUN_PENDING
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_RUN_PENDING
+uint16_t uniffi_tern_ffi_checksum_method_ternjobqueue_run_pending(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_STATUS
+uint16_t uniffi_tern_ffi_checksum_method_ternjobqueue_status(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_SUBMIT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_SUBMIT
+uint16_t uniffi_tern_ffi_checksum_method_ternjobqueue_submit(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_TAKE_RESULT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNJOBQUEUE_TAKE_RESULT
+uint16_t uniffi_tern_ffi_checksum_method_ternjobqueue_take_result(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODEL_INFO
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODEL_INFO
 uint16_t uniffi_tern_ffi_checksum_method_ternmodel_info(void
@@ -721,6 +869,24 @@ uint16_t uniffi_tern_ffi_checksum_method_ternsession_run(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNSESSION_RUN_ASYNC
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNSESSION_RUN_ASYNC
 uint16_t uniffi_tern_ffi_checksum_method_ternsession_run_async(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNSTREAM_CHUNKS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNSTREAM_CHUNKS
+uint16_t uniffi_tern_ffi_checksum_method_ternstream_chunks(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNSTREAM_PUSH
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNSTREAM_PUSH
+uint16_t uniffi_tern_ffi_checksum_method_ternstream_push(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNSTREAM_RESET
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNSTREAM_RESET
+uint16_t uniffi_tern_ffi_checksum_method_ternstream_reset(void
     
 );
 #endif
@@ -766,6 +932,18 @@ uint16_t uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNBATCHER_NEW
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNBATCHER_NEW
+uint16_t uniffi_tern_ffi_checksum_constructor_ternbatcher_new(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNJOBQUEUE_OPEN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNJOBQUEUE_OPEN
+uint16_t uniffi_tern_ffi_checksum_constructor_ternjobqueue_open(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNMODEL_FROM_BYTES
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNMODEL_FROM_BYTES
 uint16_t uniffi_tern_ffi_checksum_constructor_ternmodel_from_bytes(void
@@ -781,6 +959,12 @@ uint16_t uniffi_tern_ffi_checksum_constructor_ternmodel_from_path(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNSESSION_NEW
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNSESSION_NEW
 uint16_t uniffi_tern_ffi_checksum_constructor_ternsession_new(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNSTREAM_NEW
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNSTREAM_NEW
+uint16_t uniffi_tern_ffi_checksum_constructor_ternstream_new(void
     
 );
 #endif

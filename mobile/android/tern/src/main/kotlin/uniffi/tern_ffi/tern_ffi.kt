@@ -716,6 +716,22 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tern_ffi_checksum_method_telemetryuploader_upload(
     ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternbatcher_run(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternbatcher_run_async(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternbatcher_stats(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternjobqueue_register(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternjobqueue_run_pending(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternjobqueue_status(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternjobqueue_submit(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternjobqueue_take_result(
+    ): Int
     external fun uniffi_tern_ffi_checksum_method_ternmodel_info(
     ): Int
     external fun uniffi_tern_ffi_checksum_method_ternsession_backend(
@@ -723,6 +739,12 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_tern_ffi_checksum_method_ternsession_run(
     ): Int
     external fun uniffi_tern_ffi_checksum_method_ternsession_run_async(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternstream_chunks(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternstream_push(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternstream_reset(
     ): Int
     external fun uniffi_tern_ffi_checksum_method_terntelemetry_counter(
     ): Int
@@ -738,11 +760,17 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending(
     ): Int
+    external fun uniffi_tern_ffi_checksum_constructor_ternbatcher_new(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_constructor_ternjobqueue_open(
+    ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternmodel_from_bytes(
     ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternmodel_from_path(
     ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternsession_new(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_constructor_ternstream_new(
     ): Int
     external fun ffi_tern_ffi_uniffi_contract_version(
     ): Int
@@ -773,6 +801,34 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_tern_ffi_fn_method_telemetryuploader_upload(`ptr`: Long,`batch`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_clone_ternbatcher(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_ternbatcher(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_constructor_ternbatcher_new(`session`: Long,`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternbatcher_run(`ptr`: Long,`inputs`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternbatcher_run_async(`ptr`: Long,`inputs`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternbatcher_stats(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_clone_ternjobqueue(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_ternjobqueue(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_constructor_ternjobqueue_open(`dir`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternjobqueue_register(`ptr`: Long,`model`: RustBuffer.ByValue,`session`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_method_ternjobqueue_run_pending(`ptr`: Long,`maxMillis`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternjobqueue_status(`ptr`: Long,`id`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternjobqueue_submit(`ptr`: Long,`model`: RustBuffer.ByValue,`inputs`: RustBuffer.ByValue,`priority`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternjobqueue_take_result(`ptr`: Long,`id`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_tern_ffi_fn_clone_ternmodel(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_tern_ffi_fn_free_ternmodel(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -795,6 +851,18 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_tern_ffi_fn_method_ternsession_run_async(`ptr`: Long,`inputs`: RustBuffer.ByValue,
     ): Long
+    external fun uniffi_tern_ffi_fn_clone_ternstream(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_ternstream(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_constructor_ternstream_new(`session`: Long,`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternstream_chunks(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternstream_push(`ptr`: Long,`inputs`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternstream_reset(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_tern_ffi_fn_clone_terntelemetry(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_tern_ffi_fn_free_terntelemetry(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -960,6 +1028,30 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_telemetryuploader_upload() and 0xFFFF) != 38915) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternbatcher_run() and 0xFFFF) != 47832) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternbatcher_run_async() and 0xFFFF) != 8546) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternbatcher_stats() and 0xFFFF) != 37872) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternjobqueue_register() and 0xFFFF) != 45298) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternjobqueue_run_pending() and 0xFFFF) != 48513) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternjobqueue_status() and 0xFFFF) != 5224) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternjobqueue_submit() and 0xFFFF) != 62702) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternjobqueue_take_result() and 0xFFFF) != 46079) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_tern_ffi_checksum_method_ternmodel_info() and 0xFFFF) != 10385) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -970,6 +1062,15 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_method_ternsession_run_async() and 0xFFFF) != 37966) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternstream_chunks() and 0xFFFF) != 50807) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternstream_push() and 0xFFFF) != 44580) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternstream_reset() and 0xFFFF) != 43226) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_method_terntelemetry_counter() and 0xFFFF) != 30393) {
@@ -993,6 +1094,12 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending() and 0xFFFF) != 42809) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_tern_ffi_checksum_constructor_ternbatcher_new() and 0xFFFF) != 2279) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_constructor_ternjobqueue_open() and 0xFFFF) != 48066) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_tern_ffi_checksum_constructor_ternmodel_from_bytes() and 0xFFFF) != 26381) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -1000,6 +1107,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_constructor_ternsession_new() and 0xFFFF) != 13524) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_constructor_ternstream_new() and 0xFFFF) != 59794) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -1888,6 +1998,726 @@ public object FfiConverterTypeTelemetryUploader: FfiConverter<TelemetryUploader,
 
 
 /**
+ * Concurrent callers' requests to one session, coalesced into batched runs: call `run`
+ * from many threads (or coroutines); each gets what an unbatched run would give it.
+ */
+public interface TernBatcherInterface {
+    
+    /**
+     * Runs one request (one or more rows) in the next batch; blocks until it is answered.
+     */
+    fun `run`(`inputs`: List<TensorData>): List<TensorData>
+    
+    /**
+     * Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     */
+    suspend fun `runAsync`(`inputs`: List<TensorData>): List<TensorData>
+    
+    /**
+     * What the batcher has done so far.
+     */
+    fun `stats`(): BatchStats
+    
+    companion object
+}
+
+/**
+ * Concurrent callers' requests to one session, coalesced into batched runs: call `run`
+ * from many threads (or coroutines); each gets what an unbatched run would give it.
+ */
+open class TernBatcher: Disposable, AutoCloseable, TernBatcherInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+    /**
+     * Starts batching `session`'s runs; fails with `Flow(NotBatchable)` for a model whose
+     * inputs have no common batch axis.
+     */
+    constructor(`session`: TernSession, `config`: BatchConfig) :
+        this(UniffiWithHandle, 
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_constructor_ternbatcher_new(
+    
+        
+        FfiConverterTypeTernSession.lower(`session`),
+        FfiConverterTypeBatchConfig.lower(`config`),_status)
+}
+    )
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_ternbatcher(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_ternbatcher(handle, status)
+        }
+    }
+
+    
+    /**
+     * Runs one request (one or more rows) in the next batch; blocks until it is answered.
+     */
+    @Throws(TernException::class)override fun `run`(`inputs`: List<TensorData>): List<TensorData> {
+            return FfiConverterSequenceTypeTensorData.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternbatcher_run(
+        it,
+        
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     */
+    @Throws(TernException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `runAsync`(`inputs`: List<TensorData>) : List<TensorData> {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_tern_ffi_fn_method_ternbatcher_run_async(
+                uniffiHandle,
+                
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_tern_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_tern_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_tern_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterSequenceTypeTensorData.lift(it) },
+        // Error FFI converter
+        TernException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * What the batcher has done so far.
+     */override fun `stats`(): BatchStats {
+            return FfiConverterTypeBatchStats.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternbatcher_stats(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTernBatcher: FfiConverter<TernBatcher, Long> {
+    override fun lower(value: TernBatcher): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): TernBatcher {
+        return TernBatcher(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): TernBatcher {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: TernBatcher) = 8UL
+
+    override fun write(value: TernBatcher, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
+ * A persistent queue of inference jobs in a directory of the app's: accepted now, run
+ * when the platform lets the app work (`run_pending(maxMillis)` from a WorkManager
+ * `Worker` or a `BGProcessingTask`), surviving process death.
+ */
+public interface TernJobQueueInterface {
+    
+    /**
+     * Serves jobs naming `model` with `session`.
+     */
+    fun `register`(`model`: kotlin.String, `session`: TernSession)
+    
+    /**
+     * Runs due jobs until none is due or `max_millis` is spent.
+     */
+    fun `runPending`(`maxMillis`: kotlin.ULong): JobRunReport
+    
+    /**
+     * Where job `id` is.
+     */
+    fun `status`(`id`: kotlin.String): JobState
+    
+    /**
+     * Accepts a job; with an idempotency `key`, the key is its id and a second submission
+     * is the same job. Returns the job's id once it is on disk.
+     */
+    fun `submit`(`model`: kotlin.String, `inputs`: List<TensorData>, `priority`: Priority, `key`: kotlin.String?): kotlin.String
+    
+    /**
+     * Collects job `id`'s result (removing it), or `null` if it has none yet.
+     */
+    fun `takeResult`(`id`: kotlin.String): JobResult?
+    
+    companion object
+}
+
+/**
+ * A persistent queue of inference jobs in a directory of the app's: accepted now, run
+ * when the platform lets the app work (`run_pending(maxMillis)` from a WorkManager
+ * `Worker` or a `BGProcessingTask`), surviving process death.
+ */
+open class TernJobQueue: Disposable, AutoCloseable, TernJobQueueInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_ternjobqueue(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_ternjobqueue(handle, status)
+        }
+    }
+
+    
+    /**
+     * Serves jobs naming `model` with `session`.
+     */override fun `register`(`model`: kotlin.String, `session`: TernSession)
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternjobqueue_register(
+        it,
+        
+        FfiConverterString.lower(`model`),
+        FfiConverterTypeTernSession.lower(`session`),_status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Runs due jobs until none is due or `max_millis` is spent.
+     */
+    @Throws(TernException::class)override fun `runPending`(`maxMillis`: kotlin.ULong): JobRunReport {
+            return FfiConverterTypeJobRunReport.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternjobqueue_run_pending(
+        it,
+        
+        FfiConverterULong.lower(`maxMillis`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Where job `id` is.
+     */
+    @Throws(TernException::class)override fun `status`(`id`: kotlin.String): JobState {
+            return FfiConverterTypeJobState.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternjobqueue_status(
+        it,
+        
+        FfiConverterString.lower(`id`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Accepts a job; with an idempotency `key`, the key is its id and a second submission
+     * is the same job. Returns the job's id once it is on disk.
+     */
+    @Throws(TernException::class)override fun `submit`(`model`: kotlin.String, `inputs`: List<TensorData>, `priority`: Priority, `key`: kotlin.String?): kotlin.String {
+            return FfiConverterString.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternjobqueue_submit(
+        it,
+        
+        FfiConverterString.lower(`model`),
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),
+        FfiConverterTypePriority.lower(`priority`),
+        FfiConverterOptionalString.lower(`key`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Collects job `id`'s result (removing it), or `null` if it has none yet.
+     */
+    @Throws(TernException::class)override fun `takeResult`(`id`: kotlin.String): JobResult? {
+            return FfiConverterOptionalTypeJobResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternjobqueue_take_result(
+        it,
+        
+        FfiConverterString.lower(`id`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+
+    
+
+
+    
+    companion object {
+        
+    /**
+     * Opens (or creates) the queue in `dir`, repairing what a killed process left.
+     */
+    @Throws(TernException::class) fun `open`(`dir`: kotlin.String, `config`: JobConfig): TernJobQueue {
+            return FfiConverterTypeTernJobQueue.lift(
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_constructor_ternjobqueue_open(
+    
+        
+        FfiConverterString.lower(`dir`),
+        FfiConverterTypeJobConfig.lower(`config`),_status)
+}
+    )
+    }
+    
+
+        
+    }
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTernJobQueue: FfiConverter<TernJobQueue, Long> {
+    override fun lower(value: TernJobQueue): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): TernJobQueue {
+        return TernJobQueue(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): TernJobQueue {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: TernJobQueue) = 8UL
+
+    override fun write(value: TernJobQueue, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
  * A loaded ONNX model.
  */
 public interface TernModelInterface {
@@ -2520,6 +3350,332 @@ public object FfiConverterTypeTernSession: FfiConverter<TernSession, Long> {
 
 
 /**
+ * A stateful model run chunk by chunk (an LSTM, a voice-activity detector): the carried
+ * outputs of each chunk become inputs of the next.
+ */
+public interface TernStreamInterface {
+    
+    /**
+     * Chunks run since the start or the last reset.
+     */
+    fun `chunks`(): kotlin.ULong
+    
+    /**
+     * Runs one chunk (every input but the carried ones); returns all outputs.
+     */
+    fun `push`(`inputs`: List<TensorData>): List<TensorData>
+    
+    /**
+     * Starts over from the initial state.
+     */
+    fun `reset`()
+    
+    companion object
+}
+
+/**
+ * A stateful model run chunk by chunk (an LSTM, a voice-activity detector): the carried
+ * outputs of each chunk become inputs of the next.
+ */
+open class TernStream: Disposable, AutoCloseable, TernStreamInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+    /**
+     * Checks `config` against `session`'s inputs and outputs (`Flow(BadState)`,
+     * `Flow(BadChunk)` otherwise).
+     */
+    constructor(`session`: TernSession, `config`: StreamConfig) :
+        this(UniffiWithHandle, 
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_constructor_ternstream_new(
+    
+        
+        FfiConverterTypeTernSession.lower(`session`),
+        FfiConverterTypeStreamConfig.lower(`config`),_status)
+}
+    )
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_ternstream(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_ternstream(handle, status)
+        }
+    }
+
+    
+    /**
+     * Chunks run since the start or the last reset.
+     */override fun `chunks`(): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternstream_chunks(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Runs one chunk (every input but the carried ones); returns all outputs.
+     */
+    @Throws(TernException::class)override fun `push`(`inputs`: List<TensorData>): List<TensorData> {
+            return FfiConverterSequenceTypeTensorData.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternstream_push(
+        it,
+        
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Starts over from the initial state.
+     */override fun `reset`()
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternstream_reset(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTernStream: FfiConverter<TernStream, Long> {
+    override fun lower(value: TernStream): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): TernStream {
+        return TernStream(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): TernStream {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: TernStream) = 8UL
+
+    override fun write(value: TernStream, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
  * The on-device telemetry buffer.
  */
 public interface TernTelemetryInterface {
@@ -2873,6 +4029,259 @@ public object FfiConverterTypeBackendInfo: FfiConverterRustBuffer<BackendInfo> {
 
 
 /**
+ * How a [`TernBatcher`] coalesces requests (`tern_flows::BatchOptions`).
+ */
+data class BatchConfig (
+    /**
+     * At most this many rows (batch entries over all requests) per run.
+     */
+    var `maxBatch`: kotlin.UInt = 8u 
+    , 
+    /**
+     * At most this long (ms) from a request's arrival until its batch starts.
+     */
+    var `maxWaitMs`: kotlin.Double = 2.0 
+    , 
+    /**
+     * At most this many requests waiting; beyond, `run` fails with `Flow(Overloaded)`.
+     */
+    var `queueCapacity`: kotlin.UInt = 256u 
+    , 
+    /**
+     * Run as soon as every waiting request is in the batch (true), or hold the window
+     * open for requests not yet made (false).
+     */
+    var `eager`: kotlin.Boolean = true 
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeBatchConfig: FfiConverterRustBuffer<BatchConfig> {
+    override fun read(buf: ByteBuffer): BatchConfig {
+        return BatchConfig(
+            FfiConverterUInt.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: BatchConfig) = (
+            FfiConverterUInt.allocationSize(value.`maxBatch`) +
+            FfiConverterDouble.allocationSize(value.`maxWaitMs`) +
+            FfiConverterUInt.allocationSize(value.`queueCapacity`) +
+            FfiConverterBoolean.allocationSize(value.`eager`)
+    )
+
+    override fun write(value: BatchConfig, buf: ByteBuffer) {
+            FfiConverterUInt.write(value.`maxBatch`, buf)
+            FfiConverterDouble.write(value.`maxWaitMs`, buf)
+            FfiConverterUInt.write(value.`queueCapacity`, buf)
+            FfiConverterBoolean.write(value.`eager`, buf)
+    }
+}
+
+
+
+/**
+ * What a batcher has done so far.
+ */
+data class BatchStats (
+    /**
+     * Requests answered.
+     */
+    var `requests`: kotlin.ULong
+    , 
+    /**
+     * Runs of the session.
+     */
+    var `runs`: kotlin.ULong
+    , 
+    /**
+     * Runs that carried more than one request.
+     */
+    var `batchedRuns`: kotlin.ULong
+    , 
+    /**
+     * Requests re-run alone after their batch failed.
+     */
+    var `rerunAlone`: kotlin.ULong
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeBatchStats: FfiConverterRustBuffer<BatchStats> {
+    override fun read(buf: ByteBuffer): BatchStats {
+        return BatchStats(
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: BatchStats) = (
+            FfiConverterULong.allocationSize(value.`requests`) +
+            FfiConverterULong.allocationSize(value.`runs`) +
+            FfiConverterULong.allocationSize(value.`batchedRuns`) +
+            FfiConverterULong.allocationSize(value.`rerunAlone`)
+    )
+
+    override fun write(value: BatchStats, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`requests`, buf)
+            FfiConverterULong.write(value.`runs`, buf)
+            FfiConverterULong.write(value.`batchedRuns`, buf)
+            FfiConverterULong.write(value.`rerunAlone`, buf)
+    }
+}
+
+
+
+/**
+ * How a job queue bounds and retries its jobs.
+ */
+data class JobConfig (
+    /**
+     * At most this many jobs pending, running or uncollected.
+     */
+    var `capacity`: kotlin.UInt = 1024u 
+    , 
+    /**
+     * Attempts a job may take before it fails for good.
+     */
+    var `maxAttempts`: kotlin.UInt = 3u 
+    , 
+    /**
+     * Seconds before the second attempt, doubled for each further one.
+     */
+    var `backoffSeconds`: kotlin.Double = 30.0 
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeJobConfig: FfiConverterRustBuffer<JobConfig> {
+    override fun read(buf: ByteBuffer): JobConfig {
+        return JobConfig(
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterDouble.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: JobConfig) = (
+            FfiConverterUInt.allocationSize(value.`capacity`) +
+            FfiConverterUInt.allocationSize(value.`maxAttempts`) +
+            FfiConverterDouble.allocationSize(value.`backoffSeconds`)
+    )
+
+    override fun write(value: JobConfig, buf: ByteBuffer) {
+            FfiConverterUInt.write(value.`capacity`, buf)
+            FfiConverterUInt.write(value.`maxAttempts`, buf)
+            FfiConverterDouble.write(value.`backoffSeconds`, buf)
+    }
+}
+
+
+
+/**
+ * What one `run_pending` call did.
+ */
+data class JobRunReport (
+    /**
+     * Jobs that ran to a result.
+     */
+    var `succeeded`: kotlin.UInt
+    , 
+    /**
+     * Jobs that failed for good.
+     */
+    var `failed`: kotlin.UInt
+    , 
+    /**
+     * Jobs that wait for a later attempt.
+     */
+    var `retried`: kotlin.UInt
+    , 
+    /**
+     * Jobs still pending.
+     */
+    var `pending`: kotlin.UInt
+    , 
+    /**
+     * Whether the budget ran out with jobs still due.
+     */
+    var `outOfTime`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeJobRunReport: FfiConverterRustBuffer<JobRunReport> {
+    override fun read(buf: ByteBuffer): JobRunReport {
+        return JobRunReport(
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: JobRunReport) = (
+            FfiConverterUInt.allocationSize(value.`succeeded`) +
+            FfiConverterUInt.allocationSize(value.`failed`) +
+            FfiConverterUInt.allocationSize(value.`retried`) +
+            FfiConverterUInt.allocationSize(value.`pending`) +
+            FfiConverterBoolean.allocationSize(value.`outOfTime`)
+    )
+
+    override fun write(value: JobRunReport, buf: ByteBuffer) {
+            FfiConverterUInt.write(value.`succeeded`, buf)
+            FfiConverterUInt.write(value.`failed`, buf)
+            FfiConverterUInt.write(value.`retried`, buf)
+            FfiConverterUInt.write(value.`pending`, buf)
+            FfiConverterBoolean.write(value.`outOfTime`, buf)
+    }
+}
+
+
+
+/**
  * What a model is.
  */
 data class ModelInfo (
@@ -3059,6 +4468,157 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
             FfiConverterBoolean.write(value.`telemetry`, buf)
             FfiConverterOptionalTypeGpuPrecision.write(value.`gpuPrecision`, buf)
             FfiConverterBoolean.write(value.`ternKernels`, buf)
+    }
+}
+
+
+
+/**
+ * One output → input pair a stream carries to the next chunk.
+ */
+data class StreamCarry (
+    /**
+     * The output of one chunk…
+     */
+    var `output`: kotlin.String
+    , 
+    /**
+     * …fed to this input of the next.
+     */
+    var `input`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStreamCarry: FfiConverterRustBuffer<StreamCarry> {
+    override fun read(buf: ByteBuffer): StreamCarry {
+        return StreamCarry(
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: StreamCarry) = (
+            FfiConverterString.allocationSize(value.`output`) +
+            FfiConverterString.allocationSize(value.`input`)
+    )
+
+    override fun write(value: StreamCarry, buf: ByteBuffer) {
+            FfiConverterString.write(value.`output`, buf)
+            FfiConverterString.write(value.`input`, buf)
+    }
+}
+
+
+
+/**
+ * What a [`TernStream`] carries between chunks.
+ */
+data class StreamConfig (
+    /**
+     * State pairs.
+     */
+    var `carries`: List<StreamCarry>
+    , 
+    /**
+     * Sliding-window contexts.
+     */
+    var `contexts`: List<StreamContext> = listOf() 
+    , 
+    /**
+     * Initial values of carried inputs (named by input); zeros of the declared shape
+     * otherwise.
+     */
+    var `initial`: List<TensorData> = listOf() 
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStreamConfig: FfiConverterRustBuffer<StreamConfig> {
+    override fun read(buf: ByteBuffer): StreamConfig {
+        return StreamConfig(
+            FfiConverterSequenceTypeStreamCarry.read(buf),
+            FfiConverterSequenceTypeStreamContext.read(buf),
+            FfiConverterSequenceTypeTensorData.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: StreamConfig) = (
+            FfiConverterSequenceTypeStreamCarry.allocationSize(value.`carries`) +
+            FfiConverterSequenceTypeStreamContext.allocationSize(value.`contexts`) +
+            FfiConverterSequenceTypeTensorData.allocationSize(value.`initial`)
+    )
+
+    override fun write(value: StreamConfig, buf: ByteBuffer) {
+            FfiConverterSequenceTypeStreamCarry.write(value.`carries`, buf)
+            FfiConverterSequenceTypeStreamContext.write(value.`contexts`, buf)
+            FfiConverterSequenceTypeTensorData.write(value.`initial`, buf)
+    }
+}
+
+
+
+/**
+ * A context: each chunk of `input` is prefixed along its last axis with the last
+ * `length` elements the model saw in the previous chunk (zeros first).
+ */
+data class StreamContext (
+    /**
+     * The input.
+     */
+    var `input`: kotlin.String
+    , 
+    /**
+     * Elements of context.
+     */
+    var `length`: kotlin.UInt
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStreamContext: FfiConverterRustBuffer<StreamContext> {
+    override fun read(buf: ByteBuffer): StreamContext {
+        return StreamContext(
+            FfiConverterString.read(buf),
+            FfiConverterUInt.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: StreamContext) = (
+            FfiConverterString.allocationSize(value.`input`) +
+            FfiConverterUInt.allocationSize(value.`length`)
+    )
+
+    override fun write(value: StreamContext, buf: ByteBuffer) {
+            FfiConverterString.write(value.`input`, buf)
+            FfiConverterUInt.write(value.`length`, buf)
     }
 }
 
@@ -3610,6 +5170,48 @@ public object FfiConverterTypeErrorKind: FfiConverterRustBuffer<ErrorKind> {
 
 
 
+enum class FlowErrorKind {
+    
+    MODEL,
+    NOT_BATCHABLE,
+    BAD_STATE,
+    BAD_CHUNK,
+    INVALID_OPTION,
+    OVERLOADED,
+    CLOSED,
+    QUEUE_FULL,
+    QUEUE_IN_USE,
+    IO;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeFlowErrorKind: FfiConverterRustBuffer<FlowErrorKind> {
+    override fun read(buf: ByteBuffer) = try {
+        FlowErrorKind.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: FlowErrorKind) = 4UL
+
+    override fun write(value: FlowErrorKind, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
 enum class GpuPrecision {
     
     AUTO,
@@ -3644,6 +5246,349 @@ public object FfiConverterTypeGpuPrecision: FfiConverterRustBuffer<GpuPrecision>
 
 
 
+/**
+ * Why a job failed for good.
+ */
+sealed class JobFailure {
+    
+    /**
+     * The session refused or failed the run, with tern's own kind.
+     */
+    data class Model(
+        /**
+         * tern's kind (`ShapeMismatch`, `Inference`, …).
+         */
+        val `kind`: uniffi.tern_ffi.ErrorKind) : JobFailure()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * No session is registered under the job's model name.
+     */
+    object UnknownModel : JobFailure()
+    
+    
+    /**
+     * The process died during each of the job's attempts.
+     */
+    object Crashed : JobFailure()
+    
+    
+    /**
+     * The job's file was damaged.
+     */
+    object Corrupt : JobFailure()
+    
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeJobFailure : FfiConverterRustBuffer<JobFailure>{
+    override fun read(buf: ByteBuffer): JobFailure {
+        return when(buf.getInt()) {
+            1 -> JobFailure.Model(
+                FfiConverterTypeErrorKind.read(buf),
+                )
+            2 -> JobFailure.UnknownModel
+            3 -> JobFailure.Crashed
+            4 -> JobFailure.Corrupt
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: JobFailure): ULong = when(value) {
+        is JobFailure.Model -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterTypeErrorKind.allocationSize(value.`kind`)
+            )
+        }
+        is JobFailure.UnknownModel -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is JobFailure.Crashed -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is JobFailure.Corrupt -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+    }
+
+    override fun write(value: JobFailure, buf: ByteBuffer) {
+        when(value) {
+            is JobFailure.Model -> {
+                buf.putInt(1)
+                FfiConverterTypeErrorKind.write(value.`kind`, buf)
+                Unit
+            }
+            is JobFailure.UnknownModel -> {
+                buf.putInt(2)
+                Unit
+            }
+            is JobFailure.Crashed -> {
+                buf.putInt(3)
+                Unit
+            }
+            is JobFailure.Corrupt -> {
+                buf.putInt(4)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
+ * A finished job's result.
+ */
+sealed class JobResult {
+    
+    /**
+     * The run's outputs.
+     */
+    data class Done(
+        /**
+         * Named outputs.
+         */
+        val `outputs`: List<uniffi.tern_ffi.TensorData>) : JobResult()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * Why it failed.
+     */
+    data class Failed(
+        /**
+         * The kind of failure.
+         */
+        val `failure`: uniffi.tern_ffi.JobFailure, 
+        /**
+         * The error's description.
+         */
+        val `message`: kotlin.String) : JobResult()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeJobResult : FfiConverterRustBuffer<JobResult>{
+    override fun read(buf: ByteBuffer): JobResult {
+        return when(buf.getInt()) {
+            1 -> JobResult.Done(
+                FfiConverterSequenceTypeTensorData.read(buf),
+                )
+            2 -> JobResult.Failed(
+                FfiConverterTypeJobFailure.read(buf),
+                FfiConverterString.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: JobResult): ULong = when(value) {
+        is JobResult.Done -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterSequenceTypeTensorData.allocationSize(value.`outputs`)
+            )
+        }
+        is JobResult.Failed -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterTypeJobFailure.allocationSize(value.`failure`)
+                + FfiConverterString.allocationSize(value.`message`)
+            )
+        }
+    }
+
+    override fun write(value: JobResult, buf: ByteBuffer) {
+        when(value) {
+            is JobResult.Done -> {
+                buf.putInt(1)
+                FfiConverterSequenceTypeTensorData.write(value.`outputs`, buf)
+                Unit
+            }
+            is JobResult.Failed -> {
+                buf.putInt(2)
+                FfiConverterTypeJobFailure.write(value.`failure`, buf)
+                FfiConverterString.write(value.`message`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
+ * Where a job is.
+ */
+sealed class JobState {
+    
+    /**
+     * Waiting to run, `attempts` used.
+     */
+    data class Pending(
+        /**
+         * Attempts used so far.
+         */
+        val `attempts`: kotlin.UInt) : JobState()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * Being run now.
+     */
+    object Running : JobState()
+    
+    
+    /**
+     * Finished: collect it with `take_result`.
+     */
+    object Finished : JobState()
+    
+    
+    /**
+     * No such job (or its result was collected).
+     */
+    object Unknown : JobState()
+    
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeJobState : FfiConverterRustBuffer<JobState>{
+    override fun read(buf: ByteBuffer): JobState {
+        return when(buf.getInt()) {
+            1 -> JobState.Pending(
+                FfiConverterUInt.read(buf),
+                )
+            2 -> JobState.Running
+            3 -> JobState.Finished
+            4 -> JobState.Unknown
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: JobState): ULong = when(value) {
+        is JobState.Pending -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterUInt.allocationSize(value.`attempts`)
+            )
+        }
+        is JobState.Running -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is JobState.Finished -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is JobState.Unknown -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+    }
+
+    override fun write(value: JobState, buf: ByteBuffer) {
+        when(value) {
+            is JobState.Pending -> {
+                buf.putInt(1)
+                FfiConverterUInt.write(value.`attempts`, buf)
+                Unit
+            }
+            is JobState.Running -> {
+                buf.putInt(2)
+                Unit
+            }
+            is JobState.Finished -> {
+                buf.putInt(3)
+                Unit
+            }
+            is JobState.Unknown -> {
+                buf.putInt(4)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
 
 enum class NanPolicy {
     
@@ -3671,6 +5616,41 @@ public object FfiConverterTypeNanPolicy: FfiConverterRustBuffer<NanPolicy> {
     override fun allocationSize(value: NanPolicy) = 4UL
 
     override fun write(value: NanPolicy, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
+enum class Priority {
+    
+    HIGH,
+    NORMAL,
+    LOW;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePriority: FfiConverterRustBuffer<Priority> {
+    override fun read(buf: ByteBuffer) = try {
+        Priority.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: Priority) = 4UL
+
+    override fun write(value: Priority, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
@@ -3866,6 +5846,26 @@ sealed class TernException: kotlin.Exception() {
             get() = "kind=${ `kind` }, detail=${ `detail` }"
     }
     
+    /**
+     * A batcher or stream refused its configuration or a request (not the model's own
+     * failures, which keep their kinds above).
+     */
+    class Flow(
+        
+        /**
+         * Which refusal (`NotBatchable`, `BadState`, `Overloaded`, …).
+         */
+        val `kind`: FlowErrorKind, 
+        
+        /**
+         * Description.
+         */
+        val `detail`: kotlin.String
+        ) : TernException() {
+        override val message
+            get() = "kind=${ `kind` }, detail=${ `detail` }"
+    }
+    
 
     
 
@@ -3906,6 +5906,10 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
                 )
             6 -> TernException.Inference(
                 FfiConverterTypeErrorKind.read(buf),
+                FfiConverterString.read(buf),
+                )
+            7 -> TernException.Flow(
+                FfiConverterTypeFlowErrorKind.read(buf),
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
@@ -3949,6 +5953,12 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
                 + FfiConverterTypeErrorKind.allocationSize(value.`kind`)
                 + FfiConverterString.allocationSize(value.`detail`)
             )
+            is TernException.Flow -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterTypeFlowErrorKind.allocationSize(value.`kind`)
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
         }
     }
 
@@ -3986,6 +5996,12 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
             is TernException.Inference -> {
                 buf.putInt(6)
                 FfiConverterTypeErrorKind.write(value.`kind`, buf)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+            is TernException.Flow -> {
+                buf.putInt(7)
+                FfiConverterTypeFlowErrorKind.write(value.`kind`, buf)
                 FfiConverterString.write(value.`detail`, buf)
                 Unit
             }
@@ -4149,6 +6165,38 @@ public object FfiConverterTypeUploadResult : FfiConverterRustBuffer<UploadResult
 /**
  * @suppress
  */
+public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?> {
+    override fun read(buf: ByteBuffer): kotlin.String? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterString.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.String?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterString.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.String?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalTypeGpuPrecision: FfiConverterRustBuffer<GpuPrecision?> {
     override fun read(buf: ByteBuffer): GpuPrecision? {
         if (buf.get().toInt() == 0) {
@@ -4171,6 +6219,38 @@ public object FfiConverterOptionalTypeGpuPrecision: FfiConverterRustBuffer<GpuPr
         } else {
             buf.put(1)
             FfiConverterTypeGpuPrecision.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeJobResult: FfiConverterRustBuffer<JobResult?> {
+    override fun read(buf: ByteBuffer): JobResult? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeJobResult.read(buf)
+    }
+
+    override fun allocationSize(value: JobResult?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeJobResult.allocationSize(value)
+        }
+    }
+
+    override fun write(value: JobResult?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeJobResult.write(value, buf)
         }
     }
 }
@@ -4407,6 +6487,62 @@ public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.Str
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterString.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeStreamCarry: FfiConverterRustBuffer<List<StreamCarry>> {
+    override fun read(buf: ByteBuffer): List<StreamCarry> {
+        val len = buf.getInt()
+        return List<StreamCarry>(len) {
+            FfiConverterTypeStreamCarry.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<StreamCarry>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeStreamCarry.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<StreamCarry>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeStreamCarry.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeStreamContext: FfiConverterRustBuffer<List<StreamContext>> {
+    override fun read(buf: ByteBuffer): List<StreamContext> {
+        val len = buf.getInt()
+        return List<StreamContext>(len) {
+            FfiConverterTypeStreamContext.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<StreamContext>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeStreamContext.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<StreamContext>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeStreamContext.write(it, buf)
         }
     }
 }
