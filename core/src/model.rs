@@ -51,6 +51,18 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Whether a tensor of `shape` could be this one as declared: the same rank (when the
+    /// rank is declared) and every fixed dimension equal (symbols are not bound here).
+    pub fn accepts(&self, shape: &[usize]) -> bool {
+        self.shape.as_ref().is_none_or(|dims| {
+            dims.len() == shape.len()
+                && dims
+                    .iter()
+                    .zip(shape)
+                    .all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s))
+        })
+    }
+
     /// The shape as text, e.g. `[batch, 3, 224, 224]`, or `?` when unknown.
     pub fn shape_string(&self) -> String {
         match &self.shape {

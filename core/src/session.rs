@@ -33,20 +33,13 @@ fn resolve(options: &SessionOptions, model: &Model) -> Result<SessionOptions> {
             .ok_or_else(|| Error::InvalidOption {
                 reason: format!("pinned shape for unknown input {name:?}"),
             })?;
-        if let Some(dims) = &info.shape {
-            let fits = dims.len() == shape.len()
-                && dims
-                    .iter()
-                    .zip(shape)
-                    .all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s));
-            if !fits {
-                return Err(Error::InvalidOption {
-                    reason: format!(
-                        "pinned shape {shape:?} does not fit input {name:?} {}",
-                        info.shape_string()
-                    ),
-                });
-            }
+        if !info.accepts(shape) {
+            return Err(Error::InvalidOption {
+                reason: format!(
+                    "pinned shape {shape:?} does not fit input {name:?} {}",
+                    info.shape_string()
+                ),
+            });
         }
     }
     let size = model.info().node_count + model.info().node_inputs;

@@ -350,19 +350,12 @@ fn check_initial(input: &TensorInfo, value: &Tensor) -> std::result::Result<(), 
             ));
         }
     }
-    if let Some(dims) = &input.shape {
-        let fits = dims.len() == value.shape().len()
-            && dims
-                .iter()
-                .zip(value.shape())
-                .all(|(d, s)| !matches!(d, Dim::Fixed(n) if n != s));
-        if !fits {
-            return Err(format!(
-                "initial value of shape {:?} does not fit the input's {}",
-                value.shape(),
-                input.shape_string()
-            ));
-        }
+    if !input.accepts(value.shape()) {
+        return Err(format!(
+            "initial value of shape {:?} does not fit the input's {}",
+            value.shape(),
+            input.shape_string()
+        ));
     }
     Ok(())
 }
