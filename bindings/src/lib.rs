@@ -167,6 +167,12 @@ pub enum FlowErrorKind {
     QueueFull,
     QueueInUse,
     Io,
+    Timeout,
+    BreakerOpen,
+    Busy,
+    Callback,
+    BadFlow,
+    TooFewAnswers,
 }
 
 #[uniffi::remote(Enum)]

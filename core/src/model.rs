@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use sha2::Digest as _;
 use tract_onnx::pb;
 use tract_onnx::prelude::InferenceModel;
 
@@ -119,6 +120,10 @@ pub struct ModelInfo {
     pub quantized: bool,
     /// Size of the serialized model in bytes.
     pub file_bytes: u64,
+    /// SHA-256 of the serialized model, lowercase hex: what identifies the model's content
+    /// (result caches key on it, so a changed model never answers from an old entry).
+    #[serde(default)]
+    pub sha256: String,
 }
 
 impl ModelInfo {
@@ -191,6 +196,7 @@ impl ModelInfo {
             parameter_bytes: stats.param_bytes,
             quantized,
             file_bytes,
+            sha256: String::new(),
         })
     }
 }
@@ -334,7 +340,8 @@ impl Model {
                     reason: "no IR version: the bytes are not an ONNX model".into(),
                 });
             }
-            let info = ModelInfo::from_proto(&proto, bytes.len() as u64)?;
+            let mut info = ModelInfo::from_proto(&proto, bytes.len() as u64)?;
+            info.sha256 = format!("{:x}", sha2::Sha256::digest(bytes));
             check_external_data(&proto, dir.as_deref())?;
             check_graph(&proto)?;
             let dir = dir.as_ref().and_then(|d| d.to_str());

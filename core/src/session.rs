@@ -98,6 +98,7 @@ pub struct Session {
     options: SessionOptions,
     model_name: String,
     model_version: String,
+    model_sha256: String,
     telemetry: Option<Telemetry>,
     baseline: Option<Arc<Baseline>>,
 }
@@ -137,6 +138,7 @@ impl Session {
                 options,
                 model_name: model.name().to_string(),
                 model_version: model.info().version.clone(),
+                model_sha256: model.info().sha256.clone(),
             })
         })
     }
@@ -330,6 +332,17 @@ impl Session {
     /// The name of the model this session runs.
     pub fn model_name(&self) -> &str {
         &self.model_name
+    }
+
+    /// The model's version ([`crate::ModelInfo::version`], often empty).
+    pub fn model_version(&self) -> &str {
+        &self.model_version
+    }
+
+    /// The SHA-256 of the model's bytes ([`crate::ModelInfo::sha256`]): what a result cache
+    /// keys on, so that a changed model never answers from an old entry.
+    pub fn model_sha256(&self) -> &str {
+        &self.model_sha256
     }
 
     /// The telemetry buffer runs are recorded in, if any.

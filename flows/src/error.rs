@@ -78,6 +78,68 @@ pub enum Error {
         path: std::path::PathBuf,
     },
 
+    /// A step did not answer within its budget or the flow's deadline (and no fallback
+    /// answered).
+    #[error("step {step:?} did not answer within {budget:?}")]
+    Timeout {
+        /// The step.
+        step: String,
+        /// How long the caller waited.
+        budget: std::time::Duration,
+    },
+
+    /// A step's circuit breaker is open (and no fallback answered).
+    #[error("step {step:?} is not tried: its circuit breaker is open")]
+    BreakerOpen {
+        /// The step.
+        step: String,
+    },
+
+    /// Too many of a step's timed-out runs are still running in the background (and no
+    /// fallback answered): the device is saturated, back off.
+    #[error("step {step:?} is busy: {abandoned} timed-out runs are still running")]
+    Busy {
+        /// The step.
+        step: String,
+        /// How many abandoned runs are out.
+        abandoned: usize,
+    },
+
+    /// An app callback (a step, a rule, a confidence or merge function) failed or panicked.
+    #[error("callback in {step:?}: {reason}")]
+    Callback {
+        /// The step (or flow part) whose callback failed.
+        step: String,
+        /// The callback's message, or its panic's.
+        reason: String,
+        /// Whether it panicked (rather than returned an error).
+        panicked: bool,
+    },
+
+    /// Fewer of a fan-out's steps answered by the deadline than it needs.
+    #[error("fan-out {flow:?}: {answered} of the {required} answers needed arrived; missing: {}", missing.join(", "))]
+    TooFewAnswers {
+        /// The fan-out.
+        flow: String,
+        /// How many answered.
+        answered: usize,
+        /// How many it needs.
+        required: usize,
+        /// The missing steps, each with why (`name (timeout)`).
+        missing: Vec<String>,
+    },
+
+    /// A flow cannot be built as described: a cycle, an unknown step or session, a step
+    /// whose outputs do not fit the next one's inputs, an output a confidence or merge
+    /// reads that no step produces.
+    #[error("flow {flow:?}: {reason}")]
+    BadFlow {
+        /// The flow (or the file it was described in).
+        flow: String,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// The job queue's directory could not be read or written (a full disk, permissions).
     #[error("job queue file {path}: {source}")]
     Io {
@@ -113,6 +175,18 @@ pub enum ErrorKind {
     QueueInUse,
     /// [`Error::Io`].
     Io,
+    /// [`Error::Timeout`].
+    Timeout,
+    /// [`Error::BreakerOpen`].
+    BreakerOpen,
+    /// [`Error::Busy`].
+    Busy,
+    /// [`Error::Callback`].
+    Callback,
+    /// [`Error::BadFlow`].
+    BadFlow,
+    /// [`Error::TooFewAnswers`].
+    TooFewAnswers,
 }
 
 impl ErrorKind {
@@ -129,6 +203,12 @@ impl ErrorKind {
             ErrorKind::QueueFull => "queue_full",
             ErrorKind::QueueInUse => "queue_in_use",
             ErrorKind::Io => "io",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::BreakerOpen => "breaker_open",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Callback => "callback",
+            ErrorKind::BadFlow => "bad_flow",
+            ErrorKind::TooFewAnswers => "too_few_answers",
         }
     }
 }
@@ -153,6 +233,39 @@ impl Error {
             Error::QueueFull { .. } => ErrorKind::QueueFull,
             Error::QueueInUse { .. } => ErrorKind::QueueInUse,
             Error::Io { .. } => ErrorKind::Io,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::BreakerOpen { .. } => ErrorKind::BreakerOpen,
+            Error::Busy { .. } => ErrorKind::Busy,
+            Error::Callback { .. } => ErrorKind::Callback,
+            Error::BadFlow { .. } => ErrorKind::BadFlow,
+            Error::TooFewAnswers { .. } => ErrorKind::TooFewAnswers,
+        }
+    }
+
+    /// The kind recorded in a telemetry span's `error` outcome: tern's own kind for a
+    /// session's error, else the nearest one (a callback's failure is `inference`, a
+    /// panic `panic`, busy or an open breaker `resource_limit`, a bad configuration
+    /// `invalid_option`, a queue's file `io`).
+    pub fn telemetry_kind(&self) -> tern::ErrorKind {
+        use tern::ErrorKind as K;
+        match self {
+            Error::Model(e) => e.error_kind(),
+            Error::Callback { panicked: true, .. } => K::Panic,
+            Error::Callback { .. } | Error::Timeout { .. } | Error::TooFewAnswers { .. } => {
+                K::Inference
+            }
+            Error::BreakerOpen { .. }
+            | Error::Busy { .. }
+            | Error::Overloaded { .. }
+            | Error::QueueFull { .. }
+            | Error::QueueInUse { .. }
+            | Error::Closed => K::ResourceLimit,
+            Error::Io { .. } => K::Io,
+            Error::NotBatchable { .. }
+            | Error::BadState { .. }
+            | Error::BadChunk { .. }
+            | Error::InvalidOption { .. }
+            | Error::BadFlow { .. } => K::InvalidOption,
         }
     }
 

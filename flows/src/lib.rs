@@ -16,6 +16,13 @@
 //!   directory that survives process death: at-least-once runs, exactly-once results,
 //!   priorities, retries with backoff, a bounded size.
 //!
+//! - Request-path patterns: a [`Step`] (a session or an app callback) with a latency
+//!   budget, a circuit [`Breaker`], a shared [`ResultCache`] and [`Fallback`]s that say
+//!   which [`Source`] answered; a [`Cascade`] whose cheap stages answer when confident
+//!   ([`Exit`], [`Confidence`], threshold [`Calibration`]); a [`FanOut`] of parallel steps
+//!   merged under a deadline ([`Merge`]) that says which steps were missing. Each request
+//!   is one telemetry span with a stage per step.
+//!
 //! All check their configuration against the session when built (a model without a batch
 //! axis, a state name that is not an output/input pair) and fail with a typed [`Error`].
 //!
@@ -43,14 +50,27 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod breaker;
+pub mod cache;
+pub mod cascade;
 pub mod error;
+pub mod fanout;
 pub mod jobs;
 mod rows;
+pub mod step;
 pub mod stream;
 
 pub use batch::{BatchOptions, BatchStats, Batcher};
+pub use breaker::{Breaker, BreakerOptions, BreakerState};
+pub use cache::{CacheKey, CacheOptions, CacheStats, ResultCache};
+pub use cascade::{
+    Calibration, CalibrationPoint, Cascade, CascadeAnswer, CascadeBuilder, CascadeStats,
+    Confidence, ConfidenceFn, Exit,
+};
 pub use error::{Error, ErrorKind, Result};
+pub use fanout::{FanOut, FanOutAnswer, FanOutBuilder, Merge, MergeFn, Missing};
 pub use jobs::{
     JobError, JobOptions, JobOutcome, JobQueue, JobStatus, Priority, Recovery, RunReport,
 };
+pub use step::{Answer, Compute, Failure, Fallback, Inputs, Source, Step, StepBuilder, StepStats};
 pub use stream::{Stream, StreamOptions};

@@ -227,3 +227,43 @@ pub fn compare(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> Resu
     }
     Ok(diff)
 }
+
+/// PP-OCR's classifier preprocessing: BGR, 48×192, (x/255 − 0.5) / 0.5.
+pub const CLS_PREPROCESS: &str = "size=48x192,order=bgr,mean=0.5,std=0.5";
+
+/// `n` text-line images rendered into `dir` by `scripts/make_text_images.py` (seeded), as
+/// inputs named `input` made by `preprocess` (a `tern_quantize::images::Preprocess` spec),
+/// each with its angle (0 or 180: ppocr_cls's classes 0 and 1), in file order.
+pub fn text_lines(
+    dir: &Path,
+    n: usize,
+    seed: u64,
+    input: &str,
+    preprocess: &str,
+) -> Vec<(Vec<(String, Tensor)>, u32)> {
+    let out = std::process::Command::new(python())
+        .arg(workspace().join("scripts/make_text_images.py"))
+        .arg(dir)
+        .args([n.to_string(), seed.to_string()])
+        .output()
+        .expect("run make_text_images.py");
+    assert!(
+        out.status.success(),
+        "make_text_images.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec: tern_quantize::images::Preprocess = preprocess.parse().expect("preprocess spec");
+    let samples = tern_quantize::images::samples_from_folder(dir, &spec, input).expect("samples");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("read images")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|f| f.ends_with(".png"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), samples.len());
+    files
+        .iter()
+        .zip(samples)
+        .map(|(f, s)| (s, u32::from(f.ends_with("_180.png")) * 180))
+        .collect()
+}

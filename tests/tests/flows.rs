@@ -469,3 +469,609 @@ fn silero_vad_streams_real_speech_like_onnxruntime() {
     );
     assert_eq!(lead, 0, "speech detected in the leading 1.5 s of silence");
 }
+
+// ---------------------------------------------------------------------------------------
+// Request-path patterns: steps (budget, breaker, cache, fallbacks), cascade, fan-out.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tern::telemetry::{Outcome, Record, Telemetry, TelemetryConfig};
+use tern::Outputs;
+use tern_flows::{
+    BreakerOptions, BreakerState, CacheOptions, Calibration, Cascade, Confidence, Exit, Failure,
+    Fallback, FanOut, Merge, ResultCache, Source, Step,
+};
+
+fn x(v: &[f32]) -> Vec<(String, Tensor)> {
+    vec![("x".to_string(), f32s(&[1, v.len()], v))]
+}
+
+fn y_of(o: &Outputs) -> Vec<f32> {
+    o.get("y").expect("output y").to_f32_vec().unwrap()
+}
+
+/// A callback answering `y = value` (one element) after `delay`, counting its calls.
+fn constant(name: &str, value: f32, delay: Duration, calls: Arc<AtomicUsize>) -> Step {
+    Step::callback(name, move |_: &tern_flows::Inputs| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(delay);
+        Ok(Outputs::from_pairs(vec![(
+            "y".into(),
+            f32s(&[1, 1], &[value]),
+        )]))
+    })
+    .build()
+    .unwrap()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tern-flows-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// The text-direction classifier on rendered text lines (scripts/make_text_images.py: 120
+/// lines, some upside down): tern-quantize's int8 model first, the fp32 model when it is unsure.
+/// Calibration is exact bookkeeping over the two models' answers, so the cascade built
+/// with the picked threshold must reproduce its exit rate and agreement; stage-1 answers
+/// are the fp32 session's own outputs, bit for bit.
+#[test]
+fn int8_before_fp32_cascade_on_rendered_text_lines() {
+    let dir = temp_dir("text-lines");
+    let lines = tern_tests::text_lines(&dir, 120, 11, "x", tern_tests::CLS_PREPROCESS);
+    let labels: Vec<usize> = lines
+        .iter()
+        .map(|(_, angle)| (*angle == 180) as usize)
+        .collect();
+    let samples: Vec<Vec<(String, Tensor)>> = lines.into_iter().map(|(s, _)| s).collect();
+    let load = |name: &str| {
+        let m = Model::load(fetched(&format!("models/{name}/model.onnx"))).unwrap();
+        Arc::new(Session::new(&m, SessionOptions::new().threads(1)).unwrap())
+    };
+    let (small, big) = (load("ppocr_cls_int8_qdq"), load("ppocr_cls"));
+    let output = big.output_names()[0].clone();
+    let small_step = Step::session("int8", small).build().unwrap();
+    let big_step = Step::session("fp32", big.clone()).build().unwrap();
+    let exit = Exit::new(&output, Confidence::MaxProbability, 0.0);
+    let thresholds: Vec<f32> = (0..=20).map(|i| 0.5 + i as f32 * 0.025).collect();
+    let by_big =
+        Calibration::run(&small_step, &big_step, &exit, &samples, None, &thresholds).unwrap();
+    let by_label = Calibration::run(
+        &small_step,
+        &big_step,
+        &exit,
+        &samples,
+        Some(&labels),
+        &thresholds,
+    )
+    .unwrap();
+    let never = by_big.points.last().unwrap();
+    assert_eq!(never.threshold, 1.0);
+    // The fp32 model answers everything the int8 one is not sure of (p == 1.0 is rare).
+    assert!(never.exit_rate < 0.1 && never.agreement > 0.99, "{never:?}");
+    let fp32_accuracy = by_label.points.last().unwrap().agreement;
+    assert!(
+        fp32_accuracy >= 0.9,
+        "fp32 reads rendered lines at {fp32_accuracy}"
+    );
+    let picked = by_big
+        .pick(0.98)
+        .expect("some threshold reaches 98 % agreement");
+    assert!(
+        picked.exit_rate > 0.2,
+        "int8 answers too little: {picked:?}"
+    );
+
+    let cascade = Cascade::builder("direction")
+        .stage(
+            small_step,
+            Exit::new(&output, Confidence::MaxProbability, picked.threshold),
+        )
+        .last(big_step)
+        .build()
+        .unwrap();
+    let mut agree = 0;
+    for sample in &samples {
+        let a = cascade.run(sample).unwrap();
+        let want = big.run(sample.clone()).unwrap();
+        let class = |o: &Outputs| {
+            let v = o.get(&output).unwrap().to_f32_vec().unwrap();
+            (v[1] > v[0]) as usize
+        };
+        agree += (class(&a.answer.outputs) == class(&want)) as usize;
+        assert_eq!(a.confidences.len(), 1);
+        if a.stage == 0 {
+            assert!(a.confidences[0] >= picked.threshold);
+        } else {
+            assert!(a.confidences[0] < picked.threshold);
+            assert_eq!(
+                max_abs(
+                    a.answer.outputs.get(&output).unwrap(),
+                    want.get(&output).unwrap()
+                ),
+                0.0
+            );
+        }
+    }
+    let stats = cascade.stats();
+    assert_eq!(stats.requests, samples.len() as u64);
+    let n = samples.len() as f64;
+    assert!(
+        (stats.exit_rate(0) - picked.exit_rate).abs() < 1e-9,
+        "{stats:?} vs {picked:?}"
+    );
+    assert!((agree as f64 / n - picked.agreement).abs() < 1e-9);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fan-out with one step far slower than the deadline answers by the deadline every time
+/// (p100 within 40 ms of it on a busy 2-core machine), flags the slow step as missing,
+/// and never has more than `max_abandoned` of its runs out: beyond that the slow step is
+/// answered `Busy` at once.
+#[test]
+fn fan_out_holds_its_deadline_and_bounds_abandoned_runs() {
+    let fast = Step::session("double", session(&double_model(), SessionOptions::new()))
+        .build()
+        .unwrap();
+    let slow_calls = Arc::new(AtomicUsize::new(0));
+    let slow = Step::callback("slow", {
+        let calls = slow_calls.clone();
+        move |_: &tern_flows::Inputs| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(400));
+            Ok(Outputs::from_pairs(vec![(
+                "y".into(),
+                f32s(&[1, 2], &[0.0, 0.0]),
+            )]))
+        }
+    })
+    .max_abandoned(2)
+    .build()
+    .unwrap();
+    let deadline = Duration::from_millis(60);
+    let fan = FanOut::builder("both", deadline)
+        .step(fast)
+        .step(slow.clone())
+        .build()
+        .unwrap();
+    let mut worst = Duration::ZERO;
+    let mut busy = 0;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let a = fan.run(&x(&[1.0, 2.0])).unwrap();
+        worst = worst.max(t.elapsed());
+        assert!(a.partial);
+        assert_eq!(
+            y_of(&a.outputs),
+            vec![2.0, 4.0],
+            "the fast step's answer alone"
+        );
+        assert_eq!(a.answered, vec![("double".to_string(), Source::Model)]);
+        assert_eq!(a.missing.len(), 1);
+        assert_eq!(a.missing[0].step, "slow");
+        busy += (a.missing[0].failure == Failure::Busy) as usize;
+        assert!(slow.abandoned_runs() <= 2);
+    }
+    assert!(
+        worst <= deadline + Duration::from_millis(40),
+        "waited {worst:?}"
+    );
+    assert!(
+        busy >= 3,
+        "6 requests 60 ms apart with 400 ms runs and 2 allowed out: {busy} busy"
+    );
+    assert!(slow_calls.load(Ordering::SeqCst) <= 3);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        slow.abandoned_runs(),
+        0,
+        "abandoned runs finish and are uncounted"
+    );
+    let too_few = FanOut::builder("strict", deadline)
+        .step(slow)
+        .min_answers(1)
+        .build()
+        .unwrap()
+        .run(&x(&[1.0]))
+        .unwrap_err();
+    assert_eq!(too_few.kind(), ErrorKind::TooFewAnswers);
+}
+
+/// Weighted mean, vote and first-good merges of callbacks with known answers.
+#[test]
+fn fan_out_merges() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = |name, v, ms| constant(name, v, Duration::from_millis(ms), calls.clone());
+    let deadline = Duration::from_secs(5);
+    let mean = FanOut::builder("mean", deadline)
+        .weighted(c("one", 1.0, 0), 1.0)
+        .weighted(c("four", 4.0, 0), 2.0)
+        .build()
+        .unwrap()
+        .run(&x(&[0.0]))
+        .unwrap();
+    assert_eq!(y_of(&mean.outputs), vec![3.0]);
+    assert!(!mean.partial);
+
+    let class = |name: &str, hot: usize, ms| {
+        Step::callback(name, move |_: &tern_flows::Inputs| {
+            std::thread::sleep(Duration::from_millis(ms));
+            let mut p = vec![0.1f32; 3];
+            p[hot] = 0.8;
+            Ok(Outputs::from_pairs(vec![("p".into(), f32s(&[1, 3], &p))]))
+        })
+        .build()
+        .unwrap()
+    };
+    let vote = FanOut::builder("vote", deadline)
+        .weighted(class("a", 2, 0), 1.0)
+        .weighted(class("b", 1, 0), 1.5)
+        .weighted(class("c", 2, 0), 1.0)
+        .merge(Merge::Vote { output: "p".into() })
+        .build()
+        .unwrap()
+        .run(&x(&[0.0]))
+        .unwrap();
+    let p = vote.outputs.get("p").unwrap().to_f32_vec().unwrap();
+    assert_eq!(p[2], 0.8, "class 2 has weight 2 against 1.5");
+
+    let t = Instant::now();
+    let first = FanOut::builder("first", deadline)
+        .step(c("slow", 1.0, 300))
+        .step(c("quick", 2.0, 0))
+        .merge(Merge::FirstGood)
+        .build()
+        .unwrap()
+        .run(&x(&[0.0]))
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_millis(250));
+    assert_eq!(y_of(&first.outputs), vec![2.0]);
+    assert_eq!(first.missing[0].step, "slow");
+}
+
+/// The cache answers repeated inputs without running the model, is shared by steps over
+/// the same model, and misses for a model with other bytes; spans say `cache_hit`.
+#[test]
+fn result_cache_is_keyed_by_model_and_input() {
+    let telemetry = Telemetry::open(temp_dir("cache"), TelemetryConfig::default()).unwrap();
+    let options = || SessionOptions::new().telemetry(telemetry.clone());
+    let cache = ResultCache::new(CacheOptions::default()).unwrap();
+    let a = Step::session("a", session(&double_model(), options()))
+        .cache(&cache)
+        .build()
+        .unwrap();
+    let b = Step::session("b", session(&double_model(), options()))
+        .cache(&cache)
+        .build()
+        .unwrap();
+    let changed = tern_tests::fixtures::with_metadata(&double_model(), "version", "2");
+    let c = Step::session("c", session(&changed, options()))
+        .cache(&cache)
+        .build()
+        .unwrap();
+    assert_eq!(a.run(&x(&[1.0, 2.0])).unwrap().source, Source::Model);
+    let hit = a.run(&x(&[1.0, 2.0])).unwrap();
+    assert_eq!(
+        (hit.source, y_of(&hit.outputs)),
+        (Source::Cache, vec![2.0, 4.0])
+    );
+    assert_eq!(
+        b.run(&x(&[1.0, 2.0])).unwrap().source,
+        Source::Cache,
+        "same model, shared"
+    );
+    assert_eq!(
+        c.run(&x(&[1.0, 2.0])).unwrap().source,
+        Source::Model,
+        "changed model"
+    );
+    assert_eq!(
+        a.run(&x(&[1.0, 2.5])).unwrap().source,
+        Source::Model,
+        "other input"
+    );
+    let s = cache.stats();
+    assert_eq!((s.hits, s.misses), (2, 3));
+    telemetry.flush().unwrap();
+    let spans: Vec<_> = telemetry
+        .stored_records()
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Span(s) if ["a", "b", "c"].contains(&s.model.as_str()) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let outcomes: Vec<_> = spans.iter().map(|s| s.outcome.clone()).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Ok,
+            Outcome::CacheHit,
+            Outcome::CacheHit,
+            Outcome::Ok,
+            Outcome::Ok
+        ]
+    );
+    assert_eq!(spans[0].stages[0].0, "a");
+}
+
+/// A failing step answers from its last good result for that input, then from the static
+/// default; after 2 failures its breaker opens (refusing without running), a probe after
+/// the cool-down closes it again. A panicking callback is a typed error, or the rule's
+/// answer when it has one.
+#[test]
+fn fallbacks_breaker_and_panics() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let step = Step::callback("flaky", {
+        let (failing, calls) = (failing.clone(), calls.clone());
+        move |inputs: &tern_flows::Inputs| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if failing.load(Ordering::SeqCst) {
+                return Err(tern_flows::Error::Callback {
+                    step: "flaky".into(),
+                    reason: "down".into(),
+                    panicked: false,
+                });
+            }
+            Ok(Outputs::from_pairs(vec![("y".into(), inputs[0].1.clone())]))
+        }
+    })
+    .breaker(
+        BreakerOptions::default()
+            .failures(2)
+            .cooldown(Duration::from_millis(100)),
+    )
+    .fallback(Fallback::LastGood)
+    .fallback(Fallback::Static(Outputs::from_pairs(vec![(
+        "y".into(),
+        f32s(&[1, 1], &[-1.0]),
+    )])))
+    .build()
+    .unwrap();
+    assert_eq!(step.run(&x(&[5.0])).unwrap().source, Source::Model);
+    failing.store(true, Ordering::SeqCst);
+    let last = step.run(&x(&[5.0])).unwrap();
+    assert_eq!(
+        (last.source, y_of(&last.outputs)),
+        (Source::LastGood, vec![5.0])
+    );
+    assert!(matches!(
+        last.failure,
+        Some(Failure::Error {
+            kind: ErrorKind::Callback,
+            ..
+        })
+    ));
+    let default = step.run(&x(&[6.0])).unwrap();
+    assert_eq!(
+        (default.source, y_of(&default.outputs)),
+        (Source::Default, vec![-1.0])
+    );
+    assert_eq!(step.breaker_state(), BreakerState::Open);
+    let before = calls.load(Ordering::SeqCst);
+    let refused = step.run(&x(&[5.0])).unwrap();
+    assert_eq!(refused.failure, Some(Failure::BreakerOpen));
+    assert_eq!(refused.source, Source::LastGood);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before,
+        "an open breaker does not run"
+    );
+    std::thread::sleep(Duration::from_millis(150));
+    failing.store(false, Ordering::SeqCst);
+    assert_eq!(
+        step.run(&x(&[7.0])).unwrap().source,
+        Source::Model,
+        "the probe"
+    );
+    assert_eq!(step.breaker_state(), BreakerState::Closed);
+    let s = step.stats();
+    assert_eq!((s.ok, s.errors, s.refused, s.fallbacks), (2, 2, 1, 3));
+
+    let panics = || {
+        Step::callback(
+            "boom",
+            |_: &tern_flows::Inputs| -> tern_flows::Result<Outputs> { panic!("app bug") },
+        )
+    };
+    let err = panics().build().unwrap().run(&x(&[1.0])).unwrap_err();
+    assert!(
+        matches!(&err, tern_flows::Error::Callback { panicked: true, reason, .. } if reason == "app bug"),
+        "{err:?}"
+    );
+    let rule = panics()
+        .budget(Duration::from_secs(5))
+        .fallback(Fallback::Rule(Arc::new(|_: &tern_flows::Inputs| {
+            Ok(Outputs::from_pairs(vec![(
+                "y".into(),
+                f32s(&[1, 1], &[9.0]),
+            )]))
+        })))
+        .build()
+        .unwrap()
+        .run(&x(&[1.0]))
+        .unwrap();
+    assert_eq!(
+        (rule.source, y_of(&rule.outputs)),
+        (Source::Rule, vec![9.0])
+    );
+}
+
+/// Flows that cannot work are refused when built, with a typed error.
+#[test]
+fn bad_flows_are_refused_when_built() {
+    let double = || {
+        Step::session("double", session(&double_model(), SessionOptions::new()))
+            .build()
+            .unwrap()
+    };
+    let div = Step::session("div", session(&div_model(), SessionOptions::new()))
+        .build()
+        .unwrap();
+    let kind = |r: tern_flows::Result<Cascade>| r.unwrap_err().kind();
+    let exit = |o: &str| Exit::new(o, Confidence::MaxProbability, 0.9);
+    assert_eq!(
+        kind(
+            Cascade::builder("c")
+                .stage(double(), exit("nope"))
+                .last(double())
+                .build()
+        ),
+        ErrorKind::BadFlow,
+        "an exit on an output the model does not have"
+    );
+    assert_eq!(
+        kind(
+            Cascade::builder("c")
+                .stage(double(), exit("y"))
+                .last(div)
+                .build()
+        ),
+        ErrorKind::BadFlow,
+        "stages that take other inputs"
+    );
+    assert_eq!(
+        kind(Cascade::builder("c").stage(double(), exit("y")).build()),
+        ErrorKind::BadFlow,
+        "no last stage"
+    );
+    assert_eq!(
+        kind(Cascade::builder("c").last(double()).last(double()).build()),
+        ErrorKind::BadFlow,
+        "a stage after the last"
+    );
+    assert_eq!(
+        kind(
+            Cascade::builder("c")
+                .last(double())
+                .deadline(Duration::ZERO)
+                .build()
+        ),
+        ErrorKind::InvalidOption
+    );
+    let fan = |merge| {
+        FanOut::builder("f", Duration::from_secs(1))
+            .step(double())
+            .merge(merge)
+            .build()
+    };
+    assert_eq!(
+        fan(Merge::Vote { output: "p".into() }).unwrap_err().kind(),
+        ErrorKind::BadFlow
+    );
+    assert_eq!(
+        FanOut::builder("f", Duration::ZERO)
+            .step(double())
+            .build()
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidOption
+    );
+    assert_eq!(
+        FanOut::builder("f", Duration::from_secs(1))
+            .step(double())
+            .step(double())
+            .build()
+            .unwrap_err()
+            .kind(),
+        ErrorKind::BadFlow,
+        "two steps with one name"
+    );
+    assert_eq!(
+        Step::session("s", session(&double_model(), SessionOptions::new()))
+            .budget(Duration::ZERO)
+            .build()
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidOption
+    );
+    assert_eq!(
+        ResultCache::new(CacheOptions::default().max_bytes(0))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidOption
+    );
+}
+
+/// 8 threads × 25 requests through one cascade (a flaky, sometimes slow callback before a
+/// session) and one fan-out sharing its steps: every request answers (no deadlock: the
+/// whole run must end within 60 s), and the counters add up.
+#[test]
+fn flows_under_concurrent_use() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let flaky = Step::callback("flaky", {
+        let n = n.clone();
+        move |inputs: &tern_flows::Inputs| {
+            let i = n.fetch_add(1, Ordering::SeqCst);
+            if i.is_multiple_of(5) {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            if i.is_multiple_of(7) {
+                panic!("flaky {i}");
+            }
+            let v = inputs[0].1.to_f32_vec()?;
+            Ok(Outputs::from_pairs(vec![(
+                "y".into(),
+                f32s(&[1, 2], &[v[0], 1.0 - v[0]]),
+            )]))
+        }
+    })
+    .budget(Duration::from_millis(20))
+    .max_abandoned(4)
+    .breaker(BreakerOptions::default().failures(50))
+    .build()
+    .unwrap();
+    let double = Step::session("double", session(&double_model(), SessionOptions::new()))
+        .cache(&ResultCache::new(CacheOptions::default()).unwrap())
+        .build()
+        .unwrap();
+    let cascade = Arc::new(
+        Cascade::builder("c")
+            .stage(
+                flaky.clone(),
+                Exit::new("y", Confidence::MaxProbability, 0.8),
+            )
+            .last(double.clone())
+            .deadline(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    );
+    let fan = Arc::new(
+        FanOut::builder("f", Duration::from_millis(100))
+            .step(flaky)
+            .step(double)
+            .merge(Merge::FirstGood)
+            .build()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    for t in 0..8 {
+        let (cascade, fan, tx) = (cascade.clone(), fan.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let mut ok = 0;
+            for r in 0..25 {
+                let v = ((t * 25 + r) % 10) as f32 / 10.0;
+                ok += cascade.run(&x(&[v, 0.5])).is_ok() as usize;
+                ok += fan.run(&x(&[v, 0.5])).is_ok() as usize;
+            }
+            tx.send(ok).unwrap();
+        });
+    }
+    drop(tx);
+    let mut total = 0;
+    for _ in 0..8 {
+        total += rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a flow deadlocked or ran past 60 s");
+    }
+    assert_eq!(
+        total, 400,
+        "every request answers (the session step never fails)"
+    );
+    let stats = cascade.stats();
+    assert_eq!(stats.requests, 200);
+    assert_eq!(stats.exits.iter().sum::<u64>(), 200);
+    assert!(stats.exits[0] > 0 && stats.exits[1] > 0, "{stats:?}");
+}

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use tern_quantize::{dynamic, fp16, graph, report, QuantizeError};
-use tern_tests::{fetched, workspace};
+use tern_tests::{fetched, text_lines, workspace, CLS_PREPROCESS};
 
 fn out(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("tern-quantize-{}-{name}", std::process::id()))
@@ -381,9 +381,6 @@ fn percentile_and_entropy_calibration_clip_within_minmax_and_keep_accuracy() {
     }
 }
 
-/// PP-OCR's classifier preprocessing: BGR, 48×192, (x/255 − 0.5) / 0.5.
-const CLS_PREPROCESS: &str = "size=48x192,order=bgr,mean=0.5,std=0.5";
-
 /// `n` rendered text-line images (seeded) as ppocr_cls inputs, with the folder they are in.
 fn text_line_samples(n: usize, seed: u64) -> (PathBuf, Vec<Vec<(String, tern::Tensor)>>) {
     text_line_samples_as(n, seed, CLS_PREPROCESS)
@@ -395,15 +392,9 @@ fn text_line_samples_as(
     seed: u64,
     preprocess: &str,
 ) -> (PathBuf, Vec<Vec<(String, tern::Tensor)>>) {
-    use tern_quantize::images::{samples_from_folder, Preprocess};
     let dir = out(&format!("text-{n}-{seed}"));
-    python_json(
-        "make_text_images.py",
-        &[&dir, &n.to_string(), &seed.to_string()],
-    );
-    let spec: Preprocess = preprocess.parse().unwrap();
-    let samples = samples_from_folder(&dir, &spec, "x").unwrap();
-    (dir, samples)
+    let samples = text_lines(&dir, n, seed, "x", preprocess);
+    (dir, samples.into_iter().map(|(s, _)| s).collect())
 }
 
 #[test]

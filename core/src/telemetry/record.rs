@@ -58,18 +58,22 @@ pub enum Outcome {
     Error(ErrorKind),
     /// The app gave up waiting.
     Timeout,
-    /// The preferred backend failed and another one produced the result.
+    /// The preferred backend failed and another one produced the result, or (in a flow) a
+    /// step failed and its fallback (the last good result, a rule, a default) answered.
     Fallback,
+    /// A flow answered from its result cache without running the model.
+    CacheHit,
 }
 
 impl Outcome {
-    /// Short label: `ok`, `error`, `timeout`, `fallback`.
+    /// Short label: `ok`, `error`, `timeout`, `fallback`, `cache_hit`.
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Error(_) => "error",
             Outcome::Timeout => "timeout",
             Outcome::Fallback => "fallback",
+            Outcome::CacheHit => "cache_hit",
         }
     }
 }
@@ -94,6 +98,20 @@ pub struct SpanRecord {
 }
 
 impl SpanRecord {
+    /// A span starting now with a fresh trace id, no stages and outcome `ok`: for code
+    /// that records its own spans (a flow of several sessions and callbacks).
+    pub fn starting_now(model: &str, version: &str, backend: Backend) -> SpanRecord {
+        SpanRecord {
+            trace_id: random_trace_id(),
+            start_ns: now_ns(),
+            model: model.to_string(),
+            version: version.to_string(),
+            backend,
+            stages: Vec::new(),
+            outcome: Outcome::Ok,
+        }
+    }
+
     /// Total duration in nanoseconds.
     pub fn duration_ns(&self) -> u64 {
         self.stages.iter().map(|(_, d)| d).sum()

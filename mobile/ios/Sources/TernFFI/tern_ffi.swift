@@ -3924,6 +3924,12 @@ public enum FlowErrorKind: Equatable, Hashable {
     case queueFull
     case queueInUse
     case io
+    case timeout
+    case breakerOpen
+    case busy
+    case callback
+    case badFlow
+    case tooFewAnswers
 
 
 
@@ -3964,6 +3970,18 @@ public struct FfiConverterTypeFlowErrorKind: FfiConverterRustBuffer {
         case 9: return .queueInUse
         
         case 10: return .io
+        
+        case 11: return .timeout
+        
+        case 12: return .breakerOpen
+        
+        case 13: return .busy
+        
+        case 14: return .callback
+        
+        case 15: return .badFlow
+        
+        case 16: return .tooFewAnswers
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -4011,6 +4029,30 @@ public struct FfiConverterTypeFlowErrorKind: FfiConverterRustBuffer {
         
         case .io:
             writeInt(&buf, Int32(10))
+        
+        
+        case .timeout:
+            writeInt(&buf, Int32(11))
+        
+        
+        case .breakerOpen:
+            writeInt(&buf, Int32(12))
+        
+        
+        case .busy:
+            writeInt(&buf, Int32(13))
+        
+        
+        case .callback:
+            writeInt(&buf, Int32(14))
+        
+        
+        case .badFlow:
+            writeInt(&buf, Int32(15))
+        
+        
+        case .tooFewAnswers:
+            writeInt(&buf, Int32(16))
         
         }
     }

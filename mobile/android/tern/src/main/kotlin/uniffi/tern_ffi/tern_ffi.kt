@@ -5181,7 +5181,13 @@ enum class FlowErrorKind {
     CLOSED,
     QUEUE_FULL,
     QUEUE_IN_USE,
-    IO;
+    IO,
+    TIMEOUT,
+    BREAKER_OPEN,
+    BUSY,
+    CALLBACK,
+    BAD_FLOW,
+    TOO_FEW_ANSWERS;
 
     
 
