@@ -341,15 +341,21 @@ pub(crate) fn catch_panic<T>(context: &'static str, f: impl FnOnce() -> Result<T
     CATCHING.with(|c| c.set(c.get().saturating_sub(1)));
     match caught {
         Ok(r) => r,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_string());
-            Err(Error::Panic { context, message })
-        }
+        Err(payload) => Err(Error::Panic {
+            context,
+            message: panic_message(&*payload),
+        }),
     }
+}
+
+/// A caught panic's message (its `&str` or `String` payload), for code that catches the
+/// panics of callbacks it runs.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_string())
 }
 
 /// Parses an option's value, case-insensitively, as one of `choices` (each a value and the

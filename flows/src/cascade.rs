@@ -254,7 +254,9 @@ impl Cascade {
             }
             match (r, exit) {
                 (Ok(answer), Some(exit)) => {
-                    let c = exit.measure(&answer.outputs).map_err(|e| self.named(e))?;
+                    let c = exit
+                        .measure(&answer.outputs)
+                        .map_err(|e| e.in_flow(&self.name))?;
                     confidences.push(c);
                     if c >= exit.threshold {
                         result = Ok((i, answer));
@@ -271,18 +273,7 @@ impl Cascade {
                     if last {
                         result = match earlier.take() {
                             Some((j, mut answer)) => {
-                                answer.failure = Some(match &e {
-                                    Error::Timeout { budget, .. } => {
-                                        crate::Failure::Timeout { budget: *budget }
-                                    }
-                                    Error::BreakerOpen { .. } => crate::Failure::BreakerOpen,
-                                    Error::Busy { .. } => crate::Failure::Busy,
-                                    e => crate::Failure::Error {
-                                        kind: e.kind(),
-                                        model_kind: e.model_kind(),
-                                        message: e.to_string(),
-                                    },
-                                });
+                                answer.failure = Some(crate::Failure::of(&e));
                                 Ok((j, answer))
                             }
                             None => Err(e),
@@ -313,16 +304,6 @@ impl Cascade {
             s.record(span);
         }
         result
-    }
-
-    fn named(&self, e: Error) -> Error {
-        match e {
-            Error::BadFlow { reason, .. } => Error::BadFlow {
-                flow: self.name.clone(),
-                reason,
-            },
-            e => e,
-        }
     }
 
     /// Requests and exits per stage so far.

@@ -269,6 +269,17 @@ impl Error {
         }
     }
 
+    /// A [`Error::BadFlow`] found while running a flow, named after the flow.
+    pub(crate) fn in_flow(self, flow: &str) -> Error {
+        match self {
+            Error::BadFlow { reason, .. } => Error::BadFlow {
+                flow: flow.to_string(),
+                reason,
+            },
+            e => e,
+        }
+    }
+
     /// tern's own kind when the session failed ([`Error::Model`]).
     pub fn model_kind(&self) -> Option<tern::ErrorKind> {
         match self {

@@ -144,7 +144,7 @@ impl FanOut {
                         break;
                     }
                 }
-                Err(e) => failures[i] = Some(failure_of(&e)),
+                Err(e) => failures[i] = Some(Failure::of(&e)),
             }
         }
         let missing: Vec<Missing> = self
@@ -231,8 +231,9 @@ impl FanOut {
             Merge::Vote { output } => {
                 let mut tally: Vec<(Vec<usize>, f32, usize, f32)> = Vec::new();
                 for (i, a) in arrived {
-                    let class =
-                        argmax_rows(&scores(&a.outputs, output).map_err(|e| self.named(e))?);
+                    let class = argmax_rows(
+                        &scores(&a.outputs, output).map_err(|e| e.in_flow(&self.name))?,
+                    );
                     match tally.iter_mut().find(|t| t.0 == class) {
                         Some(t) => {
                             t.1 += weight(*i);
@@ -287,29 +288,6 @@ impl FanOut {
                 Ok(Outputs::from_pairs(merged))
             }
         }
-    }
-
-    fn named(&self, e: Error) -> Error {
-        match e {
-            Error::BadFlow { reason, .. } => Error::BadFlow {
-                flow: self.name.clone(),
-                reason,
-            },
-            e => e,
-        }
-    }
-}
-
-fn failure_of(e: &Error) -> Failure {
-    match e {
-        Error::Timeout { budget, .. } => Failure::Timeout { budget: *budget },
-        Error::BreakerOpen { .. } => Failure::BreakerOpen,
-        Error::Busy { .. } => Failure::Busy,
-        e => Failure::Error {
-            kind: e.kind(),
-            model_kind: e.model_kind(),
-            message: e.to_string(),
-        },
     }
 }
 

@@ -140,11 +140,17 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn of(e: &Error) -> Failure {
-        Failure::Error {
-            kind: e.kind(),
-            model_kind: e.model_kind(),
-            message: e.to_string(),
+    /// The failure an error stands for.
+    pub(crate) fn of(e: &Error) -> Failure {
+        match e {
+            Error::Timeout { budget, .. } => Failure::Timeout { budget: *budget },
+            Error::BreakerOpen { .. } => Failure::BreakerOpen,
+            Error::Busy { .. } => Failure::Busy,
+            e => Failure::Error {
+                kind: e.kind(),
+                model_kind: e.model_kind(),
+                message: e.to_string(),
+            },
         }
     }
 
@@ -401,12 +407,7 @@ impl Step {
                 })
             }
             Err(error) => {
-                let failure = match &error {
-                    Error::Timeout { budget, .. } => Failure::Timeout { budget: *budget },
-                    Error::BreakerOpen { .. } => Failure::BreakerOpen,
-                    Error::Busy { .. } => Failure::Busy,
-                    e => Failure::of(e),
-                };
+                let failure = Failure::of(&error);
                 let counter = match failure {
                     Failure::Error { .. } => &s.counters.errors,
                     Failure::Timeout { .. } => &s.counters.timeouts,
@@ -560,18 +561,11 @@ impl Step {
 fn guarded(step: &str, compute: &dyn Compute, inputs: &Inputs) -> Result<Outputs> {
     match std::panic::catch_unwind(AssertUnwindSafe(|| compute.compute(inputs))) {
         Ok(r) => r,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string panic".into());
-            Err(Error::Callback {
-                step: step.to_string(),
-                reason: message,
-                panicked: true,
-            })
-        }
+        Err(payload) => Err(Error::Callback {
+            step: step.to_string(),
+            reason: tern::error::panic_message(&*payload),
+            panicked: true,
+        }),
     }
 }
 
