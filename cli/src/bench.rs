@@ -271,7 +271,7 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
         false => None,
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let pct = |p: f64| ms(times[((times.len() - 1) as f64 * p).round() as usize]);
+    let pct = |p: f64| percentile_ms(&times, p);
     Ok(BenchReport {
         model: path.display().to_string(),
         backend: session.backend().to_string(),
@@ -308,4 +308,12 @@ fn proc_status_mib(field: &str) -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// The `p` quantile (0 … 1) of `sorted` durations, in milliseconds (nearest rank; 0 for none).
+pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((n - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3,
+    }
 }

@@ -101,11 +101,10 @@ fn serve(callers: usize, runs: usize, call: impl Fn() -> Result<()> + Sync) -> R
     .collect();
     let wall = start.elapsed();
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     Ok(Served {
         requests_per_s: latencies.len() as f64 / wall.as_secs_f64(),
-        p50_ms: pct(0.5).as_secs_f64() * 1e3,
-        p99_ms: pct(0.99).as_secs_f64() * 1e3,
+        p50_ms: crate::bench::percentile_ms(&latencies, 0.5),
+        p99_ms: crate::bench::percentile_ms(&latencies, 0.99),
     })
 }
 

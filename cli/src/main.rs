@@ -9,11 +9,14 @@
 //!   over raw f32 samples from a file or stdin, one JSON line per chunk.
 //! - `tern bench MODEL --callers 1,2,4,8` — concurrent callers, unbatched and micro-batched.
 //! - `tern jobs --dir DIR submit|run|status|take` — a persistent queue of inference jobs.
+//! - `tern flow FLOW.toml --input name=file …` — a cascade, fan-out or pipeline of models
+//!   described in a flow file, with budgets, caches, breakers and fallbacks.
 //!
 //! Every command takes `--json` for machine-readable output.
 
 mod bench;
 mod callers;
+mod flow;
 mod identify;
 mod stream;
 mod tensor_io;
@@ -167,6 +170,25 @@ enum Command {
         /// Samples per second of the stream, to report the real-time factor.
         #[arg(long)]
         rate: Option<f64>,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Run a request-path flow from a flow file (TOML, or JSON for a .json file): a
+    /// cascade, fan-out or pipeline of models with deadlines, budgets, result caches,
+    /// circuit breakers and fallbacks (docs/FLOWS.md describes the file).
+    Flow {
+        /// The flow file; its models' paths are relative to it.
+        file: PathBuf,
+        /// The flow to run (default: the file's only flow).
+        #[arg(long)]
+        flow: Option<String>,
+        /// An input, as NAME=FILE (.npy or .json). Repeatable.
+        #[arg(long, short)]
+        input: Vec<String>,
+        /// Run the request this many times (the cache and breakers see every run) and
+        /// report latency percentiles.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         #[command(flatten)]
         session: SessionArgs,
     },
@@ -380,26 +402,42 @@ fn run(cli: &Cli) -> Result<()> {
                 Some(path) => std::fs::write(path, serde_json::to_string(&doc)?)
                     .with_context(|| format!("writing {}", path.display()))?,
                 None if cli.json => println!("{doc}"),
-                None => {
-                    for (name, tensor) in outputs.iter() {
-                        let values = tensor.to_json()?;
-                        let data = values["data"].as_array().map(Vec::len).unwrap_or(0);
-                        let preview: Vec<String> = values["data"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .take(8)
-                            .map(|v| v.to_string())
-                            .collect();
-                        let more = if data > 8 { ", …" } else { "" };
-                        println!(
-                            "{name}: {} {:?} [{}{more}]",
-                            tensor.dtype(),
-                            tensor.shape(),
-                            preview.join(", ")
-                        );
-                    }
+                None => print_outputs(&outputs)?,
+            }
+        }
+        Command::Flow {
+            file,
+            flow,
+            input,
+            repeat,
+            session,
+        } => {
+            let inputs = input
+                .iter()
+                .map(|spec| {
+                    let (name, path) = spec
+                        .split_once('=')
+                        .with_context(|| format!("--input {spec}: use NAME=FILE"))?;
+                    Ok((name.to_string(), tensor_io::read_tensor(path.as_ref())?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let report = flow::run(file, flow.as_deref(), inputs, *repeat, session.options()?)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                for (name, value) in &report.outputs {
+                    println!("{name}: {}", preview(value));
                 }
+                for a in &report.answered {
+                    println!("answered by {} ({})", a.step, a.what);
+                }
+                for m in &report.missing {
+                    println!("missing     {} ({})", m.step, m.what);
+                }
+                println!(
+                    "{} run(s): p50 {:.3} ms, p95 {:.3} ms, max {:.3} ms",
+                    report.runs, report.p50_ms, report.p95_ms, report.max_ms
+                );
             }
         }
         Command::Baseline {
@@ -794,6 +832,39 @@ fn parse_inputs(model: &Model, specs: &[String]) -> Result<Vec<(String, tern::Te
             Ok((name, tensor_io::read_tensor(file.as_ref())?))
         })
         .collect()
+}
+
+/// One line per output: dtype, shape and the first values.
+fn print_outputs(outputs: &tern::Outputs) -> Result<()> {
+    for (name, tensor) in outputs.iter() {
+        println!("{name}: {}", preview(&tensor.to_json()?));
+    }
+    Ok(())
+}
+
+/// `f32 [1, 2] [0.5, 0.25, …]` from a tensor's JSON.
+fn preview(values: &serde_json::Value) -> String {
+    let data = values["data"].as_array().map(Vec::len).unwrap_or(0);
+    let first: Vec<String> = values["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(8)
+        .map(|v| v.to_string())
+        .collect();
+    let more = if data > 8 { ", …" } else { "" };
+    let shape: Vec<String> = values["shape"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v.to_string())
+        .collect();
+    format!(
+        "{} [{}] [{}{more}]",
+        values["dtype"].as_str().unwrap_or("?"),
+        shape.join(", "),
+        first.join(", ")
+    )
 }
 
 fn print_info(model: &Model) {

@@ -404,3 +404,95 @@ fn bench_callers_compares_unbatched_and_batched() {
     }
     assert!(rows[1]["mean_batch"].as_f64().unwrap() >= 1.0, "{report}");
 }
+
+/// `tern flow`: a cascade of magika before itself, a fan-out vote and a cached pipeline
+/// from one flow file answer what `tern run` answers; a bad file is a `bad_flow` error.
+#[test]
+fn flow_runs_a_flow_file() {
+    let dir = temp("flow");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("bytes.npy");
+    npy_i32(
+        &input,
+        &(0..2048).map(|i| (i * 7) % 256).collect::<Vec<_>>(),
+    );
+    let file = dir.join("flows.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[sessions.magika]
+model = "{model}"
+[sessions.magika2]
+model = "{model}"
+[caches.c]
+max_bytes = 100000
+[steps.small]
+session = "magika"
+cache = "c"
+[steps.big]
+session = "magika2"
+[flows.cascade]
+cascade = [
+  {{ step = "small", exit = {{ output = "target_label", confidence = "max_probability", threshold = 1.5 }} }},
+  {{ step = "big" }},
+]
+[flows.vote]
+fan_out = [{{ step = "small" }}, {{ step = "big" }}]
+merge = {{ vote = "target_label" }}
+deadline_ms = 10000
+"#,
+            model = magika()
+        ),
+    )
+    .unwrap();
+    let reference = json(&tern(&[
+        "run",
+        "--json",
+        &magika(),
+        "--input",
+        &format!("bytes={}", input.display()),
+    ]));
+    let flow = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "flow",
+            "--json",
+            file.to_str().unwrap(),
+            "--flow",
+            name,
+            "--input",
+        ];
+        let spec = format!("bytes={}", input.display());
+        args.push(&spec);
+        args.extend_from_slice(extra);
+        let out = tern(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        json(&out)
+    };
+    let c = flow("cascade", &["--repeat", "3"]);
+    assert_eq!(c["outputs"], reference["outputs"]);
+    assert_eq!(c["stage"], 1, "a threshold above 1 never exits early");
+    assert_eq!(c["answered"][0]["step"], "big");
+    assert_eq!(c["runs"], 3);
+    assert_eq!(
+        c["caches"]["c"]["hits"], 2,
+        "the cheap step's cache answers runs 2 and 3"
+    );
+    assert_eq!(c["steps"]["big"]["ok"], 3);
+    let v = flow("vote", &[]);
+    assert_eq!(v["outputs"], reference["outputs"]);
+    assert_eq!(v["missing"], serde_json::json!([]));
+
+    std::fs::write(&file, "[flows.f]\npipeline = [\"nope\"]\n").unwrap();
+    let bad = tern(&["flow", "--json", file.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(json(&bad)["error"]["kind"], "bad_flow");
+    assert!(json(&bad)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("\"nope\""));
+}

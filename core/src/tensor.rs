@@ -310,6 +310,26 @@ impl Tensor {
         })
     }
 
+    /// The largest tensor file [`Tensor::read_file`] reads.
+    pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
+    /// Reads a tensor from a `.npy` file or a JSON file ([`Tensor::from_json`]), told apart
+    /// by the NumPy magic bytes. A FIFO, a device or a file over
+    /// [`Tensor::MAX_FILE_BYTES`] is refused with [`Error::Io`] rather than blocking or
+    /// exhausting memory.
+    pub fn read_file(path: &std::path::Path) -> Result<Tensor> {
+        let bytes =
+            crate::fs::read_regular(path, Self::MAX_FILE_BYTES).map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if bytes.starts_with(b"\x93NUMPY") {
+            Tensor::from_npy(&bytes)
+        } else {
+            Tensor::from_json(&bytes)
+        }
+    }
+
     /// Reads a NumPy `.npy` file's bytes (little-endian, C order, numeric or bool dtypes).
     pub fn from_npy(bytes: &[u8]) -> Result<Tensor> {
         check_npy_header(bytes)?;

@@ -88,7 +88,7 @@ impl CacheKey {
 }
 
 /// Hits, misses and size of a [`ResultCache`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct CacheStats {
     /// Lookups that answered.
     pub hits: u64,

@@ -306,6 +306,24 @@ impl Cascade {
         result
     }
 
+    /// The cascade's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name of stage `i`'s step.
+    pub fn stage_name(&self, i: usize) -> &str {
+        self.stages.get(i).map_or("", |(s, _)| s.name())
+    }
+
+    /// The first stage's declared inputs and the last stage's declared outputs.
+    pub(crate) fn signature(&self) -> Option<crate::step::Signature> {
+        Some(crate::step::Signature {
+            inputs: self.stages.first()?.0.signature()?.inputs.clone(),
+            outputs: self.stages.last()?.0.signature()?.outputs.clone(),
+        })
+    }
+
     /// Requests and exits per stage so far.
     pub fn stats(&self) -> CascadeStats {
         CascadeStats {

@@ -186,6 +186,20 @@ impl FanOut {
         result
     }
 
+    /// The fan-out's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The first declared step's inputs and, unless the app merges, its outputs (which
+    /// the built-in merges keep).
+    pub(crate) fn signature(&self) -> Option<crate::step::Signature> {
+        if matches!(self.merge, Merge::Custom(_)) {
+            return None;
+        }
+        self.steps.iter().find_map(|(s, _)| s.signature().cloned())
+    }
+
     fn record(&self, stages: Vec<(String, u64)>, result: &Result<FanOutAnswer>) {
         let Some((first, _)) = self.steps.iter().find(|(s, _)| s.telemetry().is_some()) else {
             return;

@@ -21,7 +21,12 @@
 //!   which [`Source`] answered; a [`Cascade`] whose cheap stages answer when confident
 //!   ([`Exit`], [`Confidence`], threshold [`Calibration`]); a [`FanOut`] of parallel steps
 //!   merged under a deadline ([`Merge`]) that says which steps were missing. Each request
-//!   is one telemetry span with a stage per step.
+//!   is one telemetry span with a stage per step. A [`Pipeline`] runs steps in sequence,
+//!   each fed by what came before it. [`Flow`] is any of the three, and a flow can be a
+//!   step of another ([`Step::flow`]).
+//! - Flow files ([`FlowFile`]): sessions, caches, steps and flows described in TOML or
+//!   JSON, checked as a whole when built (unknown names, cycles, mismatched steps) into
+//!   [`Flows`] run by name — what `tern flow` and the bindings load.
 //!
 //! All check their configuration against the session when built (a model without a batch
 //! axis, a state name that is not an output/input pair) and fail with a typed [`Error`].
@@ -55,7 +60,10 @@ pub mod cache;
 pub mod cascade;
 pub mod error;
 pub mod fanout;
+pub mod file;
+pub mod flow;
 pub mod jobs;
+pub mod pipeline;
 mod rows;
 pub mod step;
 pub mod stream;
@@ -69,8 +77,11 @@ pub use cascade::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use fanout::{FanOut, FanOutAnswer, FanOutBuilder, Merge, MergeFn, Missing};
+pub use file::{BuildOptions, FlowFile, Flows};
+pub use flow::{Flow, FlowAnswer};
 pub use jobs::{
     JobError, JobOptions, JobOutcome, JobQueue, JobStatus, Priority, Recovery, RunReport,
 };
+pub use pipeline::{Pipeline, PipelineAnswer, PipelineBuilder};
 pub use step::{Answer, Compute, Failure, Fallback, Inputs, Source, Step, StepBuilder, StepStats};
 pub use stream::{Stream, StreamOptions};

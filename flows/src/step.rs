@@ -21,7 +21,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tern::telemetry::{Outcome, Record, SpanRecord};
@@ -180,7 +180,7 @@ pub struct Answer {
 }
 
 /// Counters of one step's requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct StepStats {
     /// Requests answered by the step itself.
     pub ok: u64,
@@ -198,19 +198,10 @@ pub struct StepStats {
     pub busy: u64,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    ok: std::sync::atomic::AtomicU64,
-    cache_hits: std::sync::atomic::AtomicU64,
-    fallbacks: std::sync::atomic::AtomicU64,
-    errors: std::sync::atomic::AtomicU64,
-    timeouts: std::sync::atomic::AtomicU64,
-    refused: std::sync::atomic::AtomicU64,
-    busy: std::sync::atomic::AtomicU64,
-}
-
-fn bump(c: &std::sync::atomic::AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+/// Counts one request in `stats` (a poisoned lock still counts: the counters stay valid).
+fn count(stats: &Mutex<StepStats>, field: impl FnOnce(&mut StepStats) -> &mut u64) {
+    let mut guard = stats.lock().unwrap_or_else(PoisonError::into_inner);
+    *field(&mut guard) += 1;
 }
 
 /// The declared interface of a session step, checked when steps are chained.
@@ -234,7 +225,7 @@ struct Inner {
     abandoned: Arc<AtomicUsize>,
     max_abandoned: usize,
     telemetry: Option<Telemetry>,
-    counters: Counters,
+    counters: Mutex<StepStats>,
 }
 
 /// A step of a flow (see the module docs). Cloning shares it (its breaker, cache and
@@ -318,17 +309,11 @@ impl Step {
 
     /// Counters of the step's requests so far.
     pub fn stats(&self) -> StepStats {
-        let c = &self.inner.counters;
-        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        StepStats {
-            ok: n(&c.ok),
-            cache_hits: n(&c.cache_hits),
-            fallbacks: n(&c.fallbacks),
-            errors: n(&c.errors),
-            timeouts: n(&c.timeouts),
-            refused: n(&c.refused),
-            busy: n(&c.busy),
-        }
+        *self
+            .inner
+            .counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Timed-out runs still running in the background now.
@@ -381,7 +366,7 @@ impl Step {
         };
         if let (Some(cache), Some(key)) = (&s.cache, &key) {
             if let Some(outputs) = cache.get(key) {
-                bump(&s.counters.cache_hits);
+                count(&s.counters, |c| &mut c.cache_hits);
                 return Ok(Answer {
                     outputs,
                     source: Source::Cache,
@@ -393,7 +378,7 @@ impl Step {
         let result = self.attempt(inputs, deadline, start);
         match result {
             Ok(outputs) => {
-                bump(&s.counters.ok);
+                count(&s.counters, |c| &mut c.ok);
                 if let Some(key) = key {
                     for store in [&s.cache, &s.last_good].into_iter().flatten() {
                         store.insert(key, outputs.clone());
@@ -408,16 +393,15 @@ impl Step {
             }
             Err(error) => {
                 let failure = Failure::of(&error);
-                let counter = match failure {
-                    Failure::Error { .. } => &s.counters.errors,
-                    Failure::Timeout { .. } => &s.counters.timeouts,
-                    Failure::BreakerOpen => &s.counters.refused,
-                    Failure::Busy => &s.counters.busy,
-                };
-                bump(counter);
+                count(&s.counters, |c| match failure {
+                    Failure::Error { .. } => &mut c.errors,
+                    Failure::Timeout { .. } => &mut c.timeouts,
+                    Failure::BreakerOpen => &mut c.refused,
+                    Failure::Busy => &mut c.busy,
+                });
                 match self.fall_back(inputs, key.as_ref()) {
                     Some((outputs, source)) => {
-                        bump(&s.counters.fallbacks);
+                        count(&s.counters, |c| &mut c.fallbacks);
                         Ok(Answer {
                             outputs,
                             source,
@@ -588,7 +572,7 @@ pub(crate) fn outcome(result: &Result<Answer>) -> Outcome {
 }
 
 impl StepBuilder {
-    fn new(name: String, compute: Arc<dyn Compute>, identity: String) -> StepBuilder {
+    pub(crate) fn new(name: String, compute: Arc<dyn Compute>, identity: String) -> StepBuilder {
         StepBuilder {
             name,
             compute,
@@ -603,6 +587,12 @@ impl StepBuilder {
             max_abandoned: 2,
             telemetry: None,
         }
+    }
+
+    /// Declares the step's inputs and outputs (a nested flow's), checked when chained.
+    pub(crate) fn declared(mut self, signature: Option<Signature>) -> Self {
+        self.signature = signature;
+        self
     }
 
     /// The step's latency budget: the caller never waits longer for it (default: none).
@@ -697,7 +687,7 @@ impl StepBuilder {
                 abandoned: Arc::new(AtomicUsize::new(0)),
                 max_abandoned: self.max_abandoned,
                 telemetry: self.telemetry,
-                counters: Counters::default(),
+                counters: Mutex::default(),
             }),
         })
     }

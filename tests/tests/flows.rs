@@ -1075,3 +1075,308 @@ fn flows_under_concurrent_use() {
     assert_eq!(stats.exits.iter().sum::<u64>(), 200);
     assert!(stats.exits[0] > 0 && stats.exits[1] > 0, "{stats:?}");
 }
+
+use tern_flows::{BuildOptions, Compute, FlowFile};
+
+/// `z = -y` over `[batch, n]` f32 tensors (chained after `double_model`'s `y`).
+fn neg_model() -> Vec<u8> {
+    model(
+        vec![node("neg", "Neg", "", &["y"], &["z"])],
+        vec![value("y", FLOAT, &["batch", "n"])],
+        vec![value("z", FLOAT, &["batch", "n"])],
+    )
+}
+
+/// A folder with `double.onnx` and `neg.onnx`, and the app's callbacks: `probs` answers
+/// `y = [v, 1 − v]` from `x = [v, …]`; `slow` sleeps 300 ms.
+fn flow_fixture(name: &str) -> (std::path::PathBuf, BuildOptions) {
+    let dir = temp_dir(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("double.onnx"), double_model()).unwrap();
+    std::fs::write(dir.join("neg.onnx"), neg_model()).unwrap();
+    std::fs::write(dir.join("unknown.json"), "[[-1.0]]").unwrap();
+    let probs: Arc<dyn Compute> = Arc::new(|inputs: &tern_flows::Inputs| {
+        let v = inputs[0].1.to_f32_vec()?[0];
+        Ok(Outputs::from_pairs(vec![(
+            "y".into(),
+            f32s(&[1, 2], &[v, 1.0 - v]),
+        )]))
+    });
+    let slow: Arc<dyn Compute> = Arc::new(|_: &tern_flows::Inputs| {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Outputs::from_pairs(vec![(
+            "y".into(),
+            f32s(&[1, 1], &[9.0]),
+        )]))
+    });
+    let options = BuildOptions::default()
+        .base_dir(&dir)
+        .callback("probs", probs)
+        .callback("slow", slow);
+    (dir, options)
+}
+
+const FLOW_FILE: &str = r#"
+[sessions.double]
+model = "double.onnx"
+threads = 1
+
+[sessions.neg]
+model = "neg.onnx"
+
+[caches.shared]
+ttl_ms = 60000
+max_bytes = 65536
+
+[steps.double]
+session = "double"
+cache = "shared"
+
+[steps.neg]
+session = "neg"
+
+[steps.probs]
+callback = "probs"
+
+[steps.slow]
+callback = "slow"
+budget_ms = 50
+fallbacks = ["last_good", { static = { y = "unknown.json" } }]
+
+[steps.chain]
+flow = "double_then_neg"
+
+[flows.double_then_neg]
+pipeline = ["double", "neg"]
+
+[flows.classify]
+cascade = [
+  { step = "probs", exit = { output = "y", confidence = "max_probability", threshold = 0.8 } },
+  { step = "double" },
+]
+deadline_ms = 1000
+
+[flows.nested]
+cascade = [
+  { step = "probs", exit = { output = "y", confidence = "margin", threshold = 0.6 } },
+  { step = "chain" },
+]
+
+[flows.race]
+fan_out = [{ step = "double" }, { step = "slow", weight = 2.0 }]
+merge = "first_good"
+deadline_ms = 200
+
+[flows.guarded]
+pipeline = ["slow"]
+"#;
+
+/// A flow file with every kind of flow, a shared cache, callbacks, a static fallback and a
+/// nested flow: each flow answers what its steps compute, says who answered, and the file
+/// loads the same from TOML and from JSON.
+#[test]
+fn flow_files_build_and_run() {
+    let (dir, options) = flow_fixture("file");
+    let path = dir.join("flows.toml");
+    std::fs::write(&path, FLOW_FILE).unwrap();
+    let flows = FlowFile::load(&path, options.clone()).unwrap();
+    assert_eq!(
+        flows.names(),
+        ["classify", "double_then_neg", "guarded", "nested", "race"]
+    );
+    let sources = |a: &tern_flows::FlowAnswer| -> Vec<(String, Source)> { a.answered.clone() };
+
+    let a = flows.run("double_then_neg", &x(&[1.0, 2.0])).unwrap();
+    assert_eq!(
+        a.outputs.get("z").unwrap().to_f32_vec().unwrap(),
+        [-2.0, -4.0]
+    );
+    assert_eq!(
+        sources(&a),
+        [
+            ("double".into(), Source::Model),
+            ("neg".into(), Source::Model)
+        ]
+    );
+    let a = flows.run("double_then_neg", &x(&[1.0, 2.0])).unwrap();
+    assert_eq!(a.answered[0].1, Source::Cache, "the shared cache answers");
+    assert_eq!(flows.cache_stats()["shared"].hits, 1);
+
+    let a = flows.run("classify", &x(&[0.875, 0.0])).unwrap();
+    assert_eq!((a.stage, y_of(&a.outputs)), (Some(0), vec![0.875, 0.125]));
+    let a = flows.run("classify", &x(&[0.5, 0.25])).unwrap();
+    assert_eq!((a.stage, y_of(&a.outputs)), (Some(1), vec![1.0, 0.5]));
+    assert_eq!(a.confidences, [0.5]);
+
+    let a = flows.run("nested", &x(&[0.5, 0.25])).unwrap();
+    assert_eq!(a.stage, Some(1));
+    assert_eq!(
+        a.outputs.get("z").unwrap().to_f32_vec().unwrap(),
+        [-1.0, -0.5]
+    );
+
+    let a = flows.run("race", &x(&[3.0, 4.0])).unwrap();
+    assert_eq!(y_of(&a.outputs), [6.0, 8.0], "the session answers first");
+    assert_eq!(a.missing.len(), 1);
+    assert_eq!(a.missing[0].step, "slow");
+
+    let a = flows.run("guarded", &x(&[3.0])).unwrap();
+    assert_eq!(y_of(&a.outputs), [-1.0]);
+    assert_eq!(a.answered, [("slow".into(), Source::Default)]);
+    assert!(
+        a.elapsed < Duration::from_millis(250),
+        "the budget holds: {:?}",
+        a.elapsed
+    );
+    assert!(flows.step_stats()["slow"].timeouts >= 1);
+    assert_eq!(
+        flows.run("nope", &x(&[1.0])).unwrap_err().kind(),
+        ErrorKind::BadFlow
+    );
+
+    // The same file as JSON.
+    let json = serde_json::to_string(&toml_to_json(FLOW_FILE)).unwrap();
+    let json_path = dir.join("flows.json");
+    std::fs::write(&json_path, json).unwrap();
+    let from_json = FlowFile::load(&json_path, options).unwrap();
+    let a = from_json.run("double_then_neg", &x(&[1.0, 2.0])).unwrap();
+    assert_eq!(
+        a.outputs.get("z").unwrap().to_f32_vec().unwrap(),
+        [-2.0, -4.0]
+    );
+}
+
+/// The flow file as a JSON value (a TOML table maps one to one onto a JSON object).
+fn toml_to_json(text: &str) -> serde_json::Value {
+    let table: toml::Table = text.parse().unwrap();
+    serde_json::to_value(table).unwrap()
+}
+
+/// Every mistake a flow file can hold fails when it is built, with its typed kind, and
+/// the message names what is wrong.
+#[test]
+fn bad_flow_files_are_refused_when_built() {
+    let (dir, options) = flow_fixture("bad-files");
+    let header = r#"
+[sessions.double]
+model = "double.onnx"
+[sessions.neg]
+model = "neg.onnx"
+[steps.double]
+session = "double"
+[steps.neg]
+session = "neg"
+"#;
+    let cases: &[(&str, &str, ErrorKind, &str)] = &[
+        (
+            "a cycle",
+            "[steps.a]\nflow = \"fa\"\n[steps.b]\nflow = \"fb\"\n[flows.fa]\npipeline = [\"b\"]\n[flows.fb]\npipeline = [\"double\", \"a\"]\n",
+            ErrorKind::BadFlow,
+            "cycle: fa → fb → fa",
+        ),
+        (
+            "a flow that runs itself",
+            "[steps.me]\nflow = \"f\"\n[flows.f]\npipeline = [\"me\"]\n",
+            ErrorKind::BadFlow,
+            "cycle: f → f",
+        ),
+        (
+            "an unknown session",
+            "[steps.s]\nsession = \"nope\"\n[flows.f]\npipeline = [\"s\"]\n",
+            ErrorKind::BadFlow,
+            "no session \"nope\"",
+        ),
+        (
+            "an unknown step",
+            "[flows.f]\npipeline = [\"double\", \"nope\"]\n",
+            ErrorKind::BadFlow,
+            "step \"nope\", which is not in [steps]",
+        ),
+        (
+            "an unknown callback",
+            "[steps.c]\ncallback = \"nope\"\n[flows.f]\npipeline = [\"c\"]\n",
+            ErrorKind::BadFlow,
+            "callback \"nope\"",
+        ),
+        (
+            "a step whose outputs the next step cannot take",
+            "[flows.f]\npipeline = [\"neg\", \"double\"]\n",
+            ErrorKind::BadFlow,
+            "takes input \"x\"",
+        ),
+        (
+            "a cascade exit on an output the model lacks",
+            "[flows.f]\ncascade = [{ step = \"double\", exit = { output = \"p\", confidence = \"entropy\", threshold = 0.5 } }, { step = \"neg\" }]\n",
+            ErrorKind::BadFlow,
+            "output \"p\"",
+        ),
+        (
+            "a misspelt field",
+            "[flows.f]\npipeline = [\"double\"]\ndeadline = 5\n",
+            ErrorKind::BadFlow,
+            "unknown field `deadline`",
+        ),
+        (
+            "a step of two kinds",
+            "[steps.s]\nsession = \"double\"\ncallback = \"probs\"\n[flows.f]\npipeline = [\"s\"]\n",
+            ErrorKind::BadFlow,
+            "exactly one of session, callback and flow",
+        ),
+        (
+            "a flow of two kinds",
+            "[flows.f]\npipeline = [\"double\"]\ncascade = [{ step = \"double\" }]\n",
+            ErrorKind::BadFlow,
+            "exactly one of cascade, fan_out and pipeline",
+        ),
+        (
+            "a fan-out without a deadline",
+            "[flows.f]\nfan_out = [{ step = \"double\" }]\n",
+            ErrorKind::BadFlow,
+            "needs a deadline_ms",
+        ),
+        (
+            "a deadline of zero",
+            "[flows.f]\npipeline = [\"double\"]\ndeadline_ms = 0\n",
+            ErrorKind::InvalidOption,
+            "deadline of 0",
+        ),
+        (
+            "a budget of zero",
+            "[steps.s]\nsession = \"double\"\nbudget_ms = 0\n[flows.f]\npipeline = [\"s\"]\n",
+            ErrorKind::InvalidOption,
+            "budget of 0",
+        ),
+        (
+            "a cache budget of zero",
+            "[caches.c]\nmax_bytes = 0\n[steps.s]\nsession = \"double\"\ncache = \"c\"\n[flows.f]\npipeline = [\"s\"]\n",
+            ErrorKind::InvalidOption,
+            "byte budget",
+        ),
+        (
+            "no flow at all",
+            "",
+            ErrorKind::BadFlow,
+            "no flow",
+        ),
+    ];
+    for (what, text, kind, needle) in cases {
+        let text = format!("{header}{text}");
+        let e = FlowFile::from_toml(&text)
+            .and_then(|f| f.build(options.clone()))
+            .expect_err(what);
+        assert_eq!(e.kind(), *kind, "{what}: {e}");
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+    }
+    // A missing model is tern's own typed error; the file's path names file-level errors.
+    let path = dir.join("missing.toml");
+    std::fs::write(
+        &path,
+        "[sessions.m]\nmodel = \"missing.onnx\"\n[steps.s]\nsession = \"m\"\n[flows.f]\npipeline = [\"s\"]\n",
+    )
+    .unwrap();
+    let e = FlowFile::load(&path, options.clone()).unwrap_err();
+    assert_eq!(e.model_kind(), Some(tern::ErrorKind::Io), "{e}");
+    std::fs::write(&path, "[flows.f]\npipeline = [\"nope\"]\n").unwrap();
+    let e = FlowFile::load(&path, options).unwrap_err();
+    assert!(e.to_string().contains("missing.toml"), "{e}");
+}
