@@ -12,7 +12,8 @@
 //!   the foreign side. tern itself catches backend panics; UniFFI catches any other.
 //! - Serving patterns from `tern-flows`: [`TernBatcher`] coalesces concurrent callers'
 //!   requests into batched runs; [`TernStream`] runs a stateful model chunk by chunk with
-//!   its state carried.
+//!   its state carried; [`TernFlows`] runs the cascades, fan-outs and pipelines of a flow
+//!   file, its callback steps served by the app's [`FlowCallback`] objects.
 //! - Telemetry: [`init_telemetry`] opens the on-device buffer that every session feeds;
 //!   [`TernTelemetry`] records app events and uploads through the platform's uploader.
 
@@ -24,6 +25,12 @@ use tern::{Backend, DType, ErrorKind, GpuPrecision, NanPolicy, ShapePolicy, Thre
 use tern_flows::{ErrorKind as FlowErrorKind, Priority};
 
 uniffi::setup_scaffolding!();
+
+mod flow;
+pub use flow::{
+    CacheCounters, FlowCallback, FlowResult, MissingStep, StepAnswer, StepCounters, StepFailure,
+    TernFlows,
+};
 
 /// Everything that can go wrong, as one exception hierarchy on the foreign side.
 #[derive(Debug, thiserror::Error, uniffi::Error)]

@@ -193,6 +193,97 @@ class Bindings(unittest.TestCase):
                 q.submit("magika", [], tern.Priority.HIGH, "no/slashes")
             self.assertEqual(e.exception.kind, tern.FlowErrorKind.INVALID_OPTION)
 
+    def test_flows_run_python_callbacks_with_fallbacks(self):
+        n, width, classes, x, y = case()
+        calls = []
+
+        class Pre(tern.FlowCallback):
+            def compute(self, inputs):
+                calls.append([t.name for t in inputs])
+                return [tern.TensorData(name="bytes", dtype=t.dtype, shape=t.shape, data=t.data) for t in inputs]
+
+        class Boom(tern.FlowCallback):
+            def compute(self, inputs):
+                raise ValueError("boom from Python")
+
+        class Rule(tern.FlowCallback):
+            def compute(self, inputs):
+                return [tern.tensor_f32("label", [1], [-1.0])]
+
+        class Slow(tern.FlowCallback):
+            def compute(self, inputs):
+                import time
+                time.sleep(0.5)
+                return [tern.tensor_f32("target_label", [n, classes], [0.0] * (n * classes))]
+
+        text = f"""
+[sessions.magika]
+model = "{MODEL}"
+[caches.c]
+max_bytes = 1000000
+[steps.pre]
+callback = "pre"
+[steps.model]
+session = "magika"
+cache = "c"
+[steps.boom]
+callback = "boom"
+[steps.guarded]
+callback = "boom"
+fallbacks = [{{ rule = "rule" }}]
+[steps.slow]
+callback = "slow"
+[flows.pipe]
+pipeline = ["pre", "model"]
+[flows.guarded]
+pipeline = ["guarded"]
+[flows.bare]
+pipeline = ["boom"]
+[flows.race]
+fan_out = [{{ step = "model" }}, {{ step = "slow" }}]
+merge = "first_good"
+deadline_ms = 200
+"""
+        config = tern.SessionConfig(backend=tern.Backend.CPU, threads=1, telemetry=False)
+        callbacks = {"pre": Pre(), "boom": Boom(), "rule": Rule(), "slow": Slow()}
+        flows = tern.TernFlows.from_toml(text, ".", config, callbacks)
+        self.assertEqual(flows.names(), ["bare", "guarded", "pipe", "race"])
+        inputs = [tern.TensorData(name="raw", dtype=tern.DType.I32, shape=[n, width], data=x)]
+        for attempt in range(2):
+            r = flows.run("pipe", inputs)
+            got = tern.tensor_to_f32(r.outputs[0])
+            self.assertLess(max(abs(a - b) for a, b in zip(got, y)), 1e-4)
+            want = tern.Source.MODEL if attempt == 0 else tern.Source.CACHE
+            self.assertEqual([(a.step, a.source) for a in r.answered], [("pre", tern.Source.MODEL), ("model", want)])
+        self.assertEqual(calls, [["raw"], ["raw"]])
+        self.assertEqual(flows.cache_counters()["c"].hits, 1)
+
+        r = flows.run("guarded", inputs)
+        self.assertEqual(r.answered[0].source, tern.Source.RULE)
+        self.assertEqual(tern.tensor_to_f32(r.outputs[0]), [-1.0])
+        self.assertEqual(r.outputs[0].name, "label")
+        with self.assertRaises(tern.TernError.Flow) as e:
+            flows.run("bare", inputs)
+        self.assertEqual(e.exception.kind, tern.FlowErrorKind.CALLBACK)
+        self.assertIn("boom from Python", str(e.exception))
+        counters = flows.step_counters()
+        self.assertEqual((counters["guarded"].fallbacks, counters["boom"].errors), (1, 1))
+        self.assertEqual(counters["model"].breaker, tern.BreakerState.CLOSED)
+
+        bytes_in = [tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[n, width], data=x)]
+        r = asyncio.run(flows.run_async("race", bytes_in))
+        self.assertEqual([a.step for a in r.answered], ["model"])
+        self.assertEqual([m.step for m in r.missing], ["slow"])
+        self.assertTrue(r.missing[0].failure.is_timeout(), r.missing[0].failure)
+
+        with self.assertRaises(tern.TernError.Flow) as e:
+            tern.TernFlows.from_toml('[steps.a]\nflow = "f"\n[flows.f]\npipeline = ["a"]\n', ".", config, {})
+        self.assertEqual(e.exception.kind, tern.FlowErrorKind.BAD_FLOW)
+        self.assertIn("cycle", str(e.exception))
+        with self.assertRaises(tern.TernError.Flow) as e:
+            tern.TernFlows.from_toml(text, ".", config, {})
+        self.assertEqual(e.exception.kind, tern.FlowErrorKind.BAD_FLOW)
+
 
 def vad_session():
     model = tern.TernModel.from_path((Path(CASE) / "vad_model.txt").read_text().strip())

@@ -55,7 +55,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tern::{Backend, Model, Outputs, Session, SessionOptions, Tensor};
 
-use crate::breaker::BreakerOptions;
+use crate::breaker::{BreakerOptions, BreakerState};
 use crate::cache::{CacheOptions, CacheStats, ResultCache};
 use crate::cascade::{Cascade, Confidence, Exit};
 use crate::error::{Error, Result};
@@ -306,6 +306,14 @@ impl Flows {
         self.steps
             .iter()
             .map(|(n, s)| (n.clone(), s.stats()))
+            .collect()
+    }
+
+    /// Every step's breaker state, by name (`Closed` for a step without one).
+    pub fn breaker_states(&self) -> BTreeMap<String, BreakerState> {
+        self.steps
+            .iter()
+            .map(|(n, s)| (n.clone(), s.breaker_state()))
             .collect()
     }
 

@@ -92,6 +92,7 @@ impl Flow {
                 let a = p.run(inputs)?;
                 FlowAnswer {
                     answered: a.answered,
+                    failure: a.failure,
                     ..empty(a.outputs, a.elapsed)
                 }
             }

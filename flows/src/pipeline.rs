@@ -26,6 +26,8 @@ pub struct PipelineAnswer {
     pub outputs: Outputs,
     /// Every step, with who answered for it (a fallback or the cache may have).
     pub answered: Vec<(String, Source)>,
+    /// Why the first step a fallback answered for did not answer itself.
+    pub failure: Option<crate::step::Failure>,
     /// How long the request took.
     pub elapsed: Duration,
 }
@@ -70,6 +72,7 @@ impl Pipeline {
         let mut seen: Vec<(String, Tensor)> = inputs.to_vec();
         let mut answered = Vec::with_capacity(self.steps.len());
         let mut last: Option<Answer> = None;
+        let mut failure = None;
         let mut result = Ok(());
         for step in &self.steps {
             let feed: Vec<(String, Tensor)> = match step.signature() {
@@ -92,6 +95,9 @@ impl Pipeline {
             match r {
                 Ok(answer) => {
                     answered.push((step.name().to_string(), answer.source));
+                    if failure.is_none() {
+                        failure.clone_from(&answer.failure);
+                    }
                     seen.extend(
                         answer
                             .outputs
@@ -110,6 +116,7 @@ impl Pipeline {
             (Ok(()), Some(answer)) => Ok(PipelineAnswer {
                 outputs: answer.outputs,
                 answered,
+                failure,
                 elapsed: start.elapsed(),
             }),
             (Err(e), _) => Err(e),

@@ -1224,6 +1224,11 @@ fn flow_files_build_and_run() {
     assert_eq!(y_of(&a.outputs), [-1.0]);
     assert_eq!(a.answered, [("slow".into(), Source::Default)]);
     assert!(
+        matches!(a.failure, Some(Failure::Timeout { .. })),
+        "{:?}",
+        a.failure
+    );
+    assert!(
         a.elapsed < Duration::from_millis(250),
         "the budget holds: {:?}",
         a.elapsed

@@ -212,6 +212,80 @@ fun main(args: Array<String>) {
         dir.deleteRecursively()
     }
 
+    check("flows run Kotlin callbacks, with fallbacks, a cascade and typed failures") {
+        val seen = mutableListOf<List<String>>()
+        val pre = object : FlowCallback {
+            override fun compute(inputs: List<TensorData>): List<TensorData> {
+                seen.add(inputs.map { it.name })
+                return inputs.map { it.copy(name = "bytes") }
+            }
+        }
+        val boom = object : FlowCallback {
+            override fun compute(inputs: List<TensorData>): List<TensorData> =
+                throw IllegalStateException("boom from Kotlin")
+        }
+        val rule = object : FlowCallback {
+            override fun compute(inputs: List<TensorData>): List<TensorData> =
+                listOf(tensorF32("label", listOf(1uL), listOf(-1.0f)))
+        }
+        val toml = """
+            [sessions.magika]
+            model = "$modelPath"
+            [caches.c]
+            max_bytes = 1000000
+            [steps.pre]
+            callback = "pre"
+            [steps.model]
+            session = "magika"
+            cache = "c"
+            [steps.guarded]
+            callback = "boom"
+            fallbacks = [{ rule = "rule" }]
+            [steps.boom]
+            callback = "boom"
+            [flows.pipe]
+            pipeline = ["pre", "model"]
+            [flows.guarded]
+            pipeline = ["guarded"]
+            [flows.bare]
+            pipeline = ["boom"]
+            [flows.sure]
+            cascade = [
+              { step = "model", exit = { output = "target_label", confidence = "max_probability", threshold = 0.0 } },
+              { step = "boom" },
+            ]
+        """.trimIndent()
+        val callbacks = mapOf("pre" to pre, "boom" to boom, "rule" to rule)
+        TernFlows.fromToml(toml, ".", cpu, callbacks).use { flows ->
+            expect(flows.names() == listOf("bare", "guarded", "pipe", "sure")) { "names ${flows.names()}" }
+            val raw = TensorData("raw", DType.I32, listOf(n.toULong(), width.toULong()), input)
+            for (attempt in 0..1) {
+                val r = runBlocking { flows.runAsync("pipe", listOf(raw)) }
+                val got = floats(r.outputs[0].data)
+                val worst = got.indices.maxOf { kotlin.math.abs(got[it] - expected[it]) }
+                expect(worst < 1e-4f) { "pipeline differs by $worst" }
+                val want = if (attempt == 0) Source.MODEL else Source.CACHE
+                expect(r.answered.map { it.step to it.source } == listOf("pre" to Source.MODEL, "model" to want)) { "answered ${r.answered}" }
+            }
+            expect(seen == listOf(listOf("raw"), listOf("raw"))) { "callback saw $seen" }
+            val g = flows.run("guarded", listOf(raw))
+            expect(g.answered.single().source == Source.RULE && floats(g.outputs[0].data).toList() == listOf(-1.0f)) { "guarded $g" }
+            val failure = g.failure
+            expect(failure is StepFailure.Error && failure.kind == FlowErrorKind.CALLBACK) { "failure $failure" }
+            val err = assertThrows<TernException.Flow> { flows.run("bare", listOf(raw)) }
+            expect(err.kind == FlowErrorKind.CALLBACK && err.message!!.contains("boom from Kotlin")) { "error $err" }
+            val sure = flows.run("sure", listOf(bytesInput()))
+            expect(sure.stage == 0u && sure.confidences.size == 1) { "cascade $sure" }
+            val counters = flows.stepCounters()
+            expect(counters["guarded"]!!.fallbacks == 1uL && counters["boom"]!!.errors == 1uL) { "counters $counters" }
+            expect(flows.cacheCounters()["c"]!!.hits == 2uL) { "cache ${flows.cacheCounters()}" }
+        }
+        val cycle = assertThrows<TernException.Flow> {
+            TernFlows.fromToml("[steps.a]\nflow = \"f\"\n[flows.f]\npipeline = [\"a\"]\n", ".", cpu, mapOf())
+        }
+        expect(cycle.kind == FlowErrorKind.BAD_FLOW && cycle.message!!.contains("cycle")) { "cycle $cycle" }
+    }
+
     println("bindings-kotlin: $passed passed, $failed failed")
     if (failed > 0) kotlin.system.exitProcess(1)
 }

@@ -656,6 +656,222 @@ fileprivate struct FfiConverterData: FfiConverterRustBuffer {
 
 
 /**
+ * Implemented by the app: what a `callback = "name"` step (pre/post-processing, a rule,
+ * another runtime) computes from its inputs. An exception it throws — of any type — or a
+ * panic fails the step with `Flow(Callback)`, which its fallbacks may then answer.
+ */
+public protocol FlowCallback: AnyObject, Sendable {
+    
+    /**
+     * The outputs for `inputs`.
+     */
+    func compute(inputs: [TensorData]) throws  -> [TensorData]
+    
+}
+/**
+ * Implemented by the app: what a `callback = "name"` step (pre/post-processing, a rule,
+ * another runtime) computes from its inputs. An exception it throws — of any type — or a
+ * panic fails the step with `Flow(Callback)`, which its fallbacks may then answer.
+ */
+open class FlowCallbackImpl: FlowCallback, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_flowcallback(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_flowcallback(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * The outputs for `inputs`.
+     */
+open func compute(inputs: [TensorData])throws  -> [TensorData]  {
+    return try  FfiConverterSequenceTypeTensorData.lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_flowcallback_compute(
+            self.uniffiCloneHandle(),
+        FfiConverterSequenceTypeTensorData.lower(inputs),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+}
+
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceFlowCallback {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfaceFlowCallback = UniffiVTableCallbackInterfaceFlowCallback(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterTypeFlowCallback.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface FlowCallback: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterTypeFlowCallback.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface FlowCallback: handle missing in uniffiClone")
+            }
+        },
+        compute: { (
+            uniffiHandle: UInt64,
+            inputs: RustBuffer,
+            uniffiOutReturn: UnsafeMutablePointer<RustBuffer>,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> [TensorData] in
+                guard let uniffiObj = try? FfiConverterTypeFlowCallback.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return try uniffiObj.compute(
+                     inputs: try FfiConverterSequenceTypeTensorData.lift(inputs)
+                )
+            }
+
+            
+            let writeReturn = { uniffiOutReturn.pointee = FfiConverterSequenceTypeTensorData.lower($0) }
+            uniffiTraitInterfaceCallWithError(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn,
+                lowerError: FfiConverterTypeTernError_lower
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfaceFlowCallback> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfaceFlowCallback>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitFlowCallback() {
+    uniffi_tern_ffi_fn_init_callback_vtable_flowcallback(UniffiCallbackInterfaceFlowCallback.vtablePtr)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeFlowCallback: FfiConverter {
+    fileprivate static let handleMap = UniffiHandleMap<FlowCallback>()
+
+    typealias FfiType = UInt64
+    typealias SwiftType = FlowCallback
+
+    public static func lift(_ handle: UInt64) throws -> FlowCallback {
+        if ((handle & 1) == 0) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return FlowCallbackImpl(unsafeFromHandle: handle)
+        } else {
+            // Swift-generated handle, get the object from the handle map
+            return try handleMap.remove(handle: handle)
+        }
+    }
+
+    public static func lower(_ value: FlowCallback) -> UInt64 {
+         if let rustImpl = value as? FlowCallbackImpl {
+             // Rust-implemented object.  Clone the handle and return it
+            return rustImpl.uniffiCloneHandle()
+         } else {
+            // Swift object, generate a new vtable handle and return that.
+            return handleMap.insert(obj: value)
+         }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> FlowCallback {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: FlowCallback, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFlowCallback_lift(_ handle: UInt64) throws -> FlowCallback {
+    return try FfiConverterTypeFlowCallback.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFlowCallback_lower(_ value: FlowCallback) -> UInt64 {
+    return FfiConverterTypeFlowCallback.lower(value)
+}
+
+
+
+
+
+
+/**
  * Implemented by the app (Kotlin/Swift): sends one batch, e.g. with OkHttp or URLSession.
  */
 public protocol TelemetryUploader: AnyObject, Sendable {
@@ -1046,6 +1262,246 @@ public func FfiConverterTypeTernBatcher_lift(_ handle: UInt64) throws -> TernBat
 #endif
 public func FfiConverterTypeTernBatcher_lower(_ value: TernBatcher) -> UInt64 {
     return FfiConverterTypeTernBatcher.lower(value)
+}
+
+
+
+
+
+
+/**
+ * The flows of a flow file (cascades, fan-outs and pipelines of models and app callbacks,
+ * with budgets, caches, breakers and fallbacks; docs/FLOWS.md), checked as a whole when
+ * loaded. Share it across threads.
+ */
+public protocol TernFlowsProtocol: AnyObject, Sendable {
+    
+    /**
+     * Every cache's counters, by name.
+     */
+    func cacheCounters()  -> [String: CacheCounters]
+    
+    /**
+     * The flows' names, sorted.
+     */
+    func names()  -> [String]
+    
+    /**
+     * Runs flow `flow` once; blocks (use `run_async` off the UI thread).
+     */
+    func run(flow: String, inputs: [TensorData]) throws  -> FlowResult
+    
+    /**
+     * Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     */
+    func runAsync(flow: String, inputs: [TensorData]) async throws  -> FlowResult
+    
+    /**
+     * Every step's counters and breaker state, by name.
+     */
+    func stepCounters()  -> [String: StepCounters]
+    
+}
+/**
+ * The flows of a flow file (cascades, fan-outs and pipelines of models and app callbacks,
+ * with budgets, caches, breakers and fallbacks; docs/FLOWS.md), checked as a whole when
+ * loaded. Share it across threads.
+ */
+open class TernFlows: TernFlowsProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_ternflows(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_ternflows(handle, $0) }
+    }
+
+    
+    /**
+     * Builds flows from TOML text, with models' paths relative to `base_dir`.
+     */
+public static func fromToml(toml: String, baseDir: String, config: SessionConfig, callbacks: [String: FlowCallback])throws  -> TernFlows  {
+    return try  FfiConverterTypeTernFlows_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_constructor_ternflows_from_toml(
+        FfiConverterString.lower(toml),
+        FfiConverterString.lower(baseDir),
+        FfiConverterTypeSessionConfig_lower(config),
+        FfiConverterDictionaryStringTypeFlowCallback.lower(callbacks),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Loads the flow file at `path` (TOML, or JSON for `.json`); models' paths are
+     * relative to it; `callbacks` serve its callback steps and rules by name.
+     */
+public static func load(path: String, config: SessionConfig, callbacks: [String: FlowCallback])throws  -> TernFlows  {
+    return try  FfiConverterTypeTernFlows_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_constructor_ternflows_load(
+        FfiConverterString.lower(path),
+        FfiConverterTypeSessionConfig_lower(config),
+        FfiConverterDictionaryStringTypeFlowCallback.lower(callbacks),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+    /**
+     * Every cache's counters, by name.
+     */
+open func cacheCounters() -> [String: CacheCounters]  {
+    return try!  FfiConverterDictionaryStringTypeCacheCounters.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternflows_cache_counters(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * The flows' names, sorted.
+     */
+open func names() -> [String]  {
+    return try!  FfiConverterSequenceString.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternflows_names(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Runs flow `flow` once; blocks (use `run_async` off the UI thread).
+     */
+open func run(flow: String, inputs: [TensorData])throws  -> FlowResult  {
+    return try  FfiConverterTypeFlowResult_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternflows_run(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(flow),
+        FfiConverterSequenceTypeTensorData.lower(inputs),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     */
+open func runAsync(flow: String, inputs: [TensorData])async throws  -> FlowResult  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_tern_ffi_fn_method_ternflows_run_async(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(flow),FfiConverterSequenceTypeTensorData.lower(inputs)
+                )
+            },
+            pollFunc: ffi_tern_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_tern_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_tern_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeFlowResult_lift,
+            errorHandler: FfiConverterTypeTernError_lift
+        )
+}
+    
+    /**
+     * Every step's counters and breaker state, by name.
+     */
+open func stepCounters() -> [String: StepCounters]  {
+    return try!  FfiConverterDictionaryStringTypeStepCounters.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternflows_step_counters(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTernFlows: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = TernFlows
+
+    public static func lift(_ handle: UInt64) throws -> TernFlows {
+        return TernFlows(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: TernFlows) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TernFlows {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: TernFlows, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernFlows_lift(_ handle: UInt64) throws -> TernFlows {
+    return try FfiConverterTypeTernFlows.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernFlows_lower(_ value: TernFlows) -> UInt64 {
+    return FfiConverterTypeTernFlows.lower(value)
 }
 
 
@@ -2279,6 +2735,214 @@ public func FfiConverterTypeBatchStats_lower(_ value: BatchStats) -> RustBuffer 
 
 
 /**
+ * A result cache's counters.
+ */
+public struct CacheCounters: Equatable, Hashable {
+    /**
+     * Lookups that answered.
+     */
+    public var hits: UInt64
+    /**
+     * Lookups that did not.
+     */
+    public var misses: UInt64
+    /**
+     * Entries held.
+     */
+    public var entries: UInt64
+    /**
+     * Output bytes held.
+     */
+    public var bytes: UInt64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Lookups that answered.
+         */hits: UInt64, 
+        /**
+         * Lookups that did not.
+         */misses: UInt64, 
+        /**
+         * Entries held.
+         */entries: UInt64, 
+        /**
+         * Output bytes held.
+         */bytes: UInt64) {
+        self.hits = hits
+        self.misses = misses
+        self.entries = entries
+        self.bytes = bytes
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension CacheCounters: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeCacheCounters: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> CacheCounters {
+        return
+            try CacheCounters(
+                hits: FfiConverterUInt64.read(from: &buf), 
+                misses: FfiConverterUInt64.read(from: &buf), 
+                entries: FfiConverterUInt64.read(from: &buf), 
+                bytes: FfiConverterUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: CacheCounters, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.hits, into: &buf)
+        FfiConverterUInt64.write(value.misses, into: &buf)
+        FfiConverterUInt64.write(value.entries, into: &buf)
+        FfiConverterUInt64.write(value.bytes, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeCacheCounters_lift(_ buf: RustBuffer) throws -> CacheCounters {
+    return try FfiConverterTypeCacheCounters.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeCacheCounters_lower(_ value: CacheCounters) -> RustBuffer {
+    return FfiConverterTypeCacheCounters.lower(value)
+}
+
+
+/**
+ * A flow's answer.
+ */
+public struct FlowResult: Equatable, Hashable {
+    /**
+     * The outputs.
+     */
+    public var outputs: [TensorData]
+    /**
+     * The steps the outputs come from, with who answered for each.
+     */
+    public var answered: [StepAnswer]
+    /**
+     * A fan-out's steps that did not contribute (the result is partial when any did not).
+     */
+    public var missing: [MissingStep]
+    /**
+     * A cascade's answering stage.
+     */
+    public var stage: UInt32?
+    /**
+     * A cascade's confidence per stage that ran and has an exit.
+     */
+    public var confidences: [Float]
+    /**
+     * Why the answer did not come from where it should have.
+     */
+    public var failure: StepFailure?
+    /**
+     * How long the request took, in milliseconds.
+     */
+    public var elapsedMs: Double
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The outputs.
+         */outputs: [TensorData], 
+        /**
+         * The steps the outputs come from, with who answered for each.
+         */answered: [StepAnswer], 
+        /**
+         * A fan-out's steps that did not contribute (the result is partial when any did not).
+         */missing: [MissingStep], 
+        /**
+         * A cascade's answering stage.
+         */stage: UInt32?, 
+        /**
+         * A cascade's confidence per stage that ran and has an exit.
+         */confidences: [Float], 
+        /**
+         * Why the answer did not come from where it should have.
+         */failure: StepFailure?, 
+        /**
+         * How long the request took, in milliseconds.
+         */elapsedMs: Double) {
+        self.outputs = outputs
+        self.answered = answered
+        self.missing = missing
+        self.stage = stage
+        self.confidences = confidences
+        self.failure = failure
+        self.elapsedMs = elapsedMs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension FlowResult: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeFlowResult: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> FlowResult {
+        return
+            try FlowResult(
+                outputs: FfiConverterSequenceTypeTensorData.read(from: &buf), 
+                answered: FfiConverterSequenceTypeStepAnswer.read(from: &buf), 
+                missing: FfiConverterSequenceTypeMissingStep.read(from: &buf), 
+                stage: FfiConverterOptionUInt32.read(from: &buf), 
+                confidences: FfiConverterSequenceFloat.read(from: &buf), 
+                failure: FfiConverterOptionTypeStepFailure.read(from: &buf), 
+                elapsedMs: FfiConverterDouble.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: FlowResult, into buf: inout [UInt8]) {
+        FfiConverterSequenceTypeTensorData.write(value.outputs, into: &buf)
+        FfiConverterSequenceTypeStepAnswer.write(value.answered, into: &buf)
+        FfiConverterSequenceTypeMissingStep.write(value.missing, into: &buf)
+        FfiConverterOptionUInt32.write(value.stage, into: &buf)
+        FfiConverterSequenceFloat.write(value.confidences, into: &buf)
+        FfiConverterOptionTypeStepFailure.write(value.failure, into: &buf)
+        FfiConverterDouble.write(value.elapsedMs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFlowResult_lift(_ buf: RustBuffer) throws -> FlowResult {
+    return try FfiConverterTypeFlowResult.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFlowResult_lower(_ value: FlowResult) -> RustBuffer {
+    return FfiConverterTypeFlowResult.lower(value)
+}
+
+
+/**
  * How a job queue bounds and retries its jobs.
  */
 public struct JobConfig: Equatable, Hashable {
@@ -2453,6 +3117,75 @@ public func FfiConverterTypeJobRunReport_lift(_ buf: RustBuffer) throws -> JobRu
 #endif
 public func FfiConverterTypeJobRunReport_lower(_ value: JobRunReport) -> RustBuffer {
     return FfiConverterTypeJobRunReport.lower(value)
+}
+
+
+/**
+ * A fan-out step that did not contribute.
+ */
+public struct MissingStep: Equatable, Hashable {
+    /**
+     * The step.
+     */
+    public var step: String
+    /**
+     * Why.
+     */
+    public var failure: StepFailure
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The step.
+         */step: String, 
+        /**
+         * Why.
+         */failure: StepFailure) {
+        self.step = step
+        self.failure = failure
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension MissingStep: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeMissingStep: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> MissingStep {
+        return
+            try MissingStep(
+                step: FfiConverterString.read(from: &buf), 
+                failure: FfiConverterTypeStepFailure.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: MissingStep, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.step, into: &buf)
+        FfiConverterTypeStepFailure.write(value.failure, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeMissingStep_lift(_ buf: RustBuffer) throws -> MissingStep {
+    return try FfiConverterTypeMissingStep.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeMissingStep_lower(_ value: MissingStep) -> RustBuffer {
+    return FfiConverterTypeMissingStep.lower(value)
 }
 
 
@@ -2714,6 +3447,204 @@ public func FfiConverterTypeSessionConfig_lift(_ buf: RustBuffer) throws -> Sess
 #endif
 public func FfiConverterTypeSessionConfig_lower(_ value: SessionConfig) -> RustBuffer {
     return FfiConverterTypeSessionConfig.lower(value)
+}
+
+
+/**
+ * A step whose answer is in a flow's result, and who answered for it.
+ */
+public struct StepAnswer: Equatable, Hashable {
+    /**
+     * The step.
+     */
+    public var step: String
+    /**
+     * The model, the cache, or a fallback.
+     */
+    public var source: Source
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The step.
+         */step: String, 
+        /**
+         * The model, the cache, or a fallback.
+         */source: Source) {
+        self.step = step
+        self.source = source
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension StepAnswer: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStepAnswer: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StepAnswer {
+        return
+            try StepAnswer(
+                step: FfiConverterString.read(from: &buf), 
+                source: FfiConverterTypeSource.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: StepAnswer, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.step, into: &buf)
+        FfiConverterTypeSource.write(value.source, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStepAnswer_lift(_ buf: RustBuffer) throws -> StepAnswer {
+    return try FfiConverterTypeStepAnswer.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStepAnswer_lower(_ value: StepAnswer) -> RustBuffer {
+    return FfiConverterTypeStepAnswer.lower(value)
+}
+
+
+/**
+ * A step's counters so far.
+ */
+public struct StepCounters: Equatable, Hashable {
+    /**
+     * Answered by the step itself.
+     */
+    public var ok: UInt64
+    /**
+     * Answered by the result cache.
+     */
+    public var cacheHits: UInt64
+    /**
+     * Answered by a fallback.
+     */
+    public var fallbacks: UInt64
+    /**
+     * Failed with an error.
+     */
+    public var errors: UInt64
+    /**
+     * Ran out of budget.
+     */
+    public var timeouts: UInt64
+    /**
+     * Refused by the open breaker.
+     */
+    public var refused: UInt64
+    /**
+     * Refused because too many abandoned runs were out.
+     */
+    public var busy: UInt64
+    /**
+     * The breaker's state now.
+     */
+    public var breaker: BreakerState
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Answered by the step itself.
+         */ok: UInt64, 
+        /**
+         * Answered by the result cache.
+         */cacheHits: UInt64, 
+        /**
+         * Answered by a fallback.
+         */fallbacks: UInt64, 
+        /**
+         * Failed with an error.
+         */errors: UInt64, 
+        /**
+         * Ran out of budget.
+         */timeouts: UInt64, 
+        /**
+         * Refused by the open breaker.
+         */refused: UInt64, 
+        /**
+         * Refused because too many abandoned runs were out.
+         */busy: UInt64, 
+        /**
+         * The breaker's state now.
+         */breaker: BreakerState) {
+        self.ok = ok
+        self.cacheHits = cacheHits
+        self.fallbacks = fallbacks
+        self.errors = errors
+        self.timeouts = timeouts
+        self.refused = refused
+        self.busy = busy
+        self.breaker = breaker
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension StepCounters: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStepCounters: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StepCounters {
+        return
+            try StepCounters(
+                ok: FfiConverterUInt64.read(from: &buf), 
+                cacheHits: FfiConverterUInt64.read(from: &buf), 
+                fallbacks: FfiConverterUInt64.read(from: &buf), 
+                errors: FfiConverterUInt64.read(from: &buf), 
+                timeouts: FfiConverterUInt64.read(from: &buf), 
+                refused: FfiConverterUInt64.read(from: &buf), 
+                busy: FfiConverterUInt64.read(from: &buf), 
+                breaker: FfiConverterTypeBreakerState.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: StepCounters, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.ok, into: &buf)
+        FfiConverterUInt64.write(value.cacheHits, into: &buf)
+        FfiConverterUInt64.write(value.fallbacks, into: &buf)
+        FfiConverterUInt64.write(value.errors, into: &buf)
+        FfiConverterUInt64.write(value.timeouts, into: &buf)
+        FfiConverterUInt64.write(value.refused, into: &buf)
+        FfiConverterUInt64.write(value.busy, into: &buf)
+        FfiConverterTypeBreakerState.write(value.breaker, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStepCounters_lift(_ buf: RustBuffer) throws -> StepCounters {
+    return try FfiConverterTypeStepCounters.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStepCounters_lower(_ value: StepCounters) -> RustBuffer {
+    return FfiConverterTypeStepCounters.lower(value)
 }
 
 
@@ -3586,6 +4517,79 @@ public func FfiConverterTypeBackend_lift(_ buf: RustBuffer) throws -> Backend {
 #endif
 public func FfiConverterTypeBackend_lower(_ value: Backend) -> RustBuffer {
     return FfiConverterTypeBackend.lower(value)
+}
+
+
+
+
+public enum BreakerState: Equatable, Hashable {
+    
+    case closed
+    case `open`
+    case halfOpen
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension BreakerState: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeBreakerState: FfiConverterRustBuffer {
+    typealias SwiftType = BreakerState
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> BreakerState {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .closed
+        
+        case 2: return .`open`
+        
+        case 3: return .halfOpen
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: BreakerState, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .closed:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .`open`:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .halfOpen:
+            writeInt(&buf, Int32(3))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBreakerState_lift(_ buf: RustBuffer) throws -> BreakerState {
+    return try FfiConverterTypeBreakerState.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBreakerState_lower(_ value: BreakerState) -> RustBuffer {
+    return FfiConverterTypeBreakerState.lower(value)
 }
 
 
@@ -4733,6 +5737,208 @@ public func FfiConverterTypeSignal_lower(_ value: Signal) -> RustBuffer {
 
 
 
+
+public enum Source: Equatable, Hashable {
+    
+    case model
+    case cache
+    case lastGood
+    case rule
+    case `default`
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension Source: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeSource: FfiConverterRustBuffer {
+    typealias SwiftType = Source
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Source {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .model
+        
+        case 2: return .cache
+        
+        case 3: return .lastGood
+        
+        case 4: return .rule
+        
+        case 5: return .`default`
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: Source, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .model:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .cache:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .lastGood:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .rule:
+            writeInt(&buf, Int32(4))
+        
+        
+        case .`default`:
+            writeInt(&buf, Int32(5))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSource_lift(_ buf: RustBuffer) throws -> Source {
+    return try FfiConverterTypeSource.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSource_lower(_ value: Source) -> RustBuffer {
+    return FfiConverterTypeSource.lower(value)
+}
+
+
+
+/**
+ * Why a step did not answer itself.
+ */
+
+public enum StepFailure: Equatable, Hashable {
+    
+    /**
+     * It failed (a callback's exception or panic included).
+     */
+    case error(
+        /**
+         * The flow error's kind (`Model` for the session's own failure).
+         */kind: FlowErrorKind, 
+        /**
+         * The session's error kind, for `Model`.
+         */modelKind: ErrorKind?, 
+        /**
+         * Description.
+         */message: String
+    )
+    /**
+     * It did not answer within its budget or the flow's deadline.
+     */
+    case timeout(
+        /**
+         * How long the caller waited, in milliseconds.
+         */budgetMs: Double
+    )
+    /**
+     * Its circuit breaker is open.
+     */
+    case breakerOpen
+    /**
+     * Too many of its timed-out runs are still running.
+     */
+    case busy
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension StepFailure: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStepFailure: FfiConverterRustBuffer {
+    typealias SwiftType = StepFailure
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StepFailure {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .error(kind: try FfiConverterTypeFlowErrorKind.read(from: &buf), modelKind: try FfiConverterOptionTypeErrorKind.read(from: &buf), message: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 2: return .timeout(budgetMs: try FfiConverterDouble.read(from: &buf)
+        )
+        
+        case 3: return .breakerOpen
+        
+        case 4: return .busy
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: StepFailure, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .error(kind,modelKind,message):
+            writeInt(&buf, Int32(1))
+            FfiConverterTypeFlowErrorKind.write(kind, into: &buf)
+            FfiConverterOptionTypeErrorKind.write(modelKind, into: &buf)
+            FfiConverterString.write(message, into: &buf)
+            
+        
+        case let .timeout(budgetMs):
+            writeInt(&buf, Int32(2))
+            FfiConverterDouble.write(budgetMs, into: &buf)
+            
+        
+        case .breakerOpen:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .busy:
+            writeInt(&buf, Int32(4))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStepFailure_lift(_ buf: RustBuffer) throws -> StepFailure {
+    return try FfiConverterTypeStepFailure.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStepFailure_lower(_ value: StepFailure) -> RustBuffer {
+    return FfiConverterTypeStepFailure.lower(value)
+}
+
+
+
 /**
  * Everything that can go wrong, as one exception hierarchy on the foreign side.
  */
@@ -5110,6 +6316,30 @@ public func FfiConverterTypeUploadResult_lower(_ value: UploadResult) -> RustBuf
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionUInt32: FfiConverterRustBuffer {
+    typealias SwiftType = UInt32?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterUInt32.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterUInt32.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
     typealias SwiftType = String?
 
@@ -5126,6 +6356,30 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeErrorKind: FfiConverterRustBuffer {
+    typealias SwiftType = ErrorKind?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeErrorKind.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeErrorKind.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -5222,6 +6476,30 @@ fileprivate struct FfiConverterOptionTypeShapePolicy: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeShapePolicy.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeStepFailure: FfiConverterRustBuffer {
+    typealias SwiftType = StepFailure?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeStepFailure.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeStepFailure.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -5379,6 +6657,56 @@ fileprivate struct FfiConverterSequenceString: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeMissingStep: FfiConverterRustBuffer {
+    typealias SwiftType = [MissingStep]
+
+    public static func write(_ value: [MissingStep], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeMissingStep.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [MissingStep] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [MissingStep]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeMissingStep.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeStepAnswer: FfiConverterRustBuffer {
+    typealias SwiftType = [StepAnswer]
+
+    public static func write(_ value: [StepAnswer], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeStepAnswer.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [StepAnswer] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [StepAnswer]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeStepAnswer.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeStreamCarry: FfiConverterRustBuffer {
     typealias SwiftType = [StreamCarry]
 
@@ -5521,6 +6849,84 @@ fileprivate struct FfiConverterDictionaryStringString: FfiConverterRustBuffer {
         for _ in 0..<len {
             let key = try FfiConverterString.read(from: &buf)
             let value = try FfiConverterString.read(from: &buf)
+            dict[key] = value
+        }
+        return dict
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterDictionaryStringTypeFlowCallback: FfiConverterRustBuffer {
+    public static func write(_ value: [String: FlowCallback], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for (key, value) in value {
+            FfiConverterString.write(key, into: &buf)
+            FfiConverterTypeFlowCallback.write(value, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: FlowCallback] {
+        let len: Int32 = try readInt(&buf)
+        var dict = [String: FlowCallback]()
+        dict.reserveCapacity(Int(len))
+        for _ in 0..<len {
+            let key = try FfiConverterString.read(from: &buf)
+            let value = try FfiConverterTypeFlowCallback.read(from: &buf)
+            dict[key] = value
+        }
+        return dict
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterDictionaryStringTypeCacheCounters: FfiConverterRustBuffer {
+    public static func write(_ value: [String: CacheCounters], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for (key, value) in value {
+            FfiConverterString.write(key, into: &buf)
+            FfiConverterTypeCacheCounters.write(value, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: CacheCounters] {
+        let len: Int32 = try readInt(&buf)
+        var dict = [String: CacheCounters]()
+        dict.reserveCapacity(Int(len))
+        for _ in 0..<len {
+            let key = try FfiConverterString.read(from: &buf)
+            let value = try FfiConverterTypeCacheCounters.read(from: &buf)
+            dict[key] = value
+        }
+        return dict
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterDictionaryStringTypeStepCounters: FfiConverterRustBuffer {
+    public static func write(_ value: [String: StepCounters], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for (key, value) in value {
+            FfiConverterString.write(key, into: &buf)
+            FfiConverterTypeStepCounters.write(value, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: StepCounters] {
+        let len: Int32 = try readInt(&buf)
+        var dict = [String: StepCounters]()
+        dict.reserveCapacity(Int(len))
+        for _ in 0..<len {
+            let key = try FfiConverterString.read(from: &buf)
+            let value = try FfiConverterTypeStepCounters.read(from: &buf)
             dict[key] = value
         }
         return dict
@@ -5737,6 +7143,24 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending() != 42809) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tern_ffi_checksum_method_flowcallback_compute() != 43251) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternflows_cache_counters() != 16704) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternflows_names() != 17729) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternflows_run() != 57811) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternflows_run_async() != 28576) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternflows_step_counters() != 27782) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_tern_ffi_checksum_constructor_ternbatcher_new() != 2279) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -5755,7 +7179,14 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_constructor_ternstream_new() != 59794) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tern_ffi_checksum_constructor_ternflows_from_toml() != 63811) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_constructor_ternflows_load() != 32231) {
+        return InitializationResult.apiChecksumMismatch
+    }
 
+    uniffiCallbackInitFlowCallback()
     uniffiCallbackInitTelemetryUploader()
     return InitializationResult.ok
 }()

@@ -250,6 +250,13 @@ typedef void (*UniffiCallbackInterfaceTelemetryUploaderMethod0)(uint64_t, RustBu
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_FLOW_CALLBACK_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_FLOW_CALLBACK_METHOD0
+typedef void (*UniffiCallbackInterfaceFlowCallbackMethod0)(uint64_t, RustBuffer, RustBuffer* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TELEMETRY_UPLOADER
 #define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TELEMETRY_UPLOADER
 typedef struct UniffiVTableCallbackInterfaceTelemetryUploader {
@@ -257,6 +264,15 @@ typedef struct UniffiVTableCallbackInterfaceTelemetryUploader {
     UniffiCallbackInterfaceClone _Nonnull uniffiClone;
     UniffiCallbackInterfaceTelemetryUploaderMethod0 _Nonnull upload;
 } UniffiVTableCallbackInterfaceTelemetryUploader;
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_FLOW_CALLBACK
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_FLOW_CALLBACK
+typedef struct UniffiVTableCallbackInterfaceFlowCallback {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceFlowCallbackMethod0 _Nonnull compute;
+} UniffiVTableCallbackInterfaceFlowCallback;
 
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TELEMETRYUPLOADER
@@ -477,6 +493,71 @@ RustBuffer uniffi_tern_ffi_fn_method_terntelemetry_stats(uint64_t ptr, RustCallS
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNTELEMETRY_UPLOAD_PENDING
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNTELEMETRY_UPLOAD_PENDING
 RustBuffer uniffi_tern_ffi_fn_method_terntelemetry_upload_pending(uint64_t ptr, uint64_t uploader, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_FLOWCALLBACK
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_FLOWCALLBACK
+uint64_t uniffi_tern_ffi_fn_clone_flowcallback(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_FLOWCALLBACK
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_FLOWCALLBACK
+void uniffi_tern_ffi_fn_free_flowcallback(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_INIT_CALLBACK_VTABLE_FLOWCALLBACK
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_INIT_CALLBACK_VTABLE_FLOWCALLBACK
+void uniffi_tern_ffi_fn_init_callback_vtable_flowcallback(const UniffiVTableCallbackInterfaceFlowCallback* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_FLOWCALLBACK_COMPUTE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_FLOWCALLBACK_COMPUTE
+RustBuffer uniffi_tern_ffi_fn_method_flowcallback_compute(uint64_t ptr, RustBuffer inputs, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNFLOWS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNFLOWS
+uint64_t uniffi_tern_ffi_fn_clone_ternflows(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNFLOWS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNFLOWS
+void uniffi_tern_ffi_fn_free_ternflows(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNFLOWS_FROM_TOML
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNFLOWS_FROM_TOML
+uint64_t uniffi_tern_ffi_fn_constructor_ternflows_from_toml(RustBuffer toml, RustBuffer base_dir, RustBuffer config, RustBuffer callbacks, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNFLOWS_LOAD
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNFLOWS_LOAD
+uint64_t uniffi_tern_ffi_fn_constructor_ternflows_load(RustBuffer path, RustBuffer config, RustBuffer callbacks, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_CACHE_COUNTERS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_CACHE_COUNTERS
+RustBuffer uniffi_tern_ffi_fn_method_ternflows_cache_counters(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_NAMES
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_NAMES
+RustBuffer uniffi_tern_ffi_fn_method_ternflows_names(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_RUN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_RUN
+RustBuffer uniffi_tern_ffi_fn_method_ternflows_run(uint64_t ptr, RustBuffer flow, RustBuffer inputs, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_RUN_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_RUN_ASYNC
+uint64_t uniffi_tern_ffi_fn_method_ternflows_run_async(uint64_t ptr, RustBuffer flow, RustBuffer inputs
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_STEP_COUNTERS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_STEP_COUNTERS
+RustBuffer uniffi_tern_ffi_fn_method_ternflows_step_counters(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FUNC_INIT_TELEMETRY
@@ -932,6 +1013,42 @@ uint16_t uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_FLOWCALLBACK_COMPUTE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_FLOWCALLBACK_COMPUTE
+uint16_t uniffi_tern_ffi_checksum_method_flowcallback_compute(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_CACHE_COUNTERS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_CACHE_COUNTERS
+uint16_t uniffi_tern_ffi_checksum_method_ternflows_cache_counters(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_NAMES
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_NAMES
+uint16_t uniffi_tern_ffi_checksum_method_ternflows_names(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_RUN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_RUN
+uint16_t uniffi_tern_ffi_checksum_method_ternflows_run(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_RUN_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_RUN_ASYNC
+uint16_t uniffi_tern_ffi_checksum_method_ternflows_run_async(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_STEP_COUNTERS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_STEP_COUNTERS
+uint16_t uniffi_tern_ffi_checksum_method_ternflows_step_counters(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNBATCHER_NEW
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNBATCHER_NEW
 uint16_t uniffi_tern_ffi_checksum_constructor_ternbatcher_new(void
@@ -965,6 +1082,18 @@ uint16_t uniffi_tern_ffi_checksum_constructor_ternsession_new(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNSTREAM_NEW
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNSTREAM_NEW
 uint16_t uniffi_tern_ffi_checksum_constructor_ternstream_new(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNFLOWS_FROM_TOML
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNFLOWS_FROM_TOML
+uint16_t uniffi_tern_ffi_checksum_constructor_ternflows_from_toml(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNFLOWS_LOAD
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNFLOWS_LOAD
+uint16_t uniffi_tern_ffi_checksum_constructor_ternflows_load(void
     
 );
 #endif

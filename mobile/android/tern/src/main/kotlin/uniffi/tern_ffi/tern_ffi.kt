@@ -660,6 +660,9 @@ internal interface UniffiForeignFutureCompleteVoid : com.sun.jna.Callback {
 internal interface UniffiCallbackInterfaceTelemetryUploaderMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`batch`: RustBuffer.ByValue,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,)
 }
+internal interface UniffiCallbackInterfaceFlowCallbackMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`inputs`: RustBuffer.ByValue,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,)
+}
 @Structure.FieldOrder("uniffiFree", "uniffiClone", "upload")
 internal open class UniffiVTableCallbackInterfaceTelemetryUploader(
     @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
@@ -676,6 +679,25 @@ internal open class UniffiVTableCallbackInterfaceTelemetryUploader(
         `uniffiFree` = other.`uniffiFree`
         `uniffiClone` = other.`uniffiClone`
         `upload` = other.`upload`
+    }
+
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "compute")
+internal open class UniffiVTableCallbackInterfaceFlowCallback(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `compute`: UniffiCallbackInterfaceFlowCallbackMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `compute`: UniffiCallbackInterfaceFlowCallbackMethod0? = null,
+    ): UniffiVTableCallbackInterfaceFlowCallback(`uniffiFree`,`uniffiClone`,`compute`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceFlowCallback) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `compute` = other.`compute`
     }
 
 }
@@ -760,6 +782,18 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending(
     ): Int
+    external fun uniffi_tern_ffi_checksum_method_flowcallback_compute(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternflows_cache_counters(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternflows_names(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternflows_run(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternflows_run_async(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternflows_step_counters(
+    ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternbatcher_new(
     ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternjobqueue_open(
@@ -771,6 +805,10 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_tern_ffi_checksum_constructor_ternsession_new(
     ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternstream_new(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_constructor_ternflows_from_toml(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_constructor_ternflows_load(
     ): Int
     external fun ffi_tern_ffi_uniffi_contract_version(
     ): Int
@@ -788,6 +826,7 @@ internal object UniffiLib {
 
     init {
         Native.register(UniffiLib::class.java, findLibraryName(componentName = "tern_ffi"))
+        uniffiCallbackInterfaceFlowCallback.register(this)
         uniffiCallbackInterfaceTelemetryUploader.register(this)
         
     }
@@ -880,6 +919,32 @@ internal object UniffiLib {
     external fun uniffi_tern_ffi_fn_method_terntelemetry_stats(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tern_ffi_fn_method_terntelemetry_upload_pending(`ptr`: Long,`uploader`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_clone_flowcallback(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_flowcallback(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_init_callback_vtable_flowcallback(`vtable`: UniffiVTableCallbackInterfaceFlowCallback,
+    ): Unit
+    external fun uniffi_tern_ffi_fn_method_flowcallback_compute(`ptr`: Long,`inputs`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_clone_ternflows(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_ternflows(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_constructor_ternflows_from_toml(`toml`: RustBuffer.ByValue,`baseDir`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`callbacks`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_constructor_ternflows_load(`path`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`callbacks`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternflows_cache_counters(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternflows_names(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternflows_run(`ptr`: Long,`flow`: RustBuffer.ByValue,`inputs`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternflows_run_async(`ptr`: Long,`flow`: RustBuffer.ByValue,`inputs`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternflows_step_counters(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tern_ffi_fn_func_init_telemetry(`dir`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
@@ -1094,6 +1159,24 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_terntelemetry_upload_pending() and 0xFFFF) != 42809) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_tern_ffi_checksum_method_flowcallback_compute() and 0xFFFF) != 43251) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_cache_counters() and 0xFFFF) != 16704) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_names() and 0xFFFF) != 17729) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_run() and 0xFFFF) != 57811) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_run_async() and 0xFFFF) != 28576) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_step_counters() and 0xFFFF) != 27782) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_tern_ffi_checksum_constructor_ternbatcher_new() and 0xFFFF) != 2279) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -1110,6 +1193,12 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_constructor_ternstream_new() and 0xFFFF) != 59794) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_constructor_ternflows_from_toml() and 0xFFFF) != 63811) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_constructor_ternflows_load() and 0xFFFF) != 32231) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -1574,6 +1663,340 @@ public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
     override fun write(value: ByteArray, buf: ByteBuffer) {
         buf.putInt(value.size)
         buf.put(value)
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
+ * Implemented by the app: what a `callback = "name"` step (pre/post-processing, a rule,
+ * another runtime) computes from its inputs. An exception it throws — of any type — or a
+ * panic fails the step with `Flow(Callback)`, which its fallbacks may then answer.
+ */
+public interface FlowCallback {
+    
+    /**
+     * The outputs for `inputs`.
+     */
+    fun `compute`(`inputs`: List<TensorData>): List<TensorData>
+    
+    companion object
+}
+
+/**
+ * Implemented by the app: what a `callback = "name"` step (pre/post-processing, a rule,
+ * another runtime) computes from its inputs. An exception it throws — of any type — or a
+ * panic fails the step with `Flow(Callback)`, which its fallbacks may then answer.
+ */
+open class FlowCallbackImpl: Disposable, AutoCloseable, FlowCallback
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_flowcallback(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_flowcallback(handle, status)
+        }
+    }
+
+    
+    /**
+     * The outputs for `inputs`.
+     */
+    @Throws(TernException::class)override fun `compute`(`inputs`: List<TensorData>): List<TensorData> {
+            return FfiConverterSequenceTypeTensorData.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_flowcallback_compute(
+        it,
+        
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceFlowCallback {
+    internal object `compute`: UniffiCallbackInterfaceFlowCallbackMethod0 {
+        override fun callback(`uniffiHandle`: Long,`inputs`: RustBuffer.ByValue,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeFlowCallback.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`compute`(
+                    FfiConverterSequenceTypeTensorData.lift(`inputs`),
+                )
+            }
+            val writeReturn = { value: List<TensorData> -> uniffiOutReturn.setValue(FfiConverterSequenceTypeTensorData.lower(value)) }
+            uniffiTraitInterfaceCallWithError(
+                uniffiCallStatus,
+                makeCall,
+                writeReturn,
+                { e: TernException -> FfiConverterTypeTernError.lower(e) }
+            )
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeFlowCallback.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypeFlowCallback.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceFlowCallback.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `compute`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_tern_ffi_fn_init_callback_vtable_flowcallback(vtable)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeFlowCallback: FfiConverter<FlowCallback, Long> {
+    internal val handleMap = UniffiHandleMap<FlowCallback>()
+
+    override fun lower(value: FlowCallback): Long {
+        if (value is FlowCallbackImpl) {
+             // Rust-implemented object.  Clone the handle and return it
+            return value.uniffiCloneHandle()
+         } else {
+            // Kotlin object, generate a new vtable handle and return that.
+            return handleMap.insert(value)
+         }
+    }
+
+    override fun lift(value: Long): FlowCallback {
+        if ((value and 1.toLong()) == 0.toLong()) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return FlowCallbackImpl(UniffiWithHandle, value)
+        } else {
+            // Kotlin-generated handle, get the object from the handle map
+            return handleMap.remove(value)
+        }
+    }
+
+    override fun read(buf: ByteBuffer): FlowCallback {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: FlowCallback) = 8UL
+
+    override fun write(value: FlowCallback, buf: ByteBuffer) {
+        buf.putLong(lower(value))
     }
 }
 
@@ -2233,6 +2656,410 @@ public object FfiConverterTypeTernBatcher: FfiConverter<TernBatcher, Long> {
     override fun allocationSize(value: TernBatcher) = 8UL
 
     override fun write(value: TernBatcher, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
+ * The flows of a flow file (cascades, fan-outs and pipelines of models and app callbacks,
+ * with budgets, caches, breakers and fallbacks; docs/FLOWS.md), checked as a whole when
+ * loaded. Share it across threads.
+ */
+public interface TernFlowsInterface {
+    
+    /**
+     * Every cache's counters, by name.
+     */
+    fun `cacheCounters`(): Map<kotlin.String, CacheCounters>
+    
+    /**
+     * The flows' names, sorted.
+     */
+    fun `names`(): List<kotlin.String>
+    
+    /**
+     * Runs flow `flow` once; blocks (use `run_async` off the UI thread).
+     */
+    fun `run`(`flow`: kotlin.String, `inputs`: List<TensorData>): FlowResult
+    
+    /**
+     * Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     */
+    suspend fun `runAsync`(`flow`: kotlin.String, `inputs`: List<TensorData>): FlowResult
+    
+    /**
+     * Every step's counters and breaker state, by name.
+     */
+    fun `stepCounters`(): Map<kotlin.String, StepCounters>
+    
+    companion object
+}
+
+/**
+ * The flows of a flow file (cascades, fan-outs and pipelines of models and app callbacks,
+ * with budgets, caches, breakers and fallbacks; docs/FLOWS.md), checked as a whole when
+ * loaded. Share it across threads.
+ */
+open class TernFlows: Disposable, AutoCloseable, TernFlowsInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_ternflows(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_ternflows(handle, status)
+        }
+    }
+
+    
+    /**
+     * Every cache's counters, by name.
+     */override fun `cacheCounters`(): Map<kotlin.String, CacheCounters> {
+            return FfiConverterMapStringTypeCacheCounters.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_cache_counters(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * The flows' names, sorted.
+     */override fun `names`(): List<kotlin.String> {
+            return FfiConverterSequenceString.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_names(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Runs flow `flow` once; blocks (use `run_async` off the UI thread).
+     */
+    @Throws(TernException::class)override fun `run`(`flow`: kotlin.String, `inputs`: List<TensorData>): FlowResult {
+            return FfiConverterTypeFlowResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_run(
+        it,
+        
+        FfiConverterString.lower(`flow`),
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Like `run`, waiting on a tern thread: a `suspend fun` in Kotlin, `async` in Swift.
+     */
+    @Throws(TernException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `runAsync`(`flow`: kotlin.String, `inputs`: List<TensorData>) : FlowResult {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_tern_ffi_fn_method_ternflows_run_async(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`flow`),
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_tern_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_tern_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_tern_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeFlowResult.lift(it) },
+        // Error FFI converter
+        TernException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Every step's counters and breaker state, by name.
+     */override fun `stepCounters`(): Map<kotlin.String, StepCounters> {
+            return FfiConverterMapStringTypeStepCounters.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_step_counters(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+
+    
+
+
+    
+    companion object {
+        
+    /**
+     * Builds flows from TOML text, with models' paths relative to `base_dir`.
+     */
+    @Throws(TernException::class) fun `fromToml`(`toml`: kotlin.String, `baseDir`: kotlin.String, `config`: SessionConfig, `callbacks`: Map<kotlin.String, FlowCallback>): TernFlows {
+            return FfiConverterTypeTernFlows.lift(
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_constructor_ternflows_from_toml(
+    
+        
+        FfiConverterString.lower(`toml`),
+        FfiConverterString.lower(`baseDir`),
+        FfiConverterTypeSessionConfig.lower(`config`),
+        FfiConverterMapStringTypeFlowCallback.lower(`callbacks`),_status)
+}
+    )
+    }
+    
+
+        
+    /**
+     * Loads the flow file at `path` (TOML, or JSON for `.json`); models' paths are
+     * relative to it; `callbacks` serve its callback steps and rules by name.
+     */
+    @Throws(TernException::class) fun `load`(`path`: kotlin.String, `config`: SessionConfig, `callbacks`: Map<kotlin.String, FlowCallback>): TernFlows {
+            return FfiConverterTypeTernFlows.lift(
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_constructor_ternflows_load(
+    
+        
+        FfiConverterString.lower(`path`),
+        FfiConverterTypeSessionConfig.lower(`config`),
+        FfiConverterMapStringTypeFlowCallback.lower(`callbacks`),_status)
+}
+    )
+    }
+    
+
+        
+    }
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTernFlows: FfiConverter<TernFlows, Long> {
+    override fun lower(value: TernFlows): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): TernFlows {
+        return TernFlows(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): TernFlows {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: TernFlows) = 8UL
+
+    override fun write(value: TernFlows, buf: ByteBuffer) {
         buf.putLong(lower(value))
     }
 }
@@ -4156,6 +4983,156 @@ public object FfiConverterTypeBatchStats: FfiConverterRustBuffer<BatchStats> {
 
 
 /**
+ * A result cache's counters.
+ */
+data class CacheCounters (
+    /**
+     * Lookups that answered.
+     */
+    var `hits`: kotlin.ULong
+    , 
+    /**
+     * Lookups that did not.
+     */
+    var `misses`: kotlin.ULong
+    , 
+    /**
+     * Entries held.
+     */
+    var `entries`: kotlin.ULong
+    , 
+    /**
+     * Output bytes held.
+     */
+    var `bytes`: kotlin.ULong
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeCacheCounters: FfiConverterRustBuffer<CacheCounters> {
+    override fun read(buf: ByteBuffer): CacheCounters {
+        return CacheCounters(
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: CacheCounters) = (
+            FfiConverterULong.allocationSize(value.`hits`) +
+            FfiConverterULong.allocationSize(value.`misses`) +
+            FfiConverterULong.allocationSize(value.`entries`) +
+            FfiConverterULong.allocationSize(value.`bytes`)
+    )
+
+    override fun write(value: CacheCounters, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`hits`, buf)
+            FfiConverterULong.write(value.`misses`, buf)
+            FfiConverterULong.write(value.`entries`, buf)
+            FfiConverterULong.write(value.`bytes`, buf)
+    }
+}
+
+
+
+/**
+ * A flow's answer.
+ */
+data class FlowResult (
+    /**
+     * The outputs.
+     */
+    var `outputs`: List<TensorData>
+    , 
+    /**
+     * The steps the outputs come from, with who answered for each.
+     */
+    var `answered`: List<StepAnswer>
+    , 
+    /**
+     * A fan-out's steps that did not contribute (the result is partial when any did not).
+     */
+    var `missing`: List<MissingStep>
+    , 
+    /**
+     * A cascade's answering stage.
+     */
+    var `stage`: kotlin.UInt?
+    , 
+    /**
+     * A cascade's confidence per stage that ran and has an exit.
+     */
+    var `confidences`: List<kotlin.Float>
+    , 
+    /**
+     * Why the answer did not come from where it should have.
+     */
+    var `failure`: StepFailure?
+    , 
+    /**
+     * How long the request took, in milliseconds.
+     */
+    var `elapsedMs`: kotlin.Double
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeFlowResult: FfiConverterRustBuffer<FlowResult> {
+    override fun read(buf: ByteBuffer): FlowResult {
+        return FlowResult(
+            FfiConverterSequenceTypeTensorData.read(buf),
+            FfiConverterSequenceTypeStepAnswer.read(buf),
+            FfiConverterSequenceTypeMissingStep.read(buf),
+            FfiConverterOptionalUInt.read(buf),
+            FfiConverterSequenceFloat.read(buf),
+            FfiConverterOptionalTypeStepFailure.read(buf),
+            FfiConverterDouble.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: FlowResult) = (
+            FfiConverterSequenceTypeTensorData.allocationSize(value.`outputs`) +
+            FfiConverterSequenceTypeStepAnswer.allocationSize(value.`answered`) +
+            FfiConverterSequenceTypeMissingStep.allocationSize(value.`missing`) +
+            FfiConverterOptionalUInt.allocationSize(value.`stage`) +
+            FfiConverterSequenceFloat.allocationSize(value.`confidences`) +
+            FfiConverterOptionalTypeStepFailure.allocationSize(value.`failure`) +
+            FfiConverterDouble.allocationSize(value.`elapsedMs`)
+    )
+
+    override fun write(value: FlowResult, buf: ByteBuffer) {
+            FfiConverterSequenceTypeTensorData.write(value.`outputs`, buf)
+            FfiConverterSequenceTypeStepAnswer.write(value.`answered`, buf)
+            FfiConverterSequenceTypeMissingStep.write(value.`missing`, buf)
+            FfiConverterOptionalUInt.write(value.`stage`, buf)
+            FfiConverterSequenceFloat.write(value.`confidences`, buf)
+            FfiConverterOptionalTypeStepFailure.write(value.`failure`, buf)
+            FfiConverterDouble.write(value.`elapsedMs`, buf)
+    }
+}
+
+
+
+/**
  * How a job queue bounds and retries its jobs.
  */
 data class JobConfig (
@@ -4276,6 +5253,53 @@ public object FfiConverterTypeJobRunReport: FfiConverterRustBuffer<JobRunReport>
             FfiConverterUInt.write(value.`retried`, buf)
             FfiConverterUInt.write(value.`pending`, buf)
             FfiConverterBoolean.write(value.`outOfTime`, buf)
+    }
+}
+
+
+
+/**
+ * A fan-out step that did not contribute.
+ */
+data class MissingStep (
+    /**
+     * The step.
+     */
+    var `step`: kotlin.String
+    , 
+    /**
+     * Why.
+     */
+    var `failure`: StepFailure
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeMissingStep: FfiConverterRustBuffer<MissingStep> {
+    override fun read(buf: ByteBuffer): MissingStep {
+        return MissingStep(
+            FfiConverterString.read(buf),
+            FfiConverterTypeStepFailure.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: MissingStep) = (
+            FfiConverterString.allocationSize(value.`step`) +
+            FfiConverterTypeStepFailure.allocationSize(value.`failure`)
+    )
+
+    override fun write(value: MissingStep, buf: ByteBuffer) {
+            FfiConverterString.write(value.`step`, buf)
+            FfiConverterTypeStepFailure.write(value.`failure`, buf)
     }
 }
 
@@ -4468,6 +5492,148 @@ public object FfiConverterTypeSessionConfig: FfiConverterRustBuffer<SessionConfi
             FfiConverterBoolean.write(value.`telemetry`, buf)
             FfiConverterOptionalTypeGpuPrecision.write(value.`gpuPrecision`, buf)
             FfiConverterBoolean.write(value.`ternKernels`, buf)
+    }
+}
+
+
+
+/**
+ * A step whose answer is in a flow's result, and who answered for it.
+ */
+data class StepAnswer (
+    /**
+     * The step.
+     */
+    var `step`: kotlin.String
+    , 
+    /**
+     * The model, the cache, or a fallback.
+     */
+    var `source`: Source
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStepAnswer: FfiConverterRustBuffer<StepAnswer> {
+    override fun read(buf: ByteBuffer): StepAnswer {
+        return StepAnswer(
+            FfiConverterString.read(buf),
+            FfiConverterTypeSource.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: StepAnswer) = (
+            FfiConverterString.allocationSize(value.`step`) +
+            FfiConverterTypeSource.allocationSize(value.`source`)
+    )
+
+    override fun write(value: StepAnswer, buf: ByteBuffer) {
+            FfiConverterString.write(value.`step`, buf)
+            FfiConverterTypeSource.write(value.`source`, buf)
+    }
+}
+
+
+
+/**
+ * A step's counters so far.
+ */
+data class StepCounters (
+    /**
+     * Answered by the step itself.
+     */
+    var `ok`: kotlin.ULong
+    , 
+    /**
+     * Answered by the result cache.
+     */
+    var `cacheHits`: kotlin.ULong
+    , 
+    /**
+     * Answered by a fallback.
+     */
+    var `fallbacks`: kotlin.ULong
+    , 
+    /**
+     * Failed with an error.
+     */
+    var `errors`: kotlin.ULong
+    , 
+    /**
+     * Ran out of budget.
+     */
+    var `timeouts`: kotlin.ULong
+    , 
+    /**
+     * Refused by the open breaker.
+     */
+    var `refused`: kotlin.ULong
+    , 
+    /**
+     * Refused because too many abandoned runs were out.
+     */
+    var `busy`: kotlin.ULong
+    , 
+    /**
+     * The breaker's state now.
+     */
+    var `breaker`: BreakerState
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStepCounters: FfiConverterRustBuffer<StepCounters> {
+    override fun read(buf: ByteBuffer): StepCounters {
+        return StepCounters(
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterTypeBreakerState.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: StepCounters) = (
+            FfiConverterULong.allocationSize(value.`ok`) +
+            FfiConverterULong.allocationSize(value.`cacheHits`) +
+            FfiConverterULong.allocationSize(value.`fallbacks`) +
+            FfiConverterULong.allocationSize(value.`errors`) +
+            FfiConverterULong.allocationSize(value.`timeouts`) +
+            FfiConverterULong.allocationSize(value.`refused`) +
+            FfiConverterULong.allocationSize(value.`busy`) +
+            FfiConverterTypeBreakerState.allocationSize(value.`breaker`)
+    )
+
+    override fun write(value: StepCounters, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`ok`, buf)
+            FfiConverterULong.write(value.`cacheHits`, buf)
+            FfiConverterULong.write(value.`fallbacks`, buf)
+            FfiConverterULong.write(value.`errors`, buf)
+            FfiConverterULong.write(value.`timeouts`, buf)
+            FfiConverterULong.write(value.`refused`, buf)
+            FfiConverterULong.write(value.`busy`, buf)
+            FfiConverterTypeBreakerState.write(value.`breaker`, buf)
     }
 }
 
@@ -5066,6 +6232,41 @@ public object FfiConverterTypeBackend: FfiConverterRustBuffer<Backend> {
     override fun allocationSize(value: Backend) = 4UL
 
     override fun write(value: Backend, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
+enum class BreakerState {
+    
+    CLOSED,
+    OPEN,
+    HALF_OPEN;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeBreakerState: FfiConverterRustBuffer<BreakerState> {
+    override fun read(buf: ByteBuffer) = try {
+        BreakerState.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: BreakerState) = 4UL
+
+    override fun write(value: BreakerState, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
@@ -5736,6 +6937,189 @@ public object FfiConverterTypeSignal: FfiConverterRustBuffer<Signal> {
 
 
 
+enum class Source {
+    
+    MODEL,
+    CACHE,
+    LAST_GOOD,
+    RULE,
+    DEFAULT;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeSource: FfiConverterRustBuffer<Source> {
+    override fun read(buf: ByteBuffer) = try {
+        Source.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: Source) = 4UL
+
+    override fun write(value: Source, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+/**
+ * Why a step did not answer itself.
+ */
+sealed class StepFailure {
+    
+    /**
+     * It failed (a callback's exception or panic included).
+     */
+    data class Error(
+        /**
+         * The flow error's kind (`Model` for the session's own failure).
+         */
+        val `kind`: uniffi.tern_ffi.FlowErrorKind, 
+        /**
+         * The session's error kind, for `Model`.
+         */
+        val `modelKind`: uniffi.tern_ffi.ErrorKind?, 
+        /**
+         * Description.
+         */
+        val `message`: kotlin.String) : StepFailure()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * It did not answer within its budget or the flow's deadline.
+     */
+    data class Timeout(
+        /**
+         * How long the caller waited, in milliseconds.
+         */
+        val `budgetMs`: kotlin.Double) : StepFailure()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * Its circuit breaker is open.
+     */
+    object BreakerOpen : StepFailure()
+    
+    
+    /**
+     * Too many of its timed-out runs are still running.
+     */
+    object Busy : StepFailure()
+    
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStepFailure : FfiConverterRustBuffer<StepFailure>{
+    override fun read(buf: ByteBuffer): StepFailure {
+        return when(buf.getInt()) {
+            1 -> StepFailure.Error(
+                FfiConverterTypeFlowErrorKind.read(buf),
+                FfiConverterOptionalTypeErrorKind.read(buf),
+                FfiConverterString.read(buf),
+                )
+            2 -> StepFailure.Timeout(
+                FfiConverterDouble.read(buf),
+                )
+            3 -> StepFailure.BreakerOpen
+            4 -> StepFailure.Busy
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: StepFailure): ULong = when(value) {
+        is StepFailure.Error -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterTypeFlowErrorKind.allocationSize(value.`kind`)
+                + FfiConverterOptionalTypeErrorKind.allocationSize(value.`modelKind`)
+                + FfiConverterString.allocationSize(value.`message`)
+            )
+        }
+        is StepFailure.Timeout -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterDouble.allocationSize(value.`budgetMs`)
+            )
+        }
+        is StepFailure.BreakerOpen -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is StepFailure.Busy -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+    }
+
+    override fun write(value: StepFailure, buf: ByteBuffer) {
+        when(value) {
+            is StepFailure.Error -> {
+                buf.putInt(1)
+                FfiConverterTypeFlowErrorKind.write(value.`kind`, buf)
+                FfiConverterOptionalTypeErrorKind.write(value.`modelKind`, buf)
+                FfiConverterString.write(value.`message`, buf)
+                Unit
+            }
+            is StepFailure.Timeout -> {
+                buf.putInt(2)
+                FfiConverterDouble.write(value.`budgetMs`, buf)
+                Unit
+            }
+            is StepFailure.BreakerOpen -> {
+                buf.putInt(3)
+                Unit
+            }
+            is StepFailure.Busy -> {
+                buf.putInt(4)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+
 
 /**
  * Everything that can go wrong, as one exception hierarchy on the foreign side.
@@ -6171,6 +7555,38 @@ public object FfiConverterTypeUploadResult : FfiConverterRustBuffer<UploadResult
 /**
  * @suppress
  */
+public object FfiConverterOptionalUInt: FfiConverterRustBuffer<kotlin.UInt?> {
+    override fun read(buf: ByteBuffer): kotlin.UInt? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterUInt.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.UInt?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterUInt.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.UInt?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterUInt.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?> {
     override fun read(buf: ByteBuffer): kotlin.String? {
         if (buf.get().toInt() == 0) {
@@ -6193,6 +7609,38 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
         } else {
             buf.put(1)
             FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeErrorKind: FfiConverterRustBuffer<ErrorKind?> {
+    override fun read(buf: ByteBuffer): ErrorKind? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeErrorKind.read(buf)
+    }
+
+    override fun allocationSize(value: ErrorKind?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeErrorKind.allocationSize(value)
+        }
+    }
+
+    override fun write(value: ErrorKind?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeErrorKind.write(value, buf)
         }
     }
 }
@@ -6321,6 +7769,38 @@ public object FfiConverterOptionalTypeShapePolicy: FfiConverterRustBuffer<ShapeP
         } else {
             buf.put(1)
             FfiConverterTypeShapePolicy.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeStepFailure: FfiConverterRustBuffer<StepFailure?> {
+    override fun read(buf: ByteBuffer): StepFailure? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeStepFailure.read(buf)
+    }
+
+    override fun allocationSize(value: StepFailure?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeStepFailure.allocationSize(value)
+        }
+    }
+
+    override fun write(value: StepFailure?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeStepFailure.write(value, buf)
         }
     }
 }
@@ -6503,6 +7983,62 @@ public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.Str
 /**
  * @suppress
  */
+public object FfiConverterSequenceTypeMissingStep: FfiConverterRustBuffer<List<MissingStep>> {
+    override fun read(buf: ByteBuffer): List<MissingStep> {
+        val len = buf.getInt()
+        return List<MissingStep>(len) {
+            FfiConverterTypeMissingStep.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<MissingStep>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeMissingStep.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<MissingStep>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeMissingStep.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeStepAnswer: FfiConverterRustBuffer<List<StepAnswer>> {
+    override fun read(buf: ByteBuffer): List<StepAnswer> {
+        val len = buf.getInt()
+        return List<StepAnswer>(len) {
+            FfiConverterTypeStepAnswer.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<StepAnswer>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeStepAnswer.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<StepAnswer>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeStepAnswer.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterSequenceTypeStreamCarry: FfiConverterRustBuffer<List<StreamCarry>> {
     override fun read(buf: ByteBuffer): List<StreamCarry> {
         val len = buf.getInt()
@@ -6672,6 +8208,123 @@ public object FfiConverterMapStringString: FfiConverterRustBuffer<Map<kotlin.Str
         value.forEach { (k, v) ->
             FfiConverterString.write(k, buf)
             FfiConverterString.write(v, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterMapStringTypeFlowCallback: FfiConverterRustBuffer<Map<kotlin.String, FlowCallback>> {
+    override fun read(buf: ByteBuffer): Map<kotlin.String, FlowCallback> {
+        val len = buf.getInt()
+        return buildMap<kotlin.String, FlowCallback>(len) {
+            repeat(len) {
+                val k = FfiConverterString.read(buf)
+                val v = FfiConverterTypeFlowCallback.read(buf)
+                this[k] = v
+            }
+        }
+    }
+
+    override fun allocationSize(value: Map<kotlin.String, FlowCallback>): ULong {
+        val spaceForMapSize = 4UL
+        val spaceForChildren = value.map { (k, v) ->
+            FfiConverterString.allocationSize(k) +
+            FfiConverterTypeFlowCallback.allocationSize(v)
+        }.sum()
+        return spaceForMapSize + spaceForChildren
+    }
+
+    override fun write(value: Map<kotlin.String, FlowCallback>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        // The parens on `(k, v)` here ensure we're calling the right method,
+        // which is important for compatibility with older android devices.
+        // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
+        value.forEach { (k, v) ->
+            FfiConverterString.write(k, buf)
+            FfiConverterTypeFlowCallback.write(v, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterMapStringTypeCacheCounters: FfiConverterRustBuffer<Map<kotlin.String, CacheCounters>> {
+    override fun read(buf: ByteBuffer): Map<kotlin.String, CacheCounters> {
+        val len = buf.getInt()
+        return buildMap<kotlin.String, CacheCounters>(len) {
+            repeat(len) {
+                val k = FfiConverterString.read(buf)
+                val v = FfiConverterTypeCacheCounters.read(buf)
+                this[k] = v
+            }
+        }
+    }
+
+    override fun allocationSize(value: Map<kotlin.String, CacheCounters>): ULong {
+        val spaceForMapSize = 4UL
+        val spaceForChildren = value.map { (k, v) ->
+            FfiConverterString.allocationSize(k) +
+            FfiConverterTypeCacheCounters.allocationSize(v)
+        }.sum()
+        return spaceForMapSize + spaceForChildren
+    }
+
+    override fun write(value: Map<kotlin.String, CacheCounters>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        // The parens on `(k, v)` here ensure we're calling the right method,
+        // which is important for compatibility with older android devices.
+        // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
+        value.forEach { (k, v) ->
+            FfiConverterString.write(k, buf)
+            FfiConverterTypeCacheCounters.write(v, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterMapStringTypeStepCounters: FfiConverterRustBuffer<Map<kotlin.String, StepCounters>> {
+    override fun read(buf: ByteBuffer): Map<kotlin.String, StepCounters> {
+        val len = buf.getInt()
+        return buildMap<kotlin.String, StepCounters>(len) {
+            repeat(len) {
+                val k = FfiConverterString.read(buf)
+                val v = FfiConverterTypeStepCounters.read(buf)
+                this[k] = v
+            }
+        }
+    }
+
+    override fun allocationSize(value: Map<kotlin.String, StepCounters>): ULong {
+        val spaceForMapSize = 4UL
+        val spaceForChildren = value.map { (k, v) ->
+            FfiConverterString.allocationSize(k) +
+            FfiConverterTypeStepCounters.allocationSize(v)
+        }.sum()
+        return spaceForMapSize + spaceForChildren
+    }
+
+    override fun write(value: Map<kotlin.String, StepCounters>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        // The parens on `(k, v)` here ensure we're calling the right method,
+        // which is important for compatibility with older android devices.
+        // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
+        value.forEach { (k, v) ->
+            FfiConverterString.write(k, buf)
+            FfiConverterTypeStepCounters.write(v, buf)
         }
     }
 }
