@@ -1385,3 +1385,40 @@ session = "neg"
     let e = FlowFile::load(&path, options).unwrap_err();
     assert!(e.to_string().contains("missing.toml"), "{e}");
 }
+
+/// The flow files shown in docs/FLOWS.md and in `tern_flows::file`'s module docs parse
+/// (their models are not here, so they are parsed, not built).
+#[test]
+fn documented_flow_files_parse() {
+    let blocks = |text: &str, fence: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            if line.trim() == fence {
+                let block: Vec<&str> = lines
+                    .by_ref()
+                    .take_while(|l| !l.trim().ends_with("```"))
+                    .collect();
+                out.push(block.join("\n"));
+            }
+        }
+        out
+    };
+    let docs = std::fs::read_to_string(workspace().join("docs/FLOWS.md")).unwrap();
+    let module = std::fs::read_to_string(workspace().join("flows/src/file.rs")).unwrap();
+    let module: String = module
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let found: Vec<String> = blocks(&docs, "```toml")
+        .into_iter()
+        .chain(blocks(&module, "```toml"))
+        .collect();
+    assert_eq!(found.len(), 2, "one example in each");
+    for text in found {
+        let file = FlowFile::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(!file.flows.is_empty() && !file.steps.is_empty());
+    }
+}
