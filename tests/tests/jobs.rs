@@ -282,3 +282,71 @@ fn sigkill_loses_no_job_and_leaves_nothing_half_done() {
     }
     eprintln!("a runner drained the queue before its kill: {drained}");
 }
+
+/// Runs the job-runner child with its file-size limit at `blocks` 512-byte blocks (SIGXFSZ
+/// ignored, so a write past it fails with EFBIG as on a full disk).
+fn runner_on_a_full_disk(blocks: u32, args: &[&str]) -> std::process::Output {
+    let exe = env!("CARGO_BIN_EXE_job-runner");
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f {blocks} && exec \"$0\" \"$@\""
+        ))
+        .arg(exe)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A full disk (the process's writes fail with EFBIG): a submit fails with a typed `io`
+/// error and leaves nothing behind; a runner that cannot write results fails with `io`
+/// without losing a job; once there is room again every job runs once, with the right
+/// values, and the queue holds nothing half-written.
+#[test]
+fn a_full_disk_is_a_typed_error_and_loses_nothing() {
+    let dir = temp_dir("full-disk");
+    let ids: Vec<String> = {
+        let q = JobQueue::open(&dir, JobOptions::default()).unwrap();
+        (0..3)
+            .map(|i| {
+                q.submit("double", x(&[i as f32, 1.0]), Priority::Normal, None)
+                    .unwrap()
+            })
+            .collect()
+    };
+    let d = dir.to_str().unwrap();
+    let out = runner_on_a_full_disk(1, &[d, "submit", "4096"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "error io",
+        "{out:?}"
+    );
+    assert!(
+        files(&dir, "tmp").is_empty(),
+        "a half-written job stays behind"
+    );
+    assert_eq!(files(&dir, "pending").len(), 3);
+
+    let out = runner_on_a_full_disk(0, &[d]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "error io",
+        "{out:?}"
+    );
+
+    let q = open(&dir);
+    let report = q.run_pending(Duration::from_secs(60)).unwrap();
+    assert_eq!((report.succeeded, report.pending), (3, 0), "{report:?}");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(done(&q, id), vec![2.0 * i as f32, 2.0], "job {id}");
+    }
+    for sub in ["pending", "running", "done", "corrupt", "tmp"] {
+        assert!(
+            files(&dir, sub).is_empty(),
+            "{sub}/ holds {:?}",
+            files(&dir, sub)
+        );
+    }
+}
