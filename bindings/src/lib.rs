@@ -747,6 +747,9 @@ pub struct BatchConfig {
     /// open for requests not yet made (false).
     #[uniffi(default = true)]
     pub eager: bool,
+    /// Worker threads, each running one batch at a time.
+    #[uniffi(default = 1)]
+    pub workers: u32,
 }
 
 impl BatchConfig {
@@ -761,7 +764,8 @@ impl BatchConfig {
             .max_batch(self.max_batch as usize)
             .max_wait(std::time::Duration::from_secs_f64(self.max_wait_ms / 1e3))
             .queue_capacity(self.queue_capacity as usize)
-            .eager(self.eager))
+            .eager(self.eager)
+            .workers(self.workers as usize))
     }
 }
 

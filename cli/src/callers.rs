@@ -64,6 +64,8 @@ pub struct CallersReport {
     pub max_wait_ms: f64,
     /// Whether the batcher runs as soon as every waiting request is in.
     pub eager: bool,
+    /// The batcher's worker threads.
+    pub workers: usize,
     /// Requests per caller, each way.
     pub runs: usize,
     /// One row per caller count.
@@ -148,6 +150,7 @@ pub fn callers(path: &Path, cfg: CallersConfig) -> Result<CallersReport> {
         max_batch: cfg.batch.max_batch,
         max_wait_ms: cfg.batch.max_wait.as_secs_f64() * 1e3,
         eager: cfg.batch.eager,
+        workers: cfg.batch.workers,
         runs,
         rows,
     })

@@ -134,6 +134,9 @@ enum Command {
         /// running as soon as every waiting request is in.
         #[arg(long)]
         hold_window: bool,
+        /// With --callers: the batcher's worker threads (batches run side by side).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
         #[command(flatten)]
         session: SessionArgs,
     },
@@ -533,6 +536,7 @@ fn run(cli: &Cli) -> Result<()> {
             max_batch,
             max_wait_ms,
             hold_window,
+            workers,
             session,
         } => {
             if !callers.is_empty() {
@@ -558,7 +562,8 @@ fn run(cli: &Cli) -> Result<()> {
                         batch: tern_flows::BatchOptions::default()
                             .max_batch(*max_batch)
                             .max_wait(std::time::Duration::from_secs_f64(max_wait_ms / 1e3))
-                            .eager(!hold_window),
+                            .eager(!hold_window)
+                            .workers(*workers),
                         inputs,
                     },
                 )?;
@@ -566,12 +571,13 @@ fn run(cli: &Cli) -> Result<()> {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
                     println!(
-                        "{} — {} thread(s), batches of at most {} rows, window {} ms{}",
+                        "{} — {} thread(s), batches of at most {} rows, window {} ms{}, {} worker(s)",
                         report.model,
                         report.threads,
                         report.max_batch,
                         report.max_wait_ms,
-                        if report.eager { " (eager)" } else { "" }
+                        if report.eager { " (eager)" } else { "" },
+                        report.workers
                     );
                     println!(
                         "{:>7}  {:>10} {:>8} {:>8}  {:>10} {:>8} {:>8}  {:>6}",

@@ -1,6 +1,7 @@
 //! Micro-batching: concurrent callers' requests coalesced into one run.
 //!
-//! A [`Batcher`] owns one worker thread and a bounded queue. [`Batcher::run`] (from any
+//! A [`Batcher`] owns [`BatchOptions::workers`] worker threads (one by default) and a
+//! bounded queue. [`Batcher::run`] (from any
 //! number of threads) queues the request and blocks until its outputs come back. The worker
 //! takes the oldest request and collects more until [`BatchOptions::max_batch`] rows, until
 //! [`BatchOptions::max_wait`] after that oldest request arrived, or — when
@@ -9,7 +10,9 @@
 //! caller is not delayed at all). It then stacks the requests along the model's batch axis,
 //! runs the session once and splits the outputs back by rows. A caller never waits more
 //! than `max_wait` for companions, and requests queued while a batch runs go in the next
-//! one without waiting.
+//! one without waiting. With several workers, one collects the next batch while others
+//! run theirs (on a device with cores to spare and one-thread sessions, batches run side
+//! by side).
 //!
 //! Requests whose other dimensions differ (two image sizes in one window) run as separate
 //! batches; a batched run that fails, or whose outputs do not have the batch axis, is
@@ -18,7 +21,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -44,6 +47,8 @@ pub struct BatchOptions {
     /// submit independently of each other's answers, when a fuller batch is worth up to
     /// `max_wait` of every caller's latency).
     pub eager: bool,
+    /// Worker threads, each running one batch at a time (default 1).
+    pub workers: usize,
 }
 
 impl Default for BatchOptions {
@@ -53,6 +58,7 @@ impl Default for BatchOptions {
             max_wait: Duration::from_millis(2),
             queue_capacity: 256,
             eager: true,
+            workers: 1,
         }
     }
 }
@@ -73,6 +79,12 @@ impl BatchOptions {
     /// Sets [`BatchOptions::eager`].
     pub fn eager(mut self, eager: bool) -> Self {
         self.eager = eager;
+        self
+    }
+
+    /// Sets [`BatchOptions::workers`].
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
         self
     }
 
@@ -99,8 +111,8 @@ pub struct BatchStats {
 
 #[derive(Default)]
 struct Counters {
-    /// Requests submitted to the worker and not yet answered.
-    in_flight: AtomicUsize,
+    /// Requests submitted and not yet taken into a batch by a worker.
+    queued: AtomicUsize,
     requests: AtomicU64,
     runs: AtomicU64,
     batched_runs: AtomicU64,
@@ -130,7 +142,7 @@ impl Request {
 /// the queued requests, then stops the worker.
 pub struct Batcher {
     queue: Option<SyncSender<Request>>,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
     session: Arc<Session>,
     input_names: Vec<String>,
     options: BatchOptions,
@@ -142,11 +154,11 @@ impl Batcher {
     /// dimension that is the same free symbol in every input (and whose declared outputs,
     /// where their shapes are known, do not fix theirs).
     pub fn new(session: Arc<Session>, options: BatchOptions) -> Result<Batcher> {
-        if options.max_batch == 0 || options.queue_capacity == 0 {
+        if options.max_batch == 0 || options.queue_capacity == 0 || options.workers == 0 {
             return Err(Error::InvalidOption {
                 reason: format!(
-                    "max_batch {} and queue_capacity {} must be at least 1",
-                    options.max_batch, options.queue_capacity
+                    "max_batch {}, queue_capacity {} and workers {} must be at least 1",
+                    options.max_batch, options.queue_capacity, options.workers
                 ),
             });
         }
@@ -154,21 +166,36 @@ impl Batcher {
         let input_names: Vec<String> = session.input_names().map(str::to_string).collect();
         let (tx, rx) = mpsc::sync_channel(options.queue_capacity);
         let counters = Arc::new(Counters::default());
-        let worker = Worker {
-            session: session.clone(),
-            input_names: input_names.clone(),
-            options: options.clone(),
-            counters: counters.clone(),
-        };
-        let worker = std::thread::Builder::new()
-            .name(format!("tern-batch-{}", session.model_name()))
-            .spawn(move || worker.serve(rx))
-            .map_err(|e| Error::InvalidOption {
-                reason: format!("cannot start the batching thread: {e}"),
-            })?;
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = Vec::with_capacity(options.workers);
+        for i in 0..options.workers {
+            let worker = Worker {
+                session: session.clone(),
+                input_names: input_names.clone(),
+                options: options.clone(),
+                counters: counters.clone(),
+            };
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tern-batch-{i}-{}", session.model_name()))
+                .spawn(move || worker.serve(&rx));
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                // Dropping the sender stops the workers already started.
+                Err(e) => {
+                    drop(tx);
+                    for w in workers {
+                        let _ = w.join();
+                    }
+                    return Err(Error::InvalidOption {
+                        reason: format!("cannot start a batching thread: {e}"),
+                    });
+                }
+            }
+        }
         Ok(Batcher {
             queue: Some(tx),
-            worker: Some(worker),
+            workers,
             session,
             input_names,
             options,
@@ -204,9 +231,9 @@ impl Batcher {
             arrived: Instant::now(),
             reply,
         };
-        self.counters.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.counters.queued.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = queue.try_send(request) {
-            self.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.counters.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(match e {
                 TrySendError::Full(_) => Error::Overloaded {
                     capacity: self.options.queue_capacity,
@@ -264,9 +291,9 @@ impl Batcher {
 
 impl Drop for Batcher {
     fn drop(&mut self) {
-        // Closing the queue lets the worker finish what is queued, then return.
+        // Closing the queue lets the workers finish what is queued, then return.
         self.queue.take();
-        if let Some(worker) = self.worker.take() {
+        for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
     }
@@ -343,45 +370,62 @@ struct Worker {
 }
 
 impl Worker {
-    fn serve(self, queue: Receiver<Request>) {
+    fn serve(self, queue: &Mutex<Receiver<Request>>) {
         let mut held: Option<Request> = None;
         loop {
-            let first = match held.take() {
-                Some(r) => r,
-                None => match queue.recv() {
-                    Ok(r) => r,
-                    Err(_) => return,
-                },
+            // One worker collects a batch at a time; the others run theirs meanwhile.
+            let batch = {
+                let queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+                match self.collect(&queue, &mut held) {
+                    Some(batch) => batch,
+                    None => return,
+                }
             };
-            let deadline = first.arrived + self.options.max_wait;
-            let mut rows = first.rows;
-            let mut batch = vec![first];
-            while rows < self.options.max_batch {
-                if self.options.eager
-                    && batch.len() >= self.counters.in_flight.load(Ordering::SeqCst)
-                {
-                    break;
-                }
-                let next = match deadline.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => match queue.recv_timeout(left) {
-                        Ok(r) => r,
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                    },
-                    // Past the deadline: take only what is already queued.
-                    _ => match queue.try_recv() {
-                        Ok(r) => r,
-                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                    },
-                };
-                if rows + next.rows > self.options.max_batch {
-                    held = Some(next);
-                    break;
-                }
-                rows += next.rows;
-                batch.push(next);
-            }
             self.run_batch(batch);
         }
+    }
+
+    /// Takes a request (the one held over from the last batch first) and collects its
+    /// companions; `None` once the queue is closed and empty.
+    fn collect(
+        &self,
+        queue: &Receiver<Request>,
+        held: &mut Option<Request>,
+    ) -> Option<Vec<Request>> {
+        let take = |r: Request| {
+            self.counters.queued.fetch_sub(1, Ordering::SeqCst);
+            r
+        };
+        let first = match held.take() {
+            Some(r) => r,
+            None => take(queue.recv().ok()?),
+        };
+        let deadline = first.arrived + self.options.max_wait;
+        let mut rows = first.rows;
+        let mut batch = vec![first];
+        while rows < self.options.max_batch {
+            if self.options.eager && self.counters.queued.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            let next = match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => match queue.recv_timeout(left) {
+                    Ok(r) => take(r),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                },
+                // Past the deadline: take only what is already queued.
+                _ => match queue.try_recv() {
+                    Ok(r) => take(r),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                },
+            };
+            if rows + next.rows > self.options.max_batch {
+                *held = Some(next);
+                break;
+            }
+            rows += next.rows;
+            batch.push(next);
+        }
+        Some(batch)
     }
 
     /// Runs `batch` as one run per group of stackable requests.
@@ -437,7 +481,6 @@ impl Worker {
 
     /// Sends `r` its result (a caller that gave up is not an error).
     fn answer(&self, r: Request, result: Result<Outputs>) {
-        self.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
         let _ = r.reply.send(result);
     }
 

@@ -19,7 +19,6 @@
 //! With no fallback that answers, the step's failure is the error.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -200,8 +199,7 @@ pub struct StepStats {
 
 /// Counts one request in `stats` (a poisoned lock still counts: the counters stay valid).
 fn count(stats: &Mutex<StepStats>, field: impl FnOnce(&mut StepStats) -> &mut u64) {
-    let mut guard = stats.lock().unwrap_or_else(PoisonError::into_inner);
-    *field(&mut guard) += 1;
+    *field(&mut lock(stats)) += 1;
 }
 
 /// The declared interface of a session step, checked when steps are chained.
@@ -222,7 +220,7 @@ struct Inner {
     fallbacks: Vec<Fallback>,
     cache: Option<ResultCache>,
     last_good: Option<ResultCache>,
-    abandoned: Arc<AtomicUsize>,
+    runs: Arc<Mutex<OutRuns>>,
     max_abandoned: usize,
     telemetry: Option<Telemetry>,
     counters: Mutex<StepStats>,
@@ -309,16 +307,12 @@ impl Step {
 
     /// Counters of the step's requests so far.
     pub fn stats(&self) -> StepStats {
-        *self
-            .inner
-            .counters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        *lock(&self.inner.counters)
     }
 
     /// Timed-out runs still running in the background now.
     pub fn abandoned_runs(&self) -> usize {
-        self.inner.abandoned.load(Ordering::Acquire)
+        lock(&self.inner.runs).abandoned(Instant::now())
     }
 
     pub(crate) fn signature(&self) -> Option<&Signature> {
@@ -472,30 +466,29 @@ impl Step {
         if budget.is_zero() {
             return Err(timeout());
         }
-        if s.abandoned.load(Ordering::Acquire) >= s.max_abandoned {
-            return Err(Error::Busy {
-                step: s.name.clone(),
-                abandoned: s.max_abandoned,
-            });
-        }
-        // RUNNING → DONE by the worker, or RUNNING → ABANDONED by the caller on timeout;
-        // whoever comes second knows the run counted as abandoned and uncounts it.
-        const RUNNING: u8 = 0;
-        const ABANDONED: u8 = 1;
-        const DONE: u8 = 2;
-        let state = Arc::new(AtomicU8::new(RUNNING));
+        // A run counts as abandoned once its caller's budget has passed and until it
+        // finishes: decided by the clock, not by when the caller's thread notices, so
+        // back-to-back requests see every earlier run that outlived its budget.
+        let until = Instant::now() + budget;
+        let id = {
+            let mut runs = lock(&s.runs);
+            if runs.abandoned(Instant::now()) >= s.max_abandoned {
+                return Err(Error::Busy {
+                    step: s.name.clone(),
+                    abandoned: s.max_abandoned,
+                });
+            }
+            runs.start(until)
+        };
         let (tx, rx) = mpsc::sync_channel(1);
         let worker = {
-            let state = state.clone();
-            let abandoned = s.abandoned.clone();
+            let runs = s.runs.clone();
             let compute = s.compute.clone();
             let name = s.name.clone();
             let inputs = inputs.to_vec();
             move || {
                 let result = guarded(&name, &*compute, &inputs);
-                if state.swap(DONE, Ordering::AcqRel) == ABANDONED {
-                    abandoned.fetch_sub(1, Ordering::AcqRel);
-                }
+                lock(&runs).finish(id);
                 let _ = tx.send(result);
             }
         };
@@ -503,6 +496,7 @@ impl Step {
             .name(format!("tern-step-{}", s.name))
             .spawn(worker)
         {
+            lock(&s.runs).finish(id);
             return Err(Error::Callback {
                 step: s.name.clone(),
                 reason: format!("could not start a thread for the run: {e}"),
@@ -511,18 +505,8 @@ impl Step {
         }
         match rx.recv_timeout(budget) {
             Ok(result) => result,
-            Err(_) => {
-                if state
-                    .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    s.abandoned.fetch_add(1, Ordering::AcqRel);
-                    Err(timeout())
-                } else {
-                    // It finished just as the budget ran out: take the result.
-                    rx.recv().unwrap_or_else(|_| Err(timeout()))
-                }
-            }
+            // It may have finished just as the budget ran out: take the result then.
+            Err(_) => rx.try_recv().unwrap_or_else(|_| Err(timeout())),
         }
     }
 
@@ -539,6 +523,35 @@ impl Step {
             Fallback::Static(outputs) => Some((outputs.clone(), Source::Default)),
         })
     }
+}
+
+/// A step's runs on their own threads: an id and the instant its caller stops waiting.
+#[derive(Debug, Default)]
+struct OutRuns {
+    next: u64,
+    out: Vec<(u64, Instant)>,
+}
+
+impl OutRuns {
+    /// Registers a run whose caller waits until `until`; its id.
+    fn start(&mut self, until: Instant) -> u64 {
+        self.next += 1;
+        self.out.push((self.next, until));
+        self.next
+    }
+
+    fn finish(&mut self, id: u64) {
+        self.out.retain(|(i, _)| *i != id);
+    }
+
+    /// Runs still going whose caller stopped waiting by `now`.
+    fn abandoned(&self, now: Instant) -> usize {
+        self.out.iter().filter(|(_, until)| *until <= now).count()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs `compute`, a panic becoming [`Error::Callback`].
@@ -684,7 +697,7 @@ impl StepBuilder {
                 fallbacks: self.fallbacks,
                 cache: self.cache,
                 last_good,
-                abandoned: Arc::new(AtomicUsize::new(0)),
+                runs: Arc::default(),
                 max_abandoned: self.max_abandoned,
                 telemetry: self.telemetry,
                 counters: Mutex::default(),

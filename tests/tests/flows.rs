@@ -76,31 +76,35 @@ fn batched_callers_get_what_unbatched_runs_give_them() {
             .iter()
             .map(|r| session.run(r.clone()).unwrap())
             .collect();
-        let batcher = Arc::new(
-            Batcher::new(
-                session.clone(),
-                BatchOptions::default()
-                    .max_batch(4)
-                    .max_wait(Duration::from_millis(200)),
-            )
-            .unwrap(),
-        );
-        let got = concurrently(&batcher, requests, |_, r| r.unwrap());
-        for (want, got) in expected.iter().zip(&got) {
-            assert_eq!(want.len(), got.len());
-            for ((wn, w), (gn, g)) in want.iter().zip(got.iter()) {
-                assert_eq!(wn, gn);
-                let diff = max_abs(w, g);
-                assert!(diff <= 1e-4, "{}: {wn} differs by {diff}", path.display());
+        // One worker, and two running batches side by side.
+        for workers in [1, 2] {
+            let batcher = Arc::new(
+                Batcher::new(
+                    session.clone(),
+                    BatchOptions::default()
+                        .max_batch(4)
+                        .max_wait(Duration::from_millis(200))
+                        .workers(workers),
+                )
+                .unwrap(),
+            );
+            let got = concurrently(&batcher, requests.clone(), |_, r| r.unwrap());
+            for (want, got) in expected.iter().zip(&got) {
+                assert_eq!(want.len(), got.len());
+                for ((wn, w), (gn, g)) in want.iter().zip(got.iter()) {
+                    assert_eq!(wn, gn);
+                    let diff = max_abs(w, g);
+                    assert!(diff <= 1e-4, "{}: {wn} differs by {diff}", path.display());
+                }
             }
+            let stats = batcher.stats();
+            assert_eq!(stats.requests, 12, "{stats:?}");
+            assert!(
+                stats.batched_runs >= 1 && stats.runs < 12,
+                "12 callers released at once with a 200 ms window were never batched ({workers} workers): {stats:?}"
+            );
+            assert_eq!(stats.rerun_alone, 0, "{stats:?}");
         }
-        let stats = batcher.stats();
-        assert_eq!(stats.requests, 12, "{stats:?}");
-        assert!(
-            stats.batched_runs >= 1 && stats.runs < 12,
-            "12 callers released at once with a 200 ms window were never batched: {stats:?}"
-        );
-        assert_eq!(stats.rerun_alone, 0, "{stats:?}");
     }
 }
 
@@ -215,10 +219,13 @@ fn requests_the_session_refuses_get_its_typed_error() {
 #[test]
 fn a_lone_caller_waits_at_most_the_window() {
     let wait = Duration::from_millis(300);
-    for eager in [true, false] {
+    for (eager, workers) in [(true, 1), (true, 2), (false, 1)] {
         let batcher = Batcher::new(
             session(&double_model(), SessionOptions::new()),
-            BatchOptions::default().max_wait(wait).eager(eager),
+            BatchOptions::default()
+                .max_wait(wait)
+                .eager(eager)
+                .workers(workers),
         )
         .unwrap();
         for _ in 0..3 {
@@ -268,12 +275,13 @@ fn models_without_a_batch_axis_are_refused_when_built() {
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotBatchable, "{e}");
 
-    let e = Batcher::new(
-        session(&double_model(), SessionOptions::new()),
+    for options in [
         BatchOptions::default().max_batch(0),
-    )
-    .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidOption, "{e}");
+        BatchOptions::default().workers(0),
+    ] {
+        let e = Batcher::new(session(&double_model(), SessionOptions::new()), options).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidOption, "{e}");
+    }
 }
 
 /// `acc = x + h` with `h` carried from `acc`: a running sum over `[1, 2]` chunks.
