@@ -2575,6 +2575,10 @@ public struct BatchConfig: Equatable, Hashable {
      * open for requests not yet made (false).
      */
     public var eager: Bool
+    /**
+     * Worker threads, each running one batch at a time.
+     */
+    public var workers: UInt32
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2591,11 +2595,15 @@ public struct BatchConfig: Equatable, Hashable {
         /**
          * Run as soon as every waiting request is in the batch (true), or hold the window
          * open for requests not yet made (false).
-         */eager: Bool = true) {
+         */eager: Bool = true, 
+        /**
+         * Worker threads, each running one batch at a time.
+         */workers: UInt32 = UInt32(1)) {
         self.maxBatch = maxBatch
         self.maxWaitMs = maxWaitMs
         self.queueCapacity = queueCapacity
         self.eager = eager
+        self.workers = workers
     }
 
     
@@ -2617,7 +2625,8 @@ public struct FfiConverterTypeBatchConfig: FfiConverterRustBuffer {
                 maxBatch: FfiConverterUInt32.read(from: &buf), 
                 maxWaitMs: FfiConverterDouble.read(from: &buf), 
                 queueCapacity: FfiConverterUInt32.read(from: &buf), 
-                eager: FfiConverterBool.read(from: &buf)
+                eager: FfiConverterBool.read(from: &buf), 
+                workers: FfiConverterUInt32.read(from: &buf)
         )
     }
 
@@ -2626,6 +2635,7 @@ public struct FfiConverterTypeBatchConfig: FfiConverterRustBuffer {
         FfiConverterDouble.write(value.maxWaitMs, into: &buf)
         FfiConverterUInt32.write(value.queueCapacity, into: &buf)
         FfiConverterBool.write(value.eager, into: &buf)
+        FfiConverterUInt32.write(value.workers, into: &buf)
     }
 }
 

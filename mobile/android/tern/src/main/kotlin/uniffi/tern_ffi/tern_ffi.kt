@@ -4879,6 +4879,11 @@ data class BatchConfig (
      * open for requests not yet made (false).
      */
     var `eager`: kotlin.Boolean = true 
+    , 
+    /**
+     * Worker threads, each running one batch at a time.
+     */
+    var `workers`: kotlin.UInt = 1u 
     
 ){
     
@@ -4899,6 +4904,7 @@ public object FfiConverterTypeBatchConfig: FfiConverterRustBuffer<BatchConfig> {
             FfiConverterDouble.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterBoolean.read(buf),
+            FfiConverterUInt.read(buf),
         )
     }
 
@@ -4906,7 +4912,8 @@ public object FfiConverterTypeBatchConfig: FfiConverterRustBuffer<BatchConfig> {
             FfiConverterUInt.allocationSize(value.`maxBatch`) +
             FfiConverterDouble.allocationSize(value.`maxWaitMs`) +
             FfiConverterUInt.allocationSize(value.`queueCapacity`) +
-            FfiConverterBoolean.allocationSize(value.`eager`)
+            FfiConverterBoolean.allocationSize(value.`eager`) +
+            FfiConverterUInt.allocationSize(value.`workers`)
     )
 
     override fun write(value: BatchConfig, buf: ByteBuffer) {
@@ -4914,6 +4921,7 @@ public object FfiConverterTypeBatchConfig: FfiConverterRustBuffer<BatchConfig> {
             FfiConverterDouble.write(value.`maxWaitMs`, buf)
             FfiConverterUInt.write(value.`queueCapacity`, buf)
             FfiConverterBoolean.write(value.`eager`, buf)
+            FfiConverterUInt.write(value.`workers`, buf)
     }
 }
 
