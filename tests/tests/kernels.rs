@@ -70,7 +70,9 @@ fn a_real_quantized_model_keeps_onnxruntimes_numbers_on_terns_kernels() {
         [
             ("depthwise-q8".to_string(), 11),
             ("conv-q8".to_string(), 42),
-            ("quant-u8".to_string(), 108)
+            ("quant-u8".to_string(), 108),
+            // Dequantize → HardSwish → quantize between layers, as one table each.
+            ("lut-u8".to_string(), 27)
         ]
     );
     model.compare_with_reference(&outputs).unwrap();
@@ -88,12 +90,18 @@ fn a_qdq_model_is_fused_onto_the_integer_kernels_within_its_tolerance() {
         ("depthwise-q8".to_string(), 11),
         ("conv-q8".to_string(), 42),
         ("quant-u8".to_string(), 299),
+        // Dequantize → BatchNormalization/activation → quantize chains (quantization-aware
+        // training's fake quantization around every float op), as one table each.
+        ("lut-u8".to_string(), 99),
     ];
     // Without native int8 products (VNNI, ARM dot products) tract's float path for QDQ is
     // the faster one, and the model stays unfused (its quantize passes still vectorised).
     let on = kernels(&s);
     assert!(
-        on == fused || on.iter().all(|(pass, _)| pass == "quant-u8"),
+        on == fused
+            || on
+                .iter()
+                .all(|(pass, _)| pass == "quant-u8" || pass == "lut-u8"),
         "{on:?}"
     );
     let diff = model.compare_with_reference(&outputs).unwrap();

@@ -30,12 +30,17 @@
 //! - `epilogue` ([`epilogue`]): the float ops after a `rescale-f32` or float convolution
 //!   folded into its epilogue (`tern_kernels::epilogue`): an unfolded BatchNormalization, Relu/Clip,
 //!   HardSwish, and the quantization for the next int8 layer, so the layer writes `u8`.
+//! - `lut-u8` ([`lut`]): a dequantize → element-wise float ops (constants varying at most
+//!   along the channels) → quantize chain, as quantization-aware-trained QDQ models put
+//!   around every BatchNormalization and activation, as one per-channel 256-entry table
+//!   computed by running the chain's own ops on every value.
 
 mod conv;
 mod conv_f32;
 mod depthwise;
 mod depthwise_f32;
 mod epilogue;
+mod lut;
 mod quant;
 
 use std::sync::Arc;
@@ -62,6 +67,7 @@ pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("rescale-f32", epilogue::rescale_pass),
     ("quant-u8", quant::pass),
     ("epilogue", epilogue::pass),
+    ("lut-u8", lut::pass),
 ];
 
 /// Runs every pass; returns `(name, nodes replaced)` for those that replaced any.

@@ -1,0 +1,367 @@
+//! `lut-u8`: a dequantize → per-channel float ops → quantize chain, as one table lookup.
+//!
+//! Quantization-aware-trained QDQ models (PaddleOCR's, onnxruntime's QDQ format with
+//! fake-quantized activations) wrap every float op between two layers in its own
+//! `DequantizeLinear → … → QuantizeLinear`: a convolution writes `u8`, then
+//! `DQ → BatchNormalization → Relu → Q` brings it back to `u8`. Every op in such a chain is
+//! element-wise, and its constants vary at most along the channel axis, so the chain maps
+//! each `u8` value of each channel to one `u8` value: 256 entries per channel. The table is
+//! computed at plan time by running the chain's own ops (cloned, with their constants) on
+//! every value of every channel, so a lookup gives exactly what the chain gave, and the
+//! three-to-six passes over the activation (one of them `f32`, four bytes a value) become
+//! one pass over bytes.
+
+use std::collections::HashMap;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+
+use super::quant::QuantU8Op;
+use super::{for_each_chunk, konst, TASK};
+
+/// The largest table built (channels × 256 bytes).
+const MAX_TABLE: usize = 1 << 20;
+
+/// Replaces each `TernDequantizeU8 → element-wise f32 ops → TernQuantizeU8` chain by a
+/// [`LutU8Op`] on the dequantize's input.
+pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    let order = model.eval_order()?;
+    let position: HashMap<usize, usize> =
+        order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    for id in order {
+        let node = model.node(id);
+        if !node
+            .op_as::<QuantU8Op>()
+            .is_some_and(|q| q.quantize().is_some())
+        {
+            continue;
+        }
+        let Some(chain) = chain_to(model, id, &position) else {
+            continue;
+        };
+        let Some(table) = build_table(model, &chain)? else {
+            continue;
+        };
+        let source = model.node(chain.dequantize).inputs[0];
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, source)?;
+        let y = patch.wire_node(format!("{name}.lut"), table, &[x])?;
+        patch.shunt_outside(model, id.into(), y[0])?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+/// A region of element-wise float ops between one dequantize and a quantize.
+struct Chain {
+    dequantize: usize,
+    /// The float ops that compute the quantize's input from the dequantize's output, in
+    /// evaluation order (a DAG: HardSwish reads its input twice).
+    ops: Vec<usize>,
+    quantize: usize,
+    /// The axis the constants vary along, and its size (`(0, 1)` when none does).
+    axis: usize,
+    channels: usize,
+}
+
+/// The most float ops a region may hold.
+const MAX_OPS: usize = 24;
+
+/// Walks back from the quantize node `q` through element-wise ops whose inputs are
+/// constants varying along one axis at most (the channels: axis 1 of NCHW, 0 of the CHW
+/// plans tern makes for one image) or other ops of the region, to a single `u8 → f32`
+/// dequantize. `position` orders nodes as the model evaluates them.
+fn chain_to(model: &TypedModel, q: usize, position: &HashMap<usize, usize>) -> Option<Chain> {
+    let start = model.node(q).inputs[0];
+    let shape = model.outlet_fact(start).ok()?.shape.as_concrete()?.to_vec();
+    let (mut axis, mut channels) = (0, 1);
+    let mut dequantize: Option<usize> = None;
+    let mut ops: Vec<usize> = Vec::new();
+    let mut stack = vec![start];
+    while let Some(outlet) = stack.pop() {
+        let node = model.node(outlet.node);
+        if outlet.slot != 0 || ops.contains(&node.id) || dequantize == Some(node.id) {
+            continue;
+        }
+        if node
+            .op_as::<QuantU8Op>()
+            .is_some_and(|op| op.quantize().is_none())
+        {
+            if dequantize.is_some() {
+                return None;
+            }
+            dequantize = Some(node.id);
+            continue;
+        }
+        let pointwise = node.op_is::<ElementWiseOp>() || node.op_is::<TypedBinOp>();
+        let fact = &node.outputs.first()?.fact;
+        if ops.len() >= MAX_OPS
+            || !pointwise
+            || node.outputs.len() != 1
+            || fact.datum_type != f32::datum_type()
+            || fact.shape.as_concrete()? != shape.as_slice()
+        {
+            return None;
+        }
+        for (slot, input) in node.inputs.iter().enumerate() {
+            match konst(model, node, slot) {
+                Some(k) => {
+                    if k.rank() != shape.len() {
+                        return None;
+                    }
+                    for (a, &d) in k.shape().iter().enumerate() {
+                        if d == 1 {
+                            continue;
+                        }
+                        if d != shape[a] || (channels > 1 && a != axis) {
+                            return None;
+                        }
+                        (axis, channels) = (a, d);
+                    }
+                }
+                None => stack.push(*input),
+            }
+        }
+        ops.push(node.id);
+    }
+    ops.sort_by_key(|id| position.get(id).copied().unwrap_or(usize::MAX));
+    Some(Chain {
+        dequantize: dequantize?,
+        ops,
+        quantize: q,
+        axis,
+        channels,
+    })
+}
+
+/// Runs the region's ops (cloned, with their constants) on every `u8` value of every
+/// channel: `[256, 1, …, channels, …, 1]` in (the region's rank plus a leading axis of the
+/// 256 values; its constants get the leading axis too), the table out.
+fn build_table(model: &TypedModel, chain: &Chain) -> TractResult<Option<LutU8Op>> {
+    let q = model.node(chain.quantize);
+    let rank = model.outlet_fact(q.inputs[0])?.rank();
+    if chain.channels * 256 > MAX_TABLE {
+        return Ok(None);
+    }
+    let mut shape = vec![1usize; rank + 1];
+    shape[0] = 256;
+    shape[chain.axis + 1] = chain.channels;
+    let mut tiny = TypedModel::default();
+    let source = tiny.add_source("x", u8::fact(&shape))?;
+    let dq = model.node(chain.dequantize);
+    let mut wired: HashMap<OutletId, OutletId> = HashMap::new();
+    wired.insert(
+        OutletId::new(dq.id, 0),
+        tiny.wire_node(&dq.name, dq.op.clone(), &[source])?[0],
+    );
+    for &id in chain.ops.iter().chain([chain.quantize].iter()) {
+        let node = model.node(id);
+        let mut inputs = tvec!();
+        for (slot, input) in node.inputs.iter().enumerate() {
+            match konst(model, node, slot) {
+                // It varies along the channels at most: with the leading axis, it
+                // broadcasts over the table's input.
+                Some(k) => {
+                    let mut k = (*k).clone();
+                    k.insert_axis(0)?;
+                    inputs.push(tiny.add_const(format!("{}.{slot}", node.name), k)?)
+                }
+                None => inputs.push(
+                    *wired
+                        .get(input)
+                        .with_context(|| format!("{} reads outside its region", node.name))?,
+                ),
+            }
+        }
+        let out = tiny.wire_node(&node.name, node.op.clone(), &inputs)?[0];
+        wired.insert(OutletId::new(id, 0), out);
+    }
+    let at = wired[&OutletId::new(chain.quantize, 0)];
+    tiny.select_output_outlets(&[at])?;
+    let mut x = Tensor::zero::<u8>(&shape)?;
+    {
+        let mut view = x.try_as_plain_ram_mut()?;
+        let xs = view.as_slice_mut::<u8>()?;
+        for v in 0..256 {
+            for c in 0..chain.channels {
+                xs[v * chain.channels + c] = v as u8;
+            }
+        }
+    }
+    let out = tiny.into_runnable()?.run(tvec!(x.into_tvalue()))?;
+    let out = out[0].try_as_plain_ram()?;
+    let ys = out.as_slice::<u8>()?;
+    // Transposed to one 256-entry row per channel.
+    let mut table = vec![0u8; chain.channels * 256];
+    for v in 0..256 {
+        for c in 0..chain.channels {
+            table[c * 256 + v] = ys[v * chain.channels + c];
+        }
+    }
+    Ok(Some(LutU8Op {
+        axis: chain.axis,
+        channels: chain.channels,
+        table: Arc::new(table),
+    }))
+}
+
+/// `y = table[channel][x]` over a `u8` tensor (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LutU8Op {
+    /// The channel axis.
+    axis: usize,
+    /// Channels along it, with a row each (1: one row for every value).
+    channels: usize,
+    /// `channels` rows of 256 entries.
+    table: Arc<Vec<u8>>,
+}
+
+impl Op for LutU8Op {
+    fn name(&self) -> StaticName {
+        "TernLutU8".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for LutU8Op {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs.first().context("a table lookup takes one input")?;
+        let shape = x.shape();
+        // Values per channel run: the product of the axes after the channel axis.
+        let inner: usize = if self.channels == 1 {
+            x.len().max(1)
+        } else {
+            ensure!(
+                shape.get(self.axis) == Some(&self.channels),
+                "table of {} channels along axis {} for a tensor of shape {shape:?}",
+                self.channels,
+                self.axis
+            );
+            shape[self.axis + 1..].iter().product::<usize>().max(1)
+        };
+        let xs = x.try_as_plain_ram()?;
+        let xs = xs.as_slice::<u8>()?;
+        // SAFETY: u8 has no invalid values, and the pieces below cover every value of `y`.
+        let mut y = unsafe { Tensor::uninitialized::<u8>(shape)? };
+        let mut view = y.try_as_plain_ram_mut()?;
+        let ys = view.as_slice_mut::<u8>()?;
+        let piece = TASK.div_ceil(inner).max(1) * inner;
+        for_each_chunk(ys, piece, |(i, y)| -> TractResult<()> {
+            let start = i * piece;
+            for (j, run) in y.chunks_mut(inner).enumerate() {
+                let at = start + j * inner;
+                let c = (at / inner) % self.channels;
+                let row = &self.table[c * 256..c * 256 + 256];
+                let n = run.len();
+                for (o, &v) in run.iter_mut().zip(&xs[at..at + n]) {
+                    *o = row[v as usize];
+                }
+            }
+            Ok(())
+        })?;
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for LutU8Op {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs[0].datum_type == u8::datum_type(),
+            "a table lookup reads u8"
+        );
+        Ok(tvec!(u8::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::math;
+    use tract_onnx::tract_core::ops::quant::{quantize_linear_u8, DequantizeLinearF32};
+
+    /// `x: u8` → dequantize → × and + per channel along `axis` → HardSwish as a DAG
+    /// (`x · min(max(x + 3, 0), 6) / 6`, reading its input twice) → quantize. With
+    /// `spread`, the second constant also varies along another axis (no table can hold it).
+    fn chain(shape: &[usize], axis: usize, spread: bool) -> TractResult<TypedModel> {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", u8::fact(shape))?;
+        let dq = DequantizeLinearF32 {
+            scale: 0.05,
+            zero_point: 121,
+        };
+        let mut at = m.wire_node("dq", dq, &[x])?[0];
+        let per_channel = |m: &mut TypedModel, name: &str, base: f32, spread: bool| {
+            let mut kshape = vec![1usize; shape.len()];
+            kshape[axis] = shape[axis];
+            if spread {
+                let other = (axis + 1) % shape.len();
+                kshape[other] = shape[other];
+            }
+            let n: usize = kshape.iter().product();
+            let values: Vec<f32> = (0..n).map(|i| base + 0.37 * i as f32).collect();
+            let t = tensor1(&values).into_shape(&kshape)?;
+            m.add_const(name, t)
+        };
+        let scalar = |m: &mut TypedModel, name: &str, v: f32| {
+            let t = tensor0(v).broadcast_into_rank(shape.len())?;
+            m.add_const(name, t)
+        };
+        let k = per_channel(&mut m, "scale", -1.3, false)?;
+        at = m.wire_node("scale.mul", math::mul(), &[at, k])?[0];
+        let k = per_channel(&mut m, "shift", 0.4, spread)?;
+        at = m.wire_node("shift.add", math::add(), &[at, k])?[0];
+        let three = scalar(&mut m, "three", 3.0)?;
+        let zero = scalar(&mut m, "zero", 0.0)?;
+        let six = scalar(&mut m, "six", 6.0)?;
+        let sixth = scalar(&mut m, "sixth", 1.0 / 6.0)?;
+        let t = m.wire_node("hs.add", math::add(), &[at, three])?[0];
+        let t = m.wire_node("hs.max", math::max(), &[t, zero])?[0];
+        let t = m.wire_node("hs.min", math::min(), &[t, six])?[0];
+        let t = m.wire_node("hs.mul", math::mul(), &[at, t])?[0];
+        let t = m.wire_node("hs.div", math::mul(), &[t, sixth])?[0];
+        let y = m.wire_node("q", quantize_linear_u8(1.0 / 0.03, 97), &[t])?[0];
+        m.select_output_outlets(&[y])?;
+        Ok(m)
+    }
+
+    fn run(m: TypedModel, shape: &[usize]) -> TractResult<Vec<u8>> {
+        let n: usize = shape.iter().product();
+        let x: Vec<u8> = (0..n).map(|i| ((i * 37 + 11) % 256) as u8).collect();
+        let x = tensor1(&x).into_shape(shape)?;
+        let y = m.into_runnable()?.run(tvec!(x.into_tvalue()))?;
+        Ok(y[0].try_as_plain_ram()?.as_slice::<u8>()?.to_vec())
+    }
+
+    /// The table gives, byte for byte, what the chain's own ops gave (tract's scalar
+    /// quantize and dequantize, its float ops), for NCHW (channels on axis 1), the CHW
+    /// plans of one image (axis 0) and a rank-1 vector; a constant varying along two axes
+    /// leaves the chain alone.
+    #[test]
+    fn a_table_gives_what_the_chain_gave() -> TractResult<()> {
+        for (shape, axis) in [(vec![2, 3, 4, 5], 1), (vec![3, 4, 5], 0), (vec![6], 0)] {
+            let original = chain(&shape, axis, false)?;
+            let mut rewritten = original.clone();
+            super::super::quant::pass(&mut rewritten)?;
+            assert_eq!(pass(&mut rewritten)?, 1, "{shape:?}");
+            assert!(rewritten.nodes().iter().any(|n| n.op_is::<LutU8Op>()));
+            assert_eq!(run(original, &shape)?, run(rewritten, &shape)?, "{shape:?}");
+        }
+        let mut spread = chain(&[2, 3, 4, 5], 1, true)?;
+        super::super::quant::pass(&mut spread)?;
+        assert_eq!(pass(&mut spread)?, 0);
+        Ok(())
+    }
+}
