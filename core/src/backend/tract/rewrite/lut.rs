@@ -33,9 +33,9 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
         order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     for id in order {
         let node = model.node(id);
-        if !node
+        if node
             .op_as::<QuantU8Op>()
-            .is_some_and(|q| q.quantize().is_some())
+            .is_none_or(|q| q.quantize().is_none())
         {
             continue;
         }
