@@ -16,7 +16,7 @@
 //! sharing its vector loop); [`im2col`] and [`quant`], the passes around a matrix product
 //! that make a general convolution (the product itself runs on tract-linalg's kernels,
 //! called from the CPU backend); [`epilogue`], the float ops after a product (int8 or
-//! float) folded into one pass per row.
+//! float) folded into one pass per row; [`lut`], byte table lookups (AVX-512 VBMI).
 
 #![warn(missing_docs)]
 
@@ -25,6 +25,7 @@ pub mod depthwise_f32;
 pub mod epilogue;
 pub mod geometry;
 pub mod im2col;
+pub mod lut;
 pub mod quant;
 
 pub use geometry::Geometry;

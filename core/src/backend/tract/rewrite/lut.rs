@@ -18,6 +18,9 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 
+use tern_kernels::lut::lookup_u8;
+use tern_kernels::Isa;
+
 use super::quant::QuantU8Op;
 use super::{for_each_chunk, konst, TASK};
 
@@ -207,6 +210,7 @@ fn build_table(model: &TypedModel, chain: &Chain) -> TractResult<Option<LutU8Op>
         }
     }
     Ok(Some(LutU8Op {
+        isa: Isa::detect(),
         axis: chain.axis,
         channels: chain.channels,
         table: Arc::new(table),
@@ -216,6 +220,7 @@ fn build_table(model: &TypedModel, chain: &Chain) -> TractResult<Option<LutU8Op>
 /// `y = table[channel][x]` over a `u8` tensor (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LutU8Op {
+    isa: Isa,
     /// The channel axis.
     axis: usize,
     /// Channels along it, with a row each (1: one row for every value).
@@ -263,10 +268,8 @@ impl EvalOp for LutU8Op {
                 let at = start + j * inner;
                 let c = (at / inner) % self.channels;
                 let row = &self.table[c * 256..c * 256 + 256];
-                let n = run.len();
-                for (o, &v) in run.iter_mut().zip(&xs[at..at + n]) {
-                    *o = row[v as usize];
-                }
+                lookup_u8(self.isa, row, &xs[at..at + run.len()], run)
+                    .map_err(|e| anyhow::anyhow!(e))?;
             }
             Ok(())
         })?;
