@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use tern_flows::{BreakerState, Source};
+use tern_flows::{BreakerState, CacheStats, Source, StepStats};
 
 use crate::{from_tern, on_worker, to_tern, Result, SessionConfig, TensorData, TernError};
 
@@ -152,38 +152,23 @@ pub struct FlowResult {
     pub elapsed_ms: f64,
 }
 
-/// A step's counters so far.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct StepCounters {
-    /// Answered by the step itself.
-    pub ok: u64,
-    /// Answered by the result cache.
-    pub cache_hits: u64,
-    /// Answered by a fallback.
-    pub fallbacks: u64,
-    /// Failed with an error.
-    pub errors: u64,
-    /// Ran out of budget.
-    pub timeouts: u64,
-    /// Refused by the open breaker.
-    pub refused: u64,
-    /// Refused because too many abandoned runs were out.
-    pub busy: u64,
-    /// The breaker's state now.
-    pub breaker: BreakerState,
+#[uniffi::remote(Record)]
+pub struct StepStats {
+    ok: u64,
+    cache_hits: u64,
+    fallbacks: u64,
+    errors: u64,
+    timeouts: u64,
+    refused: u64,
+    busy: u64,
 }
 
-/// A result cache's counters.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct CacheCounters {
-    /// Lookups that answered.
-    pub hits: u64,
-    /// Lookups that did not.
-    pub misses: u64,
-    /// Entries held.
-    pub entries: u64,
-    /// Output bytes held.
-    pub bytes: u64,
+#[uniffi::remote(Record)]
+pub struct CacheStats {
+    hits: u64,
+    misses: u64,
+    entries: u64,
+    bytes: u64,
 }
 
 /// The flows of a flow file (cascades, fan-outs and pipelines of models and app callbacks,
@@ -265,44 +250,19 @@ impl TernFlows {
         on_worker(move || run_flow(&flows, &flow, &inputs)).await
     }
 
-    /// Every step's counters and breaker state, by name.
-    pub fn step_counters(&self) -> HashMap<String, StepCounters> {
-        let states = self.inner.breaker_states();
-        self.inner
-            .step_stats()
-            .into_iter()
-            .map(|(name, s)| {
-                let breaker = states.get(&name).copied().unwrap_or(BreakerState::Closed);
-                let counters = StepCounters {
-                    ok: s.ok,
-                    cache_hits: s.cache_hits,
-                    fallbacks: s.fallbacks,
-                    errors: s.errors,
-                    timeouts: s.timeouts,
-                    refused: s.refused,
-                    busy: s.busy,
-                    breaker,
-                };
-                (name, counters)
-            })
-            .collect()
+    /// Every step's counters, by name.
+    pub fn step_stats(&self) -> HashMap<String, StepStats> {
+        self.inner.step_stats().into_iter().collect()
     }
 
-    /// Every cache's counters, by name.
-    pub fn cache_counters(&self) -> HashMap<String, CacheCounters> {
-        self.inner
-            .cache_stats()
-            .into_iter()
-            .map(|(name, c)| {
-                let counters = CacheCounters {
-                    hits: c.hits,
-                    misses: c.misses,
-                    entries: c.entries,
-                    bytes: c.bytes,
-                };
-                (name, counters)
-            })
-            .collect()
+    /// Every step's breaker state, by name (`Closed` for a step without one).
+    pub fn breaker_states(&self) -> HashMap<String, BreakerState> {
+        self.inner.breaker_states().into_iter().collect()
+    }
+
+    /// Every cache's hits, misses and size, by name.
+    pub fn cache_stats(&self) -> HashMap<String, CacheStats> {
+        self.inner.cache_stats().into_iter().collect()
     }
 }
 

@@ -27,10 +27,7 @@ use tern_flows::{ErrorKind as FlowErrorKind, Priority};
 uniffi::setup_scaffolding!();
 
 mod flow;
-pub use flow::{
-    CacheCounters, FlowCallback, FlowResult, MissingStep, StepAnswer, StepCounters, StepFailure,
-    TernFlows,
-};
+pub use flow::{FlowCallback, FlowResult, MissingStep, StepAnswer, StepFailure, TernFlows};
 
 /// Everything that can go wrong, as one exception hierarchy on the foreign side.
 #[derive(Debug, thiserror::Error, uniffi::Error)]

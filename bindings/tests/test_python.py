@@ -256,7 +256,7 @@ deadline_ms = 200
             want = tern.Source.MODEL if attempt == 0 else tern.Source.CACHE
             self.assertEqual([(a.step, a.source) for a in r.answered], [("pre", tern.Source.MODEL), ("model", want)])
         self.assertEqual(calls, [["raw"], ["raw"]])
-        self.assertEqual(flows.cache_counters()["c"].hits, 1)
+        self.assertEqual(flows.cache_stats()["c"].hits, 1)
 
         r = flows.run("guarded", inputs)
         self.assertEqual(r.answered[0].source, tern.Source.RULE)
@@ -266,9 +266,9 @@ deadline_ms = 200
             flows.run("bare", inputs)
         self.assertEqual(e.exception.kind, tern.FlowErrorKind.CALLBACK)
         self.assertIn("boom from Python", str(e.exception))
-        counters = flows.step_counters()
+        counters = flows.step_stats()
         self.assertEqual((counters["guarded"].fallbacks, counters["boom"].errors), (1, 1))
-        self.assertEqual(counters["model"].breaker, tern.BreakerState.CLOSED)
+        self.assertEqual(flows.breaker_states()["model"], tern.BreakerState.CLOSED)
 
         bytes_in = [tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[n, width], data=x)]
         r = asyncio.run(flows.run_async("race", bytes_in))

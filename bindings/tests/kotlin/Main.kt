@@ -276,9 +276,10 @@ fun main(args: Array<String>) {
             expect(err.kind == FlowErrorKind.CALLBACK && err.message!!.contains("boom from Kotlin")) { "error $err" }
             val sure = flows.run("sure", listOf(bytesInput()))
             expect(sure.stage == 0u && sure.confidences.size == 1) { "cascade $sure" }
-            val counters = flows.stepCounters()
+            val counters = flows.stepStats()
             expect(counters["guarded"]!!.fallbacks == 1uL && counters["boom"]!!.errors == 1uL) { "counters $counters" }
-            expect(flows.cacheCounters()["c"]!!.hits == 2uL) { "cache ${flows.cacheCounters()}" }
+            expect(flows.cacheStats()["c"]!!.hits == 2uL) { "cache ${flows.cacheStats()}" }
+            expect(flows.breakerStates()["model"] == BreakerState.CLOSED) { "breakers ${flows.breakerStates()}" }
         }
         val cycle = assertThrows<TernException.Flow> {
             TernFlows.fromToml("[steps.a]\nflow = \"f\"\n[flows.f]\npipeline = [\"a\"]\n", ".", cpu, mapOf())

@@ -1277,9 +1277,14 @@ public func FfiConverterTypeTernBatcher_lower(_ value: TernBatcher) -> UInt64 {
 public protocol TernFlowsProtocol: AnyObject, Sendable {
     
     /**
-     * Every cache's counters, by name.
+     * Every step's breaker state, by name (`Closed` for a step without one).
      */
-    func cacheCounters()  -> [String: CacheCounters]
+    func breakerStates()  -> [String: BreakerState]
+    
+    /**
+     * Every cache's hits, misses and size, by name.
+     */
+    func cacheStats()  -> [String: CacheStats]
     
     /**
      * The flows' names, sorted.
@@ -1297,9 +1302,9 @@ public protocol TernFlowsProtocol: AnyObject, Sendable {
     func runAsync(flow: String, inputs: [TensorData]) async throws  -> FlowResult
     
     /**
-     * Every step's counters and breaker state, by name.
+     * Every step's counters, by name.
      */
-    func stepCounters()  -> [String: StepCounters]
+    func stepStats()  -> [String: StepStats]
     
 }
 /**
@@ -1391,12 +1396,24 @@ public static func load(path: String, config: SessionConfig, callbacks: [String:
 
     
     /**
-     * Every cache's counters, by name.
+     * Every step's breaker state, by name (`Closed` for a step without one).
      */
-open func cacheCounters() -> [String: CacheCounters]  {
-    return try!  FfiConverterDictionaryStringTypeCacheCounters.lift(try! rustCall() {
+open func breakerStates() -> [String: BreakerState]  {
+    return try!  FfiConverterDictionaryStringTypeBreakerState.lift(try! rustCall() {
         uniffiCallStatus in
-    uniffi_tern_ffi_fn_method_ternflows_cache_counters(
+    uniffi_tern_ffi_fn_method_ternflows_breaker_states(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Every cache's hits, misses and size, by name.
+     */
+open func cacheStats() -> [String: CacheStats]  {
+    return try!  FfiConverterDictionaryStringTypeCacheStats.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternflows_cache_stats(
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
@@ -1448,12 +1465,12 @@ open func runAsync(flow: String, inputs: [TensorData])async throws  -> FlowResul
 }
     
     /**
-     * Every step's counters and breaker state, by name.
+     * Every step's counters, by name.
      */
-open func stepCounters() -> [String: StepCounters]  {
-    return try!  FfiConverterDictionaryStringTypeStepCounters.lift(try! rustCall() {
+open func stepStats() -> [String: StepStats]  {
+    return try!  FfiConverterDictionaryStringTypeStepStats.lift(try! rustCall() {
         uniffiCallStatus in
-    uniffi_tern_ffi_fn_method_ternflows_step_counters(
+    uniffi_tern_ffi_fn_method_ternflows_step_stats(
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
@@ -2744,42 +2761,15 @@ public func FfiConverterTypeBatchStats_lower(_ value: BatchStats) -> RustBuffer 
 }
 
 
-/**
- * A result cache's counters.
- */
-public struct CacheCounters: Equatable, Hashable {
-    /**
-     * Lookups that answered.
-     */
+public struct CacheStats: Equatable, Hashable {
     public var hits: UInt64
-    /**
-     * Lookups that did not.
-     */
     public var misses: UInt64
-    /**
-     * Entries held.
-     */
     public var entries: UInt64
-    /**
-     * Output bytes held.
-     */
     public var bytes: UInt64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
-    public init(
-        /**
-         * Lookups that answered.
-         */hits: UInt64, 
-        /**
-         * Lookups that did not.
-         */misses: UInt64, 
-        /**
-         * Entries held.
-         */entries: UInt64, 
-        /**
-         * Output bytes held.
-         */bytes: UInt64) {
+    public init(hits: UInt64, misses: UInt64, entries: UInt64, bytes: UInt64) {
         self.hits = hits
         self.misses = misses
         self.entries = entries
@@ -2792,16 +2782,16 @@ public struct CacheCounters: Equatable, Hashable {
 }
 
 #if compiler(>=6)
-extension CacheCounters: Sendable {}
+extension CacheStats: Sendable {}
 #endif
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public struct FfiConverterTypeCacheCounters: FfiConverterRustBuffer {
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> CacheCounters {
+public struct FfiConverterTypeCacheStats: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> CacheStats {
         return
-            try CacheCounters(
+            try CacheStats(
                 hits: FfiConverterUInt64.read(from: &buf), 
                 misses: FfiConverterUInt64.read(from: &buf), 
                 entries: FfiConverterUInt64.read(from: &buf), 
@@ -2809,7 +2799,7 @@ public struct FfiConverterTypeCacheCounters: FfiConverterRustBuffer {
         )
     }
 
-    public static func write(_ value: CacheCounters, into buf: inout [UInt8]) {
+    public static func write(_ value: CacheStats, into buf: inout [UInt8]) {
         FfiConverterUInt64.write(value.hits, into: &buf)
         FfiConverterUInt64.write(value.misses, into: &buf)
         FfiConverterUInt64.write(value.entries, into: &buf)
@@ -2821,15 +2811,15 @@ public struct FfiConverterTypeCacheCounters: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public func FfiConverterTypeCacheCounters_lift(_ buf: RustBuffer) throws -> CacheCounters {
-    return try FfiConverterTypeCacheCounters.lift(buf)
+public func FfiConverterTypeCacheStats_lift(_ buf: RustBuffer) throws -> CacheStats {
+    return try FfiConverterTypeCacheStats.lift(buf)
 }
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public func FfiConverterTypeCacheCounters_lower(_ value: CacheCounters) -> RustBuffer {
-    return FfiConverterTypeCacheCounters.lower(value)
+public func FfiConverterTypeCacheStats_lower(_ value: CacheStats) -> RustBuffer {
+    return FfiConverterTypeCacheStats.lower(value)
 }
 
 
@@ -3529,70 +3519,18 @@ public func FfiConverterTypeStepAnswer_lower(_ value: StepAnswer) -> RustBuffer 
 }
 
 
-/**
- * A step's counters so far.
- */
-public struct StepCounters: Equatable, Hashable {
-    /**
-     * Answered by the step itself.
-     */
+public struct StepStats: Equatable, Hashable {
     public var ok: UInt64
-    /**
-     * Answered by the result cache.
-     */
     public var cacheHits: UInt64
-    /**
-     * Answered by a fallback.
-     */
     public var fallbacks: UInt64
-    /**
-     * Failed with an error.
-     */
     public var errors: UInt64
-    /**
-     * Ran out of budget.
-     */
     public var timeouts: UInt64
-    /**
-     * Refused by the open breaker.
-     */
     public var refused: UInt64
-    /**
-     * Refused because too many abandoned runs were out.
-     */
     public var busy: UInt64
-    /**
-     * The breaker's state now.
-     */
-    public var breaker: BreakerState
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
-    public init(
-        /**
-         * Answered by the step itself.
-         */ok: UInt64, 
-        /**
-         * Answered by the result cache.
-         */cacheHits: UInt64, 
-        /**
-         * Answered by a fallback.
-         */fallbacks: UInt64, 
-        /**
-         * Failed with an error.
-         */errors: UInt64, 
-        /**
-         * Ran out of budget.
-         */timeouts: UInt64, 
-        /**
-         * Refused by the open breaker.
-         */refused: UInt64, 
-        /**
-         * Refused because too many abandoned runs were out.
-         */busy: UInt64, 
-        /**
-         * The breaker's state now.
-         */breaker: BreakerState) {
+    public init(ok: UInt64, cacheHits: UInt64, fallbacks: UInt64, errors: UInt64, timeouts: UInt64, refused: UInt64, busy: UInt64) {
         self.ok = ok
         self.cacheHits = cacheHits
         self.fallbacks = fallbacks
@@ -3600,7 +3538,6 @@ public struct StepCounters: Equatable, Hashable {
         self.timeouts = timeouts
         self.refused = refused
         self.busy = busy
-        self.breaker = breaker
     }
 
     
@@ -3609,28 +3546,27 @@ public struct StepCounters: Equatable, Hashable {
 }
 
 #if compiler(>=6)
-extension StepCounters: Sendable {}
+extension StepStats: Sendable {}
 #endif
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public struct FfiConverterTypeStepCounters: FfiConverterRustBuffer {
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StepCounters {
+public struct FfiConverterTypeStepStats: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StepStats {
         return
-            try StepCounters(
+            try StepStats(
                 ok: FfiConverterUInt64.read(from: &buf), 
                 cacheHits: FfiConverterUInt64.read(from: &buf), 
                 fallbacks: FfiConverterUInt64.read(from: &buf), 
                 errors: FfiConverterUInt64.read(from: &buf), 
                 timeouts: FfiConverterUInt64.read(from: &buf), 
                 refused: FfiConverterUInt64.read(from: &buf), 
-                busy: FfiConverterUInt64.read(from: &buf), 
-                breaker: FfiConverterTypeBreakerState.read(from: &buf)
+                busy: FfiConverterUInt64.read(from: &buf)
         )
     }
 
-    public static func write(_ value: StepCounters, into buf: inout [UInt8]) {
+    public static func write(_ value: StepStats, into buf: inout [UInt8]) {
         FfiConverterUInt64.write(value.ok, into: &buf)
         FfiConverterUInt64.write(value.cacheHits, into: &buf)
         FfiConverterUInt64.write(value.fallbacks, into: &buf)
@@ -3638,7 +3574,6 @@ public struct FfiConverterTypeStepCounters: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.timeouts, into: &buf)
         FfiConverterUInt64.write(value.refused, into: &buf)
         FfiConverterUInt64.write(value.busy, into: &buf)
-        FfiConverterTypeBreakerState.write(value.breaker, into: &buf)
     }
 }
 
@@ -3646,15 +3581,15 @@ public struct FfiConverterTypeStepCounters: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public func FfiConverterTypeStepCounters_lift(_ buf: RustBuffer) throws -> StepCounters {
-    return try FfiConverterTypeStepCounters.lift(buf)
+public func FfiConverterTypeStepStats_lift(_ buf: RustBuffer) throws -> StepStats {
+    return try FfiConverterTypeStepStats.lift(buf)
 }
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public func FfiConverterTypeStepCounters_lower(_ value: StepCounters) -> RustBuffer {
-    return FfiConverterTypeStepCounters.lower(value)
+public func FfiConverterTypeStepStats_lower(_ value: StepStats) -> RustBuffer {
+    return FfiConverterTypeStepStats.lower(value)
 }
 
 
@@ -6894,23 +6829,23 @@ fileprivate struct FfiConverterDictionaryStringTypeFlowCallback: FfiConverterRus
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-fileprivate struct FfiConverterDictionaryStringTypeCacheCounters: FfiConverterRustBuffer {
-    public static func write(_ value: [String: CacheCounters], into buf: inout [UInt8]) {
+fileprivate struct FfiConverterDictionaryStringTypeCacheStats: FfiConverterRustBuffer {
+    public static func write(_ value: [String: CacheStats], into buf: inout [UInt8]) {
         let len = Int32(value.count)
         writeInt(&buf, len)
         for (key, value) in value {
             FfiConverterString.write(key, into: &buf)
-            FfiConverterTypeCacheCounters.write(value, into: &buf)
+            FfiConverterTypeCacheStats.write(value, into: &buf)
         }
     }
 
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: CacheCounters] {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: CacheStats] {
         let len: Int32 = try readInt(&buf)
-        var dict = [String: CacheCounters]()
+        var dict = [String: CacheStats]()
         dict.reserveCapacity(Int(len))
         for _ in 0..<len {
             let key = try FfiConverterString.read(from: &buf)
-            let value = try FfiConverterTypeCacheCounters.read(from: &buf)
+            let value = try FfiConverterTypeCacheStats.read(from: &buf)
             dict[key] = value
         }
         return dict
@@ -6920,23 +6855,49 @@ fileprivate struct FfiConverterDictionaryStringTypeCacheCounters: FfiConverterRu
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-fileprivate struct FfiConverterDictionaryStringTypeStepCounters: FfiConverterRustBuffer {
-    public static func write(_ value: [String: StepCounters], into buf: inout [UInt8]) {
+fileprivate struct FfiConverterDictionaryStringTypeStepStats: FfiConverterRustBuffer {
+    public static func write(_ value: [String: StepStats], into buf: inout [UInt8]) {
         let len = Int32(value.count)
         writeInt(&buf, len)
         for (key, value) in value {
             FfiConverterString.write(key, into: &buf)
-            FfiConverterTypeStepCounters.write(value, into: &buf)
+            FfiConverterTypeStepStats.write(value, into: &buf)
         }
     }
 
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: StepCounters] {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: StepStats] {
         let len: Int32 = try readInt(&buf)
-        var dict = [String: StepCounters]()
+        var dict = [String: StepStats]()
         dict.reserveCapacity(Int(len))
         for _ in 0..<len {
             let key = try FfiConverterString.read(from: &buf)
-            let value = try FfiConverterTypeStepCounters.read(from: &buf)
+            let value = try FfiConverterTypeStepStats.read(from: &buf)
+            dict[key] = value
+        }
+        return dict
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterDictionaryStringTypeBreakerState: FfiConverterRustBuffer {
+    public static func write(_ value: [String: BreakerState], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for (key, value) in value {
+            FfiConverterString.write(key, into: &buf)
+            FfiConverterTypeBreakerState.write(value, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: BreakerState] {
+        let len: Int32 = try readInt(&buf)
+        var dict = [String: BreakerState]()
+        dict.reserveCapacity(Int(len))
+        for _ in 0..<len {
+            let key = try FfiConverterString.read(from: &buf)
+            let value = try FfiConverterTypeBreakerState.read(from: &buf)
             dict[key] = value
         }
         return dict
@@ -7156,7 +7117,10 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_flowcallback_compute() != 43251) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tern_ffi_checksum_method_ternflows_cache_counters() != 16704) {
+    if (uniffi_tern_ffi_checksum_method_ternflows_breaker_states() != 41114) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternflows_cache_stats() != 47225) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_method_ternflows_names() != 17729) {
@@ -7168,7 +7132,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_ternflows_run_async() != 28576) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tern_ffi_checksum_method_ternflows_step_counters() != 27782) {
+    if (uniffi_tern_ffi_checksum_method_ternflows_step_stats() != 58578) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_constructor_ternbatcher_new() != 2279) {

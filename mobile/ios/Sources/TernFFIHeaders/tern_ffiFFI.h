@@ -535,9 +535,14 @@ uint64_t uniffi_tern_ffi_fn_constructor_ternflows_from_toml(RustBuffer toml, Rus
 uint64_t uniffi_tern_ffi_fn_constructor_ternflows_load(RustBuffer path, RustBuffer config, RustBuffer callbacks, RustCallStatus *_Nonnull out_status
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_CACHE_COUNTERS
-#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_CACHE_COUNTERS
-RustBuffer uniffi_tern_ffi_fn_method_ternflows_cache_counters(uint64_t ptr, RustCallStatus *_Nonnull out_status
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_BREAKER_STATES
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_BREAKER_STATES
+RustBuffer uniffi_tern_ffi_fn_method_ternflows_breaker_states(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_CACHE_STATS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_CACHE_STATS
+RustBuffer uniffi_tern_ffi_fn_method_ternflows_cache_stats(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_NAMES
@@ -555,9 +560,9 @@ RustBuffer uniffi_tern_ffi_fn_method_ternflows_run(uint64_t ptr, RustBuffer flow
 uint64_t uniffi_tern_ffi_fn_method_ternflows_run_async(uint64_t ptr, RustBuffer flow, RustBuffer inputs
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_STEP_COUNTERS
-#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_STEP_COUNTERS
-RustBuffer uniffi_tern_ffi_fn_method_ternflows_step_counters(uint64_t ptr, RustCallStatus *_Nonnull out_status
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_STEP_STATS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_STEP_STATS
+RustBuffer uniffi_tern_ffi_fn_method_ternflows_step_stats(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FUNC_INIT_TELEMETRY
@@ -1019,9 +1024,15 @@ uint16_t uniffi_tern_ffi_checksum_method_flowcallback_compute(void
     
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_CACHE_COUNTERS
-#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_CACHE_COUNTERS
-uint16_t uniffi_tern_ffi_checksum_method_ternflows_cache_counters(void
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_BREAKER_STATES
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_BREAKER_STATES
+uint16_t uniffi_tern_ffi_checksum_method_ternflows_breaker_states(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_CACHE_STATS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_CACHE_STATS
+uint16_t uniffi_tern_ffi_checksum_method_ternflows_cache_stats(void
     
 );
 #endif
@@ -1043,9 +1054,9 @@ uint16_t uniffi_tern_ffi_checksum_method_ternflows_run_async(void
     
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_STEP_COUNTERS
-#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_STEP_COUNTERS
-uint16_t uniffi_tern_ffi_checksum_method_ternflows_step_counters(void
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_STEP_STATS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNFLOWS_STEP_STATS
+uint16_t uniffi_tern_ffi_checksum_method_ternflows_step_stats(void
     
 );
 #endif

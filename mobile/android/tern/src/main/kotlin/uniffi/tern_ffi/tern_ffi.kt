@@ -784,7 +784,9 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tern_ffi_checksum_method_flowcallback_compute(
     ): Int
-    external fun uniffi_tern_ffi_checksum_method_ternflows_cache_counters(
+    external fun uniffi_tern_ffi_checksum_method_ternflows_breaker_states(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternflows_cache_stats(
     ): Int
     external fun uniffi_tern_ffi_checksum_method_ternflows_names(
     ): Int
@@ -792,7 +794,7 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tern_ffi_checksum_method_ternflows_run_async(
     ): Int
-    external fun uniffi_tern_ffi_checksum_method_ternflows_step_counters(
+    external fun uniffi_tern_ffi_checksum_method_ternflows_step_stats(
     ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternbatcher_new(
     ): Int
@@ -936,7 +938,9 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_tern_ffi_fn_constructor_ternflows_load(`path`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`callbacks`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
-    external fun uniffi_tern_ffi_fn_method_ternflows_cache_counters(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_tern_ffi_fn_method_ternflows_breaker_states(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternflows_cache_stats(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tern_ffi_fn_method_ternflows_names(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -944,7 +948,7 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_tern_ffi_fn_method_ternflows_run_async(`ptr`: Long,`flow`: RustBuffer.ByValue,`inputs`: RustBuffer.ByValue,
     ): Long
-    external fun uniffi_tern_ffi_fn_method_ternflows_step_counters(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_tern_ffi_fn_method_ternflows_step_stats(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tern_ffi_fn_func_init_telemetry(`dir`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
@@ -1162,7 +1166,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_flowcallback_compute() and 0xFFFF) != 43251) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_cache_counters() and 0xFFFF) != 16704) {
+    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_breaker_states() and 0xFFFF) != 41114) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_cache_stats() and 0xFFFF) != 47225) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_method_ternflows_names() and 0xFFFF) != 17729) {
@@ -1174,7 +1181,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_ternflows_run_async() and 0xFFFF) != 28576) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_step_counters() and 0xFFFF) != 27782) {
+    if ((lib.uniffi_tern_ffi_checksum_method_ternflows_step_stats() and 0xFFFF) != 58578) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_constructor_ternbatcher_new() and 0xFFFF) != 2279) {
@@ -2764,9 +2771,14 @@ public object FfiConverterTypeTernBatcher: FfiConverter<TernBatcher, Long> {
 public interface TernFlowsInterface {
     
     /**
-     * Every cache's counters, by name.
+     * Every step's breaker state, by name (`Closed` for a step without one).
      */
-    fun `cacheCounters`(): Map<kotlin.String, CacheCounters>
+    fun `breakerStates`(): Map<kotlin.String, BreakerState>
+    
+    /**
+     * Every cache's hits, misses and size, by name.
+     */
+    fun `cacheStats`(): Map<kotlin.String, CacheStats>
     
     /**
      * The flows' names, sorted.
@@ -2784,9 +2796,9 @@ public interface TernFlowsInterface {
     suspend fun `runAsync`(`flow`: kotlin.String, `inputs`: List<TensorData>): FlowResult
     
     /**
-     * Every step's counters and breaker state, by name.
+     * Every step's counters, by name.
      */
-    fun `stepCounters`(): Map<kotlin.String, StepCounters>
+    fun `stepStats`(): Map<kotlin.String, StepStats>
     
     companion object
 }
@@ -2899,12 +2911,28 @@ open class TernFlows: Disposable, AutoCloseable, TernFlowsInterface
 
     
     /**
-     * Every cache's counters, by name.
-     */override fun `cacheCounters`(): Map<kotlin.String, CacheCounters> {
-            return FfiConverterMapStringTypeCacheCounters.lift(
+     * Every step's breaker state, by name (`Closed` for a step without one).
+     */override fun `breakerStates`(): Map<kotlin.String, BreakerState> {
+            return FfiConverterMapStringTypeBreakerState.lift(
     callWithHandle {
     uniffiRustCall() { _status ->
-    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_cache_counters(
+    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_breaker_states(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Every cache's hits, misses and size, by name.
+     */override fun `cacheStats`(): Map<kotlin.String, CacheStats> {
+            return FfiConverterMapStringTypeCacheStats.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_cache_stats(
         it,
         _status)
 }
@@ -2976,12 +3004,12 @@ open class TernFlows: Disposable, AutoCloseable, TernFlowsInterface
 
     
     /**
-     * Every step's counters and breaker state, by name.
-     */override fun `stepCounters`(): Map<kotlin.String, StepCounters> {
-            return FfiConverterMapStringTypeStepCounters.lift(
+     * Every step's counters, by name.
+     */override fun `stepStats`(): Map<kotlin.String, StepStats> {
+            return FfiConverterMapStringTypeStepStats.lift(
     callWithHandle {
     uniffiRustCall() { _status ->
-    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_step_counters(
+    UniffiLib.uniffi_tern_ffi_fn_method_ternflows_step_stats(
         it,
         _status)
 }
@@ -4990,28 +5018,13 @@ public object FfiConverterTypeBatchStats: FfiConverterRustBuffer<BatchStats> {
 
 
 
-/**
- * A result cache's counters.
- */
-data class CacheCounters (
-    /**
-     * Lookups that answered.
-     */
+data class CacheStats (
     var `hits`: kotlin.ULong
     , 
-    /**
-     * Lookups that did not.
-     */
     var `misses`: kotlin.ULong
     , 
-    /**
-     * Entries held.
-     */
     var `entries`: kotlin.ULong
     , 
-    /**
-     * Output bytes held.
-     */
     var `bytes`: kotlin.ULong
     
 ){
@@ -5026,9 +5039,9 @@ data class CacheCounters (
 /**
  * @suppress
  */
-public object FfiConverterTypeCacheCounters: FfiConverterRustBuffer<CacheCounters> {
-    override fun read(buf: ByteBuffer): CacheCounters {
-        return CacheCounters(
+public object FfiConverterTypeCacheStats: FfiConverterRustBuffer<CacheStats> {
+    override fun read(buf: ByteBuffer): CacheStats {
+        return CacheStats(
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
@@ -5036,14 +5049,14 @@ public object FfiConverterTypeCacheCounters: FfiConverterRustBuffer<CacheCounter
         )
     }
 
-    override fun allocationSize(value: CacheCounters) = (
+    override fun allocationSize(value: CacheStats) = (
             FfiConverterULong.allocationSize(value.`hits`) +
             FfiConverterULong.allocationSize(value.`misses`) +
             FfiConverterULong.allocationSize(value.`entries`) +
             FfiConverterULong.allocationSize(value.`bytes`)
     )
 
-    override fun write(value: CacheCounters, buf: ByteBuffer) {
+    override fun write(value: CacheStats, buf: ByteBuffer) {
             FfiConverterULong.write(value.`hits`, buf)
             FfiConverterULong.write(value.`misses`, buf)
             FfiConverterULong.write(value.`entries`, buf)
@@ -5552,49 +5565,20 @@ public object FfiConverterTypeStepAnswer: FfiConverterRustBuffer<StepAnswer> {
 
 
 
-/**
- * A step's counters so far.
- */
-data class StepCounters (
-    /**
-     * Answered by the step itself.
-     */
+data class StepStats (
     var `ok`: kotlin.ULong
     , 
-    /**
-     * Answered by the result cache.
-     */
     var `cacheHits`: kotlin.ULong
     , 
-    /**
-     * Answered by a fallback.
-     */
     var `fallbacks`: kotlin.ULong
     , 
-    /**
-     * Failed with an error.
-     */
     var `errors`: kotlin.ULong
     , 
-    /**
-     * Ran out of budget.
-     */
     var `timeouts`: kotlin.ULong
     , 
-    /**
-     * Refused by the open breaker.
-     */
     var `refused`: kotlin.ULong
     , 
-    /**
-     * Refused because too many abandoned runs were out.
-     */
     var `busy`: kotlin.ULong
-    , 
-    /**
-     * The breaker's state now.
-     */
-    var `breaker`: BreakerState
     
 ){
     
@@ -5608,9 +5592,9 @@ data class StepCounters (
 /**
  * @suppress
  */
-public object FfiConverterTypeStepCounters: FfiConverterRustBuffer<StepCounters> {
-    override fun read(buf: ByteBuffer): StepCounters {
-        return StepCounters(
+public object FfiConverterTypeStepStats: FfiConverterRustBuffer<StepStats> {
+    override fun read(buf: ByteBuffer): StepStats {
+        return StepStats(
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
@@ -5618,22 +5602,20 @@ public object FfiConverterTypeStepCounters: FfiConverterRustBuffer<StepCounters>
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
-            FfiConverterTypeBreakerState.read(buf),
         )
     }
 
-    override fun allocationSize(value: StepCounters) = (
+    override fun allocationSize(value: StepStats) = (
             FfiConverterULong.allocationSize(value.`ok`) +
             FfiConverterULong.allocationSize(value.`cacheHits`) +
             FfiConverterULong.allocationSize(value.`fallbacks`) +
             FfiConverterULong.allocationSize(value.`errors`) +
             FfiConverterULong.allocationSize(value.`timeouts`) +
             FfiConverterULong.allocationSize(value.`refused`) +
-            FfiConverterULong.allocationSize(value.`busy`) +
-            FfiConverterTypeBreakerState.allocationSize(value.`breaker`)
+            FfiConverterULong.allocationSize(value.`busy`)
     )
 
-    override fun write(value: StepCounters, buf: ByteBuffer) {
+    override fun write(value: StepStats, buf: ByteBuffer) {
             FfiConverterULong.write(value.`ok`, buf)
             FfiConverterULong.write(value.`cacheHits`, buf)
             FfiConverterULong.write(value.`fallbacks`, buf)
@@ -5641,7 +5623,6 @@ public object FfiConverterTypeStepCounters: FfiConverterRustBuffer<StepCounters>
             FfiConverterULong.write(value.`timeouts`, buf)
             FfiConverterULong.write(value.`refused`, buf)
             FfiConverterULong.write(value.`busy`, buf)
-            FfiConverterTypeBreakerState.write(value.`breaker`, buf)
     }
 }
 
@@ -8265,35 +8246,35 @@ public object FfiConverterMapStringTypeFlowCallback: FfiConverterRustBuffer<Map<
 /**
  * @suppress
  */
-public object FfiConverterMapStringTypeCacheCounters: FfiConverterRustBuffer<Map<kotlin.String, CacheCounters>> {
-    override fun read(buf: ByteBuffer): Map<kotlin.String, CacheCounters> {
+public object FfiConverterMapStringTypeCacheStats: FfiConverterRustBuffer<Map<kotlin.String, CacheStats>> {
+    override fun read(buf: ByteBuffer): Map<kotlin.String, CacheStats> {
         val len = buf.getInt()
-        return buildMap<kotlin.String, CacheCounters>(len) {
+        return buildMap<kotlin.String, CacheStats>(len) {
             repeat(len) {
                 val k = FfiConverterString.read(buf)
-                val v = FfiConverterTypeCacheCounters.read(buf)
+                val v = FfiConverterTypeCacheStats.read(buf)
                 this[k] = v
             }
         }
     }
 
-    override fun allocationSize(value: Map<kotlin.String, CacheCounters>): ULong {
+    override fun allocationSize(value: Map<kotlin.String, CacheStats>): ULong {
         val spaceForMapSize = 4UL
         val spaceForChildren = value.map { (k, v) ->
             FfiConverterString.allocationSize(k) +
-            FfiConverterTypeCacheCounters.allocationSize(v)
+            FfiConverterTypeCacheStats.allocationSize(v)
         }.sum()
         return spaceForMapSize + spaceForChildren
     }
 
-    override fun write(value: Map<kotlin.String, CacheCounters>, buf: ByteBuffer) {
+    override fun write(value: Map<kotlin.String, CacheStats>, buf: ByteBuffer) {
         buf.putInt(value.size)
         // The parens on `(k, v)` here ensure we're calling the right method,
         // which is important for compatibility with older android devices.
         // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
         value.forEach { (k, v) ->
             FfiConverterString.write(k, buf)
-            FfiConverterTypeCacheCounters.write(v, buf)
+            FfiConverterTypeCacheStats.write(v, buf)
         }
     }
 }
@@ -8304,35 +8285,74 @@ public object FfiConverterMapStringTypeCacheCounters: FfiConverterRustBuffer<Map
 /**
  * @suppress
  */
-public object FfiConverterMapStringTypeStepCounters: FfiConverterRustBuffer<Map<kotlin.String, StepCounters>> {
-    override fun read(buf: ByteBuffer): Map<kotlin.String, StepCounters> {
+public object FfiConverterMapStringTypeStepStats: FfiConverterRustBuffer<Map<kotlin.String, StepStats>> {
+    override fun read(buf: ByteBuffer): Map<kotlin.String, StepStats> {
         val len = buf.getInt()
-        return buildMap<kotlin.String, StepCounters>(len) {
+        return buildMap<kotlin.String, StepStats>(len) {
             repeat(len) {
                 val k = FfiConverterString.read(buf)
-                val v = FfiConverterTypeStepCounters.read(buf)
+                val v = FfiConverterTypeStepStats.read(buf)
                 this[k] = v
             }
         }
     }
 
-    override fun allocationSize(value: Map<kotlin.String, StepCounters>): ULong {
+    override fun allocationSize(value: Map<kotlin.String, StepStats>): ULong {
         val spaceForMapSize = 4UL
         val spaceForChildren = value.map { (k, v) ->
             FfiConverterString.allocationSize(k) +
-            FfiConverterTypeStepCounters.allocationSize(v)
+            FfiConverterTypeStepStats.allocationSize(v)
         }.sum()
         return spaceForMapSize + spaceForChildren
     }
 
-    override fun write(value: Map<kotlin.String, StepCounters>, buf: ByteBuffer) {
+    override fun write(value: Map<kotlin.String, StepStats>, buf: ByteBuffer) {
         buf.putInt(value.size)
         // The parens on `(k, v)` here ensure we're calling the right method,
         // which is important for compatibility with older android devices.
         // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
         value.forEach { (k, v) ->
             FfiConverterString.write(k, buf)
-            FfiConverterTypeStepCounters.write(v, buf)
+            FfiConverterTypeStepStats.write(v, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterMapStringTypeBreakerState: FfiConverterRustBuffer<Map<kotlin.String, BreakerState>> {
+    override fun read(buf: ByteBuffer): Map<kotlin.String, BreakerState> {
+        val len = buf.getInt()
+        return buildMap<kotlin.String, BreakerState>(len) {
+            repeat(len) {
+                val k = FfiConverterString.read(buf)
+                val v = FfiConverterTypeBreakerState.read(buf)
+                this[k] = v
+            }
+        }
+    }
+
+    override fun allocationSize(value: Map<kotlin.String, BreakerState>): ULong {
+        val spaceForMapSize = 4UL
+        val spaceForChildren = value.map { (k, v) ->
+            FfiConverterString.allocationSize(k) +
+            FfiConverterTypeBreakerState.allocationSize(v)
+        }.sum()
+        return spaceForMapSize + spaceForChildren
+    }
+
+    override fun write(value: Map<kotlin.String, BreakerState>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        // The parens on `(k, v)` here ensure we're calling the right method,
+        // which is important for compatibility with older android devices.
+        // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
+        value.forEach { (k, v) ->
+            FfiConverterString.write(k, buf)
+            FfiConverterTypeBreakerState.write(v, buf)
         }
     }
 }
