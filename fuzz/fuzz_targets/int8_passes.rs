@@ -1,14 +1,16 @@
 //! The passes around a matrix product, on any input: quantize, dequantize, per-row
-//! requantization and the epilogue (from i32 or f32 accumulators, into a buffer or in
-//! place) give the scalar definition's values on every instruction set (their AVX2 paths
-//! run here under the fuzzer's sanitizers), and im2col in the packed K4 layout holds the
-//! same matrix as the plain one, or both refuse the geometry.
+//! requantization, the epilogue (from i32 or f32 accumulators, into a buffer or in place)
+//! and byte table lookups give the scalar definition's values on every instruction set
+//! (their AVX2 and AVX-512 VBMI paths run here under the fuzzer's sanitizers), and im2col
+//! in the packed K4 layout holds the same matrix as the plain one, or both refuse the
+//! geometry.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tern_fuzz::Bytes;
 use tern_kernels::epilogue::{epilogue_rows, epilogue_rows_in_place, Epilogue, HardSwish, Out};
 use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
+use tern_kernels::lut::lookup_u8;
 use tern_kernels::quant::{dequantize_u8, quantize_u8, requantize_rows};
 use tern_kernels::Isa;
 
@@ -46,6 +48,21 @@ fuzz_target!(|data: &[u8]| {
     let want = run(Isa::Scalar);
     for &isa in Isa::available() {
         assert_eq!(run(isa), want, "{isa:?}");
+    }
+    // Byte table lookups (AVX-512 VBMI where the CPU has it) over the raw bytes, at every
+    // length up to n (the masked tail included).
+    let table: Vec<u8> = (0..256u32).map(|v| (v as u8).wrapping_mul(zero | 1) ^ next(255)).collect();
+    let lookups = |isa: Isa| {
+        let mut y = vec![0u8; n];
+        lookup_u8(isa, &table, &raw, &mut y).expect("256 entries, same lengths");
+        y
+    };
+    let want = lookups(Isa::Scalar);
+    for (y, x) in want.iter().zip(&raw) {
+        assert_eq!(*y, table[usize::from(*x)]);
+    }
+    for &isa in Isa::available() {
+        assert_eq!(lookups(isa), want, "lookup {isa:?}");
     }
     if n > 0 {
         let mut e = Epilogue::affine(scales.clone(), scales.iter().map(|s| s * -3e3).collect());
