@@ -45,6 +45,21 @@ fn done(q: &JobQueue, id: &str) -> Vec<f32> {
     }
 }
 
+/// Job i of `ids` doubled `[i, 1]`; collecting each leaves every directory of the queue
+/// empty (nothing pending, half-written or quarantined).
+fn collected_once_and_nothing_left(q: &JobQueue, dir: &Path, ids: &[String]) {
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(done(q, id), vec![2.0 * i as f32, 2.0], "job {id}");
+    }
+    for sub in ["pending", "running", "done", "corrupt", "tmp"] {
+        assert!(
+            files(dir, sub).is_empty(),
+            "{sub}/ holds {:?}",
+            files(dir, sub)
+        );
+    }
+}
+
 fn files(dir: &Path, sub: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir.join(sub))
         .unwrap()
@@ -270,16 +285,7 @@ fn sigkill_loses_no_job_and_leaves_nothing_half_done() {
         Default::default(),
         "the last runner left work behind"
     );
-    for (i, id) in ids.iter().enumerate() {
-        assert_eq!(done(&q, id), vec![2.0 * i as f32, 2.0], "job {id}");
-    }
-    for sub in ["pending", "running", "done", "corrupt", "tmp"] {
-        assert!(
-            files(&dir, sub).is_empty(),
-            "{sub}/ holds {:?}",
-            files(&dir, sub)
-        );
-    }
+    collected_once_and_nothing_left(&q, &dir, &ids);
     eprintln!("a runner drained the queue before its kill: {drained}");
 }
 
@@ -339,14 +345,5 @@ fn a_full_disk_is_a_typed_error_and_loses_nothing() {
     let q = open(&dir);
     let report = q.run_pending(Duration::from_secs(60)).unwrap();
     assert_eq!((report.succeeded, report.pending), (3, 0), "{report:?}");
-    for (i, id) in ids.iter().enumerate() {
-        assert_eq!(done(&q, id), vec![2.0 * i as f32, 2.0], "job {id}");
-    }
-    for sub in ["pending", "running", "done", "corrupt", "tmp"] {
-        assert!(
-            files(&dir, sub).is_empty(),
-            "{sub}/ holds {:?}",
-            files(&dir, sub)
-        );
-    }
+    collected_once_and_nothing_left(&q, &dir, &ids);
 }

@@ -257,8 +257,7 @@ impl EvalOp for LutU8Op {
         };
         let xs = x.try_as_plain_ram()?;
         let xs = xs.as_slice::<u8>()?;
-        // SAFETY: u8 has no invalid values, and the pieces below cover every value of `y`.
-        let mut y = unsafe { Tensor::uninitialized::<u8>(shape)? };
+        let mut y = Tensor::zero::<u8>(shape)?;
         let mut view = y.try_as_plain_ram_mut()?;
         let ys = view.as_slice_mut::<u8>()?;
         let piece = TASK.div_ceil(inner).max(1) * inner;
