@@ -44,3 +44,6 @@ pub use options::{
 pub use session::{Outputs, Session, Trace};
 pub use telemetry::Telemetry;
 pub use tensor::{DType, Element, Tensor};
+
+/// This library's version (semver): what a bundle's `min_tern` is compared with.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

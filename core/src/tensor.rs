@@ -366,6 +366,48 @@ impl Tensor {
         Tensor::from_bytes(dtype, &shape, npy.into_inner())
     }
 
+    /// The tensor as a NumPy `.npy` file (version 1.0, little-endian, C order): what
+    /// [`Tensor::from_npy`] reads back. Not for strings.
+    pub fn to_npy(&self) -> Result<Vec<u8>> {
+        let descr = match self.dtype {
+            DType::F32 => "<f4",
+            DType::F16 => "<f2",
+            DType::F64 => "<f8",
+            DType::I64 => "<i8",
+            DType::I32 => "<i4",
+            DType::I16 => "<i2",
+            DType::I8 => "|i1",
+            DType::U64 => "<u8",
+            DType::U32 => "<u4",
+            DType::U16 => "<u2",
+            DType::U8 => "|u1",
+            DType::Bool => "|b1",
+            DType::String => return Err(Error::tensor("string tensors have no .npy form")),
+        };
+        let dims: String = self.shape().iter().map(|d| format!("{d}, ")).collect();
+        let mut header = format!(
+            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}), }}",
+            match self.shape().len() {
+                1 => dims.trim_end().to_string(),
+                _ => dims.trim_end_matches(", ").to_string(),
+            }
+        );
+        // Magic (6) + version (2) + header length (2) + header + '\n', padded to 64 bytes.
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let header_len = u16::try_from(header.len())
+            .map_err(|_| Error::tensor("rank too large for a .npy header"))?;
+        let data = self.as_bytes()?;
+        let mut bytes = Vec::with_capacity(10 + header.len() + data.len());
+        bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+        bytes.extend_from_slice(&header_len.to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        Ok(bytes)
+    }
+
     /// Decodes a serialized ONNX `TensorProto` (e.g. the `input_0.pb` files of the ONNX
     /// test suites). External data is not supported here.
     pub fn from_onnx_proto(bytes: &[u8]) -> Result<Tensor> {
@@ -695,6 +737,117 @@ fn flatten(
     }
 }
 
+/// How far a tensor is from an expected one ([`compare_close`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Closeness {
+    /// The largest `|actual − expected|`.
+    pub max_abs: f64,
+    /// The largest `|actual − expected| / |expected|` over elements with `|expected| > 1e-6`.
+    pub max_rel: f64,
+    /// The largest difference as a share of what the tolerance allows (≤ 1 passes).
+    pub worst_share: f64,
+}
+
+impl Closeness {
+    /// The larger of each figure.
+    pub fn worst(self, other: Closeness) -> Closeness {
+        Closeness {
+            max_abs: self.max_abs.max(other.max_abs),
+            max_rel: self.max_rel.max(other.max_rel),
+            worst_share: self.worst_share.max(other.worst_share),
+        }
+    }
+}
+
+/// Compares like `numpy.testing.assert_allclose`: each element must satisfy
+/// `|actual − expected| ≤ atol + rtol·|expected|`; NaN matches only NaN and infinities must
+/// be equal; integers, bools and strings must match exactly; dtypes and shapes must match.
+/// The error says which element differs and by how much. Used by golden-sample checks and
+/// by the test suites against onnxruntime.
+pub fn compare_close(
+    actual: &Tensor,
+    expected: &Tensor,
+    atol: f64,
+    rtol: f64,
+) -> std::result::Result<Closeness, String> {
+    if actual.dtype() != expected.dtype() {
+        return Err(format!(
+            "dtype {} where {} is expected",
+            actual.dtype(),
+            expected.dtype()
+        ));
+    }
+    if actual.shape() != expected.shape() {
+        return Err(format!(
+            "shape {:?} where {:?} is expected",
+            actual.shape(),
+            expected.shape()
+        ));
+    }
+    if actual.dtype() == DType::String {
+        let (a, e) = (
+            actual.as_slice::<String>().map_err(|e| e.to_string())?,
+            expected.as_slice::<String>().map_err(|e| e.to_string())?,
+        );
+        return match a.iter().zip(e).position(|(x, y)| x != y) {
+            None => Ok(Closeness::default()),
+            Some(i) => Err(format!(
+                "element {i}: {:?} where {:?} is expected",
+                a[i], e[i]
+            )),
+        };
+    }
+    let as_f64 = |t: &Tensor| -> std::result::Result<Vec<f64>, String> {
+        let err = |e: Error| e.to_string();
+        Ok(match t.dtype() {
+            DType::F64 => t.to_vec::<f64>().map_err(err)?,
+            DType::I64 => t
+                .as_slice::<i64>()
+                .map_err(err)?
+                .iter()
+                .map(|&v| v as f64)
+                .collect(),
+            DType::U64 => t
+                .as_slice::<u64>()
+                .map_err(err)?
+                .iter()
+                .map(|&v| v as f64)
+                .collect(),
+            _ => t
+                .to_f32_vec()
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+        })
+    };
+    let (a, e) = (as_f64(actual)?, as_f64(expected)?);
+    let exact = !actual.dtype().is_float();
+    let mut c = Closeness::default();
+    for (i, (&x, &y)) in a.iter().zip(&e).enumerate() {
+        if x.is_nan() && y.is_nan() || x == y {
+            continue;
+        }
+        let d = (x - y).abs();
+        let allowed = atol + rtol * y.abs();
+        // NaN against a number, or a difference at an infinity, fails `d <= allowed`.
+        let within = d <= allowed;
+        if exact || !within || !x.is_finite() || !y.is_finite() {
+            return Err(format!(
+                "element {i}: {x} where {y} is expected (|diff| {d:.3e}, atol {atol:e}, rtol {rtol:e})"
+            ));
+        }
+        c.max_abs = c.max_abs.max(d);
+        if y.abs() > 1e-6 {
+            c.max_rel = c.max_rel.max(d / y.abs());
+        }
+        if allowed > 0.0 {
+            c.worst_share = c.worst_share.max(d / allowed);
+        }
+    }
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,6 +859,55 @@ mod tests {
         let t = Tensor::from_vec(&[2, 3], vec![1.0f32; 6]).unwrap();
         assert_eq!(t.shape(), &[2, 3]);
         assert_eq!(t.dtype(), DType::F32);
+    }
+
+    #[test]
+    fn compare_close_applies_atol_plus_rtol_and_exact_integers() {
+        let t = |v: &[f32]| Tensor::from_slice(&[v.len()], v).unwrap();
+        let c = compare_close(&t(&[1.001, 100.9]), &t(&[1.0, 100.0]), 1e-3, 1e-2).unwrap();
+        assert!((c.max_abs - 0.9).abs() < 1e-4, "{c:?}");
+        assert!(c.worst_share > 0.89 && c.worst_share <= 1.0, "{c:?}");
+        assert!((c.max_rel - 0.009).abs() < 1e-5, "{c:?}");
+        assert!(compare_close(&t(&[101.1]), &t(&[100.0]), 1e-3, 1e-2).is_err());
+        assert!(compare_close(&t(&[f32::NAN]), &t(&[f32::NAN]), 0.0, 0.0).is_ok());
+        assert!(compare_close(&t(&[f32::NAN]), &t(&[1.0]), 1.0, 1.0).is_err());
+        assert!(compare_close(&t(&[1.0]), &t(&[f32::NAN]), 1.0, 1.0).is_err());
+        assert!(compare_close(&t(&[f32::INFINITY]), &t(&[f32::INFINITY]), 0.0, 0.0).is_ok());
+        assert!(compare_close(&t(&[1e30]), &t(&[f32::INFINITY]), 1.0, 1.0).is_err());
+        assert!(compare_close(&t(&[1.0]), &t(&[1.0, 2.0]), 1.0, 1.0).is_err());
+        let ints = |v: &[i64]| Tensor::from_slice(&[v.len()], v).unwrap();
+        assert!(compare_close(&ints(&[1, 2]), &t(&[1.0, 2.0]), 1.0, 1.0).is_err());
+        assert!(compare_close(&ints(&[1, 3]), &ints(&[1, 2]), 10.0, 10.0).is_err());
+        // i64 beyond f32's precision still compares exactly.
+        assert!(compare_close(&ints(&[1 << 40]), &ints(&[(1 << 40) + 1]), 0.0, 0.0).is_err());
+        assert_eq!(
+            compare_close(&ints(&[7]), &ints(&[7]), 0.0, 0.0).unwrap(),
+            Closeness::default()
+        );
+    }
+
+    #[test]
+    fn npy_round_trips_every_numeric_dtype_and_rank() {
+        let cases = [
+            Tensor::from_vec(&[2, 3], vec![1.5f32, -2.0, 0.0, 3.25, 7.0, -0.5]).unwrap(),
+            Tensor::from_vec(&[4], vec![1i64, -2, 3, i64::MAX]).unwrap(),
+            Tensor::from_vec(&[1, 2, 1], vec![-128i8, 127]).unwrap(),
+            Tensor::from_vec(&[3], vec![0u8, 128, 255]).unwrap(),
+            Tensor::from_vec(&[2], vec![true, false]).unwrap(),
+            Tensor::from_vec(&[1], vec![half::f16::from_f32(0.5)]).unwrap(),
+            Tensor::scalar(2.5f64),
+            Tensor::from_vec(&[0, 3], Vec::<i32>::new()).unwrap(),
+        ];
+        for t in cases {
+            let bytes = t.to_npy().unwrap();
+            assert_eq!((bytes.len() - t.as_bytes().unwrap().len()) % 64, 0);
+            let back = Tensor::from_npy(&bytes).unwrap();
+            assert_eq!(back.dtype(), t.dtype());
+            assert_eq!(back.shape(), t.shape());
+            assert_eq!(back.as_bytes().unwrap(), t.as_bytes().unwrap());
+        }
+        let s = Tensor::from_vec(&[1], vec!["a".to_string()]).unwrap();
+        assert_eq!(s.to_npy().unwrap_err().kind(), "tensor");
     }
 
     #[test]

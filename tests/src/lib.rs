@@ -83,25 +83,9 @@ pub fn model_manifest() -> Vec<ModelEntry> {
         .expect("models/manifest.json")
 }
 
-/// Writes an f32 tensor as a `.npy` file (version 1.0, little-endian, C order), for the
-/// Python reference scripts.
+/// Writes a tensor as a `.npy` file ([`Tensor::to_npy`]), for the Python reference scripts.
 pub fn write_npy(path: &Path, tensor: &Tensor) {
-    let shape: Vec<String> = tensor.shape().iter().map(|d| format!("{d},")).collect();
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}",
-        shape.join(" ")
-    );
-    // Magic (6) + version (2) + header length (2) + header + '\n', padded to 64 bytes.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    for v in tensor.to_f32_vec().expect("an f32 tensor") {
-        bytes.extend(v.to_le_bytes());
-    }
+    let bytes = tensor.to_npy().expect("a numeric tensor");
     std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
@@ -153,80 +137,10 @@ pub fn bless() -> bool {
 }
 
 /// Largest differences found by [`compare`].
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct Diff {
-    /// max |actual - expected|
-    pub max_abs: f64,
-    /// max |actual - expected| / |expected| over elements with |expected| > 1e-6
-    pub max_rel: f64,
-}
+pub use tern::tensor::Closeness as Diff;
 
-impl Diff {
-    /// The larger of each figure.
-    pub fn worst(self, other: Diff) -> Diff {
-        Diff {
-            max_abs: self.max_abs.max(other.max_abs),
-            max_rel: self.max_rel.max(other.max_rel),
-        }
-    }
-}
-
-/// Compares like `numpy.testing.assert_allclose`: each element must satisfy
-/// `|a - e| <= atol + rtol * |e|`; NaN matches NaN and infinities must be equal.
-/// Integers, bools and strings must match exactly. Shapes and dtypes must match.
-pub fn compare(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> Result<Diff, String> {
-    if actual.dtype() != expected.dtype() {
-        return Err(format!(
-            "dtype {} != expected {}",
-            actual.dtype(),
-            expected.dtype()
-        ));
-    }
-    if actual.shape() != expected.shape() {
-        return Err(format!(
-            "shape {:?} != expected {:?}",
-            actual.shape(),
-            expected.shape()
-        ));
-    }
-    if actual.dtype() == DType::String {
-        let (a, e) = (
-            actual.as_slice::<String>().map_err(|e| e.to_string())?,
-            expected.as_slice::<String>().map_err(|e| e.to_string())?,
-        );
-        return if a == e {
-            Ok(Diff::default())
-        } else {
-            Err("string values differ".into())
-        };
-    }
-    let a = actual.to_f32_vec().map_err(|e| e.to_string())?;
-    let e = expected.to_f32_vec().map_err(|e| e.to_string())?;
-    let exact = !actual.dtype().is_float();
-    let mut diff = Diff::default();
-    for (i, (&x, &y)) in a.iter().zip(&e).enumerate() {
-        let (x, y) = (f64::from(x), f64::from(y));
-        if x.is_nan() && y.is_nan() || x == y {
-            continue;
-        }
-        let d = (x - y).abs();
-        let ok = if exact || !y.is_finite() || !x.is_finite() {
-            false
-        } else {
-            d <= atol + rtol * y.abs()
-        };
-        if !ok {
-            return Err(format!(
-                "element {i}: {x} vs expected {y} (|diff| {d:.3e}, atol {atol:e}, rtol {rtol:e})"
-            ));
-        }
-        diff.max_abs = diff.max_abs.max(d);
-        if y.abs() > 1e-6 {
-            diff.max_rel = diff.max_rel.max(d / y.abs());
-        }
-    }
-    Ok(diff)
-}
+/// Compares like `numpy.testing.assert_allclose` ([`tern::tensor::compare_close`]).
+pub use tern::tensor::compare_close as compare;
 
 /// PP-OCR's classifier preprocessing: BGR, 48×192, (x/255 − 0.5) / 0.5.
 pub const CLS_PREPROCESS: &str = "size=48x192,order=bgr,mean=0.5,std=0.5";
