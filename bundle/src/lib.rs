@@ -1,0 +1,40 @@
+//! Signed model bundles for tern.
+//!
+//! A `.tern` bundle is a tar archive: a signed manifest first (the model's name, version,
+//! input/output contract, licence, expiry, the oldest tern that runs it, and the length
+//! and SHA-256 of every file), then the ONNX model and **golden samples** (inputs with the
+//! outputs the model gave where it was built, and tolerances).
+//!
+//! Trust follows The Update Framework's metadata format and threat model: documents are
+//! signed with ed25519 over their canonical JSON, by keys named by TUF key ids, with a
+//! threshold ([`Trust`]); signed metadata expires; a version never goes down; every file's
+//! length and hash are checked before anything parses it; paths cannot leave the bundle.
+//!
+//! - [`keys`]: key pairs and public keys in TUF's format, [`Trust`].
+//! - [`signed`]: the signed envelope, canonical JSON.
+//! - [`manifest`]: what a bundle says about itself.
+//! - [`archive`]: reading ([`Bundle::read`], with [`VerifyOptions`]) and writing bundles.
+//! - [`golden`]: running the golden samples on this device ([`Bundle::check_golden`]).
+//! - [`create`](mod@create): building a bundle from a model and sample inputs.
+//! - [`store`]: the on-device [`ModelStore`]: install (verify, golden check, atomic
+//!   write), activate, roll back, with a version floor and a byte quota.
+//!
+//! Every refusal is a typed [`Error`] with a stable [`ErrorKind`].
+
+pub mod archive;
+pub mod create;
+pub mod error;
+mod fsio;
+pub mod golden;
+pub mod keys;
+pub mod manifest;
+pub mod signed;
+pub mod store;
+
+pub use archive::{Bundle, Limits, VerifyOptions};
+pub use create::{create, create_with_outputs, BundleSpec, GoldenPair, MODEL_FILE};
+pub use error::{Error, ErrorKind, FileProblem, Result};
+pub use golden::{GoldenReport, OutputCheck};
+pub use keys::{KeyId, KeyPair, PublicKey, Trust};
+pub use manifest::{FileMeta, GoldenSample, Manifest, Tolerance};
+pub use store::{Installed, ModelState, ModelStore, StoreOptions};

@@ -1,0 +1,417 @@
+//! The on-device model store: verified, golden-checked bundles kept by name and version,
+//! one active version per model, installed and switched atomically.
+//!
+//! ```text
+//! DIR/state.json                 which versions are installed, active, previous; the highest
+//!                                version ever accepted (the rollback floor)
+//! DIR/bundles/NAME/VERSION.tern  the bundles
+//! DIR/lock                       held while the store changes (between processes too)
+//! ```
+//!
+//! Every change is crash-safe: a bundle is written to a temporary file, synced and renamed
+//! into place before `state.json` names it, and `state.json` itself is replaced by rename. A
+//! process killed at any point leaves the previous state, whose files are all there; the
+//! next [`ModelStore::open`] removes what the killed process left half-done.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tern::{Session, SessionOptions};
+
+use crate::archive::{Bundle, Limits, VerifyOptions};
+use crate::error::{Error, Result};
+use crate::fsio::write_atomic;
+use crate::golden::GoldenReport;
+use crate::keys::Trust;
+
+/// How a store keeps and checks bundles.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Versions kept per model, the active and previous ones included (default 3, at least 2).
+    pub keep: usize,
+    /// Bytes all bundles may take together (default 1 GiB); the active and previous
+    /// versions are never removed to make room.
+    pub quota_bytes: u64,
+    /// The session a new version's golden samples run on: the backend it will serve with.
+    pub session: SessionOptions,
+    /// Size limits for incoming bundles.
+    pub limits: Limits,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            keep: 3,
+            quota_bytes: 1 << 30,
+            session: SessionOptions::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Sets the versions kept per model.
+    pub fn keep(mut self, n: usize) -> Self {
+        self.keep = n;
+        self
+    }
+
+    /// Sets the byte quota.
+    pub fn quota_bytes(mut self, bytes: u64) -> Self {
+        self.quota_bytes = bytes;
+        self
+    }
+
+    /// Sets the golden checks' session options.
+    pub fn session(mut self, options: SessionOptions) -> Self {
+        self.session = options;
+        self
+    }
+}
+
+/// One model's versions in a store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelState {
+    /// The version serving requests.
+    pub active: Option<u64>,
+    /// The version before it, kept to roll back to.
+    pub previous: Option<u64>,
+    /// Every version on disk.
+    pub installed: BTreeSet<u64>,
+    /// The highest version ever accepted: no lower one is installed again.
+    pub highest: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct State {
+    models: BTreeMap<String, ModelState>,
+}
+
+/// What [`ModelStore::install`] did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Installed {
+    /// The model's name.
+    pub name: String,
+    /// The version installed (not yet active).
+    pub version: u64,
+    /// Its golden check on this device.
+    pub golden: GoldenReport,
+    /// Older versions removed to stay within `keep` and the quota.
+    pub removed: Vec<u64>,
+}
+
+/// A directory of verified bundles (see the module docs).
+#[derive(Debug)]
+pub struct ModelStore {
+    dir: PathBuf,
+    trust: Trust,
+    options: StoreOptions,
+}
+
+const STATE: &str = "state.json";
+const MAX_STATE_BYTES: u64 = 16 << 20;
+
+impl ModelStore {
+    /// Opens (creating if needed) the store in `dir`, trusting `trust` for new bundles, and
+    /// clears what an interrupted change left: temporary files, bundles no state names,
+    /// versions whose file is gone.
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        trust: Trust,
+        options: StoreOptions,
+    ) -> Result<ModelStore> {
+        if options.keep < 2 {
+            return Err(Error::InvalidOption {
+                reason: format!(
+                    "keep {} must be at least 2 (active and previous)",
+                    options.keep
+                ),
+            });
+        }
+        let store = ModelStore {
+            dir: dir.into(),
+            trust,
+            options,
+        };
+        let bundles = store.dir.join("bundles");
+        std::fs::create_dir_all(&bundles).map_err(Error::io(&bundles))?;
+        let _lock = store.lock()?;
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every model's versions.
+    pub fn status(&self) -> Result<BTreeMap<String, ModelState>> {
+        Ok(self.state()?.models)
+    }
+
+    /// Verifies a bundle (signatures, expiry, files, no version below the highest accepted
+    /// for its name), runs its golden samples on this device, and stores it, inactive.
+    /// On any failure the store is unchanged.
+    pub fn install(&self, reader: impl Read) -> Result<Installed> {
+        let floor = |state: &State, name: &str| state.models.get(name).map(|m| m.highest);
+        let options = VerifyOptions::trusting(self.trust.clone()).limits(self.options.limits);
+        let bundle = Bundle::from_reader(reader, &options)?;
+        // The floor is checked now, before the golden check, and again under the lock.
+        if let Some(h) = floor(&self.state()?, &bundle.manifest().name) {
+            check_floor(&bundle, h)?;
+        }
+        let session = Session::new(&bundle.model()?, self.options.session.clone())?;
+        let golden = bundle.check_golden(&session)?;
+        let bytes = bundle.to_bytes()?;
+        let (name, version) = (bundle.manifest().name.clone(), bundle.manifest().version);
+
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        if let Some(h) = floor(&state, &name) {
+            check_floor(&bundle, h)?;
+        }
+        let model = state.models.entry(name.clone()).or_default();
+        let protected: u64 = [model.active, model.previous]
+            .into_iter()
+            .flatten()
+            .filter(|v| *v != version)
+            .map(|v| self.size_of(&name, v))
+            .sum();
+        if protected + bytes.len() as u64 > self.options.quota_bytes {
+            return Err(Error::TooLarge {
+                what: format!("{name} version {version} with the active and previous versions"),
+                size: protected + bytes.len() as u64,
+                limit: self.options.quota_bytes,
+            });
+        }
+        let path = self.bundle_path(&name, version);
+        let folder = self.dir.join("bundles").join(&name);
+        std::fs::create_dir_all(&folder).map_err(Error::io(&folder))?;
+        write_atomic(&path, &bytes)?;
+        model.installed.insert(version);
+        model.highest = model.highest.max(version);
+        let removed = self.prune(&name, model, version);
+        self.save(&state)?;
+        for v in &removed {
+            let _ = std::fs::remove_file(self.bundle_path(&name, *v));
+        }
+        Ok(Installed {
+            name,
+            version,
+            golden,
+            removed,
+        })
+    }
+
+    /// Installs the bundle file at `path` ([`ModelStore::install`]).
+    pub fn install_file(&self, path: &Path) -> Result<Installed> {
+        let meta = std::fs::metadata(path).map_err(Error::io(path))?;
+        if !meta.is_file() {
+            return Err(Error::Io {
+                path: path.into(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
+        let file = File::open(path).map_err(Error::io(path))?;
+        self.install(std::io::BufReader::new(file))
+    }
+
+    /// Makes an installed version the active one; the active one becomes the previous.
+    pub fn activate(&self, name: &str, version: u64) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let model = state
+            .models
+            .get_mut(name)
+            .filter(|m| m.installed.contains(&version))
+            .ok_or_else(|| not_installed(name, version))?;
+        if model.active != Some(version) {
+            model.previous = model.active;
+            model.active = Some(version);
+        }
+        self.save(&state)
+    }
+
+    /// Goes back to the previous version; returns it. The version rolled back from stays
+    /// installed (for inspection) until pruned.
+    pub fn rollback(&self, name: &str) -> Result<u64> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let model = state
+            .models
+            .get_mut(name)
+            .ok_or_else(|| not_installed(name, 0))?;
+        let previous = model.previous.ok_or_else(|| not_installed(name, 0))?;
+        model.active = Some(previous);
+        model.previous = None;
+        self.save(&state)?;
+        Ok(previous)
+    }
+
+    /// The active version of `name` and its bundle, read back from disk and verified again
+    /// (signatures and every file's hash; expiry is not checked again for what is
+    /// installed).
+    pub fn active(&self, name: &str) -> Result<(u64, Bundle)> {
+        let version = self
+            .state()?
+            .models
+            .get(name)
+            .and_then(|m| m.active)
+            .ok_or_else(|| not_installed(name, 0))?;
+        let options = VerifyOptions::trusting(self.trust.clone())
+            .ignoring_expiry()
+            .limits(self.options.limits);
+        Ok((
+            version,
+            Bundle::read(&self.bundle_path(name, version), &options)?,
+        ))
+    }
+
+    /// Where a version's bundle lives.
+    pub fn bundle_path(&self, name: &str, version: u64) -> PathBuf {
+        self.dir
+            .join("bundles")
+            .join(name)
+            .join(format!("{version}.tern"))
+    }
+
+    fn size_of(&self, name: &str, version: u64) -> u64 {
+        std::fs::metadata(self.bundle_path(name, version)).map_or(0, |m| m.len())
+    }
+
+    /// Versions to remove, oldest first, to keep at most `keep` and stay in the quota; never
+    /// the active, previous or `new` one.
+    fn prune(&self, name: &str, model: &mut ModelState, new: u64) -> Vec<u64> {
+        let keep = |v: &u64| Some(*v) == model.active || Some(*v) == model.previous || *v == new;
+        let mut removable: Vec<u64> = model
+            .installed
+            .iter()
+            .copied()
+            .filter(|v| !keep(v))
+            .collect();
+        let mut total: u64 = model.installed.iter().map(|v| self.size_of(name, *v)).sum();
+        let mut removed = Vec::new();
+        removable.reverse(); // pop() takes the oldest
+        while model.installed.len() > self.options.keep || total > self.options.quota_bytes {
+            let Some(v) = removable.pop() else { break };
+            total -= self.size_of(name, v);
+            model.installed.remove(&v);
+            removed.push(v);
+        }
+        removed
+    }
+
+    fn lock(&self) -> Result<File> {
+        let path = self.dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(Error::io(&path))?;
+        file.lock().map_err(Error::io(&path))?;
+        Ok(file)
+    }
+
+    fn state(&self) -> Result<State> {
+        let path = self.dir.join(STATE);
+        match tern::fs::read_regular(&path, MAX_STATE_BYTES) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::malformed(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(Error::io(path)(e)),
+        }
+    }
+
+    fn save(&self, state: &State) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(state)
+            .map_err(|e| Error::malformed(format!("store state: {e}")))?;
+        write_atomic(&self.dir.join(STATE), &bytes)
+    }
+
+    /// Clears an interrupted change (under the lock).
+    fn recover(&self) -> Result<()> {
+        let mut state = self.state()?;
+        let before = state.clone();
+        for (name, model) in state.models.iter_mut() {
+            let present: BTreeSet<u64> = model
+                .installed
+                .iter()
+                .copied()
+                .filter(|v| self.bundle_path(name, *v).is_file())
+                .collect();
+            model.installed = present;
+            if model.active.is_some_and(|v| !model.installed.contains(&v)) {
+                model.active = model.previous.filter(|v| model.installed.contains(v));
+                model.previous = None;
+            }
+            if model
+                .previous
+                .is_some_and(|v| !model.installed.contains(&v))
+            {
+                model.previous = None;
+            }
+        }
+        if state != before {
+            self.save(&state)?;
+        }
+        // Temporary files, and bundles no state names (killed between rename and save).
+        remove_temporaries(&self.dir);
+        let bundles = self.dir.join("bundles");
+        for folder in read_dir(&bundles) {
+            let name = folder.file_name().to_string_lossy().into_owned();
+            let listed = state.models.get(&name);
+            for file in read_dir(&folder.path()) {
+                let keep = file
+                    .file_name()
+                    .to_str()
+                    .and_then(|f| f.strip_suffix(".tern"))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|v| listed.is_some_and(|m| m.installed.contains(&v)));
+                if !keep {
+                    let _ = std::fs::remove_file(file.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_floor(bundle: &Bundle, highest: u64) -> Result<()> {
+    let version = bundle.manifest().version;
+    if version < highest {
+        return Err(Error::Rollback {
+            version,
+            installed: highest,
+        });
+    }
+    Ok(())
+}
+
+fn not_installed(name: &str, version: u64) -> Error {
+    Error::NotInstalled {
+        name: name.into(),
+        version,
+    }
+}
+
+fn read_dir(dir: &Path) -> Vec<std::fs::DirEntry> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default()
+}
+
+fn remove_temporaries(dir: &Path) {
+    for e in read_dir(dir) {
+        if e.file_name().to_string_lossy().ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! Bundles end to end on the embedded magika model: create, sign, write, read as a device
+//! would, golden check; then every bad bundle the threat model names, each a typed error.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use tern::{Model, Session, SessionOptions, Tensor};
+use tern_bundle::signed::Envelope;
+use tern_bundle::{
+    create, create_with_outputs, Bundle, BundleSpec, ErrorKind, KeyPair, Limits, ModelState,
+    ModelStore, StoreOptions, Trust, VerifyOptions,
+};
+
+fn model_bytes() -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/magika/model.onnx");
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn samples(n: u64) -> Vec<Vec<(String, Tensor)>> {
+    let model = Model::from_bytes(&model_bytes()).unwrap();
+    (0..n)
+        .map(|seed| model.random_inputs(seed, &BTreeMap::new()).unwrap())
+        .collect()
+}
+
+fn cpu() -> SessionOptions {
+    SessionOptions::new().backend(tern::Backend::Cpu)
+}
+
+/// A signed bundle of magika, and the key that signed it.
+fn signed(spec: BundleSpec) -> (Vec<u8>, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    (signed_with(&key, spec), key)
+}
+
+fn signed_with(key: &KeyPair, spec: BundleSpec) -> Vec<u8> {
+    let mut bundle = create(model_bytes(), &spec, &samples(2), cpu()).unwrap();
+    bundle.sign(key).unwrap();
+    bundle.to_bytes().unwrap()
+}
+
+fn trusting(key: &KeyPair) -> VerifyOptions {
+    VerifyOptions::trusting(Trust::new([key.public()], 1).unwrap())
+}
+
+fn read(bytes: &[u8], options: &VerifyOptions) -> Result<Bundle, ErrorKind> {
+    Bundle::from_reader(bytes, options).map_err(|e| {
+        eprintln!("refused: {e}");
+        e.error_kind()
+    })
+}
+
+/// Rewrites a bundle's tar entries raw (no checks): `edit` returns the entries to write.
+fn rewrite(
+    bytes: &[u8],
+    edit: impl FnOnce(Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)>,
+) -> Vec<u8> {
+    let mut archive = tar::Archive::new(bytes);
+    let entries: Vec<(String, Vec<u8>)> = archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let path = String::from_utf8(e.path_bytes().to_vec()).unwrap();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            (path, data)
+        })
+        .collect();
+    let mut out = tar::Builder::new(Vec::new());
+    for (path, data) in edit(entries) {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        // Raw name bytes: the builder would refuse `..` and absolute paths.
+        let name = &mut header.as_old_mut().name;
+        name.fill(0);
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_cksum();
+        out.append(&header, data.as_slice()).unwrap();
+    }
+    out.into_inner().unwrap()
+}
+
+#[test]
+fn a_signed_bundle_verifies_and_its_golden_samples_pass_on_this_device() {
+    let spec = BundleSpec::new("magika", 3).licence("Apache-2.0");
+    let (bytes, key) = signed(spec);
+    let bundle = read(&bytes, &trusting(&key)).unwrap();
+    let m = bundle.manifest();
+    assert_eq!((m.name.as_str(), m.version), ("magika", 3));
+    assert_eq!(m.golden.len(), 2);
+    assert_eq!(
+        m.files.len(),
+        1 + 2 * 2,
+        "model + one input and one output per sample"
+    );
+    assert_eq!(
+        m.inputs,
+        Model::from_bytes(&model_bytes()).unwrap().inputs()
+    );
+    assert_eq!(bundle.file("model.onnx"), Some(model_bytes().as_slice()));
+
+    let session = Session::new(&bundle.model().unwrap(), cpu()).unwrap();
+    let report = bundle.check_golden(&session).unwrap();
+    assert_eq!(report.samples, 2);
+    assert_eq!(report.outputs.len(), 2);
+    assert!(report.worst_share() <= 1.0);
+
+    // Written and read back from a file, byte for byte the same; re-serialising is stable.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("magika.tern");
+    bundle.write(&path).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    Bundle::read(&path, &trusting(&key)).unwrap();
+
+    // Two of two keys: one signature is not enough, both are.
+    let second = KeyPair::generate().unwrap();
+    let both = Trust::new([key.public(), second.public()], 2).unwrap();
+    assert_eq!(
+        read(&bytes, &VerifyOptions::trusting(both.clone())).unwrap_err(),
+        ErrorKind::Signature
+    );
+    let mut cosigned = bundle.clone();
+    cosigned.sign(&second).unwrap();
+    read(
+        &cosigned.to_bytes().unwrap(),
+        &VerifyOptions::trusting(both),
+    )
+    .unwrap();
+}
+
+#[test]
+fn golden_outputs_given_from_elsewhere_are_checked_within_tolerance() {
+    let model = Model::from_bytes(&model_bytes()).unwrap();
+    let session = Session::new(&model, cpu()).unwrap();
+    let inputs = samples(1).remove(0);
+    let outputs: BTreeMap<String, Tensor> = session
+        .run(inputs.clone())
+        .unwrap()
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    let nudge = |by: f32| -> BTreeMap<String, Tensor> {
+        outputs
+            .iter()
+            .map(|(n, t)| {
+                let v: Vec<f32> = t.to_f32_vec().unwrap().iter().map(|x| x + by).collect();
+                (n.clone(), Tensor::from_vec(t.shape(), v).unwrap())
+            })
+            .collect()
+    };
+    let spec = BundleSpec::new("magika", 1).tolerance(1e-3, 0.0);
+    // Within tolerance (half of atol off): passes, and says how close it came.
+    let near = create_with_outputs(model_bytes(), &spec, &[(inputs.clone(), nudge(5e-4))]).unwrap();
+    let share = near.check_golden(&session).unwrap().worst_share();
+    assert!((0.4..=0.6).contains(&share), "{share}");
+    // Outside: a typed golden mismatch naming the sample and output.
+    let far = create_with_outputs(model_bytes(), &spec, &[(inputs, nudge(2e-3))]).unwrap();
+    let err = far.check_golden(&session).unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::GoldenMismatch, "{err}");
+    assert!(err.to_string().contains("golden sample 0"), "{err}");
+}
+
+#[test]
+fn tampering_wrong_keys_expiry_rollback_and_newer_tern_are_refused() {
+    let (bytes, key) = signed(BundleSpec::new("magika", 3));
+    let ok = trusting(&key);
+
+    // Model bytes changed, same length: the hash differs.
+    let tampered = rewrite(&bytes, |mut e| {
+        let model = e.iter_mut().find(|(p, _)| p == "model.onnx").unwrap();
+        let mid = model.1.len() / 2;
+        model.1[mid] ^= 1;
+        e
+    });
+    assert_eq!(read(&tampered, &ok).unwrap_err(), ErrorKind::FileMismatch);
+    // Model bytes appended to: the length differs (refused before reading the entry).
+    let longer = rewrite(&bytes, |mut e| {
+        e.iter_mut()
+            .find(|(p, _)| p == "model.onnx")
+            .unwrap()
+            .1
+            .push(0);
+        e
+    });
+    assert_eq!(read(&longer, &ok).unwrap_err(), ErrorKind::FileMismatch);
+
+    // The manifest edited (a higher version, or a new hash for a swapped model): the
+    // signature no longer covers it.
+    let edited = rewrite(&bytes, |mut e| {
+        let mut env = Envelope::parse(&e[0].1).unwrap();
+        env.signed["version"] = serde_json::json!(4);
+        e[0].1 = env.to_bytes();
+        e
+    });
+    assert_eq!(read(&edited, &ok).unwrap_err(), ErrorKind::Signature);
+    // Signatures stripped.
+    let stripped = rewrite(&bytes, |mut e| {
+        let mut env = Envelope::parse(&e[0].1).unwrap();
+        env.signatures.clear();
+        e[0].1 = env.to_bytes();
+        e
+    });
+    assert_eq!(read(&stripped, &ok).unwrap_err(), ErrorKind::Signature);
+
+    // Another key.
+    let other = trusting(&KeyPair::generate().unwrap());
+    assert_eq!(read(&bytes, &other).unwrap_err(), ErrorKind::Signature);
+
+    // Expired: the same bundle read 400 days from now.
+    let later = trusting(&key).now(SystemTime::now() + Duration::from_secs(400 * 86_400));
+    assert_eq!(read(&bytes, &later).unwrap_err(), ErrorKind::Expired);
+
+    // Rollback: version 3 where 4 is installed; the installed version itself is fine.
+    assert_eq!(
+        read(&bytes, &trusting(&key).installed_version(4)).unwrap_err(),
+        ErrorKind::Rollback
+    );
+    read(&bytes, &trusting(&key).installed_version(3)).unwrap();
+
+    // A bundle for a newer tern.
+    let (newer, key2) = signed(BundleSpec::new("magika", 3).min_tern("99.0.0"));
+    assert_eq!(
+        read(&newer, &trusting(&key2)).unwrap_err(),
+        ErrorKind::NeedsNewerTern
+    );
+
+    // Unchecked reading (inspect, sign) still checks every file against the manifest.
+    assert_eq!(
+        read(&tampered, &VerifyOptions::unchecked()).unwrap_err(),
+        ErrorKind::FileMismatch
+    );
+    read(&stripped, &VerifyOptions::unchecked()).unwrap();
+}
+
+#[test]
+fn entries_that_escape_the_bundle_or_disagree_with_the_manifest_are_refused() {
+    let (bytes, key) = signed(BundleSpec::new("magika", 3));
+    let ok = trusting(&key);
+    for evil in [
+        "../evil",
+        "/etc/evil",
+        "golden/../../evil",
+        "a//b",
+        "./model.onnx",
+        "c:\\evil",
+    ] {
+        let escaped = rewrite(&bytes, |mut e| {
+            e.push((evil.to_string(), b"x".to_vec()));
+            e
+        });
+        assert_eq!(
+            read(&escaped, &ok).unwrap_err(),
+            ErrorKind::UnsafeEntry,
+            "{evil}"
+        );
+    }
+
+    // A symbolic link in place of the model.
+    let mut archive = tar::Builder::new(Vec::new());
+    let mut entries = tar::Archive::new(bytes.as_slice());
+    for e in entries.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = String::from_utf8(e.path_bytes().to_vec()).unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        if path == "model.onnx" {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            archive.append_link(&mut h, &path, "/etc/passwd").unwrap();
+        } else {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            archive.append_data(&mut h, &path, data.as_slice()).unwrap();
+        }
+    }
+    let linked = archive.into_inner().unwrap();
+    assert_eq!(read(&linked, &ok).unwrap_err(), ErrorKind::UnsafeEntry);
+
+    // An extra file, a missing one, a repeated one, the manifest not first.
+    let extra = rewrite(&bytes, |mut e| {
+        e.push(("notes.txt".into(), b"hi".to_vec()));
+        e
+    });
+    assert_eq!(read(&extra, &ok).unwrap_err(), ErrorKind::FileMismatch);
+    let missing = rewrite(&bytes, |mut e| {
+        e.retain(|(p, _)| p != "model.onnx");
+        e
+    });
+    assert_eq!(read(&missing, &ok).unwrap_err(), ErrorKind::FileMismatch);
+    let repeated = rewrite(&bytes, |mut e| {
+        let last = e.last().unwrap().clone();
+        e.push(last);
+        e
+    });
+    assert_eq!(read(&repeated, &ok).unwrap_err(), ErrorKind::FileMismatch);
+    let reordered = rewrite(&bytes, |mut e| {
+        e.rotate_left(1);
+        e
+    });
+    assert_eq!(read(&reordered, &ok).unwrap_err(), ErrorKind::Malformed);
+}
+
+#[test]
+fn truncated_oversized_and_garbage_bundles_are_typed_errors() {
+    let (bytes, key) = signed(BundleSpec::new("magika", 3));
+    let ok = trusting(&key);
+    // Cut anywhere (a download that stopped): never a panic, never accepted.
+    for tenth in 0..10 {
+        let cut = &bytes[..bytes.len() * tenth / 10];
+        let kind = read(cut, &ok).unwrap_err();
+        assert!(
+            matches!(kind, ErrorKind::Malformed | ErrorKind::FileMismatch),
+            "cut at {tenth}/10: {kind}"
+        );
+    }
+    // Cut inside the zero blocks that end the archive: every entry is whole, so it reads.
+    read(&bytes[..bytes.len() - 512], &ok).unwrap();
+
+    let total = Bundle::from_reader(bytes.as_slice(), &ok)
+        .unwrap()
+        .manifest()
+        .total_length();
+    let small = ok
+        .clone()
+        .limits(Limits::default().with_bundle_bytes(total - 1));
+    assert_eq!(read(&bytes, &small).unwrap_err(), ErrorKind::TooLarge);
+    let tiny_manifest = ok
+        .clone()
+        .limits(Limits::default().with_manifest_bytes(100));
+    assert_eq!(
+        read(&bytes, &tiny_manifest).unwrap_err(),
+        ErrorKind::TooLarge
+    );
+
+    assert_eq!(
+        read(b"not a bundle at all", &ok).unwrap_err(),
+        ErrorKind::Malformed
+    );
+    assert_eq!(read(&[0u8; 4096], &ok).unwrap_err(), ErrorKind::Malformed);
+    // A manifest that is not JSON, and one with a float (no canonical form to verify).
+    for manifest in [
+        b"{".to_vec(),
+        br#"{"signed": {"x": 0.5}, "signatures": []}"#.to_vec(),
+    ] {
+        let bad = rewrite(&bytes, |mut e| {
+            e[0].1 = manifest;
+            e
+        });
+        assert_eq!(read(&bad, &ok).unwrap_err(), ErrorKind::Malformed);
+    }
+}
+
+#[test]
+fn bad_specs_are_invalid_options() {
+    for spec in [
+        BundleSpec::new("", 1),
+        BundleSpec::new("../up", 1),
+        BundleSpec::new("magika", 1).min_tern("soon"),
+        BundleSpec::new("magika", 1).tolerance(f64::NAN, 0.0),
+        BundleSpec::new("magika", 1).tolerance(0.0, -1.0),
+        BundleSpec::new("magika", 1).valid_for(Duration::ZERO),
+    ] {
+        let err = create(model_bytes(), &spec, &samples(1), cpu()).unwrap_err();
+        assert_eq!(err.error_kind(), ErrorKind::InvalidOption, "{err}");
+    }
+    let err = create(b"not onnx".to_vec(), &BundleSpec::new("m", 1), &[], cpu()).unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::Model, "{err}");
+}
+
+fn open_store(dir: &std::path::Path, key: &KeyPair, options: StoreOptions) -> ModelStore {
+    let trust = Trust::new([key.public()], 1).unwrap();
+    ModelStore::open(dir, trust, options.session(cpu())).unwrap()
+}
+
+fn magika_state(store: &ModelStore) -> ModelState {
+    store.status().unwrap().remove("magika").unwrap_or_default()
+}
+
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_store_installs_activates_rolls_back_prunes_and_keeps_its_floor() {
+    let key = KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path(), &key, StoreOptions::default());
+    let v = |n| signed_with(&key, BundleSpec::new("magika", n));
+
+    let first = store.install(v(1).as_slice()).unwrap();
+    assert_eq!(
+        (first.name.as_str(), first.version, first.golden.samples),
+        ("magika", 1, 2)
+    );
+    assert_eq!(magika_state(&store).active, None, "installed, not active");
+    store.activate("magika", 1).unwrap();
+    store.install(v(2).as_slice()).unwrap();
+    store.activate("magika", 2).unwrap();
+    let s = magika_state(&store);
+    assert_eq!((s.active, s.previous, s.highest), (Some(2), Some(1), 2));
+
+    assert_eq!(store.rollback("magika").unwrap(), 1);
+    let s = magika_state(&store);
+    assert_eq!((s.active, s.previous), (Some(1), None));
+    assert_eq!(
+        store.rollback("magika").unwrap_err().error_kind(),
+        ErrorKind::NotInstalled
+    );
+    let (version, bundle) = store.active("magika").unwrap();
+    assert_eq!((version, bundle.manifest().version), (1, 1));
+
+    // Rolling back on the device never lowers the floor: version 1 cannot come in again
+    // from outside, while 2 (the highest accepted) can.
+    let err = store.install(v(1).as_slice()).unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::Rollback, "{err}");
+    store.install(v(2).as_slice()).unwrap();
+
+    // keep = 3: installing 3 and 4 removes the oldest version neither active nor previous.
+    assert!(store.install(v(3).as_slice()).unwrap().removed.is_empty());
+    assert_eq!(store.install(v(4).as_slice()).unwrap().removed, vec![2]);
+    let s = magika_state(&store);
+    assert_eq!(
+        s.installed.iter().copied().collect::<Vec<_>>(),
+        vec![1, 3, 4]
+    );
+    assert_eq!(s.active, Some(1));
+    assert_eq!(
+        files_in(&dir.path().join("bundles/magika")),
+        ["1.tern", "3.tern", "4.tern"]
+    );
+    assert_eq!(
+        store.activate("magika", 2).unwrap_err().error_kind(),
+        ErrorKind::NotInstalled
+    );
+
+    // The same state after reopening.
+    drop(store);
+    let again = open_store(dir.path(), &key, StoreOptions::default());
+    assert_eq!(magika_state(&again), s);
+}
+
+#[test]
+fn bad_bundles_leave_the_store_unchanged() {
+    let key = KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path(), &key, StoreOptions::default());
+    store
+        .install(signed_with(&key, BundleSpec::new("magika", 1)).as_slice())
+        .unwrap();
+    store.activate("magika", 1).unwrap();
+    let before = store.status().unwrap();
+
+    // Golden outputs this device does not reproduce: never stored, never activated.
+    let model = Model::from_bytes(&model_bytes()).unwrap();
+    let session = Session::new(&model, cpu()).unwrap();
+    let inputs = samples(1).remove(0);
+    let wrong: BTreeMap<String, Tensor> = session
+        .run(inputs.clone())
+        .unwrap()
+        .iter()
+        .map(|(n, t)| {
+            let v: Vec<f32> = t.to_f32_vec().unwrap().iter().map(|x| x + 0.5).collect();
+            (n.to_string(), Tensor::from_vec(t.shape(), v).unwrap())
+        })
+        .collect();
+    let mut bad = create_with_outputs(
+        model_bytes(),
+        &BundleSpec::new("magika", 2),
+        &[(inputs, wrong)],
+    )
+    .unwrap();
+    bad.sign(&key).unwrap();
+    let err = store
+        .install(bad.to_bytes().unwrap().as_slice())
+        .unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::GoldenMismatch, "{err}");
+
+    // Tampered, unsigned, signed by a stranger, too big for the quota.
+    let good2 = signed_with(&key, BundleSpec::new("magika", 2));
+    let mut tampered = good2.clone();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 1;
+    assert_eq!(
+        store.install(tampered.as_slice()).unwrap_err().error_kind(),
+        ErrorKind::FileMismatch
+    );
+    let stranger = signed_with(&KeyPair::generate().unwrap(), BundleSpec::new("magika", 2));
+    assert_eq!(
+        store.install(stranger.as_slice()).unwrap_err().error_kind(),
+        ErrorKind::Signature
+    );
+    let small = open_store(
+        dir.path(),
+        &key,
+        StoreOptions::default().quota_bytes(good2.len() as u64),
+    );
+    assert_eq!(
+        small.install(good2.as_slice()).unwrap_err().error_kind(),
+        ErrorKind::TooLarge
+    );
+
+    assert_eq!(store.status().unwrap(), before);
+    assert_eq!(files_in(&dir.path().join("bundles/magika")), ["1.tern"]);
+    assert_eq!(store.active("magika").unwrap().0, 1);
+
+    // A bundle corrupted on disk after install is caught when it is loaded.
+    store.install(good2.as_slice()).unwrap();
+    store.activate("magika", 2).unwrap();
+    let path = store.bundle_path("magika", 2);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    assert_eq!(
+        store.active("magika").unwrap_err().error_kind(),
+        ErrorKind::FileMismatch
+    );
+    assert_eq!(store.rollback("magika").unwrap(), 1);
+    store.active("magika").unwrap();
+}
+
+#[test]
+fn opening_a_store_clears_what_an_interrupted_change_left() {
+    let key = KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open_store(dir.path(), &key, StoreOptions::default());
+        for n in [1, 2] {
+            store
+                .install(signed_with(&key, BundleSpec::new("magika", n)).as_slice())
+                .unwrap();
+            store.activate("magika", n).unwrap();
+        }
+    }
+    let folder = dir.path().join("bundles/magika");
+    // Killed mid-write (a temporary file), between rename and state (an unlisted bundle),
+    // and a file lost under the store (the active version's).
+    std::fs::write(folder.join(".3.tern.999.tmp"), b"half").unwrap();
+    std::fs::write(dir.path().join(".state.json.999.tmp"), b"{").unwrap();
+    std::fs::copy(folder.join("2.tern"), folder.join("3.tern")).unwrap();
+    std::fs::remove_file(folder.join("2.tern")).unwrap();
+
+    let store = open_store(dir.path(), &key, StoreOptions::default());
+    let s = magika_state(&store);
+    assert_eq!((s.active, s.previous), (Some(1), None), "{s:?}");
+    assert_eq!(s.installed.iter().copied().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(s.highest, 2, "the floor survives");
+    assert_eq!(files_in(&folder), ["1.tern"]);
+    assert!(!files_in(dir.path()).iter().any(|f| f.ends_with(".tmp")));
+    store.active("magika").unwrap();
+}
