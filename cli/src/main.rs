@@ -11,10 +11,15 @@
 //! - `tern jobs --dir DIR submit|run|status|take` — a persistent queue of inference jobs.
 //! - `tern flow FLOW.toml --input name=file …` — a cascade, fan-out or pipeline of models
 //!   described in a flow file, with budgets, caches, breakers and fallbacks.
+//! - `tern bundle keygen|create|sign|verify|inspect` — signed model bundles with golden
+//!   samples (docs/DEPLOY.md).
+//! - `tern store --dir DIR --trust KEY install|status|activate|rollback` — the on-device
+//!   model store.
 //!
 //! Every command takes `--json` for machine-readable output.
 
 mod bench;
+mod bundle;
 mod callers;
 mod flow;
 mod identify;
@@ -176,6 +181,20 @@ enum Command {
         #[command(flatten)]
         session: SessionArgs,
     },
+    /// Signed model bundles: make keys, build a bundle with golden samples, sign it,
+    /// verify it as a device would, inspect it.
+    Bundle {
+        #[command(subcommand)]
+        action: bundle::BundleAction,
+    },
+    /// The on-device model store: install verified bundles (golden-checked on this
+    /// device), activate a version, roll back.
+    Store {
+        #[command(flatten)]
+        args: bundle::StoreArgs,
+        #[command(subcommand)]
+        action: bundle::StoreAction,
+    },
     /// Run a request-path flow from a flow file (TOML, or JSON for a .json file): a
     /// cascade, fan-out or pipeline of models with deadlines, budgets, result caches,
     /// circuit breakers and fallbacks (docs/FLOWS.md describes the file).
@@ -303,9 +322,13 @@ fn main() -> ExitCode {
             let kind = match (
                 e.downcast_ref::<tern::Error>(),
                 e.downcast_ref::<tern_flows::Error>(),
+                e.downcast_ref::<tern_bundle::Error>(),
             ) {
-                (Some(e), _) | (_, Some(tern_flows::Error::Model(e))) => e.kind(),
-                (_, Some(e)) => e.kind().as_str(),
+                (Some(e), _, _)
+                | (_, Some(tern_flows::Error::Model(e)), _)
+                | (_, _, Some(tern_bundle::Error::Model(e))) => e.kind(),
+                (_, Some(e), _) => e.kind().as_str(),
+                (_, _, Some(e)) => e.kind(),
                 _ => "cli",
             };
             if cli.json {
@@ -683,6 +706,14 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Jobs { dir, action } => jobs(dir, action, cli.json)?,
+        Command::Bundle { action } => bundle::print(&bundle::run(action)?, cli.json),
+        Command::Store { args, action } => {
+            let doc = bundle::store(args, action)?;
+            match cli.json {
+                true => println!("{doc}"),
+                false => println!("{}", serde_json::to_string_pretty(&doc)?),
+            }
+        }
         Command::Stream {
             model,
             chunk,

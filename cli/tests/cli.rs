@@ -34,23 +34,10 @@ fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("tern-cli-{}-{name}", std::process::id()))
 }
 
-/// A `.npy` file of int32 values, shape [1, 2048].
+/// A `.npy` file of int32 values, shape [1, N].
 fn npy_i32(path: &Path, values: &[i32]) {
-    let mut header = format!(
-        "{{'descr': '<i4', 'fortran_order': False, 'shape': (1, {}), }}",
-        values.len()
-    );
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    values
-        .iter()
-        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-    std::fs::write(path, bytes).unwrap();
+    let tensor = tern::Tensor::from_slice(&[1, values.len()], values).unwrap();
+    std::fs::write(path, tensor.to_npy().unwrap()).unwrap();
 }
 
 #[test]
@@ -495,4 +482,285 @@ deadline_ms = 10000
         .as_str()
         .unwrap()
         .contains("\"nope\""));
+}
+
+#[test]
+fn bundles_are_created_signed_verified_and_refused_when_tampered() {
+    let dir = temp("bundle");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, bundle) = (dir.join("release.key"), dir.join("magika.tern"));
+    let (key_s, bundle_s) = (key.to_str().unwrap(), bundle.to_str().unwrap());
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(dir.join("release.key.pub"));
+    let made = json(&tern(&["bundle", "keygen", "--json", "--out", key_s]));
+    assert_eq!(made["key_id"].as_str().unwrap().len(), 64);
+    let public = format!("{key_s}.pub");
+    // keygen never overwrites a key.
+    assert_eq!(
+        tern(&["bundle", "keygen", "--out", key_s]).status.code(),
+        Some(1)
+    );
+
+    let sample = dir.join("sample.npy");
+    npy_i32(&sample, &vec![7; 2048]);
+    let created = tern(&[
+        "bundle",
+        "create",
+        &magika(),
+        "--json",
+        "--name",
+        "magika",
+        "--version",
+        "5",
+        "--out",
+        bundle_s,
+        "--sample",
+        &format!("bytes={}", sample.display()),
+        "--licence",
+        "Apache-2.0",
+    ]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    assert_eq!(json(&created)["signed_by"].as_array().unwrap().len(), 0);
+    // Unsigned: refused by a device.
+    let unsigned = tern(&["bundle", "verify", "--json", bundle_s, "--trust", &public]);
+    assert_eq!(json(&unsigned)["error"]["kind"], "signature");
+
+    let signed = json(&tern(&[
+        "bundle", "sign", "--json", bundle_s, "--key", key_s,
+    ]));
+    assert_eq!(signed["signed_by"][0], made["key_id"]);
+    let verified = tern(&[
+        "bundle",
+        "verify",
+        "--json",
+        bundle_s,
+        "--trust",
+        &public,
+        "--golden",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    let verified = json(&verified);
+    assert_eq!(verified["verified"], true);
+    assert_eq!(verified["golden"]["samples"], 1);
+    assert_eq!(verified["manifest"]["version"], 5);
+    assert_eq!(verified["manifest"]["licence"], "Apache-2.0");
+    let human = tern(&["bundle", "inspect", bundle_s]);
+    assert!(String::from_utf8_lossy(&human.stdout).starts_with("magika version 5"));
+
+    let rollback = tern(&[
+        "bundle",
+        "verify",
+        "--json",
+        bundle_s,
+        "--trust",
+        &public,
+        "--installed-version",
+        "6",
+    ]);
+    assert_eq!(json(&rollback)["error"]["kind"], "rollback");
+    // One flipped byte in the model (the archive's last entry ends 1024 bytes of zeros and
+    // padding before the end; the model is the largest entry, so its middle is the file's).
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    let tampered = dir.join("tampered.tern");
+    std::fs::write(&tampered, bytes).unwrap();
+    let refused = tern(&[
+        "bundle",
+        "verify",
+        "--json",
+        tampered.to_str().unwrap(),
+        "--trust",
+        &public,
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(json(&refused)["error"]["kind"], "file_mismatch");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A trust key pair on disk and signed magika bundles of the given versions, built with the
+/// library (golden outputs computed once).
+fn store_fixture(dir: &Path, versions: std::ops::RangeInclusive<u64>) -> (PathBuf, Vec<PathBuf>) {
+    use tern_bundle::{create, create_with_outputs, BundleSpec, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let public = dir.join("trust.pub");
+    std::fs::write(
+        &public,
+        serde_json::to_vec(&key.public().to_json()).unwrap(),
+    )
+    .unwrap();
+    let model = std::fs::read(magika()).unwrap();
+    let inputs = vec![(
+        "bytes".to_string(),
+        tern::Tensor::from_vec(&[1, 2048], vec![7i32; 2048]).unwrap(),
+    )];
+    let options = tern::SessionOptions::new().backend(tern::Backend::Cpu);
+    let first = create(
+        model.clone(),
+        &BundleSpec::new("magika", 0),
+        &[inputs.clone()],
+        options,
+    )
+    .unwrap();
+    let sample = &first.manifest().golden[0];
+    let outputs: std::collections::BTreeMap<String, tern::Tensor> = sample
+        .outputs
+        .iter()
+        .map(|(name, path)| (name.clone(), first.tensor(path).unwrap()))
+        .collect();
+    let bundles = versions
+        .map(|v| {
+            let spec = BundleSpec::new("magika", v);
+            let mut b =
+                create_with_outputs(model.clone(), &spec, &[(inputs.clone(), outputs.clone())])
+                    .unwrap();
+            b.sign(&key).unwrap();
+            let path = dir.join(format!("magika-{v}.tern"));
+            b.write(&path).unwrap();
+            path
+        })
+        .collect();
+    (public, bundles)
+}
+
+fn store_args<'a>(dir: &'a str, public: &'a str) -> Vec<&'a str> {
+    vec!["store", "--json", "--dir", dir, "--trust", public]
+}
+
+/// The store as a fresh process sees it: every version it lists is on disk and nothing
+/// else is, and the active version loads and verifies.
+fn check_store(dir: &Path, public: &Path) -> tern_bundle::ModelState {
+    let trust =
+        tern_bundle::Trust::new([tern_bundle::PublicKey::read(public).unwrap()], 1).unwrap();
+    let store = tern_bundle::ModelStore::open(dir, trust, Default::default()).unwrap();
+    let state = store.status().unwrap().remove("magika").unwrap();
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("bundles/magika"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort_by_key(|f| {
+        f.trim_end_matches(".tern")
+            .parse::<u64>()
+            .unwrap_or(u64::MAX)
+    });
+    let listed: Vec<String> = state
+        .installed
+        .iter()
+        .map(|v| format!("{v}.tern"))
+        .collect();
+    assert_eq!(files, listed, "{state:?}");
+    let (version, bundle) = store.active("magika").unwrap();
+    assert_eq!(Some(version), state.active);
+    assert_eq!(bundle.manifest().version, version);
+    state
+}
+
+#[test]
+fn a_store_killed_anywhere_in_an_install_keeps_a_loadable_active_model() {
+    let dir = temp("store-kill");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (public, bundles) = store_fixture(&dir.join("in"), 1..=21);
+    let store = dir.join("store");
+    let (d, p) = (store.to_str().unwrap(), public.to_str().unwrap());
+    let install = |bundle: &Path| {
+        let mut args = store_args(d, p);
+        args.extend([
+            "install",
+            bundle.to_str().unwrap(),
+            "--activate",
+            "--backend",
+            "cpu",
+        ]);
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // One whole install, timed: the kills below are spread over that time.
+    let start = std::time::Instant::now();
+    assert!(install(&bundles[0]).wait().unwrap().success());
+    let whole = start.elapsed();
+    assert_eq!(check_store(&store, &public).active, Some(1));
+
+    let (mut completed, mut interrupted) = (0, 0);
+    for (i, bundle) in bundles[1..].iter().enumerate() {
+        let before = check_store(&store, &public);
+        let mut child = install(bundle);
+        std::thread::sleep(whole.mul_f64(1.2 * i as f64 / 20.0));
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        let after = check_store(&store, &public);
+        let version = i as u64 + 2;
+        if status.success() {
+            completed += 1;
+            assert_eq!(after.active, Some(version));
+        } else {
+            interrupted += 1;
+            // Killed: the old version or (if the kill came after the switch) the new one.
+            assert!(
+                after.active == before.active || after.active == Some(version),
+                "{after:?}"
+            );
+        }
+        assert!(after.installed.len() <= 3);
+    }
+    eprintln!("{interrupted} installs killed, {completed} completed");
+    assert!(
+        interrupted >= 5,
+        "the kills must land inside installs ({interrupted})"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_full_disk_during_an_install_is_an_io_error_and_changes_nothing() {
+    let dir = temp("store-full");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (public, bundles) = store_fixture(&dir.join("in"), 1..=2);
+    let store = dir.join("store");
+    let (d, p) = (store.to_str().unwrap(), public.to_str().unwrap());
+    let mut args = store_args(d, p);
+    args.extend(["install", bundles[0].to_str().unwrap(), "--activate"]);
+    assert!(tern(&args).status.success());
+    let before = check_store(&store, &public);
+
+    // Writes past 1 MB fail with EFBIG (the bundle is about 3 MB).
+    let mut args = store_args(d, p);
+    args.extend(["install", bundles[1].to_str().unwrap(), "--activate"]);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 2048 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_tern"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        json(&out)["error"]["kind"],
+        "io",
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(check_store(&store, &public), before);
+    assert!(!std::fs::read_dir(store.join("bundles/magika"))
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().ends_with(".tmp")));
+    // With room again, the same install goes through.
+    assert!(tern(&args).status.success());
+    assert_eq!(check_store(&store, &public).active, Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
 }

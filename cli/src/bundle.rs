@@ -1,0 +1,392 @@
+//! `tern bundle keygen | create | sign | verify | inspect`: signed model bundles
+//! (`tern-bundle`), each command with `--json`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use tern::{Model, Session, Tensor};
+use tern_bundle::{
+    Bundle, BundleSpec, KeyPair, ModelStore, PublicKey, StoreOptions, Trust, VerifyOptions,
+};
+
+use crate::SessionArgs;
+
+/// What `tern bundle` does.
+#[derive(Subcommand)]
+pub enum BundleAction {
+    /// Make an ed25519 key pair: KEY (private, mode 0600) and KEY.pub (the public key a
+    /// device trusts, in TUF's key format).
+    Keygen {
+        /// Where to write the key pair (never overwritten).
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Build a bundle from an ONNX model: manifest, model and golden samples (the outputs
+    /// this build of tern gives for the sample inputs), signed with each --key.
+    Create {
+        /// The ONNX model.
+        model: PathBuf,
+        /// The bundle's model name.
+        #[arg(long)]
+        name: String,
+        /// The bundle's version (a store never goes down in version).
+        #[arg(long)]
+        version: u64,
+        /// Where to write the bundle.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// A golden sample's inputs as NAME=FILE,NAME=FILE (.npy or .json); repeat per sample.
+        #[arg(long)]
+        sample: Vec<String>,
+        /// Seeded random golden samples, when no --sample is given.
+        #[arg(long, default_value_t = 2)]
+        random_samples: u64,
+        /// Size of a symbolic dimension for random samples, as SYMBOL=N (default 1).
+        #[arg(long)]
+        dim: Vec<String>,
+        /// Days the signed manifest stays valid.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+        /// The model's licence.
+        #[arg(long)]
+        licence: Option<String>,
+        /// The oldest tern that may run it (default: this version).
+        #[arg(long)]
+        min_tern: Option<String>,
+        /// Golden absolute tolerance.
+        #[arg(long, default_value_t = 1e-4)]
+        atol: f64,
+        /// Golden relative tolerance.
+        #[arg(long, default_value_t = 1e-3)]
+        rtol: f64,
+        /// Sign with this key pair file. Repeatable.
+        #[arg(long)]
+        key: Vec<PathBuf>,
+    },
+    /// Add signatures to a bundle (its files are checked against its manifest first).
+    Sign {
+        /// The bundle.
+        bundle: PathBuf,
+        /// A key pair file. Repeatable.
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
+        /// Write the signed bundle here (default: in place, atomically).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Verify a bundle as a device would: signatures by trusted keys, expiry, version,
+    /// tern version, every file's length and hash; then (--golden) its golden samples on
+    /// this machine's backend.
+    Verify {
+        /// The bundle.
+        bundle: PathBuf,
+        /// A trusted public key file. Repeatable.
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// How many of the trusted keys must have signed.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// Refuse a version lower than this one (the installed version).
+        #[arg(long)]
+        installed_version: Option<u64>,
+        /// Also run the golden samples and compare within the bundle's tolerances.
+        #[arg(long)]
+        golden: bool,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Show a bundle's manifest, signatures and files (files are checked against the
+    /// manifest; signatures are listed, not trusted).
+    Inspect {
+        /// The bundle.
+        bundle: PathBuf,
+    },
+}
+
+/// Where the store is and whom it trusts.
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    /// The store's directory (created if needed).
+    #[arg(long)]
+    dir: PathBuf,
+    /// A trusted public key file. Repeatable.
+    #[arg(long, required = true)]
+    trust: Vec<PathBuf>,
+    /// How many of the trusted keys must have signed.
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+    /// Versions kept per model (active and previous included).
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Bytes all bundles may take together.
+    #[arg(long, default_value_t = 1 << 30)]
+    quota_bytes: u64,
+}
+
+/// What `tern store` does.
+#[derive(Subcommand)]
+pub enum StoreAction {
+    /// Verify a bundle, run its golden samples on this device, and store it (atomically).
+    Install {
+        /// The bundle.
+        bundle: PathBuf,
+        /// Make it the active version once installed.
+        #[arg(long)]
+        activate: bool,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Each model's installed, active and previous versions.
+    Status,
+    /// Make an installed version active.
+    Activate {
+        /// The model.
+        name: String,
+        /// The version.
+        version: u64,
+    },
+    /// Go back to the previous version.
+    Rollback {
+        /// The model.
+        name: String,
+    },
+}
+
+/// Runs one `tern store` action; returns the JSON document it reports.
+pub fn store(args: &StoreArgs, action: &StoreAction) -> Result<serde_json::Value> {
+    let keys = trusted_keys(&args.trust)?;
+    let mut options = StoreOptions::default()
+        .keep(args.keep)
+        .quota_bytes(args.quota_bytes);
+    if let StoreAction::Install { session, .. } = action {
+        options = options.session(session.options()?);
+    }
+    let store = ModelStore::open(&args.dir, Trust::new(keys, args.threshold)?, options)?;
+    let doc = match action {
+        StoreAction::Install {
+            bundle, activate, ..
+        } => {
+            let installed = store.install_file(bundle)?;
+            if *activate {
+                store.activate(&installed.name, installed.version)?;
+            }
+            serde_json::json!({ "installed": installed, "activated": activate })
+        }
+        StoreAction::Status => serde_json::json!({}),
+        StoreAction::Activate { name, version } => {
+            store.activate(name, *version)?;
+            serde_json::json!({ "activated": { "name": name, "version": version } })
+        }
+        StoreAction::Rollback { name } => {
+            let version = store.rollback(name)?;
+            serde_json::json!({ "rolled_back_to": { "name": name, "version": version } })
+        }
+    };
+    let mut doc = doc;
+    doc["models"] = serde_json::to_value(store.status()?)?;
+    Ok(doc)
+}
+
+fn trusted_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
+    Ok(paths
+        .iter()
+        .map(|p| PublicKey::read(p))
+        .collect::<tern_bundle::Result<Vec<_>>>()?)
+}
+
+/// Runs one `tern bundle` action; returns the JSON document it reports.
+pub fn run(action: &BundleAction) -> Result<serde_json::Value> {
+    match action {
+        BundleAction::Keygen { out } => {
+            let pair = KeyPair::generate()?;
+            pair.write(out)?;
+            let public = public_path(out);
+            write_new(
+                &public,
+                &serde_json::to_vec_pretty(&pair.public().to_json())?,
+            )?;
+            Ok(serde_json::json!({
+                "key": out, "public_key": public, "key_id": pair.public().key_id(),
+            }))
+        }
+        BundleAction::Create {
+            model,
+            name,
+            version,
+            out,
+            sample,
+            random_samples,
+            dim,
+            valid_days,
+            licence,
+            min_tern,
+            atol,
+            rtol,
+            key,
+        } => {
+            let bytes = tern::fs::read_regular(model, 4 << 30)
+                .with_context(|| format!("reading {}", model.display()))?;
+            let loaded = Model::from_bytes(&bytes)?;
+            let samples = if sample.is_empty() {
+                let dims = crate::parse_dims(dim)?;
+                (0..*random_samples)
+                    .map(|seed| loaded.random_inputs(seed, &dims))
+                    .collect::<tern::Result<Vec<_>>>()?
+            } else {
+                sample
+                    .iter()
+                    .map(|s| parse_sample(s))
+                    .collect::<Result<_>>()?
+            };
+            let mut spec = BundleSpec::new(name, *version)
+                .valid_for(Duration::from_secs(valid_days.saturating_mul(86_400)))
+                .tolerance(*atol, *rtol);
+            if let Some(l) = licence {
+                spec = spec.licence(l);
+            }
+            if let Some(v) = min_tern {
+                spec = spec.min_tern(v);
+            }
+            let options = tern::SessionOptions::new().backend(tern::Backend::Cpu);
+            let mut bundle = tern_bundle::create(bytes, &spec, &samples, options)?;
+            for k in key {
+                bundle.sign(&KeyPair::read(k)?)?;
+            }
+            bundle.write(out)?;
+            Ok(describe(&bundle, Some(out)))
+        }
+        BundleAction::Sign { bundle, key, out } => {
+            let mut read = Bundle::read(bundle, &VerifyOptions::unchecked())?;
+            for k in key {
+                read.sign(&KeyPair::read(k)?)?;
+            }
+            let target = out.as_ref().unwrap_or(bundle);
+            read.write(target)?;
+            Ok(describe(&read, Some(target)))
+        }
+        BundleAction::Verify {
+            bundle,
+            trust,
+            threshold,
+            installed_version,
+            golden,
+            session,
+        } => {
+            let keys = trusted_keys(trust)?;
+            let mut options = VerifyOptions::trusting(Trust::new(keys, *threshold)?);
+            if let Some(v) = installed_version {
+                options = options.installed_version(*v);
+            }
+            let read = Bundle::read(bundle, &options)?;
+            let mut doc = describe(&read, Some(bundle));
+            doc["verified"] = true.into();
+            if *golden {
+                let model = read.model()?;
+                let session = Session::new(&model, session.options()?)?;
+                let report = read.check_golden(&session)?;
+                doc["golden"] = serde_json::json!({
+                    "backend": session.backend(),
+                    "samples": report.samples,
+                    "worst_share_of_tolerance": report.worst_share(),
+                    "outputs": report.outputs,
+                });
+            }
+            Ok(doc)
+        }
+        BundleAction::Inspect { bundle } => {
+            let read = Bundle::read(bundle, &VerifyOptions::unchecked())?;
+            Ok(describe(&read, Some(bundle)))
+        }
+    }
+}
+
+/// Prints a report: the JSON document, or a few lines for people.
+pub fn print(doc: &serde_json::Value, json: bool) {
+    if json {
+        println!("{doc}");
+        return;
+    }
+    if let Some(id) = doc.get("key_id") {
+        println!("key id {}", id.as_str().unwrap_or_default());
+        println!("wrote {} and {}", doc["key"], doc["public_key"]);
+        return;
+    }
+    let m = &doc["manifest"];
+    println!(
+        "{} version {} ({} file(s), {} bytes), expires {}, tern ≥ {}",
+        m["name"].as_str().unwrap_or_default(),
+        m["version"],
+        m["files"].as_object().map_or(0, |f| f.len()),
+        doc["bytes"],
+        m["expires"].as_str().unwrap_or_default(),
+        m["min_tern"].as_str().unwrap_or_default()
+    );
+    let signers: Vec<&str> = doc["signed_by"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "signatures: {}",
+        if signers.is_empty() {
+            "none".to_string()
+        } else {
+            signers.join(", ")
+        }
+    );
+    if doc.get("verified").is_some() {
+        println!("verified: signatures, expiry, version and every file's length and SHA-256");
+    }
+    if let Some(g) = doc.get("golden") {
+        println!(
+            "golden: {} sample(s) within tolerance on {} (worst at {:.3} of the allowed difference)",
+            g["samples"],
+            g["backend"].as_str().unwrap_or_default(),
+            g["worst_share_of_tolerance"].as_f64().unwrap_or_default()
+        );
+    }
+}
+
+fn describe(bundle: &Bundle, path: Option<&Path>) -> serde_json::Value {
+    let bytes = bundle.manifest().total_length();
+    serde_json::json!({
+        "path": path,
+        "bytes": bytes,
+        "manifest": bundle.manifest(),
+        "signed_by": bundle.signatures().iter().map(|s| s.keyid.clone()).collect::<Vec<_>>(),
+    })
+}
+
+/// `KEY` → `KEY.pub`.
+fn public_path(key: &Path) -> PathBuf {
+    let mut name = key.as_os_str().to_owned();
+    name.push(".pub");
+    PathBuf::from(name)
+}
+
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// `NAME=FILE,NAME=FILE` → one sample's inputs.
+fn parse_sample(spec: &str) -> Result<Vec<(String, Tensor)>> {
+    spec.split(',')
+        .map(|part| {
+            let (name, file) = part
+                .split_once('=')
+                .with_context(|| format!("--sample {spec}: use NAME=FILE,NAME=FILE"))?;
+            Ok((
+                name.to_string(),
+                crate::tensor_io::read_tensor(file.as_ref())?,
+            ))
+        })
+        .collect()
+}
