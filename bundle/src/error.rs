@@ -130,6 +130,18 @@ pub enum Error {
         version: u64,
     },
 
+    /// The version was quarantined: the process died while loading it, repeatedly (a crash
+    /// loop), and it is never activated again.
+    #[error("model {name:?} version {version} is quarantined (the process died while loading it {crashes} times)")]
+    Quarantined {
+        /// The model's name.
+        name: String,
+        /// The version.
+        version: u64,
+        /// Loads of it that never finished.
+        crashes: u32,
+    },
+
     /// The model failed to load or run (golden samples, contract).
     #[error(transparent)]
     Model(#[from] tern::Error),
@@ -203,6 +215,8 @@ pub enum ErrorKind {
     InvalidOption,
     /// [`Error::NotInstalled`].
     NotInstalled,
+    /// [`Error::Quarantined`].
+    Quarantined,
     /// [`Error::Model`].
     Model,
 }
@@ -224,6 +238,7 @@ impl ErrorKind {
             ErrorKind::Key => "key",
             ErrorKind::InvalidOption => "invalid_option",
             ErrorKind::NotInstalled => "not_installed",
+            ErrorKind::Quarantined => "quarantined",
             ErrorKind::Model => "model",
         }
     }
@@ -252,6 +267,7 @@ impl Error {
             Error::Key { .. } => ErrorKind::Key,
             Error::InvalidOption { .. } => ErrorKind::InvalidOption,
             Error::NotInstalled { .. } => ErrorKind::NotInstalled,
+            Error::Quarantined { .. } => ErrorKind::Quarantined,
             Error::Model(_) => ErrorKind::Model,
         }
     }

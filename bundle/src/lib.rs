@@ -17,7 +17,8 @@
 //! - [`golden`]: running the golden samples on this device ([`Bundle::check_golden`]).
 //! - [`create`](mod@create): building a bundle from a model and sample inputs.
 //! - [`store`]: the on-device [`ModelStore`]: install (verify, golden check, atomic
-//!   write), activate, roll back, with a version floor and a byte quota.
+//!   write), activate, roll back, with a version floor and a byte quota; loads under a
+//!   crash breadcrumb, quarantining a version that keeps killing the process.
 //!
 //! Every refusal is a typed [`Error`] with a stable [`ErrorKind`].
 
@@ -37,4 +38,6 @@ pub use error::{Error, ErrorKind, FileProblem, Result};
 pub use golden::{GoldenReport, OutputCheck};
 pub use keys::{KeyId, KeyPair, PublicKey, Trust};
 pub use manifest::{FileMeta, GoldenSample, Manifest, Tolerance};
-pub use store::{Installed, ModelState, ModelStore, StoreOptions};
+pub use store::{
+    Installed, LoadedModel, Loading, ModelState, ModelStore, StoreEvent, StoreOptions, CRASH_LIMIT,
+};

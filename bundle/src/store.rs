@@ -6,12 +6,19 @@
 //!                                version ever accepted (the rollback floor)
 //! DIR/bundles/NAME/VERSION.tern  the bundles
 //! DIR/lock                       held while the store changes (between processes too)
+//! DIR/loading/NAME               held (shared) by every load of NAME in progress
 //! ```
 //!
 //! Every change is crash-safe: a bundle is written to a temporary file, synced and renamed
 //! into place before `state.json` names it, and `state.json` itself is replaced by rename. A
 //! process killed at any point leaves the previous state, whose files are all there; the
 //! next [`ModelStore::open`] removes what the killed process left half-done.
+//!
+//! Loading is guarded against crash loops: [`ModelStore::begin_load`] writes a breadcrumb
+//! (`loading` in `state.json`) before a version loads and [`Loading::finish`] clears it. A
+//! breadcrumb no live load holds was left by a process that died while loading; after
+//! [`CRASH_LIMIT`] such deaths the version is quarantined and the previous one is active
+//! again, so a model that kills its host app cannot do so forever.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -85,6 +92,120 @@ pub struct ModelState {
     pub installed: BTreeSet<u64>,
     /// The highest version ever accepted: no lower one is installed again.
     pub highest: u64,
+    /// The version whose load began and has not finished: the crash breadcrumb. A process
+    /// that dies while loading leaves it here for the next [`ModelStore::begin_load`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loading: Option<u64>,
+    /// Per version, the loads that never finished since its last good load.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub crashes: BTreeMap<u64, u32>,
+    /// Versions that crashed the process [`CRASH_LIMIT`] times while loading: never
+    /// activated or installed again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub quarantined: BTreeSet<u64>,
+}
+
+/// Unfinished loads of one version after which it is quarantined.
+pub const CRASH_LIMIT: u32 = 2;
+
+/// What a store decided on its own while opening a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum StoreEvent {
+    /// A load of `version` never finished: the process died during it.
+    CrashDetected {
+        /// The model.
+        name: String,
+        /// The version that was loading.
+        version: u64,
+        /// Its unfinished loads so far.
+        crashes: u32,
+    },
+    /// `version` reached [`CRASH_LIMIT`] unfinished loads and is quarantined.
+    Quarantined {
+        /// The model.
+        name: String,
+        /// The quarantined version.
+        version: u64,
+    },
+    /// The active version was quarantined and the previous one took its place.
+    RolledBack {
+        /// The model.
+        name: String,
+        /// The version rolled back from.
+        from: u64,
+        /// The version now active.
+        to: u64,
+    },
+}
+
+/// A load of a model's active version in progress: its breadcrumb is in the store until
+/// [`Loading::finish`]. Dropping it unfinished (or the process dying) leaves the breadcrumb,
+/// which the next [`ModelStore::begin_load`] counts as a crash.
+#[derive(Debug)]
+#[must_use = "a load that is never finished counts as a crash"]
+pub struct Loading<'a> {
+    store: &'a ModelStore,
+    name: String,
+    version: u64,
+    events: Vec<StoreEvent>,
+    // A shared lock on DIR/loading/NAME while this load lives: a breadcrumb whose lock
+    // nobody holds was left by a process that died; one whose lock is held belongs to a
+    // load still running (another process, or another handle).
+    _alive: File,
+}
+
+impl Loading<'_> {
+    /// The version being loaded.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// What the store decided before this load (crashes detected, quarantine, rollback).
+    pub fn events(&self) -> &[StoreEvent] {
+        &self.events
+    }
+
+    /// The active bundle, read back and verified ([`ModelStore::active`]).
+    pub fn bundle(&self) -> Result<Bundle> {
+        self.store.read_verified(&self.name, self.version)
+    }
+
+    /// The load went well: clears the breadcrumb and the version's crash count.
+    pub fn finish(self) -> Result<()> {
+        self.store.end_load(&self.name, self.version)
+    }
+
+    /// The load failed with an error the process survived (not a crash): clears the
+    /// breadcrumb, keeps the crash count.
+    pub fn abandon(self) -> Result<()> {
+        let _lock = self.store.lock()?;
+        let mut state = self.store.state()?;
+        if let Some(m) = state.models.get_mut(&self.name) {
+            if m.loading == Some(self.version) {
+                m.loading = None;
+                return self.store.save(&state);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A model loaded from the store by [`ModelStore::load`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct LoadedModel {
+    /// The version serving.
+    pub version: u64,
+    /// Its bundle.
+    pub bundle: Bundle,
+    /// A session on it, with the store's session options.
+    pub session: Session,
+    /// Its golden samples, run again on this session.
+    pub golden: GoldenReport,
+    /// What the store decided before this load.
+    pub events: Vec<StoreEvent>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,8 +285,9 @@ impl ModelStore {
         let options = VerifyOptions::trusting(self.trust.clone()).limits(self.options.limits);
         let bundle = Bundle::from_reader(reader, &options)?;
         // The floor is checked now, before the golden check, and again under the lock.
-        if let Some(h) = floor(&self.state()?, &bundle.manifest().name) {
-            check_floor(&bundle, h)?;
+        if let Some(m) = self.state()?.models.get(&bundle.manifest().name) {
+            check_floor(&bundle, m.highest)?;
+            check_not_quarantined(&bundle.manifest().name, m, bundle.manifest().version)?;
         }
         let session = Session::new(&bundle.model()?, self.options.session.clone())?;
         let golden = bundle.check_golden(&session)?;
@@ -178,6 +300,7 @@ impl ModelStore {
             check_floor(&bundle, h)?;
         }
         let model = state.models.entry(name.clone()).or_default();
+        check_not_quarantined(&name, model, version)?;
         let protected: u64 = [model.active, model.previous]
             .into_iter()
             .flatten()
@@ -232,6 +355,7 @@ impl ModelStore {
             .get_mut(name)
             .filter(|m| m.installed.contains(&version))
             .ok_or_else(|| not_installed(name, version))?;
+        check_not_quarantined(name, model, version)?;
         if model.active != Some(version) {
             model.previous = model.active;
             model.active = Some(version);
@@ -265,13 +389,141 @@ impl ModelStore {
             .get(name)
             .and_then(|m| m.active)
             .ok_or_else(|| not_installed(name, 0))?;
+        Ok((version, self.read_verified(name, version)?))
+    }
+
+    /// Begins loading `name`'s active version, leaving a breadcrumb in the store first.
+    ///
+    /// A breadcrumb found here means the last load never finished: the process died during
+    /// it. That counts as a crash of the version; at [`CRASH_LIMIT`] the version is
+    /// quarantined and, if it was active, the previous version takes its place (the
+    /// [`Loading::events`] say so). A quarantined active version with nothing to roll back
+    /// to is [`Error::Quarantined`].
+    pub fn begin_load(&self, name: &str) -> Result<Loading<'_>> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let model = state
+            .models
+            .get_mut(name)
+            .ok_or_else(|| not_installed(name, 0))?;
+        let alive = self.open_lock_file(&self.dir.join("loading").join(name))?;
+        let someone_loading = match alive.try_lock() {
+            Ok(()) => false,
+            Err(std::fs::TryLockError::WouldBlock) => true,
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io(self.dir.join("loading"))(e))
+            }
+        };
+        // Under the store's lock nobody else takes this one exclusively: shared never waits.
+        let _ = alive.unlock();
+        alive
+            .lock_shared()
+            .map_err(Error::io(self.dir.join("loading")))?;
+        let mut events = Vec::new();
+        if someone_loading {
+            // A live load's breadcrumb: not a crash.
+        } else if let Some(v) = model.loading.take() {
+            let crashes = model.crashes.entry(v).or_default();
+            *crashes += 1;
+            events.push(StoreEvent::CrashDetected {
+                name: name.into(),
+                version: v,
+                crashes: *crashes,
+            });
+            if *crashes >= CRASH_LIMIT && model.quarantined.insert(v) {
+                events.push(StoreEvent::Quarantined {
+                    name: name.into(),
+                    version: v,
+                });
+                if model.active == Some(v) {
+                    let to = model.previous.filter(|p| !model.quarantined.contains(p));
+                    model.active = to;
+                    model.previous = None;
+                    if let Some(to) = to {
+                        events.push(StoreEvent::RolledBack {
+                            name: name.into(),
+                            from: v,
+                            to,
+                        });
+                    }
+                }
+            }
+        }
+        let active = model.active;
+        let version = match active {
+            Some(v) => {
+                model.loading = Some(v);
+                Ok(v)
+            }
+            None => Err(match model.quarantined.last() {
+                Some(&q) => Error::Quarantined {
+                    name: name.into(),
+                    version: q,
+                    crashes: model.crashes.get(&q).copied().unwrap_or(0),
+                },
+                None => not_installed(name, 0),
+            }),
+        };
+        // Saved even when there is nothing to load: the crash count and quarantine stand.
+        self.save(&state)?;
+        Ok(Loading {
+            store: self,
+            name: name.into(),
+            version: version?,
+            events,
+            _alive: alive,
+        })
+    }
+
+    /// Loads `name`'s active version under a crash breadcrumb ([`ModelStore::begin_load`]):
+    /// reads and verifies its bundle, builds a session with the store's session options and
+    /// runs its golden samples on it, then clears the breadcrumb. An error the process
+    /// survives clears the breadcrumb too and is returned.
+    pub fn load(&self, name: &str) -> Result<LoadedModel> {
+        let loading = self.begin_load(name)?;
+        let result = (|| {
+            let bundle = loading.bundle()?;
+            let session = Session::new(&bundle.model()?, self.options.session.clone())?;
+            let golden = bundle.check_golden(&session)?;
+            Ok((bundle, session, golden))
+        })();
+        match result {
+            Ok((bundle, session, golden)) => {
+                let (version, events) = (loading.version, loading.events.clone());
+                loading.finish()?;
+                Ok(LoadedModel {
+                    version,
+                    bundle,
+                    session,
+                    golden,
+                    events,
+                })
+            }
+            Err(e) => {
+                loading.abandon()?;
+                Err(e)
+            }
+        }
+    }
+
+    fn end_load(&self, name: &str, version: u64) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        if let Some(m) = state.models.get_mut(name) {
+            if m.loading == Some(version) {
+                m.loading = None;
+            }
+            m.crashes.remove(&version);
+            return self.save(&state);
+        }
+        Ok(())
+    }
+
+    fn read_verified(&self, name: &str, version: u64) -> Result<Bundle> {
         let options = VerifyOptions::trusting(self.trust.clone())
             .ignoring_expiry()
             .limits(self.options.limits);
-        Ok((
-            version,
-            Bundle::read(&self.bundle_path(name, version), &options)?,
-        ))
+        Bundle::read(&self.bundle_path(name, version), &options)
     }
 
     /// Where a version's bundle lives.
@@ -309,15 +561,21 @@ impl ModelStore {
     }
 
     fn lock(&self) -> Result<File> {
-        let path = self.dir.join("lock");
-        let file = std::fs::OpenOptions::new()
+        let file = self.open_lock_file(&self.dir.join("lock"))?;
+        file.lock().map_err(Error::io(self.dir.join("lock")))?;
+        Ok(file)
+    }
+
+    fn open_lock_file(&self, path: &Path) -> Result<File> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+        }
+        std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
-            .map_err(Error::io(&path))?;
-        file.lock().map_err(Error::io(&path))?;
-        Ok(file)
+            .open(path)
+            .map_err(Error::io(path))
     }
 
     fn state(&self) -> Result<State> {
@@ -390,6 +648,17 @@ fn check_floor(bundle: &Bundle, highest: u64) -> Result<()> {
         return Err(Error::Rollback {
             version,
             installed: highest,
+        });
+    }
+    Ok(())
+}
+
+fn check_not_quarantined(name: &str, model: &ModelState, version: u64) -> Result<()> {
+    if model.quarantined.contains(&version) {
+        return Err(Error::Quarantined {
+            name: name.into(),
+            version,
+            crashes: model.crashes.get(&version).copied().unwrap_or(0),
         });
     }
     Ok(())

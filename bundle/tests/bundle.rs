@@ -9,7 +9,7 @@ use tern::{Model, Session, SessionOptions, Tensor};
 use tern_bundle::signed::Envelope;
 use tern_bundle::{
     create, create_with_outputs, Bundle, BundleSpec, ErrorKind, KeyPair, Limits, ModelState,
-    ModelStore, StoreOptions, Trust, VerifyOptions,
+    ModelStore, StoreEvent, StoreOptions, Trust, VerifyOptions,
 };
 
 fn model_bytes() -> Vec<u8> {
@@ -561,4 +561,128 @@ fn opening_a_store_clears_what_an_interrupted_change_left() {
     assert_eq!(files_in(&folder), ["1.tern"]);
     assert!(!files_in(dir.path()).iter().any(|f| f.ends_with(".tmp")));
     store.active("magika").unwrap();
+}
+
+#[test]
+fn a_version_that_keeps_dying_while_loading_is_quarantined_and_the_previous_one_returns() {
+    let key = KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path(), &key, StoreOptions::default());
+    for v in [1, 2] {
+        store
+            .install(signed_with(&key, BundleSpec::new("magika", v)).as_slice())
+            .unwrap();
+        store.activate("magika", v).unwrap();
+    }
+
+    // A load that finishes leaves nothing behind.
+    let loaded = store.load("magika").unwrap();
+    assert_eq!((loaded.version, loaded.golden.samples), (2, 2));
+    assert!(loaded.events.is_empty());
+    let s = magika_state(&store);
+    assert_eq!((s.loading, s.crashes.len()), (None, 0));
+
+    // A load dropped unfinished is what a process killed mid-load leaves: the breadcrumb.
+    drop(store.begin_load("magika").unwrap());
+    assert_eq!(magika_state(&store).loading, Some(2));
+    // A second handle on the store (another process) sees the first crash; still version 2.
+    let other = open_store(dir.path(), &key, StoreOptions::default());
+    let second = other.begin_load("magika").unwrap();
+    assert_eq!(second.version(), 2);
+    assert_eq!(
+        second.events(),
+        [StoreEvent::CrashDetected {
+            name: "magika".into(),
+            version: 2,
+            crashes: 1
+        }]
+    );
+    // While `second` is loading, a third load is concurrent, not a sign of a crash.
+    let third = store.begin_load("magika").unwrap();
+    assert!(third.events().is_empty(), "{:?}", third.events());
+    drop(third);
+    drop(second);
+
+    // The second death: version 2 is quarantined and version 1 serves.
+    let loaded = store.load("magika").unwrap();
+    assert_eq!(loaded.version, 1);
+    assert_eq!(
+        loaded.events,
+        [
+            StoreEvent::CrashDetected {
+                name: "magika".into(),
+                version: 2,
+                crashes: 2
+            },
+            StoreEvent::Quarantined {
+                name: "magika".into(),
+                version: 2
+            },
+            StoreEvent::RolledBack {
+                name: "magika".into(),
+                from: 2,
+                to: 1
+            },
+        ]
+    );
+    let s = magika_state(&store);
+    assert_eq!((s.active, s.previous, s.loading), (Some(1), None, None));
+    assert_eq!(s.quarantined.iter().copied().collect::<Vec<_>>(), [2]);
+
+    // A quarantined version is never activated or installed again; a newer one is.
+    let err = store.activate("magika", 2).unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::Quarantined, "{err}");
+    let err = store
+        .install(signed_with(&key, BundleSpec::new("magika", 2)).as_slice())
+        .unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::Quarantined, "{err}");
+    store
+        .install(signed_with(&key, BundleSpec::new("magika", 3)).as_slice())
+        .unwrap();
+    store.activate("magika", 3).unwrap();
+    assert_eq!(store.load("magika").unwrap().version, 3);
+
+    // Version 3 loaded well once (its count starts again), then dies twice: back to 1.
+    drop(store.begin_load("magika").unwrap());
+    drop(store.begin_load("magika").unwrap());
+    assert_eq!(store.load("magika").unwrap().version, 1);
+    // With nothing to roll back to, a crash loop leaves no active model: a typed error.
+    drop(store.begin_load("magika").unwrap());
+    drop(store.begin_load("magika").unwrap());
+    let err = store.load("magika").unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::Quarantined, "{err}");
+    let s = magika_state(&store);
+    assert_eq!(s.active, None);
+    assert_eq!(s.quarantined.iter().copied().collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+#[test]
+fn a_load_that_fails_without_dying_is_not_a_crash() {
+    let key = KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path(), &key, StoreOptions::default());
+    store
+        .install(signed_with(&key, BundleSpec::new("magika", 1)).as_slice())
+        .unwrap();
+    store.activate("magika", 1).unwrap();
+    // Corrupt the active bundle on disk: the load is a typed error, three times over, and
+    // the version is not quarantined for it.
+    let path = store.bundle_path("magika", 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    for _ in 0..3 {
+        let err = store.load("magika").unwrap_err();
+        assert_ne!(err.error_kind(), ErrorKind::Quarantined, "{err}");
+    }
+    let s = magika_state(&store);
+    assert_eq!(
+        (s.loading, s.crashes.len(), s.quarantined.len()),
+        (None, 0, 0)
+    );
+    assert_eq!(
+        store.load("nothing").unwrap_err().error_kind(),
+        ErrorKind::NotInstalled
+    );
 }

@@ -152,6 +152,15 @@ pub enum StoreAction {
         /// The model.
         name: String,
     },
+    /// Load the active version as an app would (under the crash breadcrumb: a version the
+    /// process died loading twice is quarantined and the previous one returns), and run its
+    /// golden samples.
+    Load {
+        /// The model.
+        name: String,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
 }
 
 /// Runs one `tern store` action; returns the JSON document it reports.
@@ -160,7 +169,7 @@ pub fn store(args: &StoreArgs, action: &StoreAction) -> Result<serde_json::Value
     let mut options = StoreOptions::default()
         .keep(args.keep)
         .quota_bytes(args.quota_bytes);
-    if let StoreAction::Install { session, .. } = action {
+    if let StoreAction::Install { session, .. } | StoreAction::Load { session, .. } = action {
         options = options.session(session.options()?);
     }
     let store = ModelStore::open(&args.dir, Trust::new(keys, args.threshold)?, options)?;
@@ -182,6 +191,15 @@ pub fn store(args: &StoreArgs, action: &StoreAction) -> Result<serde_json::Value
         StoreAction::Rollback { name } => {
             let version = store.rollback(name)?;
             serde_json::json!({ "rolled_back_to": { "name": name, "version": version } })
+        }
+        StoreAction::Load { name, .. } => {
+            let loaded = store.load(name)?;
+            serde_json::json!({ "loaded": {
+                "name": name,
+                "version": loaded.version,
+                "golden": loaded.golden,
+                "events": loaded.events,
+            } })
         }
     };
     let mut doc = doc;

@@ -13,8 +13,8 @@
 //!   described in a flow file, with budgets, caches, breakers and fallbacks.
 //! - `tern bundle keygen|create|sign|verify|inspect` — signed model bundles with golden
 //!   samples (docs/DEPLOY.md).
-//! - `tern store --dir DIR --trust KEY install|status|activate|rollback` — the on-device
-//!   model store.
+//! - `tern store --dir DIR --trust KEY install|status|activate|rollback|load` — the
+//!   on-device model store.
 //!
 //! Every command takes `--json` for machine-readable output.
 

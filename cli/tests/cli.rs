@@ -609,7 +609,7 @@ fn store_fixture(dir: &Path, versions: std::ops::RangeInclusive<u64>) -> (PathBu
     let first = create(
         model.clone(),
         &BundleSpec::new("magika", 0),
-        &[inputs.clone()],
+        std::slice::from_ref(&inputs),
         options,
     )
     .unwrap();
@@ -722,6 +722,94 @@ fn a_store_killed_anywhere_in_an_install_keeps_a_loadable_active_model() {
         interrupted >= 5,
         "the kills must land inside installs ({interrupted})"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_version_killed_twice_while_loading_is_quarantined_and_the_previous_one_serves() {
+    let dir = temp("store-crash-loop");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (public, bundles) = store_fixture(&dir.join("in"), 1..=2);
+    let store = dir.join("store");
+    let (d, p) = (store.to_str().unwrap(), public.to_str().unwrap());
+    for bundle in &bundles {
+        let mut args = store_args(d, p);
+        args.extend(["install", bundle.to_str().unwrap(), "--activate"]);
+        assert!(tern(&args).status.success());
+    }
+    let mut load = store_args(d, p);
+    load.extend(["load", "magika", "--backend", "cpu"]);
+
+    // Kill `tern store load` as soon as its breadcrumb is in the state file, with the
+    // crash it found counted (so a breadcrumb a killed process left is not taken for the
+    // new one's): a process dying while the model loads. A load can finish before it is
+    // seen (the count starts again); then once more.
+    let state = store.join("state.json");
+    let breadcrumb = || {
+        let text = std::fs::read(&state).unwrap_or_default();
+        let doc: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+        let m = &doc["models"]["magika"];
+        (m["loading"] == 2, m["crashes"]["2"].as_u64().unwrap_or(0))
+    };
+    let mut kills = 0;
+    for _ in 0..50 {
+        let (loading, crashes) = breadcrumb();
+        if loading && crashes == 1 {
+            break; // two deaths in a row: the next load quarantines
+        }
+        let expected = (true, crashes + u64::from(loading));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(&load)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        loop {
+            if breadcrumb() == expected {
+                let _ = child.kill(); // SIGKILL
+                kills += u32::from(!child.wait().unwrap().success());
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success());
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+    assert_eq!(
+        breadcrumb(),
+        (true, 1),
+        "two loads in a row must be killed mid-load"
+    );
+    eprintln!("{kills} loads killed");
+
+    let out = tern(&load);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let doc = json(&out);
+    assert_eq!(doc["loaded"]["version"], 1, "{doc}");
+    let events: Vec<&str> = doc["loaded"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        ["crash_detected", "quarantined", "rolled_back"],
+        "{doc}"
+    );
+    assert_eq!(
+        doc["models"]["magika"]["quarantined"],
+        serde_json::json!([2])
+    );
+    let mut activate = store_args(d, p);
+    activate.extend(["activate", "magika", "2"]);
+    let out = tern(&activate);
+    assert_eq!(json(&out)["error"]["kind"], "quarantined");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

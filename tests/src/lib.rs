@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tern::{DType, Model, Outputs, Tensor};
+use tern::{Model, Outputs, Tensor};
 
 pub mod fixtures;
 pub mod node_suite;
