@@ -130,16 +130,16 @@ pub enum Error {
         version: u64,
     },
 
-    /// The version was quarantined: the process died while loading it, repeatedly (a crash
-    /// loop), and it is never activated again.
-    #[error("model {name:?} version {version} is quarantined (the process died while loading it {crashes} times)")]
+    /// The version was quarantined — the process died while loading it, repeatedly (a crash
+    /// loop), or its rollout rolled it back — and it is never activated again.
+    #[error("model {name:?} version {version} is quarantined: {reason}")]
     Quarantined {
         /// The model's name.
         name: String,
         /// The version.
         version: u64,
-        /// Loads of it that never finished.
-        crashes: u32,
+        /// Why.
+        reason: crate::store::QuarantineReason,
     },
 
     /// The model failed to load or run (golden samples, contract).

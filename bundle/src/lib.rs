@@ -19,6 +19,8 @@
 //! - [`store`]: the on-device [`ModelStore`]: install (verify, golden check, atomic
 //!   write), activate, roll back, with a version floor and a byte quota; loads under a
 //!   crash breadcrumb, quarantining a version that keeps killing the process.
+//! - [`rollout`]: a candidate version served beside the active one (shadow, canary, A/B)
+//!   with health checks that promote it or roll it back by themselves.
 //!
 //! Every refusal is a typed [`Error`] with a stable [`ErrorKind`].
 
@@ -29,6 +31,7 @@ mod fsio;
 pub mod golden;
 pub mod keys;
 pub mod manifest;
+pub mod rollout;
 pub mod signed;
 pub mod store;
 
@@ -38,6 +41,11 @@ pub use error::{Error, ErrorKind, FileProblem, Result};
 pub use golden::{GoldenReport, OutputCheck};
 pub use keys::{KeyId, KeyPair, PublicKey, Trust};
 pub use manifest::{FileMeta, GoldenSample, Manifest, Tolerance};
+pub use rollout::{
+    Agreement, Arm, CanaryUnit, Health, HealthPolicy, RollbackReason, Rollout, RolloutEvent,
+    RolloutPolicy, Served, Stage, Verdict, VerdictHook,
+};
 pub use store::{
-    Installed, LoadedModel, Loading, ModelState, ModelStore, StoreEvent, StoreOptions, CRASH_LIMIT,
+    Installed, LoadedModel, Loading, ModelState, ModelStore, QuarantineReason, StoreEvent,
+    StoreOptions, CRASH_LIMIT,
 };

@@ -33,6 +33,9 @@ use crate::error::{Error, Result};
 use crate::fsio::write_atomic;
 use crate::golden::GoldenReport;
 use crate::keys::Trust;
+use crate::rollout::{
+    RollbackReason, Rollout, RolloutEvent, RolloutPolicy, Verdict, VerdictHook, Version,
+};
 
 /// How a store keeps and checks bundles.
 #[derive(Debug, Clone)]
@@ -99,11 +102,48 @@ pub struct ModelState {
     /// Per version, the loads that never finished since its last good load.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub crashes: BTreeMap<u64, u32>,
-    /// Versions that crashed the process [`CRASH_LIMIT`] times while loading: never
-    /// activated or installed again.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub quarantined: BTreeSet<u64>,
+    /// Versions never activated or installed again, and why: they crashed the process
+    /// [`CRASH_LIMIT`] times while loading, or their rollout rolled them back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quarantined: BTreeMap<u64, QuarantineReason>,
+    /// The version being rolled out beside the active one ([`ModelStore::stage`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<u64>,
 }
+
+/// Why a version is quarantined.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "why", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum QuarantineReason {
+    /// The process died while loading it this many times in a row.
+    CrashLoop {
+        /// Loads that never finished.
+        crashes: u32,
+    },
+    /// Its rollout's health checks rolled it back.
+    Rollout {
+        /// What was out of bounds.
+        rollback: RollbackReason,
+    },
+}
+
+impl std::fmt::Display for QuarantineReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuarantineReason::CrashLoop { crashes } => {
+                write!(f, "the process died while loading it {crashes} times")
+            }
+            QuarantineReason::Rollout { rollback } => {
+                write!(f, "its rollout rolled it back ({rollback})")
+            }
+        }
+    }
+}
+
+// The store's state compares as a whole (recovery saves only what changed): the reasons'
+// floats come from health ratios, never NaN.
+impl Eq for QuarantineReason {}
 
 /// Unfinished loads of one version after which it is quarantined.
 pub const CRASH_LIMIT: u32 = 2;
@@ -227,8 +267,9 @@ pub struct Installed {
     pub removed: Vec<u64>,
 }
 
-/// A directory of verified bundles (see the module docs).
-#[derive(Debug)]
+/// A directory of verified bundles (see the module docs). Cloning gives another handle on
+/// the same directory.
+#[derive(Debug, Clone)]
 pub struct ModelStore {
     dir: PathBuf,
     trust: Trust,
@@ -356,6 +397,9 @@ impl ModelStore {
             .filter(|m| m.installed.contains(&version))
             .ok_or_else(|| not_installed(name, version))?;
         check_not_quarantined(name, model, version)?;
+        if model.candidate == Some(version) {
+            model.candidate = None;
+        }
         if model.active != Some(version) {
             model.previous = model.active;
             model.active = Some(version);
@@ -400,6 +444,10 @@ impl ModelStore {
     /// [`Loading::events`] say so). A quarantined active version with nothing to roll back
     /// to is [`Error::Quarantined`].
     pub fn begin_load(&self, name: &str) -> Result<Loading<'_>> {
+        self.begin(name, Slot::Active)
+    }
+
+    fn begin(&self, name: &str, slot: Slot) -> Result<Loading<'_>> {
         let _lock = self.lock()?;
         let mut state = self.state()?;
         let model = state
@@ -430,13 +478,22 @@ impl ModelStore {
                 version: v,
                 crashes: *crashes,
             });
-            if *crashes >= CRASH_LIMIT && model.quarantined.insert(v) {
+            let crashes = *crashes;
+            if crashes >= CRASH_LIMIT && !model.quarantined.contains_key(&v) {
+                model
+                    .quarantined
+                    .insert(v, QuarantineReason::CrashLoop { crashes });
                 events.push(StoreEvent::Quarantined {
                     name: name.into(),
                     version: v,
                 });
+                if model.candidate == Some(v) {
+                    model.candidate = None;
+                }
                 if model.active == Some(v) {
-                    let to = model.previous.filter(|p| !model.quarantined.contains(p));
+                    let to = model
+                        .previous
+                        .filter(|p| !model.quarantined.contains_key(p));
                     model.active = to;
                     model.previous = None;
                     if let Some(to) = to {
@@ -449,19 +506,22 @@ impl ModelStore {
                 }
             }
         }
-        let active = model.active;
-        let version = match active {
+        let wanted = match slot {
+            Slot::Active => model.active,
+            Slot::Candidate => model.candidate,
+        };
+        let version = match wanted {
             Some(v) => {
                 model.loading = Some(v);
                 Ok(v)
             }
-            None => Err(match model.quarantined.last() {
-                Some(&q) => Error::Quarantined {
+            None => Err(match (slot, model.quarantined.last_key_value()) {
+                (Slot::Active, Some((&version, &reason))) => Error::Quarantined {
                     name: name.into(),
-                    version: q,
-                    crashes: model.crashes.get(&q).copied().unwrap_or(0),
+                    version,
+                    reason,
                 },
-                None => not_installed(name, 0),
+                _ => not_installed(name, 0),
             }),
         };
         // Saved even when there is nothing to load: the crash count and quarantine stand.
@@ -480,7 +540,11 @@ impl ModelStore {
     /// runs its golden samples on it, then clears the breadcrumb. An error the process
     /// survives clears the breadcrumb too and is returned.
     pub fn load(&self, name: &str) -> Result<LoadedModel> {
-        let loading = self.begin_load(name)?;
+        self.load_slot(name, Slot::Active)
+    }
+
+    fn load_slot(&self, name: &str, slot: Slot) -> Result<LoadedModel> {
+        let loading = self.begin(name, slot)?;
         let result = (|| {
             let bundle = loading.bundle()?;
             let session = Session::new(&bundle.model()?, self.options.session.clone())?;
@@ -504,6 +568,93 @@ impl ModelStore {
                 Err(e)
             }
         }
+    }
+
+    /// Makes an installed version the candidate of `name`'s next [`ModelStore::rollout`]
+    /// (replacing any other candidate). It must not be the active version or quarantined.
+    pub fn stage(&self, name: &str, version: u64) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let model = state
+            .models
+            .get_mut(name)
+            .filter(|m| m.installed.contains(&version))
+            .ok_or_else(|| not_installed(name, version))?;
+        check_not_quarantined(name, model, version)?;
+        if model.active == Some(version) {
+            return Err(Error::InvalidOption {
+                reason: format!("{name} version {version} is already active"),
+            });
+        }
+        model.candidate = Some(version);
+        self.save(&state)
+    }
+
+    /// Starts the rollout of `name`'s candidate ([`ModelStore::stage`]) beside its active
+    /// version on this device (`install_id`: a stable id the app keeps, see
+    /// [`Rollout::new`]). Both load as [`ModelStore::load`] loads (crash breadcrumb, golden
+    /// samples). The rollout's verdict is applied to the store as soon as it is reached — a
+    /// promoted candidate becomes active, a rolled-back one is quarantined — and then
+    /// passed to `on_event` (for the app's telemetry).
+    pub fn rollout(
+        &self,
+        name: &str,
+        policy: RolloutPolicy,
+        install_id: &str,
+        on_event: Option<VerdictHook>,
+    ) -> Result<Rollout> {
+        let active = self.load_slot(name, Slot::Active)?;
+        let candidate = self.load_slot(name, Slot::Candidate)?;
+        let store = self.clone();
+        let hook = move |event: &RolloutEvent| {
+            // A verdict the store cannot record is reached again by the next rollout.
+            let _ = store.conclude(&event.name, event.candidate, event.verdict);
+            if let Some(app) = &on_event {
+                app(event);
+            }
+        };
+        Rollout::new(
+            name,
+            Version {
+                version: active.version,
+                session: active.session,
+            },
+            Version {
+                version: candidate.version,
+                session: candidate.session,
+            },
+            policy,
+            install_id,
+            Some(Box::new(hook)),
+        )
+    }
+
+    /// Applies a rollout's verdict on `name`'s `candidate`: [`Verdict::Promote`] makes it
+    /// active (the active version becomes the previous one), [`Verdict::RollBack`]
+    /// quarantines it. Nothing happens if `candidate` is no longer the candidate.
+    pub fn conclude(&self, name: &str, candidate: u64, verdict: Verdict) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let Some(model) = state.models.get_mut(name) else {
+            return Ok(());
+        };
+        if model.candidate != Some(candidate) {
+            return Ok(());
+        }
+        match verdict {
+            Verdict::Continue => return Ok(()),
+            Verdict::Promote => {
+                model.previous = model.active;
+                model.active = Some(candidate);
+            }
+            Verdict::RollBack(rollback) => {
+                model
+                    .quarantined
+                    .insert(candidate, QuarantineReason::Rollout { rollback });
+            }
+        }
+        model.candidate = None;
+        self.save(&state)
     }
 
     fn end_load(&self, name: &str, version: u64) -> Result<()> {
@@ -654,14 +805,21 @@ fn check_floor(bundle: &Bundle, highest: u64) -> Result<()> {
 }
 
 fn check_not_quarantined(name: &str, model: &ModelState, version: u64) -> Result<()> {
-    if model.quarantined.contains(&version) {
-        return Err(Error::Quarantined {
+    match model.quarantined.get(&version) {
+        Some(&reason) => Err(Error::Quarantined {
             name: name.into(),
             version,
-            crashes: model.crashes.get(&version).copied().unwrap_or(0),
-        });
+            reason,
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Which of a model's versions a load is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Active,
+    Candidate,
 }
 
 fn not_installed(name: &str, version: u64) -> Error {

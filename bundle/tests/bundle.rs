@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 use tern::{Model, Session, SessionOptions, Tensor};
 use tern_bundle::signed::Envelope;
 use tern_bundle::{
-    create, create_with_outputs, Bundle, BundleSpec, ErrorKind, KeyPair, Limits, ModelState,
-    ModelStore, StoreEvent, StoreOptions, Trust, VerifyOptions,
+    create, create_with_outputs, Arm, Bundle, BundleSpec, CanaryUnit, ErrorKind, HealthPolicy,
+    KeyPair, Limits, ModelState, ModelStore, QuarantineReason, RollbackReason, Rollout,
+    RolloutEvent, RolloutPolicy, Stage, StoreEvent, StoreOptions, Trust, Verdict, VerifyOptions,
 };
 
 fn model_bytes() -> Vec<u8> {
@@ -627,7 +628,7 @@ fn a_version_that_keeps_dying_while_loading_is_quarantined_and_the_previous_one_
     );
     let s = magika_state(&store);
     assert_eq!((s.active, s.previous, s.loading), (Some(1), None, None));
-    assert_eq!(s.quarantined.iter().copied().collect::<Vec<_>>(), [2]);
+    assert_eq!(s.quarantined.keys().copied().collect::<Vec<_>>(), [2]);
 
     // A quarantined version is never activated or installed again; a newer one is.
     let err = store.activate("magika", 2).unwrap_err();
@@ -653,7 +654,7 @@ fn a_version_that_keeps_dying_while_loading_is_quarantined_and_the_previous_one_
     assert_eq!(err.error_kind(), ErrorKind::Quarantined, "{err}");
     let s = magika_state(&store);
     assert_eq!(s.active, None);
-    assert_eq!(s.quarantined.iter().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(s.quarantined.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
 }
 
 #[test]
@@ -685,4 +686,322 @@ fn a_load_that_fails_without_dying_is_not_a_crash() {
         store.load("nothing").unwrap_err().error_kind(),
         ErrorKind::NotInstalled
     );
+}
+
+// ---- staged rollout ----
+
+/// Magika with one class's logit raised by 1000 before the softmax: a "retrained" model
+/// that always answers that class — the least likely one for the first sample.
+fn biased_magika() -> Vec<u8> {
+    let bytes = model_bytes();
+    let session = Session::new(&Model::from_bytes(&bytes).unwrap(), cpu()).unwrap();
+    let probs = session.run(samples(1).remove(0)).unwrap();
+    let p = probs
+        .get("target_label")
+        .unwrap()
+        .as_slice::<f32>()
+        .unwrap();
+    let class = (0..p.len()).min_by(|a, b| p[*a].total_cmp(&p[*b])).unwrap();
+    let mut proto = tern::onnx::decode(&bytes).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let bias = graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.name.ends_with("Dense_1/Reshape:0"))
+        .expect("magika's last bias");
+    if bias.raw_data.is_empty() {
+        bias.float_data[class] += 1000.0;
+    } else {
+        let at = class * 4;
+        let v = f32::from_le_bytes(bias.raw_data[at..at + 4].try_into().unwrap()) + 1000.0;
+        bias.raw_data[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    tern::onnx::encode(&proto)
+}
+
+fn signed_model(key: &KeyPair, model: Vec<u8>, version: u64) -> Vec<u8> {
+    let mut bundle = create(
+        model,
+        &BundleSpec::new("magika", version),
+        &samples(2),
+        cpu(),
+    )
+    .unwrap();
+    bundle.sign(key).unwrap();
+    bundle.to_bytes().unwrap()
+}
+
+/// A store with version 1 active and `candidate` installed as version 2 and staged.
+fn staged(dir: &std::path::Path, candidate: Vec<u8>) -> ModelStore {
+    let key = KeyPair::generate().unwrap();
+    let store = open_store(dir, &key, StoreOptions::default());
+    store
+        .install(signed_with(&key, BundleSpec::new("magika", 1)).as_slice())
+        .unwrap();
+    store.activate("magika", 1).unwrap();
+    store
+        .install(signed_model(&key, candidate, 2).as_slice())
+        .unwrap();
+    store.stage("magika", 2).unwrap();
+    store
+}
+
+type Events = std::sync::Arc<std::sync::Mutex<Vec<RolloutEvent>>>;
+
+fn recorder() -> (Events, tern_bundle::VerdictHook) {
+    let events = Events::default();
+    let sink = events.clone();
+    (
+        events,
+        Box::new(move |e: &RolloutEvent| sink.lock().unwrap().push(e.clone())),
+    )
+}
+
+/// Health bounds with a latency bound no run here meets: latency verdicts are tested with
+/// given durations (verdicts_follow_the_policy); a p95 over the few timed runs of these
+/// tests on a busy machine bounds nothing.
+fn health(min_requests: u64, promote_after: Option<u64>) -> HealthPolicy {
+    let mut h = HealthPolicy::default();
+    h.max_p95_ratio = 1000.0;
+    h.min_requests = min_requests;
+    h.promote_after = promote_after;
+    h
+}
+
+#[test]
+fn a_shadowed_candidate_that_agrees_is_promoted_by_its_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = staged(dir.path(), model_bytes());
+    assert_eq!(magika_state(&store).candidate, Some(2));
+    let policy = RolloutPolicy::new(Stage::Shadow { sample: 0.5 }).health(health(10, Some(20)));
+    let (events, hook) = recorder();
+    let rollout = store
+        .rollout("magika", policy, "device-1", Some(hook))
+        .unwrap();
+    assert_eq!(rollout.versions(), (1, 2));
+
+    let inputs = samples(4);
+    let mut served = Vec::new();
+    for i in 0..60 {
+        let s = rollout.run(inputs[i % 4].clone(), None).unwrap();
+        served.push((s.arm, s.version));
+        rollout.wait_for_shadows();
+    }
+    // The active version answers until 20 shadowed runs (of every second request) agreed.
+    assert!(
+        served[..40].iter().all(|s| *s == (Arm::Active, 1)),
+        "{served:?}"
+    );
+    assert!(
+        served[40..].iter().all(|s| *s == (Arm::Candidate, 2)),
+        "{served:?}"
+    );
+    let h = rollout.health();
+    // Recorded until the verdict.
+    assert_eq!(
+        (h.compared, h.agreed, h.candidate.runs, h.candidate.errors),
+        (20, 20, 20, 0)
+    );
+    assert_eq!(rollout.verdict(), Verdict::Promote);
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].verdict, events[0].candidate_runs),
+        (Verdict::Promote, 20)
+    );
+
+    // The store applied the verdict: 2 is active, 1 is kept to roll back to.
+    let s = magika_state(&store);
+    assert_eq!(
+        (s.active, s.previous, s.candidate),
+        (Some(2), Some(1), None)
+    );
+    assert_eq!(store.load("magika").unwrap().version, 2);
+}
+
+#[test]
+fn a_shadowed_candidate_that_disagrees_is_rolled_back_and_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = staged(dir.path(), biased_magika());
+    let policy = RolloutPolicy::new(Stage::Shadow { sample: 1.0 }).health(health(10, Some(1000)));
+    let (events, hook) = recorder();
+    let rollout = store
+        .rollout("magika", policy, "device-1", Some(hook))
+        .unwrap();
+    let inputs = samples(10);
+    for i in 0..30 {
+        let s = rollout.run(inputs[i % 10].clone(), None).unwrap();
+        assert_eq!((s.arm, s.version), (Arm::Active, 1));
+        rollout.wait_for_shadows();
+    }
+    let Verdict::RollBack(RollbackReason::Disagreement { agreement }) = rollout.verdict() else {
+        panic!("{:?}", rollout.verdict());
+    };
+    assert!(agreement < 0.95, "{agreement}");
+    assert_eq!(
+        rollout.health().compared,
+        10,
+        "no shadow runs after the verdict"
+    );
+    assert_eq!(events.lock().unwrap().len(), 1);
+
+    let s = magika_state(&store);
+    assert_eq!((s.active, s.candidate), (Some(1), None));
+    assert!(matches!(
+        s.quarantined.get(&2),
+        Some(QuarantineReason::Rollout {
+            rollback: RollbackReason::Disagreement { .. }
+        })
+    ));
+    for err in [store.activate("magika", 2), store.stage("magika", 2)] {
+        assert_eq!(err.unwrap_err().error_kind(), ErrorKind::Quarantined);
+    }
+    let err = store
+        .rollout("magika", policy, "device-1", None)
+        .unwrap_err();
+    assert_eq!(
+        err.error_kind(),
+        ErrorKind::NotInstalled,
+        "no candidate: {err}"
+    );
+}
+
+fn magika_version(version: u64, options: SessionOptions) -> tern_bundle::rollout::Version {
+    let model = Model::from_bytes(&model_bytes()).unwrap();
+    tern_bundle::rollout::Version {
+        version,
+        session: Session::new(&model, options).unwrap(),
+    }
+}
+
+#[test]
+fn a_failing_canary_costs_callers_nothing_and_is_rolled_back_on_its_error_rate() {
+    // The candidate's runs all fail: it may hold 1 KiB of values at once.
+    let candidate = magika_version(2, cpu().memory_limit(1024));
+    let policy = RolloutPolicy::new(Stage::Canary {
+        share: 0.25,
+        unit: CanaryUnit::Request,
+    })
+    .health(health(5, None));
+    let (events, hook) = recorder();
+    let rollout = Rollout::new(
+        "magika",
+        magika_version(1, cpu()),
+        candidate,
+        policy,
+        "d",
+        Some(hook),
+    )
+    .unwrap();
+    let inputs = samples(1).remove(0);
+    for _ in 0..40 {
+        // Every caller gets the active version's answer.
+        let s = rollout.run(inputs.clone(), None).unwrap();
+        assert_eq!((s.arm, s.version), (Arm::Active, 1));
+    }
+    let h = rollout.health();
+    // A quarter of the first 20 requests went to the candidate (each answered by the
+    // active version after the candidate failed); then it was rolled back, and health is
+    // recorded until the verdict.
+    assert_eq!(
+        (h.candidate.runs, h.candidate.errors, h.active.runs),
+        (5, 5, 20)
+    );
+    assert!(matches!(
+        rollout.verdict(),
+        Verdict::RollBack(RollbackReason::ErrorRate { candidate, active }) if candidate == 1.0 && active == 0.0
+    ));
+    assert_eq!(events.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn canaries_and_ab_arms_split_by_share_and_stay_sticky() {
+    let inputs = samples(1).remove(0);
+    let rollout = |stage, install: &str| {
+        let policy = RolloutPolicy::new(stage).health(health(1_000_000, None));
+        Rollout::new(
+            "magika",
+            magika_version(1, cpu()),
+            magika_version(2, cpu()),
+            policy,
+            install,
+            None,
+        )
+        .unwrap()
+    };
+    // By request: exactly the share.
+    let r = rollout(
+        Stage::Canary {
+            share: 0.25,
+            unit: CanaryUnit::Request,
+        },
+        "d",
+    );
+    let arms: Vec<Arm> = (0..20)
+        .map(|_| r.run(inputs.clone(), None).unwrap().arm)
+        .collect();
+    assert_eq!(arms.iter().filter(|a| **a == Arm::Candidate).count(), 5);
+
+    // By device: all of a device's requests or none; about the share of devices.
+    let mut in_canary = 0;
+    for d in 0..40 {
+        let r = rollout(
+            Stage::Canary {
+                share: 0.5,
+                unit: CanaryUnit::Device,
+            },
+            &format!("device-{d}"),
+        );
+        let arms: Vec<Arm> = (0..3)
+            .map(|_| r.run(inputs.clone(), None).unwrap().arm)
+            .collect();
+        assert!(arms.iter().all(|a| *a == arms[0]), "{arms:?}");
+        in_canary += usize::from(arms[0] == Arm::Candidate);
+    }
+    assert!((10..=30).contains(&in_canary), "{in_canary} of 40 devices");
+
+    // A/B: a user keeps an arm across requests (and across rollout objects).
+    let a = rollout(Stage::Ab { share: 0.5 }, "d");
+    let b = rollout(Stage::Ab { share: 0.5 }, "other-device");
+    let mut candidates = 0;
+    for u in 0..40 {
+        let user = format!("user-{u}");
+        let arm = a.run(inputs.clone(), Some(&user)).unwrap().arm;
+        assert_eq!(b.run(inputs.clone(), Some(&user)).unwrap().arm, arm);
+        assert_eq!(a.run(inputs.clone(), Some(&user)).unwrap().arm, arm);
+        candidates += usize::from(arm == Arm::Candidate);
+    }
+    assert!((10..=30).contains(&candidates), "{candidates} of 40 users");
+}
+
+#[test]
+fn shadow_runs_never_queue_up_behind_requests() {
+    let policy = RolloutPolicy::new(Stage::Shadow { sample: 0.5 }).health(health(1_000, None));
+    let rollout = Rollout::new(
+        "magika",
+        magika_version(1, cpu()),
+        magika_version(2, cpu()),
+        policy,
+        "d",
+        None,
+    )
+    .unwrap();
+    let inputs = samples(1).remove(0);
+    // Requests as fast as they come, from two threads: a shadow run that finds the shadow
+    // thread busy is skipped, never waited for; every one is either compared or skipped.
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..25 {
+                    assert_eq!(rollout.run(inputs.clone(), None).unwrap().arm, Arm::Active);
+                }
+            });
+        }
+    });
+    rollout.wait_for_shadows();
+    let h = rollout.health();
+    assert_eq!(h.active.runs, 50);
+    assert_eq!(h.compared + h.shadow_skipped, 25, "{h:?}");
+    assert_eq!((h.agreed, h.candidate.runs), (h.compared, h.compared));
+    eprintln!("{} shadowed, {} skipped", h.compared, h.shadow_skipped);
 }

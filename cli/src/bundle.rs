@@ -7,9 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use tern::{Model, Session, Tensor};
-use tern_bundle::{
-    Bundle, BundleSpec, KeyPair, ModelStore, PublicKey, StoreOptions, Trust, VerifyOptions,
-};
+use tern_bundle::{Bundle, BundleSpec, KeyPair, PublicKey, Trust, VerifyOptions};
 
 use crate::SessionArgs;
 
@@ -105,109 +103,8 @@ pub enum BundleAction {
     },
 }
 
-/// Where the store is and whom it trusts.
-#[derive(clap::Args)]
-pub struct StoreArgs {
-    /// The store's directory (created if needed).
-    #[arg(long)]
-    dir: PathBuf,
-    /// A trusted public key file. Repeatable.
-    #[arg(long, required = true)]
-    trust: Vec<PathBuf>,
-    /// How many of the trusted keys must have signed.
-    #[arg(long, default_value_t = 1)]
-    threshold: usize,
-    /// Versions kept per model (active and previous included).
-    #[arg(long, default_value_t = 3)]
-    keep: usize,
-    /// Bytes all bundles may take together.
-    #[arg(long, default_value_t = 1 << 30)]
-    quota_bytes: u64,
-}
-
-/// What `tern store` does.
-#[derive(Subcommand)]
-pub enum StoreAction {
-    /// Verify a bundle, run its golden samples on this device, and store it (atomically).
-    Install {
-        /// The bundle.
-        bundle: PathBuf,
-        /// Make it the active version once installed.
-        #[arg(long)]
-        activate: bool,
-        #[command(flatten)]
-        session: SessionArgs,
-    },
-    /// Each model's installed, active and previous versions.
-    Status,
-    /// Make an installed version active.
-    Activate {
-        /// The model.
-        name: String,
-        /// The version.
-        version: u64,
-    },
-    /// Go back to the previous version.
-    Rollback {
-        /// The model.
-        name: String,
-    },
-    /// Load the active version as an app would (under the crash breadcrumb: a version the
-    /// process died loading twice is quarantined and the previous one returns), and run its
-    /// golden samples.
-    Load {
-        /// The model.
-        name: String,
-        #[command(flatten)]
-        session: SessionArgs,
-    },
-}
-
-/// Runs one `tern store` action; returns the JSON document it reports.
-pub fn store(args: &StoreArgs, action: &StoreAction) -> Result<serde_json::Value> {
-    let keys = trusted_keys(&args.trust)?;
-    let mut options = StoreOptions::default()
-        .keep(args.keep)
-        .quota_bytes(args.quota_bytes);
-    if let StoreAction::Install { session, .. } | StoreAction::Load { session, .. } = action {
-        options = options.session(session.options()?);
-    }
-    let store = ModelStore::open(&args.dir, Trust::new(keys, args.threshold)?, options)?;
-    let doc = match action {
-        StoreAction::Install {
-            bundle, activate, ..
-        } => {
-            let installed = store.install_file(bundle)?;
-            if *activate {
-                store.activate(&installed.name, installed.version)?;
-            }
-            serde_json::json!({ "installed": installed, "activated": activate })
-        }
-        StoreAction::Status => serde_json::json!({}),
-        StoreAction::Activate { name, version } => {
-            store.activate(name, *version)?;
-            serde_json::json!({ "activated": { "name": name, "version": version } })
-        }
-        StoreAction::Rollback { name } => {
-            let version = store.rollback(name)?;
-            serde_json::json!({ "rolled_back_to": { "name": name, "version": version } })
-        }
-        StoreAction::Load { name, .. } => {
-            let loaded = store.load(name)?;
-            serde_json::json!({ "loaded": {
-                "name": name,
-                "version": loaded.version,
-                "golden": loaded.golden,
-                "events": loaded.events,
-            } })
-        }
-    };
-    let mut doc = doc;
-    doc["models"] = serde_json::to_value(store.status()?)?;
-    Ok(doc)
-}
-
-fn trusted_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
+/// The public keys in `paths`.
+pub fn trusted_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
     Ok(paths
         .iter()
         .map(|p| PublicKey::read(p))

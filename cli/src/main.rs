@@ -13,8 +13,8 @@
 //!   described in a flow file, with budgets, caches, breakers and fallbacks.
 //! - `tern bundle keygen|create|sign|verify|inspect` — signed model bundles with golden
 //!   samples (docs/DEPLOY.md).
-//! - `tern store --dir DIR --trust KEY install|status|activate|rollback|load` — the
-//!   on-device model store.
+//! - `tern store --dir DIR --trust KEY install|status|activate|rollback|load|stage|rollout`
+//!   — the on-device model store and staged rollouts.
 //!
 //! Every command takes `--json` for machine-readable output.
 
@@ -23,6 +23,7 @@ mod bundle;
 mod callers;
 mod flow;
 mod identify;
+mod store;
 mod stream;
 mod tensor_io;
 
@@ -188,12 +189,12 @@ enum Command {
         action: bundle::BundleAction,
     },
     /// The on-device model store: install verified bundles (golden-checked on this
-    /// device), activate a version, roll back.
+    /// device), activate a version, roll back, stage a candidate and roll it out.
     Store {
         #[command(flatten)]
-        args: bundle::StoreArgs,
+        args: store::StoreArgs,
         #[command(subcommand)]
-        action: bundle::StoreAction,
+        action: store::StoreAction,
     },
     /// Run a request-path flow from a flow file (TOML, or JSON for a .json file): a
     /// cascade, fan-out or pipeline of models with deadlines, budgets, result caches,
@@ -708,7 +709,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Jobs { dir, action } => jobs(dir, action, cli.json)?,
         Command::Bundle { action } => bundle::print(&bundle::run(action)?, cli.json),
         Command::Store { args, action } => {
-            let doc = bundle::store(args, action)?;
+            let doc = store::store(args, action)?;
             match cli.json {
                 true => println!("{doc}"),
                 false => println!("{}", serde_json::to_string_pretty(&doc)?),

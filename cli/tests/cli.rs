@@ -814,6 +814,73 @@ fn a_version_killed_twice_while_loading_is_quarantined_and_the_previous_one_serv
 }
 
 #[test]
+fn a_staged_candidate_is_rolled_out_in_shadow_and_promoted() {
+    let dir = temp("store-rollout");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (public, bundles) = store_fixture(&dir.join("in"), 1..=2);
+    let store = dir.join("store");
+    let (d, p) = (store.to_str().unwrap(), public.to_str().unwrap());
+    let run = |extra: &[&str]| {
+        let mut args = store_args(d, p);
+        args.extend(extra);
+        let out = tern(&args);
+        (out.status.code(), json(&out))
+    };
+    let (b1, b2) = (bundles[0].to_str().unwrap(), bundles[1].to_str().unwrap());
+    assert_eq!(run(&["install", b1, "--activate"]).0, Some(0));
+    assert_eq!(run(&["install", b2]).0, Some(0));
+    let (code, doc) = run(&["stage", "magika", "1"]);
+    assert_eq!(
+        (code, doc["error"]["kind"].as_str()),
+        (Some(1), Some("invalid_option"))
+    );
+    let (code, doc) = run(&["rollout", "magika"]);
+    assert_eq!(
+        (code, doc["error"]["kind"].as_str()),
+        (Some(1), Some("not_installed"))
+    );
+    assert_eq!(run(&["stage", "magika", "2"]).0, Some(0));
+
+    let (code, doc) = run(&[
+        "rollout",
+        "magika",
+        "--stage",
+        "shadow",
+        "--share",
+        "0.5",
+        "--requests",
+        "60",
+        "--min-requests",
+        "10",
+        "--promote-after",
+        "20",
+        "--max-p95-ratio",
+        "1000",
+    ]);
+    assert_eq!(code, Some(0), "{doc}");
+    let r = &doc["rollout"];
+    assert_eq!(r["verdict"]["verdict"], "promote", "{doc}");
+    assert_eq!(r["served"]["active v1"], 40, "{doc}");
+    assert_eq!(r["served"]["candidate v2"], 20, "{doc}");
+    assert_eq!(
+        (
+            r["health"]["compared"].as_u64(),
+            r["health"]["agreed"].as_u64()
+        ),
+        (Some(20), Some(20))
+    );
+    assert_eq!(r["events"][0]["verdict"]["verdict"], "promote");
+    let m = &doc["models"]["magika"];
+    assert_eq!(
+        (m["active"].as_u64(), m["previous"].as_u64()),
+        (Some(2), Some(1)),
+        "{doc}"
+    );
+    assert!(m.get("candidate").is_none(), "{doc}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_full_disk_during_an_install_is_an_io_error_and_changes_nothing() {
     let dir = temp("store-full");
     let _ = std::fs::remove_dir_all(&dir);
