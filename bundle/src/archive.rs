@@ -312,15 +312,9 @@ impl Bundle {
 
 /// Checks signed-metadata policy: expiry, rollback, `min_tern`.
 fn check_policy(manifest: &Manifest, options: &VerifyOptions) -> Result<()> {
-    let expires = time::OffsetDateTime::parse(
-        &manifest.expires,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .map_err(|e| Error::malformed(format!("expires {:?}: {e}", manifest.expires)))?;
-    if options.check_expiry && time::OffsetDateTime::from(options.now) >= expires {
-        return Err(Error::Expired {
-            expires: manifest.expires.clone(),
-        });
+    match crate::signed::check_expiry(&manifest.expires, options.now) {
+        Err(Error::Expired { .. }) if !options.check_expiry => {}
+        other => other?,
     }
     if let Some(installed) = options.installed_version {
         if manifest.version < installed {

@@ -155,13 +155,7 @@ pub fn create_with_outputs(
         golden.push(sample);
     }
     files.insert(MODEL_FILE.to_string(), model_bytes);
-    let expires = time::OffsetDateTime::from(SystemTime::now() + spec.valid_for)
-        .replace_nanosecond(0)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-        .format(&time::format_description::well_known::Rfc3339)
-        .map_err(|e| Error::InvalidOption {
-            reason: format!("expiry date: {e}"),
-        })?;
+    let expires = crate::signed::expires_after(SystemTime::now(), spec.valid_for)?;
     let manifest = Manifest {
         kind: ManifestType::TernBundle,
         spec_version: SPEC_VERSION,

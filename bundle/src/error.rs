@@ -142,6 +142,16 @@ pub enum Error {
         reason: crate::store::QuarantineReason,
     },
 
+    /// A repository file could not be fetched.
+    #[error("cannot fetch {path}: {source}")]
+    Fetch {
+        /// The file's path in the repository.
+        path: String,
+        /// Why.
+        #[source]
+        source: crate::update::FetchError,
+    },
+
     /// The model failed to load or run (golden samples, contract).
     #[error(transparent)]
     Model(#[from] tern::Error),
@@ -217,6 +227,8 @@ pub enum ErrorKind {
     NotInstalled,
     /// [`Error::Quarantined`].
     Quarantined,
+    /// [`Error::Fetch`].
+    Fetch,
     /// [`Error::Model`].
     Model,
 }
@@ -239,6 +251,7 @@ impl ErrorKind {
             ErrorKind::InvalidOption => "invalid_option",
             ErrorKind::NotInstalled => "not_installed",
             ErrorKind::Quarantined => "quarantined",
+            ErrorKind::Fetch => "fetch",
             ErrorKind::Model => "model",
         }
     }
@@ -268,6 +281,7 @@ impl Error {
             Error::InvalidOption { .. } => ErrorKind::InvalidOption,
             Error::NotInstalled { .. } => ErrorKind::NotInstalled,
             Error::Quarantined { .. } => ErrorKind::Quarantined,
+            Error::Fetch { .. } => ErrorKind::Fetch,
             Error::Model(_) => ErrorKind::Model,
         }
     }

@@ -19,6 +19,10 @@
 //! - [`store`]: the on-device [`ModelStore`]: install (verify, golden check, atomic
 //!   write), activate, roll back, with a version floor and a byte quota; loads under a
 //!   crash breadcrumb, quarantining a version that keeps killing the process.
+//! - [`repo`]: the update repository, TUF's root/targets/snapshot/timestamp as static
+//!   files, and publishing to it (`init`, `publish`, `rotate_root`).
+//! - [`update`]: the device side: an [`Updater`] walks root rotations, verifies fresh
+//!   metadata and downloads (resumably, through the app's [`Fetcher`]) into the store.
 //! - [`rollout`]: a candidate version served beside the active one (shadow, canary, A/B)
 //!   with health checks that promote it or roll it back by themselves.
 //!
@@ -31,9 +35,11 @@ mod fsio;
 pub mod golden;
 pub mod keys;
 pub mod manifest;
+pub mod repo;
 pub mod rollout;
 pub mod signed;
 pub mod store;
+pub mod update;
 
 pub use archive::{Bundle, Limits, VerifyOptions};
 pub use create::{create, create_with_outputs, BundleSpec, GoldenPair, MODEL_FILE};
@@ -41,6 +47,7 @@ pub use error::{Error, ErrorKind, FileProblem, Result};
 pub use golden::{GoldenReport, OutputCheck};
 pub use keys::{KeyId, KeyPair, PublicKey, Trust};
 pub use manifest::{FileMeta, GoldenSample, Manifest, Tolerance};
+pub use repo::{Published, Role, RootSpec, Signers, Validity};
 pub use rollout::{
     Agreement, Arm, CanaryUnit, Health, HealthPolicy, RollbackReason, Rollout, RolloutEvent,
     RolloutPolicy, Served, Stage, Verdict, VerdictHook,
@@ -49,3 +56,4 @@ pub use store::{
     Installed, LoadedModel, Loading, ModelState, ModelStore, QuarantineReason, StoreEvent,
     StoreOptions, CRASH_LIMIT,
 };
+pub use update::{DirFetcher, FetchError, Fetcher, UpdateLimits, UpdateOutcome, Updater};

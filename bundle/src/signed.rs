@@ -111,6 +111,31 @@ impl Envelope {
     }
 }
 
+/// The RFC 3339 date (UTC, whole seconds) `valid_for` from `now`: signed metadata's
+/// `expires`.
+pub fn expires_after(now: std::time::SystemTime, valid_for: std::time::Duration) -> Result<String> {
+    time::OffsetDateTime::from(now + valid_for)
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| Error::InvalidOption {
+            reason: format!("expiry date: {e}"),
+        })
+}
+
+/// [`Error::Expired`] when `now` is at or past `expires` (RFC 3339); [`Error::Malformed`]
+/// when it is not a date.
+pub fn check_expiry(expires: &str, now: std::time::SystemTime) -> Result<()> {
+    let at = time::OffsetDateTime::parse(expires, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| Error::malformed(format!("expires {expires:?}: {e}")))?;
+    if time::OffsetDateTime::from(now) >= at {
+        return Err(Error::Expired {
+            expires: expires.into(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

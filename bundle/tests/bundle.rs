@@ -2,43 +2,23 @@
 //! would, golden check; then every bad bundle the threat model names, each a typed error.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+mod common;
+
+use common::{cpu, magika_state, model_bytes, open_store, samples, signed_with};
 use tern::{Model, Session, SessionOptions, Tensor};
 use tern_bundle::signed::Envelope;
 use tern_bundle::{
     create, create_with_outputs, Arm, Bundle, BundleSpec, CanaryUnit, ErrorKind, HealthPolicy,
-    KeyPair, Limits, ModelState, ModelStore, QuarantineReason, RollbackReason, Rollout,
-    RolloutEvent, RolloutPolicy, Stage, StoreEvent, StoreOptions, Trust, Verdict, VerifyOptions,
+    KeyPair, Limits, ModelStore, QuarantineReason, RollbackReason, Rollout, RolloutEvent,
+    RolloutPolicy, Stage, StoreEvent, StoreOptions, Trust, Verdict, VerifyOptions,
 };
-
-fn model_bytes() -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/magika/model.onnx");
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn samples(n: u64) -> Vec<Vec<(String, Tensor)>> {
-    let model = Model::from_bytes(&model_bytes()).unwrap();
-    (0..n)
-        .map(|seed| model.random_inputs(seed, &BTreeMap::new()).unwrap())
-        .collect()
-}
-
-fn cpu() -> SessionOptions {
-    SessionOptions::new().backend(tern::Backend::Cpu)
-}
 
 /// A signed bundle of magika, and the key that signed it.
 fn signed(spec: BundleSpec) -> (Vec<u8>, KeyPair) {
     let key = KeyPair::generate().unwrap();
     (signed_with(&key, spec), key)
-}
-
-fn signed_with(key: &KeyPair, spec: BundleSpec) -> Vec<u8> {
-    let mut bundle = create(model_bytes(), &spec, &samples(2), cpu()).unwrap();
-    bundle.sign(key).unwrap();
-    bundle.to_bytes().unwrap()
 }
 
 fn trusting(key: &KeyPair) -> VerifyOptions {
@@ -371,15 +351,6 @@ fn bad_specs_are_invalid_options() {
     }
     let err = create(b"not onnx".to_vec(), &BundleSpec::new("m", 1), &[], cpu()).unwrap_err();
     assert_eq!(err.error_kind(), ErrorKind::Model, "{err}");
-}
-
-fn open_store(dir: &std::path::Path, key: &KeyPair, options: StoreOptions) -> ModelStore {
-    let trust = Trust::new([key.public()], 1).unwrap();
-    ModelStore::open(dir, trust, options.session(cpu())).unwrap()
-}
-
-fn magika_state(store: &ModelStore) -> ModelState {
-    store.status().unwrap().remove("magika").unwrap_or_default()
 }
 
 fn files_in(dir: &std::path::Path) -> Vec<String> {
