@@ -1,5 +1,6 @@
 //! `tern bundle keygen | create | sign | verify | inspect`: signed model bundles
-//! (`tern-bundle`), each command with `--json`.
+//! (`tern-bundle`); `init-repo | rotate-root | publish`: the update repository. Each
+//! command reports JSON with `--json`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use tern::{Model, Session, Tensor};
+use tern_bundle::repo::{self, Role, RootSpec};
 use tern_bundle::{Bundle, BundleSpec, KeyPair, PublicKey, Trust, VerifyOptions};
 
 use crate::SessionArgs;
@@ -101,6 +103,103 @@ pub enum BundleAction {
         /// The bundle.
         bundle: PathBuf,
     },
+    /// Create an update repository (TUF's layout, static files) with its first root,
+    /// signed by each --sign key (the root role's private keys).
+    InitRepo {
+        /// The repository's directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        roles: RootRoles,
+    },
+    /// Rotate the repository's root keys: a new root (version + 1), signed by --sign keys
+    /// holding the threshold of both the current root keys and the new ones.
+    RotateRoot {
+        /// The repository's directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        roles: RootRoles,
+    },
+    /// Publish bundles: copy them under targets/ and write new targets, snapshot and
+    /// timestamp metadata (in that order), each signed by its role's key.
+    Publish {
+        /// The repository's directory.
+        dir: PathBuf,
+        /// Bundles to add.
+        bundle: Vec<PathBuf>,
+        /// The targets role's key pair. Repeatable.
+        #[arg(long, required = true)]
+        targets_key: Vec<PathBuf>,
+        /// The snapshot role's key pair. Repeatable.
+        #[arg(long, required = true)]
+        snapshot_key: Vec<PathBuf>,
+        /// The timestamp role's key pair. Repeatable.
+        #[arg(long, required = true)]
+        timestamp_key: Vec<PathBuf>,
+        /// Days the targets metadata stays valid.
+        #[arg(long, default_value_t = 90)]
+        targets_days: u64,
+        /// Days the snapshot stays valid.
+        #[arg(long, default_value_t = 7)]
+        snapshot_days: u64,
+        /// Hours the timestamp stays valid (re-publish before then).
+        #[arg(long, default_value_t = 24)]
+        timestamp_hours: u64,
+    },
+}
+
+/// The keys of a root: public keys per role, and the root keys that sign it.
+#[derive(clap::Args)]
+pub struct RootRoles {
+    /// A root role public key file. Repeatable.
+    #[arg(long, required = true)]
+    root_pub: Vec<PathBuf>,
+    /// How many root keys must sign a root.
+    #[arg(long, default_value_t = 1)]
+    root_threshold: u64,
+    /// A targets role public key file. Repeatable.
+    #[arg(long, required = true)]
+    targets_pub: Vec<PathBuf>,
+    /// A snapshot role public key file. Repeatable.
+    #[arg(long, required = true)]
+    snapshot_pub: Vec<PathBuf>,
+    /// A timestamp role public key file. Repeatable.
+    #[arg(long, required = true)]
+    timestamp_pub: Vec<PathBuf>,
+    /// Days the root stays valid.
+    #[arg(long, default_value_t = 365)]
+    valid_days: u64,
+    /// A key pair that signs the root. Repeatable.
+    #[arg(long, required = true)]
+    sign: Vec<PathBuf>,
+}
+
+impl RootRoles {
+    fn spec(&self) -> Result<(RootSpec, Vec<KeyPair>)> {
+        let mut roles = std::collections::BTreeMap::new();
+        roles.insert(
+            Role::Root,
+            (trusted_keys(&self.root_pub)?, self.root_threshold),
+        );
+        for (role, files) in [
+            (Role::Targets, &self.targets_pub),
+            (Role::Snapshot, &self.snapshot_pub),
+            (Role::Timestamp, &self.timestamp_pub),
+        ] {
+            roles.insert(role, (trusted_keys(files)?, 1));
+        }
+        let spec = RootSpec {
+            roles,
+            valid_for: Duration::from_secs(self.valid_days.saturating_mul(86_400)),
+        };
+        Ok((spec, key_pairs(&self.sign)?))
+    }
+}
+
+fn key_pairs(paths: &[PathBuf]) -> Result<Vec<KeyPair>> {
+    Ok(paths
+        .iter()
+        .map(|p| KeyPair::read(p))
+        .collect::<tern_bundle::Result<Vec<_>>>()?)
 }
 
 /// The public keys in `paths`.
@@ -213,6 +312,43 @@ pub fn run(action: &BundleAction) -> Result<serde_json::Value> {
         BundleAction::Inspect { bundle } => {
             let read = Bundle::read(bundle, &VerifyOptions::unchecked())?;
             Ok(describe(&read, Some(bundle)))
+        }
+        BundleAction::InitRepo { dir, roles } => {
+            let (spec, signers) = roles.spec()?;
+            let root = repo::init(dir, &spec, &signers)?;
+            Ok(serde_json::json!({ "repository": dir, "root_version": root.version, "root": root }))
+        }
+        BundleAction::RotateRoot { dir, roles } => {
+            let (spec, signers) = roles.spec()?;
+            let root = repo::rotate_root(dir, &spec, &signers)?;
+            Ok(serde_json::json!({ "repository": dir, "root_version": root.version, "root": root }))
+        }
+        BundleAction::Publish {
+            dir,
+            bundle,
+            targets_key,
+            snapshot_key,
+            timestamp_key,
+            targets_days,
+            snapshot_days,
+            timestamp_hours,
+        } => {
+            let (t, s, ts) = (
+                key_pairs(targets_key)?,
+                key_pairs(snapshot_key)?,
+                key_pairs(timestamp_key)?,
+            );
+            let signers = repo::Signers {
+                targets: &t,
+                snapshot: &s,
+                timestamp: &ts,
+            };
+            let mut validity = repo::Validity::default();
+            validity.targets = Duration::from_secs(targets_days.saturating_mul(86_400));
+            validity.snapshot = Duration::from_secs(snapshot_days.saturating_mul(86_400));
+            validity.timestamp = Duration::from_secs(timestamp_hours.saturating_mul(3_600));
+            let published = repo::publish(dir, bundle, signers, validity)?;
+            Ok(serde_json::json!({ "repository": dir, "published": published }))
         }
     }
 }

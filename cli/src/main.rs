@@ -13,14 +13,15 @@
 //!   described in a flow file, with budgets, caches, breakers and fallbacks.
 //! - `tern bundle keygen|create|sign|verify|inspect` — signed model bundles with golden
 //!   samples (docs/DEPLOY.md).
-//! - `tern store --dir DIR --trust KEY install|status|activate|rollback|load|stage|rollout`
-//!   — the on-device model store and staged rollouts.
+//! - `tern store --dir DIR --trust KEY install|status|activate|rollback|load|update|stage|rollout`
+//!   — the on-device model store, updates from a repository and staged rollouts.
 //!
 //! Every command takes `--json` for machine-readable output.
 
 mod bench;
 mod bundle;
 mod callers;
+mod fetch;
 mod flow;
 mod identify;
 mod store;

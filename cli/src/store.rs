@@ -1,5 +1,5 @@
-//! `tern store install | status | activate | rollback | load | stage | rollout`: the
-//! on-device model store (`tern_bundle::ModelStore`), each command reporting JSON.
+//! `tern store install | status | activate | rollback | load | update | stage | rollout`:
+//! the on-device model store (`tern_bundle::ModelStore`), each command reporting JSON.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 use tern_bundle::{
-    Agreement, Arm, CanaryUnit, HealthPolicy, ModelStore, RolloutPolicy, Stage, StoreOptions, Trust,
+    Agreement, Arm, CanaryUnit, HealthPolicy, ModelStore, RolloutPolicy, Stage, StoreOptions,
+    Trust, UpdateOutcome, Updater,
 };
 
 use crate::bundle::trusted_keys;
@@ -69,6 +70,25 @@ pub enum StoreAction {
         #[command(flatten)]
         session: SessionArgs,
     },
+    /// Pull the newest version of a model from an update repository (TUF metadata verified
+    /// from the root up; the bundle resumed if a download was cut), verify and golden-check
+    /// it, and install it; --then stage or activate it.
+    Update {
+        /// The model.
+        name: String,
+        /// The repository: an http(s):// URL or a directory.
+        #[arg(long)]
+        repo: String,
+        /// The repository's root metadata this device starts from (used on the first
+        /// update only; later the store's newer trusted root prevails).
+        #[arg(long)]
+        root: PathBuf,
+        /// What to do with a new version once installed.
+        #[arg(long, value_enum, default_value_t = Then::Stage)]
+        then: Then,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
     /// Make an installed version the candidate of the model's next rollout.
     Stage {
         /// The model.
@@ -87,6 +107,17 @@ pub enum StoreAction {
         #[command(flatten)]
         session: SessionArgs,
     },
+}
+
+/// `--then`: what `tern store update` does with a new version.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Then {
+    /// Leave it installed.
+    Install,
+    /// Make it the candidate of the next rollout.
+    Stage,
+    /// Make it active at once.
+    Activate,
 }
 
 /// How `tern store rollout` splits requests and judges the candidate.
@@ -202,7 +233,8 @@ pub fn store(args: &StoreArgs, action: &StoreAction) -> Result<serde_json::Value
         .quota_bytes(args.quota_bytes);
     if let StoreAction::Install { session, .. }
     | StoreAction::Load { session, .. }
-    | StoreAction::Rollout { session, .. } = action
+    | StoreAction::Rollout { session, .. }
+    | StoreAction::Update { session, .. } = action
     {
         options = options.session(session.options()?);
     }
@@ -240,6 +272,26 @@ pub fn store(args: &StoreArgs, action: &StoreAction) -> Result<serde_json::Value
             serde_json::json!({ "staged": { "name": name, "version": version } })
         }
         StoreAction::Rollout { name, rollout, .. } => run_rollout(&store, name, rollout)?,
+        StoreAction::Update {
+            name,
+            repo,
+            root,
+            then,
+            ..
+        } => {
+            let root_bytes = tern::fs::read_regular(root, 1 << 20)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", root.display()))?;
+            let updater = Updater::new(store.clone(), &root_bytes, crate::fetch::for_repo(repo))?;
+            let outcome = updater.update(name)?;
+            if let UpdateOutcome::Installed(i) = &outcome {
+                match then {
+                    Then::Install => {}
+                    Then::Stage => store.stage(&i.name, i.version)?,
+                    Then::Activate => store.activate(&i.name, i.version)?,
+                }
+            }
+            serde_json::json!({ "update": outcome, "root_version": updater.root()?.version })
+        }
     };
     let mut doc = doc;
     doc["models"] = serde_json::to_value(store.status()?)?;
