@@ -1,6 +1,8 @@
 """The model lifecycle end to end, as a release engineer and a device run it.
 
     e2e_deploy.py TERN_BINARY
+    e2e_deploy.py TERN_BINARY --prepare OUT   (the repository at each step, for the
+                                               bindings' tests; see prepare())
 
 A publisher makes keys, an update repository and signed bundles of magika (the embedded
 model) with `tern bundle`; a local HTTP server serves the repository's static files; a
@@ -16,6 +18,7 @@ import functools
 import http.server
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,33 +77,78 @@ def serve(directory):
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+class Publisher:
+    """The release side: keys, the repository, bundles, through `tern bundle`."""
+
+    def __init__(self, t):
+        self.t = t
+        for k in ["release", "root", "root2", "targets", "snapshot", "timestamp", "timestamp2"]:
+            tern("bundle", "keygen", "--out", t / f"{k}.key")
+        self.repo = t / "repo"
+        self.timestamp = "timestamp"
+        tern("bundle", "init-repo", self.repo, *self.roles("root", "timestamp"),
+             "--sign", t / "root.key")
+
+    def roles(self, root, timestamp):
+        t = self.t
+        return ["--root-pub", t / f"{root}.key.pub", "--targets-pub", t / "targets.key.pub",
+                "--snapshot-pub", t / "snapshot.key.pub",
+                "--timestamp-pub", t / f"{timestamp}.key.pub"]
+
+    def publish(self, version, bad=False):
+        """Builds magika `version` (the biased model when `bad`), signs and publishes it."""
+        t = self.t
+        model = MAGIKA
+        if bad:
+            model = t / "bad.onnx"
+            biased_magika(model)
+        out = t / f"magika-{version}.tern"
+        tern("bundle", "create", model, "--name", "magika", "--version", version,
+             "--out", out, "--random-samples", 2, "--key", t / "release.key")
+        tern("bundle", "publish", self.repo, out, "--targets-key", t / "targets.key",
+             "--snapshot-key", t / "snapshot.key", "--timestamp-key", t / f"{self.timestamp}.key")
+
+    def rotate(self):
+        """New root and timestamp keys, signed by the old root key and the new one."""
+        t = self.t
+        tern("bundle", "rotate-root", self.repo, *self.roles("root2", "timestamp2"),
+             "--sign", t / "root.key", "--sign", t / "root2.key")
+        self.timestamp = "timestamp2"
+
+
+def prepare(out):
+    """The repository at each step of the scenario, for the bindings' tests: out/steps/1
+    (version 1), 2 (version 2), 3 (keys rotated, bad version 3), with out/release.key.pub
+    (the key a store trusts), out/stranger.key.pub (one that signed nothing) and
+    out/root.json (the root a device ships with)."""
+    out = pathlib.Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "steps").mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Publisher(pathlib.Path(tmp))
+        shutil.copy(p.t / "release.key.pub", out / "release.key.pub")
+        # A valid key that signed no bundle.
+        shutil.copy(p.t / "targets.key.pub", out / "stranger.key.pub")
+        shutil.copy(p.repo / "1.root.json", out / "root.json")
+        for step in [1, 2, 3]:
+            if step == 3:
+                p.rotate()
+            p.publish(step, bad=step == 3)
+            shutil.copytree(p.repo, out / "steps" / str(step))
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         t = pathlib.Path(tmp)
-        for k in ["release", "root", "root2", "targets", "snapshot", "timestamp", "timestamp2"]:
-            tern("bundle", "keygen", "--out", t / f"{k}.key")
-        repo, device = t / "repo", t / "device"
-        roles = lambda root, ts: [  # noqa: E731
-            "--root-pub", t / f"{root}.key.pub", "--targets-pub", t / "targets.key.pub",
-            "--snapshot-pub", t / "snapshot.key.pub", "--timestamp-pub", t / f"{ts}.key.pub"]
-        tern("bundle", "init-repo", repo, *roles("root", "timestamp"), "--sign", t / "root.key")
-        publish_keys = lambda ts: [  # noqa: E731
-            "--targets-key", t / "targets.key", "--snapshot-key", t / "snapshot.key",
-            "--timestamp-key", t / f"{ts}.key"]
-
-        def bundle(version, model=MAGIKA):
-            out = t / f"magika-{version}.tern"
-            tern("bundle", "create", model, "--name", "magika", "--version", version,
-                 "--out", out, "--random-samples", 2, "--key", t / "release.key")
-            return out
-
+        publisher = Publisher(t)
+        repo, device = publisher.repo, t / "device"
         server, url = serve(repo)
         store = ["store", "--dir", device, "--trust", t / "release.key.pub"]
         update = [*store, "update", "magika", "--repo", url, "--root", repo / "1.root.json",
                   "--backend", "cpu"]
         try:
             print("deploy-e2e: publish 1, the device pulls and activates it")
-            tern("bundle", "publish", repo, bundle(1), *publish_keys("timestamp"))
+            publisher.publish(1)
             first_timestamp = (repo / "timestamp.json").read_bytes()
             doc = tern(*update, "--then", "activate")
             check("version 1 installed over HTTP", doc["update"].get("version") == 1, doc)
@@ -110,7 +158,7 @@ def main():
                   tern(*update)["update"] == {"outcome": "up_to_date", "newest": 1})
 
             print("deploy-e2e: publish 2; staged, shadowed, promoted")
-            tern("bundle", "publish", repo, bundle(2), *publish_keys("timestamp"))
+            publisher.publish(2)
             doc = tern(*update, "--then", "stage")
             check("version 2 staged", doc["models"]["magika"].get("candidate") == 2, doc)
             # Latency is not judged here (a few timed runs on a busy CI machine bound
@@ -126,10 +174,8 @@ def main():
             check("2 active, 1 kept as previous", (m["active"], m.get("previous")) == (2, 1), m)
 
             print("deploy-e2e: root keys rotated (new root and timestamp keys)")
-            tern("bundle", "rotate-root", repo, *roles("root2", "timestamp2"),
-                 "--sign", t / "root.key", "--sign", t / "root2.key")
-            biased_magika(t / "bad.onnx")
-            tern("bundle", "publish", repo, bundle(3, t / "bad.onnx"), *publish_keys("timestamp2"))
+            publisher.rotate()
+            publisher.publish(3, bad=True)
             doc = tern(*update, "--then", "stage")
             check("the device walked to root 2", doc.get("root_version") == 2, doc)
             check("bad version 3 passed its own golden check and was staged",
@@ -159,6 +205,9 @@ def main():
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[2] == "--prepare":
+        prepare(sys.argv[3])
+        sys.exit(0)
     try:
         main()
     except Exception as e:  # a command that failed outright counts as one failure

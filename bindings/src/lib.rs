@@ -16,6 +16,10 @@
 //!   file, its callback steps served by the app's [`FlowCallback`] objects.
 //! - Telemetry: [`init_telemetry`] opens the on-device buffer that every session feeds;
 //!   [`TernTelemetry`] records app events and uploads through the platform's uploader.
+//! - The model lifecycle from `tern-bundle`: [`TernModelStore`] (install, update through
+//!   the app's [`ModelFetcher`], load under the crash breadcrumb) and [`TernRollout`]
+//!   (shadow, canary, A/B with promotion and rollback by itself, heard by the app's
+//!   [`RolloutListener`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +31,13 @@ use tern_flows::{ErrorKind as FlowErrorKind, Priority};
 uniffi::setup_scaffolding!();
 
 mod flow;
+mod lifecycle;
 pub use flow::{FlowCallback, FlowResult, MissingStep, StepAnswer, StepFailure, TernFlows};
+pub use lifecycle::{
+    FetchResult, InstallResult, LoadedModel, ModelFetcher, ModelStatus, QuarantinedVersion,
+    RolloutConfig, RolloutEvent, RolloutHealth, RolloutListener, RolloutStage, RolloutVerdict,
+    Served, StoreConfig, TernModelStore, TernRollout, Tolerances, UpdateResult,
+};
 
 /// Everything that can go wrong, as one exception hierarchy on the foreign side.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
@@ -85,6 +95,16 @@ pub enum TernError {
     Flow {
         /// Which refusal (`NotBatchable`, `BadState`, `Overloaded`, …).
         kind: FlowErrorKind,
+        /// Description.
+        detail: String,
+    },
+    /// A model bundle, store, update or rollout refused something (a bad signature, an
+    /// expired or rolled-back version, a golden mismatch, a quarantined version…; the
+    /// model's own failures keep their kinds above).
+    #[error("{detail}")]
+    Bundle {
+        /// Which refusal.
+        kind: tern_bundle::ErrorKind,
         /// Description.
         detail: String,
     },

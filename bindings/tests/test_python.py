@@ -3,7 +3,8 @@
 uploaded through a Python uploader, micro-batching from Python threads, and a stateful model
 (silero VAD) streamed over real speech against onnxruntime.
 
-usage: test_python.py BINDINGS_DIR CASE_DIR MODEL_PATH
+usage: test_python.py BINDINGS_DIR CASE_DIR MODEL_PATH [LIFECYCLE_DIR]
+(LIFECYCLE_DIR: scripts/e2e_deploy.py --prepare's output, for the model store tests)
 """
 import asyncio
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, sys.argv[1])
 CASE, MODEL = sys.argv[2], sys.argv[3]
+LIFECYCLE = sys.argv[4] if len(sys.argv) > 4 else None
 import tern_ffi as tern  # noqa: E402
 
 
@@ -283,6 +285,74 @@ deadline_ms = 200
         with self.assertRaises(tern.TernError.Flow) as e:
             tern.TernFlows.from_toml(text, ".", config, {})
         self.assertEqual(e.exception.kind, tern.FlowErrorKind.BAD_FLOW)
+
+
+class FileFetcher(tern.ModelFetcher):
+    """The app's fetcher: the repository as it stands at `step`, read from disk."""
+
+    def __init__(self, step):
+        self.step = step
+        self.paths = []
+
+    def fetch(self, path, offset, max_bytes):
+        self.paths.append(path)
+        f = Path(LIFECYCLE) / "steps" / str(self.step) / path
+        if not f.exists():
+            return tern.FetchResult.NOT_FOUND()
+        with open(f, "rb") as h:
+            h.seek(offset)
+            return tern.FetchResult.DATA(h.read(max_bytes))
+
+
+@unittest.skipIf(LIFECYCLE is None, "no lifecycle repository given")
+class Lifecycle(unittest.TestCase):
+    def store(self, key="release.key.pub"):
+        keys = [(Path(LIFECYCLE) / key).read_text()]
+        config = tern.StoreConfig(keep=3, quota_bytes=1 << 30,
+                                  session=tern.SessionConfig(backend=tern.Backend.CPU, telemetry=False))
+        return tern.TernModelStore.open(tempfile.mkdtemp(), keys, 1, config)
+
+    def test_updates_install_load_and_roll_out_with_typed_refusals(self):
+        n, width, _, x, y = case()
+        root = (Path(LIFECYCLE) / "root.json").read_bytes()
+        store, fetcher = self.store(), FileFetcher(1)
+        first = asyncio.run(store.update_async("magika", root, fetcher))
+        self.assertEqual(first.result.version, 1)
+        self.assertIn("timestamp.json", fetcher.paths)
+        store.activate("magika", 1)
+        loaded = store.load("magika")
+        out = loaded.session.run([tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[n, width], data=x)])
+        self.assertLess(max(abs(a - b) for a, b in zip(tern.tensor_to_f32(out[0]), y)), 1e-4)
+        fetcher.step = 3  # versions 2 and 3 published, the root rotated: the newest comes
+        self.assertEqual(store.update("magika", root, fetcher).result.version, 3)
+        store.stage("magika", 3)
+        heard = []
+
+        class Listener(tern.RolloutListener):
+            def on_verdict(self, event):
+                heard.append(event)
+
+        config = tern.RolloutConfig(stage=tern.RolloutStage.CANARY(share=0.5, unit=tern.CanaryUnit.REQUEST),
+                                    min_requests=5, max_p95_ratio=1000.0, promote_after=10)
+        rollout = store.rollout("magika", config, "python-device", Listener())
+        arms = [rollout.run([tern.TensorData(name="bytes", dtype=tern.DType.I32, shape=[n, width], data=x)], None).arm
+                for _ in range(24)]
+        self.assertEqual(arms[:4], [tern.Arm.ACTIVE, tern.Arm.CANDIDATE] * 2)
+        # The bad candidate answers without errors: a canary (no comparison) promotes it
+        # after 10 runs — what shadowing exists to catch (the Kotlin test shadows it).
+        self.assertTrue(rollout.verdict().is_PROMOTE(), rollout.verdict())
+        self.assertEqual(len(heard), 1)
+        self.assertEqual(store.status()[0].active, 3)
+        self.assertEqual(store.rollback("magika"), 1)
+        with self.assertRaises(tern.TernError.Bundle) as e:
+            store.stage("magika", 9)
+        self.assertEqual(e.exception.kind, tern.BundleErrorKind.NOT_INSTALLED)
+
+    def test_a_store_trusting_another_key_refuses_the_bundles(self):
+        root = (Path(LIFECYCLE) / "root.json").read_bytes()
+        with self.assertRaises(tern.TernError.Bundle) as e:
+            self.store("stranger.key.pub").update("magika", root, FileFetcher(1))
+        self.assertEqual(e.exception.kind, tern.BundleErrorKind.SIGNATURE)
 
 
 def vad_session():

@@ -2,7 +2,8 @@
 // (loaded through JNA): the same scenario as test_python.py. Prints
 // "bindings-kotlin: N passed, N failed" and exits non-zero on failure.
 //
-// usage: MainKt CASE_DIR MODEL_PATH
+// usage: MainKt CASE_DIR MODEL_PATH [LIFECYCLE_DIR REPO_URL]
+//   LIFECYCLE_DIR: scripts/e2e_deploy.py --prepare's output; REPO_URL serves its steps/
 
 import java.io.File
 import java.nio.ByteBuffer
@@ -285,6 +286,81 @@ fun main(args: Array<String>) {
             TernFlows.fromToml("[steps.a]\nflow = \"f\"\n[flows.f]\npipeline = [\"a\"]\n", ".", cpu, mapOf())
         }
         expect(cycle.kind == FlowErrorKind.BAD_FLOW && cycle.message!!.contains("cycle")) { "cycle $cycle" }
+    }
+
+    if (args.size >= 4) check("the model lifecycle over HTTP: pull, golden check, shadow, promote, a bad update rolled back") {
+        val dir = File(args[2])
+        val base = args[3]
+        // The app's network: java.net over the repository as it stands at `step`.
+        class HttpFetcher(var step: Int) : ModelFetcher {
+            override fun fetch(path: String, offset: ULong, maxBytes: ULong): FetchResult {
+                val connection = java.net.URL("$base/$step/$path").openConnection() as java.net.HttpURLConnection
+                connection.setRequestProperty("Range", "bytes=$offset-${offset + maxBytes - 1uL}")
+                return when (val code = connection.responseCode) {
+                    404 -> FetchResult.NotFound
+                    200, 206 -> connection.inputStream.use { s ->
+                        if (code == 200) s.skipNBytes(offset.toLong()) // the server ignored Range
+                        FetchResult.Data(s.readNBytes(maxBytes.toInt()))
+                    }
+                    else -> FetchResult.Failed("HTTP $code")
+                }
+            }
+        }
+        val fetcher = HttpFetcher(1)
+        val root = File(dir, "root.json").readBytes()
+        val keys = listOf(File(dir, "release.key.pub").readText())
+        val storeDir = kotlin.io.path.createTempDirectory("tern-store").toFile()
+        TernModelStore.open(storeDir.path, keys, 1u, StoreConfig(session = cpu)).use { store ->
+            val first = runBlocking { store.updateAsync("magika", root, fetcher) }
+            expect(first is UpdateResult.Installed && first.result.version == 1uL && first.result.goldenSamples == 2uL) { "update 1: $first" }
+            store.activate("magika", 1uL)
+            val loaded = store.load("magika")
+            val got = floats(loaded.session.run(listOf(bytesInput()))[0].data)
+            expect(loaded.version == 1uL && got.indices.all { kotlin.math.abs(got[it] - expected[it]) < 1e-4f }) { "loaded ${loaded.version}" }
+            loaded.session.close()
+            expect(store.update("magika", root, fetcher) == UpdateResult.UpToDate(1uL)) { "nothing newer" }
+
+            fetcher.step = 2
+            val second = store.update("magika", root, fetcher)
+            expect(second is UpdateResult.Installed && second.result.version == 2uL) { "update 2: $second" }
+            store.stage("magika", 2uL)
+            val heard = java.util.Collections.synchronizedList(mutableListOf<RolloutEvent>())
+            val listener = object : RolloutListener {
+                override fun onVerdict(event: RolloutEvent) { heard.add(event) }
+            }
+            // Latency is not judged here (the library's tests do, with given durations).
+            val shadow = RolloutConfig(stage = RolloutStage.Shadow(0.5), minRequests = 10uL, maxP95Ratio = 1000.0, promoteAfter = 20uL)
+            store.rollout("magika", shadow, "kotlin-device", listener).use { rollout ->
+                val arms = (0 until 60).map { rollout.run(listOf(bytesInput()), null).also { rollout.waitForShadows() }.version }
+                expect(rollout.verdict() is RolloutVerdict.Promote) { "verdict ${rollout.verdict()}" }
+                expect(arms.take(40).all { it == 1uL } && arms.drop(40).all { it == 2uL }) { "served by $arms" }
+            }
+            expect(heard.single().verdict is RolloutVerdict.Promote) { "heard $heard" }
+            val promoted = store.status().single()
+            expect(promoted.active == 2uL && promoted.previous == 1uL) { "status $promoted" }
+
+            fetcher.step = 3 // root and timestamp keys rotated; a bad version 3
+            val third = runBlocking { store.updateAsync("magika", root, fetcher) }
+            expect(third is UpdateResult.Installed && third.result.version == 3uL) { "update 3: $third" }
+            store.stage("magika", 3uL)
+            val strict = shadow.copy(stage = RolloutStage.Shadow(1.0), promoteAfter = 1000uL)
+            store.rollout("magika", strict, "kotlin-device", listener).use { rollout ->
+                repeat(30) { rollout.run(listOf(bytesInput()), null); rollout.waitForShadows() }
+                val v = rollout.verdict()
+                expect(v is RolloutVerdict.RollBack && v.reason is RollbackReason.Disagreement) { "verdict $v" }
+                expect(rollout.health().compared == 10uL) { "health ${rollout.health()}" }
+            }
+            val after = store.status().single()
+            expect(after.active == 2uL && after.quarantined.map { it.version } == listOf(3uL)) { "status $after" }
+            val refused = assertThrows<TernException.Bundle> { store.activate("magika", 3uL) }
+            expect(refused.kind == BundleErrorKind.QUARANTINED) { "activate 3: $refused" }
+        }
+        // A store trusting another key refuses the same bundles: a typed exception.
+        val stranger = File(dir, "stranger.key.pub").readText()
+        TernModelStore.open(kotlin.io.path.createTempDirectory("tern-store").toFile().path, listOf(stranger), 1u, StoreConfig(session = cpu)).use { store ->
+            val e = assertThrows<TernException.Bundle> { store.update("magika", root, HttpFetcher(1)) }
+            expect(e.kind == BundleErrorKind.SIGNATURE) { "stranger: $e" }
+        }
     }
 
     println("bindings-kotlin: $passed passed, $failed failed")

@@ -872,6 +872,441 @@ public func FfiConverterTypeFlowCallback_lower(_ value: FlowCallback) -> UInt64 
 
 
 /**
+ * Implemented by the app: reads a byte range of a repository file with its own network
+ * stack (OkHttp, URLSession…), when and how the app decides. An exception it throws counts
+ * as `Failed`.
+ */
+public protocol ModelFetcher: AnyObject, Sendable {
+    
+    /**
+     * Up to `max_bytes` of the file at `path` (relative to the repository) from `offset`.
+     */
+    func fetch(path: String, offset: UInt64, maxBytes: UInt64) throws  -> FetchResult
+    
+}
+/**
+ * Implemented by the app: reads a byte range of a repository file with its own network
+ * stack (OkHttp, URLSession…), when and how the app decides. An exception it throws counts
+ * as `Failed`.
+ */
+open class ModelFetcherImpl: ModelFetcher, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_modelfetcher(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_modelfetcher(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * Up to `max_bytes` of the file at `path` (relative to the repository) from `offset`.
+     */
+open func fetch(path: String, offset: UInt64, maxBytes: UInt64)throws  -> FetchResult  {
+    return try  FfiConverterTypeFetchResult_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_modelfetcher_fetch(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(path),
+        FfiConverterUInt64.lower(offset),
+        FfiConverterUInt64.lower(maxBytes),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+}
+
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceModelFetcher {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfaceModelFetcher = UniffiVTableCallbackInterfaceModelFetcher(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterTypeModelFetcher.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface ModelFetcher: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterTypeModelFetcher.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface ModelFetcher: handle missing in uniffiClone")
+            }
+        },
+        fetch: { (
+            uniffiHandle: UInt64,
+            path: RustBuffer,
+            offset: UInt64,
+            maxBytes: UInt64,
+            uniffiOutReturn: UnsafeMutablePointer<RustBuffer>,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> FetchResult in
+                guard let uniffiObj = try? FfiConverterTypeModelFetcher.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return try uniffiObj.fetch(
+                     path: try FfiConverterString.lift(path),
+                     offset: try FfiConverterUInt64.lift(offset),
+                     maxBytes: try FfiConverterUInt64.lift(maxBytes)
+                )
+            }
+
+            
+            let writeReturn = { uniffiOutReturn.pointee = FfiConverterTypeFetchResult_lower($0) }
+            uniffiTraitInterfaceCallWithError(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn,
+                lowerError: FfiConverterTypeTernError_lower
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfaceModelFetcher> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfaceModelFetcher>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitModelFetcher() {
+    uniffi_tern_ffi_fn_init_callback_vtable_modelfetcher(UniffiCallbackInterfaceModelFetcher.vtablePtr)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeModelFetcher: FfiConverter {
+    fileprivate static let handleMap = UniffiHandleMap<ModelFetcher>()
+
+    typealias FfiType = UInt64
+    typealias SwiftType = ModelFetcher
+
+    public static func lift(_ handle: UInt64) throws -> ModelFetcher {
+        if ((handle & 1) == 0) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return ModelFetcherImpl(unsafeFromHandle: handle)
+        } else {
+            // Swift-generated handle, get the object from the handle map
+            return try handleMap.remove(handle: handle)
+        }
+    }
+
+    public static func lower(_ value: ModelFetcher) -> UInt64 {
+         if let rustImpl = value as? ModelFetcherImpl {
+             // Rust-implemented object.  Clone the handle and return it
+            return rustImpl.uniffiCloneHandle()
+         } else {
+            // Swift object, generate a new vtable handle and return that.
+            return handleMap.insert(obj: value)
+         }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ModelFetcher {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: ModelFetcher, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeModelFetcher_lift(_ handle: UInt64) throws -> ModelFetcher {
+    return try FfiConverterTypeModelFetcher.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeModelFetcher_lower(_ value: ModelFetcher) -> UInt64 {
+    return FfiConverterTypeModelFetcher.lower(value)
+}
+
+
+
+
+
+
+/**
+ * Implemented by the app: hears a rollout's verdict once it is applied to the store (to
+ * record it, or to reload). An exception it throws is ignored.
+ */
+public protocol RolloutListener: AnyObject, Sendable {
+    
+    /**
+     * Called once, from the thread whose request reached the verdict.
+     */
+    func onVerdict(event: RolloutEvent) throws 
+    
+}
+/**
+ * Implemented by the app: hears a rollout's verdict once it is applied to the store (to
+ * record it, or to reload). An exception it throws is ignored.
+ */
+open class RolloutListenerImpl: RolloutListener, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_rolloutlistener(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_rolloutlistener(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * Called once, from the thread whose request reached the verdict.
+     */
+open func onVerdict(event: RolloutEvent)throws   {try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_rolloutlistener_on_verdict(
+            self.uniffiCloneHandle(),
+        FfiConverterTypeRolloutEvent_lower(event),uniffiCallStatus
+    )
+}
+}
+    
+
+    
+}
+
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceRolloutListener {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfaceRolloutListener = UniffiVTableCallbackInterfaceRolloutListener(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterTypeRolloutListener.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface RolloutListener: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterTypeRolloutListener.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface RolloutListener: handle missing in uniffiClone")
+            }
+        },
+        onVerdict: { (
+            uniffiHandle: UInt64,
+            event: RustBuffer,
+            uniffiOutReturn: UnsafeMutableRawPointer,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> () in
+                guard let uniffiObj = try? FfiConverterTypeRolloutListener.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return try uniffiObj.onVerdict(
+                     event: try FfiConverterTypeRolloutEvent_lift(event)
+                )
+            }
+
+            
+            let writeReturn = { () }
+            uniffiTraitInterfaceCallWithError(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn,
+                lowerError: FfiConverterTypeTernError_lower
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfaceRolloutListener> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfaceRolloutListener>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitRolloutListener() {
+    uniffi_tern_ffi_fn_init_callback_vtable_rolloutlistener(UniffiCallbackInterfaceRolloutListener.vtablePtr)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRolloutListener: FfiConverter {
+    fileprivate static let handleMap = UniffiHandleMap<RolloutListener>()
+
+    typealias FfiType = UInt64
+    typealias SwiftType = RolloutListener
+
+    public static func lift(_ handle: UInt64) throws -> RolloutListener {
+        if ((handle & 1) == 0) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return RolloutListenerImpl(unsafeFromHandle: handle)
+        } else {
+            // Swift-generated handle, get the object from the handle map
+            return try handleMap.remove(handle: handle)
+        }
+    }
+
+    public static func lower(_ value: RolloutListener) -> UInt64 {
+         if let rustImpl = value as? RolloutListenerImpl {
+             // Rust-implemented object.  Clone the handle and return it
+            return rustImpl.uniffiCloneHandle()
+         } else {
+            // Swift object, generate a new vtable handle and return that.
+            return handleMap.insert(obj: value)
+         }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RolloutListener {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: RolloutListener, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutListener_lift(_ handle: UInt64) throws -> RolloutListener {
+    return try FfiConverterTypeRolloutListener.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutListener_lower(_ value: RolloutListener) -> UInt64 {
+    return FfiConverterTypeRolloutListener.lower(value)
+}
+
+
+
+
+
+
+/**
  * Implemented by the app (Kotlin/Swift): sends one batch, e.g. with OkHttp or URLSession.
  */
 public protocol TelemetryUploader: AnyObject, Sendable {
@@ -1896,6 +2331,566 @@ public func FfiConverterTypeTernModel_lift(_ handle: UInt64) throws -> TernModel
 #endif
 public func FfiConverterTypeTernModel_lower(_ value: TernModel) -> UInt64 {
     return FfiConverterTypeTernModel.lower(value)
+}
+
+
+
+
+
+
+/**
+ * A directory of signed, verified model bundles on the device.
+ */
+public protocol TernModelStoreProtocol: AnyObject, Sendable {
+    
+    /**
+     * Makes an installed version active.
+     */
+    func activate(name: String, version: UInt64) throws 
+    
+    /**
+     * Verifies, golden-checks and stores a bundle given as bytes (inactive).
+     */
+    func installBytes(bytes: Data) throws  -> InstallResult
+    
+    /**
+     * Verifies, golden-checks and stores the bundle file at `path` (inactive).
+     */
+    func installFile(path: String) throws  -> InstallResult
+    
+    /**
+     * Loads the active version under the crash breadcrumb (a version the process died
+     * loading twice is quarantined and the previous one loads instead), golden-checked.
+     */
+    func load(name: String) throws  -> LoadedModel
+    
+    /**
+     * [`TernModelStore::load`] on a tern thread (a `suspend fun` in Kotlin).
+     */
+    func loadAsync(name: String) async throws  -> LoadedModel
+    
+    /**
+     * Goes back to the previous version; returns it.
+     */
+    func rollback(name: String) throws  -> UInt64
+    
+    /**
+     * Rolls `name`'s staged candidate out beside its active version on this device
+     * (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+     * reached, then `listener` hears it.
+     */
+    func rollout(name: String, config: RolloutConfig, installId: String, listener: RolloutListener?) throws  -> TernRollout
+    
+    /**
+     * Makes an installed version the candidate of the next rollout.
+     */
+    func stage(name: String, version: UInt64) throws 
+    
+    /**
+     * Every model's versions.
+     */
+    func status() throws  -> [ModelStatus]
+    
+    /**
+     * Pulls `name`'s newest version from the repository `fetcher` reads: TUF metadata
+     * verified from `initial_root` (first run only; the store keeps newer roots) up, the
+     * bundle downloaded resumably, verified, golden-checked and installed (inactive).
+     */
+    func update(name: String, initialRoot: Data, fetcher: ModelFetcher) throws  -> UpdateResult
+    
+    /**
+     * [`TernModelStore::update`] on a tern thread (a `suspend fun` in Kotlin, `async` in
+     * Swift): downloads never block the caller's thread.
+     */
+    func updateAsync(name: String, initialRoot: Data, fetcher: ModelFetcher) async throws  -> UpdateResult
+    
+}
+/**
+ * A directory of signed, verified model bundles on the device.
+ */
+open class TernModelStore: TernModelStoreProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_ternmodelstore(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_ternmodelstore(handle, $0) }
+    }
+
+    
+    /**
+     * Opens (creating) the store in `dir`, trusting bundles signed by `threshold` of
+     * `trusted_keys` (public keys in TUF's JSON form: the `.pub` files `tern bundle
+     * keygen` writes).
+     */
+public static func `open`(dir: String, trustedKeys: [String], threshold: UInt32, config: StoreConfig)throws  -> TernModelStore  {
+    return try  FfiConverterTypeTernModelStore_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_constructor_ternmodelstore_open(
+        FfiConverterString.lower(dir),
+        FfiConverterSequenceString.lower(trustedKeys),
+        FfiConverterUInt32.lower(threshold),
+        FfiConverterTypeStoreConfig_lower(config),uniffiCallStatus
+    )
+})
+}
+    
+
+    
+    /**
+     * Makes an installed version active.
+     */
+open func activate(name: String, version: UInt64)throws   {try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_activate(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(name),
+        FfiConverterUInt64.lower(version),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Verifies, golden-checks and stores a bundle given as bytes (inactive).
+     */
+open func installBytes(bytes: Data)throws  -> InstallResult  {
+    return try  FfiConverterTypeInstallResult_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_install_bytes(
+            self.uniffiCloneHandle(),
+        FfiConverterData.lower(bytes),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Verifies, golden-checks and stores the bundle file at `path` (inactive).
+     */
+open func installFile(path: String)throws  -> InstallResult  {
+    return try  FfiConverterTypeInstallResult_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_install_file(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(path),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Loads the active version under the crash breadcrumb (a version the process died
+     * loading twice is quarantined and the previous one loads instead), golden-checked.
+     */
+open func load(name: String)throws  -> LoadedModel  {
+    return try  FfiConverterTypeLoadedModel_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_load(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(name),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * [`TernModelStore::load`] on a tern thread (a `suspend fun` in Kotlin).
+     */
+open func loadAsync(name: String)async throws  -> LoadedModel  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_tern_ffi_fn_method_ternmodelstore_load_async(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(name)
+                )
+            },
+            pollFunc: ffi_tern_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_tern_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_tern_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeLoadedModel_lift,
+            errorHandler: FfiConverterTypeTernError_lift
+        )
+}
+    
+    /**
+     * Goes back to the previous version; returns it.
+     */
+open func rollback(name: String)throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_rollback(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(name),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Rolls `name`'s staged candidate out beside its active version on this device
+     * (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+     * reached, then `listener` hears it.
+     */
+open func rollout(name: String, config: RolloutConfig, installId: String, listener: RolloutListener?)throws  -> TernRollout  {
+    return try  FfiConverterTypeTernRollout_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_rollout(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(name),
+        FfiConverterTypeRolloutConfig_lower(config),
+        FfiConverterString.lower(installId),
+        FfiConverterOptionTypeRolloutListener.lower(listener),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Makes an installed version the candidate of the next rollout.
+     */
+open func stage(name: String, version: UInt64)throws   {try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_stage(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(name),
+        FfiConverterUInt64.lower(version),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Every model's versions.
+     */
+open func status()throws  -> [ModelStatus]  {
+    return try  FfiConverterSequenceTypeModelStatus.lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_status(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Pulls `name`'s newest version from the repository `fetcher` reads: TUF metadata
+     * verified from `initial_root` (first run only; the store keeps newer roots) up, the
+     * bundle downloaded resumably, verified, golden-checked and installed (inactive).
+     */
+open func update(name: String, initialRoot: Data, fetcher: ModelFetcher)throws  -> UpdateResult  {
+    return try  FfiConverterTypeUpdateResult_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternmodelstore_update(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(name),
+        FfiConverterData.lower(initialRoot),
+        FfiConverterTypeModelFetcher_lower(fetcher),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * [`TernModelStore::update`] on a tern thread (a `suspend fun` in Kotlin, `async` in
+     * Swift): downloads never block the caller's thread.
+     */
+open func updateAsync(name: String, initialRoot: Data, fetcher: ModelFetcher)async throws  -> UpdateResult  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_tern_ffi_fn_method_ternmodelstore_update_async(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(name),FfiConverterData.lower(initialRoot),FfiConverterTypeModelFetcher_lower(fetcher)
+                )
+            },
+            pollFunc: ffi_tern_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_tern_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_tern_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeUpdateResult_lift,
+            errorHandler: FfiConverterTypeTernError_lift
+        )
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTernModelStore: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = TernModelStore
+
+    public static func lift(_ handle: UInt64) throws -> TernModelStore {
+        return TernModelStore(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: TernModelStore) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TernModelStore {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: TernModelStore, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernModelStore_lift(_ handle: UInt64) throws -> TernModelStore {
+    return try FfiConverterTypeTernModelStore.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernModelStore_lower(_ value: TernModelStore) -> UInt64 {
+    return FfiConverterTypeTernModelStore.lower(value)
+}
+
+
+
+
+
+
+/**
+ * A candidate version served beside the active one; share it across threads.
+ */
+public protocol TernRolloutProtocol: AnyObject, Sendable {
+    
+    /**
+     * What it has recorded.
+     */
+    func health()  -> RolloutHealth
+    
+    /**
+     * Answers one request (`user` keys an A/B arm; without it the device is the user).
+     */
+    func run(inputs: [TensorData], user: String?) throws  -> Served
+    
+    /**
+     * [`TernRollout::run`] on a tern thread.
+     */
+    func runAsync(inputs: [TensorData], user: String?) async throws  -> Served
+    
+    /**
+     * The verdict so far.
+     */
+    func verdict()  -> RolloutVerdict
+    
+    /**
+     * Waits until every shadow run queued so far is recorded.
+     */
+    func waitForShadows() 
+    
+}
+/**
+ * A candidate version served beside the active one; share it across threads.
+ */
+open class TernRollout: TernRolloutProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tern_ffi_fn_clone_ternrollout(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tern_ffi_fn_free_ternrollout(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * What it has recorded.
+     */
+open func health() -> RolloutHealth  {
+    return try!  FfiConverterTypeRolloutHealth_lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternrollout_health(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Answers one request (`user` keys an A/B arm; without it the device is the user).
+     */
+open func run(inputs: [TensorData], user: String?)throws  -> Served  {
+    return try  FfiConverterTypeServed_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternrollout_run(
+            self.uniffiCloneHandle(),
+        FfiConverterSequenceTypeTensorData.lower(inputs),
+        FfiConverterOptionString.lower(user),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * [`TernRollout::run`] on a tern thread.
+     */
+open func runAsync(inputs: [TensorData], user: String?)async throws  -> Served  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_tern_ffi_fn_method_ternrollout_run_async(
+                        self.uniffiCloneHandle(),FfiConverterSequenceTypeTensorData.lower(inputs),FfiConverterOptionString.lower(user)
+                )
+            },
+            pollFunc: ffi_tern_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_tern_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_tern_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeServed_lift,
+            errorHandler: FfiConverterTypeTernError_lift
+        )
+}
+    
+    /**
+     * The verdict so far.
+     */
+open func verdict() -> RolloutVerdict  {
+    return try!  FfiConverterTypeRolloutVerdict_lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternrollout_verdict(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Waits until every shadow run queued so far is recorded.
+     */
+open func waitForShadows()  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tern_ffi_fn_method_ternrollout_wait_for_shadows(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTernRollout: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = TernRollout
+
+    public static func lift(_ handle: UInt64) throws -> TernRollout {
+        return TernRollout(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: TernRollout) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> TernRollout {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: TernRollout, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernRollout_lift(_ handle: UInt64) throws -> TernRollout {
+    return try FfiConverterTypeTernRollout.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTernRollout_lower(_ value: TernRollout) -> UInt64 {
+    return FfiConverterTypeTernRollout.lower(value)
 }
 
 
@@ -2943,6 +3938,105 @@ public func FfiConverterTypeFlowResult_lower(_ value: FlowResult) -> RustBuffer 
 
 
 /**
+ * A version installed (not yet active).
+ */
+public struct InstallResult: Equatable, Hashable {
+    /**
+     * The model.
+     */
+    public var name: String
+    /**
+     * The version.
+     */
+    public var version: UInt64
+    /**
+     * Golden samples run on this device.
+     */
+    public var goldenSamples: UInt64
+    /**
+     * The largest difference from a golden output as a share of its tolerance (≤ 1).
+     */
+    public var goldenWorstShare: Double
+    /**
+     * Older versions removed to stay within `keep` and the quota.
+     */
+    public var removed: [UInt64]
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The model.
+         */name: String, 
+        /**
+         * The version.
+         */version: UInt64, 
+        /**
+         * Golden samples run on this device.
+         */goldenSamples: UInt64, 
+        /**
+         * The largest difference from a golden output as a share of its tolerance (≤ 1).
+         */goldenWorstShare: Double, 
+        /**
+         * Older versions removed to stay within `keep` and the quota.
+         */removed: [UInt64]) {
+        self.name = name
+        self.version = version
+        self.goldenSamples = goldenSamples
+        self.goldenWorstShare = goldenWorstShare
+        self.removed = removed
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension InstallResult: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeInstallResult: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> InstallResult {
+        return
+            try InstallResult(
+                name: FfiConverterString.read(from: &buf), 
+                version: FfiConverterUInt64.read(from: &buf), 
+                goldenSamples: FfiConverterUInt64.read(from: &buf), 
+                goldenWorstShare: FfiConverterDouble.read(from: &buf), 
+                removed: FfiConverterSequenceUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: InstallResult, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.name, into: &buf)
+        FfiConverterUInt64.write(value.version, into: &buf)
+        FfiConverterUInt64.write(value.goldenSamples, into: &buf)
+        FfiConverterDouble.write(value.goldenWorstShare, into: &buf)
+        FfiConverterSequenceUInt64.write(value.removed, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeInstallResult_lift(_ buf: RustBuffer) throws -> InstallResult {
+    return try FfiConverterTypeInstallResult.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeInstallResult_lower(_ value: InstallResult) -> RustBuffer {
+    return FfiConverterTypeInstallResult.lower(value)
+}
+
+
+/**
  * How a job queue bounds and retries its jobs.
  */
 public struct JobConfig: Equatable, Hashable {
@@ -3117,6 +4211,95 @@ public func FfiConverterTypeJobRunReport_lift(_ buf: RustBuffer) throws -> JobRu
 #endif
 public func FfiConverterTypeJobRunReport_lower(_ value: JobRunReport) -> RustBuffer {
     return FfiConverterTypeJobRunReport.lower(value)
+}
+
+
+/**
+ * The active version, loaded.
+ */
+public struct LoadedModel {
+    /**
+     * The version.
+     */
+    public var version: UInt64
+    /**
+     * A session on it.
+     */
+    public var session: TernSession
+    /**
+     * What the store decided before loading it (crash detected, quarantine, rollback).
+     */
+    public var events: [StoreEvent]
+    /**
+     * Its golden samples' worst share of tolerance on this session.
+     */
+    public var goldenWorstShare: Double
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The version.
+         */version: UInt64, 
+        /**
+         * A session on it.
+         */session: TernSession, 
+        /**
+         * What the store decided before loading it (crash detected, quarantine, rollback).
+         */events: [StoreEvent], 
+        /**
+         * Its golden samples' worst share of tolerance on this session.
+         */goldenWorstShare: Double) {
+        self.version = version
+        self.session = session
+        self.events = events
+        self.goldenWorstShare = goldenWorstShare
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension LoadedModel: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLoadedModel: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LoadedModel {
+        return
+            try LoadedModel(
+                version: FfiConverterUInt64.read(from: &buf), 
+                session: FfiConverterTypeTernSession.read(from: &buf), 
+                events: FfiConverterSequenceTypeStoreEvent.read(from: &buf), 
+                goldenWorstShare: FfiConverterDouble.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: LoadedModel, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.version, into: &buf)
+        FfiConverterTypeTernSession.write(value.session, into: &buf)
+        FfiConverterSequenceTypeStoreEvent.write(value.events, into: &buf)
+        FfiConverterDouble.write(value.goldenWorstShare, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLoadedModel_lift(_ buf: RustBuffer) throws -> LoadedModel {
+    return try FfiConverterTypeLoadedModel.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLoadedModel_lower(_ value: LoadedModel) -> RustBuffer {
+    return FfiConverterTypeLoadedModel.lower(value)
 }
 
 
@@ -3315,6 +4498,631 @@ public func FfiConverterTypeModelInfo_lift(_ buf: RustBuffer) throws -> ModelInf
 #endif
 public func FfiConverterTypeModelInfo_lower(_ value: ModelInfo) -> RustBuffer {
     return FfiConverterTypeModelInfo.lower(value)
+}
+
+
+/**
+ * One model's versions in a store.
+ */
+public struct ModelStatus: Equatable, Hashable {
+    /**
+     * The model.
+     */
+    public var name: String
+    /**
+     * The version serving.
+     */
+    public var active: UInt64?
+    /**
+     * The one before it.
+     */
+    public var previous: UInt64?
+    /**
+     * The version staged for a rollout.
+     */
+    public var candidate: UInt64?
+    /**
+     * Every version on disk.
+     */
+    public var installed: [UInt64]
+    /**
+     * The highest version ever accepted.
+     */
+    public var highest: UInt64
+    /**
+     * Versions never activated again.
+     */
+    public var quarantined: [QuarantinedVersion]
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The model.
+         */name: String, 
+        /**
+         * The version serving.
+         */active: UInt64?, 
+        /**
+         * The one before it.
+         */previous: UInt64?, 
+        /**
+         * The version staged for a rollout.
+         */candidate: UInt64?, 
+        /**
+         * Every version on disk.
+         */installed: [UInt64], 
+        /**
+         * The highest version ever accepted.
+         */highest: UInt64, 
+        /**
+         * Versions never activated again.
+         */quarantined: [QuarantinedVersion]) {
+        self.name = name
+        self.active = active
+        self.previous = previous
+        self.candidate = candidate
+        self.installed = installed
+        self.highest = highest
+        self.quarantined = quarantined
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension ModelStatus: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeModelStatus: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ModelStatus {
+        return
+            try ModelStatus(
+                name: FfiConverterString.read(from: &buf), 
+                active: FfiConverterOptionUInt64.read(from: &buf), 
+                previous: FfiConverterOptionUInt64.read(from: &buf), 
+                candidate: FfiConverterOptionUInt64.read(from: &buf), 
+                installed: FfiConverterSequenceUInt64.read(from: &buf), 
+                highest: FfiConverterUInt64.read(from: &buf), 
+                quarantined: FfiConverterSequenceTypeQuarantinedVersion.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: ModelStatus, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.name, into: &buf)
+        FfiConverterOptionUInt64.write(value.active, into: &buf)
+        FfiConverterOptionUInt64.write(value.previous, into: &buf)
+        FfiConverterOptionUInt64.write(value.candidate, into: &buf)
+        FfiConverterSequenceUInt64.write(value.installed, into: &buf)
+        FfiConverterUInt64.write(value.highest, into: &buf)
+        FfiConverterSequenceTypeQuarantinedVersion.write(value.quarantined, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeModelStatus_lift(_ buf: RustBuffer) throws -> ModelStatus {
+    return try FfiConverterTypeModelStatus.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeModelStatus_lower(_ value: ModelStatus) -> RustBuffer {
+    return FfiConverterTypeModelStatus.lower(value)
+}
+
+
+/**
+ * A version quarantined, and why.
+ */
+public struct QuarantinedVersion: Equatable, Hashable {
+    /**
+     * The version.
+     */
+    public var version: UInt64
+    /**
+     * Why (a crash loop, or its rollout's verdict), in words.
+     */
+    public var reason: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The version.
+         */version: UInt64, 
+        /**
+         * Why (a crash loop, or its rollout's verdict), in words.
+         */reason: String) {
+        self.version = version
+        self.reason = reason
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension QuarantinedVersion: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeQuarantinedVersion: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> QuarantinedVersion {
+        return
+            try QuarantinedVersion(
+                version: FfiConverterUInt64.read(from: &buf), 
+                reason: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: QuarantinedVersion, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.version, into: &buf)
+        FfiConverterString.write(value.reason, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeQuarantinedVersion_lift(_ buf: RustBuffer) throws -> QuarantinedVersion {
+    return try FfiConverterTypeQuarantinedVersion.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeQuarantinedVersion_lower(_ value: QuarantinedVersion) -> RustBuffer {
+    return FfiConverterTypeQuarantinedVersion.lower(value)
+}
+
+
+/**
+ * A rollout's stage and health bounds (`tern_bundle::RolloutPolicy`); every bound has
+ * tern's default.
+ */
+public struct RolloutConfig: Equatable, Hashable {
+    /**
+     * The stage.
+     */
+    public var stage: RolloutStage
+    /**
+     * Candidate runs before any verdict.
+     */
+    public var minRequests: UInt64
+    /**
+     * Roll back above the active version's error rate plus this.
+     */
+    public var maxErrorRateIncrease: Double
+    /**
+     * Roll back above the active version's p95 latency times this.
+     */
+    public var maxP95Ratio: Double
+    /**
+     * Roll back below this share of agreeing shadow runs.
+     */
+    public var minAgreement: Double
+    /**
+     * Promote after this many healthy candidate runs (`None`: the app promotes).
+     */
+    public var promoteAfter: UInt64?
+    /**
+     * Shadow agreement within these tolerances instead of the same top class.
+     */
+    public var closeWithin: Tolerances?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The stage.
+         */stage: RolloutStage, 
+        /**
+         * Candidate runs before any verdict.
+         */minRequests: UInt64 = UInt64(100), 
+        /**
+         * Roll back above the active version's error rate plus this.
+         */maxErrorRateIncrease: Double = Double(0.01), 
+        /**
+         * Roll back above the active version's p95 latency times this.
+         */maxP95Ratio: Double = Double(1.5), 
+        /**
+         * Roll back below this share of agreeing shadow runs.
+         */minAgreement: Double = Double(0.95), 
+        /**
+         * Promote after this many healthy candidate runs (`None`: the app promotes).
+         */promoteAfter: UInt64? = UInt64(1000), 
+        /**
+         * Shadow agreement within these tolerances instead of the same top class.
+         */closeWithin: Tolerances? = nil) {
+        self.stage = stage
+        self.minRequests = minRequests
+        self.maxErrorRateIncrease = maxErrorRateIncrease
+        self.maxP95Ratio = maxP95Ratio
+        self.minAgreement = minAgreement
+        self.promoteAfter = promoteAfter
+        self.closeWithin = closeWithin
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension RolloutConfig: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRolloutConfig: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RolloutConfig {
+        return
+            try RolloutConfig(
+                stage: FfiConverterTypeRolloutStage.read(from: &buf), 
+                minRequests: FfiConverterUInt64.read(from: &buf), 
+                maxErrorRateIncrease: FfiConverterDouble.read(from: &buf), 
+                maxP95Ratio: FfiConverterDouble.read(from: &buf), 
+                minAgreement: FfiConverterDouble.read(from: &buf), 
+                promoteAfter: FfiConverterOptionUInt64.read(from: &buf), 
+                closeWithin: FfiConverterOptionTypeTolerances.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: RolloutConfig, into buf: inout [UInt8]) {
+        FfiConverterTypeRolloutStage.write(value.stage, into: &buf)
+        FfiConverterUInt64.write(value.minRequests, into: &buf)
+        FfiConverterDouble.write(value.maxErrorRateIncrease, into: &buf)
+        FfiConverterDouble.write(value.maxP95Ratio, into: &buf)
+        FfiConverterDouble.write(value.minAgreement, into: &buf)
+        FfiConverterOptionUInt64.write(value.promoteAfter, into: &buf)
+        FfiConverterOptionTypeTolerances.write(value.closeWithin, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutConfig_lift(_ buf: RustBuffer) throws -> RolloutConfig {
+    return try FfiConverterTypeRolloutConfig.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutConfig_lower(_ value: RolloutConfig) -> RustBuffer {
+    return FfiConverterTypeRolloutConfig.lower(value)
+}
+
+
+/**
+ * A verdict, as the listener hears it.
+ */
+public struct RolloutEvent: Equatable, Hashable {
+    /**
+     * The model.
+     */
+    public var name: String
+    /**
+     * The active version.
+     */
+    public var active: UInt64
+    /**
+     * The candidate.
+     */
+    public var candidate: UInt64
+    /**
+     * The verdict.
+     */
+    public var verdict: RolloutVerdict
+    /**
+     * Candidate runs when it was reached.
+     */
+    public var candidateRuns: UInt64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The model.
+         */name: String, 
+        /**
+         * The active version.
+         */active: UInt64, 
+        /**
+         * The candidate.
+         */candidate: UInt64, 
+        /**
+         * The verdict.
+         */verdict: RolloutVerdict, 
+        /**
+         * Candidate runs when it was reached.
+         */candidateRuns: UInt64) {
+        self.name = name
+        self.active = active
+        self.candidate = candidate
+        self.verdict = verdict
+        self.candidateRuns = candidateRuns
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension RolloutEvent: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRolloutEvent: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RolloutEvent {
+        return
+            try RolloutEvent(
+                name: FfiConverterString.read(from: &buf), 
+                active: FfiConverterUInt64.read(from: &buf), 
+                candidate: FfiConverterUInt64.read(from: &buf), 
+                verdict: FfiConverterTypeRolloutVerdict.read(from: &buf), 
+                candidateRuns: FfiConverterUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: RolloutEvent, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.name, into: &buf)
+        FfiConverterUInt64.write(value.active, into: &buf)
+        FfiConverterUInt64.write(value.candidate, into: &buf)
+        FfiConverterTypeRolloutVerdict.write(value.verdict, into: &buf)
+        FfiConverterUInt64.write(value.candidateRuns, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutEvent_lift(_ buf: RustBuffer) throws -> RolloutEvent {
+    return try FfiConverterTypeRolloutEvent.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutEvent_lower(_ value: RolloutEvent) -> RustBuffer {
+    return FfiConverterTypeRolloutEvent.lower(value)
+}
+
+
+/**
+ * A rollout's health so far.
+ */
+public struct RolloutHealth: Equatable, Hashable {
+    /**
+     * Active version runs.
+     */
+    public var activeRuns: UInt64
+    /**
+     * Of which failed.
+     */
+    public var activeErrors: UInt64
+    /**
+     * Its p95 latency, ms.
+     */
+    public var activeP95Ms: Double?
+    /**
+     * Candidate runs.
+     */
+    public var candidateRuns: UInt64
+    /**
+     * Of which failed.
+     */
+    public var candidateErrors: UInt64
+    /**
+     * Its p95 latency, ms.
+     */
+    public var candidateP95Ms: Double?
+    /**
+     * Shadow runs compared.
+     */
+    public var compared: UInt64
+    /**
+     * Of which agreed.
+     */
+    public var agreed: UInt64
+    /**
+     * Shadow runs skipped (busy).
+     */
+    public var shadowSkipped: UInt64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Active version runs.
+         */activeRuns: UInt64, 
+        /**
+         * Of which failed.
+         */activeErrors: UInt64, 
+        /**
+         * Its p95 latency, ms.
+         */activeP95Ms: Double?, 
+        /**
+         * Candidate runs.
+         */candidateRuns: UInt64, 
+        /**
+         * Of which failed.
+         */candidateErrors: UInt64, 
+        /**
+         * Its p95 latency, ms.
+         */candidateP95Ms: Double?, 
+        /**
+         * Shadow runs compared.
+         */compared: UInt64, 
+        /**
+         * Of which agreed.
+         */agreed: UInt64, 
+        /**
+         * Shadow runs skipped (busy).
+         */shadowSkipped: UInt64) {
+        self.activeRuns = activeRuns
+        self.activeErrors = activeErrors
+        self.activeP95Ms = activeP95Ms
+        self.candidateRuns = candidateRuns
+        self.candidateErrors = candidateErrors
+        self.candidateP95Ms = candidateP95Ms
+        self.compared = compared
+        self.agreed = agreed
+        self.shadowSkipped = shadowSkipped
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension RolloutHealth: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRolloutHealth: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RolloutHealth {
+        return
+            try RolloutHealth(
+                activeRuns: FfiConverterUInt64.read(from: &buf), 
+                activeErrors: FfiConverterUInt64.read(from: &buf), 
+                activeP95Ms: FfiConverterOptionDouble.read(from: &buf), 
+                candidateRuns: FfiConverterUInt64.read(from: &buf), 
+                candidateErrors: FfiConverterUInt64.read(from: &buf), 
+                candidateP95Ms: FfiConverterOptionDouble.read(from: &buf), 
+                compared: FfiConverterUInt64.read(from: &buf), 
+                agreed: FfiConverterUInt64.read(from: &buf), 
+                shadowSkipped: FfiConverterUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: RolloutHealth, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.activeRuns, into: &buf)
+        FfiConverterUInt64.write(value.activeErrors, into: &buf)
+        FfiConverterOptionDouble.write(value.activeP95Ms, into: &buf)
+        FfiConverterUInt64.write(value.candidateRuns, into: &buf)
+        FfiConverterUInt64.write(value.candidateErrors, into: &buf)
+        FfiConverterOptionDouble.write(value.candidateP95Ms, into: &buf)
+        FfiConverterUInt64.write(value.compared, into: &buf)
+        FfiConverterUInt64.write(value.agreed, into: &buf)
+        FfiConverterUInt64.write(value.shadowSkipped, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutHealth_lift(_ buf: RustBuffer) throws -> RolloutHealth {
+    return try FfiConverterTypeRolloutHealth.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutHealth_lower(_ value: RolloutHealth) -> RustBuffer {
+    return FfiConverterTypeRolloutHealth.lower(value)
+}
+
+
+/**
+ * One request's answer in a rollout.
+ */
+public struct Served: Equatable, Hashable {
+    /**
+     * The outputs.
+     */
+    public var outputs: [TensorData]
+    /**
+     * The version that answered.
+     */
+    public var version: UInt64
+    /**
+     * Its arm.
+     */
+    public var arm: Arm
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The outputs.
+         */outputs: [TensorData], 
+        /**
+         * The version that answered.
+         */version: UInt64, 
+        /**
+         * Its arm.
+         */arm: Arm) {
+        self.outputs = outputs
+        self.version = version
+        self.arm = arm
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension Served: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeServed: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Served {
+        return
+            try Served(
+                outputs: FfiConverterSequenceTypeTensorData.read(from: &buf), 
+                version: FfiConverterUInt64.read(from: &buf), 
+                arm: FfiConverterTypeArm.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: Served, into buf: inout [UInt8]) {
+        FfiConverterSequenceTypeTensorData.write(value.outputs, into: &buf)
+        FfiConverterUInt64.write(value.version, into: &buf)
+        FfiConverterTypeArm.write(value.arm, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeServed_lift(_ buf: RustBuffer) throws -> Served {
+    return try FfiConverterTypeServed.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeServed_lower(_ value: Served) -> RustBuffer {
+    return FfiConverterTypeServed.lower(value)
 }
 
 
@@ -3590,6 +5398,85 @@ public func FfiConverterTypeStepStats_lift(_ buf: RustBuffer) throws -> StepStat
 #endif
 public func FfiConverterTypeStepStats_lower(_ value: StepStats) -> RustBuffer {
     return FfiConverterTypeStepStats.lower(value)
+}
+
+
+/**
+ * How a store keeps and checks bundles (`tern_bundle::StoreOptions`).
+ */
+public struct StoreConfig: Equatable, Hashable {
+    /**
+     * Versions kept per model, the active and previous ones included (at least 2).
+     */
+    public var keep: UInt32
+    /**
+     * Bytes all bundles may take together.
+     */
+    public var quotaBytes: UInt64
+    /**
+     * The sessions golden checks, loads and rollouts use: the backend that will serve.
+     */
+    public var session: SessionConfig
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Versions kept per model, the active and previous ones included (at least 2).
+         */keep: UInt32 = UInt32(3), 
+        /**
+         * Bytes all bundles may take together.
+         */quotaBytes: UInt64 = UInt64(1073741824), 
+        /**
+         * The sessions golden checks, loads and rollouts use: the backend that will serve.
+         */session: SessionConfig) {
+        self.keep = keep
+        self.quotaBytes = quotaBytes
+        self.session = session
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension StoreConfig: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStoreConfig: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StoreConfig {
+        return
+            try StoreConfig(
+                keep: FfiConverterUInt32.read(from: &buf), 
+                quotaBytes: FfiConverterUInt64.read(from: &buf), 
+                session: FfiConverterTypeSessionConfig.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: StoreConfig, into buf: inout [UInt8]) {
+        FfiConverterUInt32.write(value.keep, into: &buf)
+        FfiConverterUInt64.write(value.quotaBytes, into: &buf)
+        FfiConverterTypeSessionConfig.write(value.session, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStoreConfig_lift(_ buf: RustBuffer) throws -> StoreConfig {
+    return try FfiConverterTypeStoreConfig.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStoreConfig_lower(_ value: StoreConfig) -> RustBuffer {
+    return FfiConverterTypeStoreConfig.lower(value)
 }
 
 
@@ -4147,6 +6034,75 @@ public func FfiConverterTypeTensorInfo_lower(_ value: TensorInfo) -> RustBuffer 
 
 
 /**
+ * Absolute and relative tolerances.
+ */
+public struct Tolerances: Equatable, Hashable {
+    /**
+     * Absolute.
+     */
+    public var atol: Double
+    /**
+     * Relative.
+     */
+    public var rtol: Double
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Absolute.
+         */atol: Double, 
+        /**
+         * Relative.
+         */rtol: Double) {
+        self.atol = atol
+        self.rtol = rtol
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension Tolerances: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeTolerances: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Tolerances {
+        return
+            try Tolerances(
+                atol: FfiConverterDouble.read(from: &buf), 
+                rtol: FfiConverterDouble.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: Tolerances, into buf: inout [UInt8]) {
+        FfiConverterDouble.write(value.atol, into: &buf)
+        FfiConverterDouble.write(value.rtol, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTolerances_lift(_ buf: RustBuffer) throws -> Tolerances {
+    return try FfiConverterTypeTolerances.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeTolerances_lower(_ value: Tolerances) -> RustBuffer {
+    return FfiConverterTypeTolerances.lower(value)
+}
+
+
+/**
  * A batch to upload.
  */
 public struct UploadBatch: Equatable, Hashable {
@@ -4394,6 +6350,72 @@ public func FfiConverterTypeUploadReport_lower(_ value: UploadReport) -> RustBuf
 
 
 
+public enum Arm: Equatable, Hashable {
+    
+    case active
+    case candidate
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension Arm: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeArm: FfiConverterRustBuffer {
+    typealias SwiftType = Arm
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Arm {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .active
+        
+        case 2: return .candidate
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: Arm, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .active:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .candidate:
+            writeInt(&buf, Int32(2))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeArm_lift(_ buf: RustBuffer) throws -> Arm {
+    return try FfiConverterTypeArm.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeArm_lower(_ value: Arm) -> RustBuffer {
+    return FfiConverterTypeArm.lower(value)
+}
+
+
+
+
 public enum Backend: Equatable, Hashable {
     
     case cpu
@@ -4535,6 +6557,236 @@ public func FfiConverterTypeBreakerState_lift(_ buf: RustBuffer) throws -> Break
 #endif
 public func FfiConverterTypeBreakerState_lower(_ value: BreakerState) -> RustBuffer {
     return FfiConverterTypeBreakerState.lower(value)
+}
+
+
+
+
+public enum BundleErrorKind: Equatable, Hashable {
+    
+    case io
+    case malformed
+    case unsafeEntry
+    case tooLarge
+    case signature
+    case expired
+    case rollback
+    case needsNewerTern
+    case fileMismatch
+    case goldenMismatch
+    case key
+    case invalidOption
+    case notInstalled
+    case quarantined
+    case fetch
+    case model
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension BundleErrorKind: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeBundleErrorKind: FfiConverterRustBuffer {
+    typealias SwiftType = BundleErrorKind
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> BundleErrorKind {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .io
+        
+        case 2: return .malformed
+        
+        case 3: return .unsafeEntry
+        
+        case 4: return .tooLarge
+        
+        case 5: return .signature
+        
+        case 6: return .expired
+        
+        case 7: return .rollback
+        
+        case 8: return .needsNewerTern
+        
+        case 9: return .fileMismatch
+        
+        case 10: return .goldenMismatch
+        
+        case 11: return .key
+        
+        case 12: return .invalidOption
+        
+        case 13: return .notInstalled
+        
+        case 14: return .quarantined
+        
+        case 15: return .fetch
+        
+        case 16: return .model
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: BundleErrorKind, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .io:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .malformed:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .unsafeEntry:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .tooLarge:
+            writeInt(&buf, Int32(4))
+        
+        
+        case .signature:
+            writeInt(&buf, Int32(5))
+        
+        
+        case .expired:
+            writeInt(&buf, Int32(6))
+        
+        
+        case .rollback:
+            writeInt(&buf, Int32(7))
+        
+        
+        case .needsNewerTern:
+            writeInt(&buf, Int32(8))
+        
+        
+        case .fileMismatch:
+            writeInt(&buf, Int32(9))
+        
+        
+        case .goldenMismatch:
+            writeInt(&buf, Int32(10))
+        
+        
+        case .key:
+            writeInt(&buf, Int32(11))
+        
+        
+        case .invalidOption:
+            writeInt(&buf, Int32(12))
+        
+        
+        case .notInstalled:
+            writeInt(&buf, Int32(13))
+        
+        
+        case .quarantined:
+            writeInt(&buf, Int32(14))
+        
+        
+        case .fetch:
+            writeInt(&buf, Int32(15))
+        
+        
+        case .model:
+            writeInt(&buf, Int32(16))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBundleErrorKind_lift(_ buf: RustBuffer) throws -> BundleErrorKind {
+    return try FfiConverterTypeBundleErrorKind.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBundleErrorKind_lower(_ value: BundleErrorKind) -> RustBuffer {
+    return FfiConverterTypeBundleErrorKind.lower(value)
+}
+
+
+
+
+public enum CanaryUnit: Equatable, Hashable {
+    
+    case request
+    case device
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension CanaryUnit: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeCanaryUnit: FfiConverterRustBuffer {
+    typealias SwiftType = CanaryUnit
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> CanaryUnit {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .request
+        
+        case 2: return .device
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: CanaryUnit, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .request:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .device:
+            writeInt(&buf, Int32(2))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeCanaryUnit_lift(_ buf: RustBuffer) throws -> CanaryUnit {
+    return try FfiConverterTypeCanaryUnit.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeCanaryUnit_lower(_ value: CanaryUnit) -> RustBuffer {
+    return FfiConverterTypeCanaryUnit.lower(value)
 }
 
 
@@ -4856,6 +7108,103 @@ public func FfiConverterTypeErrorKind_lift(_ buf: RustBuffer) throws -> ErrorKin
 #endif
 public func FfiConverterTypeErrorKind_lower(_ value: ErrorKind) -> RustBuffer {
     return FfiConverterTypeErrorKind.lower(value)
+}
+
+
+
+/**
+ * What [`ModelFetcher::fetch`] got.
+ */
+
+public enum FetchResult: Equatable, Hashable {
+    
+    /**
+     * The bytes: at most `max_bytes`, fewer at the file's end, none past it.
+     */
+    case data(
+        /**
+         * The bytes.
+         */bytes: Data
+    )
+    /**
+     * The repository has no such file.
+     */
+    case notFound
+    /**
+     * Anything else (no network, a server error).
+     */
+    case failed(
+        /**
+         * Why.
+         */reason: String
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension FetchResult: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeFetchResult: FfiConverterRustBuffer {
+    typealias SwiftType = FetchResult
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> FetchResult {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .data(bytes: try FfiConverterData.read(from: &buf)
+        )
+        
+        case 2: return .notFound
+        
+        case 3: return .failed(reason: try FfiConverterString.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: FetchResult, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .data(bytes):
+            writeInt(&buf, Int32(1))
+            FfiConverterData.write(bytes, into: &buf)
+            
+        
+        case .notFound:
+            writeInt(&buf, Int32(2))
+        
+        
+        case let .failed(reason):
+            writeInt(&buf, Int32(3))
+            FfiConverterString.write(reason, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFetchResult_lift(_ buf: RustBuffer) throws -> FetchResult {
+    return try FfiConverterTypeFetchResult.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFetchResult_lower(_ value: FetchResult) -> RustBuffer {
+    return FfiConverterTypeFetchResult.lower(value)
 }
 
 
@@ -5537,6 +7886,289 @@ public func FfiConverterTypePriority_lower(_ value: Priority) -> RustBuffer {
 
 
 
+public enum RollbackReason: Equatable, Hashable {
+    
+    case errorRate(candidate: Double, active: Double
+    )
+    case latency(candidateP95Ms: Double, activeP95Ms: Double
+    )
+    case disagreement(agreement: Double
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension RollbackReason: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRollbackReason: FfiConverterRustBuffer {
+    typealias SwiftType = RollbackReason
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RollbackReason {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .errorRate(candidate: try FfiConverterDouble.read(from: &buf), active: try FfiConverterDouble.read(from: &buf)
+        )
+        
+        case 2: return .latency(candidateP95Ms: try FfiConverterDouble.read(from: &buf), activeP95Ms: try FfiConverterDouble.read(from: &buf)
+        )
+        
+        case 3: return .disagreement(agreement: try FfiConverterDouble.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: RollbackReason, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .errorRate(candidate,active):
+            writeInt(&buf, Int32(1))
+            FfiConverterDouble.write(candidate, into: &buf)
+            FfiConverterDouble.write(active, into: &buf)
+            
+        
+        case let .latency(candidateP95Ms,activeP95Ms):
+            writeInt(&buf, Int32(2))
+            FfiConverterDouble.write(candidateP95Ms, into: &buf)
+            FfiConverterDouble.write(activeP95Ms, into: &buf)
+            
+        
+        case let .disagreement(agreement):
+            writeInt(&buf, Int32(3))
+            FfiConverterDouble.write(agreement, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRollbackReason_lift(_ buf: RustBuffer) throws -> RollbackReason {
+    return try FfiConverterTypeRollbackReason.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRollbackReason_lower(_ value: RollbackReason) -> RustBuffer {
+    return FfiConverterTypeRollbackReason.lower(value)
+}
+
+
+
+/**
+ * How a rollout splits requests.
+ */
+
+public enum RolloutStage: Equatable, Hashable {
+    
+    /**
+     * The active version answers; the candidate also runs on `sample` of requests, off
+     * the request's path, and its agreement is recorded.
+     */
+    case shadow(
+        /**
+         * Share of requests shadowed (0..=1).
+         */sample: Double
+    )
+    /**
+     * The candidate answers `share` of requests, or every request on `share` of devices.
+     */
+    case canary(
+        /**
+         * The share (0..=1).
+         */share: Double, 
+        /**
+         * Of requests or of devices.
+         */unit: CanaryUnit
+    )
+    /**
+     * Sticky arms: `share` of users get the candidate.
+     */
+    case ab(
+        /**
+         * The share (0..=1).
+         */share: Double
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension RolloutStage: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRolloutStage: FfiConverterRustBuffer {
+    typealias SwiftType = RolloutStage
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RolloutStage {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .shadow(sample: try FfiConverterDouble.read(from: &buf)
+        )
+        
+        case 2: return .canary(share: try FfiConverterDouble.read(from: &buf), unit: try FfiConverterTypeCanaryUnit.read(from: &buf)
+        )
+        
+        case 3: return .ab(share: try FfiConverterDouble.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: RolloutStage, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .shadow(sample):
+            writeInt(&buf, Int32(1))
+            FfiConverterDouble.write(sample, into: &buf)
+            
+        
+        case let .canary(share,unit):
+            writeInt(&buf, Int32(2))
+            FfiConverterDouble.write(share, into: &buf)
+            FfiConverterTypeCanaryUnit.write(unit, into: &buf)
+            
+        
+        case let .ab(share):
+            writeInt(&buf, Int32(3))
+            FfiConverterDouble.write(share, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutStage_lift(_ buf: RustBuffer) throws -> RolloutStage {
+    return try FfiConverterTypeRolloutStage.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutStage_lower(_ value: RolloutStage) -> RustBuffer {
+    return FfiConverterTypeRolloutStage.lower(value)
+}
+
+
+
+/**
+ * Where a rollout stands.
+ */
+
+public enum RolloutVerdict: Equatable, Hashable {
+    
+    /**
+     * Not enough evidence yet.
+     */
+    case `continue`
+    /**
+     * The candidate replaced the active version.
+     */
+    case promote
+    /**
+     * The candidate was rolled back and quarantined.
+     */
+    case rollBack(
+        /**
+         * Why.
+         */reason: RollbackReason
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension RolloutVerdict: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRolloutVerdict: FfiConverterRustBuffer {
+    typealias SwiftType = RolloutVerdict
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RolloutVerdict {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .`continue`
+        
+        case 2: return .promote
+        
+        case 3: return .rollBack(reason: try FfiConverterTypeRollbackReason.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: RolloutVerdict, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .`continue`:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .promote:
+            writeInt(&buf, Int32(2))
+        
+        
+        case let .rollBack(reason):
+            writeInt(&buf, Int32(3))
+            FfiConverterTypeRollbackReason.write(reason, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutVerdict_lift(_ buf: RustBuffer) throws -> RolloutVerdict {
+    return try FfiConverterTypeRolloutVerdict.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRolloutVerdict_lower(_ value: RolloutVerdict) -> RustBuffer {
+    return FfiConverterTypeRolloutVerdict.lower(value)
+}
+
+
+
+
 public enum ShapePolicy: Equatable, Hashable {
     
     case measure
@@ -5884,6 +8516,93 @@ public func FfiConverterTypeStepFailure_lower(_ value: StepFailure) -> RustBuffe
 
 
 
+
+public enum StoreEvent: Equatable, Hashable {
+    
+    case crashDetected(name: String, version: UInt64, crashes: UInt32
+    )
+    case quarantined(name: String, version: UInt64
+    )
+    case rolledBack(name: String, from: UInt64, to: UInt64
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension StoreEvent: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeStoreEvent: FfiConverterRustBuffer {
+    typealias SwiftType = StoreEvent
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> StoreEvent {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .crashDetected(name: try FfiConverterString.read(from: &buf), version: try FfiConverterUInt64.read(from: &buf), crashes: try FfiConverterUInt32.read(from: &buf)
+        )
+        
+        case 2: return .quarantined(name: try FfiConverterString.read(from: &buf), version: try FfiConverterUInt64.read(from: &buf)
+        )
+        
+        case 3: return .rolledBack(name: try FfiConverterString.read(from: &buf), from: try FfiConverterUInt64.read(from: &buf), to: try FfiConverterUInt64.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: StoreEvent, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .crashDetected(name,version,crashes):
+            writeInt(&buf, Int32(1))
+            FfiConverterString.write(name, into: &buf)
+            FfiConverterUInt64.write(version, into: &buf)
+            FfiConverterUInt32.write(crashes, into: &buf)
+            
+        
+        case let .quarantined(name,version):
+            writeInt(&buf, Int32(2))
+            FfiConverterString.write(name, into: &buf)
+            FfiConverterUInt64.write(version, into: &buf)
+            
+        
+        case let .rolledBack(name,from,to):
+            writeInt(&buf, Int32(3))
+            FfiConverterString.write(name, into: &buf)
+            FfiConverterUInt64.write(from, into: &buf)
+            FfiConverterUInt64.write(to, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStoreEvent_lift(_ buf: RustBuffer) throws -> StoreEvent {
+    return try FfiConverterTypeStoreEvent.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeStoreEvent_lower(_ value: StoreEvent) -> RustBuffer {
+    return FfiConverterTypeStoreEvent.lower(value)
+}
+
+
+
 /**
  * Everything that can go wrong, as one exception hierarchy on the foreign side.
  */
@@ -5968,6 +8687,19 @@ enum TernError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
          * Description.
          */detail: String
     )
+    /**
+     * A model bundle, store, update or rollout refused something (a bad signature, an
+     * expired or rolled-back version, a golden mismatch, a quarantined version…; the
+     * model's own failures keep their kinds above).
+     */
+    case Bundle(
+        /**
+         * Which refusal.
+         */kind: BundleErrorKind, 
+        /**
+         * Description.
+         */detail: String
+    )
 
     
 
@@ -6024,6 +8756,10 @@ public struct FfiConverterTypeTernError: FfiConverterRustBuffer {
             kind: try FfiConverterTypeFlowErrorKind.read(from: &buf), 
             detail: try FfiConverterString.read(from: &buf)
             )
+        case 8: return .Bundle(
+            kind: try FfiConverterTypeBundleErrorKind.read(from: &buf), 
+            detail: try FfiConverterString.read(from: &buf)
+            )
 
          default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -6074,6 +8810,12 @@ public struct FfiConverterTypeTernError: FfiConverterRustBuffer {
         case let .Flow(kind,detail):
             writeInt(&buf, Int32(7))
             FfiConverterTypeFlowErrorKind.write(kind, into: &buf)
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .Bundle(kind,detail):
+            writeInt(&buf, Int32(8))
+            FfiConverterTypeBundleErrorKind.write(kind, into: &buf)
             FfiConverterString.write(detail, into: &buf)
             
         }
@@ -6158,6 +8900,93 @@ public func FfiConverterTypeThreadPolicy_lift(_ buf: RustBuffer) throws -> Threa
 #endif
 public func FfiConverterTypeThreadPolicy_lower(_ value: ThreadPolicy) -> RustBuffer {
     return FfiConverterTypeThreadPolicy.lower(value)
+}
+
+
+
+/**
+ * What an update did.
+ */
+
+public enum UpdateResult: Equatable, Hashable {
+    
+    /**
+     * Nothing newer than what the store accepted before.
+     */
+    case upToDate(
+        /**
+         * The repository's newest version of the model, if it has one.
+         */newest: UInt64?
+    )
+    /**
+     * A newer version was downloaded, verified, golden-checked and installed (inactive).
+     */
+    case installed(
+        /**
+         * What was installed.
+         */result: InstallResult
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension UpdateResult: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeUpdateResult: FfiConverterRustBuffer {
+    typealias SwiftType = UpdateResult
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UpdateResult {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .upToDate(newest: try FfiConverterOptionUInt64.read(from: &buf)
+        )
+        
+        case 2: return .installed(result: try FfiConverterTypeInstallResult.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: UpdateResult, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .upToDate(newest):
+            writeInt(&buf, Int32(1))
+            FfiConverterOptionUInt64.write(newest, into: &buf)
+            
+        
+        case let .installed(result):
+            writeInt(&buf, Int32(2))
+            FfiConverterTypeInstallResult.write(result, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUpdateResult_lift(_ buf: RustBuffer) throws -> UpdateResult {
+    return try FfiConverterTypeUpdateResult.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUpdateResult_lower(_ value: UpdateResult) -> RustBuffer {
+    return FfiConverterTypeUpdateResult.lower(value)
 }
 
 
@@ -6285,6 +9114,54 @@ fileprivate struct FfiConverterOptionUInt32: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionUInt64: FfiConverterRustBuffer {
+    typealias SwiftType = UInt64?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterUInt64.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterUInt64.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionDouble: FfiConverterRustBuffer {
+    typealias SwiftType = Double?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterDouble.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterDouble.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
     typealias SwiftType = String?
 
@@ -6301,6 +9178,54 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeRolloutListener: FfiConverterRustBuffer {
+    typealias SwiftType = RolloutListener?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeRolloutListener.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeRolloutListener.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeTolerances: FfiConverterRustBuffer {
+    typealias SwiftType = Tolerances?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeTolerances.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeTolerances.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -6627,6 +9552,56 @@ fileprivate struct FfiConverterSequenceTypeMissingStep: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeModelStatus: FfiConverterRustBuffer {
+    typealias SwiftType = [ModelStatus]
+
+    public static func write(_ value: [ModelStatus], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeModelStatus.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [ModelStatus] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [ModelStatus]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeModelStatus.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeQuarantinedVersion: FfiConverterRustBuffer {
+    typealias SwiftType = [QuarantinedVersion]
+
+    public static func write(_ value: [QuarantinedVersion], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeQuarantinedVersion.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [QuarantinedVersion] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [QuarantinedVersion]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeQuarantinedVersion.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeStepAnswer: FfiConverterRustBuffer {
     typealias SwiftType = [StepAnswer]
 
@@ -6769,6 +9744,31 @@ fileprivate struct FfiConverterSequenceTypeUploadPayload: FfiConverterRustBuffer
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterTypeUploadPayload.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeStoreEvent: FfiConverterRustBuffer {
+    typealias SwiftType = [StoreEvent]
+
+    public static func write(_ value: [StoreEvent], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeStoreEvent.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [StoreEvent] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [StoreEvent]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeStoreEvent.read(from: &buf))
         }
         return seq
     }
@@ -7135,6 +10135,60 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_ternflows_step_stats() != 58578) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tern_ffi_checksum_method_modelfetcher_fetch() != 9453) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_rolloutlistener_on_verdict() != 45205) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_activate() != 5722) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_install_bytes() != 65491) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_install_file() != 49620) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_load() != 4779) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_load_async() != 19822) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_rollback() != 16510) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_rollout() != 64308) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_stage() != 45861) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_status() != 28115) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_update() != 15948) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_update_async() != 25584) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternrollout_health() != 24955) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternrollout_run() != 37576) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternrollout_run_async() != 28277) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternrollout_verdict() != 58247) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tern_ffi_checksum_method_ternrollout_wait_for_shadows() != 19260) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_tern_ffi_checksum_constructor_ternbatcher_new() != 2279) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -7159,8 +10213,13 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_constructor_ternflows_load() != 32231) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tern_ffi_checksum_constructor_ternmodelstore_open() != 46438) {
+        return InitializationResult.apiChecksumMismatch
+    }
 
     uniffiCallbackInitFlowCallback()
+    uniffiCallbackInitModelFetcher()
+    uniffiCallbackInitRolloutListener()
     uniffiCallbackInitTelemetryUploader()
     return InitializationResult.ok
 }()

@@ -257,6 +257,20 @@ typedef void (*UniffiCallbackInterfaceFlowCallbackMethod0)(uint64_t, RustBuffer,
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_MODEL_FETCHER_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_MODEL_FETCHER_METHOD0
+typedef void (*UniffiCallbackInterfaceModelFetcherMethod0)(uint64_t, RustBuffer, uint64_t, uint64_t, RustBuffer* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_ROLLOUT_LISTENER_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_ROLLOUT_LISTENER_METHOD0
+typedef void (*UniffiCallbackInterfaceRolloutListenerMethod0)(uint64_t, RustBuffer, void* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TELEMETRY_UPLOADER
 #define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TELEMETRY_UPLOADER
 typedef struct UniffiVTableCallbackInterfaceTelemetryUploader {
@@ -273,6 +287,24 @@ typedef struct UniffiVTableCallbackInterfaceFlowCallback {
     UniffiCallbackInterfaceClone _Nonnull uniffiClone;
     UniffiCallbackInterfaceFlowCallbackMethod0 _Nonnull compute;
 } UniffiVTableCallbackInterfaceFlowCallback;
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_MODEL_FETCHER
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_MODEL_FETCHER
+typedef struct UniffiVTableCallbackInterfaceModelFetcher {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceModelFetcherMethod0 _Nonnull fetch;
+} UniffiVTableCallbackInterfaceModelFetcher;
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_ROLLOUT_LISTENER
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_ROLLOUT_LISTENER
+typedef struct UniffiVTableCallbackInterfaceRolloutListener {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceRolloutListenerMethod0 _Nonnull onVerdict;
+} UniffiVTableCallbackInterfaceRolloutListener;
 
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TELEMETRYUPLOADER
@@ -563,6 +595,151 @@ uint64_t uniffi_tern_ffi_fn_method_ternflows_run_async(uint64_t ptr, RustBuffer 
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_STEP_STATS
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNFLOWS_STEP_STATS
 RustBuffer uniffi_tern_ffi_fn_method_ternflows_step_stats(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_MODELFETCHER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_MODELFETCHER
+uint64_t uniffi_tern_ffi_fn_clone_modelfetcher(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_MODELFETCHER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_MODELFETCHER
+void uniffi_tern_ffi_fn_free_modelfetcher(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_INIT_CALLBACK_VTABLE_MODELFETCHER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_INIT_CALLBACK_VTABLE_MODELFETCHER
+void uniffi_tern_ffi_fn_init_callback_vtable_modelfetcher(const UniffiVTableCallbackInterfaceModelFetcher* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_MODELFETCHER_FETCH
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_MODELFETCHER_FETCH
+RustBuffer uniffi_tern_ffi_fn_method_modelfetcher_fetch(uint64_t ptr, RustBuffer path, uint64_t offset, uint64_t max_bytes, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_ROLLOUTLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_ROLLOUTLISTENER
+uint64_t uniffi_tern_ffi_fn_clone_rolloutlistener(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_ROLLOUTLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_ROLLOUTLISTENER
+void uniffi_tern_ffi_fn_free_rolloutlistener(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_INIT_CALLBACK_VTABLE_ROLLOUTLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_INIT_CALLBACK_VTABLE_ROLLOUTLISTENER
+void uniffi_tern_ffi_fn_init_callback_vtable_rolloutlistener(const UniffiVTableCallbackInterfaceRolloutListener* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_ROLLOUTLISTENER_ON_VERDICT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_ROLLOUTLISTENER_ON_VERDICT
+void uniffi_tern_ffi_fn_method_rolloutlistener_on_verdict(uint64_t ptr, RustBuffer event, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNMODELSTORE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNMODELSTORE
+uint64_t uniffi_tern_ffi_fn_clone_ternmodelstore(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNMODELSTORE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNMODELSTORE
+void uniffi_tern_ffi_fn_free_ternmodelstore(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNMODELSTORE_OPEN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CONSTRUCTOR_TERNMODELSTORE_OPEN
+uint64_t uniffi_tern_ffi_fn_constructor_ternmodelstore_open(RustBuffer dir, RustBuffer trusted_keys, uint32_t threshold, RustBuffer config, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_ACTIVATE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_ACTIVATE
+void uniffi_tern_ffi_fn_method_ternmodelstore_activate(uint64_t ptr, RustBuffer name, uint64_t version, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_INSTALL_BYTES
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_INSTALL_BYTES
+RustBuffer uniffi_tern_ffi_fn_method_ternmodelstore_install_bytes(uint64_t ptr, RustBuffer bytes, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_INSTALL_FILE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_INSTALL_FILE
+RustBuffer uniffi_tern_ffi_fn_method_ternmodelstore_install_file(uint64_t ptr, RustBuffer path, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_LOAD
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_LOAD
+RustBuffer uniffi_tern_ffi_fn_method_ternmodelstore_load(uint64_t ptr, RustBuffer name, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_LOAD_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_LOAD_ASYNC
+uint64_t uniffi_tern_ffi_fn_method_ternmodelstore_load_async(uint64_t ptr, RustBuffer name
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_ROLLBACK
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_ROLLBACK
+uint64_t uniffi_tern_ffi_fn_method_ternmodelstore_rollback(uint64_t ptr, RustBuffer name, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_ROLLOUT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_ROLLOUT
+uint64_t uniffi_tern_ffi_fn_method_ternmodelstore_rollout(uint64_t ptr, RustBuffer name, RustBuffer config, RustBuffer install_id, RustBuffer listener, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_STAGE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_STAGE
+void uniffi_tern_ffi_fn_method_ternmodelstore_stage(uint64_t ptr, RustBuffer name, uint64_t version, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_STATUS
+RustBuffer uniffi_tern_ffi_fn_method_ternmodelstore_status(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_UPDATE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_UPDATE
+RustBuffer uniffi_tern_ffi_fn_method_ternmodelstore_update(uint64_t ptr, RustBuffer name, RustBuffer initial_root, uint64_t fetcher, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_UPDATE_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNMODELSTORE_UPDATE_ASYNC
+uint64_t uniffi_tern_ffi_fn_method_ternmodelstore_update_async(uint64_t ptr, RustBuffer name, RustBuffer initial_root, uint64_t fetcher
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNROLLOUT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_CLONE_TERNROLLOUT
+uint64_t uniffi_tern_ffi_fn_clone_ternrollout(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNROLLOUT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FREE_TERNROLLOUT
+void uniffi_tern_ffi_fn_free_ternrollout(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_HEALTH
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_HEALTH
+RustBuffer uniffi_tern_ffi_fn_method_ternrollout_health(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_RUN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_RUN
+RustBuffer uniffi_tern_ffi_fn_method_ternrollout_run(uint64_t ptr, RustBuffer inputs, RustBuffer user, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_RUN_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_RUN_ASYNC
+uint64_t uniffi_tern_ffi_fn_method_ternrollout_run_async(uint64_t ptr, RustBuffer inputs, RustBuffer user
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_VERDICT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_VERDICT
+RustBuffer uniffi_tern_ffi_fn_method_ternrollout_verdict(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_WAIT_FOR_SHADOWS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_METHOD_TERNROLLOUT_WAIT_FOR_SHADOWS
+void uniffi_tern_ffi_fn_method_ternrollout_wait_for_shadows(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_FN_FUNC_INIT_TELEMETRY
@@ -1060,6 +1237,114 @@ uint16_t uniffi_tern_ffi_checksum_method_ternflows_step_stats(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_MODELFETCHER_FETCH
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_MODELFETCHER_FETCH
+uint16_t uniffi_tern_ffi_checksum_method_modelfetcher_fetch(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_ROLLOUTLISTENER_ON_VERDICT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_ROLLOUTLISTENER_ON_VERDICT
+uint16_t uniffi_tern_ffi_checksum_method_rolloutlistener_on_verdict(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_ACTIVATE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_ACTIVATE
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_activate(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_INSTALL_BYTES
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_INSTALL_BYTES
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_install_bytes(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_INSTALL_FILE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_INSTALL_FILE
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_install_file(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_LOAD
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_LOAD
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_load(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_LOAD_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_LOAD_ASYNC
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_load_async(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_ROLLBACK
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_ROLLBACK
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_rollback(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_ROLLOUT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_ROLLOUT
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_rollout(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_STAGE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_STAGE
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_stage(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_STATUS
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_status(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_UPDATE
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_UPDATE
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_update(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_UPDATE_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNMODELSTORE_UPDATE_ASYNC
+uint16_t uniffi_tern_ffi_checksum_method_ternmodelstore_update_async(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_HEALTH
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_HEALTH
+uint16_t uniffi_tern_ffi_checksum_method_ternrollout_health(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_RUN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_RUN
+uint16_t uniffi_tern_ffi_checksum_method_ternrollout_run(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_RUN_ASYNC
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_RUN_ASYNC
+uint16_t uniffi_tern_ffi_checksum_method_ternrollout_run_async(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_VERDICT
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_VERDICT
+uint16_t uniffi_tern_ffi_checksum_method_ternrollout_verdict(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_WAIT_FOR_SHADOWS
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_METHOD_TERNROLLOUT_WAIT_FOR_SHADOWS
+uint16_t uniffi_tern_ffi_checksum_method_ternrollout_wait_for_shadows(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNBATCHER_NEW
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNBATCHER_NEW
 uint16_t uniffi_tern_ffi_checksum_constructor_ternbatcher_new(void
@@ -1105,6 +1390,12 @@ uint16_t uniffi_tern_ffi_checksum_constructor_ternflows_from_toml(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNFLOWS_LOAD
 #define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNFLOWS_LOAD
 uint16_t uniffi_tern_ffi_checksum_constructor_ternflows_load(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNMODELSTORE_OPEN
+#define UNIFFI_FFIDEF_UNIFFI_TERN_FFI_CHECKSUM_CONSTRUCTOR_TERNMODELSTORE_OPEN
+uint16_t uniffi_tern_ffi_checksum_constructor_ternmodelstore_open(void
     
 );
 #endif

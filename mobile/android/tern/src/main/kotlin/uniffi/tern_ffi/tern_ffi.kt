@@ -663,6 +663,12 @@ internal interface UniffiCallbackInterfaceTelemetryUploaderMethod0 : com.sun.jna
 internal interface UniffiCallbackInterfaceFlowCallbackMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`inputs`: RustBuffer.ByValue,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,)
 }
+internal interface UniffiCallbackInterfaceModelFetcherMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`path`: RustBuffer.ByValue,`offset`: Long,`maxBytes`: Long,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,)
+}
+internal interface UniffiCallbackInterfaceRolloutListenerMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`event`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
 @Structure.FieldOrder("uniffiFree", "uniffiClone", "upload")
 internal open class UniffiVTableCallbackInterfaceTelemetryUploader(
     @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
@@ -698,6 +704,44 @@ internal open class UniffiVTableCallbackInterfaceFlowCallback(
         `uniffiFree` = other.`uniffiFree`
         `uniffiClone` = other.`uniffiClone`
         `compute` = other.`compute`
+    }
+
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "fetch")
+internal open class UniffiVTableCallbackInterfaceModelFetcher(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `fetch`: UniffiCallbackInterfaceModelFetcherMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `fetch`: UniffiCallbackInterfaceModelFetcherMethod0? = null,
+    ): UniffiVTableCallbackInterfaceModelFetcher(`uniffiFree`,`uniffiClone`,`fetch`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceModelFetcher) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `fetch` = other.`fetch`
+    }
+
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "onVerdict")
+internal open class UniffiVTableCallbackInterfaceRolloutListener(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `onVerdict`: UniffiCallbackInterfaceRolloutListenerMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `onVerdict`: UniffiCallbackInterfaceRolloutListenerMethod0? = null,
+    ): UniffiVTableCallbackInterfaceRolloutListener(`uniffiFree`,`uniffiClone`,`onVerdict`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceRolloutListener) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `onVerdict` = other.`onVerdict`
     }
 
 }
@@ -796,6 +840,42 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tern_ffi_checksum_method_ternflows_step_stats(
     ): Int
+    external fun uniffi_tern_ffi_checksum_method_modelfetcher_fetch(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_rolloutlistener_on_verdict(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_activate(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_install_bytes(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_install_file(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_load(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_load_async(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_rollback(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_rollout(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_stage(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_status(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_update(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternmodelstore_update_async(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternrollout_health(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternrollout_run(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternrollout_run_async(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternrollout_verdict(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_method_ternrollout_wait_for_shadows(
+    ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternbatcher_new(
     ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternjobqueue_open(
@@ -811,6 +891,8 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_tern_ffi_checksum_constructor_ternflows_from_toml(
     ): Int
     external fun uniffi_tern_ffi_checksum_constructor_ternflows_load(
+    ): Int
+    external fun uniffi_tern_ffi_checksum_constructor_ternmodelstore_open(
     ): Int
     external fun ffi_tern_ffi_uniffi_contract_version(
     ): Int
@@ -829,6 +911,8 @@ internal object UniffiLib {
     init {
         Native.register(UniffiLib::class.java, findLibraryName(componentName = "tern_ffi"))
         uniffiCallbackInterfaceFlowCallback.register(this)
+        uniffiCallbackInterfaceModelFetcher.register(this)
+        uniffiCallbackInterfaceRolloutListener.register(this)
         uniffiCallbackInterfaceTelemetryUploader.register(this)
         
     }
@@ -950,6 +1034,64 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_tern_ffi_fn_method_ternflows_step_stats(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_clone_modelfetcher(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_modelfetcher(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_init_callback_vtable_modelfetcher(`vtable`: UniffiVTableCallbackInterfaceModelFetcher,
+    ): Unit
+    external fun uniffi_tern_ffi_fn_method_modelfetcher_fetch(`ptr`: Long,`path`: RustBuffer.ByValue,`offset`: Long,`maxBytes`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_clone_rolloutlistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_rolloutlistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_init_callback_vtable_rolloutlistener(`vtable`: UniffiVTableCallbackInterfaceRolloutListener,
+    ): Unit
+    external fun uniffi_tern_ffi_fn_method_rolloutlistener_on_verdict(`ptr`: Long,`event`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_clone_ternmodelstore(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_ternmodelstore(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_constructor_ternmodelstore_open(`dir`: RustBuffer.ByValue,`trustedKeys`: RustBuffer.ByValue,`threshold`: Int,`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_activate(`ptr`: Long,`name`: RustBuffer.ByValue,`version`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_install_bytes(`ptr`: Long,`bytes`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_install_file(`ptr`: Long,`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_load(`ptr`: Long,`name`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_load_async(`ptr`: Long,`name`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_rollback(`ptr`: Long,`name`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_rollout(`ptr`: Long,`name`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`installId`: RustBuffer.ByValue,`listener`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_stage(`ptr`: Long,`name`: RustBuffer.ByValue,`version`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_status(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_update(`ptr`: Long,`name`: RustBuffer.ByValue,`initialRoot`: RustBuffer.ByValue,`fetcher`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternmodelstore_update_async(`ptr`: Long,`name`: RustBuffer.ByValue,`initialRoot`: RustBuffer.ByValue,`fetcher`: Long,
+    ): Long
+    external fun uniffi_tern_ffi_fn_clone_ternrollout(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tern_ffi_fn_free_ternrollout(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tern_ffi_fn_method_ternrollout_health(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternrollout_run(`ptr`: Long,`inputs`: RustBuffer.ByValue,`user`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternrollout_run_async(`ptr`: Long,`inputs`: RustBuffer.ByValue,`user`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_tern_ffi_fn_method_ternrollout_verdict(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tern_ffi_fn_method_ternrollout_wait_for_shadows(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_tern_ffi_fn_func_init_telemetry(`dir`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_tern_ffi_fn_func_tensor_f32(`name`: RustBuffer.ByValue,`shape`: RustBuffer.ByValue,`values`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1184,6 +1326,60 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_ternflows_step_stats() and 0xFFFF) != 58578) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_tern_ffi_checksum_method_modelfetcher_fetch() and 0xFFFF) != 9453) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_rolloutlistener_on_verdict() and 0xFFFF) != 45205) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_activate() and 0xFFFF) != 5722) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_install_bytes() and 0xFFFF) != 65491) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_install_file() and 0xFFFF) != 49620) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_load() and 0xFFFF) != 4779) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_load_async() and 0xFFFF) != 19822) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_rollback() and 0xFFFF) != 16510) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_rollout() and 0xFFFF) != 64308) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_stage() and 0xFFFF) != 45861) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_status() and 0xFFFF) != 28115) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_update() and 0xFFFF) != 15948) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_update_async() and 0xFFFF) != 25584) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternrollout_health() and 0xFFFF) != 24955) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternrollout_run() and 0xFFFF) != 37576) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternrollout_run_async() and 0xFFFF) != 28277) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternrollout_verdict() and 0xFFFF) != 58247) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_method_ternrollout_wait_for_shadows() and 0xFFFF) != 19260) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_tern_ffi_checksum_constructor_ternbatcher_new() and 0xFFFF) != 2279) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -1206,6 +1402,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_constructor_ternflows_load() and 0xFFFF) != 32231) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tern_ffi_checksum_constructor_ternmodelstore_open() and 0xFFFF) != 46438) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -2003,6 +2202,675 @@ public object FfiConverterTypeFlowCallback: FfiConverter<FlowCallback, Long> {
     override fun allocationSize(value: FlowCallback) = 8UL
 
     override fun write(value: FlowCallback, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
+ * Implemented by the app: reads a byte range of a repository file with its own network
+ * stack (OkHttp, URLSession…), when and how the app decides. An exception it throws counts
+ * as `Failed`.
+ */
+public interface ModelFetcher {
+    
+    /**
+     * Up to `max_bytes` of the file at `path` (relative to the repository) from `offset`.
+     */
+    fun `fetch`(`path`: kotlin.String, `offset`: kotlin.ULong, `maxBytes`: kotlin.ULong): FetchResult
+    
+    companion object
+}
+
+/**
+ * Implemented by the app: reads a byte range of a repository file with its own network
+ * stack (OkHttp, URLSession…), when and how the app decides. An exception it throws counts
+ * as `Failed`.
+ */
+open class ModelFetcherImpl: Disposable, AutoCloseable, ModelFetcher
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_modelfetcher(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_modelfetcher(handle, status)
+        }
+    }
+
+    
+    /**
+     * Up to `max_bytes` of the file at `path` (relative to the repository) from `offset`.
+     */
+    @Throws(TernException::class)override fun `fetch`(`path`: kotlin.String, `offset`: kotlin.ULong, `maxBytes`: kotlin.ULong): FetchResult {
+            return FfiConverterTypeFetchResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_modelfetcher_fetch(
+        it,
+        
+        FfiConverterString.lower(`path`),
+        FfiConverterULong.lower(`offset`),
+        FfiConverterULong.lower(`maxBytes`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceModelFetcher {
+    internal object `fetch`: UniffiCallbackInterfaceModelFetcherMethod0 {
+        override fun callback(`uniffiHandle`: Long,`path`: RustBuffer.ByValue,`offset`: Long,`maxBytes`: Long,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeModelFetcher.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`fetch`(
+                    FfiConverterString.lift(`path`),
+                    FfiConverterULong.lift(`offset`),
+                    FfiConverterULong.lift(`maxBytes`),
+                )
+            }
+            val writeReturn = { value: FetchResult -> uniffiOutReturn.setValue(FfiConverterTypeFetchResult.lower(value)) }
+            uniffiTraitInterfaceCallWithError(
+                uniffiCallStatus,
+                makeCall,
+                writeReturn,
+                { e: TernException -> FfiConverterTypeTernError.lower(e) }
+            )
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeModelFetcher.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypeModelFetcher.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceModelFetcher.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `fetch`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_tern_ffi_fn_init_callback_vtable_modelfetcher(vtable)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeModelFetcher: FfiConverter<ModelFetcher, Long> {
+    internal val handleMap = UniffiHandleMap<ModelFetcher>()
+
+    override fun lower(value: ModelFetcher): Long {
+        if (value is ModelFetcherImpl) {
+             // Rust-implemented object.  Clone the handle and return it
+            return value.uniffiCloneHandle()
+         } else {
+            // Kotlin object, generate a new vtable handle and return that.
+            return handleMap.insert(value)
+         }
+    }
+
+    override fun lift(value: Long): ModelFetcher {
+        if ((value and 1.toLong()) == 0.toLong()) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return ModelFetcherImpl(UniffiWithHandle, value)
+        } else {
+            // Kotlin-generated handle, get the object from the handle map
+            return handleMap.remove(value)
+        }
+    }
+
+    override fun read(buf: ByteBuffer): ModelFetcher {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: ModelFetcher) = 8UL
+
+    override fun write(value: ModelFetcher, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
+ * Implemented by the app: hears a rollout's verdict once it is applied to the store (to
+ * record it, or to reload). An exception it throws is ignored.
+ */
+public interface RolloutListener {
+    
+    /**
+     * Called once, from the thread whose request reached the verdict.
+     */
+    fun `onVerdict`(`event`: RolloutEvent)
+    
+    companion object
+}
+
+/**
+ * Implemented by the app: hears a rollout's verdict once it is applied to the store (to
+ * record it, or to reload). An exception it throws is ignored.
+ */
+open class RolloutListenerImpl: Disposable, AutoCloseable, RolloutListener
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_rolloutlistener(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_rolloutlistener(handle, status)
+        }
+    }
+
+    
+    /**
+     * Called once, from the thread whose request reached the verdict.
+     */
+    @Throws(TernException::class)override fun `onVerdict`(`event`: RolloutEvent)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_rolloutlistener_on_verdict(
+        it,
+        
+        FfiConverterTypeRolloutEvent.lower(`event`),_status)
+}
+    }
+    
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceRolloutListener {
+    internal object `onVerdict`: UniffiCallbackInterfaceRolloutListenerMethod0 {
+        override fun callback(`uniffiHandle`: Long,`event`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeRolloutListener.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`onVerdict`(
+                    FfiConverterTypeRolloutEvent.lift(`event`),
+                )
+            }
+            val writeReturn = { _: Unit -> Unit }
+            uniffiTraitInterfaceCallWithError(
+                uniffiCallStatus,
+                makeCall,
+                writeReturn,
+                { e: TernException -> FfiConverterTypeTernError.lower(e) }
+            )
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeRolloutListener.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypeRolloutListener.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceRolloutListener.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `onVerdict`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_tern_ffi_fn_init_callback_vtable_rolloutlistener(vtable)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRolloutListener: FfiConverter<RolloutListener, Long> {
+    internal val handleMap = UniffiHandleMap<RolloutListener>()
+
+    override fun lower(value: RolloutListener): Long {
+        if (value is RolloutListenerImpl) {
+             // Rust-implemented object.  Clone the handle and return it
+            return value.uniffiCloneHandle()
+         } else {
+            // Kotlin object, generate a new vtable handle and return that.
+            return handleMap.insert(value)
+         }
+    }
+
+    override fun lift(value: Long): RolloutListener {
+        if ((value and 1.toLong()) == 0.toLong()) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return RolloutListenerImpl(UniffiWithHandle, value)
+        } else {
+            // Kotlin-generated handle, get the object from the handle map
+            return handleMap.remove(value)
+        }
+    }
+
+    override fun read(buf: ByteBuffer): RolloutListener {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: RolloutListener) = 8UL
+
+    override fun write(value: RolloutListener, buf: ByteBuffer) {
         buf.putLong(lower(value))
     }
 }
@@ -3870,6 +4738,919 @@ public object FfiConverterTypeTernModel: FfiConverter<TernModel, Long> {
 
 
 /**
+ * A directory of signed, verified model bundles on the device.
+ */
+public interface TernModelStoreInterface {
+    
+    /**
+     * Makes an installed version active.
+     */
+    fun `activate`(`name`: kotlin.String, `version`: kotlin.ULong)
+    
+    /**
+     * Verifies, golden-checks and stores a bundle given as bytes (inactive).
+     */
+    fun `installBytes`(`bytes`: kotlin.ByteArray): InstallResult
+    
+    /**
+     * Verifies, golden-checks and stores the bundle file at `path` (inactive).
+     */
+    fun `installFile`(`path`: kotlin.String): InstallResult
+    
+    /**
+     * Loads the active version under the crash breadcrumb (a version the process died
+     * loading twice is quarantined and the previous one loads instead), golden-checked.
+     */
+    fun `load`(`name`: kotlin.String): LoadedModel
+    
+    /**
+     * [`TernModelStore::load`] on a tern thread (a `suspend fun` in Kotlin).
+     */
+    suspend fun `loadAsync`(`name`: kotlin.String): LoadedModel
+    
+    /**
+     * Goes back to the previous version; returns it.
+     */
+    fun `rollback`(`name`: kotlin.String): kotlin.ULong
+    
+    /**
+     * Rolls `name`'s staged candidate out beside its active version on this device
+     * (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+     * reached, then `listener` hears it.
+     */
+    fun `rollout`(`name`: kotlin.String, `config`: RolloutConfig, `installId`: kotlin.String, `listener`: RolloutListener?): TernRollout
+    
+    /**
+     * Makes an installed version the candidate of the next rollout.
+     */
+    fun `stage`(`name`: kotlin.String, `version`: kotlin.ULong)
+    
+    /**
+     * Every model's versions.
+     */
+    fun `status`(): List<ModelStatus>
+    
+    /**
+     * Pulls `name`'s newest version from the repository `fetcher` reads: TUF metadata
+     * verified from `initial_root` (first run only; the store keeps newer roots) up, the
+     * bundle downloaded resumably, verified, golden-checked and installed (inactive).
+     */
+    fun `update`(`name`: kotlin.String, `initialRoot`: kotlin.ByteArray, `fetcher`: ModelFetcher): UpdateResult
+    
+    /**
+     * [`TernModelStore::update`] on a tern thread (a `suspend fun` in Kotlin, `async` in
+     * Swift): downloads never block the caller's thread.
+     */
+    suspend fun `updateAsync`(`name`: kotlin.String, `initialRoot`: kotlin.ByteArray, `fetcher`: ModelFetcher): UpdateResult
+    
+    companion object
+}
+
+/**
+ * A directory of signed, verified model bundles on the device.
+ */
+open class TernModelStore: Disposable, AutoCloseable, TernModelStoreInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_ternmodelstore(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_ternmodelstore(handle, status)
+        }
+    }
+
+    
+    /**
+     * Makes an installed version active.
+     */
+    @Throws(TernException::class)override fun `activate`(`name`: kotlin.String, `version`: kotlin.ULong)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_activate(
+        it,
+        
+        FfiConverterString.lower(`name`),
+        FfiConverterULong.lower(`version`),_status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Verifies, golden-checks and stores a bundle given as bytes (inactive).
+     */
+    @Throws(TernException::class)override fun `installBytes`(`bytes`: kotlin.ByteArray): InstallResult {
+            return FfiConverterTypeInstallResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_install_bytes(
+        it,
+        
+        FfiConverterByteArray.lower(`bytes`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Verifies, golden-checks and stores the bundle file at `path` (inactive).
+     */
+    @Throws(TernException::class)override fun `installFile`(`path`: kotlin.String): InstallResult {
+            return FfiConverterTypeInstallResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_install_file(
+        it,
+        
+        FfiConverterString.lower(`path`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Loads the active version under the crash breadcrumb (a version the process died
+     * loading twice is quarantined and the previous one loads instead), golden-checked.
+     */
+    @Throws(TernException::class)override fun `load`(`name`: kotlin.String): LoadedModel {
+            return FfiConverterTypeLoadedModel.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_load(
+        it,
+        
+        FfiConverterString.lower(`name`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * [`TernModelStore::load`] on a tern thread (a `suspend fun` in Kotlin).
+     */
+    @Throws(TernException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `loadAsync`(`name`: kotlin.String) : LoadedModel {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_load_async(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`name`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_tern_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_tern_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_tern_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeLoadedModel.lift(it) },
+        // Error FFI converter
+        TernException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Goes back to the previous version; returns it.
+     */
+    @Throws(TernException::class)override fun `rollback`(`name`: kotlin.String): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_rollback(
+        it,
+        
+        FfiConverterString.lower(`name`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Rolls `name`'s staged candidate out beside its active version on this device
+     * (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+     * reached, then `listener` hears it.
+     */
+    @Throws(TernException::class)override fun `rollout`(`name`: kotlin.String, `config`: RolloutConfig, `installId`: kotlin.String, `listener`: RolloutListener?): TernRollout {
+            return FfiConverterTypeTernRollout.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_rollout(
+        it,
+        
+        FfiConverterString.lower(`name`),
+        FfiConverterTypeRolloutConfig.lower(`config`),
+        FfiConverterString.lower(`installId`),
+        FfiConverterOptionalTypeRolloutListener.lower(`listener`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Makes an installed version the candidate of the next rollout.
+     */
+    @Throws(TernException::class)override fun `stage`(`name`: kotlin.String, `version`: kotlin.ULong)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_stage(
+        it,
+        
+        FfiConverterString.lower(`name`),
+        FfiConverterULong.lower(`version`),_status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Every model's versions.
+     */
+    @Throws(TernException::class)override fun `status`(): List<ModelStatus> {
+            return FfiConverterSequenceTypeModelStatus.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_status(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Pulls `name`'s newest version from the repository `fetcher` reads: TUF metadata
+     * verified from `initial_root` (first run only; the store keeps newer roots) up, the
+     * bundle downloaded resumably, verified, golden-checked and installed (inactive).
+     */
+    @Throws(TernException::class)override fun `update`(`name`: kotlin.String, `initialRoot`: kotlin.ByteArray, `fetcher`: ModelFetcher): UpdateResult {
+            return FfiConverterTypeUpdateResult.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_update(
+        it,
+        
+        FfiConverterString.lower(`name`),
+        FfiConverterByteArray.lower(`initialRoot`),
+        FfiConverterTypeModelFetcher.lower(`fetcher`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * [`TernModelStore::update`] on a tern thread (a `suspend fun` in Kotlin, `async` in
+     * Swift): downloads never block the caller's thread.
+     */
+    @Throws(TernException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `updateAsync`(`name`: kotlin.String, `initialRoot`: kotlin.ByteArray, `fetcher`: ModelFetcher) : UpdateResult {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_tern_ffi_fn_method_ternmodelstore_update_async(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`name`),
+        FfiConverterByteArray.lower(`initialRoot`),
+        FfiConverterTypeModelFetcher.lower(`fetcher`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_tern_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_tern_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_tern_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeUpdateResult.lift(it) },
+        // Error FFI converter
+        TernException.ErrorHandler,
+    )
+    }
+
+    
+
+    
+
+
+    
+    companion object {
+        
+    /**
+     * Opens (creating) the store in `dir`, trusting bundles signed by `threshold` of
+     * `trusted_keys` (public keys in TUF's JSON form: the `.pub` files `tern bundle
+     * keygen` writes).
+     */
+    @Throws(TernException::class) fun `open`(`dir`: kotlin.String, `trustedKeys`: List<kotlin.String>, `threshold`: kotlin.UInt, `config`: StoreConfig): TernModelStore {
+            return FfiConverterTypeTernModelStore.lift(
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_constructor_ternmodelstore_open(
+    
+        
+        FfiConverterString.lower(`dir`),
+        FfiConverterSequenceString.lower(`trustedKeys`),
+        FfiConverterUInt.lower(`threshold`),
+        FfiConverterTypeStoreConfig.lower(`config`),_status)
+}
+    )
+    }
+    
+
+        
+    }
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTernModelStore: FfiConverter<TernModelStore, Long> {
+    override fun lower(value: TernModelStore): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): TernModelStore {
+        return TernModelStore(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): TernModelStore {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: TernModelStore) = 8UL
+
+    override fun write(value: TernModelStore, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
+ * A candidate version served beside the active one; share it across threads.
+ */
+public interface TernRolloutInterface {
+    
+    /**
+     * What it has recorded.
+     */
+    fun `health`(): RolloutHealth
+    
+    /**
+     * Answers one request (`user` keys an A/B arm; without it the device is the user).
+     */
+    fun `run`(`inputs`: List<TensorData>, `user`: kotlin.String?): Served
+    
+    /**
+     * [`TernRollout::run`] on a tern thread.
+     */
+    suspend fun `runAsync`(`inputs`: List<TensorData>, `user`: kotlin.String?): Served
+    
+    /**
+     * The verdict so far.
+     */
+    fun `verdict`(): RolloutVerdict
+    
+    /**
+     * Waits until every shadow run queued so far is recorded.
+     */
+    fun `waitForShadows`()
+    
+    companion object
+}
+
+/**
+ * A candidate version served beside the active one; share it across threads.
+ */
+open class TernRollout: Disposable, AutoCloseable, TernRolloutInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tern_ffi_fn_free_ternrollout(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tern_ffi_fn_clone_ternrollout(handle, status)
+        }
+    }
+
+    
+    /**
+     * What it has recorded.
+     */override fun `health`(): RolloutHealth {
+            return FfiConverterTypeRolloutHealth.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternrollout_health(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Answers one request (`user` keys an A/B arm; without it the device is the user).
+     */
+    @Throws(TernException::class)override fun `run`(`inputs`: List<TensorData>, `user`: kotlin.String?): Served {
+            return FfiConverterTypeServed.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TernException) { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternrollout_run(
+        it,
+        
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),
+        FfiConverterOptionalString.lower(`user`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * [`TernRollout::run`] on a tern thread.
+     */
+    @Throws(TernException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `runAsync`(`inputs`: List<TensorData>, `user`: kotlin.String?) : Served {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_tern_ffi_fn_method_ternrollout_run_async(
+                uniffiHandle,
+                
+        FfiConverterSequenceTypeTensorData.lower(`inputs`),
+        FfiConverterOptionalString.lower(`user`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_tern_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_tern_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_tern_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeServed.lift(it) },
+        // Error FFI converter
+        TernException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * The verdict so far.
+     */override fun `verdict`(): RolloutVerdict {
+            return FfiConverterTypeRolloutVerdict.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternrollout_verdict(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Waits until every shadow run queued so far is recorded.
+     */override fun `waitForShadows`()
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tern_ffi_fn_method_ternrollout_wait_for_shadows(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTernRollout: FfiConverter<TernRollout, Long> {
+    override fun lower(value: TernRollout): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): TernRollout {
+        return TernRollout(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): TernRollout {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: TernRollout) = 8UL
+
+    override fun write(value: TernRollout, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
  * A model prepared to run; share it across threads.
  */
 public interface TernSessionInterface {
@@ -5154,6 +6935,77 @@ public object FfiConverterTypeFlowResult: FfiConverterRustBuffer<FlowResult> {
 
 
 /**
+ * A version installed (not yet active).
+ */
+data class InstallResult (
+    /**
+     * The model.
+     */
+    var `name`: kotlin.String
+    , 
+    /**
+     * The version.
+     */
+    var `version`: kotlin.ULong
+    , 
+    /**
+     * Golden samples run on this device.
+     */
+    var `goldenSamples`: kotlin.ULong
+    , 
+    /**
+     * The largest difference from a golden output as a share of its tolerance (≤ 1).
+     */
+    var `goldenWorstShare`: kotlin.Double
+    , 
+    /**
+     * Older versions removed to stay within `keep` and the quota.
+     */
+    var `removed`: List<kotlin.ULong>
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeInstallResult: FfiConverterRustBuffer<InstallResult> {
+    override fun read(buf: ByteBuffer): InstallResult {
+        return InstallResult(
+            FfiConverterString.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterSequenceULong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: InstallResult) = (
+            FfiConverterString.allocationSize(value.`name`) +
+            FfiConverterULong.allocationSize(value.`version`) +
+            FfiConverterULong.allocationSize(value.`goldenSamples`) +
+            FfiConverterDouble.allocationSize(value.`goldenWorstShare`) +
+            FfiConverterSequenceULong.allocationSize(value.`removed`)
+    )
+
+    override fun write(value: InstallResult, buf: ByteBuffer) {
+            FfiConverterString.write(value.`name`, buf)
+            FfiConverterULong.write(value.`version`, buf)
+            FfiConverterULong.write(value.`goldenSamples`, buf)
+            FfiConverterDouble.write(value.`goldenWorstShare`, buf)
+            FfiConverterSequenceULong.write(value.`removed`, buf)
+    }
+}
+
+
+
+/**
  * How a job queue bounds and retries its jobs.
  */
 data class JobConfig (
@@ -5274,6 +7126,80 @@ public object FfiConverterTypeJobRunReport: FfiConverterRustBuffer<JobRunReport>
             FfiConverterUInt.write(value.`retried`, buf)
             FfiConverterUInt.write(value.`pending`, buf)
             FfiConverterBoolean.write(value.`outOfTime`, buf)
+    }
+}
+
+
+
+/**
+ * The active version, loaded.
+ */
+data class LoadedModel (
+    /**
+     * The version.
+     */
+    var `version`: kotlin.ULong
+    , 
+    /**
+     * A session on it.
+     */
+    var `session`: TernSession
+    , 
+    /**
+     * What the store decided before loading it (crash detected, quarantine, rollback).
+     */
+    var `events`: List<StoreEvent>
+    , 
+    /**
+     * Its golden samples' worst share of tolerance on this session.
+     */
+    var `goldenWorstShare`: kotlin.Double
+    
+): Disposable{
+    
+
+    
+
+    
+    @Suppress("UNNECESSARY_SAFE_CALL") // codegen is much simpler if we unconditionally emit safe calls here
+    override fun destroy() {
+        
+    Disposable.destroy(
+        this.`version`,
+        this.`session`,
+        this.`events`,
+        this.`goldenWorstShare`
+    )
+    }
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLoadedModel: FfiConverterRustBuffer<LoadedModel> {
+    override fun read(buf: ByteBuffer): LoadedModel {
+        return LoadedModel(
+            FfiConverterULong.read(buf),
+            FfiConverterTypeTernSession.read(buf),
+            FfiConverterSequenceTypeStoreEvent.read(buf),
+            FfiConverterDouble.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: LoadedModel) = (
+            FfiConverterULong.allocationSize(value.`version`) +
+            FfiConverterTypeTernSession.allocationSize(value.`session`) +
+            FfiConverterSequenceTypeStoreEvent.allocationSize(value.`events`) +
+            FfiConverterDouble.allocationSize(value.`goldenWorstShare`)
+    )
+
+    override fun write(value: LoadedModel, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`version`, buf)
+            FfiConverterTypeTernSession.write(value.`session`, buf)
+            FfiConverterSequenceTypeStoreEvent.write(value.`events`, buf)
+            FfiConverterDouble.write(value.`goldenWorstShare`, buf)
     }
 }
 
@@ -5416,6 +7342,457 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterString.write(value.`producer`, buf)
             FfiConverterULong.write(value.`parameterCount`, buf)
             FfiConverterBoolean.write(value.`quantized`, buf)
+    }
+}
+
+
+
+/**
+ * One model's versions in a store.
+ */
+data class ModelStatus (
+    /**
+     * The model.
+     */
+    var `name`: kotlin.String
+    , 
+    /**
+     * The version serving.
+     */
+    var `active`: kotlin.ULong?
+    , 
+    /**
+     * The one before it.
+     */
+    var `previous`: kotlin.ULong?
+    , 
+    /**
+     * The version staged for a rollout.
+     */
+    var `candidate`: kotlin.ULong?
+    , 
+    /**
+     * Every version on disk.
+     */
+    var `installed`: List<kotlin.ULong>
+    , 
+    /**
+     * The highest version ever accepted.
+     */
+    var `highest`: kotlin.ULong
+    , 
+    /**
+     * Versions never activated again.
+     */
+    var `quarantined`: List<QuarantinedVersion>
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeModelStatus: FfiConverterRustBuffer<ModelStatus> {
+    override fun read(buf: ByteBuffer): ModelStatus {
+        return ModelStatus(
+            FfiConverterString.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterSequenceULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterSequenceTypeQuarantinedVersion.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: ModelStatus) = (
+            FfiConverterString.allocationSize(value.`name`) +
+            FfiConverterOptionalULong.allocationSize(value.`active`) +
+            FfiConverterOptionalULong.allocationSize(value.`previous`) +
+            FfiConverterOptionalULong.allocationSize(value.`candidate`) +
+            FfiConverterSequenceULong.allocationSize(value.`installed`) +
+            FfiConverterULong.allocationSize(value.`highest`) +
+            FfiConverterSequenceTypeQuarantinedVersion.allocationSize(value.`quarantined`)
+    )
+
+    override fun write(value: ModelStatus, buf: ByteBuffer) {
+            FfiConverterString.write(value.`name`, buf)
+            FfiConverterOptionalULong.write(value.`active`, buf)
+            FfiConverterOptionalULong.write(value.`previous`, buf)
+            FfiConverterOptionalULong.write(value.`candidate`, buf)
+            FfiConverterSequenceULong.write(value.`installed`, buf)
+            FfiConverterULong.write(value.`highest`, buf)
+            FfiConverterSequenceTypeQuarantinedVersion.write(value.`quarantined`, buf)
+    }
+}
+
+
+
+/**
+ * A version quarantined, and why.
+ */
+data class QuarantinedVersion (
+    /**
+     * The version.
+     */
+    var `version`: kotlin.ULong
+    , 
+    /**
+     * Why (a crash loop, or its rollout's verdict), in words.
+     */
+    var `reason`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeQuarantinedVersion: FfiConverterRustBuffer<QuarantinedVersion> {
+    override fun read(buf: ByteBuffer): QuarantinedVersion {
+        return QuarantinedVersion(
+            FfiConverterULong.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: QuarantinedVersion) = (
+            FfiConverterULong.allocationSize(value.`version`) +
+            FfiConverterString.allocationSize(value.`reason`)
+    )
+
+    override fun write(value: QuarantinedVersion, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`version`, buf)
+            FfiConverterString.write(value.`reason`, buf)
+    }
+}
+
+
+
+/**
+ * A rollout's stage and health bounds (`tern_bundle::RolloutPolicy`); every bound has
+ * tern's default.
+ */
+data class RolloutConfig (
+    /**
+     * The stage.
+     */
+    var `stage`: RolloutStage
+    , 
+    /**
+     * Candidate runs before any verdict.
+     */
+    var `minRequests`: kotlin.ULong = 100uL 
+    , 
+    /**
+     * Roll back above the active version's error rate plus this.
+     */
+    var `maxErrorRateIncrease`: kotlin.Double = 0.01 
+    , 
+    /**
+     * Roll back above the active version's p95 latency times this.
+     */
+    var `maxP95Ratio`: kotlin.Double = 1.5 
+    , 
+    /**
+     * Roll back below this share of agreeing shadow runs.
+     */
+    var `minAgreement`: kotlin.Double = 0.95 
+    , 
+    /**
+     * Promote after this many healthy candidate runs (`None`: the app promotes).
+     */
+    var `promoteAfter`: kotlin.ULong? = 1000uL 
+    , 
+    /**
+     * Shadow agreement within these tolerances instead of the same top class.
+     */
+    var `closeWithin`: Tolerances? = null 
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRolloutConfig: FfiConverterRustBuffer<RolloutConfig> {
+    override fun read(buf: ByteBuffer): RolloutConfig {
+        return RolloutConfig(
+            FfiConverterTypeRolloutStage.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalTypeTolerances.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: RolloutConfig) = (
+            FfiConverterTypeRolloutStage.allocationSize(value.`stage`) +
+            FfiConverterULong.allocationSize(value.`minRequests`) +
+            FfiConverterDouble.allocationSize(value.`maxErrorRateIncrease`) +
+            FfiConverterDouble.allocationSize(value.`maxP95Ratio`) +
+            FfiConverterDouble.allocationSize(value.`minAgreement`) +
+            FfiConverterOptionalULong.allocationSize(value.`promoteAfter`) +
+            FfiConverterOptionalTypeTolerances.allocationSize(value.`closeWithin`)
+    )
+
+    override fun write(value: RolloutConfig, buf: ByteBuffer) {
+            FfiConverterTypeRolloutStage.write(value.`stage`, buf)
+            FfiConverterULong.write(value.`minRequests`, buf)
+            FfiConverterDouble.write(value.`maxErrorRateIncrease`, buf)
+            FfiConverterDouble.write(value.`maxP95Ratio`, buf)
+            FfiConverterDouble.write(value.`minAgreement`, buf)
+            FfiConverterOptionalULong.write(value.`promoteAfter`, buf)
+            FfiConverterOptionalTypeTolerances.write(value.`closeWithin`, buf)
+    }
+}
+
+
+
+/**
+ * A verdict, as the listener hears it.
+ */
+data class RolloutEvent (
+    /**
+     * The model.
+     */
+    var `name`: kotlin.String
+    , 
+    /**
+     * The active version.
+     */
+    var `active`: kotlin.ULong
+    , 
+    /**
+     * The candidate.
+     */
+    var `candidate`: kotlin.ULong
+    , 
+    /**
+     * The verdict.
+     */
+    var `verdict`: RolloutVerdict
+    , 
+    /**
+     * Candidate runs when it was reached.
+     */
+    var `candidateRuns`: kotlin.ULong
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRolloutEvent: FfiConverterRustBuffer<RolloutEvent> {
+    override fun read(buf: ByteBuffer): RolloutEvent {
+        return RolloutEvent(
+            FfiConverterString.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterTypeRolloutVerdict.read(buf),
+            FfiConverterULong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: RolloutEvent) = (
+            FfiConverterString.allocationSize(value.`name`) +
+            FfiConverterULong.allocationSize(value.`active`) +
+            FfiConverterULong.allocationSize(value.`candidate`) +
+            FfiConverterTypeRolloutVerdict.allocationSize(value.`verdict`) +
+            FfiConverterULong.allocationSize(value.`candidateRuns`)
+    )
+
+    override fun write(value: RolloutEvent, buf: ByteBuffer) {
+            FfiConverterString.write(value.`name`, buf)
+            FfiConverterULong.write(value.`active`, buf)
+            FfiConverterULong.write(value.`candidate`, buf)
+            FfiConverterTypeRolloutVerdict.write(value.`verdict`, buf)
+            FfiConverterULong.write(value.`candidateRuns`, buf)
+    }
+}
+
+
+
+/**
+ * A rollout's health so far.
+ */
+data class RolloutHealth (
+    /**
+     * Active version runs.
+     */
+    var `activeRuns`: kotlin.ULong
+    , 
+    /**
+     * Of which failed.
+     */
+    var `activeErrors`: kotlin.ULong
+    , 
+    /**
+     * Its p95 latency, ms.
+     */
+    var `activeP95Ms`: kotlin.Double?
+    , 
+    /**
+     * Candidate runs.
+     */
+    var `candidateRuns`: kotlin.ULong
+    , 
+    /**
+     * Of which failed.
+     */
+    var `candidateErrors`: kotlin.ULong
+    , 
+    /**
+     * Its p95 latency, ms.
+     */
+    var `candidateP95Ms`: kotlin.Double?
+    , 
+    /**
+     * Shadow runs compared.
+     */
+    var `compared`: kotlin.ULong
+    , 
+    /**
+     * Of which agreed.
+     */
+    var `agreed`: kotlin.ULong
+    , 
+    /**
+     * Shadow runs skipped (busy).
+     */
+    var `shadowSkipped`: kotlin.ULong
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRolloutHealth: FfiConverterRustBuffer<RolloutHealth> {
+    override fun read(buf: ByteBuffer): RolloutHealth {
+        return RolloutHealth(
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterOptionalDouble.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterOptionalDouble.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: RolloutHealth) = (
+            FfiConverterULong.allocationSize(value.`activeRuns`) +
+            FfiConverterULong.allocationSize(value.`activeErrors`) +
+            FfiConverterOptionalDouble.allocationSize(value.`activeP95Ms`) +
+            FfiConverterULong.allocationSize(value.`candidateRuns`) +
+            FfiConverterULong.allocationSize(value.`candidateErrors`) +
+            FfiConverterOptionalDouble.allocationSize(value.`candidateP95Ms`) +
+            FfiConverterULong.allocationSize(value.`compared`) +
+            FfiConverterULong.allocationSize(value.`agreed`) +
+            FfiConverterULong.allocationSize(value.`shadowSkipped`)
+    )
+
+    override fun write(value: RolloutHealth, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`activeRuns`, buf)
+            FfiConverterULong.write(value.`activeErrors`, buf)
+            FfiConverterOptionalDouble.write(value.`activeP95Ms`, buf)
+            FfiConverterULong.write(value.`candidateRuns`, buf)
+            FfiConverterULong.write(value.`candidateErrors`, buf)
+            FfiConverterOptionalDouble.write(value.`candidateP95Ms`, buf)
+            FfiConverterULong.write(value.`compared`, buf)
+            FfiConverterULong.write(value.`agreed`, buf)
+            FfiConverterULong.write(value.`shadowSkipped`, buf)
+    }
+}
+
+
+
+/**
+ * One request's answer in a rollout.
+ */
+data class Served (
+    /**
+     * The outputs.
+     */
+    var `outputs`: List<TensorData>
+    , 
+    /**
+     * The version that answered.
+     */
+    var `version`: kotlin.ULong
+    , 
+    /**
+     * Its arm.
+     */
+    var `arm`: Arm
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeServed: FfiConverterRustBuffer<Served> {
+    override fun read(buf: ByteBuffer): Served {
+        return Served(
+            FfiConverterSequenceTypeTensorData.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterTypeArm.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: Served) = (
+            FfiConverterSequenceTypeTensorData.allocationSize(value.`outputs`) +
+            FfiConverterULong.allocationSize(value.`version`) +
+            FfiConverterTypeArm.allocationSize(value.`arm`)
+    )
+
+    override fun write(value: Served, buf: ByteBuffer) {
+            FfiConverterSequenceTypeTensorData.write(value.`outputs`, buf)
+            FfiConverterULong.write(value.`version`, buf)
+            FfiConverterTypeArm.write(value.`arm`, buf)
     }
 }
 
@@ -5623,6 +8000,61 @@ public object FfiConverterTypeStepStats: FfiConverterRustBuffer<StepStats> {
             FfiConverterULong.write(value.`timeouts`, buf)
             FfiConverterULong.write(value.`refused`, buf)
             FfiConverterULong.write(value.`busy`, buf)
+    }
+}
+
+
+
+/**
+ * How a store keeps and checks bundles (`tern_bundle::StoreOptions`).
+ */
+data class StoreConfig (
+    /**
+     * Versions kept per model, the active and previous ones included (at least 2).
+     */
+    var `keep`: kotlin.UInt = 3u 
+    , 
+    /**
+     * Bytes all bundles may take together.
+     */
+    var `quotaBytes`: kotlin.ULong = 1073741824uL 
+    , 
+    /**
+     * The sessions golden checks, loads and rollouts use: the backend that will serve.
+     */
+    var `session`: SessionConfig
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStoreConfig: FfiConverterRustBuffer<StoreConfig> {
+    override fun read(buf: ByteBuffer): StoreConfig {
+        return StoreConfig(
+            FfiConverterUInt.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterTypeSessionConfig.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: StoreConfig) = (
+            FfiConverterUInt.allocationSize(value.`keep`) +
+            FfiConverterULong.allocationSize(value.`quotaBytes`) +
+            FfiConverterTypeSessionConfig.allocationSize(value.`session`)
+    )
+
+    override fun write(value: StoreConfig, buf: ByteBuffer) {
+            FfiConverterUInt.write(value.`keep`, buf)
+            FfiConverterULong.write(value.`quotaBytes`, buf)
+            FfiConverterTypeSessionConfig.write(value.`session`, buf)
     }
 }
 
@@ -6022,6 +8454,53 @@ public object FfiConverterTypeTensorInfo: FfiConverterRustBuffer<TensorInfo> {
 
 
 /**
+ * Absolute and relative tolerances.
+ */
+data class Tolerances (
+    /**
+     * Absolute.
+     */
+    var `atol`: kotlin.Double
+    , 
+    /**
+     * Relative.
+     */
+    var `rtol`: kotlin.Double
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeTolerances: FfiConverterRustBuffer<Tolerances> {
+    override fun read(buf: ByteBuffer): Tolerances {
+        return Tolerances(
+            FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: Tolerances) = (
+            FfiConverterDouble.allocationSize(value.`atol`) +
+            FfiConverterDouble.allocationSize(value.`rtol`)
+    )
+
+    override fun write(value: Tolerances, buf: ByteBuffer) {
+            FfiConverterDouble.write(value.`atol`, buf)
+            FfiConverterDouble.write(value.`rtol`, buf)
+    }
+}
+
+
+
+/**
  * A batch to upload.
  */
 data class UploadBatch (
@@ -6195,6 +8674,40 @@ public object FfiConverterTypeUploadReport: FfiConverterRustBuffer<UploadReport>
 
 
 
+enum class Arm {
+    
+    ACTIVE,
+    CANDIDATE;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeArm: FfiConverterRustBuffer<Arm> {
+    override fun read(buf: ByteBuffer) = try {
+        Arm.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: Arm) = 4UL
+
+    override fun write(value: Arm, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
 enum class Backend {
     
     CPU,
@@ -6256,6 +8769,88 @@ public object FfiConverterTypeBreakerState: FfiConverterRustBuffer<BreakerState>
     override fun allocationSize(value: BreakerState) = 4UL
 
     override fun write(value: BreakerState, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
+enum class BundleErrorKind {
+    
+    IO,
+    MALFORMED,
+    UNSAFE_ENTRY,
+    TOO_LARGE,
+    SIGNATURE,
+    EXPIRED,
+    ROLLBACK,
+    NEEDS_NEWER_TERN,
+    FILE_MISMATCH,
+    GOLDEN_MISMATCH,
+    KEY,
+    INVALID_OPTION,
+    NOT_INSTALLED,
+    QUARANTINED,
+    FETCH,
+    MODEL;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeBundleErrorKind: FfiConverterRustBuffer<BundleErrorKind> {
+    override fun read(buf: ByteBuffer) = try {
+        BundleErrorKind.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: BundleErrorKind) = 4UL
+
+    override fun write(value: BundleErrorKind, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
+enum class CanaryUnit {
+    
+    REQUEST,
+    DEVICE;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeCanaryUnit: FfiConverterRustBuffer<CanaryUnit> {
+    override fun read(buf: ByteBuffer) = try {
+        CanaryUnit.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: CanaryUnit) = 4UL
+
+    override fun write(value: CanaryUnit, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
@@ -6352,6 +8947,121 @@ public object FfiConverterTypeErrorKind: FfiConverterRustBuffer<ErrorKind> {
 
     override fun write(value: ErrorKind, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+/**
+ * What [`ModelFetcher::fetch`] got.
+ */
+sealed class FetchResult {
+    
+    /**
+     * The bytes: at most `max_bytes`, fewer at the file's end, none past it.
+     */
+    data class Data(
+        /**
+         * The bytes.
+         */
+        val `bytes`: kotlin.ByteArray) : FetchResult()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * The repository has no such file.
+     */
+    object NotFound : FetchResult()
+    
+    
+    /**
+     * Anything else (no network, a server error).
+     */
+    data class Failed(
+        /**
+         * Why.
+         */
+        val `reason`: kotlin.String) : FetchResult()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeFetchResult : FfiConverterRustBuffer<FetchResult>{
+    override fun read(buf: ByteBuffer): FetchResult {
+        return when(buf.getInt()) {
+            1 -> FetchResult.Data(
+                FfiConverterByteArray.read(buf),
+                )
+            2 -> FetchResult.NotFound
+            3 -> FetchResult.Failed(
+                FfiConverterString.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: FetchResult): ULong = when(value) {
+        is FetchResult.Data -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterByteArray.allocationSize(value.`bytes`)
+            )
+        }
+        is FetchResult.NotFound -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is FetchResult.Failed -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
+        }
+    }
+
+    override fun write(value: FetchResult, buf: ByteBuffer) {
+        when(value) {
+            is FetchResult.Data -> {
+                buf.putInt(1)
+                FfiConverterByteArray.write(value.`bytes`, buf)
+                Unit
+            }
+            is FetchResult.NotFound -> {
+                buf.putInt(2)
+                Unit
+            }
+            is FetchResult.Failed -> {
+                buf.putInt(3)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
     }
 }
 
@@ -6855,6 +9565,359 @@ public object FfiConverterTypePriority: FfiConverterRustBuffer<Priority> {
 
 
 
+sealed class RollbackReason {
+    
+    data class ErrorRate(
+        val `candidate`: kotlin.Double, 
+        val `active`: kotlin.Double) : RollbackReason()
+        
+    {
+        
+
+        companion object
+    }
+    
+    data class Latency(
+        val `candidateP95Ms`: kotlin.Double, 
+        val `activeP95Ms`: kotlin.Double) : RollbackReason()
+        
+    {
+        
+
+        companion object
+    }
+    
+    data class Disagreement(
+        val `agreement`: kotlin.Double) : RollbackReason()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRollbackReason : FfiConverterRustBuffer<RollbackReason>{
+    override fun read(buf: ByteBuffer): RollbackReason {
+        return when(buf.getInt()) {
+            1 -> RollbackReason.ErrorRate(
+                FfiConverterDouble.read(buf),
+                FfiConverterDouble.read(buf),
+                )
+            2 -> RollbackReason.Latency(
+                FfiConverterDouble.read(buf),
+                FfiConverterDouble.read(buf),
+                )
+            3 -> RollbackReason.Disagreement(
+                FfiConverterDouble.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: RollbackReason): ULong = when(value) {
+        is RollbackReason.ErrorRate -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterDouble.allocationSize(value.`candidate`)
+                + FfiConverterDouble.allocationSize(value.`active`)
+            )
+        }
+        is RollbackReason.Latency -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterDouble.allocationSize(value.`candidateP95Ms`)
+                + FfiConverterDouble.allocationSize(value.`activeP95Ms`)
+            )
+        }
+        is RollbackReason.Disagreement -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterDouble.allocationSize(value.`agreement`)
+            )
+        }
+    }
+
+    override fun write(value: RollbackReason, buf: ByteBuffer) {
+        when(value) {
+            is RollbackReason.ErrorRate -> {
+                buf.putInt(1)
+                FfiConverterDouble.write(value.`candidate`, buf)
+                FfiConverterDouble.write(value.`active`, buf)
+                Unit
+            }
+            is RollbackReason.Latency -> {
+                buf.putInt(2)
+                FfiConverterDouble.write(value.`candidateP95Ms`, buf)
+                FfiConverterDouble.write(value.`activeP95Ms`, buf)
+                Unit
+            }
+            is RollbackReason.Disagreement -> {
+                buf.putInt(3)
+                FfiConverterDouble.write(value.`agreement`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
+ * How a rollout splits requests.
+ */
+sealed class RolloutStage {
+    
+    /**
+     * The active version answers; the candidate also runs on `sample` of requests, off
+     * the request's path, and its agreement is recorded.
+     */
+    data class Shadow(
+        /**
+         * Share of requests shadowed (0..=1).
+         */
+        val `sample`: kotlin.Double) : RolloutStage()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * The candidate answers `share` of requests, or every request on `share` of devices.
+     */
+    data class Canary(
+        /**
+         * The share (0..=1).
+         */
+        val `share`: kotlin.Double, 
+        /**
+         * Of requests or of devices.
+         */
+        val `unit`: uniffi.tern_ffi.CanaryUnit) : RolloutStage()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * Sticky arms: `share` of users get the candidate.
+     */
+    data class Ab(
+        /**
+         * The share (0..=1).
+         */
+        val `share`: kotlin.Double) : RolloutStage()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRolloutStage : FfiConverterRustBuffer<RolloutStage>{
+    override fun read(buf: ByteBuffer): RolloutStage {
+        return when(buf.getInt()) {
+            1 -> RolloutStage.Shadow(
+                FfiConverterDouble.read(buf),
+                )
+            2 -> RolloutStage.Canary(
+                FfiConverterDouble.read(buf),
+                FfiConverterTypeCanaryUnit.read(buf),
+                )
+            3 -> RolloutStage.Ab(
+                FfiConverterDouble.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: RolloutStage): ULong = when(value) {
+        is RolloutStage.Shadow -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterDouble.allocationSize(value.`sample`)
+            )
+        }
+        is RolloutStage.Canary -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterDouble.allocationSize(value.`share`)
+                + FfiConverterTypeCanaryUnit.allocationSize(value.`unit`)
+            )
+        }
+        is RolloutStage.Ab -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterDouble.allocationSize(value.`share`)
+            )
+        }
+    }
+
+    override fun write(value: RolloutStage, buf: ByteBuffer) {
+        when(value) {
+            is RolloutStage.Shadow -> {
+                buf.putInt(1)
+                FfiConverterDouble.write(value.`sample`, buf)
+                Unit
+            }
+            is RolloutStage.Canary -> {
+                buf.putInt(2)
+                FfiConverterDouble.write(value.`share`, buf)
+                FfiConverterTypeCanaryUnit.write(value.`unit`, buf)
+                Unit
+            }
+            is RolloutStage.Ab -> {
+                buf.putInt(3)
+                FfiConverterDouble.write(value.`share`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
+ * Where a rollout stands.
+ */
+sealed class RolloutVerdict {
+    
+    /**
+     * Not enough evidence yet.
+     */
+    object Continue : RolloutVerdict()
+    
+    
+    /**
+     * The candidate replaced the active version.
+     */
+    object Promote : RolloutVerdict()
+    
+    
+    /**
+     * The candidate was rolled back and quarantined.
+     */
+    data class RollBack(
+        /**
+         * Why.
+         */
+        val `reason`: uniffi.tern_ffi.RollbackReason) : RolloutVerdict()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRolloutVerdict : FfiConverterRustBuffer<RolloutVerdict>{
+    override fun read(buf: ByteBuffer): RolloutVerdict {
+        return when(buf.getInt()) {
+            1 -> RolloutVerdict.Continue
+            2 -> RolloutVerdict.Promote
+            3 -> RolloutVerdict.RollBack(
+                FfiConverterTypeRollbackReason.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: RolloutVerdict): ULong = when(value) {
+        is RolloutVerdict.Continue -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is RolloutVerdict.Promote -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is RolloutVerdict.RollBack -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterTypeRollbackReason.allocationSize(value.`reason`)
+            )
+        }
+    }
+
+    override fun write(value: RolloutVerdict, buf: ByteBuffer) {
+        when(value) {
+            is RolloutVerdict.Continue -> {
+                buf.putInt(1)
+                Unit
+            }
+            is RolloutVerdict.Promote -> {
+                buf.putInt(2)
+                Unit
+            }
+            is RolloutVerdict.RollBack -> {
+                buf.putInt(3)
+                FfiConverterTypeRollbackReason.write(value.`reason`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
 
 enum class ShapePolicy {
     
@@ -7108,6 +10171,133 @@ public object FfiConverterTypeStepFailure : FfiConverterRustBuffer<StepFailure>{
 
 
 
+sealed class StoreEvent {
+    
+    data class CrashDetected(
+        val `name`: kotlin.String, 
+        val `version`: kotlin.ULong, 
+        val `crashes`: kotlin.UInt) : StoreEvent()
+        
+    {
+        
+
+        companion object
+    }
+    
+    data class Quarantined(
+        val `name`: kotlin.String, 
+        val `version`: kotlin.ULong) : StoreEvent()
+        
+    {
+        
+
+        companion object
+    }
+    
+    data class RolledBack(
+        val `name`: kotlin.String, 
+        val `from`: kotlin.ULong, 
+        val `to`: kotlin.ULong) : StoreEvent()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeStoreEvent : FfiConverterRustBuffer<StoreEvent>{
+    override fun read(buf: ByteBuffer): StoreEvent {
+        return when(buf.getInt()) {
+            1 -> StoreEvent.CrashDetected(
+                FfiConverterString.read(buf),
+                FfiConverterULong.read(buf),
+                FfiConverterUInt.read(buf),
+                )
+            2 -> StoreEvent.Quarantined(
+                FfiConverterString.read(buf),
+                FfiConverterULong.read(buf),
+                )
+            3 -> StoreEvent.RolledBack(
+                FfiConverterString.read(buf),
+                FfiConverterULong.read(buf),
+                FfiConverterULong.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: StoreEvent): ULong = when(value) {
+        is StoreEvent.CrashDetected -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`name`)
+                + FfiConverterULong.allocationSize(value.`version`)
+                + FfiConverterUInt.allocationSize(value.`crashes`)
+            )
+        }
+        is StoreEvent.Quarantined -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`name`)
+                + FfiConverterULong.allocationSize(value.`version`)
+            )
+        }
+        is StoreEvent.RolledBack -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`name`)
+                + FfiConverterULong.allocationSize(value.`from`)
+                + FfiConverterULong.allocationSize(value.`to`)
+            )
+        }
+    }
+
+    override fun write(value: StoreEvent, buf: ByteBuffer) {
+        when(value) {
+            is StoreEvent.CrashDetected -> {
+                buf.putInt(1)
+                FfiConverterString.write(value.`name`, buf)
+                FfiConverterULong.write(value.`version`, buf)
+                FfiConverterUInt.write(value.`crashes`, buf)
+                Unit
+            }
+            is StoreEvent.Quarantined -> {
+                buf.putInt(2)
+                FfiConverterString.write(value.`name`, buf)
+                FfiConverterULong.write(value.`version`, buf)
+                Unit
+            }
+            is StoreEvent.RolledBack -> {
+                buf.putInt(3)
+                FfiConverterString.write(value.`name`, buf)
+                FfiConverterULong.write(value.`from`, buf)
+                FfiConverterULong.write(value.`to`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
 
 
 /**
@@ -7245,6 +10435,27 @@ sealed class TernException: kotlin.Exception() {
             get() = "kind=${ `kind` }, detail=${ `detail` }"
     }
     
+    /**
+     * A model bundle, store, update or rollout refused something (a bad signature, an
+     * expired or rolled-back version, a golden mismatch, a quarantined version…; the
+     * model's own failures keep their kinds above).
+     */
+    class Bundle(
+        
+        /**
+         * Which refusal.
+         */
+        val `kind`: BundleErrorKind, 
+        
+        /**
+         * Description.
+         */
+        val `detail`: kotlin.String
+        ) : TernException() {
+        override val message
+            get() = "kind=${ `kind` }, detail=${ `detail` }"
+    }
+    
 
     
 
@@ -7289,6 +10500,10 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
                 )
             7 -> TernException.Flow(
                 FfiConverterTypeFlowErrorKind.read(buf),
+                FfiConverterString.read(buf),
+                )
+            8 -> TernException.Bundle(
+                FfiConverterTypeBundleErrorKind.read(buf),
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
@@ -7338,6 +10553,12 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
                 + FfiConverterTypeFlowErrorKind.allocationSize(value.`kind`)
                 + FfiConverterString.allocationSize(value.`detail`)
             )
+            is TernException.Bundle -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterTypeBundleErrorKind.allocationSize(value.`kind`)
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
         }
     }
 
@@ -7384,6 +10605,12 @@ public object FfiConverterTypeTernError : FfiConverterRustBuffer<TernException> 
                 FfiConverterString.write(value.`detail`, buf)
                 Unit
             }
+            is TernException.Bundle -> {
+                buf.putInt(8)
+                FfiConverterTypeBundleErrorKind.write(value.`kind`, buf)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
     }
 
@@ -7418,6 +10645,104 @@ public object FfiConverterTypeThreadPolicy: FfiConverterRustBuffer<ThreadPolicy>
 
     override fun write(value: ThreadPolicy, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+/**
+ * What an update did.
+ */
+sealed class UpdateResult {
+    
+    /**
+     * Nothing newer than what the store accepted before.
+     */
+    data class UpToDate(
+        /**
+         * The repository's newest version of the model, if it has one.
+         */
+        val `newest`: kotlin.ULong?) : UpdateResult()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * A newer version was downloaded, verified, golden-checked and installed (inactive).
+     */
+    data class Installed(
+        /**
+         * What was installed.
+         */
+        val `result`: uniffi.tern_ffi.InstallResult) : UpdateResult()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeUpdateResult : FfiConverterRustBuffer<UpdateResult>{
+    override fun read(buf: ByteBuffer): UpdateResult {
+        return when(buf.getInt()) {
+            1 -> UpdateResult.UpToDate(
+                FfiConverterOptionalULong.read(buf),
+                )
+            2 -> UpdateResult.Installed(
+                FfiConverterTypeInstallResult.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: UpdateResult): ULong = when(value) {
+        is UpdateResult.UpToDate -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterOptionalULong.allocationSize(value.`newest`)
+            )
+        }
+        is UpdateResult.Installed -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterTypeInstallResult.allocationSize(value.`result`)
+            )
+        }
+    }
+
+    override fun write(value: UpdateResult, buf: ByteBuffer) {
+        when(value) {
+            is UpdateResult.UpToDate -> {
+                buf.putInt(1)
+                FfiConverterOptionalULong.write(value.`newest`, buf)
+                Unit
+            }
+            is UpdateResult.Installed -> {
+                buf.putInt(2)
+                FfiConverterTypeInstallResult.write(value.`result`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
     }
 }
 
@@ -7576,6 +10901,70 @@ public object FfiConverterOptionalUInt: FfiConverterRustBuffer<kotlin.UInt?> {
 /**
  * @suppress
  */
+public object FfiConverterOptionalULong: FfiConverterRustBuffer<kotlin.ULong?> {
+    override fun read(buf: ByteBuffer): kotlin.ULong? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterULong.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.ULong?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterULong.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.ULong?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterULong.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalDouble: FfiConverterRustBuffer<kotlin.Double?> {
+    override fun read(buf: ByteBuffer): kotlin.Double? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterDouble.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.Double?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterDouble.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.Double?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterDouble.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?> {
     override fun read(buf: ByteBuffer): kotlin.String? {
         if (buf.get().toInt() == 0) {
@@ -7598,6 +10987,70 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
         } else {
             buf.put(1)
             FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeRolloutListener: FfiConverterRustBuffer<RolloutListener?> {
+    override fun read(buf: ByteBuffer): RolloutListener? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeRolloutListener.read(buf)
+    }
+
+    override fun allocationSize(value: RolloutListener?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeRolloutListener.allocationSize(value)
+        }
+    }
+
+    override fun write(value: RolloutListener?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeRolloutListener.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeTolerances: FfiConverterRustBuffer<Tolerances?> {
+    override fun read(buf: ByteBuffer): Tolerances? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeTolerances.read(buf)
+    }
+
+    override fun allocationSize(value: Tolerances?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeTolerances.allocationSize(value)
+        }
+    }
+
+    override fun write(value: Tolerances?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeTolerances.write(value, buf)
         }
     }
 }
@@ -8000,6 +11453,62 @@ public object FfiConverterSequenceTypeMissingStep: FfiConverterRustBuffer<List<M
 /**
  * @suppress
  */
+public object FfiConverterSequenceTypeModelStatus: FfiConverterRustBuffer<List<ModelStatus>> {
+    override fun read(buf: ByteBuffer): List<ModelStatus> {
+        val len = buf.getInt()
+        return List<ModelStatus>(len) {
+            FfiConverterTypeModelStatus.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<ModelStatus>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeModelStatus.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<ModelStatus>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeModelStatus.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeQuarantinedVersion: FfiConverterRustBuffer<List<QuarantinedVersion>> {
+    override fun read(buf: ByteBuffer): List<QuarantinedVersion> {
+        val len = buf.getInt()
+        return List<QuarantinedVersion>(len) {
+            FfiConverterTypeQuarantinedVersion.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<QuarantinedVersion>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeQuarantinedVersion.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<QuarantinedVersion>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeQuarantinedVersion.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterSequenceTypeStepAnswer: FfiConverterRustBuffer<List<StepAnswer>> {
     override fun read(buf: ByteBuffer): List<StepAnswer> {
         val len = buf.getInt()
@@ -8158,6 +11667,34 @@ public object FfiConverterSequenceTypeUploadPayload: FfiConverterRustBuffer<List
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeUploadPayload.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeStoreEvent: FfiConverterRustBuffer<List<StoreEvent>> {
+    override fun read(buf: ByteBuffer): List<StoreEvent> {
+        val len = buf.getInt()
+        return List<StoreEvent>(len) {
+            FfiConverterTypeStoreEvent.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<StoreEvent>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeStoreEvent.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<StoreEvent>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeStoreEvent.write(it, buf)
         }
     }
 }
