@@ -31,6 +31,7 @@
 pub mod archive;
 pub mod create;
 pub mod error;
+mod events;
 mod fsio;
 pub mod golden;
 pub mod keys;

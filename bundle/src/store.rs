@@ -30,6 +30,7 @@ use tern::{Session, SessionOptions};
 
 use crate::archive::{Bundle, Limits, VerifyOptions};
 use crate::error::{Error, Result};
+use crate::events::Events;
 use crate::fsio::write_atomic;
 use crate::golden::GoldenReport;
 use crate::keys::Trust;
@@ -274,6 +275,7 @@ pub struct ModelStore {
     dir: PathBuf,
     trust: Trust,
     options: StoreOptions,
+    events: Events,
 }
 
 const STATE: &str = "state.json";
@@ -299,6 +301,7 @@ impl ModelStore {
         let store = ModelStore {
             dir: dir.into(),
             trust,
+            events: Events::for_sessions(&options.session),
             options,
         };
         let bundles = store.dir.join("bundles");
@@ -322,15 +325,42 @@ impl ModelStore {
     /// for its name), runs its golden samples on this device, and stores it, inactive.
     /// On any failure the store is unchanged.
     pub fn install(&self, reader: impl Read) -> Result<Installed> {
-        let floor = |state: &State, name: &str| state.models.get(name).map(|m| m.highest);
         let options = VerifyOptions::trusting(self.trust.clone()).limits(self.options.limits);
-        let bundle = Bundle::from_reader(reader, &options)?;
+        let bundle = match Bundle::from_reader(reader, &options) {
+            Ok(b) => b,
+            Err(e) => {
+                self.events.refused("tern.model.install_refused", None, &e);
+                return Err(e);
+            }
+        };
+        let (name, version) = (bundle.manifest().name.clone(), bundle.manifest().version);
+        match self.install_verified(bundle) {
+            Ok(installed) => {
+                let worst = installed.golden.worst_share();
+                self.events
+                    .installed(&installed.name, installed.version, worst);
+                Ok(installed)
+            }
+            Err(e) => {
+                let bundle = Some((name.as_str(), version));
+                self.events
+                    .refused("tern.model.install_refused", bundle, &e);
+                Err(e)
+            }
+        }
+    }
+
+    fn install_verified(&self, bundle: Bundle) -> Result<Installed> {
+        let floor = |state: &State, name: &str| state.models.get(name).map(|m| m.highest);
         // The floor is checked now, before the golden check, and again under the lock.
         if let Some(m) = self.state()?.models.get(&bundle.manifest().name) {
             check_floor(&bundle, m.highest)?;
             check_not_quarantined(&bundle.manifest().name, m, bundle.manifest().version)?;
         }
-        let session = Session::new(&bundle.model()?, self.options.session.clone())?;
+        let options = self
+            .identified(&bundle.manifest().name, bundle.manifest().version)
+            .span_label("tern.purpose", "golden_check");
+        let session = Session::new(&bundle.model()?, options)?;
         let golden = bundle.check_golden(&session)?;
         let bytes = bundle.to_bytes()?;
         let (name, version) = (bundle.manifest().name.clone(), bundle.manifest().version);
@@ -404,7 +434,15 @@ impl ModelStore {
             model.previous = model.active;
             model.active = Some(version);
         }
-        self.save(&state)
+        self.save(&state)?;
+        self.events.emit(
+            "tern.model.activated",
+            &[
+                ("model", name.into()),
+                ("version", i64::try_from(version).unwrap_or(i64::MAX).into()),
+            ],
+        );
+        Ok(())
     }
 
     /// Goes back to the previous version; returns it. The version rolled back from stays
@@ -417,9 +455,11 @@ impl ModelStore {
             .get_mut(name)
             .ok_or_else(|| not_installed(name, 0))?;
         let previous = model.previous.ok_or_else(|| not_installed(name, 0))?;
-        model.active = Some(previous);
+        let from = model.active.replace(previous);
         model.previous = None;
         self.save(&state)?;
+        self.events
+            .rolled_back(name, from.unwrap_or(0), previous, "app");
         Ok(previous)
     }
 
@@ -526,6 +566,9 @@ impl ModelStore {
         };
         // Saved even when there is nothing to load: the crash count and quarantine stand.
         self.save(&state)?;
+        for e in &events {
+            self.events.store_event(e);
+        }
         Ok(Loading {
             store: self,
             name: name.into(),
@@ -540,14 +583,31 @@ impl ModelStore {
     /// runs its golden samples on it, then clears the breadcrumb. An error the process
     /// survives clears the breadcrumb too and is returned.
     pub fn load(&self, name: &str) -> Result<LoadedModel> {
-        self.load_slot(name, Slot::Active)
+        self.load_slot(name, Slot::Active, None)
     }
 
-    fn load_slot(&self, name: &str, slot: Slot) -> Result<LoadedModel> {
+    /// The store's session options, naming the model as the bundle does in telemetry.
+    fn identified(&self, name: &str, version: u64) -> SessionOptions {
+        self.options
+            .session
+            .clone()
+            .model_identity(name, version.to_string())
+    }
+
+    pub(crate) fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// Loads a slot's version; `arm` labels its spans (in a rollout).
+    fn load_slot(&self, name: &str, slot: Slot, arm: Option<&str>) -> Result<LoadedModel> {
         let loading = self.begin(name, slot)?;
+        let mut options = self.identified(name, loading.version);
+        if let Some(arm) = arm {
+            options = options.span_label("tern.rollout.arm", arm);
+        }
         let result = (|| {
             let bundle = loading.bundle()?;
-            let session = Session::new(&bundle.model()?, self.options.session.clone())?;
+            let session = Session::new(&bundle.model()?, options)?;
             let golden = bundle.check_golden(&session)?;
             Ok((bundle, session, golden))
         })();
@@ -603,12 +663,28 @@ impl ModelStore {
         install_id: &str,
         on_event: Option<VerdictHook>,
     ) -> Result<Rollout> {
-        let active = self.load_slot(name, Slot::Active)?;
-        let candidate = self.load_slot(name, Slot::Candidate)?;
+        let active = self.load_slot(name, Slot::Active, Some("active"))?;
+        let candidate = self.load_slot(name, Slot::Candidate, Some("candidate"))?;
+        self.events.emit(
+            "tern.rollout.started",
+            &[
+                ("model", name.into()),
+                (
+                    "active",
+                    i64::try_from(active.version).unwrap_or(i64::MAX).into(),
+                ),
+                (
+                    "candidate",
+                    i64::try_from(candidate.version).unwrap_or(i64::MAX).into(),
+                ),
+                ("stage", format!("{:?}", policy.stage).into()),
+            ],
+        );
         let store = self.clone();
         let hook = move |event: &RolloutEvent| {
             // A verdict the store cannot record is reached again by the next rollout.
             let _ = store.conclude(&event.name, event.candidate, event.verdict);
+            store.events.verdict(event);
             if let Some(app) = &on_event {
                 app(event);
             }

@@ -374,6 +374,35 @@ impl Updater {
     /// length and hash against the targets metadata, and installs it (verified and
     /// golden-checked by the store; not activated).
     pub fn update(&self, name: &str) -> Result<UpdateOutcome> {
+        let events = self.store.events();
+        match self.update_inner(name) {
+            Ok(outcome) => {
+                let (what, version) = match &outcome {
+                    UpdateOutcome::Installed(i) => ("installed", Some(i.version)),
+                    UpdateOutcome::UpToDate { newest } => ("up_to_date", *newest),
+                };
+                let version = version.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+                events.emit(
+                    "tern.model.updated",
+                    &[
+                        ("model", name.into()),
+                        ("outcome", what.into()),
+                        ("version", version.into()),
+                    ],
+                );
+                Ok(outcome)
+            }
+            Err(e) => {
+                events.emit(
+                    "tern.model.update_failed",
+                    &[("model", name.into()), ("error_kind", e.kind().into())],
+                );
+                Err(e)
+            }
+        }
+    }
+
+    fn update_inner(&self, name: &str) -> Result<UpdateOutcome> {
         let targets = self.refresh()?;
         let newest = targets
             .targets

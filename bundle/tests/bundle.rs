@@ -976,3 +976,79 @@ fn shadow_runs_never_queue_up_behind_requests() {
     assert_eq!((h.agreed, h.candidate.runs), (h.compared, h.compared));
     eprintln!("{} shadowed, {} skipped", h.compared, h.shadow_skipped);
 }
+
+/// Collects what an upload pass sends.
+#[derive(Default)]
+struct Collect(std::sync::Mutex<Vec<String>>);
+
+impl tern::telemetry::Uploader for Collect {
+    fn upload(&self, batch: &tern::telemetry::UploadBatch) -> tern::telemetry::UploadResult {
+        let mut seen = self.0.lock().unwrap();
+        seen.extend(batch.payloads.iter().map(|p| p.json.clone()));
+        tern::telemetry::UploadResult::Accepted
+    }
+}
+
+#[test]
+fn lifecycle_decisions_are_telemetry_events_and_spans_name_the_bundle_and_arm() {
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = tern::Telemetry::open(dir.path().join("telemetry"), Default::default()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let trust = Trust::new([key.public()], 1).unwrap();
+    let options = StoreOptions::default().session(cpu().telemetry(buffer.clone()));
+    let store = ModelStore::open(dir.path().join("store"), trust, options).unwrap();
+    for v in [1, 2] {
+        store
+            .install(signed_with(&key, BundleSpec::new("magika", v)).as_slice())
+            .unwrap();
+    }
+    store.activate("magika", 1).unwrap();
+    store.stage("magika", 2).unwrap();
+    let policy = RolloutPolicy::new(Stage::Canary {
+        share: 0.5,
+        unit: CanaryUnit::Request,
+    })
+    .health(health(2, Some(4)));
+    let rollout = store.rollout("magika", policy, "d", None).unwrap();
+    let inputs = samples(1).remove(0);
+    for _ in 0..8 {
+        rollout.run(inputs.clone(), None).unwrap();
+    }
+    assert_eq!(rollout.verdict(), Verdict::Promote);
+    // A refused bundle: signed by a stranger.
+    let stranger = KeyPair::generate().unwrap();
+    let err = store
+        .install(signed_with(&stranger, BundleSpec::new("magika", 3)).as_slice())
+        .unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::Signature);
+    drop(rollout);
+    buffer.flush().unwrap();
+    let sink = Collect::default();
+    buffer.upload_pending(&sink).unwrap();
+    let text = sink.0.lock().unwrap().join("\n");
+    let bodies: Vec<&str> = text
+        .split("\"body\":{\"stringValue\":\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .collect();
+    for event in [
+        "tern.model.installed",
+        "tern.model.activated",
+        "tern.rollout.started",
+        "tern.rollout.verdict",
+        "tern.model.install_refused",
+    ] {
+        assert!(bodies.contains(&event), "{event} not in {bodies:?}");
+    }
+    assert!(text.contains("\"stringValue\":\"promote\""), "{text}");
+    assert!(text.contains("\"stringValue\":\"signature\""), "{text}");
+    // Spans: the bundle's name and version, the arm, and golden checks marked as such.
+    for attr in [
+        r#"{"key":"tern.model.version","value":{"stringValue":"2"}}"#,
+        r#"{"key":"tern.rollout.arm","value":{"stringValue":"candidate"}}"#,
+        r#"{"key":"tern.rollout.arm","value":{"stringValue":"active"}}"#,
+        r#"{"key":"tern.purpose","value":{"stringValue":"golden_check"}}"#,
+    ] {
+        assert!(text.contains(attr), "{attr} not in the upload");
+    }
+}

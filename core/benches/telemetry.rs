@@ -16,6 +16,7 @@ fn span() -> Record {
         backend: tern::Backend::Cpu,
         stages: vec![("model".into(), 1000)],
         outcome: Outcome::Ok,
+        labels: Vec::new(),
     })
 }
 

@@ -240,6 +240,12 @@ pub struct TelemetryOptions {
     pub buffer: TelemetryChoice,
     /// Drift baseline for health samples; `None` uses the one the model ships, if any.
     pub baseline: Option<Baseline>,
+    /// The name and version spans and metrics give the model; `None` keeps the model's own
+    /// (its graph name and `version` metadata). A model store sets its bundle's.
+    pub identity: Option<(String, String)>,
+    /// Attributes every span of the session carries, after tern's own (e.g. a rollout's
+    /// `tern.rollout.arm`).
+    pub span_labels: Vec<(String, String)>,
 }
 
 /// Bounds a session keeps to whatever the model asks for: a hostile or broken model gets a
@@ -397,6 +403,22 @@ impl SessionOptions {
     /// Measures drift of sampled runs against this baseline (instead of the model's own).
     pub fn baseline(mut self, baseline: Baseline) -> Self {
         self.telemetry.baseline = Some(baseline);
+        self
+    }
+
+    /// Names the model in this session's spans and metrics as `name` at `version`
+    /// (instead of the model's own name and metadata version).
+    pub fn model_identity(mut self, name: impl Into<String>, version: impl Into<String>) -> Self {
+        self.telemetry.identity = Some((name.into(), version.into()));
+        self
+    }
+
+    /// Adds an attribute to every span of this session (a later one with the same key
+    /// replaces it).
+    pub fn span_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        let key = key.into();
+        self.telemetry.span_labels.retain(|(k, _)| *k != key);
+        self.telemetry.span_labels.push((key, value.into()));
         self
     }
 

@@ -135,9 +135,17 @@ impl Session {
                     Some(b) => Some(Arc::new(b.clone())),
                     None => model.baseline().map(|b| Arc::new(b.clone())),
                 },
+                model_name: options
+                    .telemetry
+                    .identity
+                    .as_ref()
+                    .map_or_else(|| model.name().to_string(), |(n, _)| n.clone()),
+                model_version: options
+                    .telemetry
+                    .identity
+                    .as_ref()
+                    .map_or_else(|| model.info().version.clone(), |(_, v)| v.clone()),
                 options,
-                model_name: model.name().to_string(),
-                model_version: model.info().version.clone(),
                 model_sha256: model.info().sha256.clone(),
             })
         })
@@ -413,6 +421,7 @@ impl Drop for Trace<'_> {
             backend: self.session.backend,
             stages: std::mem::take(&mut self.stages),
             outcome: std::mem::replace(&mut self.outcome, Outcome::Ok),
+            labels: self.session.options.telemetry.span_labels.clone(),
         }));
     }
 }

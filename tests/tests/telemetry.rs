@@ -859,6 +859,11 @@ fn golden_records() -> Vec<Record> {
             version: "7".into(),
             backend: tern::Backend::Cpu,
             stages: vec![("preprocess".into(), 1_000 + ix), ("model".into(), 20_000)],
+            // A session's own span attributes (a rollout's arm) on one span.
+            labels: match outcome {
+                Outcome::Fallback => vec![("tern.rollout.arm".into(), "candidate".into())],
+                _ => Vec::new(),
+            },
             outcome,
         })
     };

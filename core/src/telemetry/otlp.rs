@@ -177,6 +177,7 @@ pub fn build(id: u64, records: &[Record], config: &TelemetryConfig) -> UploadBat
                     kv("tern.backend", s(sp.backend.name())),
                     kv("tern.outcome", s(sp.outcome.label())),
                 ];
+                attrs.extend(sp.labels.iter().map(|(k, v)| kv(k, s(v))));
                 let status = match &sp.outcome {
                     super::Outcome::Error(kind) => {
                         attrs.push(kv("tern.error.kind", s(kind.as_str())));

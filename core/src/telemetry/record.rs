@@ -95,6 +95,9 @@ pub struct SpanRecord {
     pub stages: Vec<(String, u64)>,
     /// How it ended.
     pub outcome: Outcome,
+    /// The session's own span attributes (e.g. `tern.rollout.arm`), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<(String, String)>,
 }
 
 impl SpanRecord {
@@ -109,6 +112,7 @@ impl SpanRecord {
             backend,
             stages: Vec::new(),
             outcome: Outcome::Ok,
+            labels: Vec::new(),
         }
     }
 
