@@ -77,6 +77,13 @@ def serve(directory):
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+# Version 2's own rollout policy, in its signed manifest: shadow half the requests, decide
+# after 10 compared runs, promote after 20. (Latency is not judged here: a few timed runs
+# on a busy CI machine bound nothing; the library's tests cover it with given durations.)
+SHADOW_POLICY = ["--rollout-stage", "shadow", "--rollout-share", "0.5", "--rollout-min-requests",
+                 "10", "--rollout-promote-after", "20", "--rollout-max-p95-ratio", "1000"]
+
+
 class Publisher:
     """The release side: keys, the repository, bundles, through `tern bundle`."""
 
@@ -95,8 +102,9 @@ class Publisher:
                 "--snapshot-pub", t / "snapshot.key.pub",
                 "--timestamp-pub", t / f"{timestamp}.key.pub"]
 
-    def publish(self, version, bad=False):
-        """Builds magika `version` (the biased model when `bad`), signs and publishes it."""
+    def publish(self, version, bad=False, rollout=()):
+        """Builds magika `version` (the biased model when `bad`, carrying the `rollout`
+        policy flags in its signed manifest), signs and publishes it."""
         t = self.t
         model = MAGIKA
         if bad:
@@ -104,7 +112,7 @@ class Publisher:
             biased_magika(model)
         out = t / f"magika-{version}.tern"
         tern("bundle", "create", model, "--name", "magika", "--version", version,
-             "--out", out, "--random-samples", 2, "--key", t / "release.key")
+             "--out", out, "--random-samples", 2, "--key", t / "release.key", *rollout)
         tern("bundle", "publish", self.repo, out, "--targets-key", t / "targets.key",
              "--snapshot-key", t / "snapshot.key", "--timestamp-key", t / f"{self.timestamp}.key")
 
@@ -133,7 +141,7 @@ def prepare(out):
         for step in [1, 2, 3]:
             if step == 3:
                 p.rotate()
-            p.publish(step, bad=step == 3)
+            p.publish(step, bad=step == 3, rollout=SHADOW_POLICY if step == 2 else ())
             shutil.copytree(p.repo, out / "steps" / str(step))
 
 
@@ -158,16 +166,18 @@ def main():
                   tern(*update)["update"] == {"outcome": "up_to_date", "newest": 1})
 
             print("deploy-e2e: publish 2; staged, shadowed, promoted")
-            publisher.publish(2)
+            publisher.publish(2, rollout=SHADOW_POLICY)
             doc = tern(*update, "--then", "stage")
             check("version 2 staged", doc["models"]["magika"].get("candidate") == 2, doc)
-            # Latency is not judged here (a few timed runs on a busy CI machine bound
-            # nothing): the library's tests cover it with given durations.
+            # The device's own policy (overriding any in the bundle).
             rollout = lambda share, requests, promote_after: tern(  # noqa: E731
                 *store, "rollout", "magika", "--stage", "shadow", "--share", share,
                 "--requests", requests, "--min-requests", 10, "--promote-after", promote_after,
                 "--max-p95-ratio", 1000, "--backend", "cpu")
-            doc = rollout(0.5, 60, 20)
+            # No policy from the device: version 2's signed one applies.
+            doc = tern(*store, "rollout", "magika", "--requests", 60, "--backend", "cpu")
+            check("the bundle's own policy ran", doc["rollout"]["served"] == {"active v1": 40, "candidate v2": 20},
+                  doc["rollout"])
             check("shadowed version 2 agreed and was promoted",
                   doc["rollout"]["verdict"]["verdict"] == "promote", doc["rollout"])
             m = doc["models"]["magika"]

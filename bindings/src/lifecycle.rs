@@ -519,12 +519,13 @@ impl TernModelStore {
     }
 
     /// Rolls `name`'s staged candidate out beside its active version on this device
-    /// (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+    /// (`install_id`: a stable id the app keeps) under `config`, or without one the policy
+    /// the candidate's signed manifest carries. The verdict is applied to the store when
     /// reached, then `listener` hears it.
     pub fn rollout(
         &self,
         name: String,
-        config: RolloutConfig,
+        config: Option<RolloutConfig>,
         install_id: String,
         listener: Option<Arc<dyn RolloutListener>>,
     ) -> Result<Arc<TernRollout>> {
@@ -541,7 +542,7 @@ impl TernModelStore {
         });
         let inner = self
             .inner
-            .rollout(&name, config.policy(), &install_id, hook)?;
+            .rollout(&name, config.map(|c| c.policy()), &install_id, hook)?;
         Ok(Arc::new(TernRollout {
             inner: Arc::new(inner),
         }))

@@ -34,6 +34,8 @@ pub struct BundleSpec {
     pub atol: f64,
     /// Their relative tolerance (default 1e-3).
     pub rtol: f64,
+    /// The rollout policy devices follow when their app sets none (default none).
+    pub rollout: Option<crate::rollout::RolloutPolicy>,
 }
 
 impl BundleSpec {
@@ -47,6 +49,7 @@ impl BundleSpec {
             licence: None,
             atol: 1e-4,
             rtol: 1e-3,
+            rollout: None,
         }
     }
 
@@ -75,6 +78,12 @@ impl BundleSpec {
         self
     }
 
+    /// Carries a rollout policy in the signed manifest.
+    pub fn rollout(mut self, policy: crate::rollout::RolloutPolicy) -> Self {
+        self.rollout = Some(policy);
+        self
+    }
+
     fn check(&self) -> Result<()> {
         let bad = |reason: String| Err(Error::InvalidOption { reason });
         if let Err(reason) = check_name(&self.name) {
@@ -93,6 +102,9 @@ impl BundleSpec {
         }
         if self.valid_for.is_zero() {
             return bad("the validity period must not be 0".into());
+        }
+        if let Some(policy) = &self.rollout {
+            policy.check()?;
         }
         Ok(())
     }
@@ -172,6 +184,7 @@ pub fn create_with_outputs(
             .map(|(p, b)| (p.clone(), FileMeta::of(b)))
             .collect(),
         golden,
+        rollout: spec.rollout,
     };
     Bundle::new(manifest, files)
 }

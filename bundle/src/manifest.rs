@@ -52,6 +52,11 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileMeta>,
     /// Inputs with the outputs the model gave where it was built.
     pub golden: Vec<GoldenSample>,
+    /// How devices roll this version out when the app sets no policy of its own: each
+    /// device finds its own cohort in it (a canary's share of devices by a hash of its
+    /// install id), with no per-device server logic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::RolloutPolicy>,
 }
 
 /// A file's length and hashes, as TUF's targets metadata lists them.
@@ -107,17 +112,33 @@ pub struct Tolerance(pub f64);
 
 impl Serialize for Tolerance {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{:e}", self.0))
+        decimal::serialize(&self.0, s)
     }
 }
 
 impl<'de> Deserialize<'de> for Tolerance {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        decimal::deserialize(d).map(Tolerance)
+    }
+}
+
+/// Non-negative numbers in signed documents, as decimal strings (`"1e-4"`): canonical JSON
+/// has no floats. For `#[serde(with = "…")]`.
+pub mod decimal {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `v` as a decimal string.
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:e}"))
+    }
+
+    /// Reads a decimal string holding a finite number ≥ 0.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
         let text = String::deserialize(d)?;
         match text.parse::<f64>() {
-            Ok(v) if v.is_finite() && v >= 0.0 => Ok(Tolerance(v)),
+            Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
             _ => Err(serde::de::Error::custom(format!(
-                "tolerance {text:?} is not a finite number ≥ 0"
+                "{text:?} is not a finite number ≥ 0"
             ))),
         }
     }

@@ -34,7 +34,9 @@ use tern::{DType, Outputs, Session, Tensor};
 
 use crate::error::{Error, Result};
 
-/// How requests are split between the active version and the candidate.
+/// How requests are split between the active version and the candidate. Shares and
+/// bounds are written as decimal strings, so a policy can sit in signed metadata
+/// (canonical JSON has no floats).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "stage", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -43,11 +45,13 @@ pub enum Stage {
     /// its answers discarded and compared.
     Shadow {
         /// The share of requests shadowed.
+        #[serde(with = "crate::manifest::decimal")]
         sample: f64,
     },
     /// The candidate answers `share` (0..=1) of requests or devices.
     Canary {
         /// The share.
+        #[serde(with = "crate::manifest::decimal")]
         share: f64,
         /// Whether the share is of requests or of devices.
         unit: CanaryUnit,
@@ -55,6 +59,7 @@ pub enum Stage {
     /// Sticky arms: `share` (0..=1) of users (or devices) get the candidate.
     Ab {
         /// The share in the candidate's arm.
+        #[serde(with = "crate::manifest::decimal")]
         share: f64,
     },
 }
@@ -81,8 +86,10 @@ pub enum Agreement {
     /// Every output is within `atol + rtol·|active|` of the active one.
     Close {
         /// Absolute tolerance.
+        #[serde(with = "crate::manifest::decimal")]
         atol: f64,
         /// Relative tolerance.
+        #[serde(with = "crate::manifest::decimal")]
         rtol: f64,
     },
 }
@@ -95,11 +102,14 @@ pub struct HealthPolicy {
     pub min_requests: u64,
     /// Roll back when the candidate's error rate exceeds the active one's by more than this
     /// (default 0.01).
+    #[serde(with = "crate::manifest::decimal")]
     pub max_error_rate_increase: f64,
     /// Roll back when the candidate's p95 latency exceeds the active one's times this
     /// (default 1.5).
+    #[serde(with = "crate::manifest::decimal")]
     pub max_p95_ratio: f64,
     /// Roll back when the shadowed candidate agrees on less than this share (default 0.95).
+    #[serde(with = "crate::manifest::decimal")]
     pub min_agreement: f64,
     /// Promote after this many healthy candidate runs (default 1000); `None` leaves
     /// promotion to the app.
@@ -152,7 +162,8 @@ impl RolloutPolicy {
         self
     }
 
-    fn check(&self) -> Result<()> {
+    /// Shares within 0..=1, bounds that make sense: [`Error::InvalidOption`] otherwise.
+    pub fn check(&self) -> Result<()> {
         let share = match self.stage {
             Stage::Shadow { sample } => sample,
             Stage::Canary { share, .. } | Stage::Ab { share } => share,

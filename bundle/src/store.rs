@@ -652,19 +652,28 @@ impl ModelStore {
 
     /// Starts the rollout of `name`'s candidate ([`ModelStore::stage`]) beside its active
     /// version on this device (`install_id`: a stable id the app keeps, see
-    /// [`Rollout::new`]). Both load as [`ModelStore::load`] loads (crash breadcrumb, golden
-    /// samples). The rollout's verdict is applied to the store as soon as it is reached — a
+    /// [`Rollout::new`]) under `policy`, or the policy the candidate's signed manifest
+    /// carries when the app gives none ([`Error::InvalidOption`] when neither has one).
+    /// Both load as [`ModelStore::load`] loads (crash breadcrumb, golden samples). The rollout's verdict is applied to the store as soon as it is reached — a
     /// promoted candidate becomes active, a rolled-back one is quarantined — and then
     /// passed to `on_event` (for the app's telemetry).
     pub fn rollout(
         &self,
         name: &str,
-        policy: RolloutPolicy,
+        policy: Option<RolloutPolicy>,
         install_id: &str,
         on_event: Option<VerdictHook>,
     ) -> Result<Rollout> {
         let active = self.load_slot(name, Slot::Active, Some("active"))?;
         let candidate = self.load_slot(name, Slot::Candidate, Some("candidate"))?;
+        let policy = policy
+            .or(candidate.bundle.manifest().rollout)
+            .ok_or_else(|| Error::InvalidOption {
+                reason: format!(
+                    "no rollout policy: none given, and {name} version {} carries none",
+                    candidate.version
+                ),
+            })?;
         self.events.emit(
             "tern.rollout.started",
             &[

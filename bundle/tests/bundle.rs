@@ -747,7 +747,7 @@ fn a_shadowed_candidate_that_agrees_is_promoted_by_its_rollout() {
     let policy = RolloutPolicy::new(Stage::Shadow { sample: 0.5 }).health(health(10, Some(20)));
     let (events, hook) = recorder();
     let rollout = store
-        .rollout("magika", policy, "device-1", Some(hook))
+        .rollout("magika", Some(policy), "device-1", Some(hook))
         .unwrap();
     assert_eq!(rollout.versions(), (1, 2));
 
@@ -797,7 +797,7 @@ fn a_shadowed_candidate_that_disagrees_is_rolled_back_and_quarantined() {
     let policy = RolloutPolicy::new(Stage::Shadow { sample: 1.0 }).health(health(10, Some(1000)));
     let (events, hook) = recorder();
     let rollout = store
-        .rollout("magika", policy, "device-1", Some(hook))
+        .rollout("magika", Some(policy), "device-1", Some(hook))
         .unwrap();
     let inputs = samples(10);
     for i in 0..30 {
@@ -828,7 +828,7 @@ fn a_shadowed_candidate_that_disagrees_is_rolled_back_and_quarantined() {
         assert_eq!(err.unwrap_err().error_kind(), ErrorKind::Quarantined);
     }
     let err = store
-        .rollout("magika", policy, "device-1", None)
+        .rollout("magika", Some(policy), "device-1", None)
         .unwrap_err();
     assert_eq!(
         err.error_kind(),
@@ -1009,7 +1009,7 @@ fn lifecycle_decisions_are_telemetry_events_and_spans_name_the_bundle_and_arm() 
         unit: CanaryUnit::Request,
     })
     .health(health(2, Some(4)));
-    let rollout = store.rollout("magika", policy, "d", None).unwrap();
+    let rollout = store.rollout("magika", Some(policy), "d", None).unwrap();
     let inputs = samples(1).remove(0);
     for _ in 0..8 {
         rollout.run(inputs.clone(), None).unwrap();
@@ -1051,4 +1051,62 @@ fn lifecycle_decisions_are_telemetry_events_and_spans_name_the_bundle_and_arm() 
     ] {
         assert!(text.contains(attr), "{attr} not in the upload");
     }
+}
+
+#[test]
+fn a_policy_in_the_signed_manifest_drives_the_rollout_when_the_app_sets_none() {
+    let key = KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path(), &key, StoreOptions::default());
+    store
+        .install(signed_with(&key, BundleSpec::new("magika", 1)).as_slice())
+        .unwrap();
+    store.activate("magika", 1).unwrap();
+    // Version 2 says: canary on a quarter of requests, promote after 5 healthy runs.
+    let policy = RolloutPolicy::new(Stage::Canary {
+        share: 0.25,
+        unit: CanaryUnit::Request,
+    })
+    .health(health(2, Some(5)));
+    let spec = BundleSpec::new("magika", 2).rollout(policy);
+    let mut bundle = create(model_bytes(), &spec, &samples(2), cpu()).unwrap();
+    bundle.sign(&key).unwrap();
+    let bytes = bundle.to_bytes().unwrap();
+    let read = Bundle::from_reader(bytes.as_slice(), &trusting(&key)).unwrap();
+    assert_eq!(
+        read.manifest().rollout,
+        Some(policy),
+        "signed and read back"
+    );
+    store.install(bytes.as_slice()).unwrap();
+    store.stage("magika", 2).unwrap();
+    let rollout = store.rollout("magika", None, "d", None).unwrap();
+    let inputs = samples(1).remove(0);
+    let arms: Vec<Arm> = (0..24)
+        .map(|_| rollout.run(inputs.clone(), None).unwrap().arm)
+        .collect();
+    assert_eq!(
+        arms[..4],
+        [Arm::Active, Arm::Active, Arm::Active, Arm::Candidate]
+    );
+    assert_eq!(rollout.verdict(), Verdict::Promote);
+    assert_eq!(magika_state(&store).active, Some(2));
+
+    // A candidate without a policy, and none from the app: a typed refusal.
+    store
+        .install(signed_with(&key, BundleSpec::new("magika", 3)).as_slice())
+        .unwrap();
+    store.stage("magika", 3).unwrap();
+    let err = store.rollout("magika", None, "d", None).unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::InvalidOption, "{err}");
+    // A policy out of bounds is refused when the bundle is made.
+    let bad = RolloutPolicy::new(Stage::Ab { share: 2.0 });
+    let err = create(
+        model_bytes(),
+        &BundleSpec::new("magika", 4).rollout(bad),
+        &[],
+        cpu(),
+    )
+    .unwrap_err();
+    assert_eq!(err.error_kind(), ErrorKind::InvalidOption, "{err}");
 }

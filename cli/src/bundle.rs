@@ -64,6 +64,8 @@ pub enum BundleAction {
         /// Sign with this key pair file. Repeatable.
         #[arg(long)]
         key: Vec<PathBuf>,
+        #[command(flatten)]
+        rollout: BundleRollout,
     },
     /// Add signatures to a bundle (its files are checked against its manifest first).
     Sign {
@@ -145,6 +147,48 @@ pub enum BundleAction {
         #[arg(long, default_value_t = 24)]
         timestamp_hours: u64,
     },
+}
+
+/// The rollout policy a bundle carries in its signed manifest (devices follow it when their
+/// app sets none).
+#[derive(clap::Args)]
+pub struct BundleRollout {
+    /// The stage (without it, the bundle carries no policy).
+    #[arg(long, value_enum)]
+    rollout_stage: Option<crate::store::StageKind>,
+    /// The share of requests, devices or users.
+    #[arg(long, default_value_t = 0.1)]
+    rollout_share: f64,
+    /// Candidate runs before any verdict.
+    #[arg(long, default_value_t = 100)]
+    rollout_min_requests: u64,
+    /// Healthy candidate runs after which it is promoted (0: the app promotes).
+    #[arg(long, default_value_t = 1000)]
+    rollout_promote_after: u64,
+    /// Roll back below this share of agreeing shadow runs.
+    #[arg(long, default_value_t = 0.95)]
+    rollout_min_agreement: f64,
+    /// Roll back above the active version's p95 latency times this.
+    #[arg(long, default_value_t = 1.5)]
+    rollout_max_p95_ratio: f64,
+}
+
+impl BundleRollout {
+    fn policy(&self) -> Option<tern_bundle::RolloutPolicy> {
+        let stage = self.rollout_stage?;
+        let mut health = tern_bundle::HealthPolicy::default();
+        health.min_requests = self.rollout_min_requests;
+        health.promote_after =
+            (self.rollout_promote_after > 0).then_some(self.rollout_promote_after);
+        health.min_agreement = self.rollout_min_agreement;
+        health.max_p95_ratio = self.rollout_max_p95_ratio;
+        Some(crate::store::policy(
+            stage,
+            self.rollout_share,
+            tern_bundle::Agreement::TopClass,
+            health,
+        ))
+    }
 }
 
 /// The keys of a root: public keys per role, and the root keys that sign it.
@@ -239,6 +283,7 @@ pub fn run(action: &BundleAction) -> Result<serde_json::Value> {
             atol,
             rtol,
             key,
+            rollout,
         } => {
             let bytes = tern::fs::read_regular(model, 4 << 30)
                 .with_context(|| format!("reading {}", model.display()))?;
@@ -262,6 +307,9 @@ pub fn run(action: &BundleAction) -> Result<serde_json::Value> {
             }
             if let Some(v) = min_tern {
                 spec = spec.min_tern(v);
+            }
+            if let Some(policy) = rollout.policy() {
+                spec = spec.rollout(policy);
             }
             let options = tern::SessionOptions::new().backend(tern::Backend::Cpu);
             let mut bundle = tern_bundle::create(bytes, &spec, &samples, options)?;

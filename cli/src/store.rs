@@ -123,9 +123,10 @@ pub enum Then {
 /// How `tern store rollout` splits requests and judges the candidate.
 #[derive(clap::Args)]
 pub struct RolloutArgs {
-    /// The stage.
-    #[arg(long, value_enum, default_value_t = StageKind::Shadow)]
-    stage: StageKind,
+    /// The stage. Without it, the policy the candidate's signed manifest carries (and the
+    /// flags below are not used).
+    #[arg(long, value_enum)]
+    stage: Option<StageKind>,
     /// The share of requests (shadow, canary), devices (canary-device) or users (ab).
     #[arg(long, default_value_t = 0.1)]
     share: f64,
@@ -191,21 +192,9 @@ pub enum AgreementKind {
 }
 
 impl RolloutArgs {
-    /// The policy these flags describe (the one flags → settings conversion).
-    fn policy(&self) -> RolloutPolicy {
-        let share = self.share;
-        let stage = match self.stage {
-            StageKind::Shadow => Stage::Shadow { sample: share },
-            StageKind::Canary => Stage::Canary {
-                share,
-                unit: CanaryUnit::Request,
-            },
-            StageKind::CanaryDevice => Stage::Canary {
-                share,
-                unit: CanaryUnit::Device,
-            },
-            StageKind::Ab => Stage::Ab { share },
-        };
+    /// The policy these flags describe, or `None` (the bundle's) without `--stage`.
+    fn policy(&self) -> Option<RolloutPolicy> {
+        let stage = self.stage?;
         let agreement = match self.agreement {
             AgreementKind::TopClass => Agreement::TopClass,
             AgreementKind::Close => Agreement::Close {
@@ -219,10 +208,33 @@ impl RolloutArgs {
         health.min_agreement = self.min_agreement;
         health.max_p95_ratio = self.max_p95_ratio;
         health.max_error_rate_increase = self.max_error_rate_increase;
-        RolloutPolicy::new(stage)
-            .agreement(agreement)
-            .health(health)
+        Some(policy(stage, self.share, agreement, health))
     }
+}
+
+/// A rollout policy from the CLI's stage and share (the one conversion `tern store rollout`
+/// and `tern bundle create --rollout-stage` share).
+pub fn policy(
+    stage: StageKind,
+    share: f64,
+    agreement: Agreement,
+    health: HealthPolicy,
+) -> RolloutPolicy {
+    let stage = match stage {
+        StageKind::Shadow => Stage::Shadow { sample: share },
+        StageKind::Canary => Stage::Canary {
+            share,
+            unit: CanaryUnit::Request,
+        },
+        StageKind::CanaryDevice => Stage::Canary {
+            share,
+            unit: CanaryUnit::Device,
+        },
+        StageKind::Ab => Stage::Ab { share },
+    };
+    RolloutPolicy::new(stage)
+        .agreement(agreement)
+        .health(health)
 }
 
 /// Runs one `tern store` action; returns the JSON document it reports.

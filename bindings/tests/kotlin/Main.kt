@@ -328,9 +328,8 @@ fun main(args: Array<String>) {
             val listener = object : RolloutListener {
                 override fun onVerdict(event: RolloutEvent) { heard.add(event) }
             }
-            // Latency is not judged here (the library's tests do, with given durations).
-            val shadow = RolloutConfig(stage = RolloutStage.Shadow(0.5), minRequests = 10uL, maxP95Ratio = 1000.0, promoteAfter = 20uL)
-            store.rollout("magika", shadow, "kotlin-device", listener).use { rollout ->
+            // No policy from the app: version 2's signed one (shadow half, promote after 20).
+            store.rollout("magika", null, "kotlin-device", listener).use { rollout ->
                 val arms = (0 until 60).map { rollout.run(listOf(bytesInput()), null).also { rollout.waitForShadows() }.version }
                 expect(rollout.verdict() is RolloutVerdict.Promote) { "verdict ${rollout.verdict()}" }
                 expect(arms.take(40).all { it == 1uL } && arms.drop(40).all { it == 2uL }) { "served by $arms" }
@@ -343,7 +342,9 @@ fun main(args: Array<String>) {
             val third = runBlocking { store.updateAsync("magika", root, fetcher) }
             expect(third is UpdateResult.Installed && third.result.version == 3uL) { "update 3: $third" }
             store.stage("magika", 3uL)
-            val strict = shadow.copy(stage = RolloutStage.Shadow(1.0), promoteAfter = 1000uL)
+            // The app's own policy. Latency is not judged here (the library's tests do, with
+            // given durations).
+            val strict = RolloutConfig(stage = RolloutStage.Shadow(1.0), minRequests = 10uL, maxP95Ratio = 1000.0, promoteAfter = 1000uL)
             store.rollout("magika", strict, "kotlin-device", listener).use { rollout ->
                 repeat(30) { rollout.run(listOf(bytesInput()), null); rollout.waitForShadows() }
                 val v = rollout.verdict()

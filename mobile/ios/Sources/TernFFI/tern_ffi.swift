@@ -2376,10 +2376,11 @@ public protocol TernModelStoreProtocol: AnyObject, Sendable {
     
     /**
      * Rolls `name`'s staged candidate out beside its active version on this device
-     * (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+     * (`install_id`: a stable id the app keeps) under `config`, or without one the policy
+     * the candidate's signed manifest carries. The verdict is applied to the store when
      * reached, then `listener` hears it.
      */
-    func rollout(name: String, config: RolloutConfig, installId: String, listener: RolloutListener?) throws  -> TernRollout
+    func rollout(name: String, config: RolloutConfig?, installId: String, listener: RolloutListener?) throws  -> TernRollout
     
     /**
      * Makes an installed version the candidate of the next rollout.
@@ -2565,16 +2566,17 @@ open func rollback(name: String)throws  -> UInt64  {
     
     /**
      * Rolls `name`'s staged candidate out beside its active version on this device
-     * (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+     * (`install_id`: a stable id the app keeps) under `config`, or without one the policy
+     * the candidate's signed manifest carries. The verdict is applied to the store when
      * reached, then `listener` hears it.
      */
-open func rollout(name: String, config: RolloutConfig, installId: String, listener: RolloutListener?)throws  -> TernRollout  {
+open func rollout(name: String, config: RolloutConfig?, installId: String, listener: RolloutListener?)throws  -> TernRollout  {
     return try  FfiConverterTypeTernRollout_lift(try rustCallWithError(FfiConverterTypeTernError_lift) {
         uniffiCallStatus in
     uniffi_tern_ffi_fn_method_ternmodelstore_rollout(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(name),
-        FfiConverterTypeRolloutConfig_lower(config),
+        FfiConverterOptionTypeRolloutConfig.lower(config),
         FfiConverterString.lower(installId),
         FfiConverterOptionTypeRolloutListener.lower(listener),uniffiCallStatus
     )
@@ -9210,6 +9212,30 @@ fileprivate struct FfiConverterOptionTypeRolloutListener: FfiConverterRustBuffer
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionTypeRolloutConfig: FfiConverterRustBuffer {
+    typealias SwiftType = RolloutConfig?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeRolloutConfig.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeRolloutConfig.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionTypeTolerances: FfiConverterRustBuffer {
     typealias SwiftType = Tolerances?
 
@@ -10159,7 +10185,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tern_ffi_checksum_method_ternmodelstore_rollback() != 16510) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tern_ffi_checksum_method_ternmodelstore_rollout() != 64308) {
+    if (uniffi_tern_ffi_checksum_method_ternmodelstore_rollout() != 63450) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tern_ffi_checksum_method_ternmodelstore_stage() != 45861) {

@@ -1350,7 +1350,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_rollback() and 0xFFFF) != 16510) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_rollout() and 0xFFFF) != 64308) {
+    if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_rollout() and 0xFFFF) != 63450) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tern_ffi_checksum_method_ternmodelstore_stage() and 0xFFFF) != 45861) {
@@ -4775,10 +4775,11 @@ public interface TernModelStoreInterface {
     
     /**
      * Rolls `name`'s staged candidate out beside its active version on this device
-     * (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+     * (`install_id`: a stable id the app keeps) under `config`, or without one the policy
+     * the candidate's signed manifest carries. The verdict is applied to the store when
      * reached, then `listener` hears it.
      */
-    fun `rollout`(`name`: kotlin.String, `config`: RolloutConfig, `installId`: kotlin.String, `listener`: RolloutListener?): TernRollout
+    fun `rollout`(`name`: kotlin.String, `config`: RolloutConfig?, `installId`: kotlin.String, `listener`: RolloutListener?): TernRollout
     
     /**
      * Makes an installed version the candidate of the next rollout.
@@ -5029,10 +5030,11 @@ open class TernModelStore: Disposable, AutoCloseable, TernModelStoreInterface
     
     /**
      * Rolls `name`'s staged candidate out beside its active version on this device
-     * (`install_id`: a stable id the app keeps). The verdict is applied to the store when
+     * (`install_id`: a stable id the app keeps) under `config`, or without one the policy
+     * the candidate's signed manifest carries. The verdict is applied to the store when
      * reached, then `listener` hears it.
      */
-    @Throws(TernException::class)override fun `rollout`(`name`: kotlin.String, `config`: RolloutConfig, `installId`: kotlin.String, `listener`: RolloutListener?): TernRollout {
+    @Throws(TernException::class)override fun `rollout`(`name`: kotlin.String, `config`: RolloutConfig?, `installId`: kotlin.String, `listener`: RolloutListener?): TernRollout {
             return FfiConverterTypeTernRollout.lift(
     callWithHandle {
     uniffiRustCallWithError(TernException) { _status ->
@@ -5040,7 +5042,7 @@ open class TernModelStore: Disposable, AutoCloseable, TernModelStoreInterface
         it,
         
         FfiConverterString.lower(`name`),
-        FfiConverterTypeRolloutConfig.lower(`config`),
+        FfiConverterOptionalTypeRolloutConfig.lower(`config`),
         FfiConverterString.lower(`installId`),
         FfiConverterOptionalTypeRolloutListener.lower(`listener`),_status)
 }
@@ -11019,6 +11021,38 @@ public object FfiConverterOptionalTypeRolloutListener: FfiConverterRustBuffer<Ro
         } else {
             buf.put(1)
             FfiConverterTypeRolloutListener.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeRolloutConfig: FfiConverterRustBuffer<RolloutConfig?> {
+    override fun read(buf: ByteBuffer): RolloutConfig? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeRolloutConfig.read(buf)
+    }
+
+    override fun allocationSize(value: RolloutConfig?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeRolloutConfig.allocationSize(value)
+        }
+    }
+
+    override fun write(value: RolloutConfig?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeRolloutConfig.write(value, buf)
         }
     }
 }
