@@ -804,7 +804,7 @@ fn a_version_killed_twice_while_loading_is_quarantined_and_the_previous_one_serv
     );
     assert_eq!(
         doc["models"]["magika"]["quarantined"],
-        serde_json::json!([2])
+        serde_json::json!({"2": {"crashes": 2, "why": "crash_loop"}})
     );
     let mut activate = store_args(d, p);
     activate.extend(["activate", "magika", "2"]);
