@@ -259,12 +259,19 @@ impl Bundle {
         self.files.get(path).map(Vec::as_slice)
     }
 
-    /// Loads the bundle's model.
+    /// Loads the bundle's model, its external data (if any) from the bundle's files next to
+    /// it. Nothing outside the bundle is read.
     pub fn model(&self) -> Result<Model> {
         let bytes = self
             .file(&self.manifest.model)
             .ok_or_else(|| mismatch(&self.manifest.model, FileProblem::Missing))?;
-        Ok(Model::from_bytes(bytes)?)
+        let dir = match self.manifest.model.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/"),
+            None => String::new(),
+        };
+        Ok(Model::from_bytes_with_data(bytes, &|location| {
+            self.file(&format!("{dir}{location}"))
+        })?)
     }
 
     /// A tensor file of the bundle (a golden input or output).

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use tern::{Model, Session, SessionOptions, Tensor};
+use tern::{ModelFiles, Session, SessionOptions, Tensor};
 
 use crate::archive::Bundle;
 use crate::error::{Error, Result};
@@ -113,18 +113,19 @@ impl BundleSpec {
 /// Builds an unsigned bundle from `model_bytes`: the model is loaded and run on each sample
 /// with `options` (CPU by default) to record the golden outputs.
 pub fn create(
-    model_bytes: Vec<u8>,
+    model: impl Into<ModelFiles>,
     spec: &BundleSpec,
     samples: &[Vec<(String, Tensor)>],
     options: SessionOptions,
 ) -> Result<Bundle> {
-    let model = Model::from_bytes(&model_bytes)?;
+    let model_files = model.into();
+    let model = model_files.load()?;
     let session = Session::new(&model, options)?;
     let golden: Vec<_> = samples
         .iter()
         .map(|inputs| Ok((inputs.clone(), run_sample(&session, inputs)?)))
         .collect::<Result<_>>()?;
-    create_with_outputs(model_bytes, spec, &golden)
+    create_with_outputs(model_files, spec, &golden)
 }
 
 /// One golden sample given whole: its named inputs (in the model's order) and the outputs
@@ -134,12 +135,17 @@ pub type GoldenPair = (Vec<(String, Tensor)>, BTreeMap<String, Tensor>);
 /// Builds an unsigned bundle whose golden samples are given with their outputs (computed
 /// elsewhere, e.g. by onnxruntime where the model was built).
 pub fn create_with_outputs(
-    model_bytes: Vec<u8>,
+    model: impl Into<ModelFiles>,
     spec: &BundleSpec,
     samples: &[GoldenPair],
 ) -> Result<Bundle> {
     spec.check()?;
-    let model = Model::from_bytes(&model_bytes)?;
+    let model_files = model.into();
+    let model = model_files.load()?;
+    let ModelFiles {
+        model: model_bytes,
+        data,
+    } = model_files;
     let mut files = BTreeMap::new();
     let mut golden = Vec::new();
     for (i, (inputs, outputs)) in samples.iter().enumerate() {
@@ -165,6 +171,15 @@ pub fn create_with_outputs(
             sample.outputs.insert(name.clone(), path);
         }
         golden.push(sample);
+    }
+    // External data files sit next to the model, named as the model names them.
+    for (location, bytes) in data {
+        if files.contains_key(&location) || location == MODEL_FILE {
+            return Err(Error::InvalidOption {
+                reason: format!("external data file {location:?} collides with a bundle file"),
+            });
+        }
+        files.insert(location, bytes);
     }
     files.insert(MODEL_FILE.to_string(), model_bytes);
     let expires = crate::signed::expires_after(SystemTime::now(), spec.valid_for)?;

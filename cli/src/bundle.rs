@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use tern::{Model, Session, Tensor};
+use tern::{Session, Tensor};
 use tern_bundle::repo::{self, Role, RootSpec};
 use tern_bundle::{Bundle, BundleSpec, KeyPair, PublicKey, Trust, VerifyOptions};
 
@@ -26,7 +26,7 @@ pub enum BundleAction {
     /// Build a bundle from an ONNX model: manifest, model and golden samples (the outputs
     /// this build of tern gives for the sample inputs), signed with each --key.
     Create {
-        /// The ONNX model.
+        /// The ONNX model (external data files it names, next to it, go into the bundle).
         model: PathBuf,
         /// The bundle's model name.
         #[arg(long)]
@@ -285,9 +285,8 @@ pub fn run(action: &BundleAction) -> Result<serde_json::Value> {
             key,
             rollout,
         } => {
-            let bytes = tern::fs::read_regular(model, 4 << 30)
-                .with_context(|| format!("reading {}", model.display()))?;
-            let loaded = Model::from_bytes(&bytes)?;
+            let files = tern::ModelFiles::read(model, 4 << 30)?;
+            let loaded = files.load()?;
             let samples = if sample.is_empty() {
                 let dims = crate::parse_dims(dim)?;
                 (0..*random_samples)
@@ -312,7 +311,7 @@ pub fn run(action: &BundleAction) -> Result<serde_json::Value> {
                 spec = spec.rollout(policy);
             }
             let options = tern::SessionOptions::new().backend(tern::Backend::Cpu);
-            let mut bundle = tern_bundle::create(bytes, &spec, &samples, options)?;
+            let mut bundle = tern_bundle::create(files, &spec, &samples, options)?;
             for k in key {
                 bundle.sign(&KeyPair::read(k)?)?;
             }

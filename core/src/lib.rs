@@ -36,7 +36,7 @@ pub mod tensor;
 pub use backend::{NodeTime, PlanReport, Specialisation};
 pub use error::{Error, ErrorKind, Result};
 pub use kinds::{Backend, Resource, TensorRole};
-pub use model::{Dim, Model, ModelInfo, Opset, TensorInfo};
+pub use model::{Dim, Model, ModelFiles, ModelInfo, Opset, TensorInfo};
 pub use options::{
     CpuOptions, GpuOptions, GpuPrecision, InputOptions, LimitOptions, NanPolicy, OptLevel,
     SessionOptions, ShapePolicy, TelemetryChoice, TelemetryOptions, ThreadPolicy, MAX_THREADS,

@@ -308,6 +308,56 @@ pub struct Model {
     largest_folded: Option<(String, u64)>,
 }
 
+/// An ONNX model's bytes with the external data files its tensors name (by location,
+/// relative to the model): what a bundle carries, whole in memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// The serialized model.
+    pub model: Vec<u8>,
+    /// Each external data file's bytes, by the location the model names it with.
+    pub data: BTreeMap<String, Vec<u8>>,
+}
+
+impl From<Vec<u8>> for ModelFiles {
+    fn from(model: Vec<u8>) -> ModelFiles {
+        ModelFiles {
+            model,
+            data: BTreeMap::new(),
+        }
+    }
+}
+
+impl ModelFiles {
+    /// Reads a model file and the external data files its tensors name next to it (regular
+    /// files only; the model up to [`crate::fs::MAX_MODEL_BYTES`], each data file up to
+    /// `max_data_bytes`).
+    pub fn read(path: impl AsRef<Path>, max_data_bytes: u64) -> Result<ModelFiles> {
+        let path = path.as_ref();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        let model = crate::fs::read_regular(path, crate::fs::MAX_MODEL_BYTES).map_err(io(path))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let data = onnx::external_locations(&model)?
+            .into_iter()
+            .map(|location| {
+                let file = dir.join(&location);
+                let bytes = crate::fs::read_regular(&file, max_data_bytes).map_err(io(&file))?;
+                Ok((location, bytes))
+            })
+            .collect::<Result<_>>()?;
+        Ok(ModelFiles { model, data })
+    }
+
+    /// Loads the model, its external values taken from [`ModelFiles::data`].
+    pub fn load(&self) -> Result<Model> {
+        Model::from_bytes_with_data(&self.model, &|location| {
+            self.data.get(location).map(Vec::as_slice)
+        })
+    }
+}
+
 impl Model {
     /// Loads an ONNX model file. External tensor data is resolved next to the file.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
@@ -323,18 +373,40 @@ impl Model {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Model::parse(&bytes, path.parent().map(Path::to_path_buf), name)
+        Model::parse(&bytes, path.parent().map(Path::to_path_buf), name, &|_| {
+            None
+        })
     }
 
-    /// Loads an ONNX model from memory (e.g. bytes embedded in the app). Models with external
-    /// tensor data must use [`Model::load`].
+    /// Loads an ONNX model from memory (e.g. bytes embedded in the app). A model with
+    /// external tensor data is [`Error::InvalidModel`] here: load it with [`Model::load`] or
+    /// from its [`ModelFiles`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Model> {
-        Model::parse(bytes, None, String::new())
+        Model::parse(bytes, None, String::new(), &|_| None)
     }
 
-    fn parse(bytes: &[u8], dir: Option<PathBuf>, name: String) -> Result<Model> {
+    /// Loads an ONNX model from memory whose tensors keep their values in external data
+    /// files, given by `data(location)` (e.g. files of a signed bundle). No file is read.
+    pub fn from_bytes_with_data<'a>(
+        bytes: &[u8],
+        data: &dyn Fn(&str) -> Option<&'a [u8]>,
+    ) -> Result<Model> {
+        Model::parse(bytes, None, String::new(), data)
+    }
+
+    /// `dir`: where tract resolves external data (a file load); without it, external
+    /// values come from `data` and are moved into the model before tract sees it.
+    fn parse<'a>(
+        bytes: &[u8],
+        dir: Option<PathBuf>,
+        name: String,
+        data: &dyn Fn(&str) -> Option<&'a [u8]>,
+    ) -> Result<Model> {
         catch_panic("model loading", || {
-            let proto = onnx::decode(bytes)?;
+            let mut proto = onnx::decode(bytes)?;
+            if dir.is_none() {
+                onnx::inline_external_data(&mut proto, data)?;
+            }
             if proto.ir_version <= 0 {
                 return Err(Error::InvalidModel {
                     reason: "no IR version: the bytes are not an ONNX model".into(),

@@ -68,6 +68,132 @@ pub fn set_metadata(model: &mut pb::ModelProto, key: &str, value: String) {
     });
 }
 
+/// Every tensor of a graph (and of its subgraphs): initializers and attribute values.
+fn tensors_mut(
+    graph: &mut pb::GraphProto,
+    each: &mut dyn FnMut(&mut pb::TensorProto) -> Result<()>,
+) -> Result<()> {
+    for t in &mut graph.initializer {
+        each(t)?;
+    }
+    for node in &mut graph.node {
+        for attr in &mut node.attribute {
+            if let Some(t) = &mut attr.t {
+                each(t)?;
+            }
+            for t in &mut attr.tensors {
+                each(t)?;
+            }
+            if let Some(g) = &mut attr.g {
+                tensors_mut(g, each)?;
+            }
+            for g in &mut attr.graphs {
+                tensors_mut(g, each)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a tensor keeps its value in an external data file.
+fn is_external(t: &pb::TensorProto) -> bool {
+    t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+}
+
+/// The key `key` of a tensor's external data description.
+fn external_entry<'t>(t: &'t pb::TensorProto, key: &str) -> Option<&'t str> {
+    t.external_data
+        .iter()
+        .find(|e| e.key == key)
+        .map(|e| e.value.as_str())
+}
+
+/// The external data files a serialized model's tensors name, as their `location`s
+/// (relative paths next to the model file), sorted. A location that is absolute or climbs
+/// out of the model's directory (`..`) is [`Error::InvalidModel`].
+pub fn external_locations(bytes: &[u8]) -> Result<Vec<String>> {
+    let mut model = decode(bytes)?;
+    let mut locations = std::collections::BTreeSet::new();
+    if let Some(graph) = &mut model.graph {
+        tensors_mut(graph, &mut |t| {
+            if is_external(t) {
+                locations.insert(check_location(t)?.to_string());
+            }
+            Ok(())
+        })?;
+    }
+    Ok(locations.into_iter().collect())
+}
+
+/// A tensor's external data location, checked to stay inside the model's directory.
+fn check_location(t: &pb::TensorProto) -> Result<&str> {
+    let bad = |why: &str| Error::InvalidModel {
+        reason: format!("external data of tensor {:?}: {why}", t.name),
+    };
+    let location = external_entry(t, "location").ok_or_else(|| bad("no location"))?;
+    let path = std::path::Path::new(location);
+    let inside = !location.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !inside {
+        return Err(bad(&format!(
+            "location {location:?} is not a relative path inside the model's directory"
+        )));
+    }
+    Ok(location)
+}
+
+/// Moves every external tensor value into the model itself: `data(location)` gives the
+/// bytes of an external data file, and each tensor takes its `offset`/`length` window of
+/// them (checked against the file's size). A file `data` does not have, or a window past
+/// its end, is [`Error::InvalidModel`]; afterwards the model reads no file.
+pub fn inline_external_data<'a>(
+    model: &mut pb::ModelProto,
+    data: &dyn Fn(&str) -> Option<&'a [u8]>,
+) -> Result<()> {
+    let Some(graph) = &mut model.graph else {
+        return Ok(());
+    };
+    tensors_mut(graph, &mut |t| {
+        if !is_external(t) {
+            return Ok(());
+        }
+        let location = check_location(t)?.to_string();
+        let bad = |why: String| Error::InvalidModel {
+            reason: format!("external data of tensor {:?} ({location:?}): {why}", t.name),
+        };
+        let number = |key: &str| -> Result<Option<usize>> {
+            external_entry(t, key)
+                .map(|v| {
+                    v.parse::<usize>()
+                        .map_err(|e| bad(format!("{key} {v:?}: {e}")))
+                })
+                .transpose()
+        };
+        let offset = number("offset")?.unwrap_or(0);
+        let length = number("length")?;
+        let file = data(&location).ok_or_else(|| bad("the file is missing".into()))?;
+        let end = match length {
+            Some(length) => offset.checked_add(length),
+            None => Some(file.len()),
+        };
+        let window = end
+            .filter(|&end| offset <= end && end <= file.len())
+            .map(|end| &file[offset..end])
+            .ok_or_else(|| {
+                bad(format!(
+                    "offset {offset} length {length:?} is past the end of the {}-byte file",
+                    file.len()
+                ))
+            })?;
+        t.raw_data = window.to_vec();
+        t.external_data.clear();
+        t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
