@@ -33,7 +33,10 @@
 //! - `lut-u8` ([`lut`]): a dequantize → element-wise float ops (constants varying at most
 //!   along the channels) → quantize chain, as quantization-aware-trained QDQ models put
 //!   around every BatchNormalization and activation, as one per-channel 256-entry table
-//!   computed by running the chain's own ops on every value.
+//!   computed by running the chain's own ops on every value. A region may read its `u8`
+//!   tensor through several dequantizes, directly or through a table already built
+//!   (QAT's HardSwish: `DQ(x) · DQ(lut(x))`).
+//! - `lut-compose` ([`lut`]): a table lookup of a table lookup as one table.
 
 mod conv;
 mod conv_f32;
@@ -68,6 +71,7 @@ pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("quant-u8", quant::pass),
     ("epilogue", epilogue::pass),
     ("lut-u8", lut::pass),
+    ("lut-compose", lut::compose_pass),
 ];
 
 /// Runs every pass; returns `(name, nodes replaced)` for those that replaced any.

@@ -48,7 +48,7 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
         let Some(table) = build_table(model, &chain)? else {
             continue;
         };
-        let source = model.node(chain.dequantize).inputs[0];
+        let source = chain.source;
         let name = node.name.clone();
         let mut patch = TypedModelPatch::default();
         let x = patch.tap_model(model, source)?;
@@ -63,9 +63,47 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
     Ok(replaced)
 }
 
-/// A region of element-wise float ops between one dequantize and a quantize.
+/// Composes each table lookup of a table lookup (the second read by nothing else) into
+/// one: `b[c][a[c][v]]` per channel, when both tables vary along the same axis or one of
+/// them along none.
+pub(super) fn compose_pass(model: &mut TypedModel) -> TractResult<usize> {
+    let mut composed = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(outer) = node.op_as::<LutU8Op>() else {
+            continue;
+        };
+        let first = model.node(node.inputs[0].node);
+        let Some(inner) = first.op_as::<LutU8Op>() else {
+            continue;
+        };
+        let alone = first.outputs[0].successors.len() == 1
+            && !model.output_outlets()?.contains(&node.inputs[0]);
+        let Some(table) = inner.then(outer).filter(|_| alone) else {
+            continue;
+        };
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, first.inputs[0])?;
+        let y = patch.wire_node(format!("{name}.composed"), table, &[x])?;
+        patch.shunt_outside(model, id.into(), y[0])?;
+        patch.apply(model)?;
+        composed += 1;
+    }
+    if composed > 0 {
+        model.compact()?;
+    }
+    Ok(composed)
+}
+
+/// A region of element-wise float ops between dequantizes of one `u8` tensor and a
+/// quantize.
 struct Chain {
-    dequantize: usize,
+    /// The `u8` tensor every value of the region is a function of.
+    source: OutletId,
+    /// The dequantizes the region reads: each of the source, or of a table lookup of it
+    /// (QAT's HardSwish: `DQ(x) · DQ(lut(x))`).
+    dequantizes: Vec<usize>,
     /// The float ops that compute the quantize's input from the dequantize's output, in
     /// evaluation order (a DAG: HardSwish reads its input twice).
     ops: Vec<usize>,
@@ -80,28 +118,37 @@ const MAX_OPS: usize = 24;
 
 /// Walks back from the quantize node `q` through element-wise ops whose inputs are
 /// constants varying along one axis at most (the channels: axis 1 of NCHW, 0 of the CHW
-/// plans tern makes for one image) or other ops of the region, to a single `u8 → f32`
-/// dequantize. `position` orders nodes as the model evaluates them.
+/// plans tern makes for one image) or other ops of the region, to `u8 → f32` dequantizes
+/// of one `u8` tensor (or of one table lookup of it). `position` orders nodes as the model
+/// evaluates them.
 fn chain_to(model: &TypedModel, q: usize, position: &HashMap<usize, usize>) -> Option<Chain> {
     let start = model.node(q).inputs[0];
     let shape = model.outlet_fact(start).ok()?.shape.as_concrete()?.to_vec();
     let (mut axis, mut channels) = (0, 1);
-    let mut dequantize: Option<usize> = None;
+    let mut dequantizes: Vec<usize> = Vec::new();
     let mut ops: Vec<usize> = Vec::new();
     let mut stack = vec![start];
+    // Merges a constant's (or a table's) varying axis into the region's.
+    let mut vary = |a: usize, d: usize| -> Option<()> {
+        if d == 1 {
+            return Some(());
+        }
+        if d != shape[a] || (channels > 1 && a != axis) {
+            return None;
+        }
+        (axis, channels) = (a, d);
+        Some(())
+    };
     while let Some(outlet) = stack.pop() {
         let node = model.node(outlet.node);
-        if outlet.slot != 0 || ops.contains(&node.id) || dequantize == Some(node.id) {
+        if outlet.slot != 0 || ops.contains(&node.id) || dequantizes.contains(&node.id) {
             continue;
         }
         if node
             .op_as::<QuantU8Op>()
             .is_some_and(|op| op.quantize().is_none())
         {
-            if dequantize.is_some() {
-                return None;
-            }
-            dequantize = Some(node.id);
+            dequantizes.push(node.id);
             continue;
         }
         let pointwise = node.op_is::<ElementWiseOp>() || node.op_is::<TypedBinOp>();
@@ -121,13 +168,7 @@ fn chain_to(model: &TypedModel, q: usize, position: &HashMap<usize, usize>) -> O
                         return None;
                     }
                     for (a, &d) in k.shape().iter().enumerate() {
-                        if d == 1 {
-                            continue;
-                        }
-                        if d != shape[a] || (channels > 1 && a != axis) {
-                            return None;
-                        }
-                        (axis, channels) = (a, d);
+                        vary(a, d)?;
                     }
                 }
                 None => stack.push(*input),
@@ -135,9 +176,32 @@ fn chain_to(model: &TypedModel, q: usize, position: &HashMap<usize, usize>) -> O
         }
         ops.push(node.id);
     }
+    // The source: the one tensor every dequantize reads, itself or through a table.
+    let inputs: Vec<OutletId> = dequantizes
+        .iter()
+        .map(|&dq| model.node(dq).inputs[0])
+        .collect();
+    let through_table = |i: &OutletId| -> Option<(OutletId, &LutU8Op)> {
+        let node = model.node(i.node);
+        let table = node.op_as::<LutU8Op>()?;
+        Some((*node.inputs.first()?, table))
+    };
+    let source = *inputs.iter().find(|&&s| {
+        inputs
+            .iter()
+            .all(|i| *i == s || through_table(i).is_some_and(|(x, _)| x == s))
+    })?;
+    if model.outlet_fact(source).ok()?.shape.as_concrete()? != shape.as_slice() {
+        return None;
+    }
+    for i in inputs.iter().filter(|&&i| i != source) {
+        let (_, table) = through_table(i)?;
+        vary(table.axis, table.channels)?;
+    }
     ops.sort_by_key(|id| position.get(id).copied().unwrap_or(usize::MAX));
     Some(Chain {
-        dequantize: dequantize?,
+        source,
+        dequantizes,
         ops,
         quantize: q,
         axis,
@@ -159,12 +223,27 @@ fn build_table(model: &TypedModel, chain: &Chain) -> TractResult<Option<LutU8Op>
     shape[chain.axis + 1] = chain.channels;
     let mut tiny = TypedModel::default();
     let source = tiny.add_source("x", u8::fact(&shape))?;
-    let dq = model.node(chain.dequantize);
     let mut wired: HashMap<OutletId, OutletId> = HashMap::new();
-    wired.insert(
-        OutletId::new(dq.id, 0),
-        tiny.wire_node(&dq.name, dq.op.clone(), &[source])?[0],
-    );
+    for &id in &chain.dequantizes {
+        let dq = model.node(id);
+        let mut at = source;
+        if dq.inputs[0] != chain.source {
+            // Through a table of the source: the same table, with the leading axis.
+            let lookup = model.node(dq.inputs[0].node);
+            let table = lookup
+                .op_as::<LutU8Op>()
+                .context("a dequantize reads outside its region")?;
+            let shifted = LutU8Op {
+                axis: table.axis + 1,
+                ..table.clone()
+            };
+            at = tiny.wire_node(&lookup.name, shifted, &[at])?[0];
+        }
+        wired.insert(
+            OutletId::new(id, 0),
+            tiny.wire_node(&dq.name, dq.op.clone(), &[at])?[0],
+        );
+    }
     for &id in chain.ops.iter().chain([chain.quantize].iter()) {
         let node = model.node(id);
         let mut inputs = tvec!();
@@ -227,6 +306,34 @@ pub(crate) struct LutU8Op {
     channels: usize,
     /// `channels` rows of 256 entries.
     table: Arc<Vec<u8>>,
+}
+
+impl LutU8Op {
+    /// The table of `outer` after `self` (`outer[c][self[c][v]]`), or `None` when the
+    /// two vary along different axes.
+    fn then(&self, outer: &LutU8Op) -> Option<LutU8Op> {
+        let (axis, channels) = match (self.channels, outer.channels) {
+            (1, _) => (outer.axis, outer.channels),
+            (_, 1) => (self.axis, self.channels),
+            (a, b) if a == b && self.axis == outer.axis => (self.axis, a),
+            _ => return None,
+        };
+        fn row(t: &LutU8Op, c: usize) -> &[u8] {
+            let c = if t.channels == 1 { 0 } else { c };
+            &t.table[c * 256..c * 256 + 256]
+        }
+        let mut table = Vec::with_capacity(channels * 256);
+        for c in 0..channels {
+            let (a, b) = (row(self, c), row(outer, c));
+            table.extend(a.iter().map(|&v| b[usize::from(v)]));
+        }
+        Some(LutU8Op {
+            isa: self.isa,
+            axis,
+            channels,
+            table: Arc::new(table),
+        })
+    }
 }
 
 impl Op for LutU8Op {
@@ -364,6 +471,50 @@ mod tests {
         let mut spread = chain(&[2, 3, 4, 5], 1, true)?;
         super::super::quant::pass(&mut spread)?;
         assert_eq!(pass(&mut spread)?, 0);
+        Ok(())
+    }
+
+    /// QAT's HardSwish: `Q(DQ(x) · DQ(lut(x)))`, a region reading its tensor directly and
+    /// through a per-channel table, then a table after it: one composed table, byte for
+    /// byte what the ops gave.
+    #[test]
+    fn a_region_through_a_table_and_a_table_of_a_table_are_one_table() -> TractResult<()> {
+        let shape = [2usize, 3, 4, 5];
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", u8::fact(shape))?;
+        let table: Vec<u8> = (0..3 * 256)
+            .map(|i| ((i * 7 + i / 256 * 31) % 256) as u8)
+            .collect();
+        let lut = LutU8Op {
+            isa: Isa::detect(),
+            axis: 1,
+            channels: 3,
+            table: Arc::new(table),
+        };
+        let clipped = m.wire_node("clip.lut", lut, &[x])?[0];
+        let dq = |scale: f32, zero_point: i32| DequantizeLinearF32 { scale, zero_point };
+        let a = m.wire_node("dq.x", dq(0.05, 121), &[x])?[0];
+        let b = m.wire_node("dq.clip", dq(0.02, 3), &[clipped])?[0];
+        let t = m.wire_node("mul", math::mul(), &[a, b])?[0];
+        let t = m.wire_node("q", quantize_linear_u8(1.0 / 0.04, 90), &[t])?[0];
+        let t = m.wire_node("dq.after", dq(0.04, 90), &[t])?[0];
+        let sixth = m.add_const("sixth", tensor0(1.0f32 / 6.0).broadcast_into_rank(4)?)?;
+        let t = m.wire_node("div", math::mul(), &[t, sixth])?[0];
+        let y = m.wire_node("q.after", quantize_linear_u8(1.0 / 0.01, 7), &[t])?[0];
+        m.select_output_outlets(&[y])?;
+
+        let mut rewritten = m.clone();
+        super::super::quant::pass(&mut rewritten)?;
+        assert_eq!(pass(&mut rewritten)?, 2);
+        assert_eq!(compose_pass(&mut rewritten)?, 1);
+        let lookups = rewritten
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<LutU8Op>())
+            .count();
+        let others = rewritten.nodes().len() - lookups - 1;
+        assert_eq!((lookups, others), (1, 0), "one table from the source");
+        assert_eq!(run(m, &shape)?, run(rewritten, &shape)?);
         Ok(())
     }
 }
