@@ -37,13 +37,20 @@
 //!   tensor through several dequantizes, directly or through a table already built
 //!   (QAT's HardSwish: `DQ(x) · DQ(lut(x))`).
 //! - `lut-compose` ([`lut`]): a table lookup of a table lookup as one table.
+//! - `binary-u8` ([`binary`]): `Q(DQ(a) + DQ(b))` and `Q(DQ(a) · DQ(b))` (residual Adds,
+//!   squeeze-and-excitation Muls with one value per channel) on bytes, the float tensors
+//!   never written.
+//! - `mean-u8` ([`pool`]): GlobalAveragePool's `Q(Σ DQ(x) / n)` as an integer sum.
+//! - `maxpool-u8` ([`pool`]): `Q(MaxPool(DQ(x)))` as a MaxPool on bytes (and a table).
 
+mod binary;
 mod conv;
 mod conv_f32;
 mod depthwise;
 mod depthwise_f32;
 mod epilogue;
 mod lut;
+mod pool;
 mod quant;
 
 use std::sync::Arc;
@@ -70,8 +77,11 @@ pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("rescale-f32", epilogue::rescale_pass),
     ("quant-u8", quant::pass),
     ("epilogue", epilogue::pass),
+    ("maxpool-u8", pool::maxpool_pass),
     ("lut-u8", lut::pass),
     ("lut-compose", lut::compose_pass),
+    ("binary-u8", binary::binary_pass),
+    ("mean-u8", pool::mean_pass),
 ];
 
 /// Runs every pass; returns `(name, nodes replaced)` for those that replaced any.

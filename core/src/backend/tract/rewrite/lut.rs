@@ -309,6 +309,16 @@ pub(crate) struct LutU8Op {
 }
 
 impl LutU8Op {
+    /// One table for every value of a tensor.
+    pub(super) fn per_tensor(table: [u8; 256]) -> LutU8Op {
+        LutU8Op {
+            isa: Isa::detect(),
+            axis: 0,
+            channels: 1,
+            table: Arc::new(table.to_vec()),
+        }
+    }
+
     /// The table of `outer` after `self` (`outer[c][self[c][v]]`), or `None` when the
     /// two vary along different axes.
     fn then(&self, outer: &LutU8Op) -> Option<LutU8Op> {

@@ -82,6 +82,16 @@ impl QuantU8Op {
     }
 }
 
+impl QuantU8Op {
+    /// For a dequantize pass, its scale and zero point.
+    pub(super) fn dequantize(&self) -> Option<(f32, u8)> {
+        match self.direction {
+            Direction::Dequantize(scale, zero) => Some((scale, zero)),
+            Direction::Quantize(..) => None,
+        }
+    }
+}
+
 impl Op for QuantU8Op {
     fn name(&self) -> StaticName {
         match self.direction {
