@@ -48,7 +48,7 @@ pub(super) fn binary_pass(model: &mut TypedModel) -> TractResult<usize> {
         let Some(op) = bin.op_as::<TypedBinOp>() else {
             continue;
         };
-        let combine = match &*op.0.name() {
+        let combine = match op.0.name() {
             "Add" => Combine::Add,
             "Mul" => Combine::Mul,
             _ => continue,

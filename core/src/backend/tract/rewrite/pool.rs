@@ -55,7 +55,7 @@ pub(super) fn mean_pass(model: &mut TypedModel) -> TractResult<usize> {
 fn mean_of(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, MeanU8Op)> {
     let mul = model.node(outlet.node);
     let bin = mul.op_as::<TypedBinOp>()?;
-    if &*bin.0.name() != "Mul" || mul.inputs.len() != 2 {
+    if bin.0.name() != "Mul" || mul.inputs.len() != 2 {
         return None;
     }
     let factor = konst(model, mul, 1)?;
