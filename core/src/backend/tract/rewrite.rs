@@ -140,6 +140,29 @@ fn replace_convs<C, O: TypedOp>(
     Ok(replaced)
 }
 
+/// Makes the consumers of node `id`'s output read instead the last of `ops`, chained from
+/// `inputs` (the first op reads `inputs`, each next one its predecessor's output), each
+/// named after the node with its suffix.
+fn reroute(
+    model: &mut TypedModel,
+    id: usize,
+    inputs: &[OutletId],
+    ops: Vec<(&str, Box<dyn TypedOp>)>,
+) -> TractResult<()> {
+    let name = model.node(id).name.clone();
+    let mut patch = TypedModelPatch::default();
+    let mut wires = inputs
+        .iter()
+        .map(|&i| patch.tap_model(model, i))
+        .collect::<TractResult<TVec<_>>>()?;
+    for (suffix, op) in ops {
+        wires = patch.wire_node(format!("{name}.{suffix}"), op, &wires)?;
+    }
+    let out = *wires.first().context("nothing to reroute to")?;
+    patch.shunt_outside(model, id.into(), out)?;
+    patch.apply(model)
+}
+
 /// Elements per task when an op splits its work over the session's pool: enough that a
 /// task outweighs its scheduling.
 const TASK: usize = 16 * 1024;

@@ -14,7 +14,7 @@ use tern_kernels::quant::{dequantize_u8, quantize_u8};
 use tern_kernels::Isa;
 
 use super::quant::QuantU8Op;
-use super::{for_each_chunk, TASK};
+use super::{for_each_chunk, reroute, TASK};
 
 /// The combination a [`BinaryU8Op`] computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,13 +85,12 @@ pub(super) fn binary_pass(model: &mut TypedModel) -> TractResult<usize> {
             inner,
             quantize: (inv_scale, zero),
         };
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, full.0)?;
-        let y = patch.tap_model(model, other.0)?;
-        let z = patch.wire_node(format!("{name}.binary"), op, &[x, y])?;
-        patch.shunt_outside(model, id.into(), z[0])?;
-        patch.apply(model)?;
+        reroute(
+            model,
+            id,
+            &[full.0, other.0],
+            vec![("binary", Box::new(op))],
+        )?;
         replaced += 1;
     }
     if replaced > 0 {

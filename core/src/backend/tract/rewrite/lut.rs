@@ -22,7 +22,7 @@ use tern_kernels::lut::lookup_u8;
 use tern_kernels::Isa;
 
 use super::quant::QuantU8Op;
-use super::{for_each_chunk, konst, TASK};
+use super::{for_each_chunk, konst, reroute, TASK};
 
 /// The largest table built (channels × 256 bytes).
 const MAX_TABLE: usize = 1 << 20;
@@ -49,12 +49,7 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         let source = chain.source;
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, source)?;
-        let y = patch.wire_node(format!("{name}.lut"), table, &[x])?;
-        patch.shunt_outside(model, id.into(), y[0])?;
-        patch.apply(model)?;
+        reroute(model, id, &[source], vec![("lut", Box::new(table))])?;
         replaced += 1;
     }
     if replaced > 0 {
@@ -82,12 +77,8 @@ pub(super) fn compose_pass(model: &mut TypedModel) -> TractResult<usize> {
         let Some(table) = inner.then(outer).filter(|_| alone) else {
             continue;
         };
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, first.inputs[0])?;
-        let y = patch.wire_node(format!("{name}.composed"), table, &[x])?;
-        patch.shunt_outside(model, id.into(), y[0])?;
-        patch.apply(model)?;
+        let source = first.inputs[0];
+        reroute(model, id, &[source], vec![("composed", Box::new(table))])?;
         composed += 1;
     }
     if composed > 0 {

@@ -19,9 +19,9 @@ use tern_kernels::quant::{dequantize_u8, quantize_u8};
 use tern_kernels::Isa;
 
 use super::binary::{dequantized, Dq};
-use super::konst;
 use super::lut::LutU8Op;
 use super::quant::QuantU8Op;
+use super::{konst, reroute};
 
 /// Replaces each `Q(Σ_{trailing axes} DQ(x) · k)` (GlobalAveragePool, `k` = 1/n a scalar
 /// constant) by a [`MeanU8Op`].
@@ -37,12 +37,7 @@ pub(super) fn mean_pass(model: &mut TypedModel) -> TractResult<usize> {
         };
         let (x, op) = found;
         let op = MeanU8Op { quantize, ..op };
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, x)?;
-        let y = patch.wire_node(format!("{name}.mean"), op, &[x])?;
-        patch.shunt_outside(model, id.into(), y[0])?;
-        patch.apply(model)?;
+        reroute(model, id, &[x], vec![("mean", Box::new(op))])?;
         replaced += 1;
     }
     if replaced > 0 {
@@ -198,15 +193,11 @@ pub(super) fn maxpool_pass(model: &mut TypedModel) -> TractResult<usize> {
         dequantize_u8(Isa::Scalar, &values, scale, zero, &mut floats)
             .and_then(|_| quantize_u8(Isa::Scalar, &floats, inv, zo, &mut table))
             .map_err(|e| anyhow::anyhow!(e))?;
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(model, x)?;
-        let mut y = patch.wire_node(format!("{name}.maxpool"), pool.clone(), &[input])?;
+        let mut ops: Vec<(&str, Box<dyn TypedOp>)> = vec![("maxpool", Box::new(pool.clone()))];
         if table.iter().enumerate().any(|(v, &t)| usize::from(t) != v) {
-            y = patch.wire_node(format!("{name}.lut"), LutU8Op::per_tensor(table), &y)?;
+            ops.push(("lut", Box::new(LutU8Op::per_tensor(table))));
         }
-        patch.shunt_outside(model, id.into(), y[0])?;
-        patch.apply(model)?;
+        reroute(model, id, &[x], ops)?;
         replaced += 1;
     }
     if replaced > 0 {
