@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use tern::{ModelFiles, Session, SessionOptions, Tensor};
+use tern::{Model, ModelFiles, Session, SessionOptions, Tensor};
 
 use crate::archive::Bundle;
 use crate::error::{Error, Result};
@@ -118,14 +118,15 @@ pub fn create(
     samples: &[Vec<(String, Tensor)>],
     options: SessionOptions,
 ) -> Result<Bundle> {
-    let model_files = model.into();
-    let model = model_files.load()?;
+    spec.check()?;
+    let files = model.into();
+    let model = files.load()?;
     let session = Session::new(&model, options)?;
     let golden: Vec<_> = samples
         .iter()
         .map(|inputs| Ok((inputs.clone(), run_sample(&session, inputs)?)))
         .collect::<Result<_>>()?;
-    create_with_outputs(model_files, spec, &golden)
+    assemble(files, &model, spec, &golden)
 }
 
 /// One golden sample given whole: its named inputs (in the model's order) and the outputs
@@ -140,12 +141,22 @@ pub fn create_with_outputs(
     samples: &[GoldenPair],
 ) -> Result<Bundle> {
     spec.check()?;
-    let model_files = model.into();
-    let model = model_files.load()?;
+    let files = model.into();
+    let model = files.load()?;
+    assemble(files, &model, spec, samples)
+}
+
+/// The bundle of `files` (loaded as `model`) with its golden samples; `spec` is checked.
+fn assemble(
+    files: ModelFiles,
+    model: &Model,
+    spec: &BundleSpec,
+    samples: &[GoldenPair],
+) -> Result<Bundle> {
     let ModelFiles {
         model: model_bytes,
         data,
-    } = model_files;
+    } = files;
     let mut files = BTreeMap::new();
     let mut golden = Vec::new();
     for (i, (inputs, outputs)) in samples.iter().enumerate() {
