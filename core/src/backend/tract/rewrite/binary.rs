@@ -23,6 +23,17 @@ enum Combine {
     Mul,
 }
 
+impl Combine {
+    /// `a ∘= b`, as the float op computes it.
+    #[inline]
+    fn apply(self, a: &mut f32, b: f32) {
+        match self {
+            Combine::Add => *a += b,
+            Combine::Mul => *a *= b,
+        }
+    }
+}
+
 /// A quantized tensor's dequantization: scale and zero point.
 pub(super) type Dq = (f32, u8);
 
@@ -166,25 +177,20 @@ impl EvalOp for BinaryU8Op {
             let mut fa = vec![0f32; y.len()];
             dequantize_u8(isa, &av[start..start + y.len()], sa, za, &mut fa)
                 .map_err(|e| anyhow::anyhow!(e))?;
-            let apply = |fa: &mut [f32], fb: &mut dyn Iterator<Item = f32>| match combine {
-                Combine::Add => fa.iter_mut().zip(fb).for_each(|(a, b)| *a += b),
-                Combine::Mul => fa.iter_mut().zip(fb).for_each(|(a, b)| *a *= b),
-            };
             if inner == 1 {
                 let mut fb = vec![0f32; y.len()];
                 dequantize_u8(isa, &bv[start..start + y.len()], sb, zb, &mut fb)
                     .map_err(|e| anyhow::anyhow!(e))?;
-                apply(&mut fa, &mut fb.into_iter());
+                fa.iter_mut()
+                    .zip(&fb)
+                    .for_each(|(a, b)| combine.apply(a, *b));
             } else {
                 // One value per run, dequantized as the chain did.
                 for (r, run) in (start / inner..).zip(fa.chunks_mut(inner)) {
                     let mut one = [0f32];
                     dequantize_u8(isa, &bv[r..r + 1], sb, zb, &mut one)
                         .map_err(|e| anyhow::anyhow!(e))?;
-                    match combine {
-                        Combine::Add => run.iter_mut().for_each(|a| *a += one[0]),
-                        Combine::Mul => run.iter_mut().for_each(|a| *a *= one[0]),
-                    }
+                    run.iter_mut().for_each(|a| combine.apply(a, one[0]));
                 }
             }
             quantize_u8(isa, &fa, inv, zo, y).map_err(|e| anyhow::anyhow!(e))
