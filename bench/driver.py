@@ -162,6 +162,20 @@ def render(result, a):
             f"| {f(r['tern_rss_growth_mib'], 1)} / {f(r['ort_rss_growth_mib'], 1)} | {ratio(r, 'rss_growth_mib')} "
             f"| {f(r.get('tern_batch_items_per_s'), 0)} / {f(r.get('ort_batch_items_per_s'), 0)} |"
         )
+    # The quantized models against their fp32 source, each engine against itself.
+    by = {(r["model"], r["threads"]): r for r in result["rows"]}
+    twins = [(r, by.get((r["model"].split("_int8")[0], r["threads"]))) for r in result["rows"] if "_int8" in r["model"]]
+    twins = [(q, f) for q, f in twins if f is not None]
+    if twins:
+        speed = lambda q, f, side: ("n/a" if not (q.get(f"{side}_median_ms") and f.get(f"{side}_median_ms"))
+                                    else f"{f[f'{side}_median_ms'] / q[f'{side}_median_ms']:.2f}×")
+        lines += ["", "Quantized models against their fp32 source (each engine against itself; above 1.00× the int8 "
+                  "model is faster):", "",
+                  "| int8 model | threads | tern: fp32 ms / int8 ms | tern speed-up | onnxruntime speed-up |",
+                  "|---|---|---|---|---|"]
+        for q, fp in twins:
+            lines.append(f"| {q['model']} | {q['threads']} | {f(fp['tern_median_ms'])} / {f(q['tern_median_ms'])} "
+                         f"| {speed(q, fp, 'tern')} | {speed(q, fp, 'ort')} |")
     s = result["sizes"]
     lines += ["", f"Stripped `tern` CLI (with the embedded 3 MB model): {s['tern_cli_stripped_bytes'] / 1e6:.1f} MB. "
               f"A minimal program that only links `tern`: {s['minimal_program_bytes'] / 1e6:.1f} MB.", ""]

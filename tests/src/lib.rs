@@ -73,6 +73,11 @@ pub struct ModelEntry {
     pub atol: f64,
     /// Relative tolerance against onnxruntime.
     pub rtol: f64,
+    /// The largest share of an output's elements allowed outside the tolerance (0 for
+    /// most models; int8 models whose float Softmax turns a one-step rounding difference
+    /// into a large probability difference state theirs in `scripts/fetch_models.py`).
+    #[serde(default)]
+    pub outliers: f64,
     /// `pass`, or the expected failure.
     pub expect: String,
 }
@@ -123,12 +128,53 @@ impl ModelEntry {
             let actual = outputs
                 .get(name)
                 .ok_or_else(|| format!("no output {name}"))?;
-            let d = compare(actual, &read_npy(&dir.join(file)), self.atol, self.rtol)
-                .map_err(|e| format!("output {name}: {e}"))?;
+            let expected = read_npy(&dir.join(file));
+            let d = if self.outliers > 0.0 {
+                compare_with_outliers(actual, &expected, self.atol, self.rtol, self.outliers)
+            } else {
+                compare(actual, &expected, self.atol, self.rtol)
+            }
+            .map_err(|e| format!("output {name}: {e}"))?;
             worst = worst.worst(d);
         }
         Ok(worst)
     }
+}
+
+/// [`compare`] that lets at most `share` of the elements exceed the tolerance (shapes must
+/// still match); the figures are those of the elements within it.
+fn compare_with_outliers(
+    actual: &Tensor,
+    expected: &Tensor,
+    atol: f64,
+    rtol: f64,
+    share: f64,
+) -> Result<Diff, String> {
+    if actual.shape() != expected.shape() {
+        return compare(actual, expected, atol, rtol);
+    }
+    let (a, e) = (
+        actual.to_f32_vec().map_err(|e| e.to_string())?,
+        expected.to_f32_vec().map_err(|e| e.to_string())?,
+    );
+    let (mut kept_a, mut kept_e, mut outside) = (Vec::new(), Vec::new(), 0usize);
+    for (&x, &y) in a.iter().zip(&e) {
+        if x.is_finite() && (f64::from(x) - f64::from(y)).abs() > atol + rtol * f64::from(y).abs() {
+            outside += 1;
+        } else {
+            kept_a.push(x);
+            kept_e.push(y);
+        }
+    }
+    if outside as f64 > share * a.len() as f64 {
+        return Err(format!(
+            "{outside} of {} elements outside the tolerance (at most {:.2} % allowed)",
+            a.len(),
+            share * 100.0
+        ));
+    }
+    let flat = |v: Vec<f32>| Tensor::from_vec(&[v.len()], v).map_err(|e| e.to_string());
+    compare(&flat(kept_a)?, &flat(kept_e)?, atol, rtol)
 }
 
 /// Whether to rewrite checked-in expectations (`TERN_BLESS=1`).

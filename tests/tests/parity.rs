@@ -88,13 +88,18 @@ fn real_models_match_onnxruntime() {
             });
         }
         table.push_str(&format!(
-            "| {} | {} | {} | {:.1} MB | {:.0e} / {:.0e} | {} | {} |\n",
+            "| {} | {} | {} | {:.1} MB | {:.0e} / {:.0e}{} | {} | {} |\n",
             entry.name,
             entry.kind,
             entry.licence,
             entry.bytes as f64 / 1e6,
             entry.atol,
             entry.rtol,
+            if entry.outliers > 0.0 {
+                format!(", at most {} % of elements outside", entry.outliers * 100.0)
+            } else {
+                String::new()
+            },
             cells[0],
             cells[1]
         ));
