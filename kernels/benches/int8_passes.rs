@@ -1,11 +1,12 @@
-//! The passes around an int8 matrix product, in bytes per second: im2col (plain, and
-//! straight into the K4 layout a VNNI kernel reads), per-row requantization, and the
+//! The passes around an int8 matrix product, in bytes per second: im2col (plain,
+//! straight into the K4 layout a VNNI kernel reads, and for stride 1 the wide form read
+//! from the padded input in one pass), per-row requantization, and the
 //! quantize / dequantize passes between layers. `cargo bench -p tern-kernels`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
+use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, im2col_q8_k4_wide, k4_len, Wide};
 use tern_kernels::quant::{dequantize_u8, quantize_u8, requantize_rows};
 use tern_kernels::{Geometry, Isa};
 
@@ -48,6 +49,15 @@ fn bench(c: &mut Criterion) {
         group.bench_function("k4_r16", |b| {
             b.iter(|| im2col_q8_k4(&g, black_box(&x), 3, 16, &mut packed).expect("run"))
         });
+        if let Some(wide) = Wide::of(&g) {
+            let (mut packed, mut scratch) = (vec![0u8; wide.k4_len(&g, 16)], Vec::new());
+            group.bench_function("k4_r16_wide", |b| {
+                b.iter(|| {
+                    im2col_q8_k4_wide(&g, black_box(&x), 3, 16, &mut scratch, &mut packed)
+                        .expect("run")
+                })
+            });
+        }
         group.finish();
     }
     let n = 64 * 1024;

@@ -85,39 +85,174 @@ pub fn im2col_q8_k4(
         )));
     }
     let panel = rows.div_ceil(4) * 4 * r;
-    let mut group = vec![0i8; 4 * cols];
+    // Raw bytes, flipped to i8 as they are interleaved; rows past the matrix are 0x80,
+    // which the flip makes 0.
+    let mut group = vec![0u8; 4 * cols];
     for kb in 0..rows.div_ceil(4) {
         for (i, row) in group.chunks_exact_mut(cols).enumerate() {
             match kb * 4 + i {
-                k if k < rows => fill_row(g, [oh, ow], x, shift(x_zero), shift, k, row),
-                _ => row.fill(0),
+                k if k < rows => fill_row(g, [oh, ow], x, x_zero, |v| v, k, row),
+                _ => row.fill(0x80),
             }
         }
         let (r0, rest) = group.split_at(cols);
         let (r1, rest) = rest.split_at(cols);
         let (r2, r3) = rest.split_at(cols);
-        for (p, panel_out) in out.chunks_exact_mut(panel).enumerate() {
-            let dst = &mut panel_out[kb * 4 * r..(kb + 1) * 4 * r];
-            let n0 = p * r;
-            let width = r.min(cols - n0);
-            let (filled, rest) = dst.split_at_mut(4 * width);
-            let span = n0..n0 + width;
-            let rows = [
-                &r0[span.clone()],
-                &r1[span.clone()],
-                &r2[span.clone()],
-                &r3[span],
-            ];
-            interleave4(rows, filled);
-            rest.fill(0);
-        }
+        pack_group(kb, [r0, r1, r2, r3], cols, r, panel, out);
     }
     Ok(())
 }
 
-/// `dst[4m + i] = rows[i][m]` (as bytes) for every column `m` of `dst.len() / 4`: four
-/// im2col rows side by side, as a K4 panel holds them.
-fn interleave4(rows: [&[i8]; 4], dst: &mut [u8]) {
+/// The layout of [`im2col_q8_k4_wide`]: the im2col matrix of a stride-1 convolution over
+/// the input padded once, in which the taps of consecutive output pixels are consecutive
+/// bytes — so each matrix row is one contiguous run of the padded input, interleaved into
+/// the packed layout with no intermediate matrix. Output row `oy` starts at column
+/// `oy · stride` (the padded width); the `stride - ow` columns between two output rows
+/// are computed and dropped ([`Wide::compact`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wide {
+    /// Columns of the wide matrix: `(oh - 1) · stride + ow`.
+    pub cols: usize,
+    /// Distance between the first columns of two output rows: the padded input width.
+    pub stride: usize,
+    /// Output height and width.
+    pub out: [usize; 2],
+}
+
+impl Wide {
+    /// The wide layout of `g`; `None` unless both strides are 1 (or `g` is malformed).
+    pub fn of(g: &Geometry) -> Option<Wide> {
+        let [oh, ow] = g.check().ok()?;
+        if g.strides != [1, 1] {
+            return None;
+        }
+        let stride = g.input[1] + g.pads[1] + g.pads[3];
+        Some(Wide {
+            cols: (oh - 1) * stride + ow,
+            stride,
+            out: [oh, ow],
+        })
+    }
+
+    /// Bytes of the wide matrix of `g` packed in panels of `r` columns (as [`k4_len`]).
+    pub fn k4_len(&self, g: &Geometry, r: usize) -> usize {
+        let rows = g.channels * g.kernel[0] * g.kernel[1];
+        self.cols.div_ceil(r.max(1)) * rows.div_ceil(4) * 4 * r
+    }
+
+    /// Moves each of `rows` rows of a product over the wide matrix (`rows × cols` values
+    /// at the front of `data`) to the plain `rows × oh·ow` layout, in place, dropping the
+    /// columns between output rows. Nothing moves when there are none.
+    pub fn compact<T: Copy>(&self, data: &mut [T], rows: usize) -> Result<(), Unsupported> {
+        let [oh, ow] = self.out;
+        if data.len() < rows * self.cols {
+            return Err(Unsupported(format!(
+                "{} values for {rows} wide rows of {}",
+                data.len(),
+                self.cols
+            )));
+        }
+        if self.stride == ow {
+            return Ok(());
+        }
+        // Each destination starts at or before its source: forward copies are safe.
+        for o in 0..rows {
+            for oy in 0..oh {
+                let from = o * self.cols + oy * self.stride;
+                data.copy_within(from..from + ow, (o * oh + oy) * ow);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the wide im2col matrix ([`Wide`]) of one image of a stride-1 convolution in the
+/// `K4` layout of [`im2col_q8_k4`] with panels of `r` columns: the input is copied once into
+/// `scratch` with its padding (the zero point) around it, unless it has none, and every
+/// group of 4 matrix rows is interleaved straight from it. `out` has [`Wide::k4_len`] bytes.
+pub fn im2col_q8_k4_wide(
+    g: &Geometry,
+    x: &[u8],
+    x_zero: u8,
+    r: usize,
+    scratch: &mut Vec<u8>,
+    out: &mut [u8],
+) -> Result<Wide, Unsupported> {
+    let wide = Wide::of(g).ok_or_else(|| Unsupported(format!("no wide im2col for {g:?}")))?;
+    let rows = g.channels * g.kernel[0] * g.kernel[1];
+    if r == 0 || x.len() != g.input_len() || out.len() != wide.k4_len(g, r) {
+        return Err(Unsupported(format!(
+            "wide packed im2col of {} values into {} (panels of {r}) for {g:?}",
+            x.len(),
+            out.len()
+        )));
+    }
+    let [ih, iw] = g.input;
+    let (hp, wp) = (ih + g.pads[0] + g.pads[2], wide.stride);
+    let plane = hp * wp;
+    let src: &[u8] = if g.pads == [0; 4] {
+        x
+    } else {
+        scratch.clear();
+        scratch.resize(g.channels * plane, x_zero);
+        for (c, image) in x.chunks_exact(ih * iw).enumerate() {
+            for (iy, line) in image.chunks_exact(iw).enumerate() {
+                let at = c * plane + (iy + g.pads[0]) * wp + g.pads[1];
+                scratch[at..at + iw].copy_from_slice(line);
+            }
+        }
+        scratch
+    };
+    let [kh, kw] = g.kernel;
+    let [dh, dw] = g.dilations;
+    // Rows past the matrix read 0x80, which the flip makes 0.
+    let blank = if rows % 4 == 0 {
+        Vec::new()
+    } else {
+        vec![0x80u8; wide.cols]
+    };
+    let panel = rows.div_ceil(4) * 4 * r;
+    for kb in 0..rows.div_ceil(4) {
+        let row = |i: usize| -> &[u8] {
+            let k = kb * 4 + i;
+            if k >= rows {
+                return &blank;
+            }
+            let (c, ky, kx) = (k / (kh * kw), k / kw % kh, k % kw);
+            // The last tap of the last output pixel is the plane's last byte at most.
+            let start = c * plane + ky * dh * wp + kx * dw;
+            &src[start..start + wide.cols]
+        };
+        pack_group(
+            kb,
+            [row(0), row(1), row(2), row(3)],
+            wide.cols,
+            r,
+            panel,
+            out,
+        );
+    }
+    Ok(wide)
+}
+
+/// Interleaves group `kb` of four matrix rows (raw bytes of `cols` values, flipped to `i8`
+/// on the way) into every panel of `out`; columns past the matrix are zero.
+fn pack_group(kb: usize, rows: [&[u8]; 4], cols: usize, r: usize, panel: usize, out: &mut [u8]) {
+    for (p, panel_out) in out.chunks_exact_mut(panel).enumerate() {
+        let dst = &mut panel_out[kb * 4 * r..(kb + 1) * 4 * r];
+        let n0 = p * r;
+        let width = r.min(cols - n0);
+        let (filled, rest) = dst.split_at_mut(4 * width);
+        interleave4(rows.map(|row| &row[n0..n0 + width]), filled);
+        if !rest.is_empty() {
+            rest.fill(0);
+        }
+    }
+}
+
+/// `dst[4m + i] = rows[i][m] ^ 0x80` for every column `m` of `dst.len() / 4`: four rows of
+/// `u8` values side by side as the `i8` values `x - 128`, as a K4 panel holds them.
+fn interleave4(rows: [&[u8]; 4], dst: &mut [u8]) {
     let width = dst.len() / 4;
     assert!(rows.iter().all(|row| row.len() >= width));
     #[allow(unused_mut)]
@@ -130,7 +265,7 @@ fn interleave4(rows: [&[i8]; 4], dst: &mut [u8]) {
         m += 16;
     }
     for m in m..width {
-        dst[4 * m..4 * m + 4].copy_from_slice(&rows.map(|row| row[m] as u8));
+        dst[4 * m..4 * m + 4].copy_from_slice(&rows.map(|row| row[m] ^ 0x80));
     }
 }
 
@@ -138,13 +273,17 @@ fn interleave4(rows: [&[i8]; 4], dst: &mut [u8]) {
 mod sse2 {
     use std::arch::x86_64::*;
 
-    /// Columns `m..m + 16` of four rows into `dst[4m..4m + 64]`, byte-interleaved.
+    /// Columns `m..m + 16` of four rows into `dst[4m..4m + 64]`, byte-interleaved and
+    /// flipped to `i8` (`^ 0x80`).
     ///
     /// # Safety
     /// Every row must have `m + 16` values and `dst` `4m + 64` bytes.
     #[inline]
-    pub(super) unsafe fn interleave16(rows: [&[i8]; 4], m: usize, dst: &mut [u8]) {
-        let load = |row: &[i8]| _mm_loadu_si128(row.as_ptr().add(m) as *const __m128i);
+    pub(super) unsafe fn interleave16(rows: [&[u8]; 4], m: usize, dst: &mut [u8]) {
+        let flip = _mm_set1_epi8(i8::MIN);
+        let load = |row: &[u8]| {
+            _mm_xor_si128(_mm_loadu_si128(row.as_ptr().add(m) as *const __m128i), flip)
+        };
         let (a, b, c, d) = (load(rows[0]), load(rows[1]), load(rows[2]), load(rows[3]));
         // a0 b0 a1 b1 …, c0 d0 c1 d1 …, then 16-bit pairs of those: a0 b0 c0 d0 a1 …
         let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
@@ -325,6 +464,79 @@ mod tests {
     }
 
     #[test]
+    fn the_wide_packed_layout_holds_the_same_matrix_at_every_output_pixel() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let mut checked = 0;
+        let mut scratch = Vec::new();
+        while checked < 300 {
+            let g = Geometry {
+                channels: rng.random_range(1..5),
+                input: [rng.random_range(1..9), rng.random_range(1..12)],
+                kernel: [rng.random_range(1..4), rng.random_range(1..4)],
+                strides: [1, 1],
+                dilations: [rng.random_range(1..3), rng.random_range(1..3)],
+                pads: [0; 4].map(|_| rng.random_range(0..3)),
+            };
+            let Some([oh, ow]) = g.output() else { continue };
+            let (rows, cols) = (g.channels * g.kernel[0] * g.kernel[1], oh * ow);
+            let x: Vec<u8> = (0..g.input_len()).map(|_| rng.random()).collect();
+            let zero = rng.random();
+            let plain = by_definition(&g, &x, zero);
+            for r in [8, 16] {
+                let wide = Wide::of(&g).unwrap();
+                let mut packed = vec![1u8; wide.k4_len(&g, r)];
+                let got = im2col_q8_k4_wide(&g, &x, zero, r, &mut scratch, &mut packed).unwrap();
+                assert_eq!(got, wide);
+                let kp = rows.div_ceil(4) * 4;
+                let at = |k: usize, n: usize| (n / r) * kp * r + k / 4 * 4 * r + n % r * 4 + k % 4;
+                for k in 0..kp {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let want = if k < rows {
+                                plain[k * cols + oy * ow + ox]
+                            } else {
+                                0
+                            };
+                            let n = oy * wide.stride + ox;
+                            assert_eq!(
+                                packed[at(k, n)] as i8,
+                                want,
+                                "{g:?} r{r} k{k} ({oy}, {ox})"
+                            );
+                        }
+                    }
+                    // Past the wide matrix, panels hold zeros.
+                    for n in wide.cols..wide.cols.div_ceil(r) * r {
+                        assert_eq!(packed[at(k, n)], 0, "{g:?} r{r} k{k} n{n}");
+                    }
+                }
+                // A product over the wide columns, compacted, is the plain one.
+                let mut data: Vec<usize> = (0..2 * wide.cols).collect();
+                wide.compact(&mut data, 2).unwrap();
+                for o in 0..2 {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let want = o * wide.cols + oy * wide.stride + ox;
+                            assert_eq!(data[o * cols + oy * ow + ox], want, "{g:?}");
+                        }
+                    }
+                }
+            }
+            checked += 1;
+        }
+        let strided = Geometry {
+            channels: 1,
+            input: [4, 4],
+            kernel: [3, 3],
+            strides: [2, 1],
+            dilations: [1, 1],
+            pads: [1; 4],
+        };
+        assert_eq!(Wide::of(&strided), None);
+        assert!(im2col_q8_k4_wide(&strided, &[0; 16], 0, 8, &mut scratch, &mut [0; 64]).is_err());
+    }
+
+    #[test]
     fn wrong_buffers_are_refused() {
         let g = Geometry {
             channels: 2,
@@ -344,5 +556,15 @@ mod tests {
         assert!(im2col_q8_k4(&g, &[0; 18], 0, 8, &mut vec![0; len - 1]).is_err());
         assert!(im2col_q8_k4(&g, &[0; 18], 0, 0, &mut vec![0; len]).is_err());
         assert!(im2col_q8_k4(&g, &[0; 18], 0, 8, &mut vec![0; len]).is_ok());
+        let (wide, mut scratch) = (Wide::of(&g).unwrap(), Vec::new());
+        let len = wide.k4_len(&g, 8);
+        let mut run = |x: &[u8], r, len| {
+            im2col_q8_k4_wide(&g, x, 0, r, &mut scratch, &mut vec![0; len]).is_ok()
+        };
+        assert!(!run(&[0; 17], 8, len));
+        assert!(!run(&[0; 18], 8, len - 1));
+        assert!(!run(&[0; 18], 0, len));
+        assert!(run(&[0; 18], 8, len));
+        assert!(wide.compact(&mut [0i32; 10], 2).is_err());
     }
 }

@@ -18,7 +18,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use tern_kernels::epilogue::{epilogue_rows, Epilogue, Out};
-use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
+use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, im2col_q8_k4_wide, k4_len, Wide};
 use tern_kernels::quant::requantize_rows;
 use tern_kernels::{Geometry, Isa};
 
@@ -173,9 +173,14 @@ impl EvalOp for ConvQ8Op {
         let [oh, ow] = self.out;
         let (m, cols) = (self.output_channels, oh * ow);
         let k = g.channels * g.kernel[0] * g.kernel[1];
-        // Where the kernel reads the K4 layout, im2col writes it directly (no `columns`).
+        // Where the kernel reads the K4 layout, im2col writes it directly (no `columns`);
+        // for a stride-1 convolution, from the padded input in one pass (`Wide`), the
+        // product then running over the padded width and its rows compacted.
         let k4 = self.gemm.k4_panel();
+        let wide = k4.and_then(|_| Wide::of(g));
         let columns_width = if k4.is_some() { 0 } else { cols };
+        let acc_cols = wide.map_or(cols, |w| w.cols);
+        let mut scratch = Vec::new();
         // SAFETY: numbers have no invalid values, and every value of these three is
         // written before it is read: `columns` by the im2col of each image (every row, every
         // column), `acc` by the product (its whole m × cols store), `y` by the
@@ -184,7 +189,7 @@ impl EvalOp for ConvQ8Op {
             (
                 Tensor::uninitialized_dt(self.output_type, &self.output_shape)?,
                 Tensor::uninitialized::<i8>(&[k, columns_width])?,
-                Tensor::uninitialized::<i32>(&[m, cols])?,
+                Tensor::uninitialized::<i32>(&[m, acc_cols])?,
             )
         };
         let xs = x.try_as_plain_ram()?.as_bytes();
@@ -200,9 +205,24 @@ impl EvalOp for ConvQ8Op {
         let plane_len = plane.input_len();
         for i in 0..batch {
             let x = &xs[i * plane_in..(i + 1) * plane_in];
-            match k4 {
+            match (k4, wide) {
+                (Some(r), Some(w)) => {
+                    self.gemm.run_k4(
+                        w.cols,
+                        w.k4_len(g, r),
+                        |packed| {
+                            im2col_q8_k4_wide(g, x, self.x_zero, r, &mut scratch, packed)
+                                .map(|_| ())
+                                .map_err(|e| anyhow::anyhow!(e))
+                        },
+                        &self.bias,
+                        &mut acc,
+                    )?;
+                    w.compact(acc.try_as_plain_ram_mut()?.as_slice_mut::<i32>()?, m)
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                }
                 // im2col written straight into the kernel's packed layout.
-                Some(r) => self.gemm.run_k4(
+                (Some(r), None) => self.gemm.run_k4(
                     cols,
                     k4_len(g, r),
                     |packed| {
@@ -211,7 +231,7 @@ impl EvalOp for ConvQ8Op {
                     &self.bias,
                     &mut acc,
                 )?,
-                None => {
+                (None, _) => {
                     // im2col split by channel over the session's pool, as the product
                     // is inside tract-linalg; the product packs it again.
                     let mut cols_view = columns.try_as_plain_ram_mut()?;
@@ -257,7 +277,7 @@ impl EvalOp for ConvQ8Op {
             let ys = y_view.as_bytes_mut();
             if self.output_type == i32::datum_type() {
                 // ConvInteger: the accumulators are the output.
-                let bytes = acc.as_bytes();
+                let bytes = &acc.as_bytes()[..plane_out * 4];
                 ys[i * bytes.len()..(i + 1) * bytes.len()].copy_from_slice(bytes);
                 continue;
             }
