@@ -206,7 +206,7 @@ pub fn im2col_q8_k4_wide(
     let [kh, kw] = g.kernel;
     let [dh, dw] = g.dilations;
     // Rows past the matrix read 0x80, which the flip makes 0.
-    let blank = if rows % 4 == 0 {
+    let blank = if rows.is_multiple_of(4) {
         Vec::new()
     } else {
         vec![0x80u8; wide.cols]
