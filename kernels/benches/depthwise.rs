@@ -52,6 +52,9 @@ fn bench(c: &mut Criterion) {
         ("dw3x3_s1_64ch_48x192", layer(64, [48, 192], 3, 1)),
         ("dw3x3_s2_64ch_48x192", layer(64, [48, 192], 3, 2)),
         ("dw5x5_s1_128ch_12x48", layer(128, [12, 48], 5, 1)),
+        // ppocr_cls's last stages: planes of a row or two of chunks.
+        ("dw3x3_s1_96ch_6x24", layer(96, [6, 24], 3, 1)),
+        ("dw5x5_s1_288ch_3x12", layer(288, [3, 12], 5, 1)),
     ];
     let peak = clock_ghz().map(|ghz| ghz * 16.0);
     for (name, (kernel, x)) in &layers {
