@@ -1,6 +1,6 @@
 //! The passes around an int8 matrix product, in bytes per second: im2col (plain,
-//! straight into the K4 layout a VNNI kernel reads, and for stride 1 the wide form read
-//! from the padded input in one pass), per-row requantization, and the
+//! straight into the K4 layout a VNNI kernel reads, and the wide form read from the
+//! padded input's phase planes in one pass), per-row requantization, and the
 //! quantize / dequantize passes between layers. `cargo bench -p tern-kernels`.
 
 use std::hint::black_box;
@@ -20,6 +20,17 @@ fn bench(c: &mut Criterion) {
                 input: [30, 44],
                 kernel: [3, 3],
                 strides: [1, 1],
+                dilations: [1, 1],
+                pads: [1; 4],
+            },
+        ),
+        (
+            "3x3_s2_3ch_48x192",
+            Geometry {
+                channels: 3,
+                input: [48, 192],
+                kernel: [3, 3],
+                strides: [2, 2],
                 dilations: [1, 1],
                 pads: [1; 4],
             },

@@ -103,33 +103,36 @@ pub fn im2col_q8_k4(
     Ok(())
 }
 
-/// The layout of [`im2col_q8_k4_wide`]: the im2col matrix of a stride-1 convolution over
-/// the input padded once, in which the taps of consecutive output pixels are consecutive
-/// bytes — so each matrix row is one contiguous run of the padded input, interleaved into
-/// the packed layout with no intermediate matrix. Output row `oy` starts at column
-/// `oy · stride` (the padded width); the `stride - ow` columns between two output rows
-/// are computed and dropped ([`Wide::compact`]).
+/// The layout of [`im2col_q8_k4_wide`]: the im2col matrix over the input padded once and
+/// split into `sh · sw` phase planes (plane `(py, px)` holds the padded values at rows
+/// `py, py + sh, …` and columns `px, px + sw, …`; with stride 1 the one plane is the
+/// padded input). There the taps of consecutive output pixels are consecutive bytes, so
+/// each matrix row is one contiguous run of a phase plane, interleaved into the packed
+/// layout with no intermediate matrix. Output row `oy` starts at column `oy · stride` (the
+/// phase planes' width); the `stride - ow` columns between two output rows are computed
+/// and dropped ([`Wide::compact`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wide {
     /// Columns of the wide matrix: `(oh - 1) · stride + ow`.
     pub cols: usize,
-    /// Distance between the first columns of two output rows: the padded input width.
+    /// Distance between the first columns of two output rows: the phase planes' width.
     pub stride: usize,
+    /// Height of the phase planes.
+    pub rows: usize,
     /// Output height and width.
     pub out: [usize; 2],
 }
 
 impl Wide {
-    /// The wide layout of `g`; `None` unless both strides are 1 (or `g` is malformed).
+    /// The wide layout of `g`; `None` when `g` is malformed.
     pub fn of(g: &Geometry) -> Option<Wide> {
         let [oh, ow] = g.check().ok()?;
-        if g.strides != [1, 1] {
-            return None;
-        }
-        let stride = g.input[1] + g.pads[1] + g.pads[3];
+        let [sh, sw] = g.strides;
+        let stride = (g.input[1] + g.pads[1] + g.pads[3]).div_ceil(sw);
         Some(Wide {
             cols: (oh - 1) * stride + ow,
             stride,
+            rows: (g.input[0] + g.pads[0] + g.pads[2]).div_ceil(sh),
             out: [oh, ow],
         })
     }
@@ -166,10 +169,11 @@ impl Wide {
     }
 }
 
-/// Writes the wide im2col matrix ([`Wide`]) of one image of a stride-1 convolution in the
-/// `K4` layout of [`im2col_q8_k4`] with panels of `r` columns: the input is copied once into
-/// `scratch` with its padding (the zero point) around it, unless it has none, and every
-/// group of 4 matrix rows is interleaved straight from it. `out` has [`Wide::k4_len`] bytes.
+/// Writes the wide im2col matrix ([`Wide`]) of one image in the `K4` layout of
+/// [`im2col_q8_k4`] with panels of `r` columns: the input is copied once into `scratch` as
+/// its phase planes, with its padding (the zero point) around it — unless the stride is 1
+/// and there is no padding: then the input is the plane — and every group of 4 matrix rows
+/// is interleaved straight from them. `out` has [`Wide::k4_len`] bytes.
 pub fn im2col_q8_k4_wide(
     g: &Geometry,
     x: &[u8],
@@ -188,17 +192,32 @@ pub fn im2col_q8_k4_wide(
         )));
     }
     let [ih, iw] = g.input;
-    let (hp, wp) = (ih + g.pads[0] + g.pads[2], wide.stride);
-    let plane = hp * wp;
-    let src: &[u8] = if g.pads == [0; 4] {
+    let [sh, sw] = g.strides;
+    let (ws, plane) = (wide.stride, wide.rows * wide.stride);
+    let src: &[u8] = if g.pads == [0; 4] && g.strides == [1, 1] {
         x
     } else {
         scratch.clear();
-        scratch.resize(g.channels * plane, x_zero);
+        scratch.resize(g.channels * sh * sw * plane, x_zero);
         for (c, image) in x.chunks_exact(ih * iw).enumerate() {
             for (iy, line) in image.chunks_exact(iw).enumerate() {
-                let at = c * plane + (iy + g.pads[0]) * wp + g.pads[1];
-                scratch[at..at + iw].copy_from_slice(line);
+                let y = iy + g.pads[0];
+                let row = ((c * sh + y % sh) * sw) * plane + y / sh * ws;
+                if sw == 1 {
+                    let at = row + g.pads[1];
+                    scratch[at..at + iw].copy_from_slice(line);
+                } else {
+                    // Phase px holds the input columns ix with (ix + left) % sw == px.
+                    let left = g.pads[1];
+                    for px in 0..sw {
+                        let ix = (px + sw - left % sw) % sw;
+                        let at = row + px * plane + (ix + left) / sw;
+                        let dst = &mut scratch[at..at + ws - (ix + left) / sw];
+                        for (d, v) in dst.iter_mut().zip(line.iter().skip(ix).step_by(sw)) {
+                            *d = *v;
+                        }
+                    }
+                }
             }
         }
         scratch
@@ -219,18 +238,14 @@ pub fn im2col_q8_k4_wide(
                 return &blank;
             }
             let (c, ky, kx) = (k / (kh * kw), k / kw % kh, k % kw);
-            // The last tap of the last output pixel is the plane's last byte at most.
-            let start = c * plane + ky * dh * wp + kx * dw;
+            let (ty, tx) = (ky * dh, kx * dw);
+            // Tap (ty, tx) of output (oy, ox) is padded input (oy·sh + ty, ox·sw + tx):
+            // row oy + ty / sh, column ox + tx / sw of phase plane (ty % sh, tx % sw). The
+            // last tap of the last output lies inside that plane.
+            let start = ((c * sh + ty % sh) * sw + tx % sw) * plane + ty / sh * ws + tx / sw;
             &src[start..start + wide.cols]
         };
-        pack_group(
-            kb,
-            [row(0), row(1), row(2), row(3)],
-            wide.cols,
-            r,
-            panel,
-            out,
-        );
+        pack_group(kb, [row(0), row(1), row(2), row(3)], wide.cols, r, panel, out);
     }
     Ok(wide)
 }
@@ -473,7 +488,7 @@ mod tests {
                 channels: rng.random_range(1..5),
                 input: [rng.random_range(1..9), rng.random_range(1..12)],
                 kernel: [rng.random_range(1..4), rng.random_range(1..4)],
-                strides: [1, 1],
+                strides: [rng.random_range(1..4), rng.random_range(1..4)],
                 dilations: [rng.random_range(1..3), rng.random_range(1..3)],
                 pads: [0; 4].map(|_| rng.random_range(0..3)),
             };
@@ -524,16 +539,6 @@ mod tests {
             }
             checked += 1;
         }
-        let strided = Geometry {
-            channels: 1,
-            input: [4, 4],
-            kernel: [3, 3],
-            strides: [2, 1],
-            dilations: [1, 1],
-            pads: [1; 4],
-        };
-        assert_eq!(Wide::of(&strided), None);
-        assert!(im2col_q8_k4_wide(&strided, &[0; 16], 0, 8, &mut scratch, &mut [0; 64]).is_err());
     }
 
     #[test]

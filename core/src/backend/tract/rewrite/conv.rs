@@ -173,9 +173,9 @@ impl EvalOp for ConvQ8Op {
         let [oh, ow] = self.out;
         let (m, cols) = (self.output_channels, oh * ow);
         let k = g.channels * g.kernel[0] * g.kernel[1];
-        // Where the kernel reads the K4 layout, im2col writes it directly (no `columns`);
-        // for a stride-1 convolution, from the padded input in one pass (`Wide`), the
-        // product then running over the padded width and its rows compacted.
+        // Where the kernel reads the K4 layout, im2col writes it directly (no `columns`),
+        // from the padded input's phase planes in one pass (`Wide`), the product then
+        // running over the planes' width and its rows compacted.
         let k4 = self.gemm.k4_panel();
         let wide = k4.and_then(|_| Wide::of(g));
         let columns_width = if k4.is_some() { 0 } else { cols };
