@@ -2,14 +2,14 @@
 //! requantization, the epilogue (from i32 or f32 accumulators, into a buffer or in place)
 //! and byte table lookups give the scalar definition's values on every instruction set
 //! (their AVX2 and AVX-512 VBMI paths run here under the fuzzer's sanitizers), and im2col
-//! in the packed K4 layout holds the same matrix as the plain one, or both refuse the
-//! geometry.
+//! in the packed K4 layout (plain and wide) holds the same matrix as the plain one, or
+//! all refuse the geometry.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tern_fuzz::Bytes;
 use tern_kernels::epilogue::{epilogue_rows, epilogue_rows_in_place, Epilogue, HardSwish, Out};
-use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, k4_len};
+use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, im2col_q8_k4_wide, k4_len, Wide};
 use tern_kernels::lut::lookup_u8;
 use tern_kernels::quant::{dequantize_u8, quantize_u8, requantize_rows};
 use tern_kernels::Isa;
@@ -98,6 +98,8 @@ fuzz_target!(|data: &[u8]| {
     let r = [8, 16][next(2) as usize];
     let Some([oh, ow]) = g.output().filter(|_| g.check().is_ok()) else {
         assert!(im2col_q8_k4(&g, &x, zero, r, &mut []).is_err());
+        assert!(Wide::of(&g).is_none());
+        assert!(im2col_q8_k4_wide(&g, &x, zero, r, &mut Vec::new(), &mut []).is_err());
         return;
     };
     let (k, cols) = (g.channels * g.kernel[0] * g.kernel[1], oh * ow);
@@ -110,6 +112,16 @@ fuzz_target!(|data: &[u8]| {
         for col in 0..cols {
             let at = col / r * panel + kk / 4 * 4 * r + col % r * 4 + kk % 4;
             assert_eq!(packed[at] as i8, plain[kk * cols + col], "{g:?} r{r}");
+        }
+    }
+    let wide = Wide::of(&g).expect("a valid geometry");
+    let mut packed = vec![0u8; wide.k4_len(&g, r)];
+    im2col_q8_k4_wide(&g, &x, zero, r, &mut Vec::new(), &mut packed).expect("valid buffers");
+    for kk in 0..k {
+        for col in 0..cols {
+            let n = col / ow * wide.stride + col % ow;
+            let at = n / r * panel + kk / 4 * 4 * r + n % r * 4 + kk % 4;
+            assert_eq!(packed[at] as i8, plain[kk * cols + col], "wide {g:?} r{r}");
         }
     }
 });
