@@ -245,7 +245,14 @@ pub fn im2col_q8_k4_wide(
             let start = ((c * sh + ty % sh) * sw + tx % sw) * plane + ty / sh * ws + tx / sw;
             &src[start..start + wide.cols]
         };
-        pack_group(kb, [row(0), row(1), row(2), row(3)], wide.cols, r, panel, out);
+        pack_group(
+            kb,
+            [row(0), row(1), row(2), row(3)],
+            wide.cols,
+            r,
+            panel,
+            out,
+        );
     }
     Ok(wide)
 }
@@ -404,22 +411,31 @@ mod tests {
         out
     }
 
+    /// A random well-formed layer (strides, dilations, padding, kernels up to 3×3), its
+    /// output shape, an image and an input zero point; `None` when the kernel does not fit.
+    #[allow(clippy::type_complexity)]
+    fn random_case(rng: &mut rand::rngs::StdRng) -> Option<(Geometry, [usize; 2], Vec<u8>, u8)> {
+        let g = Geometry {
+            channels: rng.random_range(1..5),
+            input: [rng.random_range(1..9), rng.random_range(1..12)],
+            kernel: [rng.random_range(1..4), rng.random_range(1..4)],
+            strides: [rng.random_range(1..4), rng.random_range(1..4)],
+            dilations: [rng.random_range(1..3), rng.random_range(1..3)],
+            pads: [0; 4].map(|_| rng.random_range(0..3)),
+        };
+        let out = g.output()?;
+        let x = (0..g.input_len()).map(|_| rng.random()).collect();
+        Some((g, out, x, rng.random()))
+    }
+
     #[test]
     fn matches_the_definition_on_random_geometries() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let mut checked = 0;
         while checked < 300 {
-            let g = Geometry {
-                channels: rng.random_range(1..4),
-                input: [rng.random_range(1..9), rng.random_range(1..9)],
-                kernel: [rng.random_range(1..4), rng.random_range(1..4)],
-                strides: [rng.random_range(1..3), rng.random_range(1..4)],
-                dilations: [rng.random_range(1..3), rng.random_range(1..3)],
-                pads: [0; 4].map(|_| rng.random_range(0..3)),
+            let Some((g, [oh, ow], x, zero)) = random_case(&mut rng) else {
+                continue;
             };
-            let Some([oh, ow]) = g.output() else { continue };
-            let x: Vec<u8> = (0..g.input_len()).map(|_| rng.random()).collect();
-            let zero = rng.random();
             let mut out = vec![0; g.channels * g.kernel[0] * g.kernel[1] * oh * ow];
             im2col_q8(&g, &x, zero, &mut out).unwrap();
             let want = by_definition(&g, &x, zero);
@@ -443,18 +459,10 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
         let mut checked = 0;
         while checked < 200 {
-            let g = Geometry {
-                channels: rng.random_range(1..5),
-                input: [rng.random_range(1..9), rng.random_range(1..12)],
-                kernel: [rng.random_range(1..4), rng.random_range(1..4)],
-                strides: [rng.random_range(1..3), rng.random_range(1..3)],
-                dilations: [1, rng.random_range(1..3)],
-                pads: [0; 4].map(|_| rng.random_range(0..2)),
+            let Some((g, [oh, ow], x, zero)) = random_case(&mut rng) else {
+                continue;
             };
-            let Some([oh, ow]) = g.output() else { continue };
             let (rows, cols) = (g.channels * g.kernel[0] * g.kernel[1], oh * ow);
-            let x: Vec<u8> = (0..g.input_len()).map(|_| rng.random()).collect();
-            let zero = rng.random();
             let plain = by_definition(&g, &x, zero);
             for r in [8, 16] {
                 let mut packed = vec![1u8; k4_len(&g, r)];
@@ -484,18 +492,10 @@ mod tests {
         let mut checked = 0;
         let mut scratch = Vec::new();
         while checked < 300 {
-            let g = Geometry {
-                channels: rng.random_range(1..5),
-                input: [rng.random_range(1..9), rng.random_range(1..12)],
-                kernel: [rng.random_range(1..4), rng.random_range(1..4)],
-                strides: [rng.random_range(1..4), rng.random_range(1..4)],
-                dilations: [rng.random_range(1..3), rng.random_range(1..3)],
-                pads: [0; 4].map(|_| rng.random_range(0..3)),
+            let Some((g, [oh, ow], x, zero)) = random_case(&mut rng) else {
+                continue;
             };
-            let Some([oh, ow]) = g.output() else { continue };
             let (rows, cols) = (g.channels * g.kernel[0] * g.kernel[1], oh * ow);
-            let x: Vec<u8> = (0..g.input_len()).map(|_| rng.random()).collect();
-            let zero = rng.random();
             let plain = by_definition(&g, &x, zero);
             for r in [8, 16] {
                 let wide = Wide::of(&g).unwrap();
