@@ -18,7 +18,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use tern_kernels::epilogue::{epilogue_rows, Epilogue, Out};
-use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, im2col_q8_k4_wide, k4_len, Wide};
+use tern_kernels::im2col::{im2col_q8, im2col_q8_k4_wide, Wide};
 use tern_kernels::quant::requantize_rows;
 use tern_kernels::{Geometry, Isa};
 
@@ -60,6 +60,9 @@ pub(crate) struct ConvQ8Op {
     /// For an `i32` convolution whose float ops after it were folded in
     /// (`super::epilogue`): the output is f32, or u8 when the epilogue quantizes.
     epilogue: Option<Arc<Epilogue>>,
+    /// Buffers for the input's phase planes (`tern_kernels::im2col::Wide`), one per run
+    /// in flight.
+    scratch: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 }
 
 impl ConvQ8Op {
@@ -105,6 +108,7 @@ impl ConvQ8Op {
             output_type: q.output_type,
             output_shape: q.output_shape,
             epilogue: None,
+            scratch: Arc::default(),
         }))
     }
 }
@@ -176,11 +180,18 @@ impl EvalOp for ConvQ8Op {
         // Where the kernel reads the K4 layout, im2col writes it directly (no `columns`),
         // from the padded input's phase planes in one pass (`Wide`), the product then
         // running over the planes' width and its rows compacted.
-        let k4 = self.gemm.k4_panel();
-        let wide = k4.and_then(|_| Wide::of(g));
+        let k4 = match self.gemm.k4_panel() {
+            Some(r) => Some((
+                r,
+                Wide::of(g).context("TernConvQ8 planned for a bad geometry")?,
+            )),
+            None => None,
+        };
         let columns_width = if k4.is_some() { 0 } else { cols };
-        let acc_cols = wide.map_or(cols, |w| w.cols);
-        let mut scratch = Vec::new();
+        let acc_cols = k4.map_or(cols, |(_, w)| w.cols);
+        // The phase planes' buffer, reused from run to run (a fresh one costs its page
+        // faults every time).
+        let mut scratch = crate::sync::lock(&self.scratch).pop().unwrap_or_default();
         // SAFETY: numbers have no invalid values, and every value of these three is
         // written before it is read: `columns` by the im2col of each image (every row, every
         // column), `acc` by the product (its whole m × cols store), `y` by the
@@ -205,8 +216,8 @@ impl EvalOp for ConvQ8Op {
         let plane_len = plane.input_len();
         for i in 0..batch {
             let x = &xs[i * plane_in..(i + 1) * plane_in];
-            match (k4, wide) {
-                (Some(r), Some(w)) => {
+            match k4 {
+                Some((r, w)) => {
                     self.gemm.run_k4(
                         w.cols,
                         w.k4_len(g, r),
@@ -221,17 +232,7 @@ impl EvalOp for ConvQ8Op {
                     w.compact(acc.try_as_plain_ram_mut()?.as_slice_mut::<i32>()?, m)
                         .map_err(|e| anyhow::anyhow!(e))?;
                 }
-                // im2col written straight into the kernel's packed layout.
-                (Some(r), None) => self.gemm.run_k4(
-                    cols,
-                    k4_len(g, r),
-                    |packed| {
-                        im2col_q8_k4(g, x, self.x_zero, r, packed).map_err(|e| anyhow::anyhow!(e))
-                    },
-                    &self.bias,
-                    &mut acc,
-                )?,
-                (None, _) => {
+                None => {
                     // im2col split by channel over the session's pool, as the product
                     // is inside tract-linalg; the product packs it again.
                     let mut cols_view = columns.try_as_plain_ram_mut()?;
@@ -297,6 +298,7 @@ impl EvalOp for ConvQ8Op {
             })
             .map_err(|e| anyhow::anyhow!(e))?;
         }
+        crate::sync::lock(&self.scratch).push(scratch);
         Ok(tvec!(y.into_tvalue()))
     }
 }
