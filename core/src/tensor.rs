@@ -621,8 +621,20 @@ impl Tensor {
             serde_json::from_value(value).map_err(|e| bad(&e))?
         };
         let shape = jt.shape.unwrap_or_else(|| vec![jt.data.len()]);
-        let each = |what: &'static str, f: &dyn Fn(&serde_json::Value) -> bool| match jt
-            .data
+        Tensor::from_json_data(jt.dtype, &shape, &jt.data)
+    }
+
+    /// Builds a tensor of `dtype` and `shape` from its elements as JSON values, in row-major
+    /// order (what [`Tensor::from_json`] reads in `data`, and what the Open Inference
+    /// Protocol sends). Numbers must fit the dtype; float16, float32/64, the integer types,
+    /// bool and string are supported.
+    pub fn from_json_data(
+        dtype: DType,
+        shape: &[usize],
+        data: &[serde_json::Value],
+    ) -> Result<Tensor> {
+        let bad = |what: &dyn std::fmt::Display| Error::tensor(format!("JSON tensor: {what}"));
+        let each = |what: &'static str, f: &dyn Fn(&serde_json::Value) -> bool| match data
             .iter()
             .find(|v| !f(v))
         {
@@ -631,72 +643,82 @@ impl Tensor {
         };
         let floats = || -> Result<Vec<f64>> {
             each("a number", &|v| v.is_number())?;
-            Ok(jt.data.iter().filter_map(|v| v.as_f64()).collect())
+            Ok(data.iter().filter_map(|v| v.as_f64()).collect())
         };
         let ints = || -> Result<Vec<i64>> {
             each("an integer", &|v| v.is_i64())?;
-            Ok(jt.data.iter().filter_map(|v| v.as_i64()).collect())
+            Ok(data.iter().filter_map(|v| v.as_i64()).collect())
         };
-        match jt.dtype {
+        match dtype {
             DType::F32 => {
-                Tensor::from_vec(&shape, floats()?.into_iter().map(|v| v as f32).collect())
+                Tensor::from_vec(shape, floats()?.into_iter().map(|v| v as f32).collect())
             }
-            DType::F64 => Tensor::from_vec(&shape, floats()?),
+            DType::F64 => Tensor::from_vec(shape, floats()?),
             DType::F16 => Tensor::from_vec(
-                &shape,
+                shape,
                 floats()?.into_iter().map(half::f16::from_f64).collect(),
             ),
-            DType::I64 => Tensor::from_vec(&shape, ints()?),
-            DType::I32 => Tensor::from_vec(&shape, narrow::<i32>(ints()?)?),
-            DType::I16 => Tensor::from_vec(&shape, narrow::<i16>(ints()?)?),
-            DType::I8 => Tensor::from_vec(&shape, narrow::<i8>(ints()?)?),
-            DType::U32 => Tensor::from_vec(&shape, narrow::<u32>(ints()?)?),
-            DType::U16 => Tensor::from_vec(&shape, narrow::<u16>(ints()?)?),
-            DType::U8 => Tensor::from_vec(&shape, narrow::<u8>(ints()?)?),
+            DType::I64 => Tensor::from_vec(shape, ints()?),
+            DType::I32 => Tensor::from_vec(shape, narrow::<i32>(ints()?)?),
+            DType::I16 => Tensor::from_vec(shape, narrow::<i16>(ints()?)?),
+            DType::I8 => Tensor::from_vec(shape, narrow::<i8>(ints()?)?),
+            DType::U64 => {
+                each("an unsigned integer", &|v| v.is_u64())?;
+                Tensor::from_vec(shape, data.iter().filter_map(|v| v.as_u64()).collect())
+            }
+            DType::U32 => Tensor::from_vec(shape, narrow::<u32>(ints()?)?),
+            DType::U16 => Tensor::from_vec(shape, narrow::<u16>(ints()?)?),
+            DType::U8 => Tensor::from_vec(shape, narrow::<u8>(ints()?)?),
             DType::Bool => {
                 each("a bool", &|v| v.is_boolean())?;
-                Tensor::from_vec(&shape, jt.data.iter().filter_map(|v| v.as_bool()).collect())
+                Tensor::from_vec(shape, data.iter().filter_map(|v| v.as_bool()).collect())
             }
             DType::String => {
                 each("a string", &|v| v.is_string())?;
-                let strings = jt
-                    .data
-                    .iter()
-                    .filter_map(|v| v.as_str().map(str::to_string));
-                Tensor::from_vec(&shape, strings.collect())
+                let strings = data.iter().filter_map(|v| v.as_str().map(str::to_string));
+                Tensor::from_vec(shape, strings.collect())
             }
-            other => Err(bad(&format!("type {other} is not supported; use .npy"))),
         }
     }
 
     /// The tensor as JSON, in the form [`Tensor::from_json`] reads (non-finite floats
     /// become `null`).
     pub fn to_json(&self) -> Result<serde_json::Value> {
-        let data: Vec<serde_json::Value> = if self.dtype() == DType::String {
-            self.as_slice::<String>()?
+        let data = self.json_data()?;
+        Ok(serde_json::json!({ "dtype": self.dtype(), "shape": self.shape(), "data": data }))
+    }
+
+    /// The elements as JSON values in row-major order, exactly (integers are not rounded
+    /// through floats; non-finite floats become `null`): the inverse of
+    /// [`Tensor::from_json_data`].
+    pub fn json_data(&self) -> Result<Vec<serde_json::Value>> {
+        fn all<T: Element + Copy>(
+            t: &Tensor,
+            f: impl Fn(T) -> serde_json::Value,
+        ) -> Result<Vec<serde_json::Value>> {
+            Ok(t.as_slice::<T>()?.iter().map(|v| f(*v)).collect())
+        }
+        let float =
+            |v: f64| serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into);
+        match self.dtype() {
+            DType::String => Ok(self
+                .as_slice::<String>()?
                 .iter()
                 .map(|s| serde_json::Value::from(s.as_str()))
-                .collect()
-        } else if self.dtype().is_float() {
-            self.to_f32_vec()?
-                .into_iter()
-                .map(|v| {
-                    serde_json::Number::from_f64(f64::from(v))
-                        .map_or(serde_json::Value::Null, Into::into)
-                })
-                .collect()
-        } else if self.dtype() == DType::Bool {
-            self.as_slice::<bool>()?
-                .iter()
-                .map(|b| serde_json::Value::from(*b))
-                .collect()
-        } else {
-            self.to_f32_vec()?
-                .into_iter()
-                .map(|v| serde_json::Value::from(v as i64))
-                .collect()
-        };
-        Ok(serde_json::json!({ "dtype": self.dtype(), "shape": self.shape(), "data": data }))
+                .collect()),
+            DType::F32 => all(self, |v: f32| float(f64::from(v))),
+            DType::F16 => all(self, |v: half::f16| float(f64::from(v))),
+            DType::F64 => all(self, float),
+            DType::I64 => all(self, <serde_json::Value as From<i64>>::from),
+            DType::I32 => all(self, <serde_json::Value as From<i32>>::from),
+            DType::I16 => all(self, <serde_json::Value as From<i16>>::from),
+            DType::I8 => all(self, <serde_json::Value as From<i8>>::from),
+            DType::U64 => all(self, <serde_json::Value as From<u64>>::from),
+            DType::U32 => all(self, <serde_json::Value as From<u32>>::from),
+            DType::U16 => all(self, <serde_json::Value as From<u16>>::from),
+            DType::U8 => all(self, <serde_json::Value as From<u8>>::from),
+            DType::Bool => all(self, <serde_json::Value as From<bool>>::from),
+        }
     }
 }
 
@@ -1017,6 +1039,33 @@ mod json_tests {
         assert!(Tensor::from_json(br#"{"dtype": "u8", "data": [300]}"#).is_err());
         assert!(Tensor::from_json(br#"{"dtype": "i32", "data": [1.5]}"#).is_err());
         assert!(Tensor::from_json(br#"{"dtype": "f32", "shape": [3], "data": [1]}"#).is_err());
+    }
+
+    #[test]
+    fn every_dtype_round_trips_through_json_data_exactly() {
+        let big = (1i64 << 53) + 1; // not representable in f32 or f64
+        let cases: Vec<Tensor> = vec![
+            Tensor::from_vec(&[2], vec![big, -big]).unwrap(),
+            Tensor::from_vec(&[2], vec![u64::MAX, 0]).unwrap(),
+            Tensor::from_vec(&[2], vec![i32::MIN, i32::MAX]).unwrap(),
+            Tensor::from_vec(&[2], vec![u8::MAX, 0]).unwrap(),
+            Tensor::from_vec(&[2], vec![0.1f64, -3.5]).unwrap(),
+            Tensor::from_vec(&[2], vec![half::f16::from_f32(0.5), half::f16::MAX]).unwrap(),
+            Tensor::from_vec(&[1, 2], vec![true, false]).unwrap(),
+            Tensor::from_vec(&[1], vec!["é".to_string()]).unwrap(),
+        ];
+        for t in cases {
+            let data = t.json_data().unwrap();
+            let back = Tensor::from_json_data(t.dtype(), t.shape(), &data).unwrap();
+            assert_eq!(back.dtype(), t.dtype());
+            assert_eq!(back.shape(), t.shape());
+            assert_eq!(back.json_data().unwrap(), data, "{:?}", t.dtype());
+        }
+        assert_eq!(
+            Tensor::from_vec(&[1], vec![big]).unwrap().json_data().unwrap(),
+            vec![serde_json::Value::from(big)]
+        );
+        assert!(Tensor::from_json_data(DType::U64, &[1], &[serde_json::json!(-1)]).is_err());
     }
 }
 
