@@ -16,8 +16,12 @@
 //! - `tern store --dir DIR --trust KEY install|status|activate|rollback|load|update|stage|rollout`
 //!   — the on-device model store, updates from a repository and staged rollouts.
 //!
+//! - `tern agent --models DIR [--listen 127.0.0.1:8000]` — serve a directory of models over
+//!   the Open Inference Protocol (KServe v2) until SIGTERM (docs/AGENT.md).
+//!
 //! Every command takes `--json` for machine-readable output.
 
+mod agent;
 mod bench;
 mod bundle;
 mod callers;
@@ -215,6 +219,12 @@ enum Command {
         repeat: usize,
         #[command(flatten)]
         session: SessionArgs,
+    },
+    /// Serve a directory of models over the Open Inference Protocol (KServe v2, HTTP/JSON
+    /// with binary tensors) until SIGTERM: hot reload, /metrics, bounded queue (docs/AGENT.md).
+    Agent {
+        #[command(flatten)]
+        args: agent::AgentArgs,
     },
 }
 
@@ -709,6 +719,7 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Jobs { dir, action } => jobs(dir, action, cli.json)?,
         Command::Bundle { action } => bundle::print(&bundle::run(action)?, cli.json),
+        Command::Agent { args } => agent::run(args)?,
         Command::Store { args, action } => {
             let doc = store::store(args, action)?;
             match cli.json {

@@ -289,11 +289,15 @@ impl Tensor {
         let size = dtype
             .size_of()
             .ok_or_else(|| Error::tensor("string tensors cannot be built from raw bytes"))?;
-        let count: usize = shape.iter().product();
-        if count * size != bytes.len() {
+        let needed = shape
+            .iter()
+            .try_fold(size, |n, d| n.checked_mul(*d))
+            .ok_or_else(|| {
+                Error::tensor(format!("{dtype} tensor of shape {shape:?} is too large"))
+            })?;
+        if needed != bytes.len() {
             return Err(Error::tensor(format!(
-                "{dtype} tensor of shape {shape:?} needs {} bytes, got {}",
-                count * size,
+                "{dtype} tensor of shape {shape:?} needs {needed} bytes, got {}",
                 bytes.len()
             )));
         }
@@ -1062,7 +1066,10 @@ mod json_tests {
             assert_eq!(back.json_data().unwrap(), data, "{:?}", t.dtype());
         }
         assert_eq!(
-            Tensor::from_vec(&[1], vec![big]).unwrap().json_data().unwrap(),
+            Tensor::from_vec(&[1], vec![big])
+                .unwrap()
+                .json_data()
+                .unwrap(),
             vec![serde_json::Value::from(big)]
         );
         assert!(Tensor::from_json_data(DType::U64, &[1], &[serde_json::json!(-1)]).is_err());

@@ -1,0 +1,340 @@
+//! The model directory the agent serves, and its hot reload.
+//!
+//! Each entry of the directory is a model named after it:
+//! - `NAME.onnx`, an ONNX file;
+//! - `NAME/model.onnx`, a folder (for models with external data beside them);
+//! - `NAME.tern`, a signed bundle: verified against the configured keys (never served
+//!   without them), its version never going down, its golden samples run on this device
+//!   before it is served.
+//!
+//! [`Repository::scan`] compares each entry's size and modification time with what it saw
+//! last. A changed file is loaded only once it has stayed unchanged for one scan (so a
+//! file still being copied is not read half-written), into a new session beside the one
+//! serving: only when it loaded is it swapped in, atomically. A request already running
+//! holds the old version (an `Arc`) and finishes on it. A file that fails to load is
+//! refused, logged and counted, and the version before it keeps serving; it is tried
+//! again when it changes. A removed file stops being served.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::SystemTime;
+
+use tern::{Model, Session, SessionOptions};
+use tern_bundle::{Bundle, Trust, VerifyOptions};
+
+use crate::metrics::{LoadOutcome, Metrics};
+
+/// What a model is loaded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// An ONNX file (`NAME.onnx` or `NAME/model.onnx`).
+    Onnx,
+    /// A signed `.tern` bundle.
+    Bundle,
+}
+
+/// A model being served.
+#[derive(Debug)]
+pub struct ServedModel {
+    /// Its name (the directory entry's).
+    pub name: String,
+    /// Its version: the bundle's, or for ONNX files a count of loads since the agent
+    /// started (1, 2, …).
+    pub version: String,
+    /// The session that runs it.
+    pub session: Session,
+    /// The file it was loaded from.
+    pub source: PathBuf,
+    /// What kind of file that is.
+    pub kind: SourceKind,
+}
+
+/// What a scan did, one event per model that changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepoEvent {
+    /// A version is now served.
+    Loaded {
+        /// The model.
+        name: String,
+        /// The version.
+        version: String,
+    },
+    /// A file was refused; the version before it, if any, keeps serving.
+    Refused {
+        /// The model.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A model's file went away.
+    Removed {
+        /// The model.
+        name: String,
+    },
+}
+
+/// A file's identity for change detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+/// What the scanner knows about one name.
+#[derive(Debug, Default)]
+struct Watched {
+    /// The fingerprint seen at the last scan.
+    seen: Option<Fingerprint>,
+    /// The fingerprint last loaded or refused (not tried again until it changes).
+    tried: Option<Fingerprint>,
+    /// Successful loads of this name (the version of an ONNX model).
+    loads: u64,
+}
+
+/// The served models and the directory they come from.
+pub struct Repository {
+    dir: PathBuf,
+    session: SessionOptions,
+    trust: Option<Trust>,
+    metrics: Arc<Metrics>,
+    served: RwLock<BTreeMap<String, Arc<ServedModel>>>,
+    watched: Mutex<BTreeMap<String, Watched>>,
+    /// Names already warned about (two entries for one name), not to repeat it each scan.
+    warned: Mutex<BTreeSet<String>>,
+}
+
+impl Repository {
+    /// A repository over `dir`, nothing loaded yet ([`Repository::scan`] loads).
+    pub fn new(
+        dir: PathBuf,
+        session: SessionOptions,
+        trust: Option<Trust>,
+        metrics: Arc<Metrics>,
+    ) -> Repository {
+        Repository {
+            dir,
+            session,
+            trust,
+            metrics,
+            served: RwLock::default(),
+            watched: Mutex::default(),
+            warned: Mutex::default(),
+        }
+    }
+
+    /// The served version of `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<ServedModel>> {
+        self.served
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    /// Every served model, by name.
+    pub fn all(&self) -> Vec<Arc<ServedModel>> {
+        self.served
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The directory's model entries: name → (file to load, kind).
+    fn entries(&self) -> std::io::Result<BTreeMap<String, (PathBuf, SourceKind)>> {
+        let mut found: BTreeMap<String, (PathBuf, SourceKind)> = BTreeMap::new();
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let entry = if path.is_dir() {
+                let model = path.join("model.onnx");
+                model
+                    .is_file()
+                    .then(|| (file_name.to_string(), (model, SourceKind::Onnx)))
+            } else if let Some(stem) = file_name.strip_suffix(".onnx") {
+                Some((stem.to_string(), (path.clone(), SourceKind::Onnx)))
+            } else {
+                file_name
+                    .strip_suffix(".tern")
+                    .map(|stem| (stem.to_string(), (path.clone(), SourceKind::Bundle)))
+            };
+            let Some((name, source)) = entry else {
+                continue;
+            };
+            if !valid_name(&name) {
+                continue;
+            }
+            if let Some((first, _)) = found.get(&name) {
+                let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+                if warned.insert(name.clone()) {
+                    tracing::warn!(model = %name, serving = %first.display(), ignored = %path.display(),
+                        "two entries for one model name; the first is served");
+                }
+                continue;
+            }
+            found.insert(name, source);
+        }
+        Ok(found)
+    }
+
+    /// Checks the directory once and loads, reloads or drops what changed. On the first
+    /// scan (`settle` false) files are loaded as found; afterwards a changed file is
+    /// loaded once it is unchanged since the previous scan.
+    pub fn scan(&self, settle: bool) -> Vec<RepoEvent> {
+        let entries = match self.entries() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot read the model directory");
+                return Vec::new();
+            }
+        };
+        let mut events = Vec::new();
+        let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, (path, kind)) in &entries {
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            let print = Fingerprint {
+                len: meta.len(),
+                modified: meta.modified().ok(),
+            };
+            let w = watched.entry(name.clone()).or_default();
+            let stable = w.seen == Some(print);
+            w.seen = Some(print);
+            if w.tried == Some(print) || (settle && !stable) {
+                continue;
+            }
+            w.tried = Some(print);
+            let current = self.get(name);
+            match self.load(name, path, *kind, w.loads + 1, current.as_deref()) {
+                Ok(model) => {
+                    w.loads += 1;
+                    let version = model.version.clone();
+                    self.served
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(name.clone(), Arc::new(model));
+                    tracing::info!(model = %name, version = %version, source = %path.display(), "model loaded");
+                    self.metrics.load(name, LoadOutcome::loaded);
+                    events.push(RepoEvent::Loaded {
+                        name: name.clone(),
+                        version,
+                    });
+                }
+                Err(reason) => {
+                    tracing::warn!(model = %name, source = %path.display(), reason = %reason,
+                        serving = current.as_ref().map_or("nothing", |m| m.version.as_str()),
+                        "model refused");
+                    self.metrics.load(name, LoadOutcome::refused);
+                    events.push(RepoEvent::Refused {
+                        name: name.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        watched.retain(|name, _| entries.contains_key(name));
+        let mut served = self.served.write().unwrap_or_else(PoisonError::into_inner);
+        let gone: Vec<String> = served
+            .keys()
+            .filter(|n| !entries.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            served.remove(&name);
+            tracing::info!(model = %name, "model removed");
+            self.metrics.load(&name, LoadOutcome::removed);
+            events.push(RepoEvent::Removed { name });
+        }
+        self.metrics.set_models(served.len());
+        events
+    }
+
+    /// Loads one entry into a session; the error is the reason it is refused.
+    fn load(
+        &self,
+        name: &str,
+        path: &Path,
+        kind: SourceKind,
+        next_load: u64,
+        current: Option<&ServedModel>,
+    ) -> Result<ServedModel, String> {
+        let session = |model: &Model, version: &str| {
+            Session::new(model, self.session.clone().model_identity(name, version))
+                .map_err(|e| e.to_string())
+        };
+        let (version, session) = match kind {
+            SourceKind::Onnx => {
+                let model = Model::load(path).map_err(|e| e.to_string())?;
+                let version = next_load.to_string();
+                let s = session(&model, &version)?;
+                (version, s)
+            }
+            SourceKind::Bundle => {
+                let trust = self
+                    .trust
+                    .clone()
+                    .ok_or("a bundle, and no keys are trusted (set `trust`)")?;
+                let mut verify = VerifyOptions::trusting(trust);
+                if let Some(v) = current
+                    .filter(|c| c.kind == SourceKind::Bundle)
+                    .and_then(|c| c.version.parse().ok())
+                {
+                    verify = verify.installed_version(v);
+                }
+                let bundle = Bundle::read(path, &verify).map_err(|e| e.to_string())?;
+                if bundle.manifest().name != name {
+                    return Err(format!(
+                        "the bundle is model '{}', not '{name}'",
+                        bundle.manifest().name
+                    ));
+                }
+                let model = bundle.model().map_err(|e| e.to_string())?;
+                let version = bundle.manifest().version.to_string();
+                let s = session(&model, &version)?;
+                bundle
+                    .check_golden(&s)
+                    .map_err(|e| format!("golden check: {e}"))?;
+                (version, s)
+            }
+        };
+        Ok(ServedModel {
+            name: name.to_string(),
+            version,
+            session,
+            source: path.to_path_buf(),
+            kind,
+        })
+    }
+}
+
+/// A model name the URL paths can carry unescaped: ASCII letters, digits, `-`, `_`, `.`,
+/// not starting with `.` (hidden and temporary files are not models).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_plain() {
+        assert!(valid_name("ppocr_cls-int8.v2"));
+        assert!(!valid_name(".partial"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(""));
+    }
+}
