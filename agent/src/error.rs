@@ -41,6 +41,12 @@ pub enum AgentError {
     /// Every run slot and queue place is taken: come back later (503, `Retry-After`).
     #[error("the agent is at capacity; retry after {RETRY_AFTER_SECONDS} s")]
     Overloaded,
+    /// The client did not send the whole body in time (408).
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    /// The body is larger than the configured limit (413).
+    #[error("the request body is over the size limit")]
+    BodyTooLarge,
     /// The agent is shutting down.
     #[error("the agent is shutting down")]
     ShuttingDown,
@@ -67,6 +73,8 @@ impl AgentError {
             AgentError::Encode(_) => "encode",
             AgentError::Inference(e) => e.kind(),
             AgentError::Overloaded => "overloaded",
+            AgentError::BodyTimeout => "body_timeout",
+            AgentError::BodyTooLarge => "body_too_large",
             AgentError::ShuttingDown => "shutting_down",
             AgentError::Config(_) => "config",
             AgentError::Io { .. } => "io",
@@ -96,6 +104,8 @@ impl AgentError {
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             AgentError::Overloaded | AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            AgentError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::Encode(_) | AgentError::Config(_) | AgentError::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

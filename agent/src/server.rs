@@ -434,7 +434,7 @@ async fn infer(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     answer(state, name, None, headers, body).await
 }
@@ -443,7 +443,7 @@ async fn infer_version(
     State(state): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     answer(state, name, Some(version), headers, body).await
 }
@@ -454,11 +454,14 @@ async fn answer(
     name: String,
     version: Option<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let start = Instant::now();
     let mut served_version = String::new();
     let result = async {
+        // The body is read before anything can refuse the request: a client still sending
+        // when the answer comes would see its connection reset instead of the answer.
+        let body = read_body(body).await?;
         if state.stopping.load(Ordering::SeqCst) {
             return Err(AgentError::ShuttingDown);
         }
@@ -536,6 +539,27 @@ async fn answer(
             e.into_response()
         }
     }
+}
+
+/// Reads a whole request body (its size already bounded by the limit layer), telling a
+/// client too slow to send it (408) from one sending too much (413).
+async fn read_body(body: Body) -> Result<Bytes, AgentError> {
+    axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if c.is::<tower_http::timeout::TimeoutError>() {
+                return AgentError::BodyTimeout;
+            }
+            if c.is::<http_body_util::LengthLimitError>() {
+                return AgentError::BodyTooLarge;
+            }
+            cause = c.source();
+        }
+        AgentError::Io {
+            context: "reading the request body".into(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    })
 }
 
 /// Decodes, runs and encodes one request (on the blocking pool).
