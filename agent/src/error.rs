@@ -47,6 +47,9 @@ pub enum AgentError {
     /// The body is larger than the configured limit (413).
     #[error("the request body is over the size limit")]
     BodyTooLarge,
+    /// Serving the request panicked (a bug in the agent): 500, the agent keeps running.
+    #[error("internal error while serving the request")]
+    Panic,
     /// The agent is shutting down.
     #[error("the agent is shutting down")]
     ShuttingDown,
@@ -74,6 +77,7 @@ impl AgentError {
             AgentError::Inference(e) => e.kind(),
             AgentError::Overloaded => "overloaded",
             AgentError::BodyTimeout => "body_timeout",
+            AgentError::Panic => "panic",
             AgentError::BodyTooLarge => "body_too_large",
             AgentError::ShuttingDown => "shutting_down",
             AgentError::Config(_) => "config",
@@ -106,9 +110,10 @@ impl AgentError {
             AgentError::Overloaded | AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             AgentError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            AgentError::Encode(_) | AgentError::Config(_) | AgentError::Io { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            AgentError::Encode(_)
+            | AgentError::Config(_)
+            | AgentError::Io { .. }
+            | AgentError::Panic => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

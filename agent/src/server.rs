@@ -6,7 +6,8 @@
 //! refused beyond `max_body_bytes` (413) and must arrive within `header_timeout`; the
 //! model is looked up (404); the request is admitted if fewer than `max_in_flight +
 //! max_queued` are in the agent (else 503 with `Retry-After`), waits for one of the
-//! `max_in_flight` run slots, and is decoded, run and encoded on the blocking pool; the
+//! `max_in_flight` run slots, and is decoded, run and encoded on one of `max_in_flight`
+//! inference threads; the
 //! whole takes at most `request_timeout` (408). Every answer is counted in `/metrics`.
 
 use std::collections::BTreeMap;
@@ -51,6 +52,10 @@ struct AppState {
     admitted: Arc<Semaphore>,
     /// Runs at once: `max_in_flight` permits.
     running: Arc<Semaphore>,
+    /// The threads inference runs on: exactly `max_in_flight`, kept for the agent's life,
+    /// so per-thread state (tract's scratch buffers, the allocator's arenas) is bounded
+    /// by the concurrency limit and built once, not per request.
+    workers: rayon::ThreadPool,
     stopping: AtomicBool,
 }
 
@@ -141,6 +146,14 @@ impl Agent {
             metrics,
             admitted: Arc::new(Semaphore::new(limits.max_in_flight + limits.max_queued)),
             running: Arc::new(Semaphore::new(limits.max_in_flight)),
+            workers: rayon::ThreadPoolBuilder::new()
+                .num_threads(limits.max_in_flight)
+                .thread_name(|i| format!("tern-agent-run-{i}"))
+                .build()
+                .map_err(|e| AgentError::Io {
+                    context: "starting the inference threads".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?,
             stopping: AtomicBool::new(false),
         });
         Ok(Agent {
@@ -489,14 +502,19 @@ async fn answer(
             .map_err(|_| AgentError::ShuttingDown)?;
         drop(queued);
         let running = Held::new(state.metrics.in_flight());
-        tokio::task::spawn_blocking(move || {
+        let (done, result) = tokio::sync::oneshot::channel();
+        state.workers.spawn(move || {
             let _held = (admitted, slot, running);
-            run(&model, &body, header_length.as_deref())
-        })
-        .await
-        .map_err(|e| AgentError::Io {
+            // A panic here would abort the process (rayon's default): it becomes a 500.
+            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&model, &body, header_length.as_deref())
+            }))
+            .unwrap_or(Err(AgentError::Panic));
+            let _ = done.send(answer);
+        });
+        result.await.map_err(|_| AgentError::Io {
             context: "running the model".into(),
-            source: std::io::Error::other(e.to_string()),
+            source: std::io::Error::other("the inference thread stopped"),
         })?
     }
     .await;
@@ -562,7 +580,7 @@ async fn read_body(body: Body) -> Result<Bytes, AgentError> {
     })
 }
 
-/// Decodes, runs and encodes one request (on the blocking pool).
+/// Decodes, runs and encodes one request (on an inference thread).
 fn run(
     model: &ServedModel,
     body: &[u8],
@@ -602,7 +620,6 @@ pub fn run_until_signal(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores.min(2))
-        .max_blocking_threads(settings.limits.max_in_flight + 4)
         .thread_name("tern-agent")
         .enable_all()
         .build()
