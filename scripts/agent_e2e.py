@@ -129,6 +129,9 @@ class OrtServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body are separate writes: without TCP_NODELAY, Nagle's algorithm
+            # and the client's delayed ACK add 40 ms to every answer.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -354,6 +357,22 @@ def main():
     c.close()
     code = agent.stop()
     check("SIGTERM: exit 0, the socket removed", code == 0 and not agent.sock.exists(), code)
+
+    print("== packaging")
+    analyze = shutil.which("systemd-analyze")
+    if analyze:
+        # The unit as installed, its ExecStart pointed at this binary.
+        unit = work / "tern-agent.service"
+        unit.write_text((ROOT / "packaging" / "tern-agent.service").read_text()
+                        .replace("/usr/bin/tern", str(pathlib.Path(args.tern).resolve())))
+        v = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+        check("the systemd unit verifies", v.returncode == 0, v.stderr[-500:])
+        sec = subprocess.run([analyze, "security", "--offline=yes", str(unit)], capture_output=True, text=True)
+        level = [line for line in sec.stdout.splitlines() if "Overall exposure level" in line]
+        exposure = float(level[0].split(":")[1].split()[0]) if level else 99.0
+        check(f"the systemd unit's sandbox: exposure {exposure} (at most 2.0)", exposure <= 2.0, sec.stderr[-300:])
+    else:
+        print("  skip systemd-analyze not installed")
 
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=1))

@@ -357,6 +357,20 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_config_file_parses() {
+        let config: AgentConfig =
+            toml::from_str(include_str!("../../packaging/agent.toml")).expect("agent.toml");
+        let s = AgentConfig {
+            models: Some("/m".into()),
+            ..config
+        }
+        .settings(SessionOptions::default())
+        .expect("settings");
+        assert_eq!(s.listen.len(), 2);
+        assert_eq!(s.limits.max_in_flight, 2);
+    }
+
+    #[test]
     fn bad_settings_are_refused() {
         let base = AgentConfig {
             models: Some("/m".into()),

@@ -136,7 +136,13 @@ impl Agent {
                     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
                         std::fs::remove_file(path).map_err(io)?;
                     }
-                    Bound::Unix(UnixListener::bind(path).map_err(io)?, path.clone())
+                    let listener = UnixListener::bind(path).map_err(io)?;
+                    // Any local user can reach the loopback port; the socket is no more
+                    // private than that (connecting needs write permission on it).
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                        .map_err(io)?;
+                    Bound::Unix(listener, path.clone())
                 }
             });
         }
