@@ -12,14 +12,17 @@ here on the same inputs. Then:
   the same protocol (`OrtServer` below, about as simple as the agent's request path);
 - observability: a real Prometheus server (Debian's package, when installed) scrapes
   /metrics and has the agent's counts;
+- telemetry: spans of every request uploaded as OTLP/HTTP JSON to a local collector (which
+  refuses the first request), each body parsed strictly with opentelemetry-proto;
 - faults: malformed JSON, wrong shapes, an oversized body, a client that stops sending,
   a corrupt model dropped into the directory (refused, logged; the old version serves),
   kill -9 while a new version loads (the restarted agent serves a good version), SIGTERM
-  (exit 0, socket removed).
+  (exit 0, socket removed), a full disk under the telemetry buffer (requests still served).
 The last line is one summary: `agent-e2e: N steps passed, M failed`.
 """
 
 import argparse
+import atexit
 import http.client
 import http.server
 import json
@@ -45,6 +48,14 @@ from tern_paths import CACHE, ROOT  # noqa: E402
 
 MODELS = ["magika", "ppocr_cls", "ppocr_cls_int8_qdq"]
 passed, failed = 0, 0
+STARTED = []  # every agent process, killed at exit whatever happens
+
+
+@atexit.register
+def _kill_agents():
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def check(what, cond, detail=""):
@@ -88,6 +99,7 @@ class Agent:
              "--listen", f"unix:{self.sock}", "--poll-interval-ms", "200",
              "--header-timeout-ms", "2000", *extra],
             stdout=subprocess.PIPE, stderr=open(models.parent / "agent.log", "ab"), text=True)
+        STARTED.append(self.proc)
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"tern agent did not start: {(models.parent / 'agent.log').read_text()[-2000:]}")
@@ -112,6 +124,40 @@ class Agent:
     def stop(self, sig=signal.SIGTERM):
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=60)
+
+
+class Collector:
+    """An OTLP/HTTP receiver: keeps every request body by signal. It answers 503 to the
+    first request (a collector down), so the agent's retry is exercised too."""
+
+    def __init__(self):
+        self.bodies, self.refused = [], 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.refused == 0:
+                    outer.refused += 1
+                    self.send_response(503)
+                else:
+                    outer.bodies.append((self.path.rsplit("/", 1)[-1], body))
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
 
 
 class OrtServer:
@@ -312,7 +358,9 @@ def main():
     report = {"load": []}
 
     print("== tritonclient against tern agent")
-    agent = Agent(args.tern, models)
+    collector = Collector()
+    agent = Agent(args.tern, models, "--telemetry-dir", str(work / "telemetry"),
+                  "--otlp-url", collector.url, "--telemetry-upload-interval-ms", "500")
     c = agent.client()
     check("live and ready", c.is_server_live() and c.is_server_ready())
     meta = c.get_server_metadata()
@@ -341,6 +389,26 @@ def main():
                      for o, w in zip(s.get_outputs(), want))
             check(f"{name}: {'binary' if binary else 'JSON'} infer equals onnxruntime's "
                   f"(max |diff| {worst:.2e}, atol {e['atol']}, rtol {e['rtol']})", ok)
+
+    print("== telemetry to an OTLP collector")
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(k == "traces" for k, _ in collector.bodies):
+        time.sleep(0.25)
+    files = []
+    for n, (kind, body) in enumerate(collector.bodies):
+        f = work / f"{kind}-{n}.json"
+        f.write_bytes(body)
+        files.append(str(f))
+    check(f"spans uploaded after the collector's 503 ({len(files)} requests)",
+          collector.refused == 1 and any("traces" in f for f in files))
+    if files:
+        v = subprocess.run([sys.executable, str(ROOT / "scripts" / "validate_otlp.py"), *files],
+                           capture_output=True, text=True)
+        check(f"every upload parses as OTLP (opentelemetry-proto): {v.stdout.strip()}", v.returncode == 0,
+              v.stderr[-500:])
+        spans = b"".join(b for k, b in collector.bodies if k == "traces")
+        check("the spans name the models served", all(m.encode() in spans for m in MODELS))
+    collector.close()
 
     print("== bad requests")
     status, _, body = agent.raw("POST", "/v2/models/magika/infer", b"{not json")
@@ -429,6 +497,41 @@ def main():
     c.close()
     code = agent.stop()
     check("SIGTERM: exit 0, the socket removed", code == 0 and not agent.sock.exists(), code)
+
+    print("== telemetry on a full disk")
+    full = work / "full"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                             capture_output=True).returncode == 0
+    if mounted:
+        try:
+            agent = Agent(args.tern, models, "--telemetry-dir", str(full / "telemetry"))
+            fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            c = agent.client()
+            codes = []
+            for _ in range(50):
+                try:
+                    c.infer("ppocr_cls", [i])
+                    codes.append(200)
+                except InferenceServerException as e:
+                    codes.append(str(e))
+            c.close()
+            dropped = [line for line in agent.metrics().splitlines()
+                       if line.startswith("tern_agent_telemetry_dropped_records ")]
+            check(f"a full telemetry disk: 50 requests answered ({dropped[0] if dropped else 'no gauge'})",
+                  codes == [200] * 50 and agent.proc.poll() is None, codes[:3])
+            check("a full telemetry disk: SIGTERM still exits 0", agent.stop() == 0)
+        finally:
+            subprocess.run(["umount", str(full)], capture_output=True)
+    else:
+        print("  skip cannot mount a small tmpfs here")
 
     print("== packaging")
     analyze = shutil.which("systemd-analyze")

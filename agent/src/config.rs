@@ -9,6 +9,8 @@
 //! max_body_bytes = 67108864
 //! request_timeout_ms = 30000
 //! trust = ["/etc/tern/release.pub"]   # keys that must sign .tern bundles
+//! telemetry_dir = "/var/lib/tern-agent/telemetry"
+//! otlp_url = "http://127.0.0.1:4318"   # an OpenTelemetry collector (OTLP/HTTP JSON)
 //! ```
 
 use std::net::SocketAddr;
@@ -18,6 +20,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tern::SessionOptions;
 use tern_bundle::{PublicKey, Trust};
+
+use crate::telemetry::TelemetrySettings;
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +92,14 @@ pub struct AgentConfig {
     pub trust_threshold: Option<usize>,
     /// Threads per inference (the CPU kernels' pool).
     pub threads: Option<usize>,
+    /// The telemetry buffer's directory (no telemetry without one).
+    pub telemetry_dir: Option<PathBuf>,
+    /// An OTLP/HTTP collector's base URL (`http://host:4318`) to upload telemetry to.
+    pub otlp_url: Option<String>,
+    /// Least time between two telemetry uploads.
+    pub telemetry_upload_interval_ms: Option<u64>,
+    /// Most bytes of telemetry kept on disk.
+    pub telemetry_max_bytes: Option<u64>,
 }
 
 macro_rules! merge_fields {
@@ -159,6 +171,10 @@ impl AgentConfig {
             trust: list("trust").map(|v| v.into_iter().map(PathBuf::from).collect()),
             trust_threshold: parse(&var, "trust_threshold")?,
             threads: parse(&var, "threads")?,
+            telemetry_dir: parse(&var, "telemetry_dir")?,
+            otlp_url: parse(&var, "otlp_url")?,
+            telemetry_upload_interval_ms: parse(&var, "telemetry_upload_interval_ms")?,
+            telemetry_max_bytes: parse(&var, "telemetry_max_bytes")?,
         })
     }
 
@@ -180,7 +196,11 @@ impl AgentConfig {
             poll_interval_ms,
             trust,
             trust_threshold,
-            threads
+            threads,
+            telemetry_dir,
+            otlp_url,
+            telemetry_upload_interval_ms,
+            telemetry_max_bytes
         )
     }
 
@@ -235,8 +255,22 @@ impl AgentConfig {
             }
             _ => None,
         };
+        if self.otlp_url.is_some() && self.telemetry_dir.is_none() {
+            return Err(ConfigError::Invalid(
+                "otlp_url needs telemetry_dir: telemetry is buffered on disk before upload".into(),
+            ));
+        }
+        let telemetry = self.telemetry_dir.map(|dir| TelemetrySettings {
+            dir,
+            otlp_url: self.otlp_url,
+            upload_interval: Duration::from_millis(
+                self.telemetry_upload_interval_ms.unwrap_or(60_000),
+            ),
+            max_bytes: self.telemetry_max_bytes.unwrap_or(16 << 20),
+        });
         Ok(Settings {
             models,
+            telemetry,
             listen,
             limits,
             poll_interval: Duration::from_millis(self.poll_interval_ms.unwrap_or(2_000).max(10)),
@@ -313,6 +347,8 @@ pub struct Settings {
     pub trust: Option<Trust>,
     /// Every model's session options.
     pub session: SessionOptions,
+    /// Telemetry: the buffer's directory and the collector (none: no telemetry).
+    pub telemetry: Option<TelemetrySettings>,
 }
 
 #[cfg(test)]

@@ -56,6 +56,9 @@ pub enum AgentError {
     /// The configuration cannot be used.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The telemetry buffer cannot be opened.
+    #[error("telemetry: {0}")]
+    Telemetry(tern::Error),
     /// Listening or the runtime failed.
     #[error("{context}: {source}")]
     Io {
@@ -81,6 +84,7 @@ impl AgentError {
             AgentError::BodyTooLarge => "body_too_large",
             AgentError::ShuttingDown => "shutting_down",
             AgentError::Config(_) => "config",
+            AgentError::Telemetry(_) => "telemetry",
             AgentError::Io { .. } => "io",
         }
     }
@@ -112,6 +116,7 @@ impl AgentError {
             AgentError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::Encode(_)
             | AgentError::Config(_)
+            | AgentError::Telemetry(_)
             | AgentError::Io { .. }
             | AgentError::Panic => StatusCode::INTERNAL_SERVER_ERROR,
         }

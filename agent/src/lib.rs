@@ -14,6 +14,7 @@
 //! - [`server`]: routes, admission control (bounded queue, 503 + `Retry-After`), body and
 //!   time limits, listeners and graceful shutdown;
 //! - [`metrics`]: `/metrics` in the Prometheus text format;
+//! - [`telemetry`]: tern's on-device buffer for every session, uploaded as OTLP/HTTP;
 //! - [`error`]: every failure as a typed [`AgentError`] with its HTTP status.
 //!
 //! ```no_run
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod repository;
 pub mod server;
+pub mod telemetry;
 
 pub use config::{AgentConfig, ConfigError, Limits, Listen, Settings};
 pub use error::AgentError;

@@ -75,6 +75,8 @@ pub struct Metrics {
     queued: Gauge,
     models: Gauge,
     telemetry_backlog: Gauge<u64, AtomicU64>,
+    telemetry_dropped: Gauge<u64, AtomicU64>,
+    telemetry_upload_failures: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -96,6 +98,8 @@ impl Metrics {
         let queued = Gauge::default();
         let models = Gauge::default();
         let telemetry_backlog = Gauge::<u64, AtomicU64>::default();
+        let telemetry_dropped = Gauge::<u64, AtomicU64>::default();
+        let telemetry_upload_failures = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "requests",
             "Infer requests by model, version and outcome",
@@ -119,6 +123,16 @@ impl Metrics {
             "Telemetry buffered on the device and not yet uploaded",
             telemetry_backlog.clone(),
         );
+        registry.register(
+            "telemetry_dropped_records",
+            "Telemetry records dropped since start (buffer full, too old, refused by the collector)",
+            telemetry_dropped.clone(),
+        );
+        registry.register(
+            "telemetry_upload_failures",
+            "Consecutive failed telemetry uploads",
+            telemetry_upload_failures.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -128,6 +142,8 @@ impl Metrics {
             queued,
             models,
             telemetry_backlog,
+            telemetry_dropped,
+            telemetry_upload_failures,
         }
     }
 
@@ -179,7 +195,11 @@ impl Metrics {
     /// The text exposition, with the telemetry backlog read now.
     pub fn render(&self) -> String {
         if let Some(t) = tern::telemetry::global() {
-            self.telemetry_backlog.set(t.stats().bytes_on_disk);
+            let stats = t.stats();
+            self.telemetry_backlog.set(stats.bytes_on_disk);
+            self.telemetry_dropped.set(stats.dropped);
+            self.telemetry_upload_failures
+                .set(u64::from(stats.upload_failures));
         }
         let mut out = String::new();
         // Writing to a String cannot fail.

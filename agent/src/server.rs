@@ -103,12 +103,19 @@ pub struct Agent {
     state: Arc<AppState>,
     settings: Settings,
     listeners: Vec<Bound>,
+    telemetry: Option<tern::Telemetry>,
 }
 
 impl Agent {
     /// Loads the model directory and binds every listener. A Unix socket path left by a
     /// previous run is replaced.
     pub async fn bind(settings: Settings) -> Result<Agent, AgentError> {
+        // Before any session exists: sessions record into the buffer open when they start.
+        let telemetry = settings
+            .telemetry
+            .as_ref()
+            .map(crate::telemetry::start)
+            .transpose()?;
         let metrics = Arc::new(Metrics::new());
         let repo = Arc::new(Repository::new(
             settings.models.clone(),
@@ -166,6 +173,7 @@ impl Agent {
             state,
             settings,
             listeners,
+            telemetry,
         })
     }
 
@@ -192,6 +200,7 @@ impl Agent {
             state,
             settings,
             listeners,
+            telemetry,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (watch_stop, watch_rx) = std::sync::mpsc::channel::<()>();
@@ -248,6 +257,12 @@ impl Agent {
         let _ = watcher.join();
         for path in sockets {
             let _ = std::fs::remove_file(path);
+        }
+        if let Some(t) = telemetry {
+            // Flushed to disk; what is not uploaded yet goes at the next start.
+            if let Err(e) = tokio::task::spawn_blocking(move || t.close()).await {
+                tracing::warn!(error = %e, "closing the telemetry buffer");
+            }
         }
         tracing::info!("stopped");
         Ok(())

@@ -49,6 +49,15 @@ pub struct AgentArgs {
     /// Threads per inference (default 1).
     #[arg(long)]
     threads: Option<usize>,
+    /// Keep telemetry (spans, errors, health samples of every model) in this directory.
+    #[arg(long)]
+    telemetry_dir: Option<PathBuf>,
+    /// Upload telemetry to this OTLP/HTTP collector (http://host:4318).
+    #[arg(long)]
+    otlp_url: Option<String>,
+    /// Least time between two telemetry uploads, in ms (default 60000).
+    #[arg(long)]
+    telemetry_upload_interval_ms: Option<u64>,
     /// Log lines as JSON objects instead of text.
     #[arg(long)]
     log_json: bool,
@@ -74,6 +83,10 @@ impl AgentArgs {
             trust: some_vec(&self.trust),
             trust_threshold: None,
             threads: self.threads,
+            telemetry_dir: self.telemetry_dir.clone(),
+            otlp_url: self.otlp_url.clone(),
+            telemetry_upload_interval_ms: self.telemetry_upload_interval_ms,
+            telemetry_max_bytes: None,
         }
     }
 }
