@@ -126,6 +126,18 @@ class Agent:
         return self.proc.wait(timeout=60)
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, no log line per request, and TCP_NODELAY: headers and body are
+    separate writes, and without it Nagle's algorithm and the client's delayed ACK add
+    40 ms to every answer."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args):
+        pass
+
+
 class Collector:
     """An OTLP/HTTP receiver: keeps every request body by signal. It answers 503 to the
     first request (a collector down), so the agent's retry is exercised too."""
@@ -134,13 +146,7 @@ class Collector:
         self.bodies, self.refused = [], 0
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if outer.refused == 0:
@@ -176,15 +182,7 @@ class OrtServer:
         }
         np_types = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64}
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # Headers and body are separate writes: without TCP_NODELAY, Nagle's algorithm
-            # and the client's delayed ACK add 40 ms to every answer.
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 name = self.path.split("/")[3]
                 body = self.rfile.read(int(self.headers["Content-Length"]))

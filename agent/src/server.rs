@@ -525,12 +525,14 @@ async fn answer(
         let running = Held::new(state.metrics.in_flight());
         let (done, result) = tokio::sync::oneshot::channel();
         state.workers.spawn(move || {
-            let _held = (admitted, slot, running);
             // A panic here would abort the process (rayon's default): it becomes a 500.
             let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run(&model, &body, header_length.as_deref())
             }))
             .unwrap_or(Err(AgentError::Panic));
+            // The slot is free before the client can have the answer: a client sending its
+            // next request as soon as it has one must find room for it.
+            drop((admitted, slot, running));
             let _ = done.send(answer);
         });
         result.await.map_err(|_| AgentError::Io {
