@@ -344,7 +344,7 @@ pub fn decode_request(body: &[u8], header_length: Option<&str>) -> Result<Decode
         };
         let dtype = input.datatype.dtype();
         let binary_size = input.parameters.get("binary_data_size");
-        let tensor = match (binary_size, &input.data) {
+        let tensor = match (binary_size, input.data) {
             (Some(size), None) => {
                 let size = size
                     .as_u64()
@@ -416,11 +416,12 @@ pub fn decode_request(body: &[u8], header_length: Option<&str>) -> Result<Decode
     })
 }
 
-/// Nested arrays flattened in row-major order (the protocol allows both forms).
-fn flatten(value: &Value, out: &mut Vec<Value>) {
+/// Nested arrays flattened in row-major order (the protocol allows both forms), the
+/// elements moved, not copied.
+fn flatten(value: Value, out: &mut Vec<Value>) {
     match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        v => out.push(v.clone()),
+        Value::Array(items) => items.into_iter().for_each(|v| flatten(v, out)),
+        v => out.push(v),
     }
 }
 
