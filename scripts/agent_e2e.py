@@ -44,10 +44,10 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from e2e_steps import check, finish  # noqa: E402
 from tern_paths import CACHE, ROOT  # noqa: E402
 
 MODELS = ["magika", "ppocr_cls", "ppocr_cls_int8_qdq"]
-passed, failed = 0, 0
 STARTED = []  # every agent process, killed at exit whatever happens
 
 
@@ -56,16 +56,6 @@ def _kill_agents():
     for proc in STARTED:
         if proc.poll() is None:
             proc.kill()
-
-
-def check(what, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"  ok  {what}")
-    else:
-        failed += 1
-        print(f"  FAIL {what} {detail}")
 
 
 def manifest():
@@ -550,8 +540,7 @@ def main():
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=1))
     shutil.rmtree(work, ignore_errors=True)
-    print(f"agent-e2e: {passed} steps passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    finish("agent-e2e")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from e2e_steps import check, finish
+
 TERN = sys.argv[1]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAGIKA = ROOT / "models" / "magika" / "model.onnx"
-passed, failed = 0, 0
 
 
 def tern(*args, ok=True):
@@ -40,16 +41,6 @@ def tern(*args, ok=True):
     if ok and out.returncode != 0:
         raise RuntimeError(f"tern {' '.join(map(str, args))} failed: {out.stdout} {out.stderr}")
     return json.loads(out.stdout) if out.stdout.strip() else {}
-
-
-def check(what, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"  ok  {what}")
-    else:
-        failed += 1
-        print(f"  FAIL {what} {detail}")
 
 
 def biased_magika(path):
@@ -222,5 +213,4 @@ if __name__ == "__main__":
         main()
     except Exception as e:  # a command that failed outright counts as one failure
         check("the scenario ran to its end", False, e)
-    print(f"deploy-e2e: {passed} steps passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    finish("deploy-e2e")
