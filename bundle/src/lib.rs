@@ -23,6 +23,7 @@
 //!   files, and publishing to it (`init`, `publish`, `rotate_root`).
 //! - [`update`]: the device side: an [`Updater`] walks root rotations, verifies fresh
 //!   metadata and downloads (resumably, through the app's [`Fetcher`]) into the store.
+//! - [`http`] (feature `http`): the [`Fetcher`] for repositories served over HTTP(S).
 //! - [`rollout`]: a candidate version served beside the active one (shadow, canary, A/B)
 //!   with health checks that promote it or roll it back by themselves.
 //!
@@ -34,6 +35,8 @@ pub mod error;
 mod events;
 mod fsio;
 pub mod golden;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod keys;
 pub mod manifest;
 pub mod repo;

@@ -25,7 +25,6 @@ mod agent;
 mod bench;
 mod bundle;
 mod callers;
-mod fetch;
 mod flow;
 mod identify;
 mod store;

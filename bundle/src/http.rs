@@ -1,13 +1,14 @@
-//! Repository fetchers for `tern store update`: HTTP(S) through `ureq` (Range requests
-//! for resumable downloads, conditional requests for metadata that has not changed), or a
-//! local directory.
+//! Repository fetchers for the [`Updater`](crate::Updater) (`tern store update`, `tern
+//! agent`'s scheduled updates): HTTP(S) through `ureq` with rustls (Range requests for
+//! resumable downloads, conditional requests for metadata that has not changed), or a
+//! local directory. Behind the cargo feature `http`.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tern_bundle::{DirFetcher, FetchError, Fetcher};
+use crate::{DirFetcher, FetchError, Fetcher};
 
 /// A repository served over HTTP or HTTPS.
 pub struct HttpFetcher {
