@@ -76,7 +76,8 @@ impl Fetcher for HttpFetcher {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let (etag, last_modified) = (header("etag"), header("last-modified"));
+        let (etag, date) = (header("etag"), header("date"));
+        let last_modified = header("last-modified").filter(|lm| strong(lm, date.as_deref()));
         let skip = match response.status().as_u16() {
             304 => {
                 let cache = tern::sync::lock(&self.cache);
@@ -107,6 +108,23 @@ impl Fetcher for HttpFetcher {
             );
         }
         Ok(body)
+    }
+}
+
+/// Whether a `Last-Modified` date can validate a conditional request: only if the response
+/// was made at least a second after it (RFC 9110, 8.8.2.2). A file changed within the
+/// second it was served may change again in that second and keep the same date, and a
+/// conditional request would then be answered 304 for content never fetched (found when
+/// a repository published two versions within one second).
+fn strong(last_modified: &str, date: Option<&str>) -> bool {
+    match (
+        httpdate::parse_http_date(last_modified),
+        date.map(httpdate::parse_http_date),
+    ) {
+        (Ok(modified), Some(Ok(served))) => served
+            .duration_since(modified)
+            .is_ok_and(|d| d >= Duration::from_secs(1)),
+        _ => false,
     }
 }
 
@@ -157,6 +175,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let bytes: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(dir.join("timestamp.json"), &bytes).unwrap();
+        // Written a minute ago: its Last-Modified is a strong validator.
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("timestamp.json"))
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+        // Written now: fetched, rewritten within the same second, fetched again.
+        std::fs::write(dir.join("fresh.json"), b"one").unwrap();
         let (mut server, url) = python_server(&dir);
         let fetcher = HttpFetcher::new(&url);
 
@@ -176,6 +203,11 @@ mod tests {
         );
         // Unchanged since the first fetch: a 304, answered from the cache.
         assert_eq!(fetcher.fetch("timestamp.json", 0, 1 << 20).unwrap(), bytes);
+        // Changed within the second it was served: its date validates nothing, so the
+        // second fetch is not conditional and sees the change.
+        assert_eq!(fetcher.fetch("fresh.json", 0, 100).unwrap(), b"one");
+        std::fs::write(dir.join("fresh.json"), b"two").unwrap();
+        assert_eq!(fetcher.fetch("fresh.json", 0, 100).unwrap(), b"two");
         let unreachable = HttpFetcher::new("http://127.0.0.1:9");
         assert!(matches!(
             unreachable.fetch("timestamp.json", 0, 10),
@@ -195,6 +227,10 @@ mod tests {
             .lines()
             .filter_map(|l| l.split("\" ").nth(1)?.split_whitespace().next())
             .collect();
-        assert_eq!(statuses, ["200", "200", "200", "404", "304"], "{log}");
+        assert_eq!(
+            statuses,
+            ["200", "200", "200", "404", "304", "200", "200"],
+            "{log}"
+        );
     }
 }
