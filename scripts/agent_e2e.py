@@ -14,6 +14,8 @@ here on the same inputs. Then:
   /metrics and has the agent's counts;
 - telemetry: spans of every request uploaded as OTLP/HTTP JSON to a local collector (which
   refuses the first request), each body parsed strictly with opentelemetry-proto;
+- a model store kept up to date from a TUF repository over HTTP: v1 pulled and served,
+  v2 published and served without a restart;
 - faults: malformed JSON, wrong shapes, an oversized body, a client that stops sending,
   a corrupt model dropped into the directory (refused, logged; the old version serves),
   kill -9 while a new version loads (the restarted agent serves a good version), SIGTERM
@@ -82,10 +84,11 @@ def rss_kb(pid):
 class Agent:
     """A `tern agent` process on an ephemeral port."""
 
-    def __init__(self, tern, models, *extra):
+    def __init__(self, tern, models, *extra, models_flag=True):
         self.sock = models / "agent.sock"
+        source = ["--models", str(models)] if models_flag else []
         self.proc = subprocess.Popen(
-            [tern, "agent", "--models", str(models), "--listen", "127.0.0.1:0",
+            [tern, "agent", *source, "--listen", "127.0.0.1:0",
              "--listen", f"unix:{self.sock}", "--poll-interval-ms", "200",
              "--header-timeout-ms", "2000", *extra],
             stdout=subprocess.PIPE, stderr=open(models.parent / "agent.log", "ab"), text=True)
@@ -328,6 +331,67 @@ def scrape(agent, work):
         p.wait(timeout=30)
 
 
+def store_updates(tern, work, entries):
+    """The agent on a model store kept up to date from a TUF update repository over HTTP
+    (scripts/e2e_deploy.py --prepare builds its steps: magika v1, then v2)."""
+    print("== a model store updated from a repository over HTTP")
+    life = work / "lifecycle"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "e2e_deploy.py"), tern, "--prepare", str(life)],
+                   check=True, capture_output=True)
+    served = work / "repo"
+    shutil.copytree(life / "steps" / "1", served)
+
+    # Python's static file server as e2e_deploy.py uses it (HTTP/1.0, one request per
+    # connection), quiet.
+    class Static(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(served), **k)
+
+        def log_message(self, *args):
+            pass
+
+    repo = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Static)
+    threading.Thread(target=repo.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{repo.server_address[1]}"
+    models = work / "empty"
+    models.mkdir()
+    agent = Agent(tern, models, "--store-dir", str(work / "store"), "--trust", str(life / "release.key.pub"),
+                  "--update-url", url, "--update-root", str(life / "root.json"), "--update-model", "magika",
+                  "--update-interval-ms", "300", models_flag=False)
+
+    def version():
+        status, _, body = agent.raw("GET", "/v2/models/magika")
+        return json.loads(body)["versions"][0] if status == 200 else None
+
+    def wait_for(v):
+        deadline = time.time() + 60
+        while time.time() < deadline and version() != v:
+            time.sleep(0.2)
+        return version()
+
+    check("version 1 pulled, verified, golden-checked and served", wait_for("1") == "1", version())
+    feeds = ref_inputs(entries["magika"])
+    c = agent.client()
+    i = th.InferInput("bytes", feeds["bytes"].shape, "INT32")
+    i.set_data_from_numpy(feeds["bytes"])
+    want = ort.InferenceSession(str(CACHE / "models" / "magika" / "model.onnx"),
+                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    r = c.infer("magika", [i])
+    check("it answers as onnxruntime does", np.allclose(r.as_numpy("target_label"), want, atol=1e-4, rtol=1e-3))
+    # Published within the same second as version 1's files were written, as fast as a
+    # publisher can: the fetcher must not trust a one-second Last-Modified from then.
+    shutil.rmtree(served)
+    shutil.copytree(life / "steps" / "2", served, copy_function=shutil.copy)
+    log = lambda: "\n".join((work / "agent.log").read_text().splitlines()[-5:])  # noqa: E731
+    check("version 2 published: pulled and served without a restart", wait_for("2") == "2", log())
+    text = agent.metrics()
+    check("the update checks are counted",
+          'tern_agent_model_updates_total{model="magika",outcome="installed"} 2' in text)
+    c.close()
+    check("SIGTERM with the updater running: exit 0", agent.stop() == 0)
+    repo.shutdown()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("tern")
@@ -520,6 +584,8 @@ def main():
             subprocess.run(["umount", str(full)], capture_output=True)
     else:
         print("  skip cannot mount a small tmpfs here")
+
+    store_updates(args.tern, work, entries)
 
     print("== packaging")
     analyze = shutil.which("systemd-analyze")

@@ -12,6 +12,17 @@
 //! telemetry_dir = "/var/lib/tern-agent/telemetry"
 //! otlp_url = "http://127.0.0.1:4318"   # an OpenTelemetry collector (OTLP/HTTP JSON)
 //! ```
+//!
+//! Or, instead of `models`, a model store kept up to date from an update repository:
+//!
+//! ```toml
+//! store_dir = "/var/lib/tern-agent/store"
+//! trust = ["/etc/tern/release.pub"]
+//! update_url = "https://models.example.com/repo"
+//! update_root = "/etc/tern/root.json"
+//! update_models = ["ppocr_cls"]
+//! update_interval_ms = 3600000
+//! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -100,6 +111,18 @@ pub struct AgentConfig {
     pub telemetry_upload_interval_ms: Option<u64>,
     /// Most bytes of telemetry kept on disk.
     pub telemetry_max_bytes: Option<u64>,
+    /// Serve a model store's active versions (`tern store`'s directory) instead of
+    /// `models`.
+    pub store_dir: Option<PathBuf>,
+    /// The update repository the store is kept up to date from: an http(s):// URL or a
+    /// directory.
+    pub update_url: Option<String>,
+    /// The repository's root metadata the device trusts first (`root.json`).
+    pub update_root: Option<PathBuf>,
+    /// The models to update.
+    pub update_models: Option<Vec<String>>,
+    /// How often the repository is checked.
+    pub update_interval_ms: Option<u64>,
 }
 
 macro_rules! merge_fields {
@@ -175,6 +198,11 @@ impl AgentConfig {
             otlp_url: parse(&var, "otlp_url")?,
             telemetry_upload_interval_ms: parse(&var, "telemetry_upload_interval_ms")?,
             telemetry_max_bytes: parse(&var, "telemetry_max_bytes")?,
+            store_dir: parse(&var, "store_dir")?,
+            update_url: parse(&var, "update_url")?,
+            update_root: parse(&var, "update_root")?,
+            update_models: list("update_models"),
+            update_interval_ms: parse(&var, "update_interval_ms")?,
         })
     }
 
@@ -200,16 +228,61 @@ impl AgentConfig {
             telemetry_dir,
             otlp_url,
             telemetry_upload_interval_ms,
-            telemetry_max_bytes
+            telemetry_max_bytes,
+            store_dir,
+            update_url,
+            update_root,
+            update_models,
+            update_interval_ms
         )
     }
 
     /// Resolves the configuration, with defaults, into settings; `session` is the base
     /// for every model's session options (`threads` applied over it).
     pub fn settings(self, session: SessionOptions) -> Result<Settings, ConfigError> {
-        let models = self
-            .models
-            .ok_or_else(|| ConfigError::Invalid("no model directory (--models)".into()))?;
+        let models = match (self.models, self.store_dir) {
+            (Some(dir), None) => {
+                if self.update_url.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "update_url updates a model store: set store_dir, not models".into(),
+                    ));
+                }
+                ModelSource::Directory(dir)
+            }
+            (None, Some(dir)) => ModelSource::Store {
+                dir,
+                update: match self.update_url {
+                    None => None,
+                    Some(url) => Some(UpdateSettings {
+                        url,
+                        root: self.update_root.ok_or_else(|| {
+                            ConfigError::Invalid("update_url needs update_root (root.json)".into())
+                        })?,
+                        models: match self.update_models {
+                            Some(m) if !m.is_empty() => m,
+                            _ => {
+                                return Err(ConfigError::Invalid(
+                                    "update_url needs update_models (the models to update)".into(),
+                                ))
+                            }
+                        },
+                        interval: Duration::from_millis(
+                            self.update_interval_ms.unwrap_or(3_600_000).max(100),
+                        ),
+                    }),
+                },
+            },
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "no models: set models (a directory) or store_dir (a model store)".into(),
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "models and store_dir both set: serve one or the other".into(),
+                ))
+            }
+        };
         let listen = self
             .listen
             .unwrap_or_else(|| vec!["127.0.0.1:8000".to_string()])
@@ -255,6 +328,11 @@ impl AgentConfig {
             }
             _ => None,
         };
+        if matches!(models, ModelSource::Store { .. }) && trust.is_none() {
+            return Err(ConfigError::Invalid(
+                "a model store needs trust: the keys its bundles are signed with".into(),
+            ));
+        }
         if self.otlp_url.is_some() && self.telemetry_dir.is_none() {
             return Err(ConfigError::Invalid(
                 "otlp_url needs telemetry_dir: telemetry is buffered on disk before upload".into(),
@@ -281,6 +359,33 @@ impl AgentConfig {
             },
         })
     }
+}
+
+/// Where the served models come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A directory of `NAME.onnx`, `NAME/model.onnx` and `NAME.tern` entries.
+    Directory(PathBuf),
+    /// A model store's active versions, optionally kept up to date from a repository.
+    Store {
+        /// The store's directory.
+        dir: PathBuf,
+        /// Scheduled updates.
+        update: Option<UpdateSettings>,
+    },
+}
+
+/// Scheduled updates of a model store from an update repository.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateSettings {
+    /// The repository: an http(s):// URL or a directory.
+    pub url: String,
+    /// The root metadata trusted first.
+    pub root: PathBuf,
+    /// The models to update.
+    pub models: Vec<String>,
+    /// How often the repository is checked.
+    pub interval: Duration,
 }
 
 /// Where the agent listens.
@@ -335,8 +440,8 @@ pub struct Limits {
 /// The agent's resolved settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The model directory.
-    pub models: PathBuf,
+    /// Where the models come from.
+    pub models: ModelSource,
     /// Where to listen.
     pub listen: Vec<Listen>,
     /// Bounds.
@@ -380,7 +485,7 @@ mod tests {
             .overridden_by(flags)
             .settings(SessionOptions::default())
             .unwrap();
-        assert_eq!(s.models, PathBuf::from("/m"));
+        assert_eq!(s.models, ModelSource::Directory(PathBuf::from("/m")));
         assert_eq!(
             s.listen,
             vec![
@@ -435,5 +540,26 @@ mod tests {
             Err(ConfigError::Env { .. })
         ));
         assert!(toml::from_str::<AgentConfig>("modles = \"/m\"").is_err());
+        // One source of models; a store needs trust; updates need a store, a root, models.
+        let store = AgentConfig {
+            store_dir: Some("/s".into()),
+            ..AgentConfig::default()
+        };
+        for bad in [
+            AgentConfig {
+                store_dir: Some("/s".into()),
+                ..base.clone()
+            },
+            store.clone(),
+            AgentConfig {
+                update_url: Some("http://r".into()),
+                ..base.clone()
+            },
+        ] {
+            assert!(matches!(
+                bad.settings(SessionOptions::default()),
+                Err(ConfigError::Invalid(_))
+            ));
+        }
     }
 }

@@ -56,6 +56,9 @@ pub enum AgentError {
     /// The configuration cannot be used.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The model store or its updater cannot be opened.
+    #[error("model store: {0}")]
+    Update(tern_bundle::Error),
     /// The telemetry buffer cannot be opened.
     #[error("telemetry: {0}")]
     Telemetry(tern::Error),
@@ -85,6 +88,7 @@ impl AgentError {
             AgentError::ShuttingDown => "shutting_down",
             AgentError::Config(_) => "config",
             AgentError::Telemetry(_) => "telemetry",
+            AgentError::Update(_) => "model_store",
             AgentError::Io { .. } => "io",
         }
     }
@@ -117,6 +121,7 @@ impl AgentError {
             AgentError::Encode(_)
             | AgentError::Config(_)
             | AgentError::Telemetry(_)
+            | AgentError::Update(_)
             | AgentError::Io { .. }
             | AgentError::Panic => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -9,7 +9,9 @@
 //! The crate is a pipeline of small stages, each in its own module:
 //! - [`config`]: the TOML file, `TERN_AGENT_*` variables and flags, resolved once into
 //!   [`Settings`];
-//! - [`repository`]: the model directory, its hot reload and atomic swaps;
+//! - [`repository`]: the models served — a directory with hot reload, or a model store's
+//!   active versions under its crash breadcrumb — and their atomic swaps;
+//! - [`update`]: scheduled updates of the store from an update repository;
 //! - [`protocol`]: the protocol's documents and the request/response codec;
 //! - [`server`]: routes, admission control (bounded queue, 503 + `Retry-After`), body and
 //!   time limits, listeners and graceful shutdown;
@@ -39,8 +41,9 @@ pub mod protocol;
 pub mod repository;
 pub mod server;
 pub mod telemetry;
+pub mod update;
 
-pub use config::{AgentConfig, ConfigError, Limits, Listen, Settings};
+pub use config::{AgentConfig, ConfigError, Limits, Listen, ModelSource, Settings, UpdateSettings};
 pub use error::AgentError;
-pub use repository::{RepoEvent, Repository, ServedModel, SourceKind};
+pub use repository::{RepoEvent, Repository, ServedModel, Source, SourceKind};
 pub use server::{run_until_signal, Agent};

@@ -41,6 +41,24 @@ pub enum LoadOutcome {
     removed,
 }
 
+/// How a scheduled update of one model ended, as counted.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UpdateResult {
+    /// A newer version was installed and made active.
+    installed,
+    /// The repository had nothing newer.
+    up_to_date,
+    /// The check failed (network, metadata, verification, golden check).
+    failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpdateLabels {
+    model: String,
+    outcome: UpdateResult,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     model: String,
@@ -71,6 +89,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     loads: Family<LoadLabels, Counter>,
+    updates: Family<UpdateLabels, Counter>,
     in_flight: Gauge,
     queued: Gauge,
     models: Gauge,
@@ -94,6 +113,7 @@ impl Metrics {
             latency_histogram,
         );
         let loads = Family::<LoadLabels, Counter>::default();
+        let updates = Family::<UpdateLabels, Counter>::default();
         let in_flight = Gauge::default();
         let queued = Gauge::default();
         let models = Gauge::default();
@@ -111,6 +131,11 @@ impl Metrics {
             latency.clone(),
         );
         registry.register("model_loads", "Model loads by outcome", loads.clone());
+        registry.register(
+            "model_updates",
+            "Scheduled update checks by model and outcome",
+            updates.clone(),
+        );
         registry.register("in_flight", "Inferences running", in_flight.clone());
         registry.register(
             "queue_depth",
@@ -138,6 +163,7 @@ impl Metrics {
             requests,
             latency,
             loads,
+            updates,
             in_flight,
             queued,
             models,
@@ -171,6 +197,16 @@ impl Metrics {
     pub fn load(&self, model: &str, outcome: LoadOutcome) {
         self.loads
             .get_or_create(&LoadLabels {
+                model: model.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts a scheduled update check.
+    pub fn update(&self, model: &str, outcome: UpdateResult) {
+        self.updates
+            .get_or_create(&UpdateLabels {
                 model: model.to_string(),
                 outcome,
             })

@@ -1,6 +1,14 @@
-//! The model directory the agent serves, and its hot reload.
+//! The models the agent serves, from one of two [`Source`]s, and their hot reload.
 //!
-//! Each entry of the directory is a model named after it:
+//! **A model store** (`tern store`'s directory, [`ModelStore`]): each model's active
+//! version, loaded under the store's crash breadcrumb — a version the process died loading
+//! [`CRASH_LIMIT`](tern_bundle::CRASH_LIMIT) times is quarantined and the previous one
+//! serves — with its golden samples run again. A version that fails to load on this device
+//! is rolled back to the previous one. The agent's updater
+//! ([`crate::update`]) installs and activates new versions; each scan serves what is
+//! active.
+//!
+//! **A directory**: each entry is a model named after it:
 //! - `NAME.onnx`, an ONNX file;
 //! - `NAME/model.onnx`, a folder (for models with external data beside them);
 //! - `NAME.tern`, a signed bundle: verified against the configured keys (never served
@@ -21,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use tern::{Model, Session, SessionOptions};
-use tern_bundle::{Bundle, Trust, VerifyOptions};
+use tern_bundle::{Bundle, ModelStore, StoreEvent, Trust, VerifyOptions};
 
 use crate::metrics::{LoadOutcome, Metrics};
 
@@ -92,9 +100,18 @@ struct Watched {
     loads: u64,
 }
 
-/// The served models and the directory they come from.
+/// Where the served models come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A directory of ONNX files, folders and bundles.
+    Directory(PathBuf),
+    /// A model store: each model's active version.
+    Store(ModelStore),
+}
+
+/// The served models and where they come from.
 pub struct Repository {
-    dir: PathBuf,
+    source: Source,
     session: SessionOptions,
     trust: Option<Trust>,
     metrics: Arc<Metrics>,
@@ -102,24 +119,28 @@ pub struct Repository {
     watched: Mutex<BTreeMap<String, Watched>>,
     /// Names already warned about (two entries for one name), not to repeat it each scan.
     warned: Mutex<BTreeSet<String>>,
+    /// Per store model, the active version last loaded or refused (not tried again).
+    tried: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Repository {
-    /// A repository over `dir`, nothing loaded yet ([`Repository::scan`] loads).
+    /// A repository over `source`, nothing loaded yet ([`Repository::scan`] loads). A
+    /// store's models get the store's session options, `session` the directory's.
     pub fn new(
-        dir: PathBuf,
+        source: Source,
         session: SessionOptions,
         trust: Option<Trust>,
         metrics: Arc<Metrics>,
     ) -> Repository {
         Repository {
-            dir,
+            source,
             session,
             trust,
             metrics,
             served: RwLock::default(),
             watched: Mutex::default(),
             warned: Mutex::default(),
+            tried: Mutex::default(),
         }
     }
 
@@ -143,9 +164,9 @@ impl Repository {
     }
 
     /// The directory's model entries: name → (file to load, kind).
-    fn entries(&self) -> std::io::Result<BTreeMap<String, (PathBuf, SourceKind)>> {
+    fn entries(&self, dir: &Path) -> std::io::Result<BTreeMap<String, (PathBuf, SourceKind)>> {
         let mut found: BTreeMap<String, (PathBuf, SourceKind)> = BTreeMap::new();
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         paths.sort();
@@ -184,14 +205,125 @@ impl Repository {
         Ok(found)
     }
 
-    /// Checks the directory once and loads, reloads or drops what changed. On the first
-    /// scan (`settle` false) files are loaded as found; afterwards a changed file is
-    /// loaded once it is unchanged since the previous scan.
+    /// Checks the source once and loads, reloads or drops what changed. In a directory,
+    /// on the first scan (`settle` false) files are loaded as found; afterwards a changed
+    /// file is loaded once it is unchanged since the previous scan.
     pub fn scan(&self, settle: bool) -> Vec<RepoEvent> {
-        let entries = match self.entries() {
+        let events = match &self.source {
+            Source::Directory(dir) => self.scan_directory(dir, settle),
+            Source::Store(store) => self.scan_store(store),
+        };
+        self.metrics.set_models(
+            self.served
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+        );
+        events
+    }
+
+    /// Serves `model` as `name`, in place of the version before it.
+    fn serve(&self, model: ServedModel) -> RepoEvent {
+        let (name, version) = (model.name.clone(), model.version.clone());
+        tracing::info!(model = %name, version = %version, source = %model.source.display(), "model loaded");
+        self.metrics.load(&name, LoadOutcome::loaded);
+        self.served
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.clone(), Arc::new(model));
+        RepoEvent::Loaded { name, version }
+    }
+
+    /// Counts and logs a refusal.
+    fn refuse(&self, name: &str, source: &Path, reason: String) -> RepoEvent {
+        let current = self.get(name);
+        tracing::warn!(model = %name, source = %source.display(), reason = %reason,
+            serving = current.as_ref().map_or("nothing", |m| m.version.as_str()),
+            "model refused");
+        self.metrics.load(name, LoadOutcome::refused);
+        RepoEvent::Refused {
+            name: name.to_string(),
+            reason,
+        }
+    }
+
+    /// Stops serving the models `keep` does not name.
+    fn drop_others(&self, keep: impl Fn(&str) -> bool, events: &mut Vec<RepoEvent>) {
+        let mut served = self.served.write().unwrap_or_else(PoisonError::into_inner);
+        let gone: Vec<String> = served.keys().filter(|n| !keep(n)).cloned().collect();
+        for name in gone {
+            served.remove(&name);
+            tracing::info!(model = %name, "model removed");
+            self.metrics.load(&name, LoadOutcome::removed);
+            events.push(RepoEvent::Removed { name });
+        }
+    }
+
+    /// One scan of a model store: each model whose active version is not the one served
+    /// is loaded (under the crash breadcrumb); one that fails is rolled back.
+    fn scan_store(&self, store: &ModelStore) -> Vec<RepoEvent> {
+        let status = match store.status() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(store = %store.dir().display(), error = %e, "cannot read the model store");
+                return Vec::new();
+            }
+        };
+        let mut events = Vec::new();
+        let mut tried = self.tried.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, state) in &status {
+            let Some(active) = state.active else { continue };
+            let served = self.get(name).map(|m| m.version.clone());
+            if served.as_deref() == Some(active.to_string().as_str())
+                || tried.get(name) == Some(&active)
+            {
+                continue;
+            }
+            tried.insert(name.clone(), active);
+            let path = store.bundle_path(name, active);
+            match store.load(name) {
+                Ok(loaded) => {
+                    for e in &loaded.events {
+                        log_store_event(e);
+                    }
+                    tried.insert(name.clone(), loaded.version);
+                    events.push(self.serve(ServedModel {
+                        name: name.clone(),
+                        version: loaded.version.to_string(),
+                        source: store.bundle_path(name, loaded.version),
+                        session: loaded.session,
+                        kind: SourceKind::Bundle,
+                    }));
+                }
+                Err(e) => {
+                    events.push(self.refuse(name, &path, e.to_string()));
+                    // The active version does not load here: back to the one before it,
+                    // which the next scan serves.
+                    if state.previous.is_some() {
+                        match store.rollback(name) {
+                            Ok(to) => {
+                                tracing::warn!(model = %name, from = active, to, "rolled back")
+                            }
+                            Err(e) => tracing::error!(model = %name, error = %e, "rollback failed"),
+                        }
+                    }
+                }
+            }
+        }
+        tried.retain(|n, _| status.contains_key(n));
+        self.drop_others(
+            |n| status.get(n).is_some_and(|s| s.active.is_some()),
+            &mut events,
+        );
+        events
+    }
+
+    /// One scan of a model directory.
+    fn scan_directory(&self, dir: &Path, settle: bool) -> Vec<RepoEvent> {
+        let entries = match self.entries(dir) {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(dir = %self.dir.display(), error = %e, "cannot read the model directory");
+                tracing::error!(dir = %dir.display(), error = %e, "cannot read the model directory");
                 return Vec::new();
             }
         };
@@ -216,44 +348,14 @@ impl Repository {
             match self.load(name, path, *kind, w.loads + 1, current.as_deref()) {
                 Ok(model) => {
                     w.loads += 1;
-                    let version = model.version.clone();
-                    self.served
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(name.clone(), Arc::new(model));
-                    tracing::info!(model = %name, version = %version, source = %path.display(), "model loaded");
-                    self.metrics.load(name, LoadOutcome::loaded);
-                    events.push(RepoEvent::Loaded {
-                        name: name.clone(),
-                        version,
-                    });
+                    events.push(self.serve(model));
                 }
-                Err(reason) => {
-                    tracing::warn!(model = %name, source = %path.display(), reason = %reason,
-                        serving = current.as_ref().map_or("nothing", |m| m.version.as_str()),
-                        "model refused");
-                    self.metrics.load(name, LoadOutcome::refused);
-                    events.push(RepoEvent::Refused {
-                        name: name.clone(),
-                        reason,
-                    });
-                }
+                Err(reason) => events.push(self.refuse(name, path, reason)),
             }
         }
         watched.retain(|name, _| entries.contains_key(name));
-        let mut served = self.served.write().unwrap_or_else(PoisonError::into_inner);
-        let gone: Vec<String> = served
-            .keys()
-            .filter(|n| !entries.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            served.remove(&name);
-            tracing::info!(model = %name, "model removed");
-            self.metrics.load(&name, LoadOutcome::removed);
-            events.push(RepoEvent::Removed { name });
-        }
-        self.metrics.set_models(served.len());
+        drop(watched);
+        self.drop_others(|n| entries.contains_key(n), &mut events);
         events
     }
 
@@ -312,6 +414,25 @@ impl Repository {
             source: path.to_path_buf(),
             kind,
         })
+    }
+}
+
+fn log_store_event(e: &StoreEvent) {
+    match e {
+        StoreEvent::CrashDetected {
+            name,
+            version,
+            crashes,
+        } => {
+            tracing::warn!(model = %name, version, crashes, "an earlier load of this version never finished")
+        }
+        StoreEvent::Quarantined { name, version } => {
+            tracing::warn!(model = %name, version, "quarantined: it kept killing the process while loading")
+        }
+        StoreEvent::RolledBack { name, from, to } => {
+            tracing::warn!(model = %name, from, to, "rolled back")
+        }
+        other => tracing::warn!(event = ?other, "model store event"),
     }
 }
 

@@ -32,14 +32,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{Listen, Settings};
+use crate::config::{Listen, ModelSource, Settings};
 use crate::error::AgentError;
 use crate::metrics::{Metrics, Outcome, CONTENT_TYPE};
 use crate::protocol::{
     decode_request, encode_response, Encoded, IndexEntry, ModelMetadata, ProtocolError,
     ServerMetadata, TensorMetadata, HEADER_LENGTH,
 };
-use crate::repository::{Repository, ServedModel};
+use crate::repository::{Repository, ServedModel, Source};
+use crate::update::Updates;
+use tern_bundle::{ModelStore, StoreOptions};
 
 /// The server's name in `GET /v2`.
 pub const SERVER_NAME: &str = "tern";
@@ -104,6 +106,7 @@ pub struct Agent {
     settings: Settings,
     listeners: Vec<Bound>,
     telemetry: Option<tern::Telemetry>,
+    updates: Option<(Updates, Duration)>,
 }
 
 impl Agent {
@@ -117,8 +120,31 @@ impl Agent {
             .map(crate::telemetry::start)
             .transpose()?;
         let metrics = Arc::new(Metrics::new());
+        let (source, updates) = match &settings.models {
+            ModelSource::Directory(dir) => (Source::Directory(dir.clone()), None),
+            ModelSource::Store { dir, update } => {
+                let trust = settings.trust.clone().ok_or_else(|| {
+                    AgentError::Config(crate::config::ConfigError::Invalid(
+                        "a model store needs trust".into(),
+                    ))
+                })?;
+                let store = ModelStore::open(
+                    dir.clone(),
+                    trust,
+                    StoreOptions::default().session(settings.session.clone()),
+                )
+                .map_err(AgentError::Update)?;
+                let updates = update
+                    .as_ref()
+                    .map(|u| {
+                        Updates::new(store.clone(), u, metrics.clone()).map(|x| (x, u.interval))
+                    })
+                    .transpose()?;
+                (Source::Store(store), updates)
+            }
+        };
         let repo = Arc::new(Repository::new(
-            settings.models.clone(),
+            source,
             settings.session.clone(),
             settings.trust.clone(),
             metrics.clone(),
@@ -174,6 +200,7 @@ impl Agent {
             settings,
             listeners,
             telemetry,
+            updates,
         })
     }
 
@@ -201,6 +228,7 @@ impl Agent {
             settings,
             listeners,
             telemetry,
+            updates,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (watch_stop, watch_rx) = std::sync::mpsc::channel::<()>();
@@ -219,6 +247,30 @@ impl Agent {
                 context: "starting the model watcher".into(),
                 source,
             })?;
+        let (update_stop, update_rx) = std::sync::mpsc::channel::<()>();
+        let updater = match updates {
+            None => None,
+            Some((updates, every)) => {
+                let repo = state.repo.clone();
+                let thread = std::thread::Builder::new()
+                    .name("tern-agent-update".into())
+                    .spawn(move || loop {
+                        // A new active version is served at once, not at the next scan.
+                        if updates.check() {
+                            repo.scan(true);
+                        }
+                        match update_rx.recv_timeout(every) {
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                            _ => return,
+                        }
+                    })
+                    .map_err(|source| AgentError::Io {
+                        context: "starting the updater".into(),
+                        source,
+                    })?;
+                Some(thread)
+            }
+        };
         let graceful = Arc::new(GracefulShutdown::new());
         let connections = Arc::new(Semaphore::new(settings.limits.max_connections));
         let app = router(state.clone(), &settings);
@@ -255,6 +307,10 @@ impl Agent {
         }
         drop(watch_stop);
         let _ = watcher.join();
+        drop(update_stop);
+        if let Some(t) = updater {
+            let _ = t.join();
+        }
         for path in sockets {
             let _ = std::fs::remove_file(path);
         }

@@ -49,6 +49,22 @@ pub struct AgentArgs {
     /// Threads per inference (default 1).
     #[arg(long)]
     threads: Option<usize>,
+    /// Serve a model store's active versions (`tern store --dir`) instead of --models.
+    #[arg(long, conflicts_with = "models")]
+    store_dir: Option<PathBuf>,
+    /// Keep the store up to date from this update repository (http(s):// URL or a
+    /// directory), installing and activating new versions of --update-model.
+    #[arg(long, requires = "store_dir")]
+    update_url: Option<String>,
+    /// The repository's root.json the device trusts first.
+    #[arg(long)]
+    update_root: Option<PathBuf>,
+    /// A model to keep up to date. Repeatable.
+    #[arg(long)]
+    update_model: Vec<String>,
+    /// How often the repository is checked, in ms (default 3600000).
+    #[arg(long)]
+    update_interval_ms: Option<u64>,
     /// Keep telemetry (spans, errors, health samples of every model) in this directory.
     #[arg(long)]
     telemetry_dir: Option<PathBuf>,
@@ -87,6 +103,11 @@ impl AgentArgs {
             otlp_url: self.otlp_url.clone(),
             telemetry_upload_interval_ms: self.telemetry_upload_interval_ms,
             telemetry_max_bytes: None,
+            store_dir: self.store_dir.clone(),
+            update_url: self.update_url.clone(),
+            update_root: self.update_root.clone(),
+            update_models: some_vec(&self.update_model),
+            update_interval_ms: self.update_interval_ms,
         }
     }
 }

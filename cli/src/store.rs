@@ -293,7 +293,11 @@ pub fn store(args: &StoreArgs, action: &StoreAction) -> Result<serde_json::Value
         } => {
             let root_bytes = tern::fs::read_regular(root, 1 << 20)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", root.display()))?;
-            let updater = Updater::new(store.clone(), &root_bytes, tern_bundle::http::for_repo(repo))?;
+            let updater = Updater::new(
+                store.clone(),
+                &root_bytes,
+                tern_bundle::http::for_repo(repo),
+            )?;
             let outcome = updater.update(name)?;
             if let UpdateOutcome::Installed(i) = &outcome {
                 match then {

@@ -578,3 +578,99 @@ fn slow_clients_are_cut_off_and_unix_sockets_serve() {
     drop(agent);
     assert!(!socket.exists(), "the socket file is removed at exit");
 }
+
+/// A store with ppocr_cls v1 (fp32) and v2 (the int8 model under the same name), signed by
+/// a fresh key written to `dir/release.pub`.
+fn store_with_two_versions(dir: &Path) -> (tern_bundle::ModelStore, tern_bundle::KeyPair) {
+    use tern_bundle::{create, BundleSpec, KeyPair, ModelStore, StoreOptions, Trust};
+    let pair = KeyPair::generate().expect("key");
+    std::fs::write(
+        dir.join("release.pub"),
+        serde_json::to_vec(&pair.public().to_json()).expect("json"),
+    )
+    .expect("write key");
+    let store = ModelStore::open(
+        dir.join("store"),
+        Trust::new([pair.public()], 1).expect("trust"),
+        StoreOptions::default(),
+    )
+    .expect("store");
+    let samples = vec![entry("ppocr_cls").reference_inputs()];
+    for (version, model) in [(1, "ppocr_cls"), (2, "ppocr_cls_int8_qdq")] {
+        let mut bundle = create(
+            std::fs::read(entry(model).dir().join("model.onnx")).expect("model"),
+            &BundleSpec::new("ppocr_cls", version),
+            &samples,
+            SessionOptions::new().threads(1).without_telemetry(),
+        )
+        .expect("bundle");
+        bundle.sign(&pair).expect("sign");
+        let file = dir.join(format!("v{version}.tern"));
+        bundle.write(&file).expect("write bundle");
+        store.install_file(&file).expect("install");
+        store.activate("ppocr_cls", version).expect("activate");
+    }
+    (store, pair)
+}
+
+#[test]
+fn a_store_serves_its_active_version_and_a_crash_looping_one_is_rolled_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = store_with_two_versions(dir.path());
+    // Two loads of version 2 that never finished: what the process dying twice while
+    // loading it (kill -9 during the swap) leaves in the store.
+    for _ in 0..2 {
+        drop(store.begin_load("ppocr_cls").expect("begin load"));
+    }
+    let store_dir = dir.path().join("store");
+    let agent = Running::start(dir.path(), |c| {
+        c.models = None;
+        c.store_dir = Some(store_dir.clone());
+        c.trust = Some(vec![dir.path().join("release.pub")]);
+    });
+    let meta = get(&agent.url("/v2/models/ppocr_cls")).json();
+    assert_eq!(meta["versions"], json!(["1"]), "{meta}");
+    let cls = entry("ppocr_cls");
+    let (body, header_length) = infer_body(&cls.reference_inputs(), true);
+    let (response, outputs) = outputs_of(&post(
+        &agent.url("/v2/models/ppocr_cls/infer"),
+        &body,
+        header_length,
+    ));
+    assert_eq!(response.model_version, "1");
+    cls.compare_with_reference(&outputs)
+        .expect("the previous good version answers");
+    let state = &store.status().expect("status")["ppocr_cls"];
+    assert!(state.quarantined.contains_key(&2), "{state:?}");
+    assert_eq!(state.active, Some(1));
+}
+
+#[test]
+fn a_version_activated_in_the_store_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = store_with_two_versions(dir.path());
+    store.rollback("ppocr_cls").expect("back to 1");
+    let store_dir = dir.path().join("store");
+    let agent = Running::start(dir.path(), |c| {
+        c.models = None;
+        c.store_dir = Some(store_dir.clone());
+        c.trust = Some(vec![dir.path().join("release.pub")]);
+    });
+    let version = || get(&agent.url("/v2/models/ppocr_cls")).json()["versions"][0].clone();
+    assert_eq!(version(), json!("1"));
+    let old = agent.repo.get("ppocr_cls").expect("served");
+    store.activate("ppocr_cls", 2).expect("activate 2");
+    eventually("version 2 is served", || version() == json!("2"));
+    let q = entry("ppocr_cls_int8_qdq");
+    let (body, header_length) = infer_body(&q.reference_inputs(), true);
+    let (response, outputs) = outputs_of(&post(
+        &agent.url("/v2/models/ppocr_cls/infer"),
+        &body,
+        header_length,
+    ));
+    assert_eq!(response.model_version, "2");
+    // ppocr_cls_int8_qdq's references, under the store's name.
+    q.compare_with_reference(&outputs)
+        .expect("version 2's numbers");
+    assert_eq!(old.version, "1");
+}
