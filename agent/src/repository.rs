@@ -106,7 +106,7 @@ pub enum Source {
     /// A directory of ONNX files, folders and bundles.
     Directory(PathBuf),
     /// A model store: each model's active version.
-    Store(ModelStore),
+    Store(Box<ModelStore>),
 }
 
 /// The served models and where they come from.

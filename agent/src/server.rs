@@ -140,7 +140,7 @@ impl Agent {
                         Updates::new(store.clone(), u, metrics.clone()).map(|x| (x, u.interval))
                     })
                     .transpose()?;
-                (Source::Store(store), updates)
+                (Source::Store(Box::new(store)), updates)
             }
         };
         let repo = Arc::new(Repository::new(
