@@ -33,6 +33,7 @@ use tern::SessionOptions;
 use tern_bundle::{PublicKey, Trust};
 
 use crate::telemetry::TelemetrySettings;
+use tern_flows::BatchOptions;
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +124,13 @@ pub struct AgentConfig {
     pub update_models: Option<Vec<String>>,
     /// How often the repository is checked.
     pub update_interval_ms: Option<u64>,
+    /// Micro-batch concurrent requests of each model with a batch axis, up to this many
+    /// rows per run.
+    pub batch_max: Option<usize>,
+    /// How long a request may wait for others to join its batch.
+    pub batch_wait_ms: Option<u64>,
+    /// A flow file (docs/FLOWS.md): each flow served as a model of its name.
+    pub flows: Option<PathBuf>,
 }
 
 macro_rules! merge_fields {
@@ -203,6 +211,9 @@ impl AgentConfig {
             update_root: parse(&var, "update_root")?,
             update_models: list("update_models"),
             update_interval_ms: parse(&var, "update_interval_ms")?,
+            batch_max: parse(&var, "batch_max")?,
+            batch_wait_ms: parse(&var, "batch_wait_ms")?,
+            flows: parse(&var, "flows")?,
         })
     }
 
@@ -233,7 +244,10 @@ impl AgentConfig {
             update_url,
             update_root,
             update_models,
-            update_interval_ms
+            update_interval_ms,
+            batch_max,
+            batch_wait_ms,
+            flows
         )
     }
 
@@ -346,8 +360,18 @@ impl AgentConfig {
             ),
             max_bytes: self.telemetry_max_bytes.unwrap_or(16 << 20),
         });
+        let batch = match (self.batch_max, self.batch_wait_ms) {
+            (None, None) => None,
+            (max, wait) => Some(
+                BatchOptions::default()
+                    .max_batch(max.unwrap_or(8))
+                    .max_wait(Duration::from_millis(wait.unwrap_or(2))),
+            ),
+        };
         Ok(Settings {
             models,
+            batch,
+            flows: self.flows,
             telemetry,
             listen,
             limits,
@@ -454,6 +478,10 @@ pub struct Settings {
     pub session: SessionOptions,
     /// Telemetry: the buffer's directory and the collector (none: no telemetry).
     pub telemetry: Option<TelemetrySettings>,
+    /// Micro-batching of every model with a batch axis.
+    pub batch: Option<BatchOptions>,
+    /// A flow file whose flows are served as models.
+    pub flows: Option<PathBuf>,
 }
 
 #[cfg(test)]

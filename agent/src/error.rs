@@ -56,6 +56,9 @@ pub enum AgentError {
     /// The configuration cannot be used.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A flow failed, or the flow file cannot be built.
+    #[error(transparent)]
+    Flow(tern_flows::Error),
     /// The model store or its updater cannot be opened.
     #[error("model store: {0}")]
     Update(tern_bundle::Error),
@@ -81,6 +84,8 @@ impl AgentError {
             AgentError::Protocol(_) => "bad_request",
             AgentError::Encode(_) => "encode",
             AgentError::Inference(e) => e.kind(),
+            AgentError::Flow(tern_flows::Error::Model(e)) => e.kind(),
+            AgentError::Flow(e) => e.kind().as_str(),
             AgentError::Overloaded => "overloaded",
             AgentError::BodyTimeout => "body_timeout",
             AgentError::Panic => "panic",
@@ -95,26 +100,23 @@ impl AgentError {
 
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {
+        use tern_flows::ErrorKind as F;
         match self {
+            AgentError::Flow(tern_flows::Error::Model(e)) => model_status(e),
+            AgentError::Flow(e) => match e.kind() {
+                F::Overloaded | F::QueueFull | F::Busy | F::BreakerOpen | F::Closed => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                F::Timeout | F::TooFewAnswers => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             AgentError::ModelNotFound(_) | AgentError::VersionNotFound { .. } => {
                 StatusCode::NOT_FOUND
             }
             AgentError::Protocol(_) | AgentError::Encode(EncodeError::Protocol(_)) => {
                 StatusCode::BAD_REQUEST
             }
-            AgentError::Inference(e) => match e.error_kind() {
-                ErrorKind::UnknownInput
-                | ErrorKind::MissingInput
-                | ErrorKind::DuplicateInput
-                | ErrorKind::DtypeMismatch
-                | ErrorKind::ShapeMismatch
-                | ErrorKind::ShapeConflict
-                | ErrorKind::InvalidValue
-                | ErrorKind::Nan
-                | ErrorKind::Tensor => StatusCode::BAD_REQUEST,
-                ErrorKind::ResourceLimit => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            },
+            AgentError::Inference(e) => model_status(e),
             AgentError::Overloaded | AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             AgentError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -124,6 +126,32 @@ impl AgentError {
             | AgentError::Update(_)
             | AgentError::Io { .. }
             | AgentError::Panic => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The status of a model's own refusal or failure.
+fn model_status(e: &tern::Error) -> StatusCode {
+    match e.error_kind() {
+        ErrorKind::UnknownInput
+        | ErrorKind::MissingInput
+        | ErrorKind::DuplicateInput
+        | ErrorKind::DtypeMismatch
+        | ErrorKind::ShapeMismatch
+        | ErrorKind::ShapeConflict
+        | ErrorKind::InvalidValue
+        | ErrorKind::Nan
+        | ErrorKind::Tensor => StatusCode::BAD_REQUEST,
+        ErrorKind::ResourceLimit => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<tern_flows::Error> for AgentError {
+    fn from(e: tern_flows::Error) -> Self {
+        match e {
+            tern_flows::Error::Model(e) => AgentError::Inference(e),
+            e => AgentError::Flow(e),
         }
     }
 }

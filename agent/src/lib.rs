@@ -11,6 +11,7 @@
 //!   [`Settings`];
 //! - [`repository`]: the models served — a directory with hot reload, or a model store's
 //!   active versions under its crash breadcrumb — and their atomic swaps;
+//! - [`runner`]: a model's session, its session behind a micro-batcher, or a flow;
 //! - [`update`]: scheduled updates of the store from an update repository;
 //! - [`protocol`]: the protocol's documents and the request/response codec;
 //! - [`server`]: routes, admission control (bounded queue, 503 + `Retry-After`), body and
@@ -39,11 +40,13 @@ pub mod error;
 pub mod metrics;
 pub mod protocol;
 pub mod repository;
+pub mod runner;
 pub mod server;
 pub mod telemetry;
 pub mod update;
 
 pub use config::{AgentConfig, ConfigError, Limits, Listen, ModelSource, Settings, UpdateSettings};
 pub use error::AgentError;
-pub use repository::{RepoEvent, Repository, ServedModel, Source, SourceKind};
+pub use repository::{RepoEvent, Repository, ServedModel, Serving, Source, SourceKind};
+pub use runner::Runner;
 pub use server::{run_until_signal, Agent};

@@ -60,6 +60,17 @@ struct UpdateLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    cache: String,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     model: String,
     version: String,
@@ -96,6 +107,9 @@ pub struct Metrics {
     telemetry_backlog: Gauge<u64, AtomicU64>,
     telemetry_dropped: Gauge<u64, AtomicU64>,
     telemetry_upload_failures: Gauge<u64, AtomicU64>,
+    breaker_open: Family<StepLabels, Gauge>,
+    cache_lookups: Family<CacheLabels, Gauge<u64, AtomicU64>>,
+    flows: std::sync::OnceLock<std::sync::Arc<tern_flows::Flows>>,
 }
 
 impl Default for Metrics {
@@ -120,6 +134,8 @@ impl Metrics {
         let telemetry_backlog = Gauge::<u64, AtomicU64>::default();
         let telemetry_dropped = Gauge::<u64, AtomicU64>::default();
         let telemetry_upload_failures = Gauge::<u64, AtomicU64>::default();
+        let breaker_open = Family::<StepLabels, Gauge>::default();
+        let cache_lookups = Family::<CacheLabels, Gauge<u64, AtomicU64>>::default();
         registry.register(
             "requests",
             "Infer requests by model, version and outcome",
@@ -158,6 +174,16 @@ impl Metrics {
             "Consecutive failed telemetry uploads",
             telemetry_upload_failures.clone(),
         );
+        registry.register(
+            "flow_breaker_open",
+            "Flow steps whose circuit breaker is open or half open (1), else 0",
+            breaker_open.clone(),
+        );
+        registry.register(
+            "flow_cache_lookups",
+            "Flow result cache lookups since start, by cache and result (hit, miss)",
+            cache_lookups.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -170,7 +196,15 @@ impl Metrics {
             telemetry_backlog,
             telemetry_dropped,
             telemetry_upload_failures,
+            breaker_open,
+            cache_lookups,
+            flows: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reports the breakers and caches of `flows` in every exposition.
+    pub fn watch_flows(&self, flows: std::sync::Arc<tern_flows::Flows>) {
+        let _ = self.flows.set(flows);
     }
 
     /// Counts a request (`version` empty when no model answered) and, when it was
@@ -236,6 +270,24 @@ impl Metrics {
             self.telemetry_dropped.set(stats.dropped);
             self.telemetry_upload_failures
                 .set(u64::from(stats.upload_failures));
+        }
+        if let Some(flows) = self.flows.get() {
+            for (step, state) in flows.breaker_states() {
+                let open = !matches!(state, tern_flows::BreakerState::Closed);
+                self.breaker_open
+                    .get_or_create(&StepLabels { step })
+                    .set(i64::from(open));
+            }
+            for (cache, stats) in flows.cache_stats() {
+                for (result, n) in [("hit", stats.hits), ("miss", stats.misses)] {
+                    self.cache_lookups
+                        .get_or_create(&CacheLabels {
+                            cache: cache.clone(),
+                            result,
+                        })
+                        .set(n);
+                }
+            }
         }
         let mut out = String::new();
         // Writing to a String cannot fail.

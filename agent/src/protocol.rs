@@ -270,6 +270,9 @@ pub struct InferResponse {
     /// The request's id, when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// What the server says about the answer (a flow: which steps answered).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub parameters: Map<String, Value>,
     /// The outputs.
     pub outputs: Vec<ResponseOutput>,
 }
@@ -482,6 +485,7 @@ pub fn encode_response(
     decoded: &Decoded,
     outputs: &BTreeMap<String, Tensor>,
     order: &[String],
+    parameters: Map<String, Value>,
 ) -> Result<Encoded, EncodeError> {
     let wanted: Vec<(String, bool)> = match &decoded.outputs {
         Some(w) => w.clone(),
@@ -494,6 +498,7 @@ pub fn encode_response(
         model_name: model_name.to_string(),
         model_version: model_version.to_string(),
         id: decoded.id.clone(),
+        parameters,
         outputs: Vec::with_capacity(wanted.len()),
     };
     let mut binary = Vec::new();
@@ -681,7 +686,7 @@ mod tests {
             Tensor::from_vec(&[1, 2], vec![0.5f32, -1.0]).unwrap(),
         );
         let order = vec!["a".to_string(), "b".to_string()];
-        let e = encode_response("m", "3", &decoded, &outputs, &order).unwrap();
+        let e = encode_response("m", "3", &decoded, &outputs, &order, Map::new()).unwrap();
         let n = e.header_length.unwrap();
         let r: InferResponse = serde_json::from_slice(&e.body[..n]).unwrap();
         assert_eq!(r.id.as_deref(), Some("r"));
@@ -697,7 +702,7 @@ mod tests {
             outputs: None,
             ..decoded
         };
-        let e = encode_response("m", "3", &all, &outputs, &order).unwrap();
+        let e = encode_response("m", "3", &all, &outputs, &order, Map::new()).unwrap();
         assert!(e.header_length.is_none());
         let r: InferResponse = serde_json::from_slice(&e.body).unwrap();
         assert_eq!(r.outputs[0].name, "a");

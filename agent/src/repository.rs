@@ -32,6 +32,8 @@ use tern::{Model, Session, SessionOptions};
 use tern_bundle::{Bundle, ModelStore, StoreEvent, Trust, VerifyOptions};
 
 use crate::metrics::{LoadOutcome, Metrics};
+use crate::runner::Runner;
+use tern_flows::{BatchOptions, Flows};
 
 /// What a model is loaded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +42,8 @@ pub enum SourceKind {
     Onnx,
     /// A signed `.tern` bundle.
     Bundle,
+    /// A flow of the flow file.
+    Flow,
 }
 
 /// A model being served.
@@ -50,8 +54,8 @@ pub struct ServedModel {
     /// Its version: the bundle's, or for ONNX files a count of loads since the agent
     /// started (1, 2, …).
     pub version: String,
-    /// The session that runs it.
-    pub session: Session,
+    /// What runs its requests.
+    pub runner: Runner,
     /// The file it was loaded from.
     pub source: PathBuf,
     /// What kind of file that is.
@@ -109,9 +113,21 @@ pub enum Source {
     Store(Box<ModelStore>),
 }
 
+/// What the repository serves besides its source's models.
+#[derive(Default)]
+pub struct Serving {
+    /// Micro-batching for every model with a batch axis.
+    pub batch: Option<BatchOptions>,
+    /// A flow file's flows, each served as a model of its name.
+    pub flows: Option<Arc<Flows>>,
+}
+
 /// The served models and where they come from.
 pub struct Repository {
     source: Source,
+    batch: Option<BatchOptions>,
+    /// The flows' names (served beside the source's models, never dropped by a scan).
+    flow_names: BTreeSet<String>,
     session: SessionOptions,
     trust: Option<Trust>,
     metrics: Arc<Metrics>,
@@ -128,16 +144,37 @@ impl Repository {
     /// store's models get the store's session options, `session` the directory's.
     pub fn new(
         source: Source,
+        serving: Serving,
         session: SessionOptions,
         trust: Option<Trust>,
         metrics: Arc<Metrics>,
     ) -> Repository {
+        let mut served = BTreeMap::new();
+        if let Some(flows) = &serving.flows {
+            for name in flows.names() {
+                served.insert(
+                    name.clone(),
+                    Arc::new(ServedModel {
+                        name: name.clone(),
+                        version: "1".into(),
+                        runner: Runner::Flow {
+                            flows: flows.clone(),
+                            name,
+                        },
+                        source: PathBuf::new(),
+                        kind: SourceKind::Flow,
+                    }),
+                );
+            }
+        }
         Repository {
             source,
+            batch: serving.batch,
+            flow_names: served.keys().cloned().collect(),
             session,
             trust,
             metrics,
-            served: RwLock::default(),
+            served: RwLock::new(served),
             watched: Mutex::default(),
             warned: Mutex::default(),
             tried: Mutex::default(),
@@ -250,7 +287,11 @@ impl Repository {
     /// Stops serving the models `keep` does not name.
     fn drop_others(&self, keep: impl Fn(&str) -> bool, events: &mut Vec<RepoEvent>) {
         let mut served = self.served.write().unwrap_or_else(PoisonError::into_inner);
-        let gone: Vec<String> = served.keys().filter(|n| !keep(n)).cloned().collect();
+        let gone: Vec<String> = served
+            .keys()
+            .filter(|n| !keep(n) && !self.flow_names.contains(*n))
+            .cloned()
+            .collect();
         for name in gone {
             served.remove(&name);
             tracing::info!(model = %name, "model removed");
@@ -291,7 +332,7 @@ impl Repository {
                         name: name.clone(),
                         version: loaded.version.to_string(),
                         source: store.bundle_path(name, loaded.version),
-                        session: loaded.session,
+                        runner: Runner::for_session(loaded.session, self.batch.as_ref(), name),
                         kind: SourceKind::Bundle,
                     }));
                 }
@@ -373,6 +414,7 @@ impl Repository {
                 .map_err(|e| e.to_string())
         };
         let (version, session) = match kind {
+            SourceKind::Flow => return Err("a flow is built from the flow file".into()),
             SourceKind::Onnx => {
                 let model = Model::load(path).map_err(|e| e.to_string())?;
                 let version = next_load.to_string();
@@ -410,7 +452,7 @@ impl Repository {
         Ok(ServedModel {
             name: name.to_string(),
             version,
-            session,
+            runner: Runner::for_session(session, self.batch.as_ref(), name),
             source: path.to_path_buf(),
             kind,
         })

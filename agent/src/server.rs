@@ -39,7 +39,7 @@ use crate::protocol::{
     decode_request, encode_response, Encoded, IndexEntry, ModelMetadata, ProtocolError,
     ServerMetadata, TensorMetadata, HEADER_LENGTH,
 };
-use crate::repository::{Repository, ServedModel, Source};
+use crate::repository::{Repository, ServedModel, Serving, Source};
 use crate::update::Updates;
 use tern_bundle::{ModelStore, StoreOptions};
 
@@ -143,8 +143,26 @@ impl Agent {
                 (Source::Store(Box::new(store)), updates)
             }
         };
+        let flows = match &settings.flows {
+            None => None,
+            Some(path) => {
+                let options = tern_flows::BuildOptions::default()
+                    .base_dir(path.parent().unwrap_or(std::path::Path::new(".")))
+                    .session(settings.session.clone());
+                Some(Arc::new(
+                    tern_flows::FlowFile::load(path, options).map_err(AgentError::Flow)?,
+                ))
+            }
+        };
+        if let Some(f) = &flows {
+            metrics.watch_flows(f.clone());
+        }
         let repo = Arc::new(Repository::new(
             source,
+            Serving {
+                batch: settings.batch.clone(),
+                flows,
+            },
             settings.session.clone(),
             settings.trust.clone(),
             metrics.clone(),
@@ -468,13 +486,13 @@ fn metadata(model: &ServedModel) -> ModelMetadata {
         versions: vec![model.version.clone()],
         platform: "onnx".into(),
         inputs: model
-            .session
+            .runner
             .inputs()
             .iter()
             .map(TensorMetadata::of)
             .collect(),
         outputs: model
-            .session
+            .runner
             .outputs()
             .iter()
             .map(TensorMetadata::of)
@@ -666,23 +684,31 @@ fn run(
     header_length: Option<&str>,
 ) -> Result<Encoded, AgentError> {
     let mut decoded = decode_request(body, header_length)?;
-    let names = model.session.output_names();
-    if let Some(unknown) = decoded
-        .outputs
-        .iter()
-        .flatten()
-        .find(|(n, _)| !names.contains(n))
-    {
-        return Err(ProtocolError::UnknownOutput(unknown.0.clone()).into());
+    let names = model.runner.output_names();
+    if let Some(names) = names {
+        if let Some(unknown) = decoded
+            .outputs
+            .iter()
+            .flatten()
+            .find(|(n, _)| !names.contains(n))
+        {
+            return Err(ProtocolError::UnknownOutput(unknown.0.clone()).into());
+        }
     }
     let inputs = std::mem::take(&mut decoded.inputs);
-    let outputs: BTreeMap<String, Tensor> = model.session.run(inputs)?.into_iter().collect();
+    let (outputs, parameters) = model.runner.run(inputs)?;
+    let order: Vec<String> = match names {
+        Some(n) => n.to_vec(),
+        None => outputs.iter().map(|(n, _)| n.to_string()).collect(),
+    };
+    let outputs: BTreeMap<String, Tensor> = outputs.into_iter().collect();
     Ok(encode_response(
         &model.name,
         &model.version,
         &decoded,
         &outputs,
-        names,
+        &order,
+        parameters,
     )?)
 }
 

@@ -65,6 +65,16 @@ pub struct AgentArgs {
     /// How often the repository is checked, in ms (default 3600000).
     #[arg(long)]
     update_interval_ms: Option<u64>,
+    /// Micro-batch concurrent requests of each model with a batch axis, up to N rows per
+    /// run (raise --max-in-flight to match: waiting requests hold a run slot).
+    #[arg(long)]
+    batch_max: Option<usize>,
+    /// How long a request may wait for others to join its batch, in ms (default 2).
+    #[arg(long)]
+    batch_wait_ms: Option<u64>,
+    /// A flow file (docs/FLOWS.md): each of its flows served as a model of its name.
+    #[arg(long)]
+    flows: Option<PathBuf>,
     /// Keep telemetry (spans, errors, health samples of every model) in this directory.
     #[arg(long)]
     telemetry_dir: Option<PathBuf>,
@@ -108,6 +118,9 @@ impl AgentArgs {
             update_root: self.update_root.clone(),
             update_models: some_vec(&self.update_model),
             update_interval_ms: self.update_interval_ms,
+            batch_max: self.batch_max,
+            batch_wait_ms: self.batch_wait_ms,
+            flows: self.flows.clone(),
         }
     }
 }

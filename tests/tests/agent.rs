@@ -448,8 +448,8 @@ fn hot_reload_swaps_versions_and_refuses_corrupt_files() {
     q.compare_with_reference(&outputs)
         .expect("version 2 answers");
     assert_eq!(old.version, "1");
-    let still = old
-        .session
+    let (still, _) = old
+        .runner
         .run(cls.reference_inputs())
         .expect("the old version runs");
     cls.compare_with_reference(&still)
@@ -673,4 +673,96 @@ fn a_version_activated_in_the_store_is_served_without_a_restart() {
     q.compare_with_reference(&outputs)
         .expect("version 2's numbers");
     assert_eq!(old.version, "1");
+}
+
+#[test]
+fn batched_models_and_flows_serve_under_the_same_routes() {
+    let dir = model_dir(&["ppocr_cls", "ppocr_cls_int8_qdq"]);
+    let out = "save_infer_model/scale_0.tmp_1";
+    std::fs::write(
+        dir.path().join("flows.toml"),
+        format!(
+            r#"
+[sessions.int8]
+model = "ppocr_cls_int8_qdq.onnx"
+[sessions.fp32]
+model = "ppocr_cls.onnx"
+[steps.small]
+session = "int8"
+[caches.shared]
+ttl_ms = 60000
+[steps.big]
+session = "fp32"
+cache = "shared"
+breaker = {{ failures = 5, window_ms = 30000, cooldown_ms = 10000 }}
+[flows.cheap_first]
+cascade = [{{ step = "small", exit = {{ output = "{out}", confidence = "max_probability", threshold = 0.0 }} }}, {{ step = "big" }}]
+[flows.never_confident]
+cascade = [{{ step = "small", exit = {{ output = "{out}", confidence = "max_probability", threshold = 1.5 }} }}, {{ step = "big" }}]
+"#
+        ),
+    )
+    .expect("flow file");
+    let flows = dir.path().join("flows.toml");
+    let agent = Running::start(dir.path(), |c| {
+        c.batch_max = Some(4);
+        c.batch_wait_ms = Some(20);
+        c.max_in_flight = Some(4);
+        c.flows = Some(flows.clone());
+    });
+
+    // Concurrent requests through the batcher: each gets its own answer.
+    let cls = entry("ppocr_cls");
+    let (body, header_length) = infer_body(&cls.reference_inputs(), true);
+    let url = agent.url("/v2/models/ppocr_cls/infer");
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            std::thread::spawn(move || post(&url, &body, header_length))
+        })
+        .collect();
+    for c in clients {
+        let (_, outputs) = outputs_of(&c.join().expect("client"));
+        cls.compare_with_reference(&outputs)
+            .expect("a batched answer");
+    }
+
+    // Flows are models too: the cascade says who answered.
+    let index = post(&agent.url("/v2/repository/index"), b"{}", None).json();
+    let listed: Vec<&str> = index
+        .as_array()
+        .expect("index")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "cheap_first",
+            "never_confident",
+            "ppocr_cls",
+            "ppocr_cls_int8_qdq"
+        ]
+    );
+    for (flow, step, reference) in [
+        ("cheap_first", "small:model", "ppocr_cls_int8_qdq"),
+        ("never_confident", "big:model", "ppocr_cls"),
+    ] {
+        let r = post(
+            &agent.url(&format!("/v2/models/{flow}/infer")),
+            &body,
+            header_length,
+        );
+        let (response, outputs) = outputs_of(&r);
+        assert_eq!(response.parameters["answered_by"], json!([step]), "{flow}");
+        entry(reference)
+            .compare_with_reference(&outputs)
+            .unwrap_or_else(|e| panic!("{flow}: {e}"));
+    }
+    let r = post(
+        &agent.url("/v2/models/cheap_first/infer"),
+        b"{\"inputs\": []}",
+        None,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
 }
