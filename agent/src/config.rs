@@ -363,9 +363,12 @@ impl AgentConfig {
         let batch = match (self.batch_max, self.batch_wait_ms) {
             (None, None) => None,
             (max, wait) => Some(
+                // One batch per core at a time: a single worker would leave the other cores
+                // idle while it runs (each run uses `threads` threads).
                 BatchOptions::default()
                     .max_batch(max.unwrap_or(8))
-                    .max_wait(Duration::from_millis(wait.unwrap_or(2))),
+                    .max_wait(Duration::from_millis(wait.unwrap_or(2)))
+                    .workers(cores),
             ),
         };
         Ok(Settings {
