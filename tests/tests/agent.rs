@@ -236,6 +236,29 @@ fn outputs_of(reply: &Reply) -> (InferResponse, Outputs) {
     (response, Outputs::from_pairs(pairs))
 }
 
+/// The model names `POST /v2/repository/index` lists, in order.
+fn listed(agent: &Running) -> Vec<String> {
+    let index = post(&agent.url("/v2/repository/index"), b"{}", None).json();
+    index
+        .as_array()
+        .expect("index")
+        .iter()
+        .filter_map(|e| e["name"].as_str().map(String::from))
+        .collect()
+}
+
+/// Infers `model` on `reference`'s inputs (binary tensors); checks the version that
+/// answered and the outputs against `reference`'s onnxruntime outputs.
+fn answers_as(agent: &Running, model: &str, version: &str, reference: &str) {
+    let e = entry(reference);
+    let (body, header_length) = infer_body(&e.reference_inputs(), true);
+    let url = agent.url(&format!("/v2/models/{model}/infer"));
+    let (response, outputs) = outputs_of(&post(&url, &body, header_length));
+    assert_eq!(response.model_version, version, "{model}");
+    e.compare_with_reference(&outputs)
+        .unwrap_or_else(|err| panic!("{model} v{version} against {reference}: {err}"));
+}
+
 /// A model directory: magika as a folder, the others as `NAME.onnx` files.
 fn model_dir(names: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -264,13 +287,7 @@ fn serves_the_protocol_with_onnxruntimes_numbers() {
         .is_some_and(|e| e.contains(&json!("binary_tensor_data"))));
     assert_eq!(get(&agent.url("/v2/health/live")).status, 200);
     assert_eq!(get(&agent.url("/v2/health/ready")).status, 200);
-    let index = post(&agent.url("/v2/repository/index"), b"{}", None).json();
-    let listed: Vec<&str> = index
-        .as_array()
-        .expect("index")
-        .iter()
-        .filter_map(|e| e["name"].as_str())
-        .collect();
+    let listed = listed(&agent);
     assert_eq!(listed, models);
 
     let meta = get(&agent.url("/v2/models/magika")).json();
@@ -424,29 +441,14 @@ fn hot_reload_swaps_versions_and_refuses_corrupt_files() {
     eventually("the corrupt file is refused", || {
         metrics().contains(r#"tern_agent_model_loads_total{model="m",outcome="refused"} 1"#)
     });
+    answers_as(&agent, "m", "1", "ppocr_cls");
     let cls = entry("ppocr_cls");
     let (body, header_length) = infer_body(&cls.reference_inputs(), true);
-    let (response, outputs) = outputs_of(&post(
-        &agent.url("/v2/models/m/infer"),
-        &body,
-        header_length,
-    ));
-    assert_eq!(response.model_version, "1");
-    cls.compare_with_reference(&outputs)
-        .expect("version 1 still answers");
 
     // A new model: version 2, while a holder of version 1 still runs on it.
     replace(&file, &int8);
     eventually("version 2 is served", || version() == json!("2"));
-    let q = entry("ppocr_cls_int8_qdq");
-    let (response, outputs) = outputs_of(&post(
-        &agent.url("/v2/models/m/infer"),
-        &body,
-        header_length,
-    ));
-    assert_eq!(response.model_version, "2");
-    q.compare_with_reference(&outputs)
-        .expect("version 2 answers");
+    answers_as(&agent, "m", "2", "ppocr_cls_int8_qdq");
     assert_eq!(old.version, "1");
     let (still, _) = old
         .runner
@@ -630,16 +632,7 @@ fn a_store_serves_its_active_version_and_a_crash_looping_one_is_rolled_back() {
     });
     let meta = get(&agent.url("/v2/models/ppocr_cls")).json();
     assert_eq!(meta["versions"], json!(["1"]), "{meta}");
-    let cls = entry("ppocr_cls");
-    let (body, header_length) = infer_body(&cls.reference_inputs(), true);
-    let (response, outputs) = outputs_of(&post(
-        &agent.url("/v2/models/ppocr_cls/infer"),
-        &body,
-        header_length,
-    ));
-    assert_eq!(response.model_version, "1");
-    cls.compare_with_reference(&outputs)
-        .expect("the previous good version answers");
+    answers_as(&agent, "ppocr_cls", "1", "ppocr_cls");
     let state = &store.status().expect("status")["ppocr_cls"];
     assert!(state.quarantined.contains_key(&2), "{state:?}");
     assert_eq!(state.active, Some(1));
@@ -661,17 +654,8 @@ fn a_version_activated_in_the_store_is_served_without_a_restart() {
     let old = agent.repo.get("ppocr_cls").expect("served");
     store.activate("ppocr_cls", 2).expect("activate 2");
     eventually("version 2 is served", || version() == json!("2"));
-    let q = entry("ppocr_cls_int8_qdq");
-    let (body, header_length) = infer_body(&q.reference_inputs(), true);
-    let (response, outputs) = outputs_of(&post(
-        &agent.url("/v2/models/ppocr_cls/infer"),
-        &body,
-        header_length,
-    ));
-    assert_eq!(response.model_version, "2");
     // ppocr_cls_int8_qdq's references, under the store's name.
-    q.compare_with_reference(&outputs)
-        .expect("version 2's numbers");
+    answers_as(&agent, "ppocr_cls", "2", "ppocr_cls_int8_qdq");
     assert_eq!(old.version, "1");
 }
 
@@ -728,13 +712,7 @@ cascade = [{{ step = "small", exit = {{ output = "{out}", confidence = "max_prob
     }
 
     // Flows are models too: the cascade says who answered.
-    let index = post(&agent.url("/v2/repository/index"), b"{}", None).json();
-    let listed: Vec<&str> = index
-        .as_array()
-        .expect("index")
-        .iter()
-        .filter_map(|e| e["name"].as_str())
-        .collect();
+    let listed = listed(&agent);
     assert_eq!(
         listed,
         [
