@@ -3,8 +3,12 @@
 uploaded through a Python uploader, micro-batching from Python threads, and a stateful model
 (silero VAD) streamed over real speech against onnxruntime.
 
-usage: test_python.py BINDINGS_DIR CASE_DIR MODEL_PATH [LIFECYCLE_DIR]
+usage: test_python.py CASE_DIR MODEL_PATH [LIFECYCLE_DIR]
 (LIFECYCLE_DIR: scripts/e2e_deploy.py --prepare's output, for the model store tests)
+
+It imports `tern` as a user would: scripts/test-bindings runs it with the interpreter of a
+fresh virtualenv into which the wheel (bindings/pyproject.toml) was installed, never against
+the build tree.
 """
 import asyncio
 import json
@@ -15,10 +19,10 @@ import tempfile
 import unittest
 from pathlib import Path
 
-sys.path.insert(0, sys.argv[1])
-CASE, MODEL = sys.argv[2], sys.argv[3]
-LIFECYCLE = sys.argv[4] if len(sys.argv) > 4 else None
-import tern_ffi as tern  # noqa: E402
+CASE, MODEL = sys.argv[1], sys.argv[2]
+LIFECYCLE = sys.argv[3] if len(sys.argv) > 3 else None
+
+import tern  # noqa: E402
 
 
 def case():
