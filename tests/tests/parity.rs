@@ -3,6 +3,10 @@
 //! `scripts/fetch-models` saved seeded inputs and onnxruntime's outputs for every model in
 //! `models/manifest.json`, with the tolerance each model is held to. Models whose expected
 //! result is a failure must fail with a typed error (not a panic, not wrong numbers).
+//!
+//! `TERN_PARITY_MODELS=a,b` checks only those models (each must be in the manifest) and
+//! leaves the reports and docs/MODELS.md alone: scripts/test-arm64 runs it that way under
+//! qemu-aarch64, where the whole manifest would take too long.
 
 use tern::{Backend, NanPolicy, Session, SessionOptions};
 use tern_tests::{model_manifest, reports_dir, workspace, Diff, ModelEntry};
@@ -39,9 +43,31 @@ fn check(entry: &ModelEntry, threads: usize) -> Result<Diff, String> {
     diff.ok_or_else(|| "no run".to_string())
 }
 
+/// The models `TERN_PARITY_MODELS` names, or `None` for the whole manifest.
+fn only_models(manifest: &[ModelEntry]) -> Option<Vec<String>> {
+    let names: Vec<String> = std::env::var("TERN_PARITY_MODELS")
+        .ok()?
+        .split(',')
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for name in &names {
+        assert!(
+            manifest.iter().any(|e| &e.name == name),
+            "TERN_PARITY_MODELS names {name}, which models/manifest.json does not have"
+        );
+    }
+    assert!(!names.is_empty(), "TERN_PARITY_MODELS names no model");
+    Some(names)
+}
+
 #[test]
 fn real_models_match_onnxruntime() {
-    let manifest = model_manifest();
+    let mut manifest = model_manifest();
+    let only = only_models(&manifest);
+    if let Some(names) = &only {
+        manifest.retain(|e| names.contains(&e.name));
+    }
     let mut rows = Vec::new();
     let mut problems = Vec::new();
     let mut table = String::from(
@@ -103,6 +129,14 @@ fn real_models_match_onnxruntime() {
             cells[0],
             cells[1]
         ));
+    }
+    if only.is_some() {
+        assert!(
+            problems.is_empty(),
+            "parity problems:\n{}",
+            problems.join("\n")
+        );
+        return;
     }
     std::fs::write(
         reports_dir().join("parity.json"),
