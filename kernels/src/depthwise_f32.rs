@@ -88,7 +88,7 @@ impl DepthwiseF32 {
         }
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if self.geometry.strides[1] <= 2 && isa.is_available() => {
+            Isa::Avx2 | Isa::Avx512 if self.geometry.strides[1] <= 2 && isa.is_available() => {
                 // SAFETY: AVX2 and FMA are available (checked here); the slices have the
                 // plane sizes the geometry says (checked above); the stride along the
                 // width is 1 or 2.

@@ -164,7 +164,9 @@ pub fn epilogue_rows<A: Acc>(
         Out::F32(y) => match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX2 and FMA are available (checked here).
-            Isa::Avx2 if isa.is_available() => unsafe { float_rows_avx2(e, acc, cols, first, y) },
+            Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe {
+                float_rows_avx2(e, acc, cols, first, y)
+            },
             _ => float_rows(e, acc, cols, first, y),
         },
         Out::U8(y) => {
@@ -232,7 +234,9 @@ pub fn epilogue_rows_in_place(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA are available (checked here).
-        Isa::Avx2 if isa.is_available() => unsafe { in_place_avx2(e, y, cols, first) },
+        Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe {
+            in_place_avx2(e, y, cols, first)
+        },
         _ => in_place(e, y, cols, first),
     }
     Ok(())

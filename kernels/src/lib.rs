@@ -9,7 +9,8 @@
 //!   bit-identical to it on random shapes (`tests` in each module), on every instruction
 //!   set this CPU has, forced through [`Isa`];
 //! - picks its instruction set at run time ([`Isa::detect`]); `TERN_KERNELS_ISA=scalar`
-//!   forces the reference everywhere (for debugging a suspected kernel bug in an app).
+//!   forces the reference everywhere (for debugging a suspected kernel bug in an app),
+//!   `avx2` caps it there (to measure one path against another).
 //!
 //! Kernels: [`depthwise`] (int8 depthwise convolution with requantization fused, the
 //! ONNX `QLinearConv` with `group == channels`) and [`depthwise_f32`] (its float twin,
@@ -43,22 +44,35 @@ impl std::fmt::Display for Unsupported {
 impl std::error::Error for Unsupported {}
 
 /// An instruction set a kernel can run with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered: each one's CPUs can run the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Portable Rust: the reference every other path must match.
     Scalar,
     /// x86-64 AVX2 with FMA.
     Avx2,
+    /// x86-64 AVX-512 (F, BW, VL, VBMI) with VNNI: 64-byte vectors, byte shuffles across a
+    /// whole vector (`vpermb`) and int8 dot products (`vpdpbusd`). A kernel without a path
+    /// of its own for it takes its AVX2 path (every such CPU has AVX2 and FMA).
+    Avx512,
 }
 
 impl Isa {
-    /// The best instruction set this CPU has, unless `TERN_KERNELS_ISA=scalar` says
-    /// otherwise.
+    /// The best instruction set this CPU has, or at most the one `TERN_KERNELS_ISA` names
+    /// (`scalar`, `avx2`, `avx512`): for debugging a suspected kernel bug in an app, and
+    /// for measuring one path against another.
     pub fn detect() -> Isa {
-        if std::env::var("TERN_KERNELS_ISA").is_ok_and(|v| v == "scalar") {
-            return Isa::Scalar;
-        }
-        Isa::available().last().copied().unwrap_or(Isa::Scalar)
+        let best = Isa::available().last().copied().unwrap_or(Isa::Scalar);
+        let cap = match std::env::var("TERN_KERNELS_ISA").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") => Isa::Avx2,
+            _ => return best,
+        };
+        Isa::available()
+            .iter()
+            .copied()
+            .rfind(|isa| *isa <= cap)
+            .unwrap_or(Isa::Scalar)
     }
 
     /// Every instruction set this CPU can run, the reference first (detected once).
@@ -70,6 +84,14 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 isas.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vbmi")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    isas.push(Isa::Avx512);
+                }
             }
             isas
         })

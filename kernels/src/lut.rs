@@ -4,27 +4,9 @@
 //!
 //! The scalar loop is the reference. With AVX-512 VBMI (`vpermi2b`: a byte shuffle across
 //! two 64-byte registers, 128 entries) two shuffles and a blend on the index's top bit look
-//! up 64 bytes at once. It is picked whenever the caller's [`Isa`] is not the reference
-//! and the CPU has VBMI (detected once).
+//! up 64 bytes at once, on [`Isa::Avx512`].
 
 use crate::{Isa, Unsupported};
-
-/// Whether this CPU has AVX-512 VBMI (with F and BW), detected once.
-pub fn has_vbmi() -> bool {
-    static VBMI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VBMI.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vbmi")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
 
 /// `y[i] = table[x[i]]`; `table` must have 256 entries and `y` the length of `x`.
 pub fn lookup_u8(isa: Isa, table: &[u8], x: &[u8], y: &mut [u8]) -> Result<(), Unsupported> {
@@ -45,7 +27,7 @@ pub fn lookup_u8(isa: Isa, table: &[u8], x: &[u8], y: &mut [u8]) -> Result<(), U
         #[cfg(target_arch = "x86_64")]
         // SAFETY: VBMI (with F and BW) is available (checked here); `x` and `y` have the
         // same length.
-        Isa::Avx2 if has_vbmi() => unsafe { vbmi::lookup(table, x, y) },
+        Isa::Avx512 if isa.is_available() => unsafe { vbmi::lookup(table, x, y) },
         _ => scalar(table, x, y),
     }
     Ok(())
@@ -129,7 +111,7 @@ mod tests {
             for &isa in Isa::available() {
                 let mut got = vec![0u8; n];
                 lookup_u8(isa, &table, &x, &mut got).unwrap();
-                assert_eq!(got, want, "{isa:?}, {n} values (VBMI: {})", has_vbmi());
+                assert_eq!(got, want, "{isa:?}, {n} values");
             }
         }
         assert!(lookup_u8(Isa::Scalar, &[0; 255], &[], &mut []).is_err());

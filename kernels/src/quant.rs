@@ -65,7 +65,7 @@ pub fn requantize_rows(
     for ((acc, y), scale) in acc.chunks(cols).zip(y.chunks_mut(cols)).zip(scale) {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if isa.is_available() => {
+            Isa::Avx2 | Isa::Avx512 if isa.is_available() => {
                 // SAFETY: AVX2 is available (checked here); `acc` and `y` have the same
                 // length (checked above), which is all `avx2::row` indexes by.
                 unsafe { avx2::row(acc, *scale, zero, y) }
@@ -116,7 +116,9 @@ pub fn quantize_u8(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 is available (checked here); the slices have the same length.
-        Isa::Avx2 if isa.is_available() => unsafe { avx2::quantize(x, inv_scale, zero, y) },
+        Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe {
+            avx2::quantize(x, inv_scale, zero, y)
+        },
         _ => {
             for (x, y) in x.iter().zip(y.iter_mut()) {
                 *y = quantize(*x, inv_scale, zero);
@@ -138,7 +140,9 @@ pub fn dequantize_u8(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 is available (checked here); the slices have the same length.
-        Isa::Avx2 if isa.is_available() => unsafe { avx2::dequantize(x, scale, zero, y) },
+        Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe {
+            avx2::dequantize(x, scale, zero, y)
+        },
         _ => {
             for (x, y) in x.iter().zip(y.iter_mut()) {
                 *y = (i32::from(*x) - i32::from(zero)) as f32 * scale;
