@@ -185,12 +185,15 @@ impl EvalOp for BinaryU8Op {
                     .zip(&fb)
                     .for_each(|(a, b)| combine.apply(a, *b));
             } else {
-                // One value per run, dequantized as the chain did.
-                for (r, run) in (start / inner..).zip(fa.chunks_mut(inner)) {
-                    let mut one = [0f32];
-                    dequantize_u8(isa, &bv[r..r + 1], sb, zb, &mut one)
-                        .map_err(|e| anyhow::anyhow!(e))?;
-                    run.iter_mut().for_each(|a| combine.apply(a, one[0]));
+                // One value per run, dequantized as the chain did (all of the piece's at
+                // once: one call per run cost more than the runs of a small plane).
+                let runs = y.len() / inner;
+                let mut fb = vec![0f32; runs];
+                let first = start / inner;
+                dequantize_u8(isa, &bv[first..first + runs], sb, zb, &mut fb)
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                for (run, b) in fa.chunks_mut(inner).zip(&fb) {
+                    run.iter_mut().for_each(|a| combine.apply(a, *b));
                 }
             }
             quantize_u8(isa, &fa, inv, zo, y).map_err(|e| anyhow::anyhow!(e))
