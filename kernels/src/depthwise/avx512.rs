@@ -30,10 +30,10 @@ thread_local! {
 /// The largest padded byte plane a thread keeps between planes (256 KiB).
 const KEEP: usize = 256 * 1024;
 
-/// Channel `c`'s input plane `x` copied into `buf` with `x_zero` around it: `rows` rows of
-/// `width` bytes, the input at row `top`, column `left`, and 64 bytes of slack after the
-/// last row (every load reads 64 bytes).
-fn padded_plane(k: &DepthwiseQ8, x: &[u8], buf: &mut Vec<u8>) -> (usize, usize) {
+/// One channel's input plane `x` copied into `buf` with `x_zero` around it: as many rows as
+/// the outputs' taps reach, the input at row `top`, column `left`, and 64 bytes of slack
+/// after the last row (every load reads 64 bytes); returns the row width.
+fn padded_plane(k: &DepthwiseQ8, x: &[u8], buf: &mut Vec<u8>) -> usize {
     let g = &k.geometry;
     let [in_h, in_w] = g.input;
     let [out_h, out_w] = k.out;
@@ -50,7 +50,7 @@ fn padded_plane(k: &DepthwiseQ8, x: &[u8], buf: &mut Vec<u8>) -> (usize, usize) 
     {
         row[left..left + in_w].copy_from_slice(src);
     }
-    (rows, width)
+    width
 }
 
 /// Channel `c` of one image.
@@ -68,7 +68,7 @@ pub(super) unsafe fn channel(k: &DepthwiseQ8, c: usize, x: &[u8], mut y: Out<'_>
     let (dh, dw) = (g.dilations[0], g.dilations[1]);
     let nq = kw.div_ceil(4);
     let mut buf = PADDED.take();
-    let (_, width) = padded_plane(k, x, &mut buf);
+    let width = padded_plane(k, x, &mut buf);
     // Lane j, byte i: the tap i of the group for output j, `j·sw + i·dw` past the load.
     let mut index = [0u8; 64];
     for (n, v) in index.iter_mut().enumerate() {
