@@ -584,8 +584,25 @@ fn check_npy_header(bytes: &[u8]) -> Result<()> {
             bytes.len()
         ));
     }
+    // The header is a Python literal; npyz's parser backtracks on every nested bracket, so
+    // a header of a few dozen `[` takes minutes (found by fuzzing). A real header nests a
+    // dict, a shape tuple and at most a few levels of structured dtype.
+    let mut depth = 0usize;
+    for &b in &bytes[start..start + len] {
+        match b {
+            b'{' | b'[' | b'(' => depth += 1,
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_NPY_HEADER_NESTING {
+            return bad("header nests too deep");
+        }
+    }
     Ok(())
 }
+
+/// How deep brackets may nest in a `.npy` header (a plain array's header nests two levels).
+const MAX_NPY_HEADER_NESTING: usize = 8;
 
 /// A tensor as JSON: `{"dtype": "f32", "shape": [1, 4], "data": [...]}`.
 #[derive(Debug, serde::Deserialize)]
@@ -1006,6 +1023,17 @@ mod tests {
         let t = Tensor::from_npy(&bytes).unwrap();
         assert_eq!(t.shape(), &[1, 3]);
         assert_eq!(t.as_slice::<i32>().unwrap(), &[0, 1, 2]);
+    }
+
+    #[test]
+    fn deeply_nested_npy_headers_are_refused_without_parsing() {
+        // The fuzzer's slow input: a header opening 40 brackets took npyz minutes.
+        let header = format!("{{{}'shape': (1,), }}\n", "[".repeat(40));
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        let err = Tensor::from_npy(&bytes).unwrap_err();
+        assert!(err.to_string().contains("nests too deep"), "{err}");
     }
 
     #[test]
