@@ -9,10 +9,12 @@ a model hub. Layout under $TERN_CACHE (default ~/.cache/tern):
   models/manifest.json         name, source, licence, kind, inputs, outputs, tolerances
   onnx-node/<test>/            the ONNX backend node suite, generated from the onnx wheel
   onnx-node/manifest.json      per test: op type, rtol, atol
+  onnx-node/onnxruntime.json   the same tests through onnxruntime: its failures, with reasons
 
 Re-running is cheap: each step is skipped when its output exists for this script version.
 """
 
+import ctypes
 import hashlib
 import json
 import shutil
@@ -93,6 +95,10 @@ MODELS = {
     "vit_decoder_dynbatch": ("ViT-style patch attention + ConvTranspose/Resize decoder, symbolic "
                              "batch_size whose symbolic plan fails at run time (generated)",
                              spec(x=("float32", [2, 3, 32, 32], "image")), (1e-4, 1e-3), "pass"),
+    "value_inputs": ("Reshape and ReduceSum whose target shape and axes are graph inputs (generated)",
+                     spec(x=("float32", [2, 6, 8, 8], "image"), batch=("int64", [1], [2]),
+                          shape=("int32", [2], [12, 32]), axes=("int64", [1], [2]),
+                          scale=("float32", [1], [0.5])), (1e-4, 1e-3), "pass"),
     # Held to one step of the output quantization (0.06 at most): the kernel rounds as
     # onnxruntime's MLAS does, so any larger difference is a bug.
     "qlinear_depthwise": ("QOperator int8 depthwise convolutions: strides, dilation, asymmetric pads, "
@@ -131,6 +137,8 @@ def make_input(rng, dtype, shape, fill):
         return rng.integers(0, 257, shape).astype(dtype)
     if fill == "zeros":
         return np.zeros(shape, dtype)
+    if isinstance(fill, list):
+        return np.array(fill, dtype).reshape(shape)
     if fill == "sr16k":
         return np.array(16000, dtype)
     raise ValueError(fill)
@@ -254,10 +262,102 @@ def fetch_models():
     stamp.write_text(VERSION)
 
 
+def run_in_onnxruntime(case):
+    """The same case through onnxruntime (CPU, one thread), held to the same tolerances
+    tern is (`numpy.testing.assert_allclose` per output): "" when it passes, else why not.
+    Sequence and optional values go in and come out as onnxruntime's Python API takes them."""
+    from onnx import numpy_helper
+    def same(actual, expected):
+        if isinstance(expected, (list, tuple)):
+            if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
+                raise AssertionError(f"sequence of {len(expected)} expected")
+            for a, e in zip(actual, expected):
+                same(a, e)
+        elif expected is None:
+            if actual is not None:
+                raise AssertionError("an empty optional expected")
+        else:
+            expected = np.asarray(expected)
+            actual = np.asarray(actual)
+            if expected.dtype.kind in "OSU" or expected.dtype == bool:
+                np.testing.assert_array_equal(actual, expected)
+            else:
+                np.testing.assert_allclose(actual, expected, rtol=case.rtol, atol=case.atol)
+    def feed(v, elem_type):
+        if isinstance(v, onnx.TensorProto):
+            v = numpy_helper.to_array(v)
+        if isinstance(v, (list, tuple, type(None))):
+            return v
+        v = np.asarray(v)
+        if v.dtype.kind in "OSU":
+            return v  # strings: only sess.run takes them
+        if v.dtype.kind == "V" or v.dtype.name in CUSTOM_TYPES:
+            # bfloat16 and the float8s (ml_dtypes): fed by their bits.
+            if v.dtype.itemsize not in (1, 2) or elem_type in PACKED_TYPES:
+                raise Unfed(v.dtype.name)
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(v).view(f"u{v.dtype.itemsize}"), elem_type)
+        return v
+    def fetch(value, expected):
+        """An output OrtValue as numpy, custom types read back by their bits."""
+        if not value.is_tensor():
+            return value  # sequences and optionals come back as Python values below
+        if isinstance(expected, onnx.TensorProto):
+            expected = numpy_helper.to_array(expected)
+        expected = np.asarray(expected)
+        if expected.dtype.kind == "V" or expected.dtype.name in CUSTOM_TYPES:
+            n = int(np.prod(value.shape()))
+            raw = ctypes.string_at(value.data_ptr(), n * expected.dtype.itemsize)
+            return np.frombuffer(raw, dtype=expected.dtype).reshape(value.shape())
+        return value.numpy()
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(case.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        ins = {i.name: i for i in case.model.graph.input}
+        names = [i.name for i in sess.get_inputs()]
+        for inputs, outputs in case.data_sets:
+            feeds = {name: feed(v, ins[name].type.tensor_type.elem_type if name in ins else 0)
+                     for name, v in zip(names, inputs)}
+            # Values of custom types (bfloat16, float8) in or out: run on OrtValues.
+            custom = any(isinstance(f, ort.OrtValue) for f in feeds.values()) or any(
+                isinstance(e, onnx.TensorProto) and e.data_type in CUSTOM_ELEM_TYPES
+                or getattr(np.asarray(e) if not isinstance(e, (list, tuple, type(None), onnx.TensorProto)) else None,
+                           "dtype", np.dtype("f4")).name in CUSTOM_TYPES
+                for e in outputs)
+            if custom:
+                values = {k: f if isinstance(f, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(f)) for k, f in feeds.items()}
+                got = [fetch(g, e) for g, e in zip(sess.run_with_ort_values(None, values), outputs)]
+            else:
+                got = sess.run(None, feeds)
+            for a, e in zip(got, outputs):
+                same(a, numpy_helper.to_array(e) if isinstance(e, onnx.TensorProto) else e)
+        return ""
+    except Unfed as e:
+        return f"unfed: {e}"
+    except Exception as e:  # noqa: BLE001 - any failure is the case's result
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+class Unfed(Exception):
+    """A value of a packed 4- or 2-bit type, which onnxruntime's Python API cannot take."""
+
+
+CUSTOM_TYPES = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                "float8_e8m0fnu", "int4", "uint4", "int2", "uint2", "float4_e2m1fn"}
+CUSTOM_ELEM_TYPES = {getattr(onnx.TensorProto, t) for t in (
+    "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0",
+    "INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t)}
+PACKED_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1}
+PACKED_TYPES |= {getattr(onnx.TensorProto, t) for t in ("INT2", "UINT2") if hasattr(onnx.TensorProto, t)}
+
+
 def generate_node_suite():
     out = CACHE / "onnx-node"
     stamp = out / ".version"
-    key = f"{VERSION} onnx {onnx.__version__}"
+    key = f"{VERSION} onnx {onnx.__version__} onnxruntime {ort.__version__}"
     if stamp.exists() and stamp.read_text() == key:
         log("node suite up to date in", out)
         return
@@ -273,7 +373,7 @@ def generate_node_suite():
         if case.name.endswith("_expanded") or "_expanded_" in case.name:
             continue
         ops[case.name] = case.model.graph.node[0].op_type if len(case.model.graph.node) == 1 else None
-    manifest = {}
+    manifest, rival = {}, {}
     for case in cases:
         d = out / case.name
         d.mkdir()
@@ -295,7 +395,14 @@ def generate_node_suite():
                     (ds / f"{prefix}_{j}.pb").write_bytes(pb.SerializeToString())
         manifest[case.name] = {"op": op, "rtol": case.rtol, "atol": case.atol,
                                "non_tensor_io": sorted(set(kinds))}
+        rival[case.name] = run_in_onnxruntime(case)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=0, sort_keys=True))
+    (out / "onnxruntime.json").write_text(json.dumps(
+        {"onnxruntime": ort.__version__, "failures": {k: v for k, v in rival.items() if v}},
+        indent=0, sort_keys=True))
+    unfed = sum(1 for v in rival.values() if v.startswith("unfed"))
+    log(f"onnxruntime {ort.__version__} passes {sum(1 for v in rival.values() if not v)}/{len(rival)} "
+        f"node tests ({unfed} with packed 4-/2-bit values it cannot be fed from Python)")
     stamp.write_text(key)
     log(f"generated {len(manifest)} node tests from onnx {onnx.__version__} into {out}")
 

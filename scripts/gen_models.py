@@ -1,6 +1,7 @@
 """Small models generated here (random weights) for shapes that real models in the cache
 do not cover: a symbolic batch through depthwise convolutions (tract's slow symbolic
-path) and a ViT-style decoder whose symbolic plan compiles but cannot run."""
+path), a ViT-style decoder whose symbolic plan compiles but cannot run, and shapes and
+axes given as inputs."""
 
 import numpy as np, onnx
 from onnx import helper as h, TensorProto as T, numpy_helper as nh
@@ -76,7 +77,28 @@ def vit_decoder():
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
 
 
-GENERATED = {"dwnet_dynbatch": dwnet, "vit_decoder_dynbatch": vit_decoder}
+def value_inputs():
+    """A Reshape whose target shape and a ReduceSum whose axes are graph inputs, as
+    exporters and the ONNX test suite leave them (tract plans them only as constants), the
+    shape computed by a Cast from int32 and a Concat; and a scale that is an ordinary input."""
+    nodes = [
+        h.make_node("Cast", ["shape"], ["shape64"], to=T.INT64),
+        h.make_node("Concat", ["batch", "shape64"], ["target"], axis=0),
+        h.make_node("Reshape", ["x", "target"], ["r"]),
+        h.make_node("ReduceSum", ["r", "axes"], ["s"], keepdims=1),
+        h.make_node("Mul", ["s", "scale"], ["y"]),
+    ]
+    g = h.make_graph(nodes, "value_inputs", [
+        h.make_tensor_value_info("x", T.FLOAT, ["n", 6, 8, 8]),
+        h.make_tensor_value_info("batch", T.INT64, [1]),
+        h.make_tensor_value_info("shape", T.INT32, [2]),
+        h.make_tensor_value_info("axes", T.INT64, ["k"]),
+        h.make_tensor_value_info("scale", T.FLOAT, [1]),
+    ], [h.make_tensor_value_info("y", T.FLOAT, None)])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+GENERATED = {"dwnet_dynbatch": dwnet, "vit_decoder_dynbatch": vit_decoder, "value_inputs": value_inputs}
 
 
 def qlinear_conv_layer(rng, i, inputs, w, ws, per_channel, wz, inits, **attrs):

@@ -960,6 +960,13 @@ fn print_info(model: &Model) {
             );
         }
     }
+    if !info.value_inputs.is_empty() {
+        println!(
+            "by value    {} (read as shapes, axes or parameters: the CPU plans them as \
+             constants when it must, a plan per value)",
+            info.value_inputs.join(", ")
+        );
+    }
     println!("operators   {} nodes", info.node_count);
     let mut ops: Vec<_> = info.op_histogram.iter().collect();
     ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));

@@ -5,6 +5,8 @@
 //! tract's inference graph, checked for operators no backend implements. A [`Model`] is
 //! immutable and cheap to clone; build any number of [`Session`](crate::Session)s from it.
 
+mod value_inputs;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -124,6 +126,12 @@ pub struct ModelInfo {
     /// (result caches key on it, so a changed model never answers from an old entry).
     #[serde(default)]
     pub sha256: String,
+    /// Inputs whose values, not only their shapes, decide the plan: a `Reshape`'s shape, a
+    /// `Slice`'s starts, a `Resize`'s sizes, `Reduce` axes, `Pad` pads, quantization scales,
+    /// normalization parameters. The CPU backend plans them as constants when it must, a
+    /// plan per value ([`Specialisation::PerValue`](crate::Specialisation::PerValue)).
+    #[serde(default)]
+    pub value_inputs: Vec<String>,
 }
 
 impl ModelInfo {
@@ -197,6 +205,7 @@ impl ModelInfo {
             quantized,
             file_bytes,
             sha256: String::new(),
+            value_inputs: value_inputs::value_inputs(graph),
         })
     }
 }

@@ -94,6 +94,34 @@ pub fn write_npy(path: &Path, tensor: &Tensor) {
     std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
+/// onnxruntime's first output for `model` on these inputs, run by `scripts/ort_run.py` in
+/// tern's Python environment: the reference for inputs a test makes up. `tag` names the
+/// scratch files (unique per test).
+pub fn onnxruntime_output(model: &Path, inputs: &[(&str, &Tensor)], tag: &str) -> Tensor {
+    let scratch = |name: &str| {
+        std::env::temp_dir().join(format!("tern-ort-{}-{tag}-{name}", std::process::id()))
+    };
+    let out = scratch("output.npy");
+    let mut command = std::process::Command::new(python());
+    command
+        .arg(workspace().join("scripts/ort_run.py"))
+        .arg(model)
+        .arg(&out);
+    for (name, tensor) in inputs {
+        let file = scratch(&format!("{name}.npy"));
+        write_npy(&file, tensor);
+        command.arg(format!("{name}={}", file.display()));
+    }
+    let ran = command.output().expect("run scripts/ort_run.py");
+    assert!(
+        ran.status.success(),
+        "onnxruntime failed on {}: {}",
+        model.display(),
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    read_npy(&out)
+}
+
 /// Reads a `.npy` file that must exist.
 pub fn read_npy(path: &Path) -> Tensor {
     Tensor::from_npy(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))

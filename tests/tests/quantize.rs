@@ -259,21 +259,8 @@ fn same_as_onnxruntime_on_terns_kernels(
     } else {
         eprintln!("{name}: no native int8 products on this CPU, tract's float path ran");
     }
-    let mut args: Vec<String> = vec![
-        path.display().to_string(),
-        out(&format!("{name}-ort.npy")).display().to_string(),
-    ];
-    for (input, tensor) in inputs {
-        let file = out(&format!("{name}-{input}.npy"));
-        tern_tests::write_npy(&file, tensor);
-        args.push(format!("{input}={}", file.display()));
-    }
-    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args
-        .iter()
-        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-        .collect();
-    python_json("ort_run.py", &args);
-    let theirs = tern_tests::read_npy(&out(&format!("{name}-ort.npy")));
+    let named: Vec<(&str, &tern::Tensor)> = inputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let theirs = tern_tests::onnxruntime_output(path, &named, name);
     let ours = &ours.into_tensors()[0];
     let tracts = &tracts.into_tensors()[0];
     let max_abs = |t: &tern::Tensor| {

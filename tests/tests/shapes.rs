@@ -1,6 +1,6 @@
 //! Plans for symbolic shapes (dynamic shapes at full speed): every shape policy gives
-//! onnxruntime's numbers, and a symbolic plan that fails at run time is retried on a
-//! concrete one. (That a stream of ever-changing shapes is not compiled shape by shape is
+//! onnxruntime's numbers, a symbolic plan that fails at run time is retried on a concrete
+//! one, and inputs that give shapes and axes are planned by value. (That a stream of ever-changing shapes is not compiled shape by shape is
 //! the rent rule's unit test in `backend::tract`: whether a shape repays its plan depends
 //! on measured times, which a test must not assert.)
 //!
@@ -8,8 +8,8 @@
 //! onnxruntime's outputs saved by `scripts/fetch-models`.
 
 use tern::backend::Specialisation;
-use tern::{Backend, Session, SessionOptions, ShapePolicy};
-use tern_tests::{model_manifest, ModelEntry};
+use tern::{Backend, ErrorKind, Session, SessionOptions, ShapePolicy, Tensor};
+use tern_tests::{compare, model_manifest, onnxruntime_output, ModelEntry};
 
 fn entry(name: &str) -> ModelEntry {
     model_manifest()
@@ -97,5 +97,59 @@ fn a_symbolic_plan_that_fails_at_run_time_is_retried_on_a_concrete_one() {
             Specialisation::PerShape,
             "{policy:?}"
         );
+    }
+}
+
+#[test]
+fn inputs_read_as_shapes_and_axes_are_planned_by_value_against_onnxruntime() {
+    // `batch` + `shape` (an int32 cast and concatenated) give a Reshape its target and
+    // `axes` a ReduceSum its axes: tract plans neither unless they are constants.
+    let entry = entry("value_inputs");
+    let model = entry.load().unwrap();
+    assert_eq!(model.info().value_inputs, ["batch", "shape", "axes"]);
+    let s = session(&entry, ShapePolicy::Measure, 1);
+    run_checked(&entry, &s, 2);
+    let plans = s.plans();
+    assert_eq!(plans.specialisation, Specialisation::PerValue);
+    assert_eq!(plans.concrete.len(), 1, "{plans:?}");
+
+    // Other values of the same shapes: another plan, held to onnxruntime on them.
+    let x = &entry.reference_inputs()[0].1;
+    let value = |name: &str, t: Tensor| (name.to_string(), t);
+    let others = [
+        (vec![2i64], vec![-1i32, 16], vec![1i64]),
+        (vec![4], vec![-1, 4], vec![1, -1]),
+        (vec![2], vec![-1, 16], vec![1]),
+    ];
+    for (batch, shape, axes) in others {
+        let inputs = vec![
+            value("x", x.clone()),
+            value("batch", Tensor::from_vec(&[1], batch).unwrap()),
+            value("shape", Tensor::from_vec(&[2], shape).unwrap()),
+            value("axes", Tensor::from_vec(&[axes.len()], axes).unwrap()),
+            value("scale", Tensor::from_vec(&[1], vec![0.5f32]).unwrap()),
+        ];
+        let ours = s.run(inputs.clone()).unwrap();
+        let named: Vec<(&str, &Tensor)> = inputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let theirs = onnxruntime_output(&entry.dir().join("model.onnx"), &named, "values");
+        compare(&ours[0], &theirs, 1e-4, 1e-3).unwrap();
+    }
+    // The repeated values reused their plan: one per distinct set of values.
+    assert_eq!(s.plans().concrete.len(), 3, "{:?}", s.plans());
+
+    // A value input too large to be a plan parameter is refused with a typed error.
+    let big = vec![
+        value("x", x.clone()),
+        value("batch", Tensor::from_vec(&[1], vec![2i64]).unwrap()),
+        value("shape", Tensor::from_vec(&[2], vec![12i32, 32]).unwrap()),
+        value(
+            "axes",
+            Tensor::from_vec(&[70_000], vec![0i64; 70_000]).unwrap(),
+        ),
+        value("scale", Tensor::from_vec(&[1], vec![0.5f32]).unwrap()),
+    ];
+    match s.run(big) {
+        Err(e) => assert_eq!(e.error_kind(), ErrorKind::Compile, "{e}"),
+        Ok(_) => panic!("a 70 000-element axes input was folded into a plan"),
     }
 }

@@ -3,13 +3,15 @@
 //! Each backend starts from the same place — the model's ONNX graph as tract parsed it —
 //! and needs the same first steps: every input given its element type and the shape it is
 //! planned for (pinned, else declared, symbolic dimensions as tract symbols), a copy with
-//! concrete shapes for a per-shape plan, and the graph typed, with an fp16 model that
+//! concrete shapes for a per-shape plan (and with some inputs' values folded in, for a
+//! per-value plan), and the graph typed, with an fp16 model that
 //! computes in f16 between f32 inputs and outputs widened to f32 where f16 arithmetic is
 //! not wanted. What happens after typing (tract's optimizer, or lowering to burn) is the
 //! backend's own business.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::transform::ModelTransform;
 use tract_onnx::tract_hir::infer::InferenceModelExt;
 
@@ -83,6 +85,28 @@ pub(crate) fn concretize(
         concrete.set_input_fact(ix, fact)?;
     }
     Ok(concrete)
+}
+
+/// A copy of `graph` with the inputs at these positions replaced by constants of these
+/// values: no longer inputs, so a run passes only the others (in their order).
+pub(crate) fn fold_inputs(
+    graph: &InferenceModel,
+    values: &[(usize, Arc<Tensor>)],
+) -> TractResult<InferenceModel> {
+    let mut folded = graph.clone();
+    let mut outlets = Vec::with_capacity(values.len());
+    for (ix, value) in values {
+        let outlet = *folded
+            .inputs
+            .get(*ix)
+            .ok_or_else(|| anyhow::anyhow!("no input #{ix} to fold"))?;
+        let node = folded.node_mut(outlet.node);
+        node.op = Box::new(Const::new(value.clone())?);
+        node.outputs[outlet.slot].fact = TypedFact::try_from(value.clone())?.into();
+        outlets.push(outlet);
+    }
+    folded.inputs.retain(|o| !outlets.contains(o));
+    Ok(folded)
 }
 
 /// Types the graph; an f16-computing graph (see [`computes_in_f16`]) is widened to f32

@@ -73,6 +73,10 @@ pub enum Specialisation {
     /// Every shape gets a concrete plan (the symbolic plan cannot be built, failed a run,
     /// or the policy says so).
     PerShape,
+    /// The model plans only with some inputs' values known (a `Reshape`'s shape, `Reduce`
+    /// axes, quantization scales: [`ModelInfo::value_inputs`](crate::ModelInfo::value_inputs)):
+    /// those values are folded in as constants, a plan per input shapes and values.
+    PerValue,
 }
 
 /// What a session's backend has planned so far.

@@ -1,4 +1,5 @@
-//! One cache of compiled plans keyed by the concrete input shapes, for both backends.
+//! One cache of compiled plans keyed by the concrete input shapes (and, for plans with
+//! input values folded in, those values), for both backends.
 //!
 //! A plan (tract's optimized plan, or a lowered GPU program) for one shape signature takes
 //! tens to hundreds of milliseconds to build. The cache keeps the most recently used
@@ -26,20 +27,21 @@ pub(crate) fn shape_key(inputs: &[crate::tensor::Tensor]) -> ShapeKey {
 /// callers that need this very plan wait.
 type Slot<P> = Arc<Mutex<Option<Arc<P>>>>;
 
-/// The most recently used plans, by input shapes (most recently used last).
-pub(crate) struct PlanCache<P> {
-    slots: Mutex<Vec<(ShapeKey, Slot<P>)>>,
+/// The most recently used plans, by key — input shapes unless said otherwise — (most
+/// recently used last).
+pub(crate) struct PlanCache<P, K = ShapeKey> {
+    slots: Mutex<Vec<(K, Slot<P>)>>,
     capacity: usize,
 }
 
-impl<P> Default for PlanCache<P> {
+impl<P, K: PartialEq + Clone> Default for PlanCache<P, K> {
     /// An empty cache of [`CAPACITY`] plans.
     fn default() -> Self {
         PlanCache::new(CAPACITY)
     }
 }
 
-impl<P> PlanCache<P> {
+impl<P, K: PartialEq + Clone> PlanCache<P, K> {
     /// An empty cache of at most `capacity` plans.
     pub(crate) fn new(capacity: usize) -> Self {
         PlanCache {
@@ -49,7 +51,7 @@ impl<P> PlanCache<P> {
     }
 
     /// The slot for `key` if there is one, made most recently used.
-    fn find(slots: &mut Vec<(ShapeKey, Slot<P>)>, key: &[Vec<usize>]) -> Option<Slot<P>> {
+    fn find(slots: &mut Vec<(K, Slot<P>)>, key: &K) -> Option<Slot<P>> {
         let pos = slots.iter().position(|(k, _)| k == key)?;
         let entry = slots.remove(pos);
         let slot = entry.1.clone();
@@ -58,7 +60,7 @@ impl<P> PlanCache<P> {
     }
 
     /// The slot for `key`, created (evicting the least recently used) if there is none.
-    fn slot(&self, key: &[Vec<usize>]) -> Slot<P> {
+    fn slot(&self, key: &K) -> Slot<P> {
         let mut slots = lock(&self.slots);
         if let Some(slot) = Self::find(&mut slots, key) {
             return slot;
@@ -67,12 +69,12 @@ impl<P> PlanCache<P> {
             slots.remove(0);
         }
         let slot = Slot::default();
-        slots.push((key.to_vec(), slot.clone()));
+        slots.push((key.clone(), slot.clone()));
         slot
     }
 
     /// The plan for `key` if one is built (never waits for one being built).
-    pub(crate) fn get(&self, key: &[Vec<usize>]) -> Option<Arc<P>> {
+    pub(crate) fn get(&self, key: &K) -> Option<Arc<P>> {
         let slot = Self::find(&mut lock(&self.slots), key)?;
         let plan = slot.try_lock().ok()?.clone();
         plan
@@ -82,7 +84,7 @@ impl<P> PlanCache<P> {
     /// behind: the next run of that shape tries again.
     pub(crate) fn get_or_build(
         &self,
-        key: &[Vec<usize>],
+        key: &K,
         build: impl FnOnce() -> Result<P>,
     ) -> Result<Arc<P>> {
         let slot = self.slot(key);
@@ -105,8 +107,8 @@ impl<P> PlanCache<P> {
         lock(&self.slots).clear();
     }
 
-    /// The shapes that have a built plan, least recently used first.
-    pub(crate) fn shapes(&self) -> Vec<ShapeKey> {
+    /// The keys that have a built plan, least recently used first.
+    pub(crate) fn keys(&self) -> Vec<K> {
         lock(&self.slots)
             .iter()
             .filter(|(_, slot)| slot.try_lock().is_ok_and(|p| p.is_some()))

@@ -277,6 +277,8 @@ enum Choice {
     Symbolic,
     /// Every shape gets a concrete plan on its first run.
     PerShape,
+    /// Every run gets a plan for its shapes with the value inputs' values folded in.
+    PerValue,
 }
 
 /// The ski-rental rule for concrete plans: each run of a shape on the symbolic plan costs
@@ -333,11 +335,23 @@ pub(crate) struct TractExecutor {
     /// Every input is fixed or pinned: `planned` serves every run.
     fixed: bool,
     concrete: PlanCache<Plan>,
+    /// The model inputs read as values ([`ModelInfo::value_inputs`](crate::ModelInfo)),
+    /// by position: what a per-value plan folds in.
+    value_inputs: Vec<usize>,
+    /// Plans with the value inputs' values folded in.
+    by_value: PlanCache<Plan, ValueKey>,
     choice: Mutex<Choice>,
     compiler: Compiler,
     /// The session's rayon pool, when it has more than one thread.
     pool: Option<ThreadPool>,
 }
+
+/// A value input is folded into a plan only up to this many elements (shapes, axes and
+/// per-channel parameters are far smaller; a large tensor is data, not a plan parameter).
+const MAX_FOLDED_ELEMENTS: usize = 1 << 16;
+
+/// A per-value plan's key: every input's shape and the bytes of each value input.
+type ValueKey = (ShapeKey, Vec<Vec<u8>>);
 
 /// Builds the CPU executor: names or pins every input dimension, then types, optimizes and
 /// plans — and prepares plans per concrete shape as the shape policy says.
@@ -356,6 +370,13 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
     let source = fused.map_or(model.graph(), |(graph, _)| graph);
     let graph = frontend::with_input_facts(model, source, options).map_err(compile_err)?;
     let fixed = frontend::fixed_shapes(model, options).is_some();
+    let value_inputs: Vec<usize> = model
+        .inputs()
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| model.info().value_inputs.contains(&i.name))
+        .map(|(ix, _)| ix)
+        .collect();
     let compiler = Compiler {
         optimization: cpu.optimization,
         fused_qdq: fused.map_or(0, |(_, n)| n),
@@ -392,10 +413,11 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
                 format!("{reason}{how}{kernels}"),
             )
         }
-        // Fixed shapes that fail will fail at every run: report it now.
-        Err(e) if fixed => return Err(e),
+        // Fixed shapes that fail will fail at every run, unless the values of some inputs
+        // are what tract is missing: report it now.
+        Err(e) if fixed && value_inputs.is_empty() => return Err(e),
         Err(e) => {
-            tracing::info!("tract cannot plan symbolic shapes, specialising per shape: {e}");
+            tracing::info!("tract cannot plan the declared shapes, specialising: {e}");
             let dtypes = model
                 .inputs()
                 .iter()
@@ -411,9 +433,12 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
             let why = e.to_string();
             let why = why.lines().next().unwrap_or_default();
             let why: String = why.chars().take(300).collect();
-            let reason =
-                format!("{reason}; plans specialised per input shape (no symbolic plan: {why})");
-            (None, dtypes, Choice::PerShape, reason)
+            let (choice, how) = match fixed {
+                true => (Choice::PerValue, "input values"),
+                false => (Choice::PerShape, "input shape"),
+            };
+            let reason = format!("{reason}; plans specialised per {how} (no shared plan: {why})");
+            (None, dtypes, choice, reason)
         }
     };
     Ok(Prepared {
@@ -422,6 +447,8 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
             planned,
             fixed,
             concrete: PlanCache::new(CAPACITY),
+            value_inputs,
+            by_value: PlanCache::new(CAPACITY),
             choice: Mutex::new(choice),
             compiler,
             pool: (cpu.threads > 1).then(|| ThreadPool::multithread_with_name(cpu.threads, "tern")),
@@ -494,8 +521,64 @@ fn input_dtypes(typed: &TypedModel) -> Result<Vec<DType>> {
 }
 
 impl TractExecutor {
+    /// The plan for `inputs`' shapes with the value inputs' values folded in (built on first
+    /// use), and the inputs it takes: the others, in order.
+    fn value_plan(&self, inputs: &[Tensor]) -> Result<(Arc<Plan>, Vec<Tensor>)> {
+        let mut values = Vec::with_capacity(self.value_inputs.len());
+        let mut folded = Vec::with_capacity(self.value_inputs.len());
+        for &ix in &self.value_inputs {
+            let value = inputs.get(ix).ok_or_else(|| Error::Compile {
+                backend: NAME,
+                reason: format!("no input #{ix} to plan by value"),
+            })?;
+            if value.len() > MAX_FOLDED_ELEMENTS {
+                return Err(Error::Compile {
+                    backend: NAME,
+                    reason: format!(
+                        "the plan needs input #{ix}'s values as constants, and it has {} \
+                         elements (at most {MAX_FOLDED_ELEMENTS} are folded)",
+                        value.len()
+                    ),
+                });
+            }
+            values.push(value.as_bytes()?.to_vec());
+            folded.push((ix, value.tract().clone()));
+        }
+        let key = (shape_key(inputs), values);
+        let plan = self.by_value.get_or_build(&key, || {
+            let graph = frontend::concretize(&self.graph, &key.0)
+                .and_then(|graph| frontend::fold_inputs(&graph, &folded))
+                .map_err(compile_err)?;
+            self.compiler.compile(graph)
+        })?;
+        let rest = inputs
+            .iter()
+            .enumerate()
+            .filter(|(ix, _)| !self.value_inputs.contains(ix))
+            .map(|(_, t)| t.clone())
+            .collect();
+        Ok((plan, rest))
+    }
+
+    /// A concrete plan could not be built (`error`): if the model has value inputs, a
+    /// per-value plan runs instead, and every later run is planned by value too.
+    fn run_by_value_instead(&self, inputs: &[Tensor], error: Error) -> Result<Vec<Tensor>> {
+        if self.value_inputs.is_empty() {
+            return Err(error);
+        }
+        let (plan, rest) = self.value_plan(inputs)?;
+        let outputs = plan.run(&rest, self.pool.as_ref())?;
+        tracing::info!("no plan without the value inputs' values ({error}): planning by value");
+        *lock(&self.choice) = Choice::PerValue;
+        Ok(outputs)
+    }
+
+    fn per_value(&self) -> bool {
+        matches!(*lock(&self.choice), Choice::PerValue)
+    }
+
     /// The concrete plan for `key`, built on first use.
-    fn concrete_plan(&self, key: &[Vec<usize>]) -> Result<Arc<Plan>> {
+    fn concrete_plan(&self, key: &ShapeKey) -> Result<Arc<Plan>> {
         self.concrete.get_or_build(key, || {
             let graph = frontend::concretize(&self.graph, key).map_err(compile_err)?;
             self.compiler.compile(graph)
@@ -530,7 +613,7 @@ impl TractExecutor {
                     Route::Symbolic
                 }
             }
-            Choice::PerShape => Route::Concrete,
+            Choice::PerShape | Choice::PerValue => Route::Concrete,
             Choice::Building | Choice::Racing { .. } | Choice::Symbolic => Route::Symbolic,
         }
     }
@@ -591,8 +674,15 @@ impl TractExecutor {
 
     fn run_inputs(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let pool = self.pool.as_ref();
+        if self.per_value() {
+            let (plan, rest) = self.value_plan(inputs)?;
+            return plan.run(&rest, pool);
+        }
         let Some(planned) = &self.planned else {
-            return self.concrete_plan(&shape_key(inputs))?.run(inputs, pool);
+            return match self.concrete_plan(&shape_key(inputs)) {
+                Ok(plan) => plan.run(inputs, pool),
+                Err(e) => self.run_by_value_instead(inputs, e),
+            };
         };
         // Inputs that break the symbolic plan's contracts or memory limit are refused
         // before any plan, symbolic or concrete, is built or run for them.
@@ -650,6 +740,10 @@ impl Executor for TractExecutor {
     }
 
     fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<NodeTime>> {
+        if self.per_value() {
+            let (plan, rest) = self.value_plan(&inputs)?;
+            return plan.profile(&rest);
+        }
         let key = shape_key(&inputs);
         let symbolic = self.fixed || matches!(*lock(&self.choice), Choice::Symbolic);
         match &self.planned {
@@ -662,19 +756,35 @@ impl Executor for TractExecutor {
     }
 
     fn plans(&self) -> PlanReport {
-        let specialisation = if self.fixed {
+        let choice = lock(&self.choice);
+        let specialisation = if matches!(*choice, Choice::PerValue) {
+            Specialisation::PerValue
+        } else if self.fixed {
             Specialisation::Fixed
         } else {
-            match &*lock(&self.choice) {
+            match &*choice {
                 Choice::Undecided => Specialisation::Undecided,
                 Choice::Building | Choice::Racing { .. } => Specialisation::Measuring,
                 Choice::Rent(_) => Specialisation::Concrete,
                 Choice::Symbolic => Specialisation::Symbolic,
                 Choice::PerShape => Specialisation::PerShape,
+                Choice::PerValue => Specialisation::PerValue,
             }
         };
-        let concrete = self.concrete.shapes();
-        let newest = concrete.last().and_then(|key| self.concrete.get(key));
+        let per_value = matches!(*choice, Choice::PerValue);
+        drop(choice);
+        let (concrete, newest) = match per_value {
+            true => {
+                let keys = self.by_value.keys();
+                let newest = keys.last().and_then(|key| self.by_value.get(key));
+                (keys.into_iter().map(|(shapes, _)| shapes).collect(), newest)
+            }
+            false => {
+                let keys = self.concrete.keys();
+                let newest = keys.last().and_then(|key| self.concrete.get(key));
+                (keys, newest)
+            }
+        };
         let rewrites = match (&newest, &self.planned) {
             (Some(plan), _) => plan.rewrites.clone(),
             (None, Some(plan)) => plan.rewrites.clone(),

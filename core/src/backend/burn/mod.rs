@@ -31,7 +31,7 @@ use burn_backend::{DType as BurnDType, FloatDType};
 use tract_onnx::prelude::*;
 
 use super::frontend;
-use super::plan_cache::{shape_key, PlanCache, CAPACITY};
+use super::plan_cache::{shape_key, PlanCache, ShapeKey, CAPACITY};
 use super::{Backend, Executor, PlanReport, Prepared, Ran, Specialisation};
 use crate::error::{catch_panic, chain, Error, Result};
 use crate::model::Model;
@@ -232,7 +232,7 @@ struct BurnExecutor<B: BurnBackend> {
 
 impl<B: BurnBackend> BurnExecutor<B> {
     /// The program for these input shapes: cached, or typed, folded, decluttered and lowered.
-    fn program(&self, shapes: &[Vec<usize>]) -> Result<std::sync::Arc<Program<B>>> {
+    fn program(&self, shapes: &ShapeKey) -> Result<std::sync::Arc<Program<B>>> {
         self.cache.get_or_build(shapes, || {
             let compile = |e: anyhow::Error| Error::Compile {
                 backend: NAME,
@@ -260,7 +260,7 @@ impl<B: BurnBackend> Executor for BurnExecutor<B> {
         PlanReport {
             specialisation: Specialisation::PerShape,
             shared_plan: false,
-            concrete: self.cache.shapes(),
+            concrete: self.cache.keys(),
             tern_kernels: Vec::new(),
         }
     }
