@@ -129,6 +129,19 @@ pub fn per_op(results: &[Outcome]) -> BTreeMap<&str, (usize, usize)> {
     per_op
 }
 
+/// onnxruntime's results on the same cases, as `scripts/fetch-models` measured them: its
+/// version and the cases it fails, with reasons (`None` if the cache has no such file).
+pub fn onnxruntime_failures() -> Option<(String, BTreeMap<String, String>)> {
+    #[derive(serde::Deserialize)]
+    struct Rival {
+        onnxruntime: String,
+        failures: BTreeMap<String, String>,
+    }
+    let path = tern::fs::fetched("onnx-node/onnxruntime.json").ok()?;
+    let rival: Rival = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    Some((rival.onnxruntime, rival.failures))
+}
+
 /// The case names an expected-failure list holds.
 pub fn listed(list_path: &Path) -> BTreeSet<String> {
     std::fs::read_to_string(list_path)
