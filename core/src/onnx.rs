@@ -59,6 +59,104 @@ pub fn producers(graph: &pb::GraphProto) -> HashMap<&str, usize> {
         .collect()
 }
 
+/// `TensorProto.data_type` of `float`.
+const FLOAT: i32 = pb::tensor_proto::DataType::Float as i32;
+
+/// An initializer from raw little-endian bytes.
+pub fn tensor(name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        data_type,
+        dims: dims.to_vec(),
+        raw_data: raw,
+        ..Default::default()
+    }
+}
+
+/// An f32 initializer.
+pub fn f32_tensor(name: &str, dims: &[i64], values: &[f32]) -> pb::TensorProto {
+    tensor(
+        name,
+        FLOAT,
+        dims,
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+}
+
+/// An int64 initializer.
+pub fn i64_tensor(name: &str, dims: &[i64], values: &[i64]) -> pb::TensorProto {
+    let int64 = pb::tensor_proto::DataType::Int64 as i32;
+    tensor(
+        name,
+        int64,
+        dims,
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+}
+
+/// A node (default domain).
+pub fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: Vec<pb::AttributeProto>,
+) -> pb::NodeProto {
+    pb::NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+/// An integer attribute.
+pub fn int_attr(name: &str, i: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
+/// A float attribute.
+pub fn float_attr(name: &str, f: f32) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Float as i32,
+        f,
+        ..Default::default()
+    }
+}
+
+/// An integer-list attribute.
+pub fn ints_attr(name: &str, ints: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: ints.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// The attribute `name` of a node, if it has it.
+pub fn attr<'n>(node: &'n pb::NodeProto, name: &str) -> Option<&'n pb::AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+/// The integer attribute `name` of a node, or `default`.
+pub fn attr_i(node: &pb::NodeProto, name: &str, default: i64) -> i64 {
+    attr(node, name).map_or(default, |a| a.i)
+}
+
+/// The float attribute `name` of a node, or `default`.
+pub fn attr_f(node: &pb::NodeProto, name: &str, default: f32) -> f32 {
+    attr(node, name).map_or(default, |a| a.f)
+}
+
 /// Sets `metadata_props[key]` to `value`, replacing any previous entry for `key`.
 pub fn set_metadata(model: &mut pb::ModelProto, key: &str, value: String) {
     model.metadata_props.retain(|p| p.key != key);

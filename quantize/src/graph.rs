@@ -7,6 +7,7 @@ use prost::Message;
 use tract_onnx::pb;
 
 use crate::error::{QuantizeError, Result};
+pub use tern::onnx::{attr_i, f32_tensor, int_attr, node, tensor};
 
 /// ONNX element type codes used here.
 pub const FLOAT: i32 = 1;
@@ -142,63 +143,6 @@ pub fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
 /// The values of an int64 initializer (raw or typed storage).
 pub fn i64_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
     values(t, INT64, i64::from_le_bytes, &t.int64_data)
-}
-
-/// An initializer from raw little-endian bytes.
-pub fn tensor(name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto {
-    pb::TensorProto {
-        name: name.into(),
-        data_type,
-        dims: dims.to_vec(),
-        raw_data: raw,
-        ..Default::default()
-    }
-}
-
-/// An f32 initializer.
-pub fn f32_tensor(name: &str, dims: &[i64], values: &[f32]) -> pb::TensorProto {
-    tensor(
-        name,
-        FLOAT,
-        dims,
-        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    )
-}
-
-/// A node.
-pub fn node(
-    op: &str,
-    name: &str,
-    inputs: &[&str],
-    outputs: &[&str],
-    attrs: Vec<pb::AttributeProto>,
-) -> pb::NodeProto {
-    pb::NodeProto {
-        op_type: op.into(),
-        name: name.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        attribute: attrs,
-        ..Default::default()
-    }
-}
-
-/// An integer attribute.
-pub fn int_attr(name: &str, i: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        r#type: 2,
-        i,
-        ..Default::default()
-    }
-}
-
-/// The integer attribute `name` of a node, or `default`.
-pub fn attr_i(node: &pb::NodeProto, name: &str, default: i64) -> i64 {
-    node.attribute
-        .iter()
-        .find(|a| a.name == name)
-        .map_or(default, |a| a.i)
 }
 
 /// Initializers by name.
