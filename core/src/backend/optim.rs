@@ -1,6 +1,6 @@
 //! tract's optimiser pass lists, as tern runs them: the same passes in the same order,
 //! with tract's `PushSplitDown` replaced by [`SplitDown`], which does the same in linear
-//! time.
+//! time, and [`SoftmaxBeforeLut`] first in the declutter list.
 //!
 //! `PushSplitDown` merges nodes that compute the same thing from the same values (two
 //! identical `Relu(x)`). It compares every pair of consumers of every value, so one value
@@ -15,9 +15,12 @@ use std::collections::HashMap;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::optim::{Optimizer, OptimizerSession, TypedPass};
 
-/// Declutters `model` (tract's `declutter` pass list, linear [`SplitDown`]).
+/// Declutters `model` (tract's `declutter` pass list, linear [`SplitDown`], after
+/// [`SoftmaxBeforeLut`]).
 pub(crate) fn declutter(model: &mut TypedModel) -> TractResult<()> {
-    linear(Optimizer::declutter()).optimize(model)
+    let mut optimizer = linear(Optimizer::declutter());
+    optimizer.passes.insert(0, Box::new(SoftmaxBeforeLut));
+    optimizer.optimize(model)
 }
 
 /// Optimizes a decluttered `model` to tract's kernels (tract's `codegen` pass list, linear
@@ -34,6 +37,75 @@ fn linear(mut optimizer: Optimizer) -> Optimizer {
         }
     }
     optimizer
+}
+
+/// Keeps tract from folding a `Softmax` into a byte lookup table.
+///
+/// tract's `DequantizeLinearF32` declutter turns `dequantize → ops → quantize` into one
+/// 256-entry table when the ops between are element-wise, and it takes an op for
+/// element-wise when its axes map one to one — which `Softmax`'s do. A quantized softmax
+/// (onnxruntime's `QLinearSoftmax`, a QDQ model that quantizes its Softmax) then became a
+/// table of softmaxes over the 256 byte values: every output 255 on a test model. Before
+/// tract's passes, this one writes a dequantization whose chain of single successors
+/// reaches a `Softmax` as the plain `cast → subtract zero point → multiply by scale` it
+/// means, which no fusion touches.
+#[derive(Clone, Debug)]
+pub(crate) struct SoftmaxBeforeLut;
+
+/// How far down a chain of single successors a `Softmax` is looked for.
+const LUT_CHAIN: usize = 32;
+
+impl SoftmaxBeforeLut {
+    /// Whether a `Softmax` follows `node` in its chain of single successors.
+    fn feeds_softmax(model: &TypedModel, node: &TypedNode) -> TractResult<bool> {
+        let mut current = node;
+        for _ in 0..LUT_CHAIN {
+            let Some(next) = model.single_succ(current.id)? else {
+                return Ok(false);
+            };
+            if next.op_is::<tract_onnx::tract_core::ops::nn::Softmax>() {
+                return Ok(true);
+            }
+            current = next;
+        }
+        Ok(false)
+    }
+}
+
+impl TypedPass for SoftmaxBeforeLut {
+    fn reset(&mut self) -> TractResult<()> {
+        Ok(())
+    }
+
+    fn next(
+        &mut self,
+        _session: &mut OptimizerSession,
+        model: &TypedModel,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        use tract_onnx::tract_core::ops::{cast::cast, math, quant::DequantizeLinearF32};
+        for node in model.nodes() {
+            let Some(dq) = node.op_as::<DequantizeLinearF32>() else {
+                continue;
+            };
+            if !Self::feeds_softmax(model, node)? {
+                continue;
+            }
+            let mut patch = TypedModelPatch::default();
+            let x = patch.tap_model(model, node.inputs[0])?;
+            let rank = model.outlet_fact(node.inputs[0])?.rank();
+            let zero = tensor0(dq.zero_point as f32).broadcast_into_rank(rank)?;
+            let scale = tensor0(dq.scale).broadcast_into_rank(rank)?;
+            let zero = patch.add_const(format!("{}.zero_point", node.name), zero)?;
+            let scale = patch.add_const(format!("{}.scale", node.name), scale)?;
+            let name = &node.name;
+            let y = patch.wire_node(format!("{name}.cast"), cast(f32::datum_type()), &[x])?;
+            let y = patch.wire_node(format!("{name}.sub"), math::sub(), &[y[0], zero])?;
+            let y = patch.wire_node(format!("{name}.mul"), math::mul(), &[y[0], scale])?;
+            patch.shunt_outside(model, node.id.into(), y[0])?;
+            return Ok(Some(patch));
+        }
+        Ok(None)
+    }
 }
 
 /// Merges nodes that read the same values and apply the same op: the later ones' outputs
