@@ -10,6 +10,7 @@ a model hub. Layout under $TERN_CACHE (default ~/.cache/tern):
   onnx-node/<test>/            the ONNX backend node suite, generated from the onnx wheel
   onnx-node/manifest.json      per test: op type, rtol, atol
   onnx-node/onnxruntime.json   the same tests through onnxruntime: its failures, with reasons
+  contrib-ops/<case>/          onnxruntime's com.microsoft ops, one model each, its outputs
 
 Re-running is cheap: each step is skipped when its output exists for this script version.
 """
@@ -74,11 +75,17 @@ MODELS = {
                        spec(x=("float32", [2, 3, 48, 192], "image")), (2e-2, 2e-2), "pass"),
     "ppocr_cls_int8_qdq": ("ppocr_cls, static int8 QDQ, per-channel weights",
                            spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2), "pass"),
+    # tract folded DQ-Softmax-Q into a byte table of softmaxes (every output 1.0) until
+    # tern's declutter kept the Softmax out of its lookup tables.
     "ppocr_cls_int8_qdq_softmax": ("ppocr_cls, static int8 QDQ including the final Softmax",
-                                   spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2),
-                                   "fail: tract's quantized Softmax (DQ-Softmax-Q) saturates to 1.0"),
+                                   spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2), "pass"),
     "ppocr_cls_int8_qop": ("ppocr_cls, static int8 QOperator (QLinearConv)",
                            spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2), "pass"),
+    # Every op onnxruntime's quantizer takes, in its QOperator form: its com.microsoft ops
+    # (QLinearAdd, QLinearMul, QLinearGlobalAveragePool, QLinearSoftmax…) included.
+    "ppocr_cls_int8_qop_contrib": ("ppocr_cls, static int8 QOperator of every op onnxruntime quantizes "
+                                   "(com.microsoft QLinearAdd/Mul/GlobalAveragePool/Softmax…)",
+                                   spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2), "pass"),
     "ppocr_det_int8_qdq": ("ppocr_det, static int8 QDQ, per-channel weights",
                            spec(x=("float32", [1, 3, 96, 160], "image")), (3e-2, 3e-2), "pass"),
     # A float Softmax over 6625 classes follows the int8 layers: where two logits are one
@@ -198,14 +205,13 @@ def derive(name, models):
         def get_next(self):
             return next(self.items, None)
 
-    fmt = q.QuantFormat.QOperator if name.endswith("_qop") else q.QuantFormat.QDQ
-    # QOperator form is limited to standard ONNX ops (QLinearConv, QLinearMatMul): for Add,
-    # Mul, pooling… onnxruntime would emit its com.microsoft contrib ops.
-    # The QDQ model leaves Softmax in float: tract mis-runs a quantized Softmax, which the
-    # `_qdq_softmax` variant keeps as a visible expected failure.
+    fmt = q.QuantFormat.QOperator if "_qop" in name else q.QuantFormat.QDQ
+    # `_qop` keeps to standard ONNX ops (QLinearConv, QLinearMatMul); `_qop_contrib` lets
+    # onnxruntime write its com.microsoft ops for Add, Mul, pooling, Softmax…
+    # The QDQ model leaves Softmax in float; the `_qdq_softmax` variant quantizes it too.
     ops = {"qdq": ["Conv", "MatMul", "Add", "Mul", "GlobalAveragePool", "MaxPool", "Reshape",
                    "HardSigmoid", "Clip", "Div", "Relu"],
-           "qdq_softmax": None, "qop": ["Conv", "MatMul"]}[name.split("_int8_")[1]]
+           "qdq_softmax": None, "qop": ["Conv", "MatMul"], "qop_contrib": None}[name.split("_int8_")[1]]
     q.quantize_static(src, dst, Calib(), quant_format=fmt, per_channel=True, op_types_to_quantize=ops,
                       weight_type=q.QuantType.QInt8, activation_type=q.QuantType.QUInt8)
     src.unlink()
@@ -407,6 +413,22 @@ def generate_node_suite():
     log(f"generated {len(manifest)} node tests from onnx {onnx.__version__} into {out}")
 
 
+def generate_contrib_suite():
+    """onnxruntime's contrib ops, one model each (scripts/contrib_cases.py)."""
+    import contrib_cases
+    out = CACHE / "contrib-ops"
+    stamp = out / ".version"
+    script = (Path(__file__).parent / "contrib_cases.py").read_bytes()
+    key = f"{VERSION} {hashlib.sha256(script).hexdigest()[:12]} onnxruntime {ort.__version__}"
+    if stamp.exists() and stamp.read_text() == key:
+        log("contrib suite up to date in", out)
+        return
+    n = contrib_cases.generate(out)
+    stamp.write_text(key)
+    log(f"generated {n} contrib-op cases with onnxruntime {ort.__version__} outputs into {out}")
+
+
 if __name__ == "__main__":
     fetch_models()
     generate_node_suite()
+    generate_contrib_suite()

@@ -5,6 +5,7 @@
 //! tract's inference graph, checked for operators no backend implements. A [`Model`] is
 //! immutable and cheap to clone; build any number of [`Session`](crate::Session)s from it.
 
+mod contrib;
 mod value_inputs;
 
 use std::collections::{BTreeMap, HashMap};
@@ -425,6 +426,11 @@ impl Model {
             info.sha256 = format!("{:x}", sha2::Sha256::digest(bytes));
             check_external_data(&proto, dir.as_deref())?;
             check_graph(&proto)?;
+            // onnxruntime's contrib ops tract lacks, as the standard ops they mean.
+            let decomposed = contrib::decompose(&mut proto);
+            if decomposed > 0 {
+                tracing::debug!("{decomposed} com.microsoft nodes rewritten to standard ops");
+            }
             let dir = dir.as_ref().and_then(|d| d.to_str());
             // value_info shapes are hints in ONNX (onnxruntime re-infers them), and some
             // tools write wrong ones; tract would take them as facts, so they are ignored.

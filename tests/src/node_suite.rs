@@ -39,8 +39,16 @@ pub struct Outcome {
 
 /// The suite's manifest, by case name.
 pub fn manifest() -> BTreeMap<String, Case> {
-    serde_json::from_slice(&std::fs::read(fetched("onnx-node/manifest.json")).expect("manifest"))
-        .expect("manifest json")
+    manifest_in(NODE_SUITE)
+}
+
+/// The ONNX node suite's folder in the cache.
+const NODE_SUITE: &str = "onnx-node";
+
+/// The manifest of a suite in this layout (the node suite's, or `contrib-ops`), by case.
+pub fn manifest_in(suite: &str) -> BTreeMap<String, Case> {
+    let path = fetched(&format!("{suite}/manifest.json"));
+    serde_json::from_slice(&std::fs::read(path).expect("manifest")).expect("manifest json")
 }
 
 /// Runs one case (every data set in its directory) with these session options.
@@ -94,7 +102,17 @@ pub fn run_cases(
     names: &[&String],
     options: &SessionOptions,
 ) -> Vec<Outcome> {
-    let root = fetched("onnx-node");
+    run_cases_in(NODE_SUITE, manifest, names, options)
+}
+
+/// [`run_cases`] for the cases of another suite in the same layout.
+pub fn run_cases_in(
+    suite: &str,
+    manifest: &BTreeMap<String, Case>,
+    names: &[&String],
+    options: &SessionOptions,
+) -> Vec<Outcome> {
+    let root = fetched(suite);
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::new());
     std::thread::scope(|s| {
