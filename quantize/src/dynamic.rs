@@ -46,36 +46,9 @@ pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) ->
     let mut new_inits = Vec::new();
     let mut converted = 0;
     for (ix, n) in std::mem::take(&mut g.node).into_iter().enumerate() {
-        let eligible = matches!(n.op_type.as_str(), "MatMul" | "Gemm")
-            && options.exclude.allows(&n)
-            && (n.op_type == "MatMul"
-                || (attr_i(&n, "transA", 0) == 0
-                    && n.attribute
-                        .iter()
-                        .all(|a| !matches!(a.name.as_str(), "alpha" | "beta") || a.f == 1.0)));
-        let weight = n
-            .input
-            .get(1)
-            .and_then(|w| inits.get(w))
-            .filter(|t| t.dims.len() == 2);
-        let (Some(w), true) = (weight, eligible) else {
+        let Some((values, k, cols)) = matmul_weight(&n, &inits, &options.exclude) else {
             nodes.push(n);
             continue;
-        };
-        let Some(values) = graph::f32_values(w) else {
-            nodes.push(n);
-            continue;
-        };
-        let (mut k, mut cols) = (w.dims[0] as usize, w.dims[1] as usize);
-        let values = if n.op_type == "Gemm" && attr_i(&n, "transB", 0) == 1 {
-            // Stored [N, K]: transpose to [K, N].
-            let (rows, c) = (k, cols);
-            (k, cols) = (c, rows);
-            (0..k * cols)
-                .map(|i| values[(i % cols) * c + i / cols])
-                .collect()
-        } else {
-            values
         };
         let (q, scales) = graph::quantize_symmetric_int8(
             &values,
@@ -174,6 +147,38 @@ pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) ->
         ));
     }
     Ok(converted)
+}
+
+/// The constant weight of a `MatMul`, or of a `Gemm` that is one (no `transA`, `alpha` and
+/// `beta` 1), as `[K, N]` row-major values with K and N: what weight-only quantization
+/// replaces. `None` for any other node, or one `exclude` keeps in float.
+pub(crate) fn matmul_weight(
+    n: &pb::NodeProto,
+    inits: &std::collections::HashMap<String, pb::TensorProto>,
+    exclude: &graph::Exclusions,
+) -> Option<(Vec<f32>, usize, usize)> {
+    let eligible = matches!(n.op_type.as_str(), "MatMul" | "Gemm")
+        && exclude.allows(n)
+        && (n.op_type == "MatMul"
+            || (attr_i(n, "transA", 0) == 0
+                && n.attribute
+                    .iter()
+                    .all(|a| !matches!(a.name.as_str(), "alpha" | "beta") || a.f == 1.0)));
+    let w = n
+        .input
+        .get(1)
+        .and_then(|w| inits.get(w))
+        .filter(|t| t.dims.len() == 2 && eligible)?;
+    let values = graph::f32_values(w)?;
+    let (k, cols) = (w.dims[0] as usize, w.dims[1] as usize);
+    if n.op_type == "Gemm" && attr_i(n, "transB", 0) == 1 {
+        // Stored [N, K]: transpose to [K, N].
+        let t = (0..k * cols)
+            .map(|i| values[(i % k) * cols + i / k])
+            .collect();
+        return Some((t, cols, k));
+    }
+    Some((values, k, cols))
 }
 
 #[cfg(test)]

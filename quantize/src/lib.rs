@@ -6,6 +6,7 @@
 //!
 //! - [`dynamic`]: int8 weights for `MatMul`/`Gemm`, activations quantized at run time.
 //! - [`fp16`]: fp16 weight storage with fp32 compute.
+//! - [`int4`]: blockwise 4-bit weights for `MatMul`/`Gemm` (onnxruntime's `MatMulNBits`).
 //! - [`images`]: calibration inputs from a folder of images and a preprocessing spec.
 //! - [`prune`]: magnitude (unstructured) and channel (structured) pruning.
 //! - [`sensitivity`]: which layers lose most accuracy when quantized.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod fp16;
 pub mod graph;
 pub mod images;
+pub mod int4;
 pub mod prune;
 pub mod report;
 pub mod sensitivity;
