@@ -6,6 +6,7 @@
 //! immutable and cheap to clone; build any number of [`Session`](crate::Session)s from it.
 
 mod contrib;
+mod shape_casts;
 mod value_inputs;
 
 use std::collections::{BTreeMap, HashMap};
@@ -430,6 +431,11 @@ impl Model {
             let decomposed = contrib::decompose(&mut proto);
             if decomposed > 0 {
                 tracing::debug!("{decomposed} com.microsoft nodes rewritten to standard ops");
+            }
+            // Shape arithmetic that detours through int32, kept symbolic.
+            let widened = shape_casts::widen_shape_casts(&mut proto);
+            if widened > 0 {
+                tracing::debug!("{widened} int32 casts of shape values kept in int64");
             }
             let dir = dir.as_ref().and_then(|d| d.to_str());
             // value_info shapes are hints in ONNX (onnxruntime re-infers them), and some

@@ -1,0 +1,209 @@
+//! Shape arithmetic that detours through int32, kept in int64 so tract can carry it
+//! symbolically.
+//!
+//! tract holds the values of `Shape` (and what is computed from them) as dimensions that
+//! may be symbols, and its `Cast` to int64 keeps them so; a `Cast` to int32 needs numbers.
+//! paddle2onnx writes `Shape → Cast(int32) → Slice → Cast(int64)`, so a model it exported
+//! could not be planned with a symbolic width: ppocr_rec's `Reshape` then read a "variable"
+//! shape, and every new width of a text line paid a compilation. Such a `Cast` is retyped
+//! to int64 when its value only flows — through ops that take any integer type (`Slice`,
+//! `Gather`, `Squeeze`, `Unsqueeze`, `Reshape`, `Flatten`, `Identity`, as their data input) —
+//! into other `Cast`s, whose outputs have the type they name whatever their input: nothing
+//! downstream sees the change, and the values are the same (shapes fit in int32).
+
+use std::collections::HashMap;
+
+use crate::onnx::{attr_i, is_default_domain, pb};
+
+const INT32: i64 = pb::tensor_proto::DataType::Int32 as i64;
+const INT64: i64 = pb::tensor_proto::DataType::Int64 as i64;
+
+/// How far a value is traced back to a `Shape`, or forward to a `Cast`.
+const DEPTH: usize = 16;
+
+/// Retypes the int32 casts of shape values in `proto`'s main graph (see the module docs);
+/// how many.
+pub(crate) fn widen_shape_casts(proto: &mut pb::ModelProto) -> usize {
+    let Some(graph) = proto.graph.as_mut() else {
+        return 0;
+    };
+    let widened: Vec<usize> = {
+        let producers: HashMap<&str, &pb::NodeProto> = graph
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+            .collect();
+        let mut consumers: HashMap<&str, Vec<(&pb::NodeProto, usize)>> = HashMap::new();
+        for n in &graph.node {
+            for (slot, i) in n.input.iter().enumerate() {
+                consumers.entry(i.as_str()).or_default().push((n, slot));
+            }
+        }
+        for o in &graph.output {
+            // A graph output is a dead end for the forward check.
+            consumers.entry(o.name.as_str()).or_default();
+        }
+        let outputs: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+        let view = View {
+            producers,
+            consumers,
+            outputs,
+        };
+        graph
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| is_cast_to(n, INT32))
+            .filter(|(_, n)| view.computed_from_shape(&n.input[0], 0))
+            .filter(|(_, n)| view.only_into_casts(&n.output[0], 0))
+            .map(|(ix, _)| ix)
+            .collect()
+    };
+    for &ix in &widened {
+        for a in graph.node[ix]
+            .attribute
+            .iter_mut()
+            .filter(|a| a.name == "to")
+        {
+            a.i = INT64;
+        }
+    }
+    widened.len()
+}
+
+fn is_cast_to(n: &pb::NodeProto, to: i64) -> bool {
+    n.op_type == "Cast" && is_default_domain(&n.domain) && attr_i(n, "to", 0) == to
+}
+
+/// Ops whose data input (slot 0) may be any integer type, passed through.
+fn passes_through(n: &pb::NodeProto) -> bool {
+    is_default_domain(&n.domain)
+        && matches!(
+            n.op_type.as_str(),
+            "Slice" | "Gather" | "Squeeze" | "Unsqueeze" | "Reshape" | "Flatten" | "Identity"
+        )
+}
+
+struct View<'g> {
+    producers: HashMap<&'g str, &'g pb::NodeProto>,
+    consumers: HashMap<&'g str, Vec<(&'g pb::NodeProto, usize)>>,
+    outputs: Vec<&'g str>,
+}
+
+impl View<'_> {
+    /// Whether `value` is computed from a `Shape` through pass-through ops and casts.
+    fn computed_from_shape(&self, value: &str, depth: usize) -> bool {
+        let Some(n) = self.producers.get(value) else {
+            return false;
+        };
+        if depth > DEPTH || !is_default_domain(&n.domain) {
+            return false;
+        }
+        match n.op_type.as_str() {
+            "Shape" => true,
+            "Cast" => self.computed_from_shape(&n.input[0], depth + 1),
+            _ if passes_through(n) => self.computed_from_shape(&n.input[0], depth + 1),
+            _ => false,
+        }
+    }
+
+    /// Whether every path from `value` reaches a `Cast` through pass-through ops only.
+    fn only_into_casts(&self, value: &str, depth: usize) -> bool {
+        if depth > DEPTH || self.outputs.contains(&value) {
+            return false;
+        }
+        let Some(consumers) = self.consumers.get(value) else {
+            return false;
+        };
+        !consumers.is_empty()
+            && consumers.iter().all(|(n, slot)| {
+                (n.op_type == "Cast" && is_default_domain(&n.domain))
+                    || (*slot == 0
+                        && passes_through(n)
+                        && n.output.len() == 1
+                        && self.only_into_casts(&n.output[0], depth + 1))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::{int_attr, node};
+
+    fn cast(input: &str, output: &str, to: i64) -> pb::NodeProto {
+        node(
+            "Cast",
+            output,
+            &[input],
+            &[output],
+            vec![int_attr("to", to)],
+        )
+    }
+
+    fn graph(nodes: Vec<pb::NodeProto>, outputs: &[&str]) -> pb::ModelProto {
+        pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: nodes,
+                output: outputs
+                    .iter()
+                    .map(|o| pb::ValueInfoProto {
+                        name: o.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn to_of(m: &pb::ModelProto, name: &str) -> i64 {
+        let n = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .find(|n| n.name == name);
+        attr_i(n.unwrap(), "to", 0)
+    }
+
+    #[test]
+    fn a_shape_sliced_in_int32_and_cast_back_is_kept_in_int64() {
+        // paddle2onnx: Shape → Cast(int32) → Slice → Cast(int64) → Reshape's shape.
+        let mut m = graph(
+            vec![
+                node("Shape", "s", &["x"], &["s"], vec![]),
+                cast("s", "s32", INT32),
+                node("Slice", "w", &["s32", "a", "b"], &["w"], vec![]),
+                cast("w", "w64", INT64),
+                node("Reshape", "y", &["x", "w64"], &["y"], vec![]),
+            ],
+            &["y"],
+        );
+        assert_eq!(widen_shape_casts(&mut m), 1);
+        assert_eq!(to_of(&m, "s32"), INT64);
+    }
+
+    #[test]
+    fn casts_whose_int32_reaches_arithmetic_or_an_output_or_not_from_a_shape_stay() {
+        let mut m = graph(
+            vec![
+                node("Shape", "s", &["x"], &["s"], vec![]),
+                // Feeds an Add with (say) an int32 constant: the type is seen.
+                cast("s", "s32", INT32),
+                node("Add", "sum", &["s32", "k"], &["sum"], vec![]),
+                // A graph output.
+                cast("s", "out32", INT32),
+                // Not a shape.
+                cast("x", "x32", INT32),
+                cast("x32", "x64", INT64),
+            ],
+            &["sum", "out32", "x64"],
+        );
+        let before = m.clone();
+        assert_eq!(widen_shape_casts(&mut m), 0);
+        assert_eq!(m, before);
+    }
+}
