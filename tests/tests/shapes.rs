@@ -153,3 +153,31 @@ fn inputs_read_as_shapes_and_axes_are_planned_by_value_against_onnxruntime() {
         Ok(_) => panic!("a 70 000-element axes input was folded into a plan"),
     }
 }
+
+#[test]
+fn a_model_tract_cannot_plan_with_every_symbol_gets_a_partly_symbolic_plan() {
+    // ppocr_rec declares a symbolic batch, height and width; tract cannot plan all three
+    // (a Squeeze of the height it cannot prove 1), but can with only the width symbolic.
+    // After two widths, the axes that kept their size are fixed and the width stays
+    // symbolic: later widths run without a compilation each. Every run is held to
+    // onnxruntime.
+    let rec = entry("ppocr_rec");
+    let s = session(&rec, ShapePolicy::Measure, 1);
+    assert!(!s.plans().shared_plan);
+    let x = &rec.reference_inputs()[0];
+    let model = rec.dir().join("model.onnx");
+    for (k, width) in [160usize, 120, 200, 232, 96].into_iter().enumerate() {
+        let values: Vec<f32> = (0..3 * 48 * width)
+            .map(|i| ((i * 7919 + k) % 2000) as f32 / 1000.0 - 1.0)
+            .collect();
+        let input = Tensor::from_vec(&[1, 3, 48, width], values).unwrap();
+        let ours = s.run(vec![(x.0.clone(), input.clone())]).unwrap();
+        let theirs = onnxruntime_output(&model, &[(x.0.as_str(), &input)], "rec-widths");
+        compare(&ours[0], &theirs, 1e-4, 1e-3).unwrap_or_else(|e| panic!("width {width}: {e}"));
+        if k >= 1 {
+            assert!(s.plans().shared_plan, "no shared plan after width {width}");
+        }
+    }
+    // Concrete plans only for the first two widths: the others ran on the shared plan.
+    assert!(s.plans().concrete.len() <= 2, "{:?}", s.plans());
+}

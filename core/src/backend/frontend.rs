@@ -87,6 +87,32 @@ pub(crate) fn concretize(
     Ok(concrete)
 }
 
+/// A copy of `graph` with the input axes given a size fixed to it, the others (`None`)
+/// left as the graph has them.
+pub(crate) fn partially_concretize(
+    graph: &InferenceModel,
+    axes: &[Vec<Option<usize>>],
+) -> TractResult<InferenceModel> {
+    use tract_onnx::tract_hir::infer::Factoid;
+    let mut partial = graph.clone();
+    for (ix, fixed) in axes.iter().enumerate() {
+        let fact = partial.input_fact(ix)?.clone();
+        let dims = fact
+            .shape
+            .dims()
+            .zip(fixed)
+            .map(|(dim, size)| match size {
+                Some(n) => Ok(TDim::from(*n)),
+                None => dim
+                    .concretize()
+                    .ok_or_else(|| anyhow::anyhow!("input #{ix} has an unnamed dimension")),
+            })
+            .collect::<TractResult<Vec<TDim>>>()?;
+        partial.set_input_fact(ix, fact.with_shape(dims))?;
+    }
+    Ok(partial)
+}
+
 /// A copy of `graph` with the inputs at these positions replaced by constants of these
 /// values: no longer inputs, so a run passes only the others (in their order).
 pub(crate) fn fold_inputs(

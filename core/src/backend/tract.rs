@@ -33,7 +33,7 @@ mod rewrite;
 mod threads;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tract_linalg::multithread::{multithread_tract_scope, Executor as ThreadPool};
@@ -316,6 +316,40 @@ impl Rent {
     }
 }
 
+/// A model tract cannot plan with all its declared symbols may plan with fewer: ppocr_rec
+/// not with a symbolic batch, height and width, but with only the width symbolic. The
+/// axes that keep their size over the first two distinct input shapes are fixed to it, the
+/// others stay symbolic; if that plan builds, it serves as the shared plan (raced against
+/// concrete plans like a symbolic one) for the shapes that match it.
+enum Partial {
+    /// The distinct shapes seen so far.
+    Watching(Vec<ShapeKey>),
+    /// Tried (or not wanted).
+    Done,
+}
+
+/// The axes all `shapes` agree on (their size), and the others (`None`).
+fn common_axes(shapes: &[ShapeKey]) -> Vec<Vec<Option<usize>>> {
+    let Some(first) = shapes.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(ix, dims)| {
+            dims.iter()
+                .enumerate()
+                .map(|(axis, &d)| {
+                    shapes
+                        .iter()
+                        .all(|s| s.get(ix).and_then(|i| i.get(axis)) == Some(&d))
+                        .then_some(d)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Where one run goes.
 enum Route {
     Symbolic,
@@ -330,8 +364,13 @@ pub(crate) struct TractExecutor {
     /// The graph with its input facts, for concrete plans.
     graph: InferenceModel,
     /// The plan for the planned shapes: concrete when every input is fixed or pinned,
-    /// symbolic otherwise; `None` when tract cannot plan the symbolic shapes.
-    planned: Option<Plan>,
+    /// symbolic otherwise; when tract cannot plan the symbolic shapes, unset — or, later,
+    /// a [`Partial`] plan.
+    planned: OnceLock<Plan>,
+    /// The input axes `planned` has fixed, when it is a partial plan (`None`: symbolic).
+    partial_axes: OnceLock<Vec<Vec<Option<usize>>>>,
+    /// The search for a partial plan.
+    partial: Mutex<Partial>,
     /// Every input is fixed or pinned: `planned` serves every run.
     fixed: bool,
     concrete: PlanCache<Plan>,
@@ -441,10 +480,21 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
             (None, dtypes, choice, reason)
         }
     };
+    // A partial plan is looked for only when measuring and nothing symbolic was built.
+    let partial = match (&planned, cpu.shape_policy, fixed) {
+        (None, ShapePolicy::Measure, false) => Partial::Watching(Vec::new()),
+        _ => Partial::Done,
+    };
+    let planned = match planned {
+        Some(plan) => OnceLock::from(plan),
+        None => OnceLock::new(),
+    };
     Ok(Prepared {
         executor: Box::new(TractExecutor {
             graph,
             planned,
+            partial_axes: OnceLock::new(),
+            partial: Mutex::new(partial),
             fixed,
             concrete: PlanCache::new(CAPACITY),
             value_inputs,
@@ -573,6 +623,59 @@ impl TractExecutor {
         Ok(outputs)
     }
 
+    /// Whether the shared plan serves `key` (a partial plan only the shapes of its fixed axes).
+    fn shares(&self, key: &ShapeKey) -> bool {
+        let Some(axes) = self.partial_axes.get() else {
+            return true;
+        };
+        axes.len() == key.len()
+            && axes.iter().zip(key).all(|(fixed, dims)| {
+                fixed.len() == dims.len()
+                    && fixed
+                        .iter()
+                        .zip(dims)
+                        .all(|(f, d)| f.is_none_or(|f| f == *d))
+            })
+    }
+
+    /// Counts `key` towards a partial plan; at the second distinct shape, builds one with
+    /// the axes they agree on fixed. If it builds, it becomes the shared plan and the shape
+    /// race starts over.
+    fn look_for_partial(&self, key: &ShapeKey) {
+        let shapes = {
+            let mut partial = lock(&self.partial);
+            let Partial::Watching(seen) = &mut *partial else {
+                return;
+            };
+            if !seen.contains(key) {
+                seen.push(key.clone());
+            }
+            if seen.len() < 2 {
+                return;
+            }
+            let shapes = std::mem::take(seen);
+            *partial = Partial::Done;
+            shapes
+        };
+        let axes = common_axes(&shapes);
+        let built = frontend::partially_concretize(&self.graph, &axes)
+            .map_err(compile_err)
+            .and_then(|graph| self.compiler.compile(graph));
+        match built {
+            Ok(plan) => {
+                tracing::info!(
+                    ?axes,
+                    "a partly symbolic plan serves the shapes that match it"
+                );
+                if self.planned.set(plan).is_ok() {
+                    let _ = self.partial_axes.set(axes);
+                    *lock(&self.choice) = Choice::Undecided;
+                }
+            }
+            Err(e) => tracing::debug!("no partly symbolic plan either: {e}"),
+        }
+    }
+
     fn per_value(&self) -> bool {
         matches!(*lock(&self.choice), Choice::PerValue)
     }
@@ -678,15 +781,19 @@ impl TractExecutor {
             let (plan, rest) = self.value_plan(inputs)?;
             return plan.run(&rest, pool);
         }
-        let Some(planned) = &self.planned else {
-            return match self.concrete_plan(&shape_key(inputs)) {
+        let key = shape_key(inputs);
+        if self.planned.get().is_none() {
+            self.look_for_partial(&key);
+        }
+        let shared = self.planned.get().filter(|_| self.shares(&key));
+        let Some(planned) = shared else {
+            return match self.concrete_plan(&key) {
                 Ok(plan) => plan.run(inputs, pool),
                 Err(e) => self.run_by_value_instead(inputs, e),
             };
         };
         // Inputs that break the symbolic plan's contracts or memory limit are refused
         // before any plan, symbolic or concrete, is built or run for them.
-        let key = shape_key(inputs);
         planned.check(&key, inputs)?;
         if self.fixed {
             return planned.run(inputs, pool);
@@ -746,7 +853,7 @@ impl Executor for TractExecutor {
         }
         let key = shape_key(&inputs);
         let symbolic = self.fixed || matches!(*lock(&self.choice), Choice::Symbolic);
-        match &self.planned {
+        match self.planned.get().filter(|_| self.shares(&key)) {
             Some(planned) if symbolic => {
                 planned.check(&key, &inputs)?;
                 planned.profile(&inputs)
@@ -785,14 +892,14 @@ impl Executor for TractExecutor {
                 (keys, newest)
             }
         };
-        let rewrites = match (&newest, &self.planned) {
+        let rewrites = match (&newest, self.planned.get()) {
             (Some(plan), _) => plan.rewrites.clone(),
             (None, Some(plan)) => plan.rewrites.clone(),
             (None, None) => Vec::new(),
         };
         PlanReport {
             specialisation,
-            shared_plan: self.planned.is_some(),
+            shared_plan: self.planned.get().is_some(),
             concrete,
             tern_kernels: rewrites
                 .into_iter()
