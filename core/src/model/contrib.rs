@@ -4,7 +4,8 @@
 //! onnxruntime's own tools write these ops: its quantizer's QOperator form
 //! (`QLinearAdd`, `QLinearMul`, `QLinearSigmoid`, `QLinearLeakyRelu`, `QLinearSoftmax`,
 //! `QLinearGlobalAveragePool`, `QLinearAveragePool`, `QLinearConcat`, `QGemm`), its graph
-//! optimizer (`FusedConv`, `MatMulIntegerToFloat`, `DynamicQuantizeMatMul`) and its
+//! optimizer (`FusedConv`, `MatMulIntegerToFloat`, `DynamicQuantizeMatMul`), its dynamic
+//! quantizer's `DynamicQuantizeLSTM`, and its
 //! transformer optimizer (`Attention`, `MultiHeadAttention`, `EmbedLayerNormalization`). A
 //! model saved after any of them would not load on tract.
 //!
@@ -134,6 +135,7 @@ fn rewrite(n: &pb::NodeProto, out: &mut Out) -> Option<()> {
             );
             scaled_product(n, out, &product, &q_scale, b_scale?, input(n, 4))
         }
+        "DynamicQuantizeLSTM" => dynamic_quantize_lstm(n, out),
         "Attention" => attention(n, out),
         "MultiHeadAttention" => multi_head_attention(n, out),
         "EmbedLayerNormalization" => embed_layer_normalization(n, out),
@@ -404,6 +406,47 @@ fn fused_conv(n: &pb::NodeProto, out: &mut Out) -> Option<()> {
         }
         _ => return None,
     }
+    Some(())
+}
+
+/// Contrib `DynamicQuantizeLSTM`: an `LSTM` whose weights are stored in 8 bits, laid out
+/// `[directions, input, 4·hidden]` (transposed from `LSTM`'s), with per-direction or per-
+/// column scales and zero points. Rewritten to the `LSTM` of the dequantized weights;
+/// onnxruntime also quantizes the activations at each step, which this does not (so
+/// outputs differ by that rounding).
+fn dynamic_quantize_lstm(n: &pb::NodeProto, out: &mut Out) -> Option<()> {
+    let dequantized = |out: &mut Out, w: &str, scale: &str, zero: &str| {
+        let w = out.op("Cast", &[w], vec![int_attr("to", FLOAT)]);
+        let zero = out.op("Cast", &[zero], vec![int_attr("to", FLOAT)]);
+        // [D] or [D, 4H] → [D, 1, 1] or [D, 1, 4H], broadcasting over the input axis.
+        let zero = out.reshape(&zero, &[0, 1, -1]);
+        let scale = out.reshape(scale, &[0, 1, -1]);
+        let centred = out.op("Sub", &[&w, &zero], vec![]);
+        let w = out.op("Mul", &[&centred, &scale], vec![]);
+        out.transpose(&w, &[0, 2, 1])
+    };
+    let w = dequantized(out, input(n, 1)?, input(n, 8)?, input(n, 9)?);
+    let r = dequantized(out, input(n, 2)?, input(n, 10)?, input(n, 11)?);
+    let mut inputs: Vec<&str> = vec![input(n, 0)?, &w, &r];
+    inputs.extend((3..8).map(|i| input(n, i).unwrap_or("")));
+    while inputs.last() == Some(&"") {
+        inputs.pop();
+    }
+    let outputs: Vec<&str> = n.output.iter().map(String::as_str).collect();
+    let attrs = copied(
+        n,
+        &[
+            "activation_alpha",
+            "activation_beta",
+            "activations",
+            "clip",
+            "direction",
+            "hidden_size",
+            "input_forget",
+        ],
+    );
+    let name = out.node_name();
+    out.push(node("LSTM", &name, &inputs, &outputs, attrs));
     Some(())
 }
 
