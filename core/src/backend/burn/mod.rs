@@ -202,7 +202,21 @@ pub(crate) fn prepare_on<B: BurnBackend>(
     let reason = format!("{reason}; computes in {why_precision}");
     let reason = match fixed {
         Some(shapes) => {
-            let program = executor.program(&shapes)?;
+            let program = executor.program(&shapes).map_err(|e| match e {
+                // Per-value plans are the CPU backend's: the GPU declines, and `Auto` uses
+                // the CPU.
+                Error::Compile { .. } if !model.info().value_inputs.is_empty() => {
+                    Error::BackendUnavailable {
+                        backend: NAME,
+                        reason: format!(
+                            "the GPU backend cannot plan without the values of inputs {:?} \
+                             (the CPU plans them by value): {e}",
+                            model.info().value_inputs
+                        ),
+                    }
+                }
+                e => e,
+            })?;
             // Warm-up: compiles the device kernels now rather than in the first real run.
             let zeros = shapes
                 .iter()
