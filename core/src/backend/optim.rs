@@ -56,15 +56,31 @@ pub(crate) struct SoftmaxBeforeLut;
 const LUT_CHAIN: usize = 32;
 
 impl SoftmaxBeforeLut {
-    /// Whether a `Softmax` follows `node` in its chain of single successors.
+    /// Whether a `Softmax` is in the chain tract would fold into a table: the single
+    /// successors of `node` through ops whose axes map one to one, up to a quantization.
     fn feeds_softmax(model: &TypedModel, node: &TypedNode) -> TractResult<bool> {
-        let mut current = node;
+        use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+        use tract_onnx::tract_core::ops::quant::{QuantizeLinearI8, QuantizeLinearU8};
+        let (mut current, mut softmax) = (node, false);
         for _ in 0..LUT_CHAIN {
             let Some(next) = model.single_succ(current.id)? else {
                 return Ok(false);
             };
-            if next.op_is::<tract_onnx::tract_core::ops::nn::Softmax>() {
-                return Ok(true);
+            softmax |= next.op_is::<tract_onnx::tract_core::ops::nn::Softmax>();
+            let quantizes = next.op_as::<ElementWiseOp>().is_some_and(|op| {
+                op.0.downcast_ref::<QuantizeLinearU8>().is_some()
+                    || op.0.downcast_ref::<QuantizeLinearI8>().is_some()
+            });
+            let (inputs, outputs) = model.node_facts(next.id)?;
+            let unary = next
+                .op
+                .axes_mapping(&inputs, &outputs)
+                .is_ok_and(|m| m.is_element_wise_unary());
+            if quantizes {
+                return Ok(softmax);
+            }
+            if !unary {
+                return Ok(false);
             }
             current = next;
         }

@@ -131,12 +131,7 @@ mod tests {
     use super::*;
 
     fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
-        pb::NodeProto {
-            op_type: op.into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
+        crate::onnx::node(op, outputs[0], inputs, outputs, vec![])
     }
 
     fn input(name: &str) -> pb::ValueInfoProto {
