@@ -39,19 +39,11 @@ pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) ->
             "dynamic quantization needs opset ≥ 11 (DynamicQuantizeLinear); upgrade the model first".into(),
         ));
     }
-    let g = graph::graph_mut(model);
-    graph::constants_to_initializers(g);
-    let inits = graph::initializers(g);
-    let mut nodes = Vec::with_capacity(g.node.len());
-    let mut new_inits = Vec::new();
-    let mut converted = 0;
-    for (ix, n) in std::mem::take(&mut g.node).into_iter().enumerate() {
-        let Some((values, k, cols)) = matmul_weight(&n, &inits, &options.exclude) else {
-            nodes.push(n);
-            continue;
-        };
+    let converted = replace_weights(model, &options.exclude, |n, ix, values, k, cols| {
+        let mut nodes = Vec::new();
+        let mut new_inits = Vec::new();
         let (q, scales) = graph::quantize_symmetric_int8(
-            &values,
+            values,
             &[k as i64, cols as i64],
             1,
             options.per_channel,
@@ -135,12 +127,45 @@ pub fn quantize_dynamic(model: &mut pb::ModelProto, options: &DynamicOptions) ->
                 vec![],
             )),
         }
+        (nodes, new_inits)
+    })?;
+    graph::share_identical_initializers(graph::graph_mut(model));
+    Ok(converted)
+}
+
+/// Replaces every `MatMul`/`Gemm` whose weight [`matmul_weight`] finds with the nodes and
+/// initializers `replace` returns for it (given the node, its index, its `[K, N]` weight,
+/// K and N): the loop both weight-only modes share. Returns how many were replaced.
+pub(crate) fn replace_weights(
+    model: &mut pb::ModelProto,
+    exclude: &graph::Exclusions,
+    mut replace: impl FnMut(
+        &pb::NodeProto,
+        usize,
+        &[f32],
+        usize,
+        usize,
+    ) -> (Vec<pb::NodeProto>, Vec<pb::TensorProto>),
+) -> Result<usize> {
+    let g = graph::graph_mut(model);
+    graph::constants_to_initializers(g);
+    let inits = graph::initializers(g);
+    let mut nodes = Vec::with_capacity(g.node.len());
+    let mut new_inits = Vec::new();
+    let mut converted = 0;
+    for (ix, n) in std::mem::take(&mut g.node).into_iter().enumerate() {
+        let Some((values, k, cols)) = matmul_weight(&n, &inits, exclude) else {
+            nodes.push(n);
+            continue;
+        };
+        let (replaced, added) = replace(&n, ix, &values, k, cols);
+        nodes.extend(replaced);
+        new_inits.extend(added);
         converted += 1;
     }
     g.node = nodes;
     g.initializer.extend(new_inits);
     graph::prune_initializers(g);
-    graph::share_identical_initializers(g);
     if converted == 0 {
         return Err(QuantizeError::NothingToDo(
             "no MatMul/Gemm with a constant 2-D weight".into(),

@@ -13,7 +13,7 @@
 
 use tract_onnx::pb;
 
-use crate::dynamic::matmul_weight;
+use crate::dynamic::replace_weights;
 use crate::error::{QuantizeError, Result};
 use crate::graph::{self, f32_tensor, int_attr, node, tensor};
 
@@ -144,18 +144,10 @@ pub fn quantize_int4(model: &mut pb::ModelProto, options: &Int4Options) -> Resul
         )));
     }
     graph::ensure_not_quantized(model)?;
-    let g = graph::graph_mut(model);
-    graph::constants_to_initializers(g);
-    let inits = graph::initializers(g);
-    let mut nodes = Vec::with_capacity(g.node.len());
-    let mut new_inits = Vec::new();
-    let mut converted = 0;
-    for (ix, n) in std::mem::take(&mut g.node).into_iter().enumerate() {
-        let Some((values, k, cols)) = matmul_weight(&n, &inits, &options.exclude) else {
-            nodes.push(n);
-            continue;
-        };
-        let packed = pack(&values, k, cols, bs, options.symmetric);
+    let converted = replace_weights(model, &options.exclude, |n, ix, values, k, cols| {
+        let mut nodes = Vec::new();
+        let mut new_inits = Vec::new();
+        let packed = pack(values, k, cols, bs, options.symmetric);
         let p = format!(
             "{}_q4_{ix}",
             if n.name.is_empty() { "node" } else { &n.name }
@@ -210,16 +202,8 @@ pub fn quantize_int4(model: &mut pb::ModelProto, options: &Int4Options) -> Resul
                 vec![],
             ));
         }
-        converted += 1;
-    }
-    g.node = nodes;
-    g.initializer.extend(new_inits);
-    graph::prune_initializers(g);
-    if converted == 0 {
-        return Err(QuantizeError::NothingToDo(
-            "no MatMul/Gemm with a constant 2-D weight".into(),
-        ));
-    }
+        (nodes, new_inits)
+    })?;
     if !model.opset_import.iter().any(|o| o.domain == MS) {
         model.opset_import.push(pb::OperatorSetIdProto {
             domain: MS.into(),
