@@ -135,8 +135,11 @@ impl Plan {
         };
         // Only the measuring runs read the clock.
         let started = timed.then(Instant::now);
-        let outputs =
-            multithread_tract_scope(executor, || state.run(inputs)).map_err(inference_err)?;
+        // A panic in a kernel is this run's error (the state it leaves is dropped), so a
+        // symbolic plan's caller can retry on a concrete plan.
+        let outputs = crate::error::catch_panic("inference", || {
+            multithread_tract_scope(executor, || state.run(inputs)).map_err(inference_err)
+        })?;
         if let Some(started) = started {
             if let Some(o) = self.threading.record(arm, started.elapsed()) {
                 tracing::debug!(

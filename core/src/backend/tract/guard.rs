@@ -17,6 +17,17 @@
 //! `GatherElements`, `ScatterElements`), integer division or remainder by zero, a `Range`
 //! with a zero or non-finite step or bound and a `TopK` asking for more than the axis holds
 //! are refused with [`Error::InvalidValue`] naming the node, where tract panicked.
+//!
+//! **Outputs with no elements.** In a symbolic plan an output's size is an expression of
+//! the input sizes, and a small input can make it zero: a 2×2 max pool (stride 2, no
+//! padding) of a one-row plane has no rows (where tract's concrete plans, like
+//! onnxruntime, make one window). Several of tract's kernels divide by a row length and
+//! panic on such an output. A node with a symbolic output size is wrapped. When the run's
+//! sizes give it only empty outputs because an input size is 0 (an empty batch), it is not
+//! run: its outputs are the empty tensors of their shapes, which is all an op can produce
+//! there. A 0 computed from the sizes (a window's rounding) and output sizes below zero
+//! are refused with [`Error::InvalidValue`], and the backend retries the run on a
+//! concrete plan.
 
 use std::collections::HashSet;
 
@@ -183,8 +194,18 @@ pub(crate) fn wrap(model: &mut TypedModel, limit: u64) -> TractResult<usize> {
                 .any(|d| d.symbols().iter().any(|s| !input_symbols.contains(s)))
         });
         let values = ValueCheck::of(node.op.as_ref(), &model.node_input_facts(id)?);
+        let symbolic = node
+            .outputs
+            .iter()
+            .any(|o| o.fact.shape.iter().any(|d| d.to_i64().is_err()));
+        let outputs = symbolic.then(|| {
+            node.outputs
+                .iter()
+                .map(|o| (o.fact.datum_type, o.fact.shape.to_tvec()))
+                .collect()
+        });
         // Ops that keep state between turns are left alone (their state is per node).
-        if !(dynamic || values.is_some())
+        if !(dynamic || symbolic || values.is_some())
             || node.op.state(&context)?.is_some()
             || node.op_is::<Guard>()
         {
@@ -195,6 +216,7 @@ pub(crate) fn wrap(model: &mut TypedModel, limit: u64) -> TractResult<usize> {
             node: node.name.clone(),
             size_limit: dynamic.then_some(limit),
             values,
+            outputs,
         };
         model.node_mut(id).op = Box::new(guard);
         wrapped += 1;
@@ -212,12 +234,16 @@ pub(crate) struct Guard {
     size_limit: Option<u64>,
     /// Checks the values of its inputs.
     values: Option<ValueCheck>,
+    /// The type and declared shape of each output, where a shape is symbolic: an output
+    /// with no elements at the run's sizes is made here, without running the op.
+    outputs: Option<TVec<(DatumType, TVec<TDim>)>>,
 }
 
 impl PartialEq for Guard {
     fn eq(&self, other: &Self) -> bool {
         self.size_limit == other.size_limit
             && self.values == other.values
+            && self.outputs == other.outputs
             && self.inner.as_op() == other.inner.as_op()
     }
 }
@@ -271,6 +297,85 @@ impl Guard {
     }
 }
 
+impl Guard {
+    /// The op's outputs when, at the run's sizes, none of them has elements because a
+    /// size the inputs give is 0 (an empty batch): made without running the op. `None`
+    /// when the op must run. An output size below zero, or a 0 computed from the input
+    /// sizes (a window larger than its padded input: the symbolic size rounds down to 0
+    /// where tract's concrete plan and onnxruntime make one window), is an error, which
+    /// a symbolic plan's caller retries on a concrete plan.
+    fn empty_outputs(
+        &self,
+        ctx: &EvalContext,
+        inputs: &TVec<TValue>,
+    ) -> TractResult<Option<TVec<TValue>>> {
+        let Some(outputs) = &self.outputs else {
+            return Ok(None);
+        };
+        let invalid = |reason: String| Error::InvalidValue {
+            node: self.node.clone(),
+            reason,
+        };
+        let mut shapes: TVec<TVec<usize>> = tvec![];
+        // Whether each 0 came from a size the inputs give rather than one computed from
+        // them.
+        let mut given = true;
+        for (_, shape) in outputs {
+            let mut dims = tvec![];
+            for dim in shape {
+                let Ok(n) = dim.eval(ctx.symbols).to_i64() else {
+                    return Ok(None); // not known before the op runs
+                };
+                let n = usize::try_from(n).map_err(|_| {
+                    invalid(format!(
+                        "{} would make an output of size {n} (from {dim}) at these input sizes",
+                        self.inner.name()
+                    ))
+                })?;
+                given &= n != 0 || zero_given(dim, ctx.symbols);
+                dims.push(n);
+            }
+            shapes.push(dims);
+        }
+        // An output with elements needs the op: only outputs all empty are made here.
+        if shapes.is_empty() || !shapes.iter().all(|s| s.contains(&0)) {
+            return Ok(None);
+        }
+        if !given {
+            return Err(invalid(format!(
+                "{} makes an empty output {:?} from inputs {:?}: a window larger than its \
+                 input, or a size computed down to 0",
+                self.inner.name(),
+                shapes[0],
+                inputs
+                    .iter()
+                    .map(|i| i.shape().to_vec())
+                    .collect::<Vec<_>>()
+            ))
+            .into());
+        }
+        outputs
+            .iter()
+            .zip(shapes)
+            .map(|((dt, _), shape)| Ok(Tensor::zero_dt(*dt, &shape)?.into_tvalue()))
+            .collect::<TractResult<_>>()
+            .map(Some)
+    }
+}
+
+/// Whether `dim`, 0 at `symbols`, is 0 because a size the inputs give is: a symbol, or a
+/// factor of a product or a dividend that is; not a 0 computed with sums or bounds (a
+/// window's rounding).
+fn zero_given(dim: &TDim, symbols: &SymbolValues) -> bool {
+    let zero = |d: &TDim| d.eval(symbols).to_i64().is_ok_and(|n| n == 0);
+    match dim {
+        TDim::Sym(_) => zero(dim),
+        TDim::Mul(terms) => terms.iter().any(|t| zero(t) && zero_given(t, symbols)),
+        TDim::MulInt(_, d) | TDim::Div(d, _) => zero(d) && zero_given(d, symbols),
+        _ => false,
+    }
+}
+
 impl Op for Guard {
     fn name(&self) -> StaticName {
         format!("TernGuard({})", self.inner.name()).into()
@@ -294,6 +399,9 @@ impl Op for Guard {
 impl EvalOp for Guard {
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         self.check(ctx, &inputs)?;
+        if let Some(empty) = self.empty_outputs(ctx, &inputs)? {
+            return Ok(empty);
+        }
         self.inner.eval(ctx, inputs)
     }
 
