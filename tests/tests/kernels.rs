@@ -131,8 +131,8 @@ fn float_convolutions_run_on_terns_kernels_within_onnxruntimes_tolerance() {
     // onnxruntime's reference within the manifest's tolerance (as tract's own path is).
     for (name, expected) in [
         ("ppocr_cls", [11, 42, 44]),
-        ("ppocr_det", [14, 22, 32]),
-        ("ppocr_rec", [14, 14, 28]),
+        ("ppocr_det", [14, 42, 42]),
+        ("ppocr_rec", [14, 18, 30]),
     ] {
         let model = entry(name);
         let s = session(&model, true);

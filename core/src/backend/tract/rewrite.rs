@@ -351,26 +351,29 @@ fn pointwise_layout(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Op
     let (inputs, output) = axes.split_once("->")?;
     let mut inputs = inputs.split(',');
     let input = inputs.next()?;
-    if !(["NIHW", "IHW", "NI"].contains(&input)
+    if !(["NIHW", "IHW", "NI", "I"].contains(&input)
         && inputs.next()? == "OI"
-        && ["NOHW", "OHW", "NO"].contains(&output))
+        && ["NOHW", "OHW", "NO", "O"].contains(&output))
     {
         return None;
     }
+    // Batch and image axes tract dropped (a squeeze-and-excitation's 1×1 convolutions
+    // over a pooled [C] or [N, C]) are of size 1.
     let [_, c, h, w] = match input {
-        "NI" => match *model
+        "NI" | "I" => match *model
             .outlet_fact(*node.inputs.first()?)
             .ok()?
             .shape
             .as_concrete()?
         {
             [n, c] => [n, c, 1, 1],
+            [c] => [1, c, 1, 1],
             _ => return None,
         },
         _ => nchw(model, node)?,
     };
     // Without `HW` on one side, the map must be 1×1 on the other.
-    if (input == "NI" || output == "NO") && [h, w] != [1, 1] {
+    if (!input.ends_with("HW") || !output.ends_with("HW")) && [h, w] != [1, 1] {
         return None;
     }
     let weights = model.outlet_fact(*node.inputs.get(1)?).ok()?;
