@@ -1,6 +1,7 @@
 //! tract's optimiser pass lists, as tern runs them: the same passes in the same order,
 //! with tract's `PushSplitDown` replaced by [`SplitDown`], which does the same in linear
-//! time, and [`SoftmaxBeforeLut`] first in the declutter list.
+//! time, [`SoftmaxBeforeLut`] first in the declutter list, and `PropagateRoi` only for
+//! models with masks (see [`declutter`]).
 //!
 //! `PushSplitDown` merges nodes that compute the same thing from the same values (two
 //! identical `Relu(x)`). It compares every pair of consumers of every value, so one value
@@ -20,7 +21,24 @@ use tract_onnx::tract_core::optim::{Optimizer, OptimizerSession, TypedPass};
 pub(crate) fn declutter(model: &mut TypedModel) -> TractResult<()> {
     let mut optimizer = linear(Optimizer::declutter());
     optimizer.passes.insert(0, Box::new(SoftmaxBeforeLut));
+    if !has_masks(model) {
+        optimizer
+            .passes
+            .retain(|pass| format!("{pass:?}") != "PropagateRoi");
+    }
     optimizer.optimize(model)
+}
+
+/// Whether any value of `model` is boolean: a mask that tract's `PropagateRoi` could turn
+/// into a region of interest (attention masks, `Where`). Without one the pass finds nothing
+/// to introduce, yet on a model with symbolic sizes it spends most of the declutter in
+/// symbolic algebra (ppocr_cls with a symbolic batch, height and width: 0.35 of 1.2 s).
+fn has_masks(model: &TypedModel) -> bool {
+    model.nodes().iter().any(|n| {
+        n.outputs
+            .iter()
+            .any(|o| o.fact.datum_type == bool::datum_type())
+    })
 }
 
 /// Optimizes a decluttered `model` to tract's kernels (tract's `codegen` pass list, linear
