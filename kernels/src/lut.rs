@@ -33,6 +33,18 @@ pub fn lookup_u8(isa: Isa, table: &[u8], x: &[u8], y: &mut [u8]) -> Result<(), U
     Ok(())
 }
 
+/// `y[i] = table[y[i]]` in place (a layer's output through the table that follows it),
+/// 64 bytes at a time through a copy on the stack; `table` must have 256 entries.
+pub fn lookup_u8_in_place(isa: Isa, table: &[u8], y: &mut [u8]) -> Result<(), Unsupported> {
+    let mut block = [0u8; 64];
+    for run in y.chunks_mut(64) {
+        let x = &mut block[..run.len()];
+        x.copy_from_slice(run);
+        lookup_u8(isa, table, x, run)?;
+    }
+    Ok(())
+}
+
 fn scalar(table: &[u8; 256], x: &[u8], y: &mut [u8]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y = table[usize::from(x)];
@@ -114,6 +126,18 @@ mod tests {
                 assert_eq!(got, want, "{isa:?}, {n} values");
             }
         }
+        for n in [0, 1, 63, 64, 65, 200] {
+            let table: Vec<u8> = (0..256).map(|_| next() as u8).collect();
+            let x: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+            let mut want = vec![0u8; n];
+            lookup_u8(Isa::Scalar, &table, &x, &mut want).unwrap();
+            for &isa in Isa::available() {
+                let mut got = x.clone();
+                lookup_u8_in_place(isa, &table, &mut got).unwrap();
+                assert_eq!(got, want, "in place, {isa:?}, {n} values");
+            }
+        }
+        assert!(lookup_u8_in_place(Isa::Scalar, &[0; 255], &mut [1]).is_err());
         assert!(lookup_u8(Isa::Scalar, &[0; 255], &[], &mut []).is_err());
         assert!(lookup_u8(Isa::Scalar, &[0; 256], &[1], &mut []).is_err());
     }

@@ -37,6 +37,8 @@
 //!   tensor through several dequantizes, directly or through a table already built
 //!   (QAT's HardSwish: `DQ(x) · DQ(lut(x))`).
 //! - `lut-compose` ([`lut`]): a table lookup of a table lookup as one table.
+//! - `lut-fold` ([`lut`]): a table lookup of a quantized layer's output done by the layer
+//!   itself, on each row or plane as it writes it.
 //! - `binary-u8` ([`binary`]): `Q(DQ(a) + DQ(b))` and `Q(DQ(a) · DQ(b))` (residual Adds,
 //!   squeeze-and-excitation Muls with one value per channel) on bytes, the float tensors
 //!   never written.
@@ -80,6 +82,7 @@ pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("maxpool-u8", pool::maxpool_pass),
     ("lut-u8", lut::pass),
     ("lut-compose", lut::compose_pass),
+    ("lut-fold", lut::fold_pass),
     ("binary-u8", binary::binary_pass),
     ("mean-u8", pool::mean_pass),
 ];

@@ -24,6 +24,7 @@ use tern_kernels::{Geometry, Isa};
 
 use super::super::linalg::Gemm;
 use super::epilogue::Epilogued;
+use super::lut::{OutputTable, Tabled};
 use super::{for_each_chunk, replace_qconvs, QConv, TASK};
 
 /// Replaces quantized one-group convolutions by [`ConvQ8Op`].
@@ -63,6 +64,8 @@ pub(crate) struct ConvQ8Op {
     /// Buffers for the input's phase planes (`tern_kernels::im2col::Wide`), one per run
     /// in flight.
     scratch: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    /// The table lookup after the layer, applied to each row of `u8` it writes.
+    table: Option<Arc<OutputTable>>,
 }
 
 impl ConvQ8Op {
@@ -109,6 +112,7 @@ impl ConvQ8Op {
             output_shape: q.output_shape,
             epilogue: None,
             scratch: Arc::default(),
+            table: None,
         }))
     }
 }
@@ -135,9 +139,33 @@ impl Epilogued for ConvQ8Op {
     }
 }
 
+impl Tabled for ConvQ8Op {
+    fn writes_u8(&self) -> bool {
+        self.output_type.unquantized() == u8::datum_type()
+    }
+
+    fn output_channels(&self) -> usize {
+        self.output_channels
+    }
+
+    fn output_table(&self) -> Option<&OutputTable> {
+        self.table.as_deref()
+    }
+
+    fn with_output_table(&self, table: OutputTable) -> Self {
+        ConvQ8Op {
+            output_type: u8::datum_type(),
+            table: Some(Arc::new(table)),
+            ..self.clone()
+        }
+    }
+}
+
 impl PartialEq for ConvQ8Op {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.gemm, &other.gemm) && self.output_type == other.output_type
+        Arc::ptr_eq(&self.gemm, &other.gemm)
+            && self.output_type == other.output_type
+            && self.table == other.table
     }
 }
 
@@ -149,7 +177,12 @@ impl Op for ConvQ8Op {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("kernel: {}", self.gemm.kernel())])
+        let table = if self.table.is_some() {
+            ", then a table lookup"
+        } else {
+            ""
+        };
+        Ok(vec![format!("kernel: {}{table}", self.gemm.kernel())])
     }
 
     op_as_typed_op!();
@@ -260,7 +293,8 @@ impl EvalOp for ConvQ8Op {
                         let y = &mut y_view.as_bytes_mut()[i * plane_out..(i + 1) * plane_out];
                         for_each_chunk(y, rows * cols, |(t, y)| {
                             let len = y.len();
-                            run(t, Out::U8(y), len)
+                            run(t, Out::U8(&mut *y), len)?;
+                            self.look_up(t * rows, cols, y)
                         })
                     }
                     None => {
@@ -293,13 +327,33 @@ impl EvalOp for ConvQ8Op {
                     acc,
                     &self.scale[first..first + here],
                     self.y_zero,
-                    y,
-                )
+                    &mut *y,
+                )?;
+                self.look_up(first, cols, y)
             })
             .map_err(|e| anyhow::anyhow!(e))?;
         }
         crate::sync::lock(&self.scratch).push(scratch);
         Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl ConvQ8Op {
+    /// Applies the layer's table (if any) to `y`, rows of `cols` values from output
+    /// channel `first` on.
+    fn look_up(
+        &self,
+        first: usize,
+        cols: usize,
+        y: &mut [u8],
+    ) -> Result<(), tern_kernels::Unsupported> {
+        let Some(table) = &self.table else {
+            return Ok(());
+        };
+        for (r, row) in y.chunks_mut(cols.max(1)).enumerate() {
+            table.apply(self.isa, first + r, row)?;
+        }
+        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ use tern_kernels::epilogue::{epilogue_rows, Epilogue, Out};
 use tern_kernels::{Geometry, Isa};
 
 use super::epilogue::{datum_type, Epilogued};
+use super::lut::{OutputTable, Tabled};
 use super::{for_each_plane, replace_qconvs, QConv};
 
 /// Replaces quantized depthwise convolutions by [`DepthwiseQ8Op`].
@@ -24,6 +25,7 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
             isa,
             output_type,
             epilogue: None,
+            table: None,
         })
     })
 }
@@ -100,6 +102,30 @@ pub(crate) struct DepthwiseQ8Op {
     output_type: DatumType,
     /// For an `i32` layer whose float ops after it were folded in.
     epilogue: Option<Arc<Epilogue>>,
+    /// The table lookup after the layer, applied to each plane of `u8` it writes.
+    table: Option<Arc<OutputTable>>,
+}
+
+impl Tabled for DepthwiseQ8Op {
+    fn writes_u8(&self) -> bool {
+        self.output_type.unquantized() == u8::datum_type()
+    }
+
+    fn output_channels(&self) -> usize {
+        self.kernel.geometry().channels
+    }
+
+    fn output_table(&self) -> Option<&OutputTable> {
+        self.table.as_deref()
+    }
+
+    fn with_output_table(&self, table: OutputTable) -> Self {
+        DepthwiseQ8Op {
+            output_type: u8::datum_type(),
+            table: Some(Arc::new(table)),
+            ..self.clone()
+        }
+    }
 }
 
 impl Epilogued for DepthwiseQ8Op {
@@ -126,7 +152,9 @@ impl Epilogued for DepthwiseQ8Op {
 
 impl PartialEq for DepthwiseQ8Op {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.kernel, &other.kernel) && self.output_type == other.output_type
+        Arc::ptr_eq(&self.kernel, &other.kernel)
+            && self.output_type == other.output_type
+            && self.table == other.table
     }
 }
 
@@ -165,13 +193,19 @@ impl EvalOp for DepthwiseQ8Op {
             kernel.run_plane_acc(isa, i % g.channels, input(i), acc)?;
             epilogue_rows(isa, acc, plane_out, e, i % g.channels, y)
         };
+        // The layer's table (if any) over plane `i`'s bytes.
+        let look_up = |i: usize, y: &mut [u8]| match &self.table {
+            Some(t) => t.apply(isa, i % g.channels, y),
+            None => Ok(()),
+        };
         let mut y_view = y.try_as_plain_ram_mut()?;
         // Planes split over the session's pool when this run has one (the plan's thread
         // race decides), else on the calling thread.
         match (&self.epilogue, self.output_type.unquantized()) {
             (None, dt) if dt == u8::datum_type() => {
                 for_each_plane(y_view.as_bytes_mut(), plane_out, |_: &mut (), i, y| {
-                    kernel.run_plane(isa, i % g.channels, input(i), y)
+                    kernel.run_plane(isa, i % g.channels, input(i), &mut *y)?;
+                    look_up(i, y)
                 })
             }
             (None, _) => for_each_plane(
@@ -181,7 +215,8 @@ impl EvalOp for DepthwiseQ8Op {
             ),
             (Some(e), dt) if dt == u8::datum_type() => {
                 for_each_plane(y_view.as_bytes_mut(), plane_out, |acc, i, y| {
-                    through(e, acc, i, Out::U8(y))
+                    through(e, acc, i, Out::U8(&mut *y))?;
+                    look_up(i, y)
                 })
             }
             (Some(e), _) => {
