@@ -27,6 +27,7 @@ pub mod epilogue;
 pub mod geometry;
 pub mod im2col;
 pub mod lut;
+pub mod pool;
 pub mod quant;
 
 pub use geometry::Geometry;

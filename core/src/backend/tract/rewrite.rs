@@ -44,6 +44,7 @@
 //!   never written.
 //! - `mean-u8` ([`pool`]): GlobalAveragePool's `Q(Σ DQ(x) / n)` as an integer sum.
 //! - `maxpool-u8` ([`pool`]): `Q(MaxPool(DQ(x)))` as a MaxPool on bytes (and a table).
+//! - `maxpool` ([`maxpool`]): 2-D max pools over `f32` or `u8` planes on tern's kernel.
 
 mod binary;
 mod conv;
@@ -52,6 +53,7 @@ mod depthwise;
 mod depthwise_f32;
 mod epilogue;
 mod lut;
+mod maxpool;
 mod pool;
 mod quant;
 
@@ -80,6 +82,7 @@ pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("quant-u8", quant::pass),
     ("epilogue", epilogue::pass),
     ("maxpool-u8", pool::maxpool_pass),
+    ("maxpool", maxpool::pass),
     ("lut-u8", lut::pass),
     ("lut-compose", lut::compose_pass),
     ("lut-fold", lut::fold_pass),
