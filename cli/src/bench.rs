@@ -219,6 +219,27 @@ pub struct BenchConfig {
     pub profile: bool,
 }
 
+/// The sizes of symbolic dimensions for random inputs: `--dim`'s, and where an input's
+/// shape is pinned, the pinned sizes of its symbolic dimensions (so random inputs have
+/// the shape the session accepts).
+fn pinned_dims(model: &Model, cfg: &BenchConfig) -> BTreeMap<String, usize> {
+    let mut dims = cfg.dims.clone();
+    for info in model.inputs() {
+        let (Some(pinned), Some(shape)) = (
+            cfg.options.inputs.pinned_shapes.get(&info.name),
+            info.shape.as_ref(),
+        ) else {
+            continue;
+        };
+        for (dim, &size) in shape.iter().zip(pinned) {
+            if let tern::Dim::Symbolic(symbol) = dim {
+                dims.entry(symbol.clone()).or_insert(size);
+            }
+        }
+    }
+    dims
+}
+
 /// Runs the benchmark.
 pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
     let base_rss = proc_status_mib("VmRSS:");
@@ -229,7 +250,7 @@ pub fn bench(path: &Path, cfg: BenchConfig) -> Result<BenchReport> {
     let session = Session::new(&model, cfg.options.clone())?;
     let prepare = t1.elapsed();
     let mut inputs = cfg.inputs.clone();
-    for (name, tensor) in model.random_inputs(7, &cfg.dims)? {
+    for (name, tensor) in model.random_inputs(7, &pinned_dims(&model, &cfg))? {
         if !inputs.iter().any(|(n, _)| *n == name) {
             inputs.push((name, tensor));
         }

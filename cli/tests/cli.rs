@@ -112,6 +112,32 @@ fn run_reads_npy_and_writes_json_outputs() {
     );
 }
 
+/// `--pin` fixes the random inputs' shape too (they were built with every symbolic size
+/// 1, which the pinned session refused).
+#[test]
+fn bench_with_a_pinned_shape_makes_inputs_of_that_shape() {
+    let out = tern(&[
+        "bench",
+        "--json",
+        &magika(),
+        "--pin",
+        "bytes=3,2048",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        json(&out)["input_shapes"]["bytes"],
+        serde_json::json!([3, 2048])
+    );
+}
+
 #[test]
 fn bench_reports_latency_and_memory() {
     let out = tern(&["bench", "--json", &magika(), "--runs", "3", "--warmup", "1"]);
