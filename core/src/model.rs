@@ -317,6 +317,9 @@ pub struct Model {
     /// The largest value tract computes from constants while typing the graph: its node
     /// and bytes (at least). Checked against a session's memory limit before typing.
     largest_folded: Option<(String, u64)>,
+    /// The int32 casts of shape values a partly symbolic plan retypes to int64 (see
+    /// `shape_casts`), by output name.
+    shape_casts: Arc<Vec<String>>,
 }
 
 /// An ONNX model's bytes with the external data files its tensors name (by location,
@@ -432,11 +435,9 @@ impl Model {
             if decomposed > 0 {
                 tracing::debug!("{decomposed} com.microsoft nodes rewritten to standard ops");
             }
-            // Shape arithmetic that detours through int32, kept symbolic.
-            let widened = shape_casts::widen_shape_casts(&mut proto);
-            if widened > 0 {
-                tracing::debug!("{widened} int32 casts of shape values kept in int64");
-            }
+            // Shape arithmetic that detours through int32, kept symbolic in partly
+            // symbolic plans.
+            let shape_casts = shape_casts::shape_casts(&proto);
             let dir = dir.as_ref().and_then(|d| d.to_str());
             // value_info shapes are hints in ONNX (onnxruntime re-infers them), and some
             // tools write wrong ones; tract would take them as facts, so they are ignored.
@@ -502,6 +503,7 @@ impl Model {
                 name,
                 baseline,
                 first_nodes: Arc::new(first_nodes),
+                shape_casts: Arc::new(shape_casts),
             })
         })
     }
@@ -606,6 +608,21 @@ impl Model {
     /// The graph with QDQ convolutions fused to integer ops and how many were, if any.
     pub(crate) fn largest_folded(&self) -> Option<(&str, u64)> {
         self.largest_folded.as_ref().map(|(n, b)| (n.as_str(), *b))
+    }
+
+    /// The int32 casts of shape values (by output name) a partly symbolic plan of this
+    /// model retypes to int64.
+    pub(crate) fn shape_casts(&self) -> Arc<Vec<String>> {
+        self.shape_casts.clone()
+    }
+
+    /// `graph` (this model's, or its integer twin) with its shape casts retyped to int64.
+    pub(crate) fn widen_shape_casts(graph: &InferenceModel, casts: &[String]) -> InferenceModel {
+        let (widened, found) = shape_casts::widen(graph, casts);
+        if found > 0 {
+            tracing::debug!("{found} int32 casts of shape values kept in int64");
+        }
+        widened
     }
 
     pub(crate) fn integer_graph(&self) -> Option<(&InferenceModel, usize)> {

@@ -228,27 +228,40 @@ fn images_smaller_than_a_pooling_window_match_onnxruntime_on_every_policy() {
     }
 }
 
-/// An empty batch flows through the symbolic plan's ops as empty tensors (several of
-/// tract's kernels divided by zero on them).
+/// An empty batch flows through a symbolic plan's ops as empty tensors (several of
+/// tract's kernels divided by zero on them), and through concrete plans.
 #[test]
 fn an_empty_batch_gives_an_empty_output_on_every_policy() {
-    let cls = entry("ppocr_cls");
-    let x = cls.reference_inputs()[0].0.clone();
-    for policy in [
-        ShapePolicy::Symbolic,
-        ShapePolicy::Measure,
-        ShapePolicy::PerShape,
-    ] {
-        let s = session(&cls, policy, 1);
-        for _ in 0..14 {
-            let input = Tensor::from_vec(&[0, 3, 48, 192], Vec::<f32>::new()).unwrap();
-            let ours = s.run(vec![(x.clone(), input)]).unwrap();
-            assert_eq!(ours[0].shape(), [0, 2], "{policy:?}");
-        }
-        if policy == ShapePolicy::Symbolic {
-            // The empty batch ran on the symbolic plan, its empty outputs made by the
-            // guards, not retried on a concrete plan.
-            assert_eq!(s.plans().specialisation, Specialisation::Symbolic);
+    for name in ["dwnet_dynbatch", "ppocr_cls"] {
+        let model = entry(name);
+        let (x, reference) = model.reference_inputs().remove(0);
+        let mut shape = reference.shape().to_vec();
+        shape[0] = 0;
+        for policy in [
+            ShapePolicy::Symbolic,
+            ShapePolicy::Measure,
+            ShapePolicy::PerShape,
+        ] {
+            let s = session(&model, policy, 1);
+            let planned_symbolically = s.plans().shared_plan;
+            for _ in 0..14 {
+                let input = Tensor::from_vec(&shape, Vec::<f32>::new()).unwrap();
+                let ours = s.run(vec![(x.clone(), input)]).unwrap();
+                assert_eq!(ours[0].shape()[0], 0, "{name} {policy:?}");
+                assert_eq!(ours[0].len(), 0, "{name} {policy:?}");
+            }
+            if policy == ShapePolicy::Symbolic && planned_symbolically {
+                // The empty batch ran on the symbolic plan, its empty outputs made by
+                // the guards, not retried on a concrete plan.
+                assert_eq!(s.plans().specialisation, Specialisation::Symbolic, "{name}");
+            }
         }
     }
+    // dwnet_dynbatch is planned symbolically.
+    let dwnet = entry("dwnet_dynbatch");
+    assert!(
+        session(&dwnet, ShapePolicy::Symbolic, 1)
+            .plans()
+            .shared_plan
+    );
 }

@@ -366,6 +366,8 @@ enum Route {
 pub(crate) struct TractExecutor {
     /// The graph with its input facts, for concrete plans.
     graph: InferenceModel,
+    /// The int32 casts of shape values a partly symbolic plan retypes to int64.
+    shape_casts: Arc<Vec<String>>,
     /// The plan for the planned shapes: concrete when every input is fixed or pinned,
     /// symbolic otherwise; when tract cannot plan the symbolic shapes, unset — or, later,
     /// a [`Partial`] plan.
@@ -495,6 +497,7 @@ pub(crate) fn prepare(model: &Model, options: &SessionOptions, reason: String) -
     Ok(Prepared {
         executor: Box::new(TractExecutor {
             graph,
+            shape_casts: model.shape_casts(),
             planned,
             partial_axes: OnceLock::new(),
             partial: Mutex::new(partial),
@@ -661,7 +664,10 @@ impl TractExecutor {
             shapes
         };
         let axes = common_axes(&shapes);
-        let built = frontend::partially_concretize(&self.graph, &axes)
+        // With its shape arithmetic kept symbolic, where a detour through int32 would
+        // make a Reshape's shape unknown for the axes left symbolic.
+        let graph = Model::widen_shape_casts(&self.graph, &self.shape_casts);
+        let built = frontend::partially_concretize(&graph, &axes)
             .map_err(compile_err)
             .and_then(|graph| self.compiler.compile(graph));
         match built {
