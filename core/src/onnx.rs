@@ -292,6 +292,16 @@ pub fn inline_external_data<'a>(
     })
 }
 
+/// The node writing each value of `graph`, by value name (as [`producers`], the node
+/// itself).
+pub(crate) fn producer_nodes(graph: &pb::GraphProto) -> HashMap<&str, &pb::NodeProto> {
+    graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

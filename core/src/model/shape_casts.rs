@@ -36,11 +36,7 @@ pub(crate) fn shape_casts(proto: &pb::ModelProto) -> Vec<String> {
     let Some(graph) = proto.graph.as_ref() else {
         return Vec::new();
     };
-    let producers: HashMap<&str, &pb::NodeProto> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
-        .collect();
+    let producers = crate::onnx::producer_nodes(graph);
     let mut consumers: HashMap<&str, Vec<(&pb::NodeProto, usize)>> = HashMap::new();
     for n in &graph.node {
         for (slot, i) in n.input.iter().enumerate() {

@@ -12,7 +12,7 @@
 //! arithmetic (`Cast`, `Concat`, `Unsqueeze`, `Gather`, integer `Add`/`Mul`…): a graph
 //! that computes a shape from a small input still needs that input's value.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use crate::onnx::{is_default_domain, pb};
 
@@ -81,11 +81,7 @@ pub(crate) fn value_inputs(graph: &pb::GraphProto) -> Vec<String> {
     if inputs.is_empty() {
         return Vec::new();
     }
-    let producers: HashMap<&str, &pb::NodeProto> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
-        .collect();
+    let producers = crate::onnx::producer_nodes(graph);
     let mut pending: Vec<&str> = graph
         .node
         .iter()
