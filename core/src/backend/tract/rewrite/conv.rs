@@ -24,7 +24,7 @@ use tern_kernels::{Geometry, Isa};
 
 use super::super::linalg::Gemm;
 use super::epilogue::Epilogued;
-use super::lut::{OutputTable, Tabled};
+use super::lut::{ChannelTables, Tabled};
 use super::{for_each_chunk, replace_qconvs, QConv, TASK};
 
 /// Replaces quantized one-group convolutions by [`ConvQ8Op`].
@@ -65,7 +65,7 @@ pub(crate) struct ConvQ8Op {
     /// in flight.
     scratch: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     /// The table lookup after the layer, applied to each row of `u8` it writes.
-    table: Option<Arc<OutputTable>>,
+    table: Option<Arc<ChannelTables>>,
 }
 
 impl ConvQ8Op {
@@ -148,11 +148,11 @@ impl Tabled for ConvQ8Op {
         self.output_channels
     }
 
-    fn output_table(&self) -> Option<&OutputTable> {
+    fn output_table(&self) -> Option<&ChannelTables> {
         self.table.as_deref()
     }
 
-    fn with_output_table(&self, table: OutputTable) -> Self {
+    fn with_output_table(&self, table: ChannelTables) -> Self {
         ConvQ8Op {
             output_type: u8::datum_type(),
             table: Some(Arc::new(table)),

@@ -12,7 +12,7 @@ use tern_kernels::epilogue::{epilogue_rows, Epilogue, Out};
 use tern_kernels::{Geometry, Isa};
 
 use super::epilogue::{datum_type, Epilogued};
-use super::lut::{OutputTable, Tabled};
+use super::lut::{ChannelTables, Tabled};
 use super::{for_each_plane, replace_qconvs, QConv};
 
 /// Replaces quantized depthwise convolutions by [`DepthwiseQ8Op`].
@@ -103,7 +103,7 @@ pub(crate) struct DepthwiseQ8Op {
     /// For an `i32` layer whose float ops after it were folded in.
     epilogue: Option<Arc<Epilogue>>,
     /// The table lookup after the layer, applied to each plane of `u8` it writes.
-    table: Option<Arc<OutputTable>>,
+    table: Option<Arc<ChannelTables>>,
 }
 
 impl Tabled for DepthwiseQ8Op {
@@ -115,11 +115,11 @@ impl Tabled for DepthwiseQ8Op {
         self.kernel.geometry().channels
     }
 
-    fn output_table(&self) -> Option<&OutputTable> {
+    fn output_table(&self) -> Option<&ChannelTables> {
         self.table.as_deref()
     }
 
-    fn with_output_table(&self, table: OutputTable) -> Self {
+    fn with_output_table(&self, table: ChannelTables) -> Self {
         DepthwiseQ8Op {
             output_type: u8::datum_type(),
             table: Some(Arc::new(table)),

@@ -137,43 +137,41 @@ fn fold<L: Tabled>(layer: &L, lut: &LutU8Op, rank: usize) -> Option<L> {
         4 | 2 => 1,
         _ => 0,
     };
-    if lut.channels != 1 && (lut.axis != axis || lut.channels != layer.output_channels()) {
+    let channels = lut.tables.channels;
+    if channels != 1 && (lut.axis != axis || channels != layer.output_channels()) {
         return None;
     }
-    let table = OutputTable {
-        channels: lut.channels,
-        table: lut.table.clone(),
-    };
     let table = match layer.output_table() {
-        Some(inner) => inner.then(&table),
-        None => table,
+        Some(inner) => inner.then(&lut.tables),
+        None => lut.tables.clone(),
     };
     Some(layer.with_output_table(table))
 }
 
-/// A quantized layer that can look its `u8` outputs up in an [`OutputTable`].
+/// A quantized layer that can look its `u8` outputs up in an [`ChannelTables`].
 pub(super) trait Tabled: Sized {
     /// Whether it writes `u8` (not `i32` accumulators or floats).
     fn writes_u8(&self) -> bool;
     /// Its output channels.
     fn output_channels(&self) -> usize;
     /// The table it applies, if any.
-    fn output_table(&self) -> Option<&OutputTable>;
+    fn output_table(&self) -> Option<&ChannelTables>;
     /// The same layer applying `table` to what it writes (its output plain `u8`).
-    fn with_output_table(&self, table: OutputTable) -> Self;
+    fn with_output_table(&self, table: ChannelTables) -> Self;
 }
 
-/// Per-channel 256-entry tables a quantized layer applies to the `u8` values it writes:
-/// a `lut-u8` table folded into the layer before it (`lut-fold`).
+/// Per-channel 256-entry tables: a [`LutU8Op`]'s, or the ones a quantized layer applies
+/// to the `u8` values it writes (a `lut-u8` table folded into the layer before it,
+/// `lut-fold`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct OutputTable {
+pub(crate) struct ChannelTables {
     /// 1 (one table for every channel), or the layer's output channels.
     channels: usize,
     /// `channels` rows of 256 entries.
     table: Arc<Vec<u8>>,
 }
 
-impl OutputTable {
+impl ChannelTables {
     /// `y = table[channel][y]` over values of output channel `channel`.
     pub(super) fn apply(&self, isa: Isa, channel: usize, y: &mut [u8]) -> Result<(), Unsupported> {
         let c = if self.channels == 1 { 0 } else { channel };
@@ -184,23 +182,22 @@ impl OutputTable {
         lookup_u8_in_place(isa, row, y)
     }
 
-    /// `outer` after `self`, per channel.
-    fn then(&self, outer: &OutputTable) -> OutputTable {
+    /// The table of channel `c` (every channel's when there is one).
+    fn row(&self, c: usize) -> &[u8] {
+        let c = if self.channels == 1 { 0 } else { c };
+        &self.table[c * 256..c * 256 + 256]
+    }
+
+    /// `outer` after `self` (`outer[c][self[c][v]]`), per channel; with channels both, the
+    /// same count.
+    fn then(&self, outer: &ChannelTables) -> ChannelTables {
         let channels = self.channels.max(outer.channels);
-        let row = |t: &OutputTable, c: usize| {
-            let c = if t.channels == 1 { 0 } else { c };
-            c * 256
-        };
         let mut table = Vec::with_capacity(channels * 256);
         for c in 0..channels {
-            let (a, b) = (row(self, c), row(outer, c));
-            table.extend(
-                self.table[a..a + 256]
-                    .iter()
-                    .map(|&v| outer.table[b + usize::from(v)]),
-            );
+            let (a, b) = (self.row(c), outer.row(c));
+            table.extend(a.iter().map(|&v| b[usize::from(v)]));
         }
-        OutputTable {
+        ChannelTables {
             channels,
             table: Arc::new(table),
         }
@@ -307,7 +304,7 @@ fn chain_to(model: &TypedModel, q: usize, position: &HashMap<usize, usize>) -> O
     }
     for i in inputs.iter().filter(|&&i| i != source) {
         let (_, table) = through_table(i)?;
-        vary(table.axis, table.channels)?;
+        vary(table.axis, table.tables.channels)?;
     }
     ops.sort_by_key(|id| position.get(id).copied().unwrap_or(usize::MAX));
     Some(Chain {
@@ -402,8 +399,10 @@ fn build_table(model: &TypedModel, chain: &Chain) -> TractResult<Option<LutU8Op>
     Ok(Some(LutU8Op {
         isa: Isa::detect(),
         axis: chain.axis,
-        channels: chain.channels,
-        table: Arc::new(table),
+        tables: ChannelTables {
+            channels: chain.channels,
+            table: Arc::new(table),
+        },
     }))
 }
 
@@ -413,10 +412,8 @@ pub(crate) struct LutU8Op {
     isa: Isa,
     /// The channel axis.
     axis: usize,
-    /// Channels along it, with a row each (1: one row for every value).
-    channels: usize,
-    /// `channels` rows of 256 entries.
-    table: Arc<Vec<u8>>,
+    /// A row per channel along it (or one row for every value).
+    tables: ChannelTables,
 }
 
 impl LutU8Op {
@@ -425,34 +422,26 @@ impl LutU8Op {
         LutU8Op {
             isa: Isa::detect(),
             axis: 0,
-            channels: 1,
-            table: Arc::new(table.to_vec()),
+            tables: ChannelTables {
+                channels: 1,
+                table: Arc::new(table.to_vec()),
+            },
         }
     }
 
     /// The table of `outer` after `self` (`outer[c][self[c][v]]`), or `None` when the
     /// two vary along different axes.
     fn then(&self, outer: &LutU8Op) -> Option<LutU8Op> {
-        let (axis, channels) = match (self.channels, outer.channels) {
-            (1, _) => (outer.axis, outer.channels),
-            (_, 1) => (self.axis, self.channels),
-            (a, b) if a == b && self.axis == outer.axis => (self.axis, a),
+        let axis = match (self.tables.channels, outer.tables.channels) {
+            (1, _) => outer.axis,
+            (_, 1) => self.axis,
+            (a, b) if a == b && self.axis == outer.axis => self.axis,
             _ => return None,
         };
-        fn row(t: &LutU8Op, c: usize) -> &[u8] {
-            let c = if t.channels == 1 { 0 } else { c };
-            &t.table[c * 256..c * 256 + 256]
-        }
-        let mut table = Vec::with_capacity(channels * 256);
-        for c in 0..channels {
-            let (a, b) = (row(self, c), row(outer, c));
-            table.extend(a.iter().map(|&v| b[usize::from(v)]));
-        }
         Some(LutU8Op {
             isa: self.isa,
             axis,
-            channels,
-            table: Arc::new(table),
+            tables: self.tables.then(&outer.tables),
         })
     }
 }
@@ -472,13 +461,14 @@ impl EvalOp for LutU8Op {
         let x = inputs.first().context("a table lookup takes one input")?;
         let shape = x.shape();
         // Values per channel run: the product of the axes after the channel axis.
-        let inner: usize = if self.channels == 1 {
+        let channels = self.tables.channels;
+        let inner: usize = if channels == 1 {
             x.len().max(1)
         } else {
             ensure!(
-                shape.get(self.axis) == Some(&self.channels),
+                shape.get(self.axis) == Some(&channels),
                 "table of {} channels along axis {} for a tensor of shape {shape:?}",
-                self.channels,
+                channels,
                 self.axis
             );
             shape[self.axis + 1..].iter().product::<usize>().max(1)
@@ -493,9 +483,8 @@ impl EvalOp for LutU8Op {
             let start = i * piece;
             for (j, run) in y.chunks_mut(inner).enumerate() {
                 let at = start + j * inner;
-                let c = (at / inner) % self.channels;
-                let row = &self.table[c * 256..c * 256 + 256];
-                lookup_u8(self.isa, row, &xs[at..at + run.len()], run)
+                let c = (at / inner) % channels;
+                lookup_u8(self.isa, self.tables.row(c), &xs[at..at + run.len()], run)
                     .map_err(|e| anyhow::anyhow!(e))?;
             }
             Ok(())
@@ -609,8 +598,10 @@ mod tests {
         let lut = LutU8Op {
             isa: Isa::detect(),
             axis: 1,
-            channels: 3,
-            table: Arc::new(table),
+            tables: ChannelTables {
+                channels: 3,
+                table: Arc::new(table),
+            },
         };
         let clipped = m.wire_node("clip.lut", lut, &[x])?[0];
         let dq = |scale: f32, zero_point: i32| DequantizeLinearF32 { scale, zero_point };
