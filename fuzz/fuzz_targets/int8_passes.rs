@@ -11,7 +11,9 @@ use tern_fuzz::Bytes;
 use tern_kernels::epilogue::{epilogue_rows, epilogue_rows_in_place, Epilogue, HardSwish, Out};
 use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, im2col_q8_k4_wide, k4_len, Wide};
 use tern_kernels::lut::lookup_u8;
-use tern_kernels::quant::{dequantize_u8, quantize_u8, requantize_rows};
+use tern_kernels::quant::{
+    dequantize_u8, dynamic_range, quantize_dynamic_u8, quantize_u8, requantize_rows, DynamicQuant,
+};
 use tern_kernels::Isa;
 
 fuzz_target!(|data: &[u8]| {
@@ -43,7 +45,12 @@ fuzz_target!(|data: &[u8]| {
         dequantize_u8(isa, &raw, scale, zero, &mut f).expect("same lengths");
         let mut r = vec![0u8; rows * n];
         requantize_rows(isa, &acc, &scales, zero, &mut r).expect("whole rows");
-        (q, f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r)
+        // DynamicQuantizeLinear: the range (NaN skipped) and the bytes.
+        let range = dynamic_range(isa, &floats);
+        let mut d = vec![0u8; n];
+        quantize_dynamic_u8(isa, &floats, DynamicQuant::of(range), &mut d).expect("same lengths");
+        let range = (range.0.to_bits(), range.1.to_bits());
+        (q, f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r, range, d)
     };
     let want = run(Isa::Scalar);
     for &isa in Isa::available() {

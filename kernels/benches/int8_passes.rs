@@ -7,7 +7,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, im2col_q8_k4_wide, k4_len, Wide};
-use tern_kernels::quant::{dequantize_u8, quantize_u8, requantize_rows};
+use tern_kernels::quant::{
+    dequantize_u8, dynamic_range, quantize_dynamic_u8, quantize_u8, requantize_rows, DynamicQuant,
+};
 use tern_kernels::{Geometry, Isa};
 
 fn bench(c: &mut Criterion) {
@@ -80,8 +82,15 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(n as u64));
     for &isa in Isa::available() {
         let mut q = vec![0u8; n];
+        let mut q8 = vec![0u8; n];
         group.bench_function(format!("quantize/{isa:?}"), |b| {
             b.iter(|| quantize_u8(isa, black_box(&floats), 0.1, 128, &mut q).expect("run"))
+        });
+        group.bench_function(format!("dynamic_quantize/{isa:?}"), |b| {
+            b.iter(|| {
+                let q = DynamicQuant::of(dynamic_range(isa, black_box(&floats)));
+                quantize_dynamic_u8(isa, &floats, q, &mut q8).expect("run")
+            })
         });
         let mut f = vec![0f32; n];
         group.bench_function(format!("dequantize/{isa:?}"), |b| {

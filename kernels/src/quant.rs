@@ -16,6 +16,18 @@
 //! quantize:   y = clamp(round_half_even(x · inv_scale) + zero, 0, 255)   (NaN → 0)
 //! dequantize: y = (x - zero) · scale
 //! ```
+//!
+//! And ONNX's `DynamicQuantizeLinear`, which picks the scale and zero point from the
+//! tensor's own range (widened to hold 0) and divides by the scale, as the operator's
+//! definition and onnxruntime do:
+//!
+//! ```text
+//! scale = (max == min ? 1 : max - min) / 255,   zero = clamp(round_half_even(-min / scale), 0, 255)
+//! y     = clamp(round_half_even(x / scale) + zero, 0, 255)                 (NaN → 0)
+//! ```
+//!
+//! [`dynamic_range`] finds `(min, max)` (NaN values skipped), [`DynamicQuant::of`] the
+//! parameters, [`quantize_dynamic_u8`] the bytes.
 
 use crate::{Isa, Unsupported};
 
@@ -152,6 +164,90 @@ pub fn dequantize_u8(
     Ok(())
 }
 
+/// The parameters `DynamicQuantizeLinear` computes from a tensor's range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DynamicQuant {
+    /// `(max - min) / 255`, or `1 / 255` when the range is one value.
+    pub scale: f32,
+    /// The byte that 0.0 maps to.
+    pub zero: u8,
+}
+
+impl DynamicQuant {
+    /// The parameters for values spanning `min..=max` (as [`dynamic_range`] returns them:
+    /// `min ≤ 0 ≤ max`).
+    pub fn of((min, max): (f32, f32)) -> DynamicQuant {
+        let (min, max) = (min.min(0.0), max.max(0.0));
+        let scale = if max == min { 1.0 } else { max - min } / 255.0;
+        // NaN (an infinite range) takes the lower limit, as in `quantize`.
+        let zero = -min / scale;
+        let zero = if zero.is_nan() {
+            0.0
+        } else {
+            zero.clamp(0.0, 255.0)
+        };
+        DynamicQuant {
+            scale,
+            zero: round_half_even(zero) as u8,
+        }
+    }
+}
+
+/// The smallest and largest of `x` and 0 (NaN values skipped): the range
+/// `DynamicQuantizeLinear` maps onto `0..=255`.
+pub fn dynamic_range(isa: Isa, x: &[f32]) -> (f32, f32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 is available (checked here).
+        Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe { avx2::range(x) },
+        _ => range_of(x, (0.0, 0.0)),
+    }
+}
+
+/// `(min, max)` of `x` and `start`, NaN values skipped: the definition.
+fn range_of(x: &[f32], start: (f32, f32)) -> (f32, f32) {
+    x.iter().fold(start, |(lo, hi), &v| {
+        // A NaN compares false both ways and changes nothing.
+        (if v < lo { v } else { lo }, if v > hi { v } else { hi })
+    })
+}
+
+/// `clamp(round_half_even(x / scale) + zero, 0, 255)`, NaN to 0: the definition of
+/// `DynamicQuantizeLinear`'s bytes (a division, where [`quantize`] multiplies by a
+/// reciprocal: they differ on some values).
+pub fn quantize_div(x: f32, scale: f32, zero: u8) -> u8 {
+    let v = x / scale;
+    let v = if v.is_nan() {
+        -ROUND_LIMIT
+    } else {
+        v.clamp(-ROUND_LIMIT, ROUND_LIMIT)
+    };
+    (round_half_even(v) as i32 + i32::from(zero)).clamp(0, 255) as u8
+}
+
+/// Quantizes `x` into `y` (same length) with [`quantize_div`]'s definition.
+pub fn quantize_dynamic_u8(
+    isa: Isa,
+    x: &[f32],
+    q: DynamicQuant,
+    y: &mut [u8],
+) -> Result<(), Unsupported> {
+    same_len(x, y, "quantize")?;
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 is available (checked here); the slices have the same length.
+        Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe {
+            avx2::quantize_div(x, q.scale, q.zero, y)
+        },
+        _ => {
+            for (x, y) in x.iter().zip(y.iter_mut()) {
+                *y = quantize_div(*x, q.scale, q.zero);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -193,6 +289,63 @@ mod avx2 {
         for j in i..n {
             y[j] = super::quantize(x[j], inv_scale, zero);
         }
+    }
+
+    /// # Safety
+    /// AVX2 must be available; `x` and `y` must have the same length.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_div(x: &[f32], scale: f32, zero: u8, y: &mut [u8]) {
+        let n = x.len().min(y.len());
+        let s = _mm256_set1_ps(scale);
+        let z = _mm256_set1_epi32(i32::from(zero));
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, the length of both slices.
+            let v = _mm256_div_ps(_mm256_loadu_ps(x.as_ptr().add(i)), s);
+            store_u8(v, z, y.as_mut_ptr().add(i));
+            i += 8;
+        }
+        for j in i..n {
+            y[j] = super::quantize_div(x[j], scale, zero);
+        }
+    }
+
+    /// `(min, max)` of `x` and 0, NaN skipped.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn range(x: &[f32]) -> (f32, f32) {
+        let n = x.len();
+        // Two accumulators each way, so consecutive min/max do not wait on each other.
+        let (mut lo, mut hi) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
+        let mut i = 0;
+        while i + 16 <= n {
+            for (j, (lo, hi)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
+                // SAFETY: i + 16 <= n.
+                let v = _mm256_loadu_ps(x.as_ptr().add(i + 8 * j));
+                // min/max return their second operand when either is NaN: the
+                // accumulator, which is never NaN, so NaN values are skipped.
+                *lo = _mm256_min_ps(v, *lo);
+                *hi = _mm256_max_ps(v, *hi);
+            }
+            i += 16;
+        }
+        let mut lanes = [0f32; 8];
+        let mut start = (0f32, 0f32);
+        for (acc, pick_lo) in [
+            (_mm256_min_ps(lo[0], lo[1]), true),
+            (_mm256_max_ps(hi[0], hi[1]), false),
+        ] {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            let (l, h) = super::range_of(&lanes, (0.0, 0.0));
+            if pick_lo {
+                start.0 = l;
+            } else {
+                start.1 = h;
+            }
+        }
+        super::range_of(&x[i..], start)
     }
 
     /// # Safety
@@ -310,6 +463,78 @@ mod tests {
         }
         assert!(quantize_u8(Isa::Scalar, &[1.0], 1.0, 0, &mut []).is_err());
         assert!(dequantize_u8(Isa::Scalar, &[1], 1.0, 0, &mut []).is_err());
+    }
+
+    #[test]
+    fn dynamic_quantization_matches_its_definition_on_every_isa() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..200 {
+            let n = rng.random_range(0..90);
+            let shift = rng.random_range(-50.0..50.0);
+            let mut x: Vec<f32> = (0..n)
+                .map(|_| rng.random_range(-100.0..100.0) + shift)
+                .collect();
+            for v in [f32::NAN, -0.0, 0.5] {
+                if n > 0 {
+                    let at = rng.random_range(0..n);
+                    x[at] = v;
+                }
+            }
+            let want_range = range_of(&x, (0.0, 0.0));
+            let q = DynamicQuant::of(want_range);
+            let want: Vec<u8> = x
+                .iter()
+                .map(|v| quantize_div(*v, q.scale, q.zero))
+                .collect();
+            for &isa in Isa::available() {
+                assert_eq!(dynamic_range(isa, &x), want_range, "{isa:?}");
+                let mut y = vec![0; n];
+                quantize_dynamic_u8(isa, &x, q, &mut y).unwrap();
+                assert_eq!(y, want, "{isa:?}");
+            }
+        }
+        assert!(
+            quantize_dynamic_u8(Isa::Scalar, &[1.0], DynamicQuant::of((0.0, 1.0)), &mut [])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn dynamic_quantization_gives_the_onnx_examples() {
+        // The three examples of the ONNX operator's documentation and reference tests.
+        let cases: [(&[f32], f32, u8, &[u8]); 3] = [
+            (
+                &[0., 2., -3., -2.5, 1.34, 0.5],
+                0.019_607_844,
+                153,
+                &[153, 255, 0, 26, 221, 179],
+            ),
+            (
+                &[-1., -2.1, -1.3, -2.5, -3.34, -4.],
+                0.015_686_275,
+                255,
+                &[191, 121, 172, 96, 42, 0],
+            ),
+            (
+                &[1., 2.1, 1.3, 2.5, 3.34, 4., 1.5, 2.6, 3.9, 4., 3., 2.345],
+                0.015_686_275,
+                0,
+                &[64, 134, 83, 159, 213, 255, 96, 166, 249, 255, 191, 149],
+            ),
+        ];
+        for (x, scale, zero, want) in cases {
+            for &isa in Isa::available() {
+                let q = DynamicQuant::of(dynamic_range(isa, x));
+                assert!((q.scale - scale).abs() < 1e-8, "{isa:?} {q:?}");
+                assert_eq!(q.zero, zero, "{isa:?}");
+                let mut y = vec![0; x.len()];
+                quantize_dynamic_u8(isa, x, q, &mut y).unwrap();
+                assert_eq!(y, want, "{isa:?}");
+            }
+        }
+        // One value (all zeros): the definition's scale of 1/255, not a division by 0.
+        let q = DynamicQuant::of(dynamic_range(Isa::detect(), &[0.0; 5]));
+        assert_eq!((q.scale, q.zero), (1.0 / 255.0, 0));
     }
 
     #[test]

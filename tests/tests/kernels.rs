@@ -163,3 +163,21 @@ fn float_convolutions_run_on_terns_kernels_within_onnxruntimes_tolerance() {
         eprintln!("{name}: tern kernels {diff:?}, tract {against_tract:?}");
     }
 }
+
+#[test]
+fn a_dynamically_quantized_model_quantizes_its_activations_on_terns_kernel() {
+    // ppocr_rec as onnxruntime's dynamic quantizer writes it: 9 `DynamicQuantizeLinear`
+    // before its `MatMulInteger`s, each the range, scale and bytes of one activation.
+    let model = entry("ppocr_rec_int8_dyn");
+    let s = session(&model, true);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    let on = kernels(&s);
+    assert!(on.contains(&("quant-dynamic".to_string(), 9)), "{on:?}");
+    let diff = model.compare_with_reference(&outputs).unwrap();
+    eprintln!("tern kernels {on:?}: {diff:?}");
+
+    let s = session(&model, false);
+    let outputs = s.run(model.reference_inputs()).unwrap();
+    assert!(kernels(&s).is_empty());
+    model.compare_with_reference(&outputs).unwrap();
+}

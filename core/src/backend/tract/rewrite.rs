@@ -27,6 +27,8 @@
 //!   convolution's epilogue.
 //! - `quant-u8` ([`quant`]): the `f32 ↔ u8` quantize and dequantize passes left between
 //!   quantized layers, vectorised (tract's are scalar loops).
+//! - `quant-dynamic` ([`quant`]): ONNX `DynamicQuantizeLinear` (the range, scale and
+//!   bytes before each `MatMulInteger` of a dynamically quantized model), vectorised.
 //! - `epilogue` ([`epilogue`]): the float ops after a `rescale-f32` or float convolution
 //!   folded into its epilogue (`tern_kernels::epilogue`): an unfolded BatchNormalization, Relu/Clip,
 //!   HardSwish, and the quantization for the next int8 layer, so the layer writes `u8`.
@@ -80,6 +82,7 @@ pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("conv-f32", conv_f32::pass),
     ("rescale-f32", epilogue::rescale_pass),
     ("quant-u8", quant::pass),
+    ("quant-dynamic", quant::dynamic_pass),
     ("epilogue", epilogue::pass),
     ("maxpool-u8", pool::maxpool_pass),
     ("maxpool", maxpool::pass),
