@@ -12,9 +12,16 @@ use tern_kernels::epilogue::{epilogue_rows, epilogue_rows_in_place, Epilogue, Ha
 use tern_kernels::im2col::{im2col_q8, im2col_q8_k4, im2col_q8_k4_wide, k4_len, Wide};
 use tern_kernels::lut::lookup_u8;
 use tern_kernels::quant::{
-    dequantize_u8, dynamic_range, quantize_dynamic_u8, quantize_u8, requantize_rows, DynamicQuant,
+    dequantize_cols_in_place, dequantize_u8, dynamic_range, quantize_dynamic_u8, quantize_u8,
+    requantize_rows, DynamicQuant,
 };
+use tern_kernels::softmax::softmax_rows;
 use tern_kernels::Isa;
+
+/// `values` cycled to `n` values (at least one).
+fn floats_or_one(values: &[f32], n: usize) -> Vec<f32> {
+    (0..n.max(1)).map(|i| values[i % values.len()]).collect()
+}
 
 fuzz_target!(|data: &[u8]| {
     let mut bytes = Bytes::new(data);
@@ -50,7 +57,34 @@ fuzz_target!(|data: &[u8]| {
         let mut d = vec![0u8; n];
         quantize_dynamic_u8(isa, &floats, DynamicQuant::of(range), &mut d).expect("same lengths");
         let range = (range.0.to_bits(), range.1.to_bits());
-        (q, f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r, range, d)
+        // A MatMulInteger's accumulators to f32, one scale and bias per column.
+        let mut cols = acc.clone();
+        dequantize_cols_in_place(
+            isa,
+            &mut cols,
+            &floats_or_one(&scales, n),
+            &floats_or_one(&scales, n),
+        )
+        .ok();
+        // Softmax over rows of n (any bits: NaN rows stay NaN rows).
+        let mut soft = floats.clone();
+        if n > 0 {
+            softmax_rows(isa, &mut soft, n).expect("whole rows");
+        }
+        let nan_free = |v: &[f32]| {
+            v.iter()
+                .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+                .collect::<Vec<_>>()
+        };
+        (
+            q,
+            f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            r,
+            range,
+            d,
+            cols,
+            nan_free(&soft),
+        )
     };
     let want = run(Isa::Scalar);
     for &isa in Isa::available() {
@@ -58,7 +92,9 @@ fuzz_target!(|data: &[u8]| {
     }
     // Byte table lookups (AVX-512 VBMI where the CPU has it) over the raw bytes, at every
     // length up to n (the masked tail included).
-    let table: Vec<u8> = (0..256u32).map(|v| (v as u8).wrapping_mul(zero | 1) ^ next(255)).collect();
+    let table: Vec<u8> = (0..256u32)
+        .map(|v| (v as u8).wrapping_mul(zero | 1) ^ next(255))
+        .collect();
     let lookups = |isa: Isa| {
         let mut y = vec![0u8; n];
         lookup_u8(isa, &table, &raw, &mut y).expect("256 entries, same lengths");

@@ -103,6 +103,40 @@ pub fn im2col_q8_k4(
     Ok(())
 }
 
+/// The bytes [`pack_rows_k4`] writes for `rows` rows of `k` values in panels of `r`.
+pub fn rows_k4_len(rows: usize, k: usize, r: usize) -> usize {
+    rows.div_ceil(r.max(1)) * k.div_ceil(4) * 4 * r
+}
+
+/// Packs the rows of a row-major `[rows, k]` matrix of `u8` values as the columns of a
+/// matrix product's right-hand side, in the `K4` layout [`im2col_q8_k4`] writes (each row
+/// is one column; values flipped to the `i8` values `x - 128`): the activations of a
+/// `MatMulInteger`, whose rows (tokens) are the product's columns. Zeros where `k` or the
+/// row runs past the matrix. `out` has [`rows_k4_len`] bytes.
+pub fn pack_rows_k4(x: &[u8], k: usize, r: usize, out: &mut [u8]) -> Result<(), Unsupported> {
+    let rows = x.len().checked_div(k).unwrap_or(0);
+    if k == 0 || r == 0 || x.len() != rows * k || out.len() != rows_k4_len(rows, k, r) {
+        return Err(Unsupported(format!(
+            "packing {} values as rows of {k} into {} bytes (panels of {r})",
+            x.len(),
+            out.len()
+        )));
+    }
+    let groups = k.div_ceil(4);
+    let panel = groups * 4 * r;
+    out.fill(0);
+    for (m, row) in x.chunks_exact(k).enumerate() {
+        let base = m / r * panel + m % r * 4;
+        for (g, quad) in row.chunks(4).enumerate() {
+            let at = base + g * 4 * r;
+            for (o, v) in out[at..at + quad.len()].iter_mut().zip(quad) {
+                *o = v ^ 0x80;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The layout of [`im2col_q8_k4_wide`]: the im2col matrix over the input padded once and
 /// split into `sh · sw` phase planes (plane `(py, px)` holds the padded values at rows
 /// `py, py + sh, …` and columns `px, px + sw, …`; with stride 1 the one plane is the
@@ -484,6 +518,35 @@ mod tests {
             }
             checked += 1;
         }
+    }
+
+    #[test]
+    fn packed_rows_are_the_columns_of_the_same_matrix() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        for _ in 0..100 {
+            let (rows, k) = (rng.random_range(0..40), rng.random_range(1..30));
+            let x: Vec<u8> = (0..rows * k).map(|_| rng.random()).collect();
+            for r in [8, 16] {
+                let mut packed = vec![1u8; rows_k4_len(rows, k, r)];
+                pack_rows_k4(&x, k, r, &mut packed).unwrap();
+                let kp = k.div_ceil(4) * 4;
+                for p in 0..rows.div_ceil(r) {
+                    for kk in 0..kp {
+                        for m in 0..r {
+                            let (n, at) = (p * r + m, p * kp * r + kk / 4 * 4 * r + m * 4 + kk % 4);
+                            let want = match kk < k && n < rows {
+                                true => x[n * k + kk].wrapping_sub(128) as i8,
+                                false => 0,
+                            };
+                            assert_eq!(packed[at] as i8, want, "{rows}×{k} r{r} k{kk} n{n}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(pack_rows_k4(&[1, 2, 3], 2, 8, &mut [0; 32]).is_err());
+        assert!(pack_rows_k4(&[1, 2], 2, 8, &mut [0; 31]).is_err());
+        assert!(pack_rows_k4(&[1, 2], 0, 8, &mut []).is_err());
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! sharing its vector loop); [`im2col`] and [`quant`], the passes around a matrix product
 //! that make a general convolution (the product itself runs on tract-linalg's kernels,
 //! called from the CPU backend); [`epilogue`], the float ops after a product (int8 or
-//! float) folded into one pass per row; [`lut`], byte table lookups (AVX-512 VBMI).
+//! float) folded into one pass per row; [`lut`], byte table lookups (AVX-512 VBMI);
+//! [`softmax`], over short rows (attention) as well as long ones.
 
 #![warn(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod im2col;
 pub mod lut;
 pub mod pool;
 pub mod quant;
+pub mod softmax;
 
 pub use geometry::Geometry;
 

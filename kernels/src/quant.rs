@@ -248,6 +248,48 @@ pub fn quantize_dynamic_u8(
     Ok(())
 }
 
+/// `acc · scale[c] + bias[c]`, the definition of [`dequantize_cols_in_place`] (two
+/// roundings, as onnxruntime's `MatMulIntegerToFloat` computes it).
+pub fn dequantize_acc(acc: i32, scale: f32, bias: f32) -> f32 {
+    acc as f32 * scale + bias
+}
+
+/// Turns a row-major `[rows, cols]` block of `i32` accumulators into `f32` values in
+/// place: `data[r, c]` becomes the bits of [`dequantize_acc`]`(data[r, c], scale[c],
+/// bias[c])` (the buffer is then read as `f32`). `scale` and `bias` have one value per
+/// column: the output channels of a `MatMulInteger` whose rows are tokens.
+pub fn dequantize_cols_in_place(
+    isa: Isa,
+    data: &mut [i32],
+    scale: &[f32],
+    bias: &[f32],
+) -> Result<(), Unsupported> {
+    let cols = scale.len();
+    if cols == 0 || bias.len() != cols || !data.len().is_multiple_of(cols) {
+        return Err(Unsupported(format!(
+            "dequantize {} accumulators by {cols} scales and {} biases a row",
+            data.len(),
+            bias.len()
+        )));
+    }
+    for row in data.chunks_exact_mut(cols) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 is available (checked here); `row`, `scale` and `bias` have
+            // the same length.
+            Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe {
+                avx2::dequantize_cols(row, scale, bias)
+            },
+            _ => {
+                for ((v, s), b) in row.iter_mut().zip(scale).zip(bias) {
+                    *v = dequantize_acc(*v, *s, *b).to_bits() as i32;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -307,6 +349,32 @@ mod avx2 {
         }
         for j in i..n {
             y[j] = super::quantize_div(x[j], scale, zero);
+        }
+    }
+
+    /// One row of [`super::dequantize_cols_in_place`].
+    ///
+    /// # Safety
+    /// AVX2 must be available; `row`, `scale` and `bias` must have the same length.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dequantize_cols(row: &mut [i32], scale: &[f32], bias: &[f32]) {
+        let n = row.len().min(scale.len()).min(bias.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, the length of all three slices.
+            let a = _mm256_cvtepi32_ps(_mm256_loadu_si256(row.as_ptr().add(i) as *const __m256i));
+            let v = _mm256_add_ps(
+                _mm256_mul_ps(a, _mm256_loadu_ps(scale.as_ptr().add(i))),
+                _mm256_loadu_ps(bias.as_ptr().add(i)),
+            );
+            _mm256_storeu_si256(
+                row.as_mut_ptr().add(i) as *mut __m256i,
+                _mm256_castps_si256(v),
+            );
+            i += 8;
+        }
+        for j in i..n {
+            row[j] = super::dequantize_acc(row[j], scale[j], bias[j]).to_bits() as i32;
         }
     }
 
@@ -535,6 +603,41 @@ mod tests {
         // One value (all zeros): the definition's scale of 1/255, not a division by 0.
         let q = DynamicQuant::of(dynamic_range(Isa::detect(), &[0.0; 5]));
         assert_eq!((q.scale, q.zero), (1.0 / 255.0, 0));
+    }
+
+    #[test]
+    fn column_dequantization_matches_its_definition_on_every_isa() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..100 {
+            let (rows, cols) = (rng.random_range(0..5), rng.random_range(1..40));
+            let acc: Vec<i32> = (0..rows * cols)
+                .map(|_| match rng.random_range(0..8) {
+                    0 => rng.random(),
+                    _ => rng.random_range(-300_000..300_000),
+                })
+                .collect();
+            let scale: Vec<f32> = (0..cols).map(|_| rng.random_range(0.0..1e-3)).collect();
+            let bias: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let want: Vec<u32> = acc
+                .chunks(cols)
+                .flat_map(|r| {
+                    r.iter()
+                        .zip(&scale)
+                        .zip(&bias)
+                        .map(|((a, s), b)| dequantize_acc(*a, *s, *b).to_bits())
+                })
+                .collect();
+            for &isa in Isa::available() {
+                let mut data = acc.clone();
+                dequantize_cols_in_place(isa, &mut data, &scale, &bias).unwrap();
+                let got: Vec<u32> = data.iter().map(|v| *v as u32).collect();
+                assert_eq!(got, want, "{isa:?}");
+            }
+        }
+        assert!(
+            dequantize_cols_in_place(Isa::Scalar, &mut [1, 2, 3], &[1.0, 1.0], &[0.0; 2]).is_err()
+        );
+        assert!(dequantize_cols_in_place(Isa::Scalar, &mut [1, 2], &[1.0, 1.0], &[0.0]).is_err());
     }
 
     #[test]

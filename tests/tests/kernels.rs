@@ -75,7 +75,9 @@ fn a_real_quantized_model_keeps_onnxruntimes_numbers_on_terns_kernels() {
             // Dequantize → HardSwish → quantize between layers, as one table each, 24 of
             // them looked up by the layer before as it writes its rows.
             ("lut-u8".to_string(), 27),
-            ("lut-fold".to_string(), 24)
+            ("lut-fold".to_string(), 24),
+            // The classifier's closing softmax.
+            ("softmax".to_string(), 1),
         ]
     );
     model.compare_with_reference(&outputs).unwrap();
@@ -107,6 +109,7 @@ fn a_qdq_model_is_fused_onto_the_integer_kernels_within_its_tolerance() {
         // GlobalAveragePool, on bytes.
         ("binary-u8".to_string(), 16),
         ("mean-u8".to_string(), 10),
+        ("softmax".to_string(), 1),
     ];
     // Without native int8 products (VNNI, ARM dot products) tract's float path for QDQ is
     // the faster one, and the model stays unfused (its quantize passes still vectorised).
@@ -148,12 +151,17 @@ fn float_convolutions_run_on_terns_kernels_within_onnxruntimes_tolerance() {
             .zip(expected)
             .map(|(k, n)| (k.to_string(), n))
             .collect();
-        let (pools, convs): (Vec<_>, Vec<_>) =
-            kernels(&s).into_iter().partition(|(k, _)| k == "maxpool");
+        let (others, convs): (Vec<_>, Vec<_>) = kernels(&s)
+            .into_iter()
+            .partition(|(k, _)| ["maxpool", "softmax"].contains(&k.as_str()));
         assert_eq!(convs, passes, "{name}");
-        // ppocr_cls's 2×2 stride-2 MaxPool on tern's pooling kernel too.
-        if name == "ppocr_cls" {
-            assert_eq!(pools, [("maxpool".to_string(), 1)]);
+        // ppocr_cls's 2×2 stride-2 MaxPool on tern's pooling kernel too, and the softmax
+        // closing the classifier; the recogniser's attention and closing softmaxes.
+        let softmax = |n| ("softmax".to_string(), n);
+        match name {
+            "ppocr_cls" => assert_eq!(others, [("maxpool".to_string(), 1), softmax(1)]),
+            "ppocr_rec" => assert_eq!(others, [softmax(3)]),
+            _ => assert!(others.is_empty(), "{others:?}"),
         }
         let diff = model.compare_with_reference(&ours).unwrap();
         let tracts = session(&model, false)
@@ -167,12 +175,18 @@ fn float_convolutions_run_on_terns_kernels_within_onnxruntimes_tolerance() {
 #[test]
 fn a_dynamically_quantized_model_quantizes_its_activations_on_terns_kernel() {
     // ppocr_rec as onnxruntime's dynamic quantizer writes it: 9 `DynamicQuantizeLinear`
-    // before its `MatMulInteger`s, each the range, scale and bytes of one activation.
+    // before its 9 `MatMulInteger`s, each the range, scale and bytes of one activation, and
+    // the products on the int8 kernel with their `Cast → Mul → Add` folded in (where the
+    // kernel reads the K4 layout: VNNI, AMX).
     let model = entry("ppocr_rec_int8_dyn");
     let s = session(&model, true);
     let outputs = s.run(model.reference_inputs()).unwrap();
     let on = kernels(&s);
     assert!(on.contains(&("quant-dynamic".to_string(), 9)), "{on:?}");
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512vnni") {
+        assert!(on.contains(&("matmul-q8".to_string(), 9)), "{on:?}");
+    }
     let diff = model.compare_with_reference(&outputs).unwrap();
     eprintln!("tern kernels {on:?}: {diff:?}");
 

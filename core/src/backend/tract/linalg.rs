@@ -12,9 +12,11 @@
 //! project's CI machine (AMD EPYC, AVX-512 VNNI) both 8×8 VNNI kernels and the AVX2 int8
 //! one run at 0.4–3 GMAC/s where the 16×16 VNNI kernel runs at 50–140 (an 8×8×2304 product:
 //! 0.38 against 0.028 ms), which made the first, narrow layers of a MobileNet slower in int8
-//! than in f32. So each process times every kernel of a precision it can run once
-//! ([`ranking`], ~1 ms), and a product takes the one with the least estimated time for its
-//! shape (throughput measured, rows and columns padded to the kernel's tile).
+//! than in f32. So each process times every kernel of a precision it can run once, on a
+//! shallow and a deep product ([`ranking`], ~1–2 ms: AMX's int8 kernel is slower than
+//! VNNI's at depth 64 and twice as fast at 384), and a product takes the one with the
+//! least estimated time for its shape (the throughput measured at its depth, rows and
+//! columns padded to the kernel's tile).
 //! `TERN_INT8_KERNEL=NAME` / `TERN_F32_KERNEL=NAME` force one (for tests and for comparing
 //! kernels).
 //!
@@ -128,42 +130,68 @@ const K4_ALIGN: usize = 16;
 struct Ranked {
     mmm: Box<dyn MatMatMul>,
     packing: usize,
-    /// Multiply-adds per second in the probe.
-    macs_per_s: f64,
+    /// Multiply-adds per second in each of the [`PROBES`].
+    macs_per_s: [f64; 2],
 }
 
-/// Every kernel of `precision` this CPU can run, timed once per process on one product
-/// ([`PROBE`]), fastest first; a kernel the probe cannot run is left out.
+impl Ranked {
+    /// The measured throughput for a product of depth `k`: the shallow probe's below
+    /// [`DEEP_FROM`], the deep one's from there.
+    fn macs_per_s(&self, k: usize) -> f64 {
+        self.macs_per_s[usize::from(k >= DEEP_FROM)]
+    }
+}
+
+/// Every kernel of `precision` this CPU can run, timed once per process on the
+/// [`PROBES`], fastest first (on the shallow one); a kernel the probe cannot run is left
+/// out.
 fn ranking(precision: Precision) -> &'static [Ranked] {
     static RANKINGS: [OnceLock<Vec<Ranked>>; 2] = [OnceLock::new(), OnceLock::new()];
     RANKINGS[precision as usize].get_or_init(|| {
-        let [m, k, n] = PROBE;
+        let [m, k, n] = PROBES[0];
         let mut ranked: Vec<Ranked> = MmmDispatch::native()
             .suitable(&precision.query(m, k, n))
             .into_iter()
             .filter(|(_, _, extractor)| extractor.is_none())
             .filter_map(|(mmm, packing, _)| {
-                let macs_per_s = probe(&*mmm, packing, precision).ok()?;
-                tracing::debug!(
-                    kernel = mmm.name(),
-                    gmacs = macs_per_s / 1e9,
-                    "matrix-product kernel probed"
-                );
+                let shallow = probe(&*mmm, packing, precision, PROBES[0]).ok()?;
                 Some(Ranked {
                     mmm,
                     packing,
-                    macs_per_s,
+                    macs_per_s: [shallow; 2],
                 })
             })
             .collect();
-        ranked.sort_by(|a, b| b.macs_per_s.total_cmp(&a.macs_per_s));
+        // The deep probe for the kernels within reach of the best shallow one (a kernel 8×
+        // slower there would take milliseconds on it, and does not win by depth).
+        let best = ranked.iter().map(|r| r.macs_per_s[0]).fold(0.0, f64::max);
+        for r in ranked.iter_mut().filter(|r| r.macs_per_s[0] * 8.0 >= best) {
+            if let Ok(deep) = probe(&*r.mmm, r.packing, precision, PROBES[1]) {
+                r.macs_per_s[1] = deep;
+            }
+            tracing::debug!(
+                kernel = r.mmm.name(),
+                shallow_gmacs = r.macs_per_s[0] / 1e9,
+                deep_gmacs = r.macs_per_s[1] / 1e9,
+                "matrix-product kernel probed"
+            );
+        }
+        ranked.sort_by(|a, b| b.macs_per_s[0].total_cmp(&a.macs_per_s[0]));
         ranked
     })
 }
 
-/// The probe's product, `[m, k, n]`: small enough that the slowest kernel (~0.4 GMAC/s)
-/// takes ~0.3 ms, large enough to fill every kernel's tiles.
-const PROBE: [usize; 3] = [32, 64, 64];
+/// The probes' products, `[m, k, n]`. The shallow one is small enough that the slowest
+/// kernel (~0.4 GMAC/s) takes ~0.3 ms and large enough to fill every kernel's tiles. The
+/// deep one is a transformer's linear layer in miniature: kernels with a per-tile setup
+/// cost (AMX loads its tile configuration) rank low on the shallow product and high on
+/// deep ones — on a Xeon with AMX its int8 kernel runs 72 GMAC/s at k = 64 and 316 at
+/// k = 384, where the AVX-512 VNNI one runs 91 and 148.
+const PROBES: [[usize; 3]; 2] = [[32, 64, 64], [64, 384, 64]];
+
+/// Products at least this deep are costed with the deep probe's throughput (about the
+/// geometric mean of the two probes' depths).
+const DEEP_FROM: usize = 160;
 
 /// The probe's operands: small integers in `[-50, 50]` (for f32, divided by 25, which
 /// bfloat16 cannot hold exactly).
@@ -213,11 +241,15 @@ fn exact(precision: Precision, a: &Tensor, b: &Tensor, c: &Tensor) -> TractResul
     }))
 }
 
-/// The throughput of `mmm` on the [`PROBE`] product: the best of a few runs after one
+/// The throughput of `mmm` on the product `[m, k, n]`: the best of a few runs after one
 /// warm-up (the minimum rejects a busy machine's interruptions). An error if the kernel's
 /// result is not the exact product of its precision.
-fn probe(mmm: &dyn MatMatMul, packing: usize, precision: Precision) -> TractResult<f64> {
-    let [m, k, n] = PROBE;
+fn probe(
+    mmm: &dyn MatMatMul,
+    packing: usize,
+    precision: Precision,
+    [m, k, n]: [usize; 3],
+) -> TractResult<f64> {
     let mmm = tract_onnx::tract_core::dyn_clone::clone_box(mmm);
     let weights = probe_operand(precision, m, k, 0)?;
     let gemm = Gemm::on(mmm, packing, &weights)?;
@@ -267,7 +299,7 @@ fn choose(
     }
     let cost = |r: &Ranked| {
         let padded = m.next_multiple_of(r.mmm.mr()) * n.next_multiple_of(r.mmm.nr()) * k;
-        padded as f64 / r.macs_per_s
+        padded as f64 / r.macs_per_s(k)
     };
     if let Some(best) = ranked.iter().min_by(|a, b| cost(a).total_cmp(&cost(b))) {
         return Ok((best.mmm.clone(), best.packing));
@@ -324,14 +356,15 @@ impl Gemm {
 
     /// `c = weights · b + bias`, with `b` (`[k, n]`) written by `fill` straight into the
     /// kernel's `K4` layout: `fill` gets a zeroed buffer of `len` bytes (the `i8` values'
-    /// bits) to overwrite. Only for a kernel with a [`Gemm::k4_panel`].
+    /// bits) to overwrite. Only for a kernel with a [`Gemm::k4_panel`]. `c` may be any
+    /// `[m, n]` view (a transposed one too).
     pub(crate) fn run_k4(
         &self,
         n: usize,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> TractResult<()>,
         bias: &Tensor,
-        c: &mut Tensor,
+        c: &mut TensorView,
     ) -> TractResult<()> {
         let format = self
             .activations
@@ -366,7 +399,7 @@ impl Gemm {
             panel_bytes: panel,
             mn: n,
         };
-        let result = self.product(&packed, n, Some(bias), &mut c.view_mut());
+        let result = self.product(&packed, n, Some(bias), c);
         if let Ok(blob) = Arc::try_unwrap(packed.packed) {
             crate::sync::lock(&self.buffers).push(blob);
         }
@@ -557,10 +590,12 @@ mod tests {
                 let fill = |bytes: &mut [u8]| {
                     im2col_q8_k4(&g, &x, 0, r, bytes).map_err(|e| anyhow::anyhow!(e))
                 };
-                gemm.run_k4(n, k4_len(&g, r), fill, &bias, &mut got)?;
+                gemm.run_k4(n, k4_len(&g, r), fill, &bias, &mut got.view_mut())?;
                 assert_eq!(got, want, "{m}×{k}×{n}");
             }
-            assert!(gemm.run_k4(n, 7, |_| Ok(()), &bias, &mut want).is_err());
+            assert!(gemm
+                .run_k4(n, 7, |_| Ok(()), &bias, &mut want.view_mut())
+                .is_err());
         }
         Ok(())
     }
@@ -577,7 +612,7 @@ mod tests {
                 .iter()
                 .find(|r| r.mmm.name() == name)?;
             let padded = m.next_multiple_of(r.mmm.mr()) * n.next_multiple_of(r.mmm.nr()) * k;
-            Some(padded as f64 / r.macs_per_s)
+            Some(padded as f64 / r.macs_per_s(k))
         };
         let (tracts, _, _) = MmmDispatch::native()
             .pick(&Precision::Int8.query(m, k, n))

@@ -15,6 +15,10 @@
 //!   CPU has it) with the zero points and bias folded into one per-channel term → a
 //!   vectorised requantization. tract would correct the zero points with separate graph
 //!   ops and requantize with a scalar loop.
+//! - `matmul-q8` ([`matmul`]): ONNX `MatMulInteger` by constant weights (dynamically
+//!   quantized linear layers) on the same int8 product, the activations' rows packed as
+//!   its columns, with the `Cast → Mul(scale) → Add(bias)` after it folded in. tract
+//!   would correct the zero points with separate ops and run three passes after it.
 //! - `depthwise-f32` ([`depthwise_f32`]): a float depthwise convolution on `tern-kernels`'
 //!   direct kernel (tract's generic one takes a slow path on every border output).
 //! - `conv-f32` ([`conv_f32`]): any other float convolution with one group, as im2col (none
@@ -47,6 +51,8 @@
 //! - `mean-u8` ([`pool`]): GlobalAveragePool's `Q(Σ DQ(x) / n)` as an integer sum.
 //! - `maxpool-u8` ([`pool`]): `Q(MaxPool(DQ(x)))` as a MaxPool on bytes (and a table).
 //! - `maxpool` ([`maxpool`]): 2-D max pools over `f32` or `u8` planes on tern's kernel.
+//! - `softmax` ([`softmax`]): an f32 softmax over the last axis, one vectorised pass per
+//!   row (tract calls three generic kernels per row: slow on an attention's short rows).
 
 mod binary;
 mod conv;
@@ -55,9 +61,11 @@ mod depthwise;
 mod depthwise_f32;
 mod epilogue;
 mod lut;
+mod matmul;
 mod maxpool;
 mod pool;
 mod quant;
+mod softmax;
 
 use std::sync::Arc;
 
@@ -78,6 +86,7 @@ type Pass = fn(&mut TypedModel) -> TractResult<usize>;
 pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("depthwise-q8", depthwise::pass),
     ("conv-q8", conv::pass),
+    ("matmul-q8", matmul::pass),
     ("depthwise-f32", depthwise_f32::pass),
     ("conv-f32", conv_f32::pass),
     ("rescale-f32", epilogue::rescale_pass),
@@ -91,6 +100,7 @@ pub(crate) const PASSES: &[(&str, Pass)] = &[
     ("lut-fold", lut::fold_pass),
     ("binary-u8", binary::binary_pass),
     ("mean-u8", pool::mean_pass),
+    ("softmax", softmax::pass),
 ];
 
 /// Runs every pass; returns `(name, nodes replaced)` for those that replaced any.

@@ -260,7 +260,7 @@ impl EvalOp for ConvQ8Op {
                                 .map_err(|e| anyhow::anyhow!(e))
                         },
                         &self.bias,
-                        &mut acc,
+                        &mut acc.view_mut(),
                     )?;
                     w.compact(acc.try_as_plain_ram_mut()?.as_slice_mut::<i32>()?, m)
                         .map_err(|e| anyhow::anyhow!(e))?;

@@ -255,7 +255,7 @@ fn hard_swish<'m>(model: &'m TypedModel, node: &TypedNode) -> Option<(&'m TypedN
 }
 
 /// The name of `node`'s binary op, if it is one.
-fn bin_name(node: &TypedNode) -> Option<&'static str> {
+pub(super) fn bin_name(node: &TypedNode) -> Option<&'static str> {
     let name = node.op_as::<TypedBinOp>()?.0.name();
     ["Add", "Sub", "Mul", "Div", "Max", "Min"]
         .into_iter()
@@ -295,7 +295,7 @@ fn const_operand(
 
 /// The only node reading `node`'s output, if exactly one does and the output is not a
 /// model output.
-fn single_succ<'m>(model: &'m TypedModel, node: &TypedNode) -> Option<&'m TypedNode> {
+pub(super) fn single_succ<'m>(model: &'m TypedModel, node: &TypedNode) -> Option<&'m TypedNode> {
     let [succ] = node.outputs.first()?.successors.as_slice() else {
         return None;
     };
