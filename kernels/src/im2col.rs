@@ -488,6 +488,27 @@ mod tests {
         }
     }
 
+    /// Asserts that `packed` holds the `[k, cols]` matrix `value(k, n)` in the K4 layout
+    /// with panels of `r`, zeros past it.
+    fn assert_k4(
+        packed: &[u8],
+        [k, cols]: [usize; 2],
+        r: usize,
+        value: impl Fn(usize, usize) -> i8,
+        what: &str,
+    ) {
+        let kp = k.div_ceil(4) * 4;
+        for p in 0..cols.div_ceil(r) {
+            for kk in 0..kp {
+                for m in 0..r {
+                    let (n, at) = (p * r + m, p * kp * r + kk / 4 * 4 * r + m * 4 + kk % 4);
+                    let want = if kk < k && n < cols { value(kk, n) } else { 0 };
+                    assert_eq!(packed[at] as i8, want, "{what} k{kk} n{n}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_packed_layout_holds_the_same_matrix() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
@@ -501,20 +522,8 @@ mod tests {
             for r in [8, 16] {
                 let mut packed = vec![1u8; k4_len(&g, r)];
                 im2col_q8_k4(&g, &x, zero, r, &mut packed).unwrap();
-                let kp = rows.div_ceil(4) * 4;
-                for p in 0..cols.div_ceil(r) {
-                    for k in 0..kp {
-                        for m in 0..r {
-                            let (n, at) = (p * r + m, p * kp * r + k / 4 * 4 * r + m * 4 + k % 4);
-                            let want = if k < rows && n < cols {
-                                plain[k * cols + n]
-                            } else {
-                                0
-                            };
-                            assert_eq!(packed[at] as i8, want, "{g:?} r{r} k{k} n{n}");
-                        }
-                    }
-                }
+                let what = format!("{g:?} r{r}");
+                assert_k4(&packed, [rows, cols], r, |k, n| plain[k * cols + n], &what);
             }
             checked += 1;
         }
@@ -529,19 +538,8 @@ mod tests {
             for r in [8, 16] {
                 let mut packed = vec![1u8; rows_k4_len(rows, k, r)];
                 pack_rows_k4(&x, k, r, &mut packed).unwrap();
-                let kp = k.div_ceil(4) * 4;
-                for p in 0..rows.div_ceil(r) {
-                    for kk in 0..kp {
-                        for m in 0..r {
-                            let (n, at) = (p * r + m, p * kp * r + kk / 4 * 4 * r + m * 4 + kk % 4);
-                            let want = match kk < k && n < rows {
-                                true => x[n * k + kk].wrapping_sub(128) as i8,
-                                false => 0,
-                            };
-                            assert_eq!(packed[at] as i8, want, "{rows}×{k} r{r} k{kk} n{n}");
-                        }
-                    }
-                }
+                let value = |kk: usize, n: usize| x[n * k + kk].wrapping_sub(128) as i8;
+                assert_k4(&packed, [k, rows], r, value, &format!("{rows}×{k} r{r}"));
             }
         }
         assert!(pack_rows_k4(&[1, 2, 3], 2, 8, &mut [0; 32]).is_err());

@@ -94,7 +94,11 @@ pub fn requantize_rows(
 
 /// `clamp(round_half_even(x · inv_scale) + zero, 0, 255)`, NaN to 0: the definition.
 pub fn quantize(x: f32, inv_scale: f32, zero: u8) -> u8 {
-    let v = x * inv_scale;
+    to_u8(x * inv_scale, zero)
+}
+
+/// `clamp(round_half_even(v) + zero, 0, 255)`, NaN to 0: the bytes of both quantizations.
+fn to_u8(v: f32, zero: u8) -> u8 {
     // As the vector path's max/min do: NaN takes the lower limit.
     let v = if v.is_nan() {
         -ROUND_LIMIT
@@ -216,13 +220,7 @@ fn range_of(x: &[f32], start: (f32, f32)) -> (f32, f32) {
 /// `DynamicQuantizeLinear`'s bytes (a division, where [`quantize`] multiplies by a
 /// reciprocal: they differ on some values).
 pub fn quantize_div(x: f32, scale: f32, zero: u8) -> u8 {
-    let v = x / scale;
-    let v = if v.is_nan() {
-        -ROUND_LIMIT
-    } else {
-        v.clamp(-ROUND_LIMIT, ROUND_LIMIT)
-    };
-    (round_half_even(v) as i32 + i32::from(zero)).clamp(0, 255) as u8
+    to_u8(x / scale, zero)
 }
 
 /// Quantizes `x` into `y` (same length) with [`quantize_div`]'s definition.
@@ -314,41 +312,51 @@ mod avx2 {
         _mm_storel_epi64(y as *mut __m128i, _mm_packus_epi16(q16, q16));
     }
 
+    /// [`super::quantize`] of each value: times `inv_scale`.
+    ///
     /// # Safety
     /// AVX2 must be available; `x` and `y` must have the same length.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn quantize(x: &[f32], inv_scale: f32, zero: u8, y: &mut [u8]) {
-        let n = x.len().min(y.len());
-        let s = _mm256_set1_ps(inv_scale);
-        let z = _mm256_set1_epi32(i32::from(zero));
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n, the length of both slices.
-            let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), s);
-            store_u8(v, z, y.as_mut_ptr().add(i));
-            i += 8;
-        }
-        for j in i..n {
-            y[j] = super::quantize(x[j], inv_scale, zero);
-        }
+        quantize_by::<false>(x, inv_scale, zero, y)
     }
 
+    /// [`super::quantize_div`] of each value: divided by `scale`.
+    ///
     /// # Safety
     /// AVX2 must be available; `x` and `y` must have the same length.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn quantize_div(x: &[f32], scale: f32, zero: u8, y: &mut [u8]) {
+        quantize_by::<true>(x, scale, zero, y)
+    }
+
+    /// Each value divided by `s` (`DIV`) or times it, to bytes.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `x` and `y` must have the same length.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_by<const DIV: bool>(x: &[f32], s: f32, zero: u8, y: &mut [u8]) {
         let n = x.len().min(y.len());
-        let s = _mm256_set1_ps(scale);
+        let sv = _mm256_set1_ps(s);
         let z = _mm256_set1_epi32(i32::from(zero));
         let mut i = 0;
         while i + 8 <= n {
             // SAFETY: i + 8 <= n, the length of both slices.
-            let v = _mm256_div_ps(_mm256_loadu_ps(x.as_ptr().add(i)), s);
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            let v = if DIV {
+                _mm256_div_ps(v, sv)
+            } else {
+                _mm256_mul_ps(v, sv)
+            };
             store_u8(v, z, y.as_mut_ptr().add(i));
             i += 8;
         }
         for j in i..n {
-            y[j] = super::quantize_div(x[j], scale, zero);
+            y[j] = match DIV {
+                true => super::quantize_div(x[j], s, zero),
+                false => super::quantize(x[j], s, zero),
+            };
         }
     }
 

@@ -115,6 +115,25 @@ pub(crate) fn run_passes(model: &mut TypedModel) -> TractResult<Vec<(&'static st
     Ok(done)
 }
 
+/// Replaces every node that `make` builds an op for by that op, reading the node's inputs;
+/// returns how many it replaced.
+fn replace_each<O: TypedOp>(
+    model: &mut TypedModel,
+    make: impl Fn(&TypedModel, &TypedNode) -> TractResult<Option<O>>,
+) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = make(model, node)? else {
+            continue;
+        };
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
 /// Replaces every quantized convolution that `make` builds an op for (reading its input 0
 /// alone); returns how many it replaced.
 fn replace_qconvs<O: TypedOp>(

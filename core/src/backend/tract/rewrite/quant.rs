@@ -17,16 +17,14 @@ use tern_kernels::quant::{
 };
 use tern_kernels::Isa;
 
-use super::{for_each_chunk, TASK};
+use super::{for_each_chunk, replace_each, TASK};
 
 /// Replaces tract's `f32 → u8` quantize and `u8 → f32` dequantize ops by [`QuantU8Op`].
 pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
     let isa = Isa::detect();
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    replace_each(model, |model, node| {
         let (Some(input), Some(output)) = (node.inputs.first(), node.outputs.first()) else {
-            continue;
+            return Ok(None);
         };
         let (input, output) = (
             model.outlet_fact(*input)?.datum_type,
@@ -46,43 +44,25 @@ pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
         } else {
             None
         };
-        let Some(direction) = direction else {
-            continue;
-        };
-        let patch = TypedModelPatch::replace_single_op(
-            model,
-            node,
-            &node.inputs,
-            QuantU8Op { direction, isa },
-        )?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+        Ok(direction.map(|direction| QuantU8Op { direction, isa }))
+    })
 }
 
 /// Replaces tract's `DynamicQuantizeLinearU8` (an `f32` input; the bytes, the scale and the
 /// zero point out) by [`DynamicQuantOp`].
 pub(super) fn dynamic_pass(model: &mut TypedModel) -> TractResult<usize> {
     let isa = Isa::detect();
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    replace_each(model, |model, node| {
         if node.op.name() != "DynamicQuantizeLinearU8" || node.inputs.len() != 1 {
-            continue;
+            return Ok(None);
         }
         let types: Vec<DatumType> = node.outputs.iter().map(|o| o.fact.datum_type).collect();
-        if model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type()
-            || types != [u8::datum_type(), f32::datum_type(), u8::datum_type()]
-        {
-            continue;
-        }
-        let patch =
-            TypedModelPatch::replace_single_op(model, node, &node.inputs, DynamicQuantOp { isa })?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+        Ok(
+            (model.outlet_fact(node.inputs[0])?.datum_type == f32::datum_type()
+                && types == [u8::datum_type(), f32::datum_type(), u8::datum_type()])
+            .then_some(DynamicQuantOp { isa }),
+        )
+    })
 }
 
 /// ONNX `DynamicQuantizeLinear`: `f32` in; the bytes, the scale (`f32` scalar) and the

@@ -9,33 +9,24 @@ use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tern_kernels::softmax::softmax_rows;
 use tern_kernels::Isa;
 
-use super::{for_each_chunk, TASK};
+use super::{for_each_chunk, replace_each, TASK};
 
 /// Replaces each f32 softmax over the last axis by [`SoftmaxOp`].
 pub(super) fn pass(model: &mut TypedModel) -> TractResult<usize> {
     let isa = Isa::detect();
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    replace_each(model, |model, node| {
         let Some(softmax) = node.op_as::<Softmax>() else {
-            continue;
+            return Ok(None);
         };
         let x = model.outlet_fact(node.inputs[0])?;
         let rank = x.rank();
-        if softmax.kind != SoftmaxKind::Softmax
-            || softmax.quant_output_dt.is_some()
-            || x.datum_type != f32::datum_type()
-            || rank == 0
-            || *softmax.axes != [rank - 1]
-        {
-            continue;
-        }
-        let patch =
-            TypedModelPatch::replace_single_op(model, node, &node.inputs, SoftmaxOp { isa })?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+        Ok((softmax.kind == SoftmaxKind::Softmax
+            && softmax.quant_output_dt.is_none()
+            && x.datum_type == f32::datum_type()
+            && rank > 0
+            && *softmax.axes == [rank - 1])
+        .then_some(SoftmaxOp { isa }))
+    })
 }
 
 /// Softmax over the last axis of an f32 tensor.
