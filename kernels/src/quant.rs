@@ -128,16 +128,31 @@ pub fn quantize_u8(
     zero: u8,
     y: &mut [u8],
 ) -> Result<(), Unsupported> {
+    quantize_slice::<false>(isa, x, inv_scale, zero, y)
+}
+
+/// [`quantize_div`] of each value of `x` (`DIV`, by `s`), or [`quantize`] (times `s`),
+/// into `y` (same length).
+fn quantize_slice<const DIV: bool>(
+    isa: Isa,
+    x: &[f32],
+    s: f32,
+    zero: u8,
+    y: &mut [u8],
+) -> Result<(), Unsupported> {
     same_len(x, y, "quantize")?;
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 is available (checked here); the slices have the same length.
         Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe {
-            avx2::quantize(x, inv_scale, zero, y)
+            avx2::quantize_by::<DIV>(x, s, zero, y)
         },
         _ => {
             for (x, y) in x.iter().zip(y.iter_mut()) {
-                *y = quantize(*x, inv_scale, zero);
+                *y = match DIV {
+                    true => quantize_div(*x, s, zero),
+                    false => quantize(*x, s, zero),
+                };
             }
         }
     }
@@ -230,20 +245,7 @@ pub fn quantize_dynamic_u8(
     q: DynamicQuant,
     y: &mut [u8],
 ) -> Result<(), Unsupported> {
-    same_len(x, y, "quantize")?;
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 is available (checked here); the slices have the same length.
-        Isa::Avx2 | Isa::Avx512 if isa.is_available() => unsafe {
-            avx2::quantize_div(x, q.scale, q.zero, y)
-        },
-        _ => {
-            for (x, y) in x.iter().zip(y.iter_mut()) {
-                *y = quantize_div(*x, q.scale, q.zero);
-            }
-        }
-    }
-    Ok(())
+    quantize_slice::<true>(isa, x, q.scale, q.zero, y)
 }
 
 /// `acc · scale[c] + bias[c]`, the definition of [`dequantize_cols_in_place`] (two
@@ -312,31 +314,12 @@ mod avx2 {
         _mm_storel_epi64(y as *mut __m128i, _mm_packus_epi16(q16, q16));
     }
 
-    /// [`super::quantize`] of each value: times `inv_scale`.
-    ///
-    /// # Safety
-    /// AVX2 must be available; `x` and `y` must have the same length.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn quantize(x: &[f32], inv_scale: f32, zero: u8, y: &mut [u8]) {
-        quantize_by::<false>(x, inv_scale, zero, y)
-    }
-
-    /// [`super::quantize_div`] of each value: divided by `scale`.
-    ///
-    /// # Safety
-    /// AVX2 must be available; `x` and `y` must have the same length.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn quantize_div(x: &[f32], scale: f32, zero: u8, y: &mut [u8]) {
-        quantize_by::<true>(x, scale, zero, y)
-    }
-
     /// Each value divided by `s` (`DIV`) or times it, to bytes.
     ///
     /// # Safety
     /// AVX2 must be available; `x` and `y` must have the same length.
-    #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn quantize_by<const DIV: bool>(x: &[f32], s: f32, zero: u8, y: &mut [u8]) {
+    pub(super) unsafe fn quantize_by<const DIV: bool>(x: &[f32], s: f32, zero: u8, y: &mut [u8]) {
         let n = x.len().min(y.len());
         let sv = _mm256_set1_ps(s);
         let z = _mm256_set1_epi32(i32::from(zero));
