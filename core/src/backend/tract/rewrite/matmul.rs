@@ -201,7 +201,7 @@ pub(crate) struct MatMulQ8Op {
     drops: TVec<usize>,
     /// `Wᵀ`, `[n, k]`, packed.
     gemm: Arc<Gemm>,
-    /// `Σ_k w[k, n] + ` the einsum's constant bias term, per column, for the zero points.
+    /// `Σ_k w[k, n]` per column: the activation zero point's term is `-(zero - 128)` times it.
     col_sums: Arc<Vec<i32>>,
     /// The einsum's constant `i32` bias, per column.
     bias: Arc<Vec<i32>>,
